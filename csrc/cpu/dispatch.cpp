@@ -1,0 +1,57 @@
+// dispatch.cpp — choose the kernel table once: the best ISA this CPU runs, or GPT2KERN_ISA=avx512|avx2|generic
+// (tests force each level this way, and set_isa switches at run time).
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernel_table.h"
+
+namespace gk {
+#if defined(__x86_64__)
+extern const KernelTable kTable_avx512, kTable_avx2;
+#endif
+extern const KernelTable kTable_generic;
+
+const KernelTable* kernels_for(const char* isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!std::strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+               ? &kTable_avx512
+               : nullptr;
+  if (!std::strcmp(isa, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &kTable_avx2 : nullptr;
+#endif
+  if (!std::strcmp(isa, "generic")) return &kTable_generic;
+  return nullptr;
+}
+
+static const KernelTable* best() {
+  if (const char* env = std::getenv("GPT2KERN_ISA"); env && *env) {
+    if (const KernelTable* t = kernels_for(env)) return t;
+  }
+  for (const char* isa : {"avx512", "avx2", "generic"})
+    if (const KernelTable* t = kernels_for(isa)) return t;
+  return &kTable_generic;
+}
+
+static std::atomic<const KernelTable*> g_active{nullptr};
+
+const KernelTable& kernels() {
+  const KernelTable* t = g_active.load(std::memory_order_acquire);
+  if (!t) {
+    t = best();
+    g_active.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+bool set_isa(const char* isa) {
+  const KernelTable* t = kernels_for(isa);
+  if (!t) return false;
+  g_active.store(t, std::memory_order_release);
+  return true;
+}
+
+}  // namespace gk

@@ -1,0 +1,66 @@
+// kernel_table.h — the per-ISA kernel entry points, as plain function pointers.
+//
+// isa_avx512.cpp, isa_avx2.cpp and isa_generic.cpp each fill one table from the same kernel sources
+// (csrc/cpu/kernels/*.h) compiled for their ISA; dispatch.cpp picks one table at load time. The torch glue
+// (layernorm.cpp, matmul.cpp, ...) checks arguments, splits work with at::parallel_for and calls a table
+// entry per chunk, so no vector type ever crosses this boundary.
+#pragma once
+#include <cstdint>
+
+namespace gk {
+
+// Fused epilogues of the Conv1D matmul, applied in registers before the store.
+enum class Epilogue : int { None = 0, GeluNew = 1, Residual = 2 };
+
+// The packed weight layout every ISA shares: [ceil(N / kPanel)][K][kPanel], columns past N zero-filled.
+constexpr int kPanel = 32;
+
+// Attention tiling: keys per block (one AVX-512 vector of scores), query rows per task.
+constexpr int kAttnKeyBlock = 16;
+constexpr int kAttnQueryBlock = 32;
+
+struct AttnArgs {
+  const float *q, *k, *v;
+  int64_t sq_b, sq_h, sq_t;  // q strides (last dim contiguous)
+  int64_t sk_b, sk_h, sk_t;
+  int64_t sv_b, sv_h, sv_t;
+  float* out;                // [B, Tq, H, D] contiguous
+  int64_t B, H, Tq, Tkv, D;
+  const bool* key_mask;      // [B, mask_len] or null: false = padding
+  int64_t mask_len;
+  const float* bias;         // additive, or null; element (b, h, i, j) at b*sb_b + h*sb_h + i*sb_t + j
+  int64_t sb_b, sb_h, sb_t, bias_len;
+  float scale;
+  int64_t q_offset;          // absolute position of query row 0 (the cache length before this call)
+  bool causal;
+};
+
+struct KernelTable {
+  const char* name;
+  // rows [0, rows) of x (row stride ld) -> y (row stride ld_y); y may alias nothing
+  void (*layer_norm_rows)(const float* x, int64_t ldx, float* y, int64_t ldy, const float* w, const float* b,
+                          int64_t rows, int64_t n, float eps);
+  // s = x + r (written to s), y = LN(s)
+  void (*add_layer_norm_rows)(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y,
+                              const float* w, const float* b, int64_t rows, int64_t n, float eps);
+  void (*gelu_new)(const float* x, float* y, int64_t n);
+  // out[row] = wte[ids[row]] + wpe[pos[row]] (+ wte[tt[row]]); ids already range-checked
+  void (*embedding_rows)(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte,
+                         const float* wpe, float* out, int64_t rows, int64_t n);
+  // one packed panel of columns [n0, n0 + ncols): C[m, n0 + j] = epi(A[m] · Bp[:, j] + bias) for m < M
+  void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
+                       int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
+                       int64_t ldr);
+  // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
+  void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);
+  int mr_max;  // rows per matmul register tile
+};
+
+const KernelTable& kernels();             // the active table
+const KernelTable* kernels_for(const char* isa);  // null if unknown or unsupported on this CPU
+bool set_isa(const char* isa);            // false if unsupported here
+inline int64_t attention_scratch_floats(int64_t D) {
+  return D * kAttnKeyBlock + kAttnQueryBlock * kAttnKeyBlock + kAttnQueryBlock * D + 2 * kAttnQueryBlock;
+}
+
+}  // namespace gk

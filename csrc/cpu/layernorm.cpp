@@ -1,0 +1,68 @@
+// layernorm.cpp — torch glue for LayerNorm and the fused residual add + LayerNorm (kernels/layernorm.h).
+#include <ATen/Parallel.h>
+
+#include "../common/checks.h"
+#include "kernel_table.h"
+#include "ops_cpu.h"
+
+namespace gk::cpu {
+
+static void check_ln_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* op) {
+  GK_CHECK_FLOAT(x, op, "x");
+  GK_CHECK_FLOAT(w, op, "weight");
+  GK_CHECK_FLOAT(b, op, "bias");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.", op, ": x must have at least 1 dim");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == n, "gpt2kern.", op, ": weight must have shape [", n, "], got ",
+                    w.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "gpt2kern.", op, ": bias must have shape [", n, "], got ",
+                    b.sizes());
+  GK_CHECK_SAME_DEVICE(x, w, op, "weight");
+  GK_CHECK_SAME_DEVICE(x, b, op, "bias");
+}
+
+static int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_ln_params(x, weight, bias, "layer_norm");
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0) return y;
+  at::Tensor xr = as_rows(x, n);
+  at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  const float *px = xr.data_ptr<float>(), *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  const int64_t ld = row_stride(xr);
+  const KernelTable& t = kernels();
+  at::parallel_for(0, xr.size(0), grain_rows(n), [&](int64_t r0, int64_t r1) {
+    t.layer_norm_rows(px + r0 * ld, ld, py + r0 * n, n, pw, pb, r1 - r0, n, (float)eps);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                  const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_ln_params(x, weight, bias, "add_layer_norm");
+  GK_CHECK_FLOAT(residual, "add_layer_norm", "residual");
+  GK_CHECK_SAME_DEVICE(x, residual, "add_layer_norm", "residual");
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "gpt2kern.add_layer_norm: residual must have x's shape ",
+                    x.sizes(), ", got ", residual.sizes());
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor s = at::empty(x.sizes(), opts), y = at::empty(x.sizes(), opts);
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0) return {s, y};
+  at::Tensor xr = as_rows(x, n), rr = as_rows(residual, n);
+  at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  const float *px = xr.data_ptr<float>(), *pr = rr.data_ptr<float>();
+  const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
+  float *ps = s.data_ptr<float>(), *py = y.data_ptr<float>();
+  const int64_t ldx = row_stride(xr), ldr = row_stride(rr);
+  const KernelTable& t = kernels();
+  at::parallel_for(0, xr.size(0), grain_rows(n), [&](int64_t r0, int64_t r1) {
+    t.add_layer_norm_rows(px + r0 * ldx, ldx, pr + r0 * ldr, ldr, ps + r0 * n, py + r0 * n, pw, pb, r1 - r0, n,
+                          (float)eps);
+  });
+  return {s, y};
+}
+
+}  // namespace gk::cpu

@@ -1,0 +1,118 @@
+// matmul.cpp — torch glue for the Conv1D matmul (kernels/matmul.h): packing, argument checks, and the split of
+// the output into (row block × 32-column panel) work for at::parallel_for.
+#include <ATen/Parallel.h>
+
+#include "../common/checks.h"
+#include "kernel_table.h"
+#include "ops_cpu.h"
+
+namespace gk::cpu {
+
+static int64_t num_panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+// [K, N] (any strides) -> [ceil(N/32)][K][32], zero-filled past N. Done once per weight at optimize() time.
+at::Tensor pack(const at::Tensor& weight) {
+  GK_CHECK_FLOAT(weight, "pack", "weight");
+  GK_CHECK_DIM(weight, 2, "pack", "weight");
+  const int64_t K = weight.size(0), N = weight.size(1), P = num_panels(N);
+  at::Tensor out = at::zeros({P, K, kPanel}, weight.options());
+  if (out.numel() == 0) return out;
+  const float* w = weight.data_ptr<float>();
+  const int64_t sk = weight.stride(0), sn = weight.stride(1);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < kPanel && p * kPanel + j < N; ++j)
+          o[(p * K + k) * kPanel + j] = w[k * sk + (p * kPanel + j) * sn];
+  });
+  return out;
+}
+
+static Epilogue parse_epilogue(c10::string_view e) {
+  if (e == "none") return Epilogue::None;
+  if (e == "gelu_new") return Epilogue::GeluNew;
+  if (e == "residual") return Epilogue::Residual;
+  TORCH_CHECK_VALUE(false, "gpt2kern.conv1d: epilogue must be 'none', 'gelu_new' or 'residual', got '", e, "'");
+}
+
+at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features) {
+  const Epilogue epi = parse_epilogue(epilogue);
+  GK_CHECK_FLOAT(x, "conv1d", "x");
+  GK_CHECK_FLOAT(weight, "conv1d", "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.conv1d: x must have at least 1 dim");
+  GK_CHECK_SAME_DEVICE(x, weight, "conv1d", "weight");
+  const int64_t K = x.size(-1);
+  at::Tensor packed;
+  int64_t N;
+  if (weight.dim() == 2) {  // HF Conv1D layout [in, out]: packed on the fly (optimize() packs once instead)
+    TORCH_CHECK_VALUE(weight.size(0) == K, "gpt2kern.conv1d: weight must be [", K, ", out], got ", weight.sizes());
+    N = weight.size(1);
+    TORCH_CHECK_VALUE(out_features < 0 || out_features == N, "gpt2kern.conv1d: out_features=", out_features,
+                      " but weight has ", N, " columns");
+    packed = pack(weight);
+  } else {
+    TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == K && weight.size(2) == kPanel,
+                      "gpt2kern.conv1d: packed weight must be [panels, ", K, ", ", kPanel, "], got ", weight.sizes());
+    N = out_features >= 0 ? out_features : (bias ? bias->size(-1) : -1);
+    TORCH_CHECK_VALUE(N >= 0, "gpt2kern.conv1d: a packed weight needs out_features (or a bias) to give N");
+    TORCH_CHECK_VALUE(num_panels(N) == weight.size(0), "gpt2kern.conv1d: packed weight has ", weight.size(0),
+                      " panels, but out_features=", N, " needs ", num_panels(N));
+    packed = weight.contiguous();
+  }
+  at::Tensor b;
+  if (bias) {
+    GK_CHECK_FLOAT(*bias, "conv1d", "bias");
+    GK_CHECK_SAME_DEVICE(x, *bias, "conv1d", "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "gpt2kern.conv1d: bias must be [", N, "], got ",
+                      bias->sizes());
+    b = bias->contiguous();
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor rr;
+  if (epi == Epilogue::Residual) {
+    TORCH_CHECK_VALUE(residual.has_value(), "gpt2kern.conv1d: epilogue 'residual' needs a residual tensor");
+    GK_CHECK_FLOAT(*residual, "conv1d", "residual");
+    GK_CHECK_SAME_DEVICE(x, *residual, "conv1d", "residual");
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.conv1d: residual must have shape ",
+                      at::IntArrayRef(out_shape), ", got ", residual->sizes());
+  } else {
+    TORCH_CHECK_VALUE(!residual.has_value(), "gpt2kern.conv1d: a residual was given but epilogue is '", epilogue,
+                      "' (use epilogue='residual')");
+  }
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  if (K == 0) {  // empty reduction: bias (+ epilogue) only
+    at::Tensor z = b.defined() ? b.expand(out_shape).clone() : at::zeros(out_shape, x.options());
+    if (epi == Epilogue::GeluNew) return gelu_new(z);
+    if (epi == Epilogue::Residual) z.add_(*residual);
+    return z;
+  }
+  at::Tensor A = as_rows(x, K);
+  const int64_t M = A.size(0), lda = row_stride(A), P = num_panels(N);
+  if (epi == Epilogue::Residual) rr = as_rows(*residual, N);
+  const float *pa = A.data_ptr<float>(), *pw = packed.data_ptr<float>();
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* pr = rr.defined() ? rr.data_ptr<float>() : nullptr;
+  const int64_t ldr = rr.defined() ? row_stride(rr) : 0;
+  float* pc = y.data_ptr<float>();
+  const KernelTable& t = kernels();
+  // Row blocks of MC keep a slice of x hot in L2 while a thread walks its panels; panels are split across
+  // threads so each weight byte is read by exactly one thread.
+  const int64_t MC = 8 * t.mr_max;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t mc = std::min(MC, M - m0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+        t.matmul_panel(pa + m0 * lda, lda, mc, K, pw + p * K * kPanel, pc + m0 * N, N, p * kPanel, ncols, pb, epi,
+                       pr ? pr + m0 * ldr : nullptr, ldr);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace gk::cpu

@@ -1,0 +1,22 @@
+// ops_cpu.h — the CPU implementations registered in ops.cpp (one .cpp per kernel family).
+#pragma once
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace gk::cpu {
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                  const at::Tensor& weight, const at::Tensor& bias, double eps);
+at::Tensor gelu_new(const at::Tensor& x);
+at::Tensor pack(const at::Tensor& weight);
+at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
+                     int64_t q_offset, bool causal);
+at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
+                     const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids);
+}  // namespace gk::cpu

@@ -1,0 +1,41 @@
+// ops.cpp — the single list of what the extension offers: every op's schema, and the backend each runs on.
+// Python wrappers, fake (meta) implementations and docs live in gpt2kern/ops.py.
+#include <torch/extension.h>
+
+#include "cpu/kernel_table.h"
+#include "cpu/ops_cpu.h"
+
+TORCH_LIBRARY(gpt2kern, m) {
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
+  m.def("gelu_new(Tensor x) -> Tensor");
+  m.def("pack(Tensor weight) -> Tensor");
+  m.def("conv1d(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
+        "int out_features=-1) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, int q_offset, "
+        "bool causal) -> Tensor");
+  m.def("embedding(Tensor input_ids, Tensor wte, Tensor wpe, Tensor position_ids, Tensor? token_type_ids) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gpt2kern, CPU, m) {
+  m.impl("layer_norm", &gk::cpu::layer_norm);
+  m.impl("add_layer_norm", &gk::cpu::add_layer_norm);
+  m.impl("gelu_new", &gk::cpu::gelu_new);
+  m.impl("pack", &gk::cpu::pack);
+  m.impl("conv1d", &gk::cpu::conv1d);
+  m.impl("attention", &gk::cpu::attention);
+  m.impl("embedding", &gk::cpu::embedding);
+}
+
+// Plain Python functions for the ISA dispatcher (not tensor ops).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("isa", [] { return std::string(gk::kernels().name); }, "The ISA level the CPU kernels run at.");
+  mod.def("set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
+          "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");
+  mod.def("supported_isas", [] {
+    std::vector<std::string> out;
+    for (const char* isa : {"avx512", "avx2", "generic"})
+      if (gk::kernels_for(isa)) out.emplace_back(isa);
+    return out;
+  });
+}

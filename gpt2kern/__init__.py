@@ -1,0 +1,6 @@
+"""gpt2kern — hand-written kernels for GPT-2 inference, as a drop-in forward for Hugging Face GPT-2."""
+from . import ops
+from .loading import load
+from .model import optimize, restore
+
+__all__ = ["ops", "optimize", "restore", "load"]
