@@ -1,6 +1,6 @@
 """gpt2kern — hand-written kernels for GPT-2 inference, as a drop-in forward for Hugging Face GPT-2."""
 from . import ops
 from .loading import load
-from .model import optimize, restore
+from .model import fallback_reason, is_optimized, optimize, restore, tracing
 
-__all__ = ["ops", "optimize", "restore", "load"]
+__all__ = ["ops", "optimize", "restore", "load", "tracing", "fallback_reason", "is_optimized"]

@@ -1,1 +1,76 @@
-def load(n): pass
+"""load(name_or_path): a GPT2LMHeadModel (eval mode) and its tokenizer (or None).
+
+Accepted names:
+  random:<config>   exact GPT-2 family configs with seeded random weights (offline default: random:distilgpt2),
+                    with GPT-2-like outlier channels planted in the residual stream
+  a local directory written by save_pretrained
+  a Hugging Face Hub name (needs the Hub or the local HF cache)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+# The exact shapes of the released checkpoints (n_positions 1024, vocab 50257) and HF's tiny test config.
+RANDOM_CONFIGS = {
+    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+    "tiny": dict(n_layer=2, n_embd=32, n_head=2, vocab_size=99, n_positions=512),
+}
+# Trained GPT-2 carries a few residual channels in the thousands; random weights do not, so plant some.
+OUTLIER_CHANNELS = {138: 3000.0, 378: -1500.0, 447: 800.0}
+
+
+def random_config(name: str) -> GPT2Config:
+    if name not in RANDOM_CONFIGS:
+        raise ValueError(f"unknown random config {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
+    kw = dict(vocab_size=50257, n_positions=1024, bos_token_id=50256, eos_token_id=50256)
+    kw.update(RANDOM_CONFIGS[name])
+    return GPT2Config(**kw)
+
+
+def random_model(name: str = "distilgpt2", seed: int = 0, attn_implementation: str = "eager",
+                 outliers: bool = True) -> GPT2LMHeadModel:
+    config = random_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    if outliers:
+        bias = model.transformer.h[min(1, config.n_layer - 1)].mlp.c_proj.bias
+        with torch.no_grad():
+            for ch, val in OUTLIER_CHANNELS.items():
+                bias[ch % config.n_embd] += val
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def load(name_or_path: str = "random:distilgpt2", *, attn_implementation: str = "eager", seed: int = 0):
+    """Returns (model, tokenizer or None). The model is in eval mode, fp32, on the CPU."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model must be a non-empty string, got {name_or_path!r}")
+    if name_or_path.startswith("random:"):
+        return random_model(name_or_path[len("random:"):], seed=seed, attn_implementation=attn_implementation), None
+    if os.path.isdir(name_or_path):
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
+        tok = None
+        if any(os.path.exists(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json")):
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        return model.eval(), tok
+    if os.path.sep in name_or_path and not name_or_path.count("/") == 1 or name_or_path.startswith((".", "~")):
+        raise ValueError(f"model directory {name_or_path!r} does not exist")
+    try:
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise ValueError(f"cannot load {name_or_path!r} from the Hugging Face Hub or its local cache "
+                         f"(offline or unknown name); pass a local save_pretrained directory or "
+                         f"'random:distilgpt2'. ({str(e).splitlines()[0]})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError:
+        tok = None
+    return model.eval(), tok

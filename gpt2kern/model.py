@@ -1,2 +1,349 @@
-def optimize(m): pass
-def restore(m): pass
+"""optimize(model): GPT-2's forward on gpt2kern's kernels, installed in place on a Hugging Face model.
+
+The walk (`_walk`) reads like the model itself:
+
+    h = wte[ids] + wpe[pos]                                   embedding
+    x = ln_1(h)                                               layer_norm
+    for each block:  qkv = c_attn(x)                          conv1d
+                     k, v = cache.update(k, v)                HF's Cache API (dynamic, static, beams...)
+                     a = c_proj(softmax(q·kᵀ·scale + mask)·v)  attention, conv1d
+                     h, x = h + a, ln_2(h + a)                add_layer_norm
+                     m = c_proj(gelu_new(c_fc(x)))            conv1d with the gelu epilogue fused, conv1d
+                     h, x = h + m, next_ln(h + m)             add_layer_norm (next block's ln_1, or ln_f)
+    logits = x @ wteᵀ                                         conv1d (lm_head)
+
+HF's GPT2LMHeadModel.forward stays in charge (signature, logits_to_keep, loss, output types); only the
+GPT2Model body and lm_head run here. Each call first asks `_why_fallback`: when the kernels cannot serve it
+(autograd, training, output_attentions, inputs_embeds, cross-attention, another device/dtype, an unsupported
+config) the whole call runs HF's own code instead — the single decision point.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import types
+
+import torch
+from transformers import GPT2LMHeadModel, GPT2Model
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+from . import ops
+
+# transformers renamed past_key_values -> cache (5.2x); speak whichever this version speaks.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPastAndCrossAttentions)}
+                else "past_key_values")
+
+
+class _State:
+    """Packed weights of one model and what is needed to notice they went stale."""
+
+    def __init__(self, transformer: GPT2Model, lm_head: torch.nn.Module | None):
+        self.transformer, self.lm_head = transformer, lm_head
+        cfg = transformer.config
+        self.unsupported = _unsupported_config(transformer)
+        self.trace = None  # callable(name, tensor) while tracing
+        self.body_was_fast = False
+        self.fallback_reason: str | None = None
+        self.params = [p for p in transformer.parameters()]
+        if lm_head is not None:
+            self.params += [p for p in lm_head.parameters() if all(p is not q for q in self.params)]
+        self.E, self.H = cfg.n_embd, cfg.n_head
+        self.stamp = None
+        self.layers: list[dict] = []
+        self.lm_w = None
+
+    def _stamp(self):
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.params)
+
+    def refresh(self):
+        """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to())."""
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp
+        if self.unsupported or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in self.params):
+            self.layers, self.lm_w = [], None
+            return
+        with torch.no_grad():
+            self.layers = []
+            for blk in self.transformer.h:
+                a, m = blk.attn, blk.mlp
+                self.layers.append(dict(
+                    ln_1=(blk.ln_1.weight.detach(), blk.ln_1.bias.detach(), blk.ln_1.eps),
+                    ln_2=(blk.ln_2.weight.detach(), blk.ln_2.bias.detach(), blk.ln_2.eps),
+                    c_attn=_packed(a.c_attn), attn_proj=_packed(a.c_proj),
+                    c_fc=_packed(m.c_fc), mlp_proj=_packed(m.c_proj),
+                    scale=float(getattr(a, "scaling", _scaling(self.transformer.config, blk.attn.layer_idx))),
+                ))
+            lf = self.transformer.ln_f
+            self.ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
+            if self.lm_head is not None:
+                self.lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
+
+
+def _packed(conv):
+    return ops.pack(conv.weight.detach()), conv.bias.detach(), conv.weight.shape[1]
+
+
+def _scaling(cfg, layer_idx):
+    s = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    return s / float(layer_idx + 1) if cfg.scale_attn_by_inverse_layer_idx else s
+
+
+def _unsupported_config(t: GPT2Model) -> str | None:
+    cfg = t.config
+    if cfg.activation_function != "gelu_new":
+        return f"activation_function={cfg.activation_function!r} (kernels implement gelu_new)"
+    if getattr(cfg, "add_cross_attention", False):
+        return "add_cross_attention=True"
+    for blk in t.h:
+        if type(blk.attn.c_attn).__name__ != "Conv1D" or blk.attn.c_attn.weight.shape[1] != 3 * cfg.n_embd:
+            return "modified attention projections"
+        if blk.attn.num_heads * blk.attn.head_dim != cfg.n_embd:
+            return "pruned attention heads"
+    return None
+
+
+# ---------------------------------------------------------------- the forward
+
+def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_states, output_attentions,
+                  output_hidden_states, token_type_ids) -> str | None:
+    t = st.transformer
+    if st.unsupported:
+        return st.unsupported
+    if t.training:
+        return "training mode"
+    if torch.is_grad_enabled() and any(p.requires_grad for p in st.params):
+        return "autograd (grad enabled and parameters require grad)"
+    if output_attentions or (output_attentions is None and t.config.output_attentions):
+        return "output_attentions"
+    if output_hidden_states not in (None, False, True):
+        return "output_hidden_states selects layers"
+    if inputs_embeds is not None or input_ids is None:
+        return "inputs_embeds"
+    if encoder_hidden_states is not None:
+        return "cross-attention"
+    if cache is not None and (not isinstance(cache, Cache) or isinstance(cache, EncoderDecoderCache)):
+        return f"cache type {type(cache).__name__}"
+    if input_ids.device.type != "cpu" or not st.layers:
+        return "not a CPU float32 model"
+    return None
+
+
+def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None,
+                       position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                       use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                       past_key_values=None, **kwargs):
+    st: _State = self._gpt2kern
+    if cache is None:
+        cache = past_key_values
+    st.refresh()
+    why = _why_fallback(st, input_ids, inputs_embeds, cache, encoder_hidden_states, output_attentions,
+                        output_hidden_states, token_type_ids)
+    st.fallback_reason, st.body_was_fast = why, why is None
+    if why is not None:
+        args = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                    position_ids=position_ids, inputs_embeds=inputs_embeds,
+                    encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                    use_cache=use_cache, **kwargs)
+        args[_CACHE_ARG] = cache
+        for k, v in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states),
+                     ("return_dict", return_dict)):
+            if v is not None:
+                args[k] = v
+        return self._gpt2kern_hf_forward(**args)
+
+    cfg = self.config
+    if use_cache is None:
+        use_cache = cfg.use_cache
+    if output_hidden_states is None:
+        output_hidden_states = cfg.output_hidden_states
+    if return_dict is None:
+        return_dict = getattr(cfg, "return_dict", True)
+    input_shape = input_ids.shape
+    if input_ids.dim() == 0 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be [batch, seq_len] with batch >= 1 and seq_len >= 1, "
+                         f"got shape {tuple(input_shape)}")
+    ids = input_ids.reshape(-1, input_shape[-1])
+    if token_type_ids is not None:
+        token_type_ids = token_type_ids.reshape(-1, input_shape[-1])
+    if use_cache and cache is None:
+        cache = DynamicCache(config=cfg)
+    hidden, all_hidden = _walk(st, ids, cache, attention_mask, position_ids, token_type_ids, output_hidden_states)
+    hidden = hidden.view(*input_shape, hidden.shape[-1])
+    res = BaseModelOutputWithPastAndCrossAttentions(
+        last_hidden_state=hidden, hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        **{_CACHE_FIELD: cache if use_cache else None})
+    return res if return_dict else res.to_tuple()
+
+
+def _masks(attention_mask, B, T, past, kv_len):
+    """HF's mask conventions -> the attention kernel's (key_mask, bias, causal)."""
+    if attention_mask is None:
+        return None, None, True
+    if attention_mask.dim() == 2 or attention_mask.dim() == 1:
+        m = attention_mask.reshape(B, -1)
+        if m.shape[1] < past + T:
+            raise ValueError(f"attention_mask covers {m.shape[1]} positions but past ({past}) + input ({T}) "
+                             f"= {past + T}")
+        if m.dtype != torch.bool:
+            m = m != 0
+        return (None if bool(m.all()) else m), None, True
+    if attention_mask.dim() == 4:  # already [B, 1|H, T, kv]: HF semantics, causality included
+        m = attention_mask
+        if m.dtype == torch.bool:
+            bias = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, float("-inf"))
+        else:
+            m = m.float()
+            bias = m.masked_fill(m <= torch.finfo(torch.float32).min / 2, float("-inf"))
+        return None, bias, False
+    raise ValueError(f"attention_mask must be 2-D [batch, kv_len] or 4-D [batch, 1, q_len, kv_len], "
+                     f"got shape {tuple(attention_mask.shape)}")
+
+
+def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
+    """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
+    t = st.transformer
+    B, T = ids.shape
+    E, H = st.E, st.H
+    D = E // H
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    n_pos = t.config.n_positions
+    if position_ids is None:
+        if past + T > n_pos:
+            raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
+        position_ids = torch.arange(past, past + T, dtype=torch.long).unsqueeze(0)
+    else:
+        position_ids = position_ids.reshape(-1, T)
+    trace = st.trace
+    if trace:
+        trace("wte", t.wte.weight.detach()[ids])
+        trace("wpe", t.wpe.weight.detach()[position_ids.expand(B, T)])
+    h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
+    hidden = [h] if want_hidden else None
+    kv_len = past + T
+    key_mask, bias, causal = _masks(attention_mask, B, T, past, kv_len)
+    w, b, eps = st.layers[0]["ln_1"]
+    x = ops.layer_norm(h, w, b, eps)
+    for i, L in enumerate(st.layers):
+        if trace:
+            trace(f"h.{i}.ln_1", x)
+        Wp, bias_, n = L["c_attn"]
+        qkv = ops.conv1d(x, Wp, bias_, out_features=n)
+        if trace:
+            trace(f"h.{i}.attn.c_attn", qkv)
+        q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
+        if cache is not None:
+            k, v = cache.update(k, v, i)
+        a = ops.attention(q, k, v, key_mask, bias, L["scale"], past, causal)
+        Wp, bias_, n = L["attn_proj"]
+        a = ops.conv1d(a.view(B, T, E), Wp, bias_, out_features=n)
+        if trace:
+            trace(f"h.{i}.attn", a)
+        w, b, eps = L["ln_2"]
+        h, x = ops.add_layer_norm(a, h, w, b, eps)
+        if trace:
+            trace(f"h.{i}.ln_2", x)
+        Wp, bias_, n = L["c_fc"]
+        f = ops.conv1d(x, Wp, bias_, "gelu_new", out_features=n)
+        if trace:
+            trace(f"h.{i}.mlp.act", f)  # c_fc and NewGELU run as one fused kernel
+        Wp, bias_, n = L["mlp_proj"]
+        m = ops.conv1d(f, Wp, bias_, out_features=n)
+        if trace:
+            trace(f"h.{i}.mlp", m)
+        w, b, eps = st.layers[i + 1]["ln_1"] if i + 1 < len(st.layers) else st.ln_f
+        h, x = ops.add_layer_norm(m, h, w, b, eps)
+        if trace:
+            trace(f"h.{i}", h)
+        if want_hidden and i + 1 < len(st.layers):
+            hidden.append(h)
+    if trace:
+        trace("ln_f", x)
+    if want_hidden:
+        hidden.append(x)  # HF ties the last hidden state to ln_f's output
+    return x, hidden
+
+
+def _lm_head_forward(self, hidden_states):
+    st: _State = self._gpt2kern
+    if not st.body_was_fast or st.lm_w is None or (torch.is_grad_enabled() and self.weight.requires_grad) \
+            or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
+        return self._gpt2kern_hf_forward(hidden_states)
+    st.refresh()
+    Wp, n = st.lm_w
+    logits = ops.conv1d(hidden_states, Wp, None, out_features=n)
+    if st.trace:
+        st.trace("lm_head", logits)
+    return logits
+
+
+# ---------------------------------------------------------------- public API
+
+def optimize(model, *, freeze: bool = True):
+    """Run `model` (GPT2LMHeadModel or GPT2Model) on gpt2kern's kernels, in place; returns the model.
+
+    Idempotent. `freeze=True` sets requires_grad=False on the parameters, so plain `model(ids)` calls take the fast
+    path without `torch.no_grad()`; calls that need autograd, training mode or features the kernels lack go to HF's
+    own forward (see `fallback_reason`). Weights are packed now and repacked automatically if they change.
+    """
+    if isinstance(model, GPT2LMHeadModel):
+        transformer, lm_head = model.transformer, model.lm_head
+    elif isinstance(model, GPT2Model):
+        transformer, lm_head = model, None
+    else:
+        raise TypeError(f"optimize expects a transformers GPT2LMHeadModel or GPT2Model, got {type(model).__name__}")
+    if freeze:
+        model.requires_grad_(False)
+    if getattr(transformer, "_gpt2kern", None) is not None:
+        transformer._gpt2kern.refresh()
+        return model
+    st = _State(transformer, lm_head)
+    st.refresh()
+    transformer._gpt2kern = st
+    transformer._gpt2kern_hf_forward = transformer.forward
+    transformer.forward = types.MethodType(_gpt2model_forward, transformer)
+    if lm_head is not None:
+        lm_head._gpt2kern = st
+        lm_head._gpt2kern_hf_forward = lm_head.forward
+        lm_head.forward = types.MethodType(_lm_head_forward, lm_head)
+    return model
+
+
+def restore(model, *, unfreeze: bool = True):
+    """Undo optimize(): HF's own forward again (and requires_grad=True if unfreeze)."""
+    for mod in (getattr(model, "transformer", model), getattr(model, "lm_head", None)):
+        if mod is not None and getattr(mod, "_gpt2kern", None) is not None:
+            del mod.forward, mod._gpt2kern_hf_forward, mod._gpt2kern
+    if unfreeze:
+        model.requires_grad_(True)
+    return model
+
+
+def is_optimized(model) -> bool:
+    return getattr(getattr(model, "transformer", model), "_gpt2kern", None) is not None
+
+
+def fallback_reason(model) -> str | None:
+    """Why the last forward call ran HF's path instead of the kernels (None if the kernels served it)."""
+    st = getattr(getattr(model, "transformer", model), "_gpt2kern", None)
+    if st is None:
+        raise ValueError("model is not optimized (call gpt2kern.optimize(model) first)")
+    return st.fallback_reason
+
+
+@contextlib.contextmanager
+def tracing(model):
+    """Record every named step of the optimized forward, in execution order: yields a list of (name, tensor)."""
+    st = getattr(getattr(model, "transformer", model), "_gpt2kern", None)
+    if st is None:
+        raise ValueError("model is not optimized (call gpt2kern.optimize(model) first)")
+    records: list[tuple[str, torch.Tensor]] = []
+    st.trace = lambda name, t: records.append((name, t.detach().clone()))
+    try:
+        yield records
+    finally:
+        st.trace = None

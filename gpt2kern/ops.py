@@ -1,0 +1,136 @@
+"""The gpt2kern ops: thin Python wrappers over torch.ops.gpt2kern.* (schemas in csrc/ops.cpp), their fake
+implementations for torch.compile / meta tensors, and the ISA switch of the CPU kernels.
+
+Every op checks its arguments in C++ and raises TypeError (dtype), ValueError (shape/value) or IndexError (id out
+of range) naming the argument.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.gpt2kern)
+
+_ops = torch.ops.gpt2kern
+PANEL = 32  # columns per packed weight panel (csrc/cpu/kernel_table.h: kPanel)
+EPILOGUES = ("none", "gelu_new", "residual")
+
+_env_isa = os.environ.get("GPT2KERN_ISA")
+if _env_isa and _env_isa != _C.isa():
+    warnings.warn(f"GPT2KERN_ISA={_env_isa!r} is not available here; using {_C.isa()!r} "
+                  f"(available: {', '.join(_C.supported_isas())})", stacklevel=2)
+
+
+def isa() -> str:
+    """The ISA level the CPU kernels run at: 'avx512', 'avx2' or 'generic'."""
+    return _C.isa()
+
+
+def supported_isas() -> list[str]:
+    return list(_C.supported_isas())
+
+
+def set_isa(name: str) -> None:
+    """Force the CPU kernels to one ISA level (tests use this to cover every path)."""
+    if name not in ("avx512", "avx2", "generic"):
+        raise ValueError(f"isa must be 'avx512', 'avx2' or 'generic', got {name!r}")
+    if not _C.set_isa(name):
+        raise ValueError(f"this CPU cannot run {name!r}; available: {', '.join(_C.supported_isas())}")
+
+
+def _tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm over the last dim (nn.LayerNorm semantics)."""
+    return _ops.layer_norm(_tensor(x, "x"), _tensor(weight, "weight"), _tensor(bias, "bias"), float(eps))
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-5):
+    """Returns (x + residual, LayerNorm(x + residual)) computed in one pass over memory."""
+    return _ops.add_layer_norm(_tensor(x, "x"), _tensor(residual, "residual"), _tensor(weight, "weight"),
+                               _tensor(bias, "bias"), float(eps))
+
+
+def gelu_new(x):
+    """HF's NewGELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+    return _ops.gelu_new(_tensor(x, "x"))
+
+
+def pack(weight):
+    """Repack a Conv1D weight [in, out] into the panel layout conv1d reads at run time: [ceil(out/32), in, 32]."""
+    return _ops.pack(_tensor(weight, "weight"))
+
+
+def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_features: int = -1):
+    """HF Conv1D: x @ weight + bias, weight [in, out] or packed (then out_features gives `out`), followed by the
+    fused epilogue: 'none', 'gelu_new', or 'residual' (adds `residual`)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    return _ops.conv1d(_tensor(x, "x"), _tensor(weight, "weight"), bias, epilogue, residual, int(out_features))
+
+
+def attention(q, k, v, key_mask=None, bias=None, scale: float = 1.0, q_offset: int = 0, causal: bool = True):
+    """Softmax attention of q [B, H, Tq, D] over k, v [B, H, Tkv, D] -> [B, Tq, H, D].
+
+    causal: query row i sits at position q_offset + i and sees keys j <= q_offset + i.
+    key_mask [B, L] bool: False marks padding (keys j >= L are not seen). bias [B|1, H|1, Tq, L] float is added
+    to the scores (-inf = masked). Rows that see no key come out as zeros, never NaN.
+    """
+    return _ops.attention(_tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v"), key_mask, bias, float(scale),
+                          int(q_offset), bool(causal))
+
+
+def embedding(input_ids, wte, wpe, position_ids, token_type_ids=None):
+    """wte[input_ids] + wpe[position_ids] (+ wte[token_type_ids]), ids range-checked."""
+    return _ops.embedding(_tensor(input_ids, "input_ids"), _tensor(wte, "wte"), _tensor(wpe, "wpe"),
+                          _tensor(position_ids, "position_ids"), token_type_ids)
+
+
+# ---- fake implementations: shapes and dtypes only, for meta tensors and torch.compile ----
+
+@torch.library.register_fake("gpt2kern::layer_norm")
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("gpt2kern::add_layer_norm")
+def _(x, residual, weight, bias, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("gpt2kern::gelu_new")
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("gpt2kern::pack")
+def _(weight):
+    k, n = weight.shape
+    return weight.new_empty(((n + PANEL - 1) // PANEL, k, PANEL))
+
+
+@torch.library.register_fake("gpt2kern::conv1d")
+def _(x, weight, bias, epilogue="none", residual=None, out_features=-1):
+    if weight.dim() == 2:
+        n = weight.shape[1]
+    else:
+        n = out_features if out_features >= 0 else bias.shape[-1]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("gpt2kern::attention")
+def _(q, k, v, key_mask, bias, scale, q_offset, causal):
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d))
+
+
+@torch.library.register_fake("gpt2kern::embedding")
+def _(input_ids, wte, wpe, position_ids, token_type_ids):
+    return wte.new_empty((*input_ids.shape, wte.shape[1]))
