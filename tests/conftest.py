@@ -1,0 +1,63 @@
+"""Shared test setup: tolerances (one place), the float64 parity check, ISA forcing, models."""
+import copy
+import math
+
+import pytest
+import torch
+
+import gpt2kern
+from gpt2kern import ops
+
+EPS32 = torch.finfo(torch.float32).eps
+ULPS = 4  # per-kernel error budget, in fp32 ulps of the terms, scaled by sqrt(reduction length)
+LOGITS_ATOL = 1e-4  # end to end vs HF eager fp32
+
+
+def assert_parity(out, ref64, absterms=None, n=1, what=""):
+    """|out - ref| <= ULPS·eps·(|ref| + sqrt(n)·absterms): a few fp32 ulps of the summed terms, scaled by the
+    reduction length n. absterms is Σ|term| in float64 (|x|@|W| for a matmul); defaults to |ref|."""
+    ref64 = ref64.double()
+    if absterms is None:
+        absterms = ref64.abs()
+    tol = ULPS * EPS32 * (ref64.abs() + math.sqrt(n) * absterms.double()) + 1e-30
+    err = (out.double() - ref64).abs()
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all() == torch.isfinite(ref64).all(), f"{what}: non-finite mismatch"
+    ratio = (err / tol).max().item() if err.numel() else 0.0
+    assert ratio <= 1.0, f"{what}: max error {err.max().item():.3g} is {ratio:.2f}x the ulp budget"
+    return err.max().item() if err.numel() else 0.0
+
+
+@pytest.fixture(params=ops.supported_isas())
+def isa(request):
+    """Run the test under each ISA level this CPU supports (AVX-512, AVX2, portable)."""
+    before = ops.isa()
+    ops.set_isa(request.param)
+    yield request.param
+    ops.set_isa(before)
+
+
+def plant_outliers(x, channels=(3, 17), value=2500.0):
+    """GPT-2's residual stream carries a few channels in the thousands; put some in test inputs."""
+    x = x.clone()
+    for c in channels:
+        if c < x.shape[-1]:
+            x[..., c] = value * (1 + torch.rand(x.shape[:-1]))
+    return x
+
+
+@pytest.fixture(scope="session")
+def distil():
+    m, _ = gpt2kern.load("random:distilgpt2")
+    return m
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    m, _ = gpt2kern.load("random:tiny")
+    return m
+
+
+def pair(model):
+    """(HF reference, optimized copy) of the same weights."""
+    return model, gpt2kern.optimize(copy.deepcopy(model))

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from conftest import assert_parity
+
+from gpt2kern import ops
+
+
+def ref_attention(q, k, v, key_mask=None, bias=None, scale=1.0, q_offset=0, causal=True):
+    """float64 softmax attention; rows that see no key are zeros. Returns ([B, Tq, H, D], absterms)."""
+    q, k, v = q.double(), k.double(), v.double()
+    Tq, Tkv = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-1, -2)) * scale
+    s_abs = (q.abs() @ k.abs().transpose(-1, -2)) * scale
+    visible = torch.ones(q.shape[0], 1, Tq, Tkv, dtype=torch.bool)
+    if causal:
+        visible &= (torch.arange(Tkv)[None, :] <= q_offset + torch.arange(Tq)[:, None])
+    if key_mask is not None:
+        km = torch.zeros(q.shape[0], Tkv, dtype=torch.bool)
+        km[:, : key_mask.shape[1]] = key_mask[:, :Tkv]
+        visible = visible & km[:, None, None, :]
+    if bias is not None:
+        bb = torch.full((*bias.shape[:3], Tkv), float("-inf"), dtype=torch.float64)
+        bb[..., : bias.shape[3]] = bias.double()[..., :Tkv]
+        s = s + bb
+        visible = visible & (bb > float("-inf"))
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    out = (p @ v).transpose(1, 2)
+    # softmax amplifies score errors: an error δ in every score moves the output by ~δ·|v|
+    terms = ((p @ v.abs()) * (1 + (s_abs.masked_fill(~visible, 0).amax(-1, keepdim=True)))).transpose(1, 2)
+    return out, terms
+
+
+def qkv(B, H, Tq, Tkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Tq, D, generator=g), torch.randn(B, H, Tkv, D, generator=g),
+            torch.randn(B, H, Tkv, D, generator=g))
+
+
+CASES = [  # B, H, Tq, Tkv, D, q_offset
+    (1, 12, 1, 1, 64, 0), (1, 12, 1, 37, 64, 36), (2, 12, 7, 7, 64, 0), (3, 2, 5, 12, 16, 7),
+    (1, 4, 33, 33, 64, 0), (2, 3, 17, 50, 20, 33), (1, 2, 1024, 1024, 64, 0), (4, 12, 1, 1024, 64, 1023),
+]
+
+
+@pytest.mark.parametrize("B,H,Tq,Tkv,D,off", CASES)
+def test_causal_matches_float64(isa, B, H, Tq, Tkv, D, off):
+    if Tq * Tkv > 100_000 and isa != "avx512":
+        pytest.skip("long case on the best ISA only")
+    q, k, v = qkv(B, H, Tq, Tkv, D)
+    scale = D ** -0.5
+    out = ops.attention(q, k, v, None, None, scale, off, True)
+    assert_parity(out, *ref_attention(q, k, v, scale=scale, q_offset=off), max(Tkv, D), "attention")
+
+
+def test_left_padding_and_fully_masked_rows(isa):
+    B, H, T, D = 3, 2, 9, 16
+    q, k, v = qkv(B, H, T, T, D, 1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :4] = False  # left padding
+    mask[2, :8] = False  # one valid token
+    out = ops.attention(q, k, v, mask, None, 0.25, 0, True)
+    ref, terms = ref_attention(q, k, v, key_mask=mask, scale=0.25)
+    assert torch.isfinite(out).all()
+    assert (out[1, :4] == 0).all() and (out[2, :8] == 0).all()  # pad query rows see nothing: zeros
+    assert_parity(out, ref, terms, T, "padded attention")
+
+
+def test_all_padded_is_zero_not_nan():
+    q, k, v = qkv(2, 2, 3, 3, 8, 2)
+    out = ops.attention(q, k, v, torch.zeros(2, 3, dtype=torch.bool), None, 1.0, 0, True)
+    assert (out == 0).all()
+
+
+def test_additive_bias_non_causal(isa):
+    B, H, Tq, Tkv, D = 2, 3, 4, 11, 16
+    q, k, v = qkv(B, H, Tq, Tkv, D, 3)
+    bias = torch.randn(B, 1, Tq, Tkv)
+    bias[0, 0, 1, 5:] = float("-inf")
+    bias[1, 0, 2, :] = float("-inf")  # a fully masked row
+    out = ops.attention(q, k, v, None, bias, 0.3, 0, False)
+    assert (out[1, 2] == 0).all()
+    assert_parity(out, *ref_attention(q, k, v, bias=bias, scale=0.3, causal=False), Tkv)
+
+
+def test_static_cache_shape_and_strided_q():
+    # a preallocated cache longer than the sequence; q a view into a fused qkv buffer as the model passes it
+    B, H, T, D, Lmax = 2, 4, 6, 16, 40
+    qkv_buf = torch.randn(B, T, 3 * H * D)
+    q = qkv_buf[..., : H * D].view(B, T, H, D).transpose(1, 2)
+    _, k, v = qkv(B, H, T, Lmax, D, 4)
+    k[:, :, T + 5:] = float("nan")  # never-written slots must not be read
+    out = ops.attention(q, k, v, None, None, 0.25, 5, True)
+    ref, terms = ref_attention(q, k[:, :, : T + 5], v[:, :, : T + 5], scale=0.25, q_offset=5)
+    assert_parity(out, ref, terms, T + 5)
+
+
+def test_opcheck():
+    q, k, v = qkv(2, 2, 3, 5, 8)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.gpt2kern.attention, (q, k, v, m, None, 0.5, 2, True))
+    torch.library.opcheck(torch.ops.gpt2kern.attention, (q, k, v, None, torch.zeros(2, 1, 3, 5), 0.5, 0, False))
+
+
+def test_bad_input():
+    q, k, v = qkv(1, 2, 3, 5, 8)
+    with pytest.raises(ValueError, match="need at least 8 keys"):
+        ops.attention(q, k, v, None, None, 1.0, 5, True)
+    with pytest.raises(ValueError, match="k must be"):
+        ops.attention(q, k[:, :1], v[:, :1], None, None, 1.0, 0, True)
+    with pytest.raises(TypeError, match="key_mask must be Bool"):
+        ops.attention(q, k, v, torch.ones(1, 5), None, 1.0, 0, True)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.attention(q[0], k, v, None, None, 1.0, 0, True)

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+from conftest import assert_parity, plant_outliers
+from test_gelu import gelu_terms, ref_gelu
+
+from gpt2kern import ops
+
+# (M, K, N): decode and prefill rows at distilgpt2's projections, odd sizes, and the lm_head's 50257 columns
+SHAPES = [(1, 768, 2304), (5, 768, 768), (13, 768, 3072), (128, 3072, 768), (1, 33, 50), (7, 1, 31),
+          (3, 768, 50257), (29, 100, 97)]
+
+
+def ref_mm(x, w, b):
+    x64, w64 = x.double().reshape(-1, x.shape[-1]), w.double()
+    y = x64 @ w64 + (b.double() if b is not None else 0)
+    terms = x64.abs() @ w64.abs() + (b.double().abs() if b is not None else 0)
+    return y.reshape(*x.shape[:-1], -1), terms.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_conv1d_matches_float64(isa, M, K, N, packed):
+    torch.manual_seed(M * 7 + N)
+    x = plant_outliers(torch.randn(M, K), channels=(0,), value=100.0)
+    w, b = torch.randn(K, N) * 0.05, torch.randn(N)
+    weight = ops.pack(w) if packed else w
+    y = ops.conv1d(x, weight, b, out_features=N)
+    assert_parity(y, *ref_mm(x, w, b), K, f"conv1d {M}x{K}x{N}")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 768, 3072), (9, 64, 100), (130, 768, 3072)])
+def test_gelu_epilogue(isa, M, K, N):
+    torch.manual_seed(2)
+    x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
+    y = ops.conv1d(x, ops.pack(w), b, "gelu_new", out_features=N)
+    pre, terms = ref_mm(x, w, b)
+    # error of the pre-activation (its ulp budget), carried through gelu's slope (|gelu'| < 1.13), plus gelu's own
+    ref = ref_gelu(pre)
+    assert_parity(y, ref, 1.13 * terms + gelu_terms(pre), K, "conv1d+gelu_new")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 768, 768), (17, 3072, 768), (3, 5, 40)])
+def test_residual_epilogue(isa, M, K, N):
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, M, K), torch.randn(K, N) * 0.05, torch.randn(N)
+    res = plant_outliers(torch.randn(2, M, N))
+    y = ops.conv1d(x, ops.pack(w), b, "residual", residual=res, out_features=N)
+    ref, terms = ref_mm(x, w, b)
+    assert_parity(y, ref + res.double(), terms + res.double().abs(), K, "conv1d+residual")
+
+
+def test_strided_and_batched_inputs():
+    x = torch.randn(2, 7, 64, 3)[..., 1]  # non-contiguous rows
+    w, b = torch.randn(64, 48), torch.randn(48)
+    assert_parity(ops.conv1d(x, w.t().contiguous().t(), b), *ref_mm(x, w, b), 64)
+    xs = torch.randn(4, 10, 64)[:, -1:]  # the lm_head sees a last-position slice
+    assert_parity(ops.conv1d(xs, w, None), *ref_mm(xs, w, None), 64)
+
+
+def test_pack_layout():
+    w = torch.randn(5, 40)
+    p = ops.pack(w)
+    assert p.shape == (2, 5, 32)
+    assert torch.equal(p[0], w[:, :32]) and torch.equal(p[1, :, :8], w[:, 32:])
+    assert (p[1, :, 8:] == 0).all()
+
+
+def test_matches_hf_conv1d():
+    from transformers.pytorch_utils import Conv1D
+    conv = Conv1D(96, 32)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(3, 11, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.conv1d(x, conv.weight, conv.bias), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    x, w, b, r = torch.randn(3, 16), torch.randn(16, 40), torch.randn(40), torch.randn(3, 40)
+    torch.library.opcheck(torch.ops.gpt2kern.pack, (w,))
+    for args in [(x, w, b, "none", None, -1), (x, ops.pack(w), b, "gelu_new", None, 40),
+                 (x, ops.pack(w), None, "residual", r, 40)]:
+        torch.library.opcheck(torch.ops.gpt2kern.conv1d, args)
+
+
+def test_bad_input():
+    x, w = torch.randn(2, 8), torch.randn(8, 40)
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.conv1d(x, torch.randn(9, 40))
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        ops.conv1d(x, w, epilogue="relu")
+    with pytest.raises(ValueError, match="needs a residual"):
+        ops.conv1d(x, w, epilogue="residual")
+    with pytest.raises(ValueError, match="panels"):
+        ops.conv1d(x, ops.pack(w), out_features=100)
+    with pytest.raises(ValueError, match="needs out_features"):
+        ops.conv1d(x, ops.pack(w))
+    with pytest.raises(TypeError, match="must be Float"):
+        ops.conv1d(x.half(), w)
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.conv1d(x, w, torch.randn(41))
+    assert ops.conv1d(torch.randn(0, 8), w).shape == (0, 40)
+    assert math.isfinite(ops.conv1d(torch.randn(1, 8), w).sum().item())
