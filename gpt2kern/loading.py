@@ -20,7 +20,7 @@ RANDOM_CONFIGS = {
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
-    "tiny": dict(n_layer=2, n_embd=32, n_head=2, vocab_size=99, n_positions=512),
+    "tiny": dict(n_layer=2, n_embd=32, n_head=2, vocab_size=99, n_positions=512, bos_token_id=98, eos_token_id=98),
 }
 # Trained GPT-2 carries a few residual channels in the thousands; random weights do not, so plant some.
 OUTLIER_CHANNELS = {138: 3000.0, 378: -1500.0, 447: 800.0}

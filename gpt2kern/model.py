@@ -221,7 +221,7 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     trace = st.trace
     if trace:
         trace("wte", t.wte.weight.detach()[ids])
-        trace("wpe", t.wpe.weight.detach()[position_ids.expand(B, T)])
+        trace("wpe", t.wpe.weight.detach()[position_ids])
     h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
     hidden = [h] if want_hidden else None
     kv_len = past + T

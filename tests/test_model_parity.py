@@ -1,0 +1,191 @@
+"""The optimized forward vs HF eager fp32: every layer in execution order, then end to end and through generate."""
+import copy
+
+import pytest
+import torch
+from conftest import LOGITS_ATOL, pair
+
+import gpt2kern
+from transformers import GPT2Model
+
+torch.set_grad_enabled(False)
+
+TRACE_MODULES = ["wte", "wpe", "ln_1", "attn.c_attn", "attn", "ln_2", "mlp.act", "mlp", "ln_f", "lm_head"]
+
+
+def hf_module_outputs(model, ids):
+    """Run HF's model with forward hooks on every module the seed walks through; [(name, output)] in order."""
+    rec, hooks = [], []
+    for name, mod in model.named_modules():
+        short = name.removeprefix("transformer.")
+        leaf = short.split(".", 2)[-1] if short.startswith("h.") else short
+        if leaf in TRACE_MODULES or (short.startswith("h.") and short.count(".") == 1):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, short=short: rec.append((short, (o[0] if isinstance(o, tuple) else o).clone()))))
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rec
+
+
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_every_layer_matches_hf_in_order(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 13))
+    hf = hf_module_outputs(ref, ids)
+    with gpt2kern.tracing(opt) as ours:
+        opt(ids)
+    hf_names = [n for n, _ in hf]
+    ours_names = [n for n, _ in ours]
+    # our trace is HF's execution order, where the fused c_fc+act kernel stands for HF's `act`
+    assert [n for n in hf_names if n in set(ours_names)] == ours_names
+    hf_out = dict(hf)
+    worst = 0.0
+    for name, t in ours:
+        torch.testing.assert_close(t, hf_out[name], atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        worst = max(worst, (t - hf_out[name]).abs().max().item())
+    n_layers = ref.config.n_layer
+    assert len(ours) == 3 + 7 * n_layers + 1
+    print(f"{which}: {len(ours)} traced steps, worst abs diff {worst:.3g}")
+
+
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_logits_match_hf_eager(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    for B, T in [(1, 1), (2, 17), (1, ref.config.n_positions)]:
+        ids = torch.randint(0, ref.config.vocab_size, (B, T))
+        a, b = ref(ids).logits, opt(ids).logits
+        assert gpt2kern.fallback_reason(opt) is None
+        err = (a - b).abs().max().item()
+        assert err <= LOGITS_ATOL, f"B={B} T={T}: max |Δlogits| {err:.3g}"
+        print(f"{which} B={B} T={T}: max |Δlogits| = {err:.3g}")
+
+
+def test_hidden_states_and_gpt2model(tiny):
+    ref, opt = pair(tiny)
+    ids = torch.randint(0, 99, (2, 9))
+    a = ref(ids, output_hidden_states=True)
+    b = opt(ids, output_hidden_states=True)
+    assert len(a.hidden_states) == len(b.hidden_states)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    base = GPT2Model(tiny.config).eval()
+    base.load_state_dict(tiny.transformer.state_dict())
+    fast = gpt2kern.optimize(copy.deepcopy(base))
+    out_a, out_b = base(ids), fast(ids)
+    torch.testing.assert_close(out_b.last_hidden_state, out_a.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert gpt2kern.fallback_reason(fast) is None
+    assert isinstance(fast(ids, return_dict=False), tuple)
+
+
+def test_kwargs_position_ids_token_types_logits_to_keep(tiny):
+    ref, opt = pair(tiny)
+    ids = torch.randint(0, 99, (2, 9))
+    tt = torch.randint(0, 99, (2, 9))
+    pos = torch.arange(3, 12)[None].expand(2, 9)
+    kw = dict(token_type_ids=tt, position_ids=pos, logits_to_keep=2, use_cache=False)
+    a, b = ref(ids, **kw), opt(ids, **kw)
+    assert b.logits.shape == (2, 2, 99)
+    torch.testing.assert_close(b.logits, a.logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_masks_2d_and_4d(tiny):
+    ref, opt = pair(tiny)
+    ids = torch.randint(0, 99, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    a = ref(ids, attention_mask=mask, position_ids=pos).logits
+    b = opt(ids, attention_mask=mask, position_ids=pos).logits
+    valid = mask.bool()
+    torch.testing.assert_close(b[valid], a[valid], atol=LOGITS_ATOL, rtol=0)
+    # a 4-D boolean mask (True = attend) as static-cache generate passes it
+    m4 = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None].expand(3, 1, 8, 8) & valid[:, None, None, :]
+    b4 = opt(ids, attention_mask=m4, position_ids=pos).logits
+    torch.testing.assert_close(b4[valid], a[valid], atol=LOGITS_ATOL, rtol=0)
+    f4 = torch.zeros(m4.shape).masked_fill(~m4, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(opt(ids, attention_mask=f4, position_ids=pos).logits[valid], a[valid],
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+def test_continue_from_past_key_values(distil):
+    ref, opt = pair(distil)
+    ids = torch.randint(0, 50257, (2, 12))
+    name = gpt2kern.model._CACHE_ARG  # `cache` in transformers 5.2x, `past_key_values` before
+    logits = []
+    for model in (ref, opt):
+        out1 = model(ids[:, :8], use_cache=True)
+        logits.append(model(ids[:, 8:], **{name: getattr(out1, name)}, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=LOGITS_ATOL, rtol=0)
+
+
+def prompts(n, lens, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab - 1, (L,), generator=g) for L in lens[:n]]
+
+
+def left_pad(seqs, pad_id):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = s
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def gen_both(ref, opt, ids, **kw):
+    kw.setdefault("pad_token_id", ref.config.eos_token_id)
+    a = ref.generate(ids, **kw)
+    b = opt.generate(ids, **kw)
+    return a, b
+
+
+def test_greedy_128_tokens_identical(distil):
+    ref, opt = pair(distil)
+    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(5))
+    a, b = gen_both(ref, opt, ids, max_new_tokens=128, do_sample=False)
+    assert a.shape[1] == 16 + 128
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_beam_search_identical(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    ids = torch.randint(0, ref.config.vocab_size - 1, (2, 10), generator=torch.Generator().manual_seed(6))
+    a, b = gen_both(ref, opt, ids, max_new_tokens=24, num_beams=3, do_sample=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_left_padded_batch_identical(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    V = ref.config.vocab_size
+    ids, mask = left_pad(prompts(4, [5, 11, 2, 8], V), ref.config.eos_token_id % V)
+    a, b = gen_both(ref, opt, ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_static_cache_identical(distil):
+    ref, opt = pair(distil)
+    ids, mask = left_pad(prompts(3, [6, 9, 3], 50257, 2), 50256)
+    a, b = gen_both(ref, opt, ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                    cache_implementation="static")
+    assert torch.equal(a, b)
+    assert gpt2kern.fallback_reason(opt) is None
+
+
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_sampling_with_seed_identical(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    ids = torch.randint(0, ref.config.vocab_size - 1, (2, 7), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, temperature=0.8,
+              pad_token_id=ref.config.eos_token_id)
+    torch.manual_seed(1234)
+    a = ref.generate(ids, **kw)
+    torch.manual_seed(1234)
+    b = opt.generate(ids, **kw)
+    assert torch.equal(a, b)
