@@ -63,14 +63,36 @@ def load(name_or_path: str = "random:distilgpt2", *, attn_implementation: str = 
         return model.eval(), tok
     if os.path.sep in name_or_path and not name_or_path.count("/") == 1 or name_or_path.startswith((".", "~")):
         raise ValueError(f"model directory {name_or_path!r} does not exist")
+    local_only = True  # the local HF cache first: no network at all when the model is there
     try:
-        model = GPT2LMHeadModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
-    except OSError as e:
-        raise ValueError(f"cannot load {name_or_path!r} from the Hugging Face Hub or its local cache "
-                         f"(offline or unknown name); pass a local save_pretrained directory or "
-                         f"'random:distilgpt2'. ({str(e).splitlines()[0]})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, attn_implementation=attn_implementation,
+                                                local_files_only=True)
     except OSError:
+        local_only = False
+        if not _hub_reachable():
+            raise ValueError(f"{name_or_path!r} is not in the local Hugging Face cache and the Hub is not reachable; "
+                             f"pass a local save_pretrained directory or 'random:distilgpt2'") from None
+        try:
+            model = GPT2LMHeadModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
+        except OSError as e:
+            raise ValueError(f"cannot load {name_or_path!r} from the Hugging Face Hub ({str(e).splitlines()[0]}); "
+                             f"pass a local save_pretrained directory or 'random:distilgpt2'") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
+    except (OSError, ValueError):
         tok = None
     return model.eval(), tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
