@@ -4,7 +4,8 @@
 // j ≤ q_offset + i; key_mask[j] true; bias > −inf), and out[i] = 0 when it may see none.
 // Keys are visited in blocks of KB with an online softmax (running max m, running sum l, rescaled output), so
 // no T×T matrix exists. Each key block is transposed once into Kt[D][KB] and reused by all query rows of the
-// task: scores for a row are then KB-wide vector FMAs over d, and P·V is row-wise FMAs over d.
+// task: scores for a row are then KB-wide vector FMAs over d, and P·V is row-wise FMAs over d. Decode (fewer
+// than 4 rows) skips the transpose and takes one dot product per key.
 namespace gk {
 namespace GK_ISA {
 
@@ -37,28 +38,48 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
 
   for (int64_t j0 = 0; j0 < kv_end; j0 += KB) {
     const int kb = (int)(kv_end - j0 < KB ? kv_end - j0 : KB);
-    for (int64_t d = 0; d < D; ++d) {
-      for (int jj = 0; jj < kb; ++jj) Kt[d * KB + jj] = k[(j0 + jj) * a.sk_t + d];
-      for (int jj = kb; jj < KB; ++jj) Kt[d * KB + jj] = 0.f;
-    }
-    // scores, 4 query rows at a time sharing each Kt row
-    for (int64_t r0 = 0; r0 < nq; r0 += 4) {
-      const int nr = (int)(nq - r0 < 4 ? nq - r0 : 4);
-      vf s[4][KBV];
-      for (int r = 0; r < 4; ++r)
-        for (int u = 0; u < KBV; ++u) s[r][u] = vf{};
-      const float* qr[4];
-      for (int r = 0; r < 4; ++r) qr[r] = q + (i0 + r0 + (r < nr ? r : 0)) * a.sq_t;
-      for (int64_t d = 0; d < D; ++d) {
-        vf kt[KBV];
-        for (int u = 0; u < KBV; ++u) kt[u] = load(Kt + d * KB + u * VL);
-        for (int r = 0; r < 4; ++r) {
-          vf qd = bcast(qr[r][d]);
-          for (int u = 0; u < KBV; ++u) s[r][u] += qd * kt[u];
+    if (nq < 4) {
+      // decode: too few rows to pay for the transpose; one vector dot product per (row, key)
+      for (int64_t r = 0; r < nq; ++r) {
+        const float* qr = q + (i0 + r) * a.sq_t;
+        for (int jj = 0; jj < kb; ++jj) {
+          const float* kj = k + (j0 + jj) * a.sk_t;
+          vf acc0{}, acc1{};
+          int64_t d = 0;
+          for (; d + 2 * VL <= D; d += 2 * VL) {
+            acc0 += load(qr + d) * load(kj + d);
+            acc1 += load(qr + d + VL) * load(kj + d + VL);
+          }
+          for (; d + VL <= D; d += VL) acc0 += load(qr + d) * load(kj + d);
+          float sc = hsum(acc0 + acc1);
+          for (; d < D; ++d) sc += qr[d] * kj[d];
+          S[r * KB + jj] = sc * a.scale;
         }
       }
-      for (int r = 0; r < nr; ++r)
-        for (int u = 0; u < KBV; ++u) store(S + (r0 + r) * KB + u * VL, s[r][u] * bcast(a.scale));
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        for (int jj = 0; jj < kb; ++jj) Kt[d * KB + jj] = k[(j0 + jj) * a.sk_t + d];
+        for (int jj = kb; jj < KB; ++jj) Kt[d * KB + jj] = 0.f;
+      }
+      // scores, 4 query rows at a time sharing each Kt row
+      for (int64_t r0 = 0; r0 < nq; r0 += 4) {
+        const int nr = (int)(nq - r0 < 4 ? nq - r0 : 4);
+        vf s[4][KBV];
+        for (int r = 0; r < 4; ++r)
+          for (int u = 0; u < KBV; ++u) s[r][u] = vf{};
+        const float* qr[4];
+        for (int r = 0; r < 4; ++r) qr[r] = q + (i0 + r0 + (r < nr ? r : 0)) * a.sq_t;
+        for (int64_t d = 0; d < D; ++d) {
+          vf kt[KBV];
+          for (int u = 0; u < KBV; ++u) kt[u] = load(Kt + d * KB + u * VL);
+          for (int r = 0; r < 4; ++r) {
+            vf qd = bcast(qr[r][d]);
+            for (int u = 0; u < KBV; ++u) s[r][u] += qd * kt[u];
+          }
+        }
+        for (int r = 0; r < nr; ++r)
+          for (int u = 0; u < KBV; ++u) store(S + (r0 + r) * KB + u * VL, s[r][u] * bcast(a.scale));
+      }
     }
     for (int64_t r = 0; r < nq; ++r) {
       float* sr = S + r * KB;

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv in the repository, installs torch, the project and its test extras, builds the extension.
+# Sourced by scripts/test.sh and scripts/report.sh; TORCH_SPEC overrides which torch to install.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+if ! python -c "import torch" 2>/dev/null; then
+  # The dev machine keeps torch 2.14.1 (a CUDA 13 build that also runs on CPU) on local disk; elsewhere plain torch.
+  if [ -z "${TORCH_SPEC:-}" ]; then
+    if [ -f /etc/xdg/pip/constraints.txt ]; then TORCH_SPEC="torch==2.14.1"; else TORCH_SPEC="torch"; fi
+  fi
+  python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+python -m pip install -q ninja 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q --no-build-isolation -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import gpt2kern, torch; print('gpt2kern built:', gpt2kern.ops.isa(), '| torch', torch.__version__)"
