@@ -8,7 +8,12 @@ from conftest import LOGITS_ATOL, pair
 import gpt2kern
 from transformers import GPT2Model
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 TRACE_MODULES = ["wte", "wpe", "ln_1", "attn.c_attn", "attn", "ln_2", "mlp.act", "mlp", "ln_f", "lm_head"]
 
