@@ -24,7 +24,7 @@ def want_cuda():
 
 
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-cxx = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 if os.environ.get("GPT2KERN_DEBUG") == "1":
     cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"]
 extra = {"cxx": cxx}

@@ -273,8 +273,7 @@ def _lm_head_forward(self, hidden_states):
     if not st.body_was_fast or st.lm_w is None or (torch.is_grad_enabled() and self.weight.requires_grad) \
             or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
         return self._gpt2kern_hf_forward(hidden_states)
-    st.refresh()
-    Wp, n = st.lm_w
+    Wp, n = st.lm_w  # fresh: the body's call just ran refresh()
     logits = ops.conv1d(hidden_states, Wp, None, out_features=n)
     if st.trace:
         st.trace("lm_head", logits)

@@ -6,23 +6,5 @@
 #define GK_ISA avx512
 #define GK_VEC_BYTES 64
 #define GK_MR_MAX 12
-#include "kernels/vec.h"
-#include "kernels/layernorm.h"
-#include "kernels/gelu.h"
-#include "kernels/embedding.h"
-#include "kernels/matmul.h"
-#include "kernels/attention.h"
-
-namespace gk {
-extern const KernelTable kTable_avx512 = {
-    "avx512",
-    GK_ISA::layer_norm_rows,
-    GK_ISA::add_layer_norm_rows,
-    GK_ISA::gelu_new,
-    GK_ISA::embedding_rows,
-    GK_ISA::matmul_panel,
-    GK_ISA::attention_block,
-    GK_MR_MAX,
-};
-}  // namespace gk
+#include "kernels/table.h"
 #endif  // __x86_64__

@@ -5,22 +5,4 @@
 #define GK_ISA generic
 #define GK_VEC_BYTES 16
 #define GK_MR_MAX 2
-#include "kernels/vec.h"
-#include "kernels/layernorm.h"
-#include "kernels/gelu.h"
-#include "kernels/embedding.h"
-#include "kernels/matmul.h"
-#include "kernels/attention.h"
-
-namespace gk {
-extern const KernelTable kTable_generic = {
-    "generic",
-    GK_ISA::layer_norm_rows,
-    GK_ISA::add_layer_norm_rows,
-    GK_ISA::gelu_new,
-    GK_ISA::embedding_rows,
-    GK_ISA::matmul_panel,
-    GK_ISA::attention_block,
-    GK_MR_MAX,
-};
-}  // namespace gk
+#include "kernels/table.h"

@@ -1,0 +1,25 @@
+// table.h — included last by each isa_*.cpp: every kernel of this ISA, gathered in the table dispatch.cpp picks.
+#include "vec.h"
+#include "layernorm.h"
+#include "gelu.h"
+#include "embedding.h"
+#include "matmul.h"
+#include "attention.h"
+
+#define GK_CAT2(a, b) a##b
+#define GK_CAT(a, b) GK_CAT2(a, b)
+#define GK_STR2(a) #a
+#define GK_STR(a) GK_STR2(a)
+
+namespace gk {
+extern const KernelTable GK_CAT(kTable_, GK_ISA) = {
+    GK_STR(GK_ISA),
+    GK_ISA::layer_norm_rows,
+    GK_ISA::add_layer_norm_rows,
+    GK_ISA::gelu_new,
+    GK_ISA::embedding_rows,
+    GK_ISA::matmul_panel,
+    GK_ISA::attention_block,
+    GK_MR_MAX,
+};
+}  // namespace gk
