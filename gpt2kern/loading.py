@@ -61,7 +61,7 @@ def load(name_or_path: str = "random:distilgpt2", *, attn_implementation: str = 
         if any(os.path.exists(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json")):
             tok = AutoTokenizer.from_pretrained(name_or_path)
         return model.eval(), tok
-    if os.path.sep in name_or_path and not name_or_path.count("/") == 1 or name_or_path.startswith((".", "~")):
+    if name_or_path.startswith((".", "~", "/")) or name_or_path.count("/") > 1:  # a path, not "org/name"
         raise ValueError(f"model directory {name_or_path!r} does not exist")
     local_only = True  # the local HF cache first: no network at all when the model is there
     try:

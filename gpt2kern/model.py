@@ -110,7 +110,7 @@ def _unsupported_config(t: GPT2Model) -> str | None:
 # ---------------------------------------------------------------- the forward
 
 def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_states, output_attentions,
-                  output_hidden_states, token_type_ids) -> str | None:
+                  output_hidden_states) -> str | None:
     t = st.transformer
     if st.unsupported:
         return st.unsupported
@@ -142,7 +142,7 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
         cache = past_key_values
     st.refresh()
     why = _why_fallback(st, input_ids, inputs_embeds, cache, encoder_hidden_states, output_attentions,
-                        output_hidden_states, token_type_ids)
+                        output_hidden_states)
     st.fallback_reason, st.body_was_fast = why, why is None
     if why is not None:
         args = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -180,7 +180,7 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
     return res if return_dict else res.to_tuple()
 
 
-def _masks(attention_mask, B, T, past, kv_len):
+def _masks(attention_mask, B, T, past):
     """HF's mask conventions -> the attention kernel's (key_mask, bias, causal)."""
     if attention_mask is None:
         return None, None, True
@@ -224,8 +224,7 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
         trace("wpe", t.wpe.weight.detach()[position_ids])
     h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
     hidden = [h] if want_hidden else None
-    kv_len = past + T
-    key_mask, bias, causal = _masks(attention_mask, B, T, past, kv_len)
+    key_mask, bias, causal = _masks(attention_mask, B, T, past)
     w, b, eps = st.layers[0]["ln_1"]
     x = ops.layer_norm(h, w, b, eps)
     for i, L in enumerate(st.layers):
