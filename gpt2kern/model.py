@@ -47,24 +47,30 @@ class _State:
         self.trace = None  # callable(name, tensor) while tracing
         self.body_was_fast = False
         self.fallback_reason: str | None = None
-        self.params = [p for p in transformer.parameters()]
-        if lm_head is not None:
-            self.params += [p for p in lm_head.parameters() if all(p is not q for q in self.params)]
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
         self.layers: list[dict] = []
         self.lm_w = None
 
+    @property
+    def params(self):
+        """Read live, so a Parameter replaced after optimize() is noticed too (lm_head is tied to wte, or not)."""
+        ps = list(self.transformer.parameters())
+        if self.lm_head is not None:
+            ps += [p for p in self.lm_head.parameters() if all(p is not q for q in ps)]
+        return ps
+
     def _stamp(self):
         return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.params)
 
     def refresh(self):
-        """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to())."""
+        """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
+        replaced Parameters)."""
         stamp = self._stamp()
         if stamp == self.stamp:
             return
         self.stamp = stamp
-        if self.unsupported or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in self.params):
+        if self.unsupported or any(dev.type != "cpu" or dt != torch.float32 for _, _, dev, dt in stamp):
             self.layers, self.lm_w = [], None
             return
         with torch.no_grad():

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import NewGELUActivation
 
 import gpt2kern
 from gpt2kern import ops
@@ -44,7 +45,7 @@ def kernel_rows(cfg, reps):
     E, V = cfg.n_embd, cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = []
-    gelu_hf = __import__("transformers.activations", fromlist=["NewGELUActivation"]).NewGELUActivation()
+    gelu_hf = NewGELUActivation()
     wte = torch.randn(V, E, generator=g) * 0.02
     lm_packed = ops.pack(wte.t())
     W = {n: torch.randn(k, n_, generator=g) * 0.02 for n, (k, n_) in

@@ -79,6 +79,15 @@ def test_weights_changed_after_optimize_are_repacked(models):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+def test_replaced_parameter_is_noticed(models):
+    ref, opt = models
+    new_w = torch.nn.Parameter(torch.randn_like(ref.transformer.h[1].attn.c_proj.weight), requires_grad=False)
+    for m in (ref, opt):
+        m.transformer.h[1].attn.c_proj.weight = new_w
+    with torch.no_grad():
+        torch.testing.assert_close(opt(IDS).logits, ref(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_optimize_is_idempotent_and_restore(models):
     ref, opt = models
     assert gpt2kern.optimize(opt) is opt
