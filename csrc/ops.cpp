@@ -27,8 +27,13 @@ TORCH_LIBRARY_IMPL(gpt2kern, CPU, m) {
   m.impl("embedding", &gk::cpu::embedding);
 }
 
-// Plain Python functions for the ISA dispatcher (not tensor ops).
+namespace gk::cpu {
+void bind_engine(pybind11::module_& m);  // engine.cpp
+}
+
+// Plain Python functions for the ISA dispatcher, and the decode engine class (not tensor ops).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  gk::cpu::bind_engine(mod);
   mod.def("isa", [] { return std::string(gk::kernels().name); }, "The ISA level the CPU kernels run at.");
   mod.def("set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
           "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");

@@ -1,6 +1,7 @@
 """gpt2kern — hand-written kernels for GPT-2 inference, as a drop-in forward for Hugging Face GPT-2."""
 from . import ops
+from .generate import generate
 from .loading import load
 from .model import fallback_reason, is_optimized, optimize, restore, tracing
 
-__all__ = ["ops", "optimize", "restore", "load", "tracing", "fallback_reason", "is_optimized"]
+__all__ = ["ops", "generate", "optimize", "restore", "load", "tracing", "fallback_reason", "is_optimized"]

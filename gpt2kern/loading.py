@@ -24,6 +24,7 @@ RANDOM_CONFIGS = {
 }
 # Trained GPT-2 carries a few residual channels in the thousands; random weights do not, so plant some.
 OUTLIER_CHANNELS = {138: 3000.0, 378: -1500.0, 447: 800.0}
+WEIGHT_SCALE = 5.0
 
 
 def random_config(name: str) -> GPT2Config:
@@ -40,11 +41,21 @@ def random_model(name: str = "distilgpt2", seed: int = 0, attn_implementation: s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
-    if outliers:
-        bias = model.transformer.h[min(1, config.n_layer - 1)].mlp.c_proj.bias
-        with torch.no_grad():
-            for ch, val in OUTLIER_CHANNELS.items():
-                bias[ch % config.n_embd] += val
+    t = model.transformer
+    with torch.no_grad():
+        # Trained GPT-2's matrices have std ~0.1-0.2, not a fresh init's 0.02; at 0.02 the model is near-constant
+        # (greedy repeats one token whatever the prompt), which would make token-parity tests weak.
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(WEIGHT_SCALE)
+        if outliers and config.n_embd >= 256:  # a few huge channels among hundreds, as in trained GPT-2
+            first = min(1, config.n_layer - 1)
+            for c, val in OUTLIER_CHANNELS.items():
+                t.h[first].mlp.c_proj.bias[c] += val
+                # and, as there, every later LayerNorm gives them a tiny gain: the residual stream carries values
+                # in the thousands without drowning what the model computes from its input
+                for ln in [b.ln_1 for b in t.h[first + 1:]] + [b.ln_2 for b in t.h[first + 1:]] + [t.ln_f]:
+                    ln.weight[c] = 0.01
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import threading
 import types
 
 import torch
@@ -45,12 +46,20 @@ class _State:
         cfg = transformer.config
         self.unsupported = _unsupported_config(transformer)
         self.trace = None  # callable(name, tensor) while tracing
+        self.lock = threading.Lock()  # refresh() repacks; concurrent callers must not see half a pack
         self.body_was_fast = False
         self.fallback_reason: str | None = None
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
         self.layers: list[dict] = []
         self.lm_w = None
+
+    def __getstate__(self):  # copy.deepcopy(model) copies the state too; a lock is not copyable
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.lock = threading.Lock()
 
     @property
     def params(self):
@@ -66,18 +75,21 @@ class _State:
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
         replaced Parameters)."""
+        with self.lock:
+            self._refresh()
+
+    def _refresh(self):
         stamp = self._stamp()
         if stamp == self.stamp:
             return
-        self.stamp = stamp
         if self.unsupported or any(dev.type != "cpu" or dt != torch.float32 for _, _, dev, dt in stamp):
-            self.layers, self.lm_w = [], None
+            self.layers, self.lm_w, self.stamp = [], None, stamp
             return
-        with torch.no_grad():
-            self.layers = []
+        with torch.no_grad():  # build the new pack aside, then publish it: readers see the old or the new one
+            layers = []
             for blk in self.transformer.h:
                 a, m = blk.attn, blk.mlp
-                self.layers.append(dict(
+                layers.append(dict(
                     ln_1=(blk.ln_1.weight.detach(), blk.ln_1.bias.detach(), blk.ln_1.eps),
                     ln_2=(blk.ln_2.weight.detach(), blk.ln_2.bias.detach(), blk.ln_2.eps),
                     c_attn=_packed(a.c_attn), attn_proj=_packed(a.c_proj),
@@ -85,9 +97,11 @@ class _State:
                     scale=float(getattr(a, "scaling", _scaling(self.transformer.config, blk.attn.layer_idx))),
                 ))
             lf = self.transformer.ln_f
-            self.ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
+            lm_w = None
             if self.lm_head is not None:
-                self.lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
+                lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
+        self.layers, self.ln_f, self.lm_w = layers, (lf.weight.detach(), lf.bias.detach(), lf.eps), lm_w
+        self.stamp = stamp
 
 
 def _packed(conv):

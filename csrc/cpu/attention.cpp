@@ -12,6 +12,18 @@ namespace gk::cpu {
 
 static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+void run_attention(const AttnArgs& a) {
+  const int64_t nqb = (a.Tq + kAttnQueryBlock - 1) / kAttnQueryBlock;
+  const KernelTable& t = kernels();
+  at::parallel_for(0, a.B * a.H * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(attention_scratch_floats(a.D));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bh = task / nqb, i0 = (task % nqb) * kAttnQueryBlock;
+      t.attention_block(a, bh, i0, std::min(a.Tq, i0 + kAttnQueryBlock), scratch.data());
+    }
+  });
+}
+
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                      const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
                      int64_t q_offset, bool causal) {
@@ -67,15 +79,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
     a.sb_t = bb.stride(2);
     a.bias_len = bb.size(3);
   }
-  const int64_t nqb = (Tq + kAttnQueryBlock - 1) / kAttnQueryBlock;
-  const KernelTable& t = kernels();
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(attention_scratch_floats(D));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kAttnQueryBlock;
-      t.attention_block(a, bh, i0, std::min(Tq, i0 + kAttnQueryBlock), scratch.data());
-    }
-  });
+  run_attention(a);
   return out;
 }
 

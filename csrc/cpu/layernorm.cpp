@@ -23,6 +23,22 @@ static void check_ln_params(const at::Tensor& x, const at::Tensor& w, const at::
 
 static int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
+void run_layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
+                    float eps) {
+  const KernelTable& t = kernels();
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+    t.layer_norm_rows(x + r0 * ldx, ldx, y + r0 * n, n, w, b, r1 - r0, n, eps);
+  });
+}
+
+void run_add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
+                        const float* b, int64_t rows, int64_t n, float eps) {
+  const KernelTable& t = kernels();
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+    t.add_layer_norm_rows(x + r0 * ldx, ldx, r + r0 * ldr, ldr, s + r0 * n, y + r0 * n, w, b, r1 - r0, n, eps);
+  });
+}
+
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_ln_params(x, weight, bias, "layer_norm");
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -33,10 +49,7 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   const float *px = xr.data_ptr<float>(), *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
   float* py = y.data_ptr<float>();
   const int64_t ld = row_stride(xr);
-  const KernelTable& t = kernels();
-  at::parallel_for(0, xr.size(0), grain_rows(n), [&](int64_t r0, int64_t r1) {
-    t.layer_norm_rows(px + r0 * ld, ld, py + r0 * n, n, pw, pb, r1 - r0, n, (float)eps);
-  });
+  run_layer_norm(px, ld, py, pw, pb, xr.size(0), n, (float)eps);
   return y;
 }
 
@@ -57,11 +70,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
   const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
   float *ps = s.data_ptr<float>(), *py = y.data_ptr<float>();
   const int64_t ldx = row_stride(xr), ldr = row_stride(rr);
-  const KernelTable& t = kernels();
-  at::parallel_for(0, xr.size(0), grain_rows(n), [&](int64_t r0, int64_t r1) {
-    t.add_layer_norm_rows(px + r0 * ldx, ldx, pr + r0 * ldr, ldr, ps + r0 * n, py + r0 * n, pw, pb, r1 - r0, n,
-                          (float)eps);
-  });
+  run_add_layer_norm(px, ldx, pr, ldr, ps, py, pw, pb, xr.size(0), n, (float)eps);
   return {s, y};
 }
 

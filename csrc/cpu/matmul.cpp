@@ -29,6 +29,25 @@ at::Tensor pack(const at::Tensor& weight) {
   return out;
 }
 
+void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wp, int64_t N, const float* bias,
+                Epilogue epi, const float* R, int64_t ldr, float* C) {
+  const KernelTable& t = kernels();
+  const int64_t P = num_panels(N);
+  // Row blocks of MC keep a slice of x hot in L2 while a thread walks its panels; panels are split across
+  // threads so each weight byte is read by exactly one thread.
+  const int64_t MC = 8 * t.mr_max;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t mc = std::min(MC, M - m0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+        t.matmul_panel(A + m0 * lda, lda, mc, K, Wp + p * K * kPanel, C + m0 * N, N, p * kPanel, ncols, bias, epi,
+                       R ? R + m0 * ldr : nullptr, ldr);
+      }
+    }
+  });
+}
+
 static Epilogue parse_epilogue(c10::string_view e) {
   if (e == "none") return Epilogue::None;
   if (e == "gelu_new") return Epilogue::GeluNew;
@@ -91,27 +110,14 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
     return z;
   }
   at::Tensor A = as_rows(x, K);
-  const int64_t M = A.size(0), lda = row_stride(A), P = num_panels(N);
+  const int64_t M = A.size(0), lda = row_stride(A);
   if (epi == Epilogue::Residual) rr = as_rows(*residual, N);
   const float *pa = A.data_ptr<float>(), *pw = packed.data_ptr<float>();
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* pr = rr.defined() ? rr.data_ptr<float>() : nullptr;
   const int64_t ldr = rr.defined() ? row_stride(rr) : 0;
   float* pc = y.data_ptr<float>();
-  const KernelTable& t = kernels();
-  // Row blocks of MC keep a slice of x hot in L2 while a thread walks its panels; panels are split across
-  // threads so each weight byte is read by exactly one thread.
-  const int64_t MC = 8 * t.mr_max;
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t mc = std::min(MC, M - m0);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-        t.matmul_panel(pa + m0 * lda, lda, mc, K, pw + p * K * kPanel, pc + m0 * N, N, p * kPanel, ncols, pb, epi,
-                       pr ? pr + m0 * ldr : nullptr, ldr);
-      }
-    }
-  });
+  run_matmul(pa, lda, M, K, pw, N, pb, epi, pr, ldr, pc);
   return y;
 }
 

@@ -6,6 +6,8 @@
 #include <string>
 #include <tuple>
 
+#include "kernel_table.h"
+
 namespace gk::cpu {
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
@@ -19,4 +21,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      int64_t q_offset, bool causal);
 at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
                      const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids);
+
+// The same kernels on raw, already-checked buffers, threaded with at::parallel_for: shared by the ops above and
+// the decode engine (engine.cpp). Outputs are dense rows (row stride = their width).
+void run_layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
+                    float eps);
+void run_add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
+                        const float* b, int64_t rows, int64_t n, float eps);
+void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wp, int64_t N, const float* bias,
+                Epilogue epi, const float* R, int64_t ldr, float* C);
+void run_attention(const AttnArgs& a);
 }  // namespace gk::cpu

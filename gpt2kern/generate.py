@@ -1,0 +1,235 @@
+"""gpt2kern.generate: the fast decode loop — greedy or sampled, batched with left padding, eos per row.
+
+The seed's loop, with the model step in C++ (csrc/cpu/engine.cpp):
+
+    logits = engine.forward(prompt)                 prefill: every layer, K/V into a preallocated cache
+    repeat max_new_tokens times:
+        next = argmax(logits)  or  sample(warp(logits))      HF's warpers: temperature, top-k, top-p
+        rows that already hit eos get the pad token instead
+        stop when every row has hit eos
+        logits = engine.forward(next)               one C++ call for all layers + lm_head on one token per row
+
+Greedy output equals HF's `model.generate(..., do_sample=False)`; sampling reproduces HF's token choices for the
+same seed (the same torch ops draw from the same generator). Models the engine cannot serve (not CPU float32, an
+unsupported config) are handed to HF's own `generate` with the same settings; `last_fallback_reason()` says why.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from . import _C
+from .model import _State
+
+_local = threading.local()
+
+
+def last_fallback_reason() -> str | None:
+    """Why this thread's last `generate` call ran HF's generate instead of the engine (None if it did not)."""
+    return getattr(_local, "fallback", None)
+
+
+def _state(model: GPT2LMHeadModel) -> _State:
+    """The model's packed weights: the optimize() state if there is one, else a private one (model untouched)."""
+    st = getattr(model.transformer, "_gpt2kern", None)
+    if st is None:
+        st = model.__dict__.get("_gpt2kern_generate_state")
+        if st is None:
+            st = _State(model.transformer, model.lm_head)
+            model.__dict__["_gpt2kern_generate_state"] = st
+    st.refresh()
+    return st
+
+
+def _engine_reason(model, st: _State) -> str | None:
+    if st.unsupported:
+        return st.unsupported
+    p = model.lm_head.weight
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not st.layers or st.lm_w is None:
+        return f"model on {p.device.type} {p.dtype} (the engine runs CPU float32)"
+    return None
+
+
+def _as_list(eos) -> list[int]:
+    if eos is None:
+        return []
+    if isinstance(eos, int):
+        return [eos]
+    if isinstance(eos, torch.Tensor):
+        return [int(e) for e in eos.reshape(-1).tolist()]
+    return [int(e) for e in eos]
+
+
+def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed):
+    if not isinstance(model, GPT2LMHeadModel):
+        raise TypeError(f"generate expects a transformers GPT2LMHeadModel, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, seq_len] with batch >= 1 and seq_len >= 1, "
+                         f"got shape {tuple(input_ids.shape)}")
+    input_ids = input_ids.long()
+    vocab = model.config.vocab_size
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids contains {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab})")
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask != 0
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask row(s) {empty} have no valid token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    n_pos = model.config.n_positions
+    longest = int(mask.sum(dim=1).max())
+    if longest + max_new_tokens > n_pos:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                         f"of n_positions={n_pos}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return input_ids, mask
+
+
+def _warp(scores, temperature, top_k, top_p):
+    """HF's sampling warpers, in HF's order and with HF's exact ops (so a seed picks the same tokens)."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        k = min(top_k, scores.shape[-1])
+        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = 0
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return scores
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
+             seed: int | None = None, streamer=None) -> torch.LongTensor:
+    """Generate up to `max_new_tokens` tokens after each row of `input_ids` ([B, T] or [T]; left-pad batches and
+    pass `attention_mask`). Returns [B, T + n] token ids, prompt included, like HF's generate.
+
+    - Greedy unless `do_sample`; sampling applies temperature, then top_k (0 = off), then top_p (1 = off).
+    - `eos_token_id`: int or list; default the model's (`generation_config`); `[]` never stops early. A row that
+      produced eos gets `pad_token_id` (default: the model's, else the first eos) until every row is done.
+    - Without `attention_mask`, a prompt holding a pad id that is not an eos id is masked there, as HF does.
+    - `seed`: sampling draws from a generator seeded with it (HF's generate after `torch.manual_seed(seed)`
+      draws the same tokens); None uses torch's global generator.
+    - `streamer`: HF-style object (`put(tensor)`, `end()`; gets the prompt first, then each step's [B] tokens)
+      or a plain callable called with each step's [B] tokens.
+    """
+    gc = model.generation_config if isinstance(model, GPT2LMHeadModel) else None
+    eos = _as_list(gc.eos_token_id if (eos_token_id is None and gc is not None) else eos_token_id)
+    pad_given = pad_token_id if pad_token_id is not None else (gc.pad_token_id if gc is not None else None)
+    if attention_mask is None and pad_given is not None and pad_given not in eos and \
+            isinstance(input_ids, torch.Tensor) and bool((input_ids == pad_given).any()):
+        attention_mask = input_ids != pad_given  # HF's generate infers the mask from a pad id this way too
+    input_ids, mask = _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed)
+    pad_token_id = pad_given if pad_given is not None else (eos[0] if eos else 0)
+    st = _state(model)
+    why = _engine_reason(model, st)
+    _local.fallback = why
+    if why is not None:
+        return _hf_generate(model, input_ids, mask, attention_mask is not None, max_new_tokens, do_sample,
+                            temperature, top_k, top_p, eos, pad_token_id, seed, streamer)
+
+    gen = torch.Generator().manual_seed(seed) if (do_sample and seed is not None) else None
+    put = getattr(streamer, "put", None) or streamer
+    if hasattr(streamer, "put"):
+        streamer.put(input_ids)
+    B, T = input_ids.shape
+    with torch.inference_mode():
+        eng = _engine(st, B, T + max_new_tokens, B * T)
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)  # HF's position_ids for left padding
+        next_pos = mask.sum(dim=1, keepdim=True)
+        ones = torch.ones(B, 1, dtype=torch.bool)
+        eos_t = torch.tensor(eos, dtype=torch.long)
+        unfinished = torch.ones(B, dtype=torch.bool)
+        out = [input_ids]
+        logits = eng.forward(input_ids, pos, mask) if max_new_tokens else None
+        for step in range(max_new_tokens):
+            if do_sample:
+                probs = torch.softmax(_warp(logits, temperature, top_k, top_p), dim=-1)
+                nxt = torch.multinomial(probs, num_samples=1, generator=gen).squeeze(1)
+            else:
+                nxt = torch.argmax(logits, dim=-1)
+            if eos:
+                nxt = torch.where(unfinished, nxt, pad_token_id)
+            out.append(nxt[:, None])
+            if put is not None:
+                put(nxt.clone())
+            if eos:
+                unfinished &= ~torch.isin(nxt, eos_t)
+                if not bool(unfinished.any()):
+                    break
+            if step + 1 < max_new_tokens:
+                logits = eng.forward(nxt[:, None], next_pos, ones)
+                next_pos += 1
+    if hasattr(streamer, "end"):
+        streamer.end()
+    return torch.cat(out, dim=1)
+
+
+def _engine(st: _State, batch: int, max_len: int, max_rows: int):
+    weights, scales = [], []
+    for L in st.layers:
+        (w1, b1, _), (w2, b2, _) = L["ln_1"], L["ln_2"]
+        weights += [w1, b1, L["c_attn"][0], L["c_attn"][1], L["attn_proj"][0], L["attn_proj"][1], w2, b2,
+                    L["c_fc"][0], L["c_fc"][1], L["mlp_proj"][0], L["mlp_proj"][1]]
+        scales.append(L["scale"])
+    t, (lnf_w, lnf_b, eps) = st.transformer, st.ln_f
+    lm_w, vocab = st.lm_w
+    return _C.Engine([w.contiguous() for w in weights], scales, t.wte.weight.detach(), t.wpe.weight.detach(), lnf_w,
+                     lnf_b, lm_w, vocab, st.H, eps, batch, max_len, max_rows)
+
+
+def _hf_generate(model, input_ids, mask, had_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
+                 seed, streamer):
+    """The same request through HF's own generate (models the engine does not serve)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    if streamer is not None and not isinstance(streamer, BaseStreamer):
+        fn, first = streamer, [True]
+
+        class _Adapter(BaseStreamer):
+            def put(self, value):
+                if first[0]:
+                    first[0] = False  # HF puts the prompt first; a plain callable only wants new tokens
+                    return
+                fn(value.reshape(-1))
+
+            def end(self):
+                pass
+
+        streamer = _Adapter()
+    if do_sample and seed is not None:
+        torch.manual_seed(seed)
+    dev = model.lm_head.weight.device
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, eos_token_id=eos or None,
+              pad_token_id=pad, streamer=streamer)
+    if do_sample:
+        kw.update(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+    with torch.no_grad():
+        out = model.generate(input_ids.to(dev), attention_mask=mask.long().to(dev) if had_mask else None, **kw)
+    return out.cpu()
