@@ -19,9 +19,20 @@ def test_random_is_seeded_and_has_outliers():
     b, _ = gpt2kern.load("random:tiny")
     assert tok is None and not a.training
     assert torch.equal(a.transformer.h[0].attn.c_attn.weight, b.transformer.h[0].attn.c_attn.weight)
-    bias = a.transformer.h[1].mlp.c_proj.bias
-    assert bias.abs().max() > 500  # planted residual outliers, as trained GPT-2 has
+    assert a.transformer.h[1].mlp.c_proj.bias.abs().max() < 1  # 32 channels: too few to carry outliers
+
+
+def test_random_distilgpt2_has_residual_outliers_and_varied_output(distil):
+    t = distil.transformer
     assert len(OUTLIER_CHANNELS) >= 3
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hs = distil(ids, output_hidden_states=True).hidden_states
+    for c in OUTLIER_CHANNELS:  # planted residual outliers, as trained GPT-2 has...
+        assert hs[3][..., c].abs().min() > 500
+        assert t.ln_f.weight[c] == 0.01  # ...that later LayerNorms nearly ignore
+    out = gpt2kern.generate(distil, ids, max_new_tokens=8, eos_token_id=[])[:, 12:]
+    assert len(set(out.flatten().tolist())) > 4  # the prompt matters: greedy is not one repeated token
 
 
 def test_local_save_pretrained_dir(tmp_path):
