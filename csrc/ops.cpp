@@ -2,6 +2,10 @@
 // Python wrappers, fake (meta) implementations and docs live in gpt2kern/ops.py.
 #include <torch/extension.h>
 
+#include <atomic>
+#include <chrono>
+#include <cstring>
+
 #include "cpu/kernel_table.h"
 #include "cpu/ops_cpu.h"
 
@@ -37,6 +41,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("isa", [] { return std::string(gk::kernels().name); }, "The ISA level the CPU kernels run at.");
   mod.def("set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
           "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");
+  mod.def("fma_peak_gflops", [](double seconds) {
+    // every thread runs the probe for about `seconds`; FLOPs = threads × iters × 12 chains × lanes × 2
+    const gk::KernelTable& t = gk::kernels();
+    const int64_t lanes = !std::strcmp(t.name, "avx512") ? 16 : !std::strcmp(t.name, "avx2") ? 8 : 4;
+    const int nt = at::get_num_threads();
+    int64_t iters = 1 << 16;
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      std::atomic<float> sink{0.f};
+      at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) sink = sink + t.fma_probe(iters);
+      });
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (dt >= seconds || iters > (int64_t(1) << 40)) return nt * (double)iters * 12 * lanes * 2 / dt / 1e9;
+      iters *= 2;
+    }
+  }, "Measured fp32 FMA peak of the active ISA over all torch threads, GFLOP/s.");
   mod.def("supported_isas", [] {
     std::vector<std::string> out;
     for (const char* isa : {"avx512", "avx2", "generic"})

@@ -5,6 +5,7 @@
 #include "embedding.h"
 #include "matmul.h"
 #include "attention.h"
+#include "peak.h"
 
 #define GK_CAT2(a, b) a##b
 #define GK_CAT(a, b) GK_CAT2(a, b)
@@ -21,5 +22,6 @@ extern const KernelTable GK_CAT(kTable_, GK_ISA) = {
     GK_ISA::matmul_panel,
     GK_ISA::attention_block,
     GK_MR_MAX,
+    GK_ISA::fma_probe,
 };
 }  // namespace gk
