@@ -18,10 +18,13 @@ from typing import Any, Iterable, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 # stdout: results (tables, generated text, JSON).  stderr: notices, progress, errors.
-console = Console(highlight=False, soft_wrap=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (not a terminal, no COLUMNS) gets 120 columns rather than rich's 80, so tables are not squeezed.
+_PIPE_WIDTH = None if os.environ.get("COLUMNS") else 120
+console = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 DEFAULT_HUB_MODEL = "distilgpt2"
 OFFLINE_DEFAULT = "random:distilgpt2"
@@ -158,7 +161,7 @@ def print_table(columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequenc
         name, justify = (c, "left") if isinstance(c, str) else c
         t.add_column(name, justify=justify, overflow="fold")
     for r in rows:
-        t.add_row(*[v if isinstance(v, str) else fmt_num(v) for v in r])
+        t.add_row(*[Text(v if isinstance(v, str) else fmt_num(v)) for v in r])  # no markup in cells
     console.print(t)
 
 

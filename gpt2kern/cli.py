@@ -16,12 +16,15 @@ import random
 import re
 import sys
 import time
-from typing import Callable, Optional
+from typing import Annotated, Callable, List, Optional
 
-import click
 import torch
 import typer
-from typing_extensions import Annotated
+
+try:  # typer >= 0.2x carries its own copy of click; older typer uses click itself
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
 
 from . import _ui
 from ._ui import CliError, console, emit_json, expected_errors, fmt_num, notice, print_table
@@ -52,9 +55,9 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 IdsOpt = Annotated[bool, typer.Option(
     "--ids", help="Read PROMPT as token ids ('464 2068 7586' or '464,2068'), even when the model has a tokenizer.")]
-PromptArg = Annotated[str, typer.Argument(
-    help="Text (needs a tokenizer in the model dir) or token ids separated by spaces/commas (models without one).",
-    show_default=False)]
+PromptArg = Annotated[List[str], typer.Argument(
+    help="Text (needs a tokenizer in the model dir) or token ids separated by spaces/commas (models without one); "
+         "several words are joined with spaces.", show_default=False)]
 
 
 # ---------------------------------------------------------------- prompts and tokens
@@ -62,8 +65,10 @@ PromptArg = Annotated[str, typer.Argument(
 _IDS_RE = re.compile(r"\s*\d+(?:\s*[,\s]\s*\d+)*\s*,?\s*")
 
 
-def encode_prompt(prompt: str, tok, config, as_ids: bool = False) -> torch.Tensor:
+def encode_prompt(prompt: str | list[str], tok, config, as_ids: bool = False) -> torch.Tensor:
     """PROMPT -> input ids [1, T]. Text through the model's HF tokenizer; ids as given. CliError on bad input."""
+    if not isinstance(prompt, str):
+        prompt = " ".join(prompt)
     if not prompt.strip():  # GPT-2's unconditional start
         bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
         if bos is None:
@@ -259,6 +264,7 @@ def generate(
     import gpt2kern
 
     device = Device(device).value
+    prompt = " ".join(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
     s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
     with expected_errors():
@@ -392,10 +398,10 @@ def next_token(
 
 # ---------------------------------------------------------------- trace
 
-def _head(t: torch.Tensor, n: int = 4) -> str:
+def _head(t: torch.Tensor, n: int = 3) -> str:
     v = t.reshape(-1, t.shape[-1])[-1, :n].tolist() if t.dim() else [t.item()]
     more = ", …" if t.dim() and t.shape[-1] > n else ""
-    return "[" + ", ".join(f"{x:.4g}" for x in v) + more + "]"
+    return "[" + ", ".join(f"{x:.3g}" for x in v) + more + "]"
 
 
 @app.command()
@@ -437,10 +443,10 @@ def trace(
             emit_json(dict(model=name, prompt_ids=input_ids[0].tolist(), **row, runs=S.describe(want),
                            values=t2.cpu()))
             return 0
-        console.print(f"[bold]{want}[/bold] — {S.describe(want)}", markup=True, highlight=False)
+        console.print(f"{want} — {S.describe(want)}", markup=False, highlight=False)
         console.print(f"shape {list(t.shape)} (printed as {list(t2.shape)}: "
                       f"{'positions × features' if t2.dim() == 2 else 'values'}), "
-                      f"max |Δ| vs HF = {fmt_num(row['max_abs_diff'])}", markup=False)
+                      f"max |Δ| vs HF = {fmt_num(row['max_abs_diff'])}", markup=False, soft_wrap=True)
         _print_tensor(t2, full)
         return 0
     if json_:
@@ -454,13 +460,13 @@ def trace(
         return 0
     print_table([("#", "right"), "step", "runs (fast path)", "shape", "values (last position)",
                  ("max |Δ| vs HF", "right")],
-                [(i, r["name"], S.describe(r["name"]), "×".join(map(str, r["shape"])), _head(tensors[r["name"]]),
+                [(i, r["name"], S.describe(r["name"], short=True), "×".join(map(str, r["shape"])), _head(tensors[r["name"]]),
                   fmt_num(r["max_abs_diff"]) + ("" if r["ok"] in (True, None) else " ✗")) for i, r in enumerate(rows)],
                 title=f"trace — {name}, {input_ids.shape[1]} prompt tokens, execution order",
-                caption="--layer NAME prints one step's tensor")
+                caption="dropout is the identity in eval mode; --layer NAME prints one step's tensor and what it runs")
     if full:
         for n_, t in fast:
-            console.print(f"\n[bold]{n_}[/bold] {list(t.shape)}")
+            console.print(f"\n{n_} {list(t.shape)}", markup=False)
             _print_tensor(t[0] if t.dim() == 3 and t.shape[0] == 1 else t, True)
     return 0
 
@@ -582,21 +588,19 @@ def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=argv, prog_name="gpt2kern", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except getattr(_cx, "NoArgsIsHelpError", ()) as e:  # plain `gpt2kern`: the help
         console.print(e.ctx.get_help(), markup=False, highlight=False)
-        return _ui.EXIT_USAGE
-    except click.exceptions.UsageError as e:
+        return 0
+    except _cx.UsageError as e:  # click's own: missing argument, no such option, bad choice -> one line too
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
         return _ui.fail(f"{e.format_message()}{hint}")
-    except click.exceptions.ClickException as e:
+    except _cx.ClickException as e:
         return _ui.fail(e.format_message())
     except CliError as e:
         return _ui.fail(str(e))
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _ui.err_console.print("interrupted", markup=False)
         return _ui.EXIT_INTERRUPTED
-    except click.exceptions.Exit as e:  # pragma: no cover - click returns it in non-standalone mode
-        return e.exit_code
     return rv if isinstance(rv, int) else 0
 
 

@@ -21,21 +21,24 @@ BLOCK_STEPS = ["ln_1", "attn.c_attn", "attn", "ln_2", "mlp.act", "mlp"]
 # per-step tolerance vs HF eager fp32: |Δ| <= ATOL + RTOL·max|ref| (same budget as tests/test_model_parity.py)
 ATOL, RTOL = 1e-4, 1e-5
 
+# what each step runs on the fast path: (short, for the trace table; long, for --layer)
 _WHAT = {
-    "wte": "token embedding: wte[ids]  (gathered in the same kernel as wpe and their sum)",
-    "wpe": "position embedding: wpe[positions]",
-    "ln_1": "LayerNorm ln_1  (block 0: layer_norm; later blocks: fused into the previous add_layer_norm)",
-    "attn.c_attn": "conv1d c_attn: x·W + b -> q | k | v  (K/V then go through HF's Cache.update)",
-    "attn": "attention softmax(q·kᵀ·scale + causal mask)·v, then conv1d c_proj; attn dropout and resid "
-            "dropout are the identity in eval mode",
-    "ln_2": "add_layer_norm: h = h + attn, then LayerNorm ln_2 (one kernel)",
-    "mlp.act": "conv1d c_fc with gelu_new fused into its epilogue (c_fc's own output is never stored)",
-    "mlp": "conv1d c_proj (dropout: identity in eval mode)",
-    "block": "add_layer_norm: h = h + mlp (the block's output), with the next ln_1 / ln_f in the same kernel",
-    "ln_f": "final LayerNorm ln_f (computed by the last block's add_layer_norm)",
-    "lm_head": "conv1d lm_head: x·wteᵀ (weights tied to wte) -> logits, not probabilities",
+    "wte": ("wte[ids]", "token embedding wte[ids] (gathered in one kernel with wpe and their sum)"),
+    "wpe": ("wpe[positions]", "position embedding wpe[positions]: one row per prompt position"),
+    "ln_1": ("layer_norm", "LayerNorm ln_1 (block 0: layer_norm; later blocks: fused into the previous "
+             "block's add_layer_norm)"),
+    "attn.c_attn": ("conv1d -> q|k|v", "conv1d c_attn: x·W + b, split into q | k | v (K/V then go through "
+                    "HF's Cache.update)"),
+    "attn": ("attention, conv1d c_proj", "attention softmax(q·kᵀ·scale + causal mask)·v, then conv1d c_proj; "
+             "attn and resid dropout are the identity in eval mode"),
+    "ln_2": ("add_layer_norm", "add_layer_norm: h = h + attn, then LayerNorm ln_2, in one kernel"),
+    "mlp.act": ("conv1d c_fc + gelu_new", "conv1d c_fc with gelu_new fused into its epilogue: c_fc's own "
+                "output is never stored, so c_fc -> act run as one kernel"),
+    "mlp": ("conv1d c_proj", "conv1d c_proj (then dropout: the identity in eval mode)"),
+    "block": ("h + mlp", "h = h + mlp, the block's output (add_layer_norm also computes the next ln_1 / ln_f)"),
+    "ln_f": ("layer_norm (fused)", "final LayerNorm ln_f (computed by the last block's add_layer_norm)"),
+    "lm_head": ("conv1d x·wteᵀ", "conv1d lm_head: x·wteᵀ (weights tied to wte) -> logits, not probabilities"),
 }
-
 
 def step_names(config) -> list[str]:
     names = ["wte", "wpe"]
@@ -44,10 +47,11 @@ def step_names(config) -> list[str]:
     return names + ["ln_f", "lm_head"]
 
 
-def describe(name: str) -> str:
-    if re.fullmatch(r"h\.\d+", name):
-        return _WHAT["block"]
-    return _WHAT.get(name.split(".", 2)[-1] if name.startswith("h.") else name, "")
+def describe(name: str, short: bool = False) -> str:
+    """What the fast path runs for this step (short: a few words for a table column)."""
+    key = "block" if re.fullmatch(r"h\.\d+", name) else (name.split(".", 2)[-1] if name.startswith("h.") else name)
+    what = _WHAT.get(key, ("", ""))
+    return what[0] if short else what[1]
 
 
 def canonical_layer(name: str, config) -> str:
