@@ -452,7 +452,7 @@ def trace(
     if json_:
         out = dict(model=name, prompt_ids=input_ids[0].tolist(),
                    steps=[dict(r, runs=S.describe(r["name"]), head=tensors[r["name"]].reshape(
-                       -1, tensors[r["name"]].shape[-1])[-1, :4].tolist()) for r in rows])
+                       -1, tensors[r["name"]].shape[-1])[-1, :3].tolist()) for r in rows])
         if full:
             for st in out["steps"]:
                 st["values"] = tensors[st["name"]].cpu()
