@@ -385,10 +385,10 @@ def next_token(
         emit_json(res)
         return 0
     print_table([("#", "right"), "token", ("id", "right"), ("probability", "right"), ("logit", "right")],
-                [(r["rank"], token_text(tok, r["id"]), r["id"], f"{r['probability']:.4f}", f"{r['logit']:.3f}")
+                [(r["rank"], token_text(tok, r["id"]), r["id"], fmt_num(r["probability"], 4), f"{r['logit']:.3f}")
                  for r in rows],
                 title=f"next token after {input_ids.shape[1]} prompt tokens — {name}",
-                caption=f"probability = softmax(logits); these {k} hold {res['top_mass'] * 100:.1f}% of the mass")
+                caption=f"probability = softmax(logits); these {k} hold {res['top_mass'] * 100:.3g}% of the mass")
     console.print(f"vs HF: max |Δlogit| = {fmt_num(res['max_abs_logit_diff_vs_hf'])}, "
                   f"same top-{k}: {'yes' if res['same_top_k_as_hf'] else 'NO'}")
     if why is not None:
