@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -88,6 +87,7 @@ def eos_model_dir(tmp_path_factory):
 # ---------------------------------------------------------------- the real console script
 
 def test_console_script_is_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["gpt2kern"] == "gpt2kern.cli:main"
     assert {"typer", "rich"} <= {re.split(r"[<>=\[ ]", d)[0] for d in meta["project"]["dependencies"]}
