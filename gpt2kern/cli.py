@@ -1,0 +1,608 @@
+"""`gpt2kern` — GPT-2 on the fast path, one question per command.
+
+    gpt2kern generate PROMPT    stream a continuation (stops at <|endoftext|>), tokens/s; --compare-hf
+    gpt2kern next PROMPT        the next-token distribution: token, id, probability, logit
+    gpt2kern trace PROMPT       every named step of the forward in execution order, each vs HF; --layer NAME
+    gpt2kern parity             layer-by-layer and end-to-end parity vs HF eager; exit 1 over tolerance
+
+Also `python -m gpt2kern ...`. Expected problems exit 2 with one `error:` line on stderr (see _ui.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import random
+import re
+import sys
+import time
+from typing import Annotated, Callable, List, Optional
+
+import torch
+import typer
+
+try:  # typer >= 0.2x carries its own copy of click; older typer uses click itself
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
+
+from . import _ui
+from ._ui import CliError, console, emit_json, expected_errors, fmt_num, notice, print_table
+
+app = typer.Typer(
+    name="gpt2kern",
+    help="GPT-2 inference on gpt2kern's hand-written kernels: generate, inspect, and check it against HF.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# ---------------------------------------------------------------- options shared by the commands
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="M",
+    help="random:<config> (random:distilgpt2, random:tiny, ...), a local save_pretrained directory, or a Hub "
+         "name (needs the Hub or the local HF cache). Default: distilgpt2 if cached, else random:distilgpt2.")]
+
+
+class Device(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+IdsOpt = Annotated[bool, typer.Option(
+    "--ids", help="Read PROMPT as token ids ('464 2068 7586' or '464,2068'), even when the model has a tokenizer.")]
+PromptArg = Annotated[List[str], typer.Argument(
+    help="Text (needs a tokenizer in the model dir) or token ids separated by spaces/commas (models without one); "
+         "several words are joined with spaces.", show_default=False)]
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+_IDS_RE = re.compile(r"\s*\d+(?:\s*[,\s]\s*\d+)*\s*,?\s*")
+
+
+def encode_prompt(prompt: str | list[str], tok, config, as_ids: bool = False) -> torch.Tensor:
+    """PROMPT -> input ids [1, T]. Text through the model's HF tokenizer; ids as given. CliError on bad input."""
+    if not isinstance(prompt, str):
+        prompt = " ".join(prompt)
+    if not prompt.strip():  # GPT-2's unconditional start
+        bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+        if bos is None:
+            raise CliError("the prompt is empty and the model has no bos/eos token to start from")
+        ids = [int(bos)]
+    elif as_ids or tok is None:
+        if not _IDS_RE.fullmatch(prompt):
+            if tok is None:
+                raise CliError("this model has no tokenizer: give the prompt as token ids, e.g. '464 2068 7586' "
+                               "(or use a model directory saved with its tokenizer)")
+            raise CliError(f"--ids: the prompt must be token ids separated by spaces or commas, got {prompt!r}")
+        ids = [int(x) for x in re.split(r"[,\s]+", prompt.strip().rstrip(",")) if x]
+        bad = [i for i in ids if i >= config.vocab_size]
+        if bad:
+            raise CliError(f"token id {bad[0]} is outside the vocabulary (0..{config.vocab_size - 1})")
+    else:
+        ids = list(tok(prompt)["input_ids"])
+    n_pos = config.n_positions
+    if len(ids) > n_pos:
+        raise CliError(f"the prompt is {len(ids)} tokens, longer than the model's context (n_positions={n_pos})")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def token_text(tok, token_id: int) -> str:
+    """How a token reads, quoted so that leading spaces show: ' the'. '—' without a tokenizer."""
+    if tok is None:
+        return "—"
+    return repr(tok.decode([token_id]))
+
+
+def eos_id(model, tok) -> int | None:
+    """The token that ends generation: the generation config's, else the model config's, else the tokenizer's."""
+    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+              model.config.eos_token_id, getattr(tok, "eos_token_id", None)):
+        if isinstance(v, (list, tuple)):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return None
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclasses.dataclass
+class GenSettings:
+    max_new_tokens: int = 50
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_token_id: int | None = None
+
+    def check(self, prompt_len: int | None = None, n_positions: int | None = None) -> "GenSettings":
+        """ValueError for values generation cannot use."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0 or math.isinf(self.temperature):  # also rejects NaN
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if prompt_len is not None and n_positions is not None and prompt_len + self.max_new_tokens > n_positions:
+            raise ValueError(f"the prompt ({prompt_len} tokens) + --max-new-tokens {self.max_new_tokens} = "
+                             f"{prompt_len + self.max_new_tokens} passes the model's context "
+                             f"(n_positions={n_positions}); use --max-new-tokens "
+                             f"{max(n_positions - prompt_len, 0)} or less")
+        return self
+
+
+class _Streamer:
+    """HF's BaseStreamer protocol (put/end): calls on_token(id) for each generated token (the prompt is skipped)."""
+
+    def __init__(self, on_token: Callable[[int], None] | None):
+        self.on_token, self.seen_prompt = on_token, False
+
+    def put(self, value):
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        if self.on_token is not None:
+            for t in value.reshape(-1).tolist():
+                self.on_token(int(t))
+
+    def end(self):
+        pass
+
+
+def _hf_generate_kwargs(model, ids, s: GenSettings) -> dict:
+    kw = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, eos_token_id=s.eos_token_id,
+              pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0,
+              attention_mask=torch.ones_like(ids))
+    if s.do_sample:
+        kw.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    return kw
+
+
+def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+    """THE fast-path token generator of the CLI: ids [1, T] -> [1, T + new], calling on_token for each new id.
+
+    For now HF's `model.generate` driving the gpt2kern-optimized forward; to be switched to `gpt2kern.generate`
+    (same arguments: max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, seed, streamer)."""
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
+    with torch.no_grad():
+        return model.generate(ids, streamer=_Streamer(on_token), **_hf_generate_kwargs(model, ids, s))
+
+
+def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
+    """HF's own generate on HF's own forward (the reference for --compare-hf and parity); model not optimized."""
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
+    with torch.no_grad():
+        return model.generate(ids, streamer=_Streamer(on_token), **_hf_generate_kwargs(model, ids, s))
+
+
+class _TokenPrinter:
+    """Streams generated tokens to stdout as text (or ids), holding back incomplete UTF-8; notes the eos."""
+
+    def __init__(self, tok, eos: int | None, echo: bool):
+        self.tok, self.eos, self.echo = tok, eos, echo
+        self.ids: list[int] = []
+        self.hit_eos = False
+        self.printed = ""
+        self.t_first: float | None = None
+
+    def __call__(self, token_id: int):
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if self.hit_eos:
+            return
+        if token_id == self.eos:
+            self.hit_eos = True
+            return
+        self.ids.append(token_id)
+        if not self.echo:
+            return
+        if self.tok is None:
+            sys.stdout.write(f" {token_id}")
+        else:
+            text = self.tok.decode(self.ids)
+            if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+                return
+            sys.stdout.write(text[len(self.printed):])
+            self.printed = text
+        sys.stdout.flush()
+
+    def text(self) -> str | None:
+        return None if self.tok is None else self.tok.decode(self.ids)
+
+    def finish(self):
+        if self.echo:
+            if self.tok is not None:
+                rest = self.text()[len(self.printed):]
+                sys.stdout.write(rest)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _sampling(greedy: bool | None, temperature, top_k, top_p) -> tuple[bool, float, int, float]:
+    given = [n for n, v in (("--temperature", temperature), ("--top-k", top_k), ("--top-p", top_p)) if v is not None]
+    if greedy is True and given:
+        raise CliError(f"--greedy cannot be combined with {', '.join(given)} (those are sampling settings)")
+    do_sample = greedy is False or (greedy is None and bool(given))
+    return (do_sample, 1.0 if temperature is None else temperature, 0 if top_k is None else top_k,
+            1.0 if top_p is None else top_p)
+
+
+@app.command()
+def generate(
+    prompt: PromptArg,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to add.")] = 50,
+    greedy: Annotated[Optional[bool], typer.Option(
+        "--greedy/--sample", help="Greedy decoding (the default), or sampling (implied by any of the next three).",
+        show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, > 0 [default: 1.0].",
+                                                         show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens; 0 = all "
+                                                 "[default: 0].", show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1] "
+                                                   "[default: 1.0].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (torch.manual_seed).",
+                                                show_default=False)] = None,
+    device: DeviceOpt = Device.cpu,
+    compare_hf: Annotated[bool, typer.Option("--compare-hf", help="Also run HF's own forward with the same "
+                                             "settings: token agreement and speed ratio.")] = False,
+    ids: IdsOpt = False,
+    json_: JsonOpt = False,
+):
+    """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
+    import gpt2kern
+
+    device = Device(device).value
+    prompt = " ".join(prompt)
+    do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
+    s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
+    with expected_errors():
+        s.check()
+    name, m, tok = _ui.load_model(model, device)
+    input_ids = encode_prompt(prompt, tok, m.config, ids)
+    with expected_errors():
+        s.check(input_ids.shape[1], m.config.n_positions)
+    s.eos_token_id = eos_id(m, tok)
+    if compare_hf and s.do_sample and s.seed is None:
+        s.seed = random.randrange(2 ** 31)
+        notice(f"--compare-hf with sampling: both runs use --seed {s.seed}")
+    input_ids = input_ids.to(device)
+    gpt2kern.optimize(m)
+    with torch.no_grad():
+        m(input_ids[:, :1])  # warm-up: thread pools and allocations out of the timing
+    why = gpt2kern.fallback_reason(m)
+
+    printer = _TokenPrinter(tok, s.eos_token_id, echo=not json_)
+    if printer.echo:
+        sys.stdout.write(prompt if (tok is not None and not ids and prompt.strip())
+                         else " ".join(map(str, input_ids[0].tolist())))
+        sys.stdout.flush()
+    interrupted = False
+    t0 = time.perf_counter()
+    try:
+        _generate(m, input_ids, s, printer)
+    except KeyboardInterrupt:
+        interrupted = True
+    elapsed = time.perf_counter() - t0
+    printer.finish()
+    n_new = len(printer.ids) + printer.hit_eos
+    res = dict(model=name, device=device, prompt_ids=input_ids[0].tolist(), new_ids=printer.ids,
+               text=printer.text(), new_tokens=n_new, stopped_at_eos=printer.hit_eos, interrupted=interrupted,
+               seconds=elapsed, tokens_per_s=n_new / elapsed if elapsed > 0 else None,
+               first_token_s=(printer.t_first - t0) if printer.t_first else None,
+               settings=dataclasses.asdict(s), fast_path=why is None, fallback_reason=why)
+    if interrupted:
+        if json_:
+            emit_json(res)
+        _ui.err_console.print(f"interrupted after {n_new} tokens", markup=False)
+        return _ui.EXIT_INTERRUPTED
+
+    if compare_hf:
+        gpt2kern.restore(m, unfreeze=False)
+        with torch.no_grad():
+            m(input_ids[:, :1])  # same warm-up for HF
+        hf_ids: list[int] = []
+        t0 = time.perf_counter()
+        _hf_generate(m, input_ids, s, hf_ids.append)
+        hf_s = time.perf_counter() - t0
+        ours_all = printer.ids + ([s.eos_token_id] if printer.hit_eos else [])
+        same = 0
+        for a, b in zip(ours_all, hf_ids):
+            if a != b:
+                break
+            same += 1
+        res["compare_hf"] = dict(hf_new_ids=hf_ids, hf_seconds=hf_s,
+                                 hf_tokens_per_s=len(hf_ids) / hf_s if hf_s > 0 else None,
+                                 agreeing_prefix=same, identical=ours_all == hf_ids,
+                                 speedup=(hf_s / len(hf_ids)) / (elapsed / n_new) if n_new and hf_ids else None)
+    if json_:
+        emit_json(res)
+        return 0
+    end = " (stopped at eos)" if printer.hit_eos else ""
+    first = f", first token {res['first_token_s'] * 1e3:.0f} ms" if res["first_token_s"] is not None else ""
+    console.print(f"[dim]{n_new} tokens in {elapsed:.2f} s: {fmt_num(res['tokens_per_s'], 3)} tokens/s{first}{end}"
+                  f" — gpt2kern, {device}[/dim]")
+    if why is not None:
+        notice(f"the fast path did not run ({why}): these are HF's numbers")
+    if compare_hf:
+        c = res["compare_hf"]
+        print_table([("run", "left"), ("tokens", "right"), ("seconds", "right"), ("tokens/s", "right")],
+                    [("gpt2kern", n_new, elapsed, res["tokens_per_s"]),
+                     ("HF eager", len(hf_ids), c["hf_seconds"], c["hf_tokens_per_s"])],
+                    title="--compare-hf (same prompt, settings and seed)")
+        agree = ("identical tokens" if c["identical"] else
+                 f"tokens agree for the first {c['agreeing_prefix']} of {max(len(hf_ids), n_new)}")
+        console.print(f"{agree}; speed {fmt_num(c['speedup'], 3)}× HF (per token)")
+    return 0
+
+
+# ---------------------------------------------------------------- next
+
+@app.command("next")
+def next_token(
+    prompt: PromptArg,
+    model: ModelOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many of the most likely tokens to list.")] = 10,
+    device: DeviceOpt = Device.cpu,
+    ids: IdsOpt = False,
+    json_: JsonOpt = False,
+):
+    """The next-token distribution after PROMPT: token, id, probability (softmax of the logits), logit."""
+    import gpt2kern
+
+    device = Device(device).value
+    if top_k < 1:
+        raise CliError(f"--top-k must be >= 1, got {top_k}")
+    name, m, tok = _ui.load_model(model, device)
+    input_ids = encode_prompt(prompt, tok, m.config, ids).to(device)
+    with torch.no_grad():
+        ref = m(input_ids).logits[0, -1].double().cpu()  # HF's forward, for the agreement line
+        gpt2kern.optimize(m)
+        logits = m(input_ids).logits[0, -1].double().cpu()
+    why = gpt2kern.fallback_reason(m)
+    probs = torch.softmax(logits, -1)
+    k = min(top_k, logits.numel())
+    top = torch.topk(probs, k)
+    ref_top = torch.topk(torch.softmax(ref, -1), k).indices
+    rows = [dict(rank=r + 1, token=None if tok is None else tok.decode([i]), id=i, probability=probs[i].item(),
+                 logit=logits[i].item()) for r, i in enumerate(top.indices.tolist())]
+    res = dict(model=name, prompt_ids=input_ids[0].tolist(), top=rows,
+               top_mass=float(top.values.sum()), max_abs_logit_diff_vs_hf=(logits - ref).abs().max().item(),
+               same_top_k_as_hf=bool(torch.equal(top.indices, ref_top)), fast_path=why is None,
+               fallback_reason=why)
+    if json_:
+        emit_json(res)
+        return 0
+    print_table([("#", "right"), "token", ("id", "right"), ("probability", "right"), ("logit", "right")],
+                [(r["rank"], token_text(tok, r["id"]), r["id"], fmt_num(r["probability"], 4), f"{r['logit']:.3f}")
+                 for r in rows],
+                title=f"next token after {input_ids.shape[1]} prompt tokens — {name}",
+                caption=f"probability = softmax(logits); these {k} hold {res['top_mass'] * 100:.3g}% of the mass")
+    console.print(f"vs HF: max |Δlogit| = {fmt_num(res['max_abs_logit_diff_vs_hf'])}, "
+                  f"same top-{k}: {'yes' if res['same_top_k_as_hf'] else 'NO'}")
+    if why is not None:
+        notice(f"the fast path did not run ({why})")
+    return 0
+
+
+# ---------------------------------------------------------------- trace
+
+def _head(t: torch.Tensor, n: int = 3) -> str:
+    v = t.reshape(-1, t.shape[-1])[-1, :n].tolist() if t.dim() else [t.item()]
+    more = ", …" if t.dim() and t.shape[-1] > n else ""
+    return "[" + ", ".join(f"{x:.3g}" for x in v) + more + "]"
+
+
+@app.command()
+def trace(
+    prompt: PromptArg,
+    model: ModelOpt = None,
+    layer: Annotated[Optional[str], typer.Option(
+        "--layer", "-l", help="Print this step's tensor: wte, wpe, h.0.ln_1, h.0.attn.c_attn, h.0.attn, h.0.ln_2, "
+        "h.0.mlp.act, h.0.mlp, h.0, ln_f, lm_head (HF names like transformer.h.0.mlp.c_proj work too).",
+        show_default=False)] = None,
+    full: Annotated[bool, typer.Option("--full", help="Print whole tensors, no '…' (with --layer: that one; "
+                                       "without: every step).")] = False,
+    device: DeviceOpt = Device.cpu,
+    ids: IdsOpt = False,
+    json_: JsonOpt = False,
+):
+    """Every named step of the fast forward in execution order: shape, a few values, max |Δ| vs HF's module."""
+    import gpt2kern
+    from . import steps as S
+
+    device = Device(device).value
+    name, m, tok = _ui.load_model(model, device)
+    want = None
+    if layer is not None:
+        with expected_errors("--layer: "):
+            want = S.canonical_layer(layer, m.config)
+    input_ids = encode_prompt(prompt, tok, m.config, ids).to(device)
+    hf = S.hf_steps(m, input_ids)
+    gpt2kern.optimize(m)
+    with expected_errors():
+        fast = S.fast_steps(m, input_ids)
+    rows = S.compare(hf, fast)
+    tensors = dict(fast)
+    if want is not None:
+        t = tensors[want]
+        row = next(r for r in rows if r["name"] == want)
+        t2 = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
+        if json_:
+            emit_json(dict(model=name, prompt_ids=input_ids[0].tolist(), **row, runs=S.describe(want),
+                           values=t2.cpu()))
+            return 0
+        console.print(f"{want} — {S.describe(want)}", markup=False, highlight=False)
+        console.print(f"shape {list(t.shape)} (printed as {list(t2.shape)}: "
+                      f"{'positions × features' if t2.dim() == 2 else 'values'}), "
+                      f"max |Δ| vs HF = {fmt_num(row['max_abs_diff'])}", markup=False, soft_wrap=True)
+        _print_tensor(t2, full)
+        return 0
+    if json_:
+        out = dict(model=name, prompt_ids=input_ids[0].tolist(),
+                   steps=[dict(r, runs=S.describe(r["name"]), head=tensors[r["name"]].reshape(
+                       -1, tensors[r["name"]].shape[-1])[-1, :3].tolist()) for r in rows])
+        if full:
+            for st in out["steps"]:
+                st["values"] = tensors[st["name"]].cpu()
+        emit_json(out)
+        return 0
+    print_table([("#", "right"), "step", "runs (fast path)", "shape", "values (last position)",
+                 ("max |Δ| vs HF", "right")],
+                [(i, r["name"], S.describe(r["name"], short=True), "×".join(map(str, r["shape"])), _head(tensors[r["name"]]),
+                  fmt_num(r["max_abs_diff"]) + ("" if r["ok"] in (True, None) else " ✗")) for i, r in enumerate(rows)],
+                title=f"trace — {name}, {input_ids.shape[1]} prompt tokens, execution order",
+                caption="dropout is the identity in eval mode; --layer NAME prints one step's tensor and what it runs")
+    if full:
+        for n_, t in fast:
+            console.print(f"\n{n_} {list(t.shape)}", markup=False)
+            _print_tensor(t[0] if t.dim() == 3 and t.shape[0] == 1 else t, True)
+    return 0
+
+
+def _print_tensor(t: torch.Tensor, full: bool):
+    opts = dict(precision=4, linewidth=max(console.width, 80), sci_mode=False)
+    torch.set_printoptions(profile="full" if full else "default")
+    torch.set_printoptions(**opts)
+    try:
+        console.print(str(t.cpu()), markup=False, highlight=False, soft_wrap=True)
+    finally:
+        torch.set_printoptions(profile="default")
+
+
+# ---------------------------------------------------------------- parity
+
+@app.command()
+def parity(
+    model: ModelOpt = None,
+    device: DeviceOpt = Device.cpu,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Prompt length of the random-id test batch.")] = 32,
+    batch: Annotated[int, typer.Option(help="Batch size of the test batch.")] = 2,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens to compare.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the random test ids.")] = 0,
+    json_: JsonOpt = False,
+):
+    """Layer-by-layer and end-to-end parity of the fast path vs HF eager; exit 1 if a tolerance is exceeded."""
+    import gpt2kern
+    from . import steps as S
+
+    device = Device(device).value
+    for opt, v in (("--seq-len", seq_len), ("--batch", batch), ("--new-tokens", new_tokens)):
+        if v < 1:
+            raise CliError(f"{opt} must be >= 1, got {v}")
+    name, m, _ = _ui.load_model(model, device)
+    cfg = m.config
+    if seq_len > cfg.n_positions:
+        raise CliError(f"--seq-len {seq_len} is longer than the model's context (n_positions={cfg.n_positions})")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
+    prompt = x[:1, : min(8, seq_len)]
+    gs = GenSettings(max_new_tokens=min(new_tokens, cfg.n_positions - prompt.shape[1]), eos_token_id=None)
+    if gs.max_new_tokens < 1:
+        raise CliError("no room for generated tokens within n_positions")
+    one = x[:1, :1]
+    with _ui.progress(4, "parity") as advance, torch.no_grad():
+        hf = S.hf_steps(m, x)
+        hf_one = m(one).logits
+        advance()
+        hf_gen = _hf_generate(m, prompt, gs)[0, prompt.shape[1]:].tolist()
+        advance()
+        gpt2kern.optimize(m)
+        try:
+            fast = S.fast_steps(m, x)
+            why = None
+        except ValueError:
+            fast, why = [], gpt2kern.fallback_reason(m)
+        ours_one = m(one).logits
+        advance()
+        ours_gen = _generate(m, prompt, gs)[0, prompt.shape[1]:].tolist()
+        advance()
+    from .steps import ATOL
+    layer_rows = S.compare(hf, fast)
+    fast_d = dict(fast)
+    e2e = []
+    if fast:
+        d = (fast_d["lm_head"].double() - hf["lm_head"].double()).abs().max().item()
+        e2e.append(dict(check=f"logits B={batch} T={seq_len}", value=d, tol=ATOL, ok=d <= ATOL))
+    d1 = (ours_one.double() - hf_one.double()).abs().max().item()
+    e2e.append(dict(check="logits B=1 T=1", value=d1, tol=ATOL, ok=d1 <= ATOL))
+    same = sum(1 for _ in _prefix(ours_gen, hf_gen))
+    e2e.append(dict(check=f"greedy tokens identical ({len(hf_gen)} from an {prompt.shape[1]}-token prompt)",
+                    value=f"{same}/{len(hf_gen)}", tol="all", ok=ours_gen == hf_gen))
+    ok = all(r["ok"] is not False for r in layer_rows) and all(r["ok"] for r in e2e)
+    res = dict(model=name, device=device, fast_path=why is None, fallback_reason=why, ok=ok,
+               tolerance=dict(atol=S.ATOL, rtol=S.RTOL, logits_atol=ATOL), steps=layer_rows, end_to_end=e2e)
+    if json_:
+        emit_json(res)
+        return 0 if ok else _ui.EXIT_FAILED
+    mark = {True: "✓", False: "✗ FAIL", None: "—"}
+    if layer_rows:
+        print_table(["step", "shape", ("max |Δ|", "right"), ("max |HF|", "right"), ("tolerance", "right"),
+                     ("ok", "center")],
+                    [(r["name"], "×".join(map(str, r["shape"])), r["max_abs_diff"], r["max_abs_ref"], r["tol"],
+                      mark[r["ok"]]) for r in layer_rows],
+                    title=f"layer by layer vs HF eager — {name}, {device}, B={batch} T={seq_len}",
+                    caption=f"tolerance = {S.ATOL:g} + {S.RTOL:g}·max|HF| (GPT-2's residual stream has channels "
+                            f"in the thousands)")
+    print_table(["end to end", ("value", "right"), ("tolerance", "right"), ("ok", "center")],
+                [(r["check"], r["value"], r["tol"], mark[r["ok"]]) for r in e2e])
+    if why is not None:
+        notice(f"the fast path did not run on {device} ({why}): HF was compared with itself")
+    worst = max((r for r in layer_rows if r["max_abs_diff"] is not None), key=lambda r: r["max_abs_diff"] /
+                r["tol"], default=None)
+    summary = (f"{len(layer_rows)} steps and {len(e2e)} end-to-end checks" +
+               (f"; worst step {worst['name']} at {worst['max_abs_diff'] / worst['tol'] * 100:.2g}% of its "
+                f"tolerance" if worst else ""))
+    console.print(("parity OK: " if ok else "parity FAILED: ") + summary, markup=False)
+    return 0 if ok else _ui.EXIT_FAILED
+
+
+def _prefix(a, b):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
+
+
+# `gpt2kern bench` (the CPU-speed issue) goes here: a command that calls gpt2kern/bench.py and prints with
+# _ui.print_table / _ui.progress / _ui.emit_json, like parity above.
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`gpt2kern`, `python -m gpt2kern`): returns the exit code.
+
+    0 ok; 1 a check failed (parity); 2 bad input — one `error:` line on stderr; 130 interrupted."""
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=argv, prog_name="gpt2kern", standalone_mode=False)
+    except getattr(_cx, "NoArgsIsHelpError", ()) as e:  # plain `gpt2kern`: the help
+        console.print(e.ctx.get_help(), markup=False, highlight=False)
+        return 0
+    except _cx.UsageError as e:  # click's own: missing argument, no such option, bad choice -> one line too
+        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        return _ui.fail(f"{e.format_message()}{hint}")
+    except _cx.ClickException as e:
+        return _ui.fail(e.format_message())
+    except CliError as e:
+        return _ui.fail(str(e))
+    except (typer.Abort, KeyboardInterrupt):
+        _ui.err_console.print("interrupted", markup=False)
+        return _ui.EXIT_INTERRUPTED
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

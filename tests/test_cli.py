@@ -1,0 +1,331 @@
+"""The `gpt2kern` command line: the real console script in subprocesses (output, exit codes, one-line errors,
+Ctrl-C), and the rest in-process through the same entry point, main(argv)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt2kern
+from gpt2kern import cli, steps
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COLUMNS="160", PYTHONUNBUFFERED="1")
+
+
+def run(*args, timeout=180):
+    """The console script as users run it: python -m gpt2kern ..., with this checkout on the path."""
+    return subprocess.run([sys.executable, "-m", "gpt2kern", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture
+def cli_run(capsys, monkeypatch):
+    """In-process: main(argv) -> (exit code, stdout, stderr)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def go(*args):
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return go
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """A tiny GPT-2 saved with a real HF GPT-2 (byte-level BPE) tokenizer, trained here: no Hub needed."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    d = tmp_path_factory.mktemp("text_model")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The quick brown fox jumps over the lazy dog. Hello world, said the model. " * 4],
+                            vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok = GPT2Tokenizer(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                        unk_token="<|endoftext|>")
+    eos = tok.eos_token_id
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=eos,
+                     eos_token_id=eos)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tmp_path_factory):
+    """random:tiny saved with its eos set to the 3rd token greedy decoding produces after '1 2 3'."""
+    m, _ = gpt2kern.load("random:tiny")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         attention_mask=torch.ones_like(ids))
+    eos = int(out[0, -1])
+    m.config.eos_token_id = m.generation_config.eos_token_id = eos
+    d = tmp_path_factory.mktemp("eos_model")
+    m.save_pretrained(d)
+    return d, eos, out[0, 3:].tolist()
+
+
+# ---------------------------------------------------------------- the real console script
+
+def test_console_script_is_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["gpt2kern"] == "gpt2kern.cli:main"
+    assert {"typer", "rich"} <= {re.split(r"[<>=\[ ]", d)[0] for d in meta["project"]["dependencies"]}
+    assert cli.main(["--help"]) == 0
+
+
+def test_generate_ids_on_random_tiny():
+    r = run("generate", "1 2 3", "--model", "random:tiny", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    ids = lines[0].split()
+    assert ids[:3] == ["1", "2", "3"] and 3 < len(ids) <= 11 and all(i.isdigit() for i in ids)
+    assert re.search(r"\d+ tokens in [\d.]+ s: [\d.e+]+ tokens/s", r.stdout)
+    assert "Traceback" not in r.stderr
+
+
+def test_generate_text_streams_and_compares_with_hf(text_model_dir):
+    r = run("generate", "Hello world, the", "-m", text_model_dir, "-n", "6", "--compare-hf")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello world, the")
+    assert "tokens/s" in r.stdout and "HF eager" in r.stdout
+    assert "identical tokens" in r.stdout and "× HF" in r.stdout
+
+
+def test_generate_ctrl_c_stops_cleanly():
+    p = subprocess.Popen([sys.executable, "-m", "gpt2kern", "generate", "46 20", "-m", "random:tiny",
+                          "-n", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        got = ""
+        deadline = time.time() + 120
+        while len(got.split()) < 4 and time.time() < deadline:  # the prompt's 2 ids, then generated ones
+            got += p.stdout.read(1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted after" in err
+    assert (got + out).split()[:2] == ["46", "20"] and len((got + out).split()) < 502
+
+
+def test_next_table(text_model_dir):
+    r = run("next", "The quick brown", "-m", text_model_dir)
+    assert r.returncode == 0, r.stderr
+    for col in ("token", "id", "probability", "logit"):
+        assert col in r.stdout
+    assert len(re.findall(r"^│\s+\d+ │", r.stdout, re.M)) == 10  # the default --top-k 10 rows
+    assert "vs HF: max |Δlogit|" in r.stdout
+
+
+def test_trace_table_in_execution_order():
+    r = run("trace", "1 2 3", "-m", "random:tiny")
+    assert r.returncode == 0, r.stderr
+    names = steps.step_names(gpt2kern.loading.random_config("tiny"))
+    pos = [r.stdout.find(f" {n} ") for n in names]
+    assert all(p > 0 for p in pos) and pos == sorted(pos), "steps missing or out of execution order"
+
+
+def test_trace_layer_wpe_prints_the_position_embeddings(cli_run):
+    code, out, err = cli_run("trace", "1 2 3", "-m", "random:tiny", "--layer", "wpe")
+    assert code == 0, err
+    assert "position embedding" in out and "[3, 32]" in out and "tensor(" in out
+    wpe = gpt2kern.load("random:tiny")[0].transformer.wpe.weight
+    assert f"{wpe[0, 0].item():.4f}" in out and f"{wpe[2, 1].item():.4f}" in out
+
+
+def test_next_json(cli_run):
+    code, out, err = cli_run("next", "1 2 3", "-m", "random:tiny", "--top-k", "5", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    probs = [t["probability"] for t in res["top"]]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+    logits = [t["logit"] for t in res["top"]]
+    assert logits == sorted(logits, reverse=True)
+    assert res["fast_path"] and res["same_top_k_as_hf"] and res["max_abs_logit_diff_vs_hf"] < 1e-4
+    m, _ = gpt2kern.load("random:tiny")
+    with torch.no_grad():
+        ref = torch.softmax(m(torch.tensor([[1, 2, 3]])).logits[0, -1].double(), -1)
+    assert abs(ref.max().item() - probs[0]) < 1e-6 and ref.argmax().item() == res["top"][0]["id"]
+
+
+def test_parity_random_tiny():
+    r = run("parity", "-m", "random:tiny")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "parity OK" in r.stdout and "h.1.mlp.act" in r.stdout and "greedy tokens identical" in r.stdout
+
+
+def test_parity_random_distilgpt2(cli_run):
+    code, out, err = cli_run("parity", "-m", "random:distilgpt2", "--seq-len", "8", "--batch", "1",
+                             "--new-tokens", "4", "--json")
+    assert code == 0, out + err
+    res = json.loads(out)
+    assert res["ok"] and res["fast_path"] and len(res["steps"]) == 3 + 7 * 6 + 1
+    assert all(s["ok"] for s in res["steps"]) and all(e["ok"] for e in res["end_to_end"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "1", "-m", "random:nope"], "unknown random config"),
+    (["generate", "1", "-m", "random:tiny", "--bogus"], "No such option"),
+])
+def test_errors_from_the_console_script(args, needle):
+    r = run(*args)
+    assert_one_line_error(r.returncode, r.stderr, needle)
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------------- in-process, same entry point
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "1", "-m", "surely-not-a-cached-model-xyz"], "random:distilgpt2"),  # offline Hub, fails fast
+    (["next", "1", "-m", "./no/such/dir"], "does not exist"),
+    (["generate", "1", "-m", "random:tiny", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "1", "-m", "random:tiny", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "1", "-m", "random:tiny", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["generate", "1", "-m", "random:tiny", "--temperature", "0"], "--temperature must be > 0"),
+    (["generate", "1", "-m", "random:tiny", "--temperature", "-0.5"], "--temperature must be > 0"),
+    (["trace", "1", "-m", "random:tiny", "--layer", "h.9.ln_1"], "unknown layer"),
+    (["generate", "1", "-m", "random:tiny", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "1 2 3", "-m", "random:tiny", "--max-new-tokens", "510"], "n_positions=512"),
+    (["next", " ".join(["5"] * 513), "-m", "random:tiny"], "longer than the model's context"),
+    (["trace", " ".join(["5"] * 513), "-m", "random:tiny"], "longer than the model's context"),
+    (["generate", "hello", "-m", "random:tiny"], "no tokenizer"),
+    (["next", "1 2 999", "-m", "random:tiny"], "outside the vocabulary"),
+    (["generate", "1", "-m", "random:tiny", "--greedy", "--top-k", "5"], "--greedy cannot be combined"),
+    (["generate", "1", "-m", "random:tiny", "--device", "tpu"], "--device"),
+    (["trace", "1", "-m", "random:tiny", "--layer", "nope"], "unknown layer"),
+    (["trace", "1", "-m", "random:tiny", "--layer", "h.0.mlp.c_fc"], "h.0.mlp.act"),
+    (["next", "1", "-m", "random:tiny", "--top-k", "0"], "--top-k must be >= 1"),
+    (["parity", "-m", "random:tiny", "--seq-len", "600"], "n_positions=512"),
+    (["generate"], "Missing argument"),
+])
+def test_errors_are_one_line_exit_2(cli_run, args, needle):
+    code, out, err = cli_run(*args)
+    assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_gpu(cli_run):
+    code, _, err = cli_run("generate", "1", "-m", "random:tiny", "--device", "cuda")
+    assert_one_line_error(code, err, "no CUDA GPU")
+
+
+def test_missing_dir_that_is_not_a_model(cli_run, tmp_path):
+    code, _, err = cli_run("next", "1", "-m", str(tmp_path))
+    assert_one_line_error(code, err, "cannot load model")
+
+
+def test_generate_stops_at_eos(cli_run, eos_model_dir):
+    d, eos, greedy = eos_model_dir
+    code, out, err = cli_run("generate", "1 2 3", "-m", d, "-n", "20", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["stopped_at_eos"] and eos not in res["new_ids"]
+    assert res["new_ids"] == greedy[:greedy.index(eos)] and res["new_tokens"] <= 3
+    code, out, _ = cli_run("generate", "1 2 3", "-m", d, "-n", "20")
+    assert "(stopped at eos)" in out
+
+
+def test_sampling_is_reproducible_by_seed(cli_run):
+    res = []
+    for seed in (7, 7, 8):
+        code, out, err = cli_run("generate", "1 2 3", "-m", "random:tiny", "-n", "12", "--temperature", "1.5",
+                                 "--top-k", "40", "--top-p", "0.95", "--seed", seed, "--json")
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["settings"]["do_sample"] and r["settings"]["top_k"] == 40
+        res.append(r["new_ids"])
+    assert res[0] == res[1] and res[0] != res[2]
+
+
+def test_sampling_compare_hf_agrees(cli_run):
+    code, out, err = cli_run("generate", "4 5", "-m", "random:tiny", "-n", "10", "--sample", "--seed", "3",
+                             "--compare-hf", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["compare_hf"]["identical"] and r["compare_hf"]["agreeing_prefix"] == 10
+    assert r["compare_hf"]["speedup"] > 0
+
+
+def test_text_prompts_through_the_model_tokenizer(cli_run, text_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_model_dir)
+    code, out, err = cli_run("generate", "The quick", "brown", "-m", text_model_dir, "-n", "5", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["prompt_ids"] == tok("The quick brown").input_ids
+    assert r["text"] == tok.decode(r["new_ids"])
+    code, out, err = cli_run("trace", "The quick brown", "-m", text_model_dir, "--layer", "h.0.ln_1", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["name"] == "h.0.ln_1" and r["shape"] == [1, len(tok("The quick brown").input_ids), 32]
+    assert r["ok"] and r["max_abs_diff"] < 1e-4
+    code, out, err = cli_run("parity", "-m", text_model_dir, "--seq-len", "16")
+    assert code == 0 and "parity OK" in out, out + err
+
+
+def test_trace_json_and_hf_names(cli_run):
+    code, out, err = cli_run("trace", "1 2 3 4", "-m", "random:tiny", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    names = [s["name"] for s in r["steps"]]
+    assert names == steps.step_names(gpt2kern.loading.random_config("tiny"))
+    assert all(s["ok"] for s in r["steps"]) and all(len(s["head"]) == 3 for s in r["steps"])
+    mlp = next(s for s in r["steps"] if s["name"] == "h.0.mlp.act")
+    assert "gelu_new" in mlp["runs"]
+    code, out, _ = cli_run("trace", "1 2", "-m", "random:tiny", "--layer", "transformer.h.1.mlp.c_proj")
+    assert code == 0 and out.startswith("h.1.mlp — conv1d c_proj")
+    code, out, _ = cli_run("trace", "1 2", "-m", "random:tiny", "--layer", "lm_head", "--full")
+    assert code == 0 and "..." not in out and out.count("[") >= 3  # 2 positions × 99 logits, no elision
+
+
+def test_parity_failure_exits_1(cli_run, monkeypatch):
+    monkeypatch.setattr(steps, "ATOL", -1.0)  # nothing can meet a negative tolerance
+    code, out, err = cli_run("parity", "-m", "random:tiny", "--seq-len", "4", "--new-tokens", "2")
+    assert code == 1 and "parity FAILED" in out and "✗" in out
+
+
+def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
+    from gpt2kern import _ui
+
+    monkeypatch.setattr(_ui, "cached_hub_model", lambda name="distilgpt2": False)
+    code, out, err = cli_run("next", "464 2068 7586")
+    assert code == 0, err
+    assert err.strip().splitlines() == [err.strip()] and "using random:distilgpt2" in err
+    assert "random:distilgpt2" in out and "same top-10: yes" in out
+    code, out, err = cli_run("generate", "464 2068", "-m", "random:distilgpt2", "-n", "3", "--json")
+    assert code == 0 and json.loads(out)["fast_path"], err
+    code, out, err = cli_run("trace", "464 2068", "-m", "random:distilgpt2", "--layer", "wpe")
+    assert code == 0 and "[2, 768]" in out, err
+
+
+def test_canonical_layer_names():
+    cfg = gpt2kern.loading.random_config("tiny")
+    assert steps.canonical_layer("transformer.h.1.ln_2", cfg) == "h.1.ln_2"
+    assert steps.canonical_layer("h.0.attn.c_proj", cfg) == "h.0.attn"
+    assert steps.canonical_layer("lm_head", cfg) == "lm_head"
+    for bad in ("h.2.ln_1", "h.0.mlp.c_fc", "h.0.foo", ""):
+        with pytest.raises(ValueError):
+            steps.canonical_layer(bad, cfg)
