@@ -10,6 +10,7 @@ Also `python -m gpt2kern ...`. Expected problems exit 2 with one `error:` line o
 from __future__ import annotations
 
 import dataclasses
+import json
 import enum
 import math
 import random
@@ -169,13 +170,15 @@ def _hf_generate_kwargs(model, ids, s: GenSettings) -> dict:
 
 def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
     """THE fast-path token generator of the CLI: ids [1, T] -> [1, T + new], calling on_token for each new id.
+    gpt2kern.generate: the C++ decode engine (HF's generate on CPU float32 models it does not serve)."""
+    import gpt2kern
 
-    For now HF's `model.generate` driving the gpt2kern-optimized forward; to be switched to `gpt2kern.generate`
-    (same arguments: max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, seed, streamer)."""
-    if s.seed is not None:
-        torch.manual_seed(s.seed)
-    with torch.no_grad():
-        return model.generate(ids, streamer=_Streamer(on_token), **_hf_generate_kwargs(model, ids, s))
+    stream = (lambda t: on_token(int(t[0]))) if on_token is not None else None
+    return gpt2kern.generate(model, ids, max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                             eos_token_id=s.eos_token_id if s.eos_token_id is not None else [],
+                             pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0,
+                             seed=s.seed, streamer=stream)
 
 
 def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
@@ -575,8 +578,64 @@ def _prefix(a, b):
         yield x
 
 
-# `gpt2kern bench` (the CPU-speed issue) goes here: a command that calls gpt2kern/bench.py and prints with
-# _ui.print_table / _ui.progress / _ui.emit_json, like parity above.
+# ---------------------------------------------------------------- bench
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    device: DeviceOpt = Device.cpu,
+    reps: Annotated[int, typer.Option(help="Timed runs per measurement (median; >= 5).")] = 7,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens per decode run.")] = 128,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+    quick: Annotated[bool, typer.Option(help="Fewer shapes (M=1 and 128, T=128, B=1): a fast smoke run.")] = False,
+    json_file: Annotated[Optional[str], typer.Option("--json", help="Also write every number to this JSON file.")]
+    = None,
+    plot_file: Annotated[Optional[str], typer.Option("--plot", help="Also draw the speed-ups into this PNG.")] = None,
+):
+    """Kernels vs torch and end to end vs HF eager, with roofline fractions (see gpt2kern/bench.py)."""
+    from . import bench as B
+
+    device = Device(device).value
+    if reps < 5:
+        raise CliError(f"--reps must be >= 5 (medians of fewer runs are noise), got {reps}")
+    if new_tokens < 1:
+        raise CliError(f"--new-tokens must be >= 1, got {new_tokens}")
+    if threads is not None:
+        if threads < 1:
+            raise CliError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    name, m, _ = _ui.load_model(model, device)
+    if 16 + new_tokens > m.config.n_positions:
+        raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
+    with _ui.progress(B.steps(quick), "bench") as advance:
+        res = B.run(name, device, reps, new_tokens, quick, advance, model=m)
+    if json_file:
+        with _ui.expected_errors("--json"), open(json_file, "w") as f:
+            json.dump(res, f, indent=1)
+    if plot_file:
+        with _ui.expected_errors("--plot"):
+            B.plot(res, plot_file)
+    console.print(f"gpt2kern bench — {res['model']} on {res['device']} ({res['gpu'] or res['cpu']}), "
+                  f"{res['threads']} threads, ISA {res['isa']}, torch {res['torch']}, {res['date']}", markup=False)
+    console.print(f"roofline inputs: read bandwidth {res['read_bandwidth_GBps']:.1f} GB/s, fp32 FMA peak "
+                  f"{res['fma_peak_GFLOPs']:.0f} GFLOP/s", markup=False)
+    print_table(["kernel", ("M", "right"), ("ours ms", "right"), ("torch ms", "right"), ("ratio", "right"),
+                 ("GFLOP/s", "right"), ("% roofline", "right")],
+                [(k["kernel"], k["M"], f"{k['ours_ms']:.4f}", f"{k['torch_ms']:.4f}", f"{k['ratio']:.2f}",
+                  f"{k['gflops']:.1f}" if k["gflops"] else "", f"{k['roofline_pct']:.0f}") for k in res["kernels"]],
+                title="kernels vs torch (ratio > 1: gpt2kern faster)")
+    print_table(["end to end", ("ours ms", "right"), ("HF eager ms", "right"), ("ratio", "right"),
+                 ("% roofline", "right")],
+                [(e["measure"], f"{e['ours_ms']:.2f}", f"{e['hf_ms']:.2f}", f"{e['ratio']:.2f}",
+                  f"{e['roofline_pct']:.0f}") for e in res["end_to_end"]],
+                title="end to end vs HF eager",
+                caption=f"decode roofline: {res['decode_floor_ms']:.2f} ms/token to read every weight once; "
+                        f"prefill roofline: FLOPs at the FMA peak")
+    console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                         for k, v in res["parity"].items()), markup=False)
+    return 0
+
+
 
 
 # ---------------------------------------------------------------- entry point

@@ -15,7 +15,9 @@ static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1)
 void run_attention(const AttnArgs& a) {
   const int64_t nqb = (a.Tq + kAttnQueryBlock - 1) / kAttnQueryBlock;
   const KernelTable& t = kernels();
-  at::parallel_for(0, a.B * a.H * nqb, 1, [&](int64_t t0, int64_t t1) {
+  // ~64K FMAs per task at least: tiny heads (HF's test model) run on the calling thread
+  const int64_t work = std::min<int64_t>(a.Tq, kAttnQueryBlock) * std::max<int64_t>(a.Tkv, 1) * a.D;
+  at::parallel_for(0, a.B * a.H * nqb, std::max<int64_t>(1, 65536 / work), [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(attention_scratch_floats(a.D));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kAttnQueryBlock;

@@ -168,7 +168,7 @@ class Engine {
     const int64_t E = E_, D = D_, H = H_;
     float* kc = k_.data_ptr<float>() + l * B_ * H * Tmax_ * D;
     float* vc = v_.data_ptr<float>() + l * B_ * H * Tmax_ * D;
-    at::parallel_for(0, B_ * H, 1, [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, B_ * H, std::max<int64_t>(1, 16384 / (T * D)), [&](int64_t p0, int64_t p1) {
       for (int64_t bh = p0; bh < p1; ++bh) {
         const int64_t b = bh / H, hh = bh % H;
         for (int64_t t = 0; t < T; ++t) {

@@ -36,7 +36,10 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
   // Row blocks of MC keep a slice of x hot in L2 while a thread walks its panels; panels are split across
   // threads so each weight byte is read by exactly one thread.
   const int64_t MC = 8 * t.mr_max;
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
+  // instead of paying a thread wake-up that costs more than the work
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPanel));
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t mc = std::min(MC, M - m0);
       for (int64_t p = p0; p < p1; ++p) {

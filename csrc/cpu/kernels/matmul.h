@@ -16,7 +16,27 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
   vf acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  if constexpr (MR <= 2) {
+    // GEMV (decode): with so few rows the FMA latency chain, not bandwidth, would bound the loop; even and odd k
+    // go to separate accumulators (summed at the end) so twice as many loads are in flight
+    vf acc2[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc2[r][v] = vf{};
+    for (; k + 2 <= K; k += 2) {
+      vf b0[NV], b1[NV];
+      for (int v = 0; v < NV; ++v) b0[v] = load(Bp + k * kPanel + v * VL);
+      for (int v = 0; v < NV; ++v) b1[v] = load(Bp + (k + 1) * kPanel + v * VL);
+      for (int r = 0; r < MR; ++r) {
+        vf a0 = bcast(A[r * lda + k]), a1 = bcast(A[r * lda + k + 1]);
+        for (int v = 0; v < NV; ++v) acc[r][v] += a0 * b0[v];
+        for (int v = 0; v < NV; ++v) acc2[r][v] += a1 * b1[v];
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += acc2[r][v];
+  }
+  for (; k < K; ++k) {
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = load(Bp + k * kPanel + v * VL);
     for (int r = 0; r < MR; ++r) {

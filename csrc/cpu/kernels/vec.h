@@ -19,7 +19,9 @@ typedef int32_t vi __attribute__((vector_size(GK_VEC_BYTES)));
 
 GK_INLINE vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 GK_INLINE void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
-GK_INLINE vf bcast(float s) { return vf{} + s; }
+// s − 0 is s for every float (−0, inf and NaN included), so the compiler may emit a plain broadcast — a memory
+// operand even — where vf{} + s would cost an add (+0 is not an identity for −0) and a register shuffle.
+GK_INLINE vf bcast(float s) { return s - vf{}; }
 GK_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 GK_INLINE float hsum(vf v) {

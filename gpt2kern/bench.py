@@ -1,0 +1,258 @@
+"""gpt2kern bench — every kernel against its torch equivalent, and the model end to end against HF eager, in one run.
+
+What one run measures, in order (a progress bar on stderr; a table per section on stdout; --json / --plot files):
+  roofline inputs   read bandwidth (torch sum over 256 MB) and fp32 FMA peak (gpt2kern's own FMA probe)
+  kernels           decode shapes (M = 1, 8) and prefill shapes (M = 128, 512, 1024) of the model's config:
+                    ours vs torch, ratio (> 1: we are faster), GFLOP/s, % of roofline
+  end to end        prefill B=1 (all-position logits, like HF) and greedy decode (16-token prompt) with
+                    gpt2kern.generate, with HF's generate on the optimized model, and at batch 8, vs HF eager
+  parity            max |Δlogits| vs HF eager, greedy tokens identical
+Every timing is interleaved with its baseline (ours, theirs, ours, ...), after a warm-up, median of --reps.
+% of roofline = the time the roofline allows (max(bytes ÷ bandwidth, FLOPs ÷ peak)) ÷ the measured time;
+rows whose data fit in cache can pass 100 % of the DRAM roofline.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import NewGELUActivation
+
+import gpt2kern
+from gpt2kern import _C, ops
+
+DECODE_M, PREFILL_M = (1, 8), (128, 512, 1024)
+QUICK_DECODE_M, QUICK_PREFILL_M = (1,), (128,)
+
+
+@dataclass
+class Bench:
+    device: str = "cpu"
+    reps: int = 7
+    rows: list = field(default_factory=list)
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def time(self, fns: dict, reps: int | None = None, warmup: int = 1) -> dict:
+        """Median seconds per call of each fn, calls interleaved round-robin after `warmup` calls each."""
+        for f in fns.values():
+            for _ in range(warmup):
+                f()
+        self.sync()
+        times = {k: [] for k in fns}
+        for _ in range(reps or self.reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                self.sync()
+                times[k].append(time.perf_counter() - t0)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+
+def read_bandwidth(b: Bench) -> float:
+    x = torch.ones(64 * 1024 * 1024, device=b.device)  # 256 MB, far beyond any cache
+    return x.numel() * 4 / b.time({"sum": lambda: x.sum()})["sum"]
+
+
+def fma_peak(b: Bench) -> float:
+    if b.device == "cuda":  # no probe of our own on the GPU: a large fp32 matmul stands in for the peak
+        a = torch.randn(4096, 4096, device="cuda")
+        return 2 * 4096 ** 3 / b.time({"mm": lambda: a @ a})["mm"]
+    return max(_C.fma_peak_gflops(0.2) for _ in range(3)) * 1e9
+
+
+def kernel_cases(cfg, M: int, dev: str):
+    """(name, ours, torch, flops, bytes) for every kernel at M rows of the model's shapes."""
+    E, V, H = cfg.n_embd, cfg.vocab_size, cfg.n_head
+    D = E // H
+    g = torch.Generator().manual_seed(M)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dev)
+
+    gelu_hf = NewGELUActivation()
+    W = {"c_attn": rnd(E, 3 * E, s=0.1), "attn.c_proj": rnd(E, E, s=0.1), "c_fc": rnd(E, 4 * E, s=0.1),
+         "mlp.c_proj": rnd(4 * E, E, s=0.1)}
+    P = {k: ops.pack(w) for k, w in W.items()}
+    bias = {k: rnd(w.shape[1]) for k, w in W.items()}
+    wte, wpe = rnd(V, E, s=0.1), rnd(cfg.n_positions, E, s=0.01)
+    lm = ops.pack(wte.t())
+    lw, lb = rnd(E), rnd(E)
+    x, r, h4 = rnd(M, E), rnd(M, E), rnd(M, 4 * E)
+    f32 = 4
+
+    def mm(name, epi="none", a=None, res=None):
+        w = W[name]
+        K, N = w.shape
+        a = x if a is None else a
+        ours = lambda: ops.conv1d(a, P[name], bias[name], epi, res, N)  # noqa: E731
+        if epi == "gelu_new":
+            theirs = lambda: gelu_hf(torch.addmm(bias[name], a, w))  # noqa: E731
+        elif epi == "residual":
+            theirs = lambda: torch.addmm(bias[name], a, w) + res  # noqa: E731
+        else:
+            theirs = lambda: torch.addmm(bias[name], a, w)  # noqa: E731
+        return ours, theirs, 2 * M * K * N, (K * N + M * (K + N)) * f32
+
+    cases = [
+        ("layer_norm", lambda: ops.layer_norm(x, lw, lb, 1e-5), lambda: F.layer_norm(x, (E,), lw, lb, 1e-5), 0,
+         2 * M * E * f32),
+        ("add_layer_norm", lambda: ops.add_layer_norm(x, r, lw, lb, 1e-5),
+         lambda: (lambda s: (s, F.layer_norm(s, (E,), lw, lb, 1e-5)))(x + r), 0, 4 * M * E * f32),
+        ("conv1d c_attn", *mm("c_attn")),
+        ("conv1d attn.c_proj", *mm("attn.c_proj")),
+        ("conv1d c_fc+gelu_new", *mm("c_fc", "gelu_new")),
+        ("conv1d mlp.c_proj+residual", *mm("mlp.c_proj", "residual", h4, r)),
+        ("gelu_new", lambda: ops.gelu_new(h4), lambda: gelu_hf(h4), 0, 2 * M * 4 * E * f32),
+        ("lm_head", lambda: ops.conv1d(x, lm, None, out_features=V), lambda: F.linear(x, wte), 2 * M * E * V,
+         (V * E + M * (E + V)) * f32),
+    ]
+    # attention: decode = M new rows after a 512-token cache; prefill = causal self-attention over M tokens
+    T = 512 if M <= 8 else M
+    q, k, v = rnd(1, H, M, D), rnd(1, H, T, D), rnd(1, H, T, D)
+    off, scale = T - M, D ** -0.5
+    if M == 1:
+        theirs = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    elif M == T:
+        theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    else:
+        causal = torch.ones(M, T, dtype=torch.bool, device=dev).tril(off)
+        theirs = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # noqa: E731
+    vis = M * T - (M * (M - 1)) // 2  # visible (query, key) pairs
+    cases.append(("attention", lambda: ops.attention(q, k, v, None, None, scale, off, True), theirs,
+                  4 * H * D * vis, (2 * T + 2 * M) * E * f32))
+    ids = torch.randint(0, V, (1, M), generator=g).to(dev)
+    pos = torch.arange(M, device=dev)[None]
+    cases.append(("embedding", lambda: ops.embedding(ids, wte, wpe, pos), lambda: wte[ids] + wpe[pos], 0,
+                  3 * M * E * f32))
+    return cases
+
+
+def roofline_pct(t, flops, nbytes, bw, peak):
+    return 100 * max(flops / peak, nbytes / bw) / t
+
+
+def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, quick=False, advance=None,
+        model=None):
+    """All measurements as a dict (what --json writes). advance(n) is called as work completes."""
+    advance = advance or (lambda n=1: None)
+    b = Bench(device=device, reps=reps)
+    ref = model if model is not None else gpt2kern.load(model_name)[0]
+    ref = copy.deepcopy(ref).to(device).eval()
+    ref.generation_config.eos_token_id = None  # fixed-length decodes: both sides generate every token
+    ref.generation_config.pad_token_id = 0
+    opt = gpt2kern.optimize(copy.deepcopy(ref))
+    cfg = ref.config
+    out = dict(model=model_name, device=device, threads=torch.get_num_threads(), isa=ops.isa(), reps=reps,
+               torch=torch.__version__, cpu=_cpu_name(), date=time.strftime("%Y-%m-%d %H:%M"),
+               gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+    bw = read_bandwidth(b)
+    peak = fma_peak(b)
+    out.update(read_bandwidth_GBps=bw / 1e9, fma_peak_GFLOPs=peak / 1e9)
+    advance()
+
+    kernels = []
+    for M in (QUICK_DECODE_M + QUICK_PREFILL_M) if quick else (DECODE_M + PREFILL_M):
+        for name, ours, theirs, flops, nbytes in kernel_cases(cfg, M, device):
+            t = b.time({"ours": ours, "torch": theirs})
+            kernels.append(dict(kernel=name, M=M, ours_ms=t["ours"] * 1e3, torch_ms=t["torch"] * 1e3,
+                                ratio=t["torch"] / t["ours"],
+                                gflops=flops / t["ours"] / 1e9 if flops else None,
+                                roofline_pct=roofline_pct(t["ours"], flops, nbytes, bw, peak)))
+            advance()
+    out["kernels"] = kernels
+
+    e2e, parity = [], {}
+    g = torch.Generator().manual_seed(0)
+    n_params = sum(p.numel() for p in ref.parameters())
+    E, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    block_params = n_params - V * E - cfg.n_positions * E
+    with torch.no_grad():
+        for T in (128,) if quick else (128, 512, 1024):
+            ids = torch.randint(0, V, (1, T), generator=g).to(device)
+            t = b.time({"ours": lambda: opt(ids, use_cache=False), "hf": lambda: ref(ids, use_cache=False)},
+                       reps=max(5, reps // 2))
+            flops = 2 * T * (block_params + V * E) + L * 4 * E * T * T // 2
+            e2e.append(dict(measure=f"prefill B=1 T={T} (all logits)", ours_ms=t["ours"] * 1e3, hf_ms=t["hf"] * 1e3,
+                            ratio=t["hf"] / t["ours"], roofline_pct=100 * flops / peak / t["ours"]))
+            if T == 128:
+                parity["max |dlogits| prefill T=128"] = (opt(ids).logits - ref(ids).logits).abs().max().item()
+            advance()
+        weight_bytes = (block_params + V * E) * 4  # read once per decode step (lm_head = wte)
+        for B in (1,) if quick else (1, 8):
+            prompt = torch.randint(0, V, (B, 16), generator=g).to(device)
+            kw = dict(max_new_tokens=new_tokens, do_sample=False)
+            res = {}
+            fns = {"engine": lambda: res.__setitem__("engine", gpt2kern.generate(opt, prompt, eos_token_id=[], **kw)),
+                   "hf": lambda: res.__setitem__("hf", ref.generate(prompt, **kw))}
+            if B == 1:
+                fns["opt.generate"] = lambda: res.__setitem__("opt", opt.generate(prompt, **kw))
+            t = b.time(fns, reps=max(5, reps // 2), warmup=1)
+            hf_ms = t["hf"] * 1e3 / new_tokens
+            for key, label in (("engine", "gpt2kern.generate"), ("opt.generate", "HF generate, optimized model")):
+                if key not in t:
+                    continue
+                ms = t[key] * 1e3 / new_tokens
+                e2e.append(dict(measure=f"decode B={B} {label}, ms/token", ours_ms=ms, hf_ms=hf_ms, ratio=hf_ms / ms,
+                                tokens_per_s=B * 1e3 / ms, roofline_pct=100 * weight_bytes / bw / (ms / 1e3)))
+            same = int((res["engine"][:, 16:] == res["hf"][:, 16:]).sum())
+            parity[f"greedy tokens identical B={B}"] = f"{same}/{B * new_tokens}"
+            advance()
+    out["end_to_end"] = e2e
+    out["parity"] = parity
+    out["decode_floor_ms"] = weight_bytes / bw * 1e3
+    return out
+
+
+def steps(quick=False) -> int:
+    nk = 10  # kernel rows per M (kernel_cases)
+    ms = (QUICK_DECODE_M + QUICK_PREFILL_M) if quick else (DECODE_M + PREFILL_M)
+    return 1 + nk * len(ms) + (1 if quick else 3) + (1 if quick else 2)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{k['kernel']} M={k['M']}", k["ratio"]) for k in res["kernels"]]
+    rows += [(e["measure"], e["ratio"]) for e in res["end_to_end"]]
+    fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.5))
+    names, ratios = zip(*rows)
+    ax.barh(range(len(rows)), ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up vs torch / HF eager (higher is better)")
+    ax.set_title(f"gpt2kern bench — {res['model']}, {res['device']}, {res['threads']} threads, {res['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(argv or [])]) if argv is not None else cli_main(["bench", *__import__("sys").argv[1:]])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
