@@ -249,9 +249,12 @@ def plot(res: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    """`python -m gpt2kern.bench ...` = `gpt2kern bench ...`."""
+    import sys
+
     from .cli import main as cli_main
 
-    return cli_main(["bench", *(argv or [])]) if argv is not None else cli_main(["bench", *__import__("sys").argv[1:]])
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""gpt2kern bench: one quick real run (every section, JSON and plot written), and its argument errors."""
+import json
+
+import pytest
+
+from test_cli import assert_one_line_error, cli_run  # noqa: F401  (fixture)
+
+
+def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F811
+    j, p = tmp_path / "b.json", tmp_path / "b.png"
+    code, out, err = cli_run("bench", "--quick", "-m", "random:tiny", "--reps", "5", "--new-tokens", "4",
+                             "--json", j, "--plot", p)
+    assert code == 0, err
+    res = json.loads(j.read_text())
+    assert res["read_bandwidth_GBps"] > 0 and res["fma_peak_GFLOPs"] > 0
+    kernels = {(k["kernel"], k["M"]) for k in res["kernels"]}
+    for name in ("layer_norm", "add_layer_norm", "conv1d c_attn", "conv1d c_fc+gelu_new", "lm_head", "attention",
+                 "embedding", "gelu_new", "conv1d mlp.c_proj+residual", "conv1d attn.c_proj"):
+        assert (name, 1) in kernels and (name, 128) in kernels
+    assert all(k["ratio"] > 0 and k["roofline_pct"] >= 0 for k in res["kernels"])
+    measures = [e["measure"] for e in res["end_to_end"]]
+    assert any("prefill" in m for m in measures) and any("gpt2kern.generate" in m for m in measures)
+    assert res["parity"]["greedy tokens identical B=1"] == "4/4"
+    assert res["parity"]["max |dlogits| prefill T=128"] < 1e-4
+    assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+    assert "kernels vs torch" in out and "end to end vs HF eager" in out and "roofline" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--reps", "3"], "--reps"),
+    (["--new-tokens", "0"], "--new-tokens"),
+    (["--threads", "0"], "--threads"),
+    (["-m", "random:nope"], "random:nope"),
+    (["--new-tokens", "600", "-m", "random:tiny"], "n_positions"),
+])
+def test_bench_argument_errors(cli_run, args, needle):  # noqa: F811
+    code, _, err = cli_run("bench", *args)
+    assert_one_line_error(code, err, needle)
