@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) .venv in the repository, installs torch, the project and its test extras, builds the extension.
-# Sourced by scripts/test.sh and scripts/report.sh; TORCH_SPEC overrides which torch to install.
+# Sourced by scripts/test.sh and scripts/bench.sh; TORCH_SPEC overrides which torch to install.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -13,6 +13,7 @@ constexpr int KB = kAttnKeyBlock;
 constexpr int QB = kAttnQueryBlock;
 constexpr int KBV = KB / VL > 0 ? KB / VL : 1;
 static_assert(KB % VL == 0, "key block must be a whole number of vectors");
+constexpr int RG = 8 / KBV > 0 ? 8 / KBV : 1;  // query rows per score group
 
 static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
@@ -42,7 +43,24 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
       // decode: too few rows to pay for the transpose; one vector dot product per (row, key)
       for (int64_t r = 0; r < nq; ++r) {
         const float* qr = q + (i0 + r) * a.sq_t;
-        for (int jj = 0; jj < kb; ++jj) {
+        int jj = 0;
+        for (; jj + 2 <= kb; jj += 2) {  // two keys at a time: four independent FMA chains
+          const float* k0 = k + (j0 + jj) * a.sk_t;
+          const float* k1 = k0 + a.sk_t;
+          vf a0{}, a1{}, b0{}, b1{};
+          int64_t d = 0;
+          for (; d + 2 * VL <= D; d += 2 * VL) {
+            const vf q0 = load(qr + d), q1 = load(qr + d + VL);
+            a0 += q0 * load(k0 + d); a1 += q1 * load(k0 + d + VL);
+            b0 += q0 * load(k1 + d); b1 += q1 * load(k1 + d + VL);
+          }
+          for (; d + VL <= D; d += VL) { const vf q0 = load(qr + d); a0 += q0 * load(k0 + d); b0 += q0 * load(k1 + d); }
+          float s0 = hsum(a0 + a1), s1 = hsum(b0 + b1);
+          for (; d < D; ++d) { s0 += qr[d] * k0[d]; s1 += qr[d] * k1[d]; }
+          S[r * KB + jj] = s0 * a.scale;
+          S[r * KB + jj + 1] = s1 * a.scale;
+        }
+        for (; jj < kb; ++jj) {
           const float* kj = k + (j0 + jj) * a.sk_t;
           vf acc0{}, acc1{};
           int64_t d = 0;
@@ -61,18 +79,18 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
         for (int jj = 0; jj < kb; ++jj) Kt[d * KB + jj] = k[(j0 + jj) * a.sk_t + d];
         for (int jj = kb; jj < KB; ++jj) Kt[d * KB + jj] = 0.f;
       }
-      // scores, 4 query rows at a time sharing each Kt row
-      for (int64_t r0 = 0; r0 < nq; r0 += 4) {
-        const int nr = (int)(nq - r0 < 4 ? nq - r0 : 4);
-        vf s[4][KBV];
-        for (int r = 0; r < 4; ++r)
+      // scores, RG query rows at a time sharing each Kt row (RG·KBV independent accumulators)
+      for (int64_t r0 = 0; r0 < nq; r0 += RG) {
+        const int nr = (int)(nq - r0 < RG ? nq - r0 : RG);
+        vf s[RG][KBV];
+        for (int r = 0; r < RG; ++r)
           for (int u = 0; u < KBV; ++u) s[r][u] = vf{};
-        const float* qr[4];
-        for (int r = 0; r < 4; ++r) qr[r] = q + (i0 + r0 + (r < nr ? r : 0)) * a.sq_t;
+        const float* qr[RG];
+        for (int r = 0; r < RG; ++r) qr[r] = q + (i0 + r0 + (r < nr ? r : 0)) * a.sq_t;
         for (int64_t d = 0; d < D; ++d) {
           vf kt[KBV];
           for (int u = 0; u < KBV; ++u) kt[u] = load(Kt + d * KB + u * VL);
-          for (int r = 0; r < 4; ++r) {
+          for (int r = 0; r < RG; ++r) {
             vf qd = bcast(qr[r][d]);
             for (int u = 0; u < KBV; ++u) s[r][u] += qd * kt[u];
           }
@@ -110,6 +128,17 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
       m[r] = mnew;
       float* ar = acc + r * D;
       int64_t d = 0;
+      const vf cv = bcast(corr);
+      for (; d + 4 * VL <= D; d += 4 * VL) {  // four output vectors at once: independent FMA chains over the keys
+        vf o0 = load(ar + d) * cv, o1 = load(ar + d + VL) * cv;
+        vf o2 = load(ar + d + 2 * VL) * cv, o3 = load(ar + d + 3 * VL) * cv;
+        for (int jj = 0; jj < lim; ++jj) {
+          const vf p = bcast(sr[jj]);
+          const float* vj = v + (j0 + jj) * a.sv_t + d;
+          o0 += p * load(vj); o1 += p * load(vj + VL); o2 += p * load(vj + 2 * VL); o3 += p * load(vj + 3 * VL);
+        }
+        store(ar + d, o0); store(ar + d + VL, o1); store(ar + d + 2 * VL, o2); store(ar + d + 3 * VL, o3);
+      }
       for (; d + VL <= D; d += VL) {
         vf o = load(ar + d) * bcast(corr);
         for (int jj = 0; jj < lim; ++jj) o += bcast(sr[jj]) * load(v + (j0 + jj) * a.sv_t + d);

@@ -24,15 +24,20 @@ GK_INLINE void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 GK_INLINE vf bcast(float s) { return s - vf{}; }
 GK_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
+// Horizontal sum/max as a halving tree: log2(VL) dependent steps instead of VL.
 GK_INLINE float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < VL; ++i) s += v[i];
-  return s;
+  float t[VL];
+  store(t, v);
+  for (int w = VL / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
 }
 GK_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < VL; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  float t[VL];
+  store(t, v);
+  for (int w = VL / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
+  return t[0];
 }
 GK_INLINE float fmaxf_(float a, float b) { return a > b ? a : b; }
 GK_INLINE float fminf_(float a, float b) { return a < b ? a : b; }
