@@ -30,7 +30,7 @@ def test_conv1d_matches_float64(isa, M, K, N, packed):
     assert_parity(y, *ref_mm(x, w, b), K, f"conv1d {M}x{K}x{N}")
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 768, 3072), (9, 64, 100), (130, 768, 3072)])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 3072), (9, 64, 100), (130, 768, 3072), (29, 2500, 70)])
 def test_gelu_epilogue(isa, M, K, N):
     torch.manual_seed(2)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)

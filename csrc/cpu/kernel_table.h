@@ -12,6 +12,9 @@ namespace gk {
 // Fused epilogues of the Conv1D matmul, applied in registers before the store.
 enum class Epilogue : int { None = 0, GeluNew = 1, Residual = 2 };
 
+// Which K block of a split reduction a matmul_panel call computes (see kernels/matmul.h); a whole K is both.
+constexpr int kKFirst = 1, kKLast = 2, kKWhole = kKFirst | kKLast;
+
 // The packed weight layout every ISA shares: [ceil(N / kPanel)][K][kPanel], columns past N zero-filled.
 constexpr int kPanel = 32;
 
@@ -47,10 +50,11 @@ struct KernelTable {
   // out[row] = wte[ids[row]] + wpe[pos[row]] (+ wte[tt[row]]); ids already range-checked
   void (*embedding_rows)(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte,
                          const float* wpe, float* out, int64_t rows, int64_t n);
-  // one packed panel of columns [n0, n0 + ncols): C[m, n0 + j] = epi(A[m] · Bp[:, j] + bias) for m < M
+  // one packed panel of columns [n0, n0 + ncols): C[m, n0 + j] = epi(A[m] · Bp[:, j] + bias) for m < M;
+  // part = kKWhole, or which block (kKFirst / 0 / kKLast) of a K split across calls this is
   void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
                        int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
-                       int64_t ldr);
+                       int64_t ldr, int part);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
   void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);
   int mr_max;  // rows per matmul register tile

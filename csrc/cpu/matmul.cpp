@@ -36,16 +36,23 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
   // Row blocks of MC keep a slice of x hot in L2 while a thread walks its panels; panels are split across
   // threads so each weight byte is read by exactly one thread.
   const int64_t MC = 8 * t.mr_max;
+  // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072 at MC rows); decode
+  // (M <= 2) streams the weights once either way, so it keeps K whole
+  const int64_t KC = (M > 2 && K > 1024) ? 1024 : K;
   // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
   // instead of paying a thread wake-up that costs more than the work
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPanel));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t mc = std::min(MC, M - m0);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-        t.matmul_panel(A + m0 * lda, lda, mc, K, Wp + p * K * kPanel, C + m0 * N, N, p * kPanel, ncols, bias, epi,
-                       R ? R + m0 * ldr : nullptr, ldr);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+          t.matmul_panel(A + m0 * lda + k0, lda, mc, kc, Wp + (p * K + k0) * kPanel, C + m0 * N, N, p * kPanel,
+                         ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
+        }
       }
     }
   });

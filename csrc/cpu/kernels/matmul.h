@@ -2,9 +2,11 @@
 //
 // Reference: y[m, n] = Σ_k x[m, k] · W[k, n] + b[n], then gelu_new or + residual[m, n].
 // W is packed once (pack op) into panels [K][32], so the inner loop reads 32 consecutive floats per k: a
-// register tile of MR rows × 32 columns accumulates over the whole K (no K blocking: a [K][32] panel is at most
-// 384 KiB at GPT-2's 3072 and streams from L2), and the epilogue runs on the registers before the one store.
-// For decode (M = 1..8) the same tile is a GEMV that reads each weight byte exactly once.
+// register tile of MR rows × 32 columns accumulates over K, and the epilogue runs on the registers before the
+// store. For a long K the caller splits K into blocks (so a block of x rows stays in L2): the first block starts
+// from zero, later ones from the partial sums in C, only the last adds the bias and applies the epilogue; the
+// order of the additions is exactly that of one unsplit pass. For decode (M = 1..8) the same tile is a GEMV that
+// reads each weight byte exactly once.
 namespace gk {
 namespace GK_ISA {
 
@@ -12,10 +14,18 @@ constexpr int NV = kPanel / VL;  // vectors per panel row
 
 template <int MR>
 GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, float* C, int64_t ldc,
-                           int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+                           int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr, int part) {
   vf acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  if (part & kKFirst) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  } else {  // continue the partial sums an earlier K block left in C
+    for (int r = 0; r < MR; ++r) {
+      float in[kPanel] = {};
+      for (int j = 0; j < ncols; ++j) in[j] = C[r * ldc + j];
+      for (int v = 0; v < NV; ++v) acc[r][v] = load(in + v * VL);
+    }
+  }
   int64_t k = 0;
   if constexpr (MR <= 2) {
     // GEMV (decode): with so few rows the FMA latency chain, not bandwidth, would bound the loop; even and odd k
@@ -44,6 +54,14 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
+  if (!(part & kKLast)) {  // partial sums only: no bias, no epilogue yet
+    for (int r = 0; r < MR; ++r) {
+      float out[kPanel];
+      for (int v = 0; v < NV; ++v) store(out + v * VL, acc[r][v]);
+      for (int j = 0; j < ncols; ++j) C[r * ldc + j] = out[j];
+    }
+    return;
+  }
   float bpad[kPanel] = {};
   if (bias)
     for (int j = 0; j < ncols; ++j) bpad[j] = bias[j];
@@ -71,23 +89,25 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
 
 template <int MR>
 GK_INLINE void matmul_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
-                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                           int part) {
   if constexpr (MR > 0) {
     if (M >= MR) {
       int64_t m = 0;
       for (; m + MR <= M; m += MR)
-        matmul_tile<MR>(A + m * lda, lda, K, Bp, C + m * ldc, ldc, ncols, bias, epi, R ? R + m * ldr : R, ldr);
+        matmul_tile<MR>(A + m * lda, lda, K, Bp, C + m * ldc, ldc, ncols, bias, epi, R ? R + m * ldr : R, ldr,
+                        part);
       M -= m; A += m * lda; C += m * ldc; if (R) R += m * ldr;
     }
-    if (M > 0) matmul_rows<MR - 1>(A, lda, M, K, Bp, C, ldc, ncols, bias, epi, R, ldr);
+    if (M > 0) matmul_rows<MR - 1>(A, lda, M, K, Bp, C, ldc, ncols, bias, epi, R, ldr, part);
   }
 }
 
 static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
                          int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
-                         int64_t ldr) {
+                         int64_t ldr, int part) {
   matmul_rows<GK_MR_MAX>(A, lda, M, K, Bp, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
-                         R ? R + n0 : nullptr, ldr);
+                         R ? R + n0 : nullptr, ldr, part);
 }
 
 }  // namespace GK_ISA
