@@ -3,8 +3,9 @@
 // "every tensor on x's CUDA device"; outputs on that device; every launch on the current stream and checked.
 // Nothing here waits on the GPU except embedding's id range check, which is skipped while a CUDA graph is being
 // captured (the kernel clamps ids instead).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -27,8 +28,20 @@ namespace gk::cuda_ops {
 
 namespace {
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int num_sms() {  // of the current device (the ops' CUDAGuard set it), cached per device
+  static int cache[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cache[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev] = n > 0 ? n : 1;
+  }
+  return cache[dev];
+}
 
 bool capturing() {
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
