@@ -99,7 +99,8 @@ def _kernel_devices():
 
 
 def _packed(conv):
-    return ops.pack(conv.weight.detach()), conv.bias.detach(), conv.weight.shape[1]
+    w = conv.weight.detach()  # on CUDA the kernels read HF's contiguous [in, out] as is: no copy
+    return (w if w.is_cuda and w.is_contiguous() else ops.pack(w)), conv.bias.detach(), conv.weight.shape[1]
 
 
 def _scaling(cfg, layer_idx):

@@ -133,9 +133,10 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
       for (int r = 0; r < kRows; ++r) {
         if (r >= rpw) continue;
         const float pj = __shfl_sync(kFullMask, p[r], jj);
-        if (pj != 0.f)  // masked keys contribute nothing, even where V holds garbage
+        if (pj != 0.f) {  // masked keys contribute nothing, even where V holds garbage
 #pragma unroll
           for (int e = 0; e < NPL; ++e) acc[r][e] = fmaf(pj, vv[e], acc[r][e]);
+        }
       }
     }
     __syncwarp();  // the tile is overwritten by the next chunk
@@ -193,9 +194,10 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
 template <int NPL>
 static cudaError_t launch_attention(const AttnArgs& a, int num_sms, cudaStream_t stream) {
   const int rpw = a.Tq < kRows ? (int)a.Tq : kRows;
-  // Prefer one warp per row group (S = 1) when that alone gives every SM a block; else split the keys 4 ways.
+  // One warp per row group (S = 1) when the rows fill the block's 4 warps and that alone gives every SM a
+  // block; else (decode, short prompts, small batches) the 4 warps share the rows and split the keys.
   const int64_t blocks_s1 = a.B * a.H * ((a.Tq + kAttnWarps * rpw - 1) / (kAttnWarps * rpw));
-  const int S = blocks_s1 >= num_sms ? 1 : kAttnWarps;
+  const int S = (blocks_s1 >= num_sms && a.Tq >= kAttnWarps * rpw) ? 1 : kAttnWarps;
   const int rows_per_block = (kAttnWarps / S) * rpw;
   const size_t smem = attention_smem_bytes((int)a.D);
   if (smem > 48 * 1024) {
