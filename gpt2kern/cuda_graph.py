@@ -153,7 +153,7 @@ class CudaGraphDecoder:
         mask = (torch.ones(B, T, dtype=torch.bool, device=self.device) if attention_mask is None
                 else attention_mask.to(self.device) != 0)
         self.reset()
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # as HF generate
         self.key_mask[:, :T] = mask
         km = None if attention_mask is None else self.key_mask[:, :T]
 

@@ -198,6 +198,6 @@ def test_cuda_graph_decoder_matches_hf_generate(cuda_pair, graph):
         seq = torch.cat([seq, nxt[:, None]], 1)
         logits = dec.step(nxt).clone()
     full_mask = torch.cat([mask, torch.ones(B, 5, dtype=mask.dtype, device="cuda")], 1)
-    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
+    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
     want = ref(seq, attention_mask=full_mask, position_ids=pos).logits[:, -1]
     assert (want - logits).abs().max().item() <= LOGITS_ATOL
