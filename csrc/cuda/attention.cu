@@ -146,7 +146,9 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
     __syncthreads();  // every warp is done with its K tile: reuse the shared memory
     const int pitch = D + 2;
     float* mine = smem + (size_t)warp * kRows * pitch;
-    for (int r = 0; r < rpw; ++r) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {  // unrolled over kRows so m, l, acc stay in registers
+      if (r >= rpw) continue;
       if (lane == 0) { mine[r * pitch] = m[r]; mine[r * pitch + 1] = l[r]; }
 #pragma unroll
       for (int e = 0; e < NPL; ++e)
@@ -178,9 +180,10 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
     }
   }
 
-  for (int r = 0; r < rpw; ++r) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
     const int64_t i = i0 + r;
-    if (i >= a.Tq) break;
+    if (r >= rpw || i >= a.Tq) continue;
     float* o = a.out + ((b * a.Tq + i) * a.H + h) * D;
     const bool seen = l[r] > 0.f || l[r] != l[r];  // NaN inputs propagate as NaN
 #pragma unroll
