@@ -6,9 +6,11 @@
 //    K in steps of 16 staged through shared memory (A transposed, so a thread's 4 rows are broadcast reads), 4×4
 //    outputs per thread at a 16-element stride (conflict-free shared reads, coalesced stores). Bounds-checked
 //    loads (zeros outside), so any M, K, N and row stride work.
-//  - Decode (M <= kGemvMaxRows): a GEMV that streams W once at bandwidth. A block owns 32 columns (lane = column,
-//    each W row read is one 128-byte transaction); its 8 warps take interleaved k, 4 rows in flight each, and sum
-//    their partials in shared memory in a fixed order. When N/32 blocks cannot fill the GPU, K is split over
+//  - Decode (M <= kGemvMaxRows = 32, i.e. up to batch 32): a GEMV that streams W once at bandwidth. A block owns
+//    32 columns (lane = column, each W row read is one 128-byte transaction) and all M rows (accumulators in
+//    registers, x read as broadcasts); its 8 warps take interleaved k, 4 W rows in flight each, and sum their
+//    partials in shared memory in a fixed order. (A 64-row GEMM tile would leave a 32-row decode batch with a
+//    dozen blocks for N = 768.) When N/32 blocks cannot fill the GPU, K is split over
 //    gridDim.y blocks writing partials to a workspace that a second kernel sums (in split order: deterministic)
 //    and finishes with the epilogue.
 #include "common.cuh"
@@ -89,22 +91,23 @@ __global__ __launch_bounds__(kGemmThreads) void gemm_kernel(const float* __restr
 
 constexpr int kGemvWarps = 8;
 
+template <int MR>  // rows held in registers: M <= MR
 __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __restrict__ A, int64_t lda, int M,
                                                                int64_t K, const float* __restrict__ W, int64_t ldw,
                                                                int64_t N, const float* __restrict__ bias, int epi,
                                                                const float* __restrict__ R, int64_t ldr,
                                                                float* __restrict__ C, int splits,
                                                                float* __restrict__ ws) {
-  __shared__ float red[kGemvWarps][kGemvMaxRows][32];
+  __shared__ float red[kGemvWarps][MR][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n = (int64_t)blockIdx.x * 32 + lane;
   const bool col_ok = n < N;
   const float* wcol = W + (col_ok ? n : N - 1);  // lanes past N read a valid column and discard it
   const int64_t kchunk = (K + splits - 1) / splits;
   const int64_t kb = (int64_t)blockIdx.y * kchunk, ke = kb + kchunk < K ? kb + kchunk : K;
-  float acc[kGemvMaxRows];
+  float acc[MR];
 #pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) acc[r] = 0.f;
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
 
   constexpr int S = kGemvWarps;
   int64_t k = kb + warp;
@@ -112,7 +115,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
     const float w0 = wcol[k * ldw], w1 = wcol[(k + S) * ldw], w2 = wcol[(k + 2 * S) * ldw],
                 w3 = wcol[(k + 3 * S) * ldw];
 #pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r) {
+    for (int r = 0; r < MR; ++r) {
       if (r < M) {
         const float* a = A + r * lda + k;  // the same address in every lane: a broadcast
         acc[r] = fmaf(a[0], w0, acc[r]);
@@ -125,14 +128,14 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
   for (; k < ke; k += S) {
     const float w0 = wcol[k * ldw];
 #pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r)
+    for (int r = 0; r < MR; ++r)
       if (r < M) acc[r] = fmaf(A[r * lda + k], w0, acc[r]);
   }
 #pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) red[warp][r][lane] = acc[r];
+  for (int r = 0; r < MR; ++r) red[warp][r][lane] = acc[r];
   __syncthreads();
-  if (warp == 0 && col_ok) {
-    for (int r = 0; r < M; ++r) {
+  if (col_ok) {
+    for (int r = warp; r < M; r += kGemvWarps) {  // row r's total, summed over the warps in order
       float s = 0.f;
 #pragma unroll
       for (int w = 0; w < kGemvWarps; ++w) s += red[w][r][lane];
@@ -170,8 +173,12 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
   if (M <= kGemvMaxRows) {
     if (splits < 1 || (splits > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
-    gemv_kernel<<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C, splits,
-                                                      workspace);
+    if (M <= 8)
+      gemv_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
+                                                           splits, workspace);
+    else
+      gemv_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
+                                                                      ldr, C, splits, workspace);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(workspace, splits, (int)M, N, bias, epi, R,
