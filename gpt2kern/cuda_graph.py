@@ -13,7 +13,8 @@ State, all preallocated in __init__ on the model's device (static shapes: batch_
   k_cache, v_cache  [n_layer, B, H, max_len, D]  slot j of row b holds that row's j-th token (prompt included)
   key_mask          [B, max_len] bool             True for written, non-padding slots
   ids, pos, slot    [B, 1], [B, 1], [1] int64     next token, its position id, the cache slot it is written to
-A step (the captured graph) writes the new token's K/V into `slot` (index_copy_), marks it in key_mask, and attends
+A step (the captured graph) writes the new token's K/V into `slot` (index_copy_, as HF's StaticCache), marks it in
+key_mask, and attends
 over the whole cache with key_mask hiding padding and unwritten slots (causal=False: for one query row causality is
 exactly "slots written so far"); then advances pos and slot on the device. prefill() runs the prompt eagerly with
 the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding follows HF
@@ -77,6 +78,7 @@ class CudaGraphDecoder:
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.iota = torch.arange(self.Tmax, device=dev)
         self.length = 0  # slots written (host-side count: no sync needed to know it)
         self.graph = None
         self.logits = None
@@ -123,7 +125,7 @@ class CudaGraphDecoder:
         return x
 
     def _step_body(self):
-        self.key_mask.index_fill_(1, self.slot, True)
+        self.key_mask.logical_or_(self.iota.eq(self.slot))  # mark the new slot (elementwise: capturable)
         h = ops.embedding(self.ids, self.wte, self.wpe, self.pos)
 
         def write(i, k, v):

@@ -202,3 +202,9 @@ def test_cuda_graph_decoder_matches_hf_generate(cuda_pair, graph):
     pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
     want = ref(seq, attention_mask=full_mask, position_ids=pos).logits[:, -1]
     assert (want - logits).abs().max().item() <= LOGITS_ATOL
+
+
+def test_cuda_graph_decoder_rejects_cpu_models(tiny):
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    with pytest.raises((ValueError, RuntimeError), match="CUDA"):
+        CudaGraphDecoder(tiny, batch_size=1, max_len=8)
