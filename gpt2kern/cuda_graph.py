@@ -14,9 +14,8 @@ State, all preallocated in __init__ on the model's device (static shapes: batch_
   key_mask          [B, max_len] bool             True for written, non-padding slots
   ids, pos, slot    [B, 1], [B, 1], [1] int64     next token, its position id, the cache slot it is written to
 A step (the captured graph) writes the new token's K/V into `slot` (index_copy_, as HF's StaticCache), marks it in
-key_mask, and attends
-over the whole cache with key_mask hiding padding and unwritten slots (causal=False: for one query row causality is
-exactly "slots written so far"); then advances pos and slot on the device. prefill() runs the prompt eagerly with
+key_mask, and attends over the whole cache with key_mask hiding padding and unwritten slots (causal=False: for one
+query row causality is exactly "slots written so far"); then advances pos and slot on the device. prefill() runs the prompt eagerly with
 the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding follows HF
 generate: position ids = cumsum(mask) - 1. Logits come back in a static buffer that the next step overwrites
 (clone it to keep it). Weights are read from the model's modules at construction (lm_head packed once): build the
