@@ -65,10 +65,11 @@ def test_attention_cuda_mask_and_bias_together():
 @needs_cuda
 @pytest.mark.parametrize("M,K,N", [(1, 3072, 768), (8, 768, 2304), (9, 768, 768), (2, 768, 50257), (4, 200, 3),
                                    (32, 3072, 768), (32, 768, 50257), (33, 768, 2304), (64, 64, 64), (65, 100, 130),
-                                   (512, 768, 2304)])
+                                   (512, 768, 2304), (300, 64, 20000), (1030, 37, 4100)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_conv1d_cuda_paths(M, K, N, epilogue):
-    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else tiled GEMM; edges of both tilings
+    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else tiled GEMM, 64x64 or (when the grid
+    # fills the GPU) 128x128; ragged edges of every tiling
     from test_gelu import gelu_terms, ref_gelu
     torch.manual_seed(M + N)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)

@@ -29,13 +29,13 @@ cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt,
 
 // Conv1D: C[m, n] = epi(Σ_k A[m, k]·W[k, n] + bias[n]) for m < M, n < N.
 //   epi: 0 none, 1 gelu_new, 2 + R[m, n].  C is contiguous [M, N]; W is [K, N] with row stride ldw.
-// M <= kGemvMaxRows takes the GEMV kernel; it splits K over `splits` blocks when splits > 1, and then needs
+// M <= kGemvMaxRows takes the GEMV kernel, larger M a tiled GEMM (128x128 tiles when they fill num_sms SMs); it splits K over `splits` blocks when splits > 1, and then needs
 // `workspace` of splits·M·N floats (gemv_splits() says how many; 1 means no workspace).
 constexpr int kGemvMaxRows = 32;
 int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   cudaStream_t stream);
+                   int num_sms, cudaStream_t stream);
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
 struct AttnArgs {

@@ -179,7 +179,7 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
                                               b.defined() ? b.data_ptr<float>() : nullptr, epi,
                                               rr.defined() ? rr.data_ptr<float>() : nullptr,
                                               rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(), splits,
-                                              ws.defined() ? ws.data_ptr<float>() : nullptr, stream()));
+                                              ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(), stream()));
   return y;
 }
 
