@@ -1,13 +1,39 @@
-# Builds gpt2kern._C: the CPU kernels always; the CUDA kernels (csrc/cuda/*.cu) too when torch is a CUDA build and
-# nvcc is found. GPT2KERN_NO_CUDA=1 forces a CPU-only build.
+# Builds gpt2kern._C: the CPU kernels always; the CUDA kernels (csrc/cuda/*.cu + ops_cuda.cpp) too when torch is a
+# CUDA build and nvcc is found. GPT2KERN_NO_CUDA=1 forces a CPU-only build; GPT2KERN_REQUIRE_CUDA=1 makes a
+# CPU-only build an error (CI sets it wherever CUDA is expected, so a silently CPU-only build cannot land).
 import glob
 import os
 import shutil
-
-from setuptools import setup
-from torch.utils import cpp_extension
+import site
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """CUDA_HOME for torch's build helpers. torch guesses it from `which nvcc`, which goes wrong when nvcc on PATH
+    is a wrapper script (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, no headers there). Prefer an explicit
+    CUDA_HOME/CUDA_PATH, then a directory that really holds bin/nvcc and include/cuda_runtime.h."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in cands:
+        if os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")):
+            return c
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home  # before torch.utils.cpp_extension reads it at import
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 
 def rel(pattern):
@@ -17,10 +43,28 @@ def rel(pattern):
 def want_cuda():
     if os.environ.get("GPT2KERN_NO_CUDA") == "1":
         return False
-    import torch
+    return torch.version.cuda is not None and _cuda_home is not None and bool(rel("csrc/cuda/*.cu"))
 
-    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
-    return torch.version.cuda is not None and has_nvcc and bool(rel("csrc/cuda/*.cu"))
+
+def nvidia_include_dirs():
+    """torch's CUDA headers include cuBLAS/cuSPARSE headers that pip's nvidia-* wheels put under
+    site-packages/nvidia/cu13/include (cu12 for CUDA 12 builds)."""
+    roots = []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+
+        roots += list(nvidia.__path__)
+    except ImportError:
+        pass
+    roots += [os.path.join(p, "nvidia") for p in site.getsitepackages() + [site.getusersitepackages()]]
+    major = (torch.version.cuda or "").split(".")[0]
+    out = []
+    for r in roots:
+        for sub in (f"cu{major}", ""):
+            d = os.path.join(r, sub, "include")
+            if os.path.isdir(d) and d not in out and os.path.isfile(os.path.join(d, "cublas_v2.h")):
+                out.append(d)
+    return out
 
 
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
@@ -28,16 +72,26 @@ cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall
 if os.environ.get("GPT2KERN_DEBUG") == "1":
     cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"]
 extra = {"cxx": cxx}
+include_dirs = [os.path.join(ROOT, "csrc")]
 Ext = cpp_extension.CppExtension
 if want_cuda():
     Ext = cpp_extension.CUDAExtension
     sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     extra["cxx"] = cxx + ["-DGPT2KERN_CUDA"]
-    extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-DGPT2KERN_CUDA"]
+    # fp32 parity is the contract: accurate expf/division/sqrt, so no --use_fast_math.
+    extra["nvcc"] = ["-O3", "-lineinfo", "-DGPT2KERN_CUDA"]
+    include_dirs += nvidia_include_dirs()
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to detect an arch from (CI, the dev machine): compile for H100/H200 only, which keeps the build
+        # short. On a GPU machine torch picks that GPU's arch.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+elif os.environ.get("GPT2KERN_REQUIRE_CUDA") == "1":
+    raise SystemExit(f"GPT2KERN_REQUIRE_CUDA=1 but the CUDA kernels would not be built (torch.version.cuda="
+                     f"{torch.version.cuda}, CUDA_HOME={_cuda_home}, GPT2KERN_NO_CUDA="
+                     f"{os.environ.get('GPT2KERN_NO_CUDA')})")
 
 setup(
-    ext_modules=[
-        Ext("gpt2kern._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
-    ],
+    ext_modules=[Ext("gpt2kern._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                     include_dirs=include_dirs)],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

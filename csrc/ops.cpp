@@ -1,5 +1,6 @@
 // ops.cpp — the single list of what the extension offers: every op's schema, and the backend each runs on.
-// Python wrappers, fake (meta) implementations and docs live in gpt2kern/ops.py.
+// Python wrappers, fake (meta) implementations and docs live in gpt2kern/ops.py. The CUDA implementations of the
+// same schemas register themselves in csrc/cuda/ops_cuda.cpp (built when torch is a CUDA build and nvcc exists).
 #include <torch/extension.h>
 
 #include <atomic>
@@ -64,4 +65,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       if (gk::kernels_for(isa)) out.emplace_back(isa);
     return out;
   });
+  mod.def("has_cuda", [] {
+#ifdef GPT2KERN_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels (csrc/cuda) were compiled in and registered for the CUDA dispatch key.");
 }

@@ -10,8 +10,9 @@ The seed's loop, with the model step in C++ (csrc/cpu/engine.cpp):
         logits = engine.forward(next)               one C++ call for all layers + lm_head on one token per row
 
 Greedy output equals HF's `model.generate(..., do_sample=False)`; sampling reproduces HF's token choices for the
-same seed (the same torch ops draw from the same generator). Models the engine cannot serve (not CPU float32, an
-unsupported config) are handed to HF's own `generate` with the same settings; `last_fallback_reason()` says why.
+same seed (the same torch ops draw from the same generator). On CUDA the step is gpt2kern/cuda_graph.py's decoder
+(a CUDA graph replay). Models the engine cannot serve (not float32, an unsupported config) are handed to HF's own
+`generate` with the same settings; `last_fallback_reason()` says why.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def _engine_reason(model, st: _State) -> str | None:
     if st.unsupported:
         return st.unsupported
     p = model.lm_head.weight
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not st.layers or st.lm_w is None:
-        return f"model on {p.device.type} {p.dtype} (the engine runs CPU float32)"
+    if p.dtype != torch.float32 or not st.layers or st.lm_w is None or p.device.type not in ("cpu", "cuda"):
+        return f"model on {p.device.type} {p.dtype} (the engine runs float32 on CPU, or on CUDA when built with it)"
     return None
 
 
@@ -154,20 +155,41 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         return _hf_generate(model, input_ids, mask, attention_mask is not None, max_new_tokens, do_sample,
                             temperature, top_k, top_p, eos, pad_token_id, seed, streamer)
 
-    gen = torch.Generator().manual_seed(seed) if (do_sample and seed is not None) else None
+    dev = model.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed) if (do_sample and seed is not None) else None
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
         streamer.put(input_ids)
     B, T = input_ids.shape
     with torch.inference_mode():
-        eng = _engine(st, B, T + max_new_tokens, B * T)
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)  # HF's position_ids for left padding
-        next_pos = mask.sum(dim=1, keepdim=True)
-        ones = torch.ones(B, 1, dtype=torch.bool)
-        eos_t = torch.tensor(eos, dtype=torch.long)
-        unfinished = torch.ones(B, dtype=torch.bool)
+        if dev.type == "cpu":  # the C++ engine: one call per step
+            eng = _engine(st, B, T + max_new_tokens, B * T)
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)  # HF's position_ids for left padding
+            next_pos = mask.sum(dim=1, keepdim=True)
+            ones = torch.ones(B, 1, dtype=torch.bool)
+
+            def first():
+                return eng.forward(input_ids, pos, mask)
+
+            def advance(nxt):
+                logits = eng.forward(nxt[:, None], next_pos, ones)
+                next_pos.add_(1)
+                return logits
+        else:  # CUDA: the decode step replayed from a CUDA graph (gpt2kern/cuda_graph.py)
+            from .cuda_graph import CudaGraphDecoder
+
+            dec = CudaGraphDecoder(model, B, T + max_new_tokens)
+            input_ids, mask = input_ids.to(dev), mask.to(dev)
+
+            def first():
+                return dec.prefill(input_ids, attention_mask=mask)
+
+            def advance(nxt):
+                return dec.step(nxt)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+        unfinished = torch.ones(B, dtype=torch.bool, device=dev)
         out = [input_ids]
-        logits = eng.forward(input_ids, pos, mask) if max_new_tokens else None
+        logits = first() if max_new_tokens else None
         for step in range(max_new_tokens):
             if do_sample:
                 probs = torch.softmax(_warp(logits, temperature, top_k, top_p), dim=-1)
@@ -184,8 +206,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                 if not bool(unfinished.any()):
                     break
             if step + 1 < max_new_tokens:
-                logits = eng.forward(nxt[:, None], next_pos, ones)
-                next_pos += 1
+                logits = advance(nxt)
     if hasattr(streamer, "end"):
         streamer.end()
     return torch.cat(out, dim=1)

@@ -14,8 +14,8 @@ The walk (`_walk`) reads like the model itself:
 
 HF's GPT2LMHeadModel.forward stays in charge (signature, logits_to_keep, loss, output types); only the
 GPT2Model body and lm_head run here. Each call first asks `_why_fallback`: when the kernels cannot serve it
-(autograd, training, output_attentions, inputs_embeds, cross-attention, another device/dtype, an unsupported
-config) the whole call runs HF's own code instead — the single decision point.
+(autograd, training, output_attentions, inputs_embeds, cross-attention, a device without kernels or a dtype other
+than float32, an unsupported config) the whole call runs HF's own code instead — the single decision point.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class _State:
         self.fallback_reason: str | None = None
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
+        self.device = None  # where the packed weights live (CPU, or CUDA when the CUDA kernels are built)
         self.layers: list[dict] = []
         self.lm_w = None
 
@@ -82,7 +83,10 @@ class _State:
         stamp = self._stamp()
         if stamp == self.stamp:
             return
-        if self.unsupported or any(dev.type != "cpu" or dt != torch.float32 for _, _, dev, dt in stamp):
+        devs = {dev for _, _, dev, _ in stamp}
+        self.device = devs.pop() if len(devs) == 1 else None
+        if (self.unsupported or self.device is None or self.device.type not in _kernel_devices()
+                or any(dt != torch.float32 for _, _, _, dt in stamp)):
             self.layers, self.lm_w, self.stamp = [], None, stamp
             return
         with torch.no_grad():  # build the new pack aside, then publish it: readers see the old or the new one
@@ -104,8 +108,13 @@ class _State:
         self.stamp = stamp
 
 
+def _kernel_devices():
+    return ("cpu", "cuda") if ops.has_cuda() else ("cpu",)
+
+
 def _packed(conv):
-    return ops.pack(conv.weight.detach()), conv.bias.detach(), conv.weight.shape[1]
+    w = conv.weight.detach()  # on CUDA the kernels read HF's contiguous [in, out] as is: no copy
+    return (w if w.is_cuda and w.is_contiguous() else ops.pack(w)), conv.bias.detach(), conv.weight.shape[1]
 
 
 def _scaling(cfg, layer_idx):
@@ -148,8 +157,10 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
         return "cross-attention"
     if cache is not None and (not isinstance(cache, Cache) or isinstance(cache, EncoderDecoderCache)):
         return f"cache type {type(cache).__name__}"
-    if input_ids.device.type != "cpu" or not st.layers:
-        return "not a CPU float32 model"
+    if not st.layers:
+        return f"not a float32 model on {' or '.join(d.upper() for d in _kernel_devices())}"
+    if input_ids.device != st.device:
+        return f"input_ids on {input_ids.device}, model on {st.device}"
     return None
 
 
@@ -215,7 +226,7 @@ def _masks(attention_mask, B, T, past):
     if attention_mask.dim() == 4:  # already [B, 1|H, T, kv]: HF semantics, causality included
         m = attention_mask
         if m.dtype == torch.bool:
-            bias = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, float("-inf"))
+            bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
         else:
             m = m.float()
             bias = m.masked_fill(m <= torch.finfo(torch.float32).min / 2, float("-inf"))
@@ -235,7 +246,7 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     if position_ids is None:
         if past + T > n_pos:
             raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
-        position_ids = torch.arange(past, past + T, dtype=torch.long).unsqueeze(0)
+        position_ids = torch.arange(past, past + T, dtype=torch.long, device=ids.device).unsqueeze(0)
     else:
         position_ids = position_ids.reshape(-1, T)
     trace = st.trace
@@ -290,7 +301,7 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
 def _lm_head_forward(self, hidden_states):
     st: _State = self._gpt2kern
     if not st.body_was_fast or st.lm_w is None or (torch.is_grad_enabled() and self.weight.requires_grad) \
-            or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
+            or hidden_states.device != st.device or hidden_states.dtype != torch.float32:
         return self._gpt2kern_hf_forward(hidden_states)
     Wp, n = st.lm_w  # fresh: the body's call just ran refresh()
     logits = ops.conv1d(hidden_states, Wp, None, out_features=n)

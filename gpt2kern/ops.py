@@ -1,5 +1,6 @@
 """The gpt2kern ops: thin Python wrappers over torch.ops.gpt2kern.* (schemas in csrc/ops.cpp), their fake
-implementations for torch.compile / meta tensors, and the ISA switch of the CPU kernels.
+implementations for torch.compile / meta tensors, and the ISA switch of the CPU kernels. With a CUDA build
+(`has_cuda()`), every op also runs on CUDA float32 tensors (csrc/cuda), with the same checks and semantics.
 
 Every op checks its arguments in C++ and raises TypeError (dtype), ValueError (shape/value) or IndexError (id out
 of range) naming the argument.
@@ -40,6 +41,11 @@ def set_isa(name: str) -> None:
         raise ValueError(f"this CPU cannot run {name!r}; available: {', '.join(_C.supported_isas())}")
 
 
+def has_cuda() -> bool:
+    """Whether the extension was built with its CUDA kernels (then every op also runs on CUDA tensors)."""
+    return bool(_C.has_cuda())
+
+
 def _tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -63,7 +69,8 @@ def gelu_new(x):
 
 
 def pack(weight):
-    """Repack a Conv1D weight [in, out] into the panel layout conv1d reads at run time: [ceil(out/32), in, 32]."""
+    """Repack a Conv1D weight [in, out] into the layout conv1d reads at run time: on CPU panels
+    [ceil(out/32), in, 32]; on CUDA a contiguous copy of [in, out] (the CUDA kernels read that layout directly)."""
     return _ops.pack(_tensor(weight, "weight"))
 
 
@@ -113,6 +120,8 @@ def _(x):
 @torch.library.register_fake("gpt2kern::pack")
 def _(weight):
     k, n = weight.shape
+    if weight.device.type == "cuda":
+        return weight.new_empty((k, n))
     return weight.new_empty(((n + PANEL - 1) // PANEL, k, PANEL))
 
 

@@ -20,4 +20,5 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q ninja 2>&1 | grep -v "^WARNING: Location" || true
 python -m pip install -q --no-build-isolation -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-python -c "import gpt2kern, torch; print('gpt2kern built:', gpt2kern.ops.isa(), '| torch', torch.__version__)"
+python -c "import gpt2kern, torch; print('gpt2kern built:', gpt2kern.ops.isa(), '| CUDA kernels:', \
+gpt2kern.ops.has_cuda(), '| torch', torch.__version__)"

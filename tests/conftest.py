@@ -16,10 +16,10 @@ LOGITS_ATOL = 1e-4  # end to end vs HF eager fp32
 def assert_parity(out, ref64, absterms=None, n=1, what=""):
     """|out - ref| <= ULPS·eps·(|ref| + sqrt(n)·absterms): a few fp32 ulps of the summed terms, scaled by the
     reduction length n. absterms is Σ|term| in float64 (|x|@|W| for a matmul); defaults to |ref|."""
-    ref64 = ref64.double()
+    out, ref64 = out.cpu(), ref64.double().cpu()
     if absterms is None:
         absterms = ref64.abs()
-    tol = ULPS * EPS32 * (ref64.abs() + math.sqrt(n) * absterms.double()) + 1e-30
+    tol = ULPS * EPS32 * (ref64.abs() + math.sqrt(n) * absterms.double().cpu()) + 1e-30
     err = (out.double() - ref64).abs()
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all() == torch.isfinite(ref64).all(), f"{what}: non-finite mismatch"
@@ -34,6 +34,26 @@ def isa(request):
     before = ops.isa()
     ops.set_isa(request.param)
     yield request.param
+    ops.set_isa(before)
+
+
+HAS_CUDA = ops.has_cuda() and torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="CUDA test: no GPU here (torch.cuda.is_available() is False)" if ops.has_cuda()
+    else "CUDA test: gpt2kern._C was built without its CUDA kernels")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]  # for @pytest.mark.parametrize("dev", DEVICES)
+
+
+@pytest.fixture(params=[*ops.supported_isas(), pytest.param("cuda", marks=needs_cuda)])
+def device(request):
+    """The op parity tests' backends: each CPU ISA level this machine runs (yields "cpu" with that ISA forced),
+    then the CUDA kernels (yields "cuda"; skipped without a GPU)."""
+    if request.param == "cuda":
+        yield "cuda"
+        return
+    before = ops.isa()
+    ops.set_isa(request.param)
+    yield "cpu"
     ops.set_isa(before)
 
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import DEVICES, assert_parity
 
 from gpt2kern import ops
 
@@ -44,62 +44,67 @@ CASES = [  # B, H, Tq, Tkv, D, q_offset
 
 
 @pytest.mark.parametrize("B,H,Tq,Tkv,D,off", CASES)
-def test_causal_matches_float64(isa, B, H, Tq, Tkv, D, off):
-    if Tq * Tkv > 100_000 and isa != "avx512":
+def test_causal_matches_float64(device, B, H, Tq, Tkv, D, off):
+    if Tq * Tkv > 100_000 and device == "cpu" and ops.isa() != "avx512":
         pytest.skip("long case on the best ISA only")
     q, k, v = qkv(B, H, Tq, Tkv, D)
     scale = D ** -0.5
-    out = ops.attention(q, k, v, None, None, scale, off, True)
+    out = ops.attention(q.to(device), k.to(device), v.to(device), None, None, scale, off, True)
     assert_parity(out, *ref_attention(q, k, v, scale=scale, q_offset=off), max(Tkv, D), "attention")
 
 
-def test_left_padding_and_fully_masked_rows(isa):
+def test_left_padding_and_fully_masked_rows(device):
     B, H, T, D = 3, 2, 9, 16
     q, k, v = qkv(B, H, T, T, D, 1)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, :4] = False  # left padding
     mask[2, :8] = False  # one valid token
-    out = ops.attention(q, k, v, mask, None, 0.25, 0, True)
+    out = ops.attention(q.to(device), k.to(device), v.to(device), mask.to(device), None, 0.25, 0, True).cpu()
     ref, terms = ref_attention(q, k, v, key_mask=mask, scale=0.25)
     assert torch.isfinite(out).all()
     assert (out[1, :4] == 0).all() and (out[2, :8] == 0).all()  # pad query rows see nothing: zeros
     assert_parity(out, ref, terms, T, "padded attention")
 
 
-def test_all_padded_is_zero_not_nan():
-    q, k, v = qkv(2, 2, 3, 3, 8, 2)
-    out = ops.attention(q, k, v, torch.zeros(2, 3, dtype=torch.bool), None, 1.0, 0, True)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_all_padded_is_zero_not_nan(dev):
+    q, k, v = (t.to(dev) for t in qkv(2, 2, 3, 3, 8, 2))
+    out = ops.attention(q, k, v, torch.zeros(2, 3, dtype=torch.bool, device=dev), None, 1.0, 0, True)
     assert (out == 0).all()
 
 
-def test_additive_bias_non_causal(isa):
+def test_additive_bias_non_causal(device):
     B, H, Tq, Tkv, D = 2, 3, 4, 11, 16
     q, k, v = qkv(B, H, Tq, Tkv, D, 3)
     bias = torch.randn(B, 1, Tq, Tkv)
     bias[0, 0, 1, 5:] = float("-inf")
     bias[1, 0, 2, :] = float("-inf")  # a fully masked row
-    out = ops.attention(q, k, v, None, bias, 0.3, 0, False)
+    out = ops.attention(q.to(device), k.to(device), v.to(device), None, bias.to(device), 0.3, 0, False).cpu()
     assert (out[1, 2] == 0).all()
     assert_parity(out, *ref_attention(q, k, v, bias=bias, scale=0.3, causal=False), Tkv)
 
 
-def test_static_cache_shape_and_strided_q():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_static_cache_shape_and_strided_q(dev):
     # a preallocated cache longer than the sequence; q a view into a fused qkv buffer as the model passes it
     B, H, T, D, Lmax = 2, 4, 6, 16, 40
     qkv_buf = torch.randn(B, T, 3 * H * D)
     q = qkv_buf[..., : H * D].view(B, T, H, D).transpose(1, 2)
     _, k, v = qkv(B, H, T, Lmax, D, 4)
     k[:, :, T + 5:] = float("nan")  # never-written slots must not be read
-    out = ops.attention(q, k, v, None, None, 0.25, 5, True)
+    qd = qkv_buf.to(dev)[..., : H * D].view(B, T, H, D).transpose(1, 2)
+    out = ops.attention(qd, k.to(dev), v.to(dev), None, None, 0.25, 5, True)
     ref, terms = ref_attention(q, k[:, :, : T + 5], v[:, :, : T + 5], scale=0.25, q_offset=5)
     assert_parity(out, ref, terms, T + 5)
 
 
-def test_opcheck():
-    q, k, v = qkv(2, 2, 3, 5, 8)
-    m = torch.ones(2, 5, dtype=torch.bool)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_opcheck(dev):
+    q, k, v = (t.to(dev) for t in qkv(2, 2, 3, 5, 8))
+    m = torch.ones(2, 5, dtype=torch.bool, device=dev)
     torch.library.opcheck(torch.ops.gpt2kern.attention, (q, k, v, m, None, 0.5, 2, True))
-    torch.library.opcheck(torch.ops.gpt2kern.attention, (q, k, v, None, torch.zeros(2, 1, 3, 5), 0.5, 0, False))
+    torch.library.opcheck(torch.ops.gpt2kern.attention,
+                          (q, k, v, None, torch.zeros(2, 1, 3, 5, device=dev), 0.5, 0, False))
 
 
 def test_bad_input():

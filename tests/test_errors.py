@@ -50,4 +50,4 @@ def test_bad_masks(opt):
 def test_wrong_device_goes_to_hf_path(opt):
     # tensors the CPU kernels cannot read are never fed to them: HF's path handles (and judges) the call
     opt(torch.zeros(1, 3, dtype=torch.long, device="meta"))
-    assert gpt2kern.fallback_reason(opt) == "not a CPU float32 model"
+    assert gpt2kern.fallback_reason(opt) == "input_ids on meta, model on cpu"

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import DEVICES, assert_parity
 
 from gpt2kern import ops
 
@@ -22,10 +22,10 @@ def gelu_terms(x):
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 4096 * 3 + 5])
-def test_gelu_matches_float64(isa, n):
+def test_gelu_matches_float64(device, n):
     torch.manual_seed(n)
     x = torch.cat([torch.randn(n) * 4, torch.tensor([0.0, -0.0, 30.0, -30.0, 3000.0, -3000.0, 1e-30])])
-    assert_parity(ops.gelu_new(x), ref_gelu(x), gelu_terms(x), what="gelu_new")
+    assert_parity(ops.gelu_new(x.to(device)), ref_gelu(x), gelu_terms(x), what="gelu_new")
 
 
 def test_gelu_matches_hf_new_gelu():
@@ -39,16 +39,18 @@ def test_gelu_is_not_erf_gelu():
     assert (ops.gelu_new(x) - torch.nn.functional.gelu(x)).abs().max() > 1e-4
 
 
-def test_gelu_special_values_follow_hf():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gelu_special_values_follow_hf(dev):
     from transformers.activations import NewGELUActivation
-    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e30, -1e30])
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e30, -1e30], device=dev)
     torch.testing.assert_close(ops.gelu_new(x), NewGELUActivation()(x), equal_nan=True)
 
 
-def test_gelu_non_contiguous_and_opcheck():
-    x = torch.randn(8, 10).t()
+@pytest.mark.parametrize("dev", DEVICES)
+def test_gelu_non_contiguous_and_opcheck(dev):
+    x = torch.randn(8, 10, device=dev).t()
     assert_parity(ops.gelu_new(x), ref_gelu(x), gelu_terms(x))
-    torch.library.opcheck(torch.ops.gpt2kern.gelu_new, (torch.randn(5, 33),))
+    torch.library.opcheck(torch.ops.gpt2kern.gelu_new, (torch.randn(5, 33, device=dev),))
 
 
 def test_bad_input():

@@ -202,3 +202,17 @@ def test_engine_checks_its_own_inputs(tiny):
         eng.forward(*ok)
     with pytest.raises(ValueError, match="cache holds 4"):
         eng.forward(*ok)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test: no GPU here")
+def test_cuda_engine_matches_hf(distil):
+    m = copy.deepcopy(distil).cuda()
+    ids, mask = left_padded(50257, [9, 4, 6], pad=0, seed=7)
+    ids, mask = ids.cuda(), mask.cuda()
+    out = gpt2kern.generate(m, ids, mask, max_new_tokens=32, eos_token_id=[])
+    assert last_fallback_reason() is None
+    ref = hf_generate(m, ids, mask, max_new_tokens=32, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out.cpu(), ref.cpu())
+    a = gpt2kern.generate(m, ids, mask, max_new_tokens=8, do_sample=True, top_k=40, seed=5, eos_token_id=[])
+    b = gpt2kern.generate(m, ids, mask, max_new_tokens=8, do_sample=True, top_k=40, seed=5, eos_token_id=[])
+    assert torch.equal(a, b)

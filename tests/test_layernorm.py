@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import assert_parity, plant_outliers
+from conftest import DEVICES, assert_parity, plant_outliers
 
 from gpt2kern import ops
 
@@ -18,35 +18,39 @@ SHAPES = [(1, 768), (3, 5, 768), (7, 33), (1024, 768), (2, 1, 1024), (4, 1)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_layer_norm_matches_float64(isa, shape):
+def test_layer_norm_matches_float64(device, shape):
     torch.manual_seed(0)
     n = shape[-1]
     x = plant_outliers(torch.randn(shape) * 3)
     w, b = torch.randn(n), torch.randn(n)
     ref, terms = ref_ln(x, w, b, 1e-5)
-    assert_parity(ops.layer_norm(x, w, b, 1e-5), ref, terms, n, f"layer_norm {shape}")
+    y = ops.layer_norm(x.to(device), w.to(device), b.to(device), 1e-5)
+    assert_parity(y, ref, terms, n, f"layer_norm {shape}")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_add_layer_norm_matches_float64(isa, shape):
+def test_add_layer_norm_matches_float64(device, shape):
     torch.manual_seed(1)
     n = shape[-1]
     x, r = torch.randn(shape), plant_outliers(torch.randn(shape))
     w, b = torch.randn(n), torch.randn(n)
-    s, y = ops.add_layer_norm(x, r, w, b, 1e-5)
-    assert torch.equal(s, x + r)  # one fp32 add: exactly torch's
+    s, y = ops.add_layer_norm(*(t.to(device) for t in (x, r, w, b)), 1e-5)
+    assert torch.equal(s.cpu(), x + r)  # one fp32 add: exactly torch's
     ref, terms = ref_ln(x + r, w, b, 1e-5)
     assert_parity(y, ref, terms, n, f"add_layer_norm {shape}")
 
 
-def test_non_contiguous_inputs():
-    x = torch.randn(6, 768, 2)[..., 0]  # stride 2 on the normalized dim
-    r = torch.randn(768, 6).t()
-    w, b = torch.randn(768), torch.randn(768)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_non_contiguous_inputs(dev):
+    x = torch.randn(6, 768, 2, device=dev)[..., 0]  # stride 2 on the normalized dim
+    r = torch.randn(768, 6, device=dev).t()
+    w, b = torch.randn(768, device=dev), torch.randn(768, device=dev)
     assert_parity(ops.layer_norm(x, w, b, 1e-5), *ref_ln(x, w, b, 1e-5), 768)
     s, y = ops.add_layer_norm(x, r, w, b, 1e-5)
     assert torch.equal(s, x + r)
     assert_parity(y, *ref_ln(x + r, w, b, 1e-5), 768)
+    xs = torch.randn(4 * 768 + 1, device=dev)[1:].view(4, 768)  # rows off a 16-byte boundary: CUDA's scalar path
+    assert_parity(ops.layer_norm(xs, w, b, 1e-5), *ref_ln(xs, w, b, 1e-5), 768)
 
 
 def test_matches_torch_layer_norm():
@@ -60,8 +64,9 @@ def test_empty():
     assert ops.layer_norm(torch.empty(0, 8), torch.ones(8), torch.zeros(8)).shape == (0, 8)
 
 
-def test_opcheck():
-    x, r, w, b = torch.randn(3, 40), torch.randn(3, 40), torch.randn(40), torch.randn(40)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_opcheck(dev):
+    x, r, w, b = (torch.randn(*s, device=dev) for s in ((3, 40), (3, 40), (40,), (40,)))
     torch.library.opcheck(torch.ops.gpt2kern.layer_norm, (x, w, b, 1e-5))
     torch.library.opcheck(torch.ops.gpt2kern.add_layer_norm, (x, r, w, b, 1e-5))
 

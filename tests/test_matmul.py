@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_parity, plant_outliers
+from conftest import DEVICES, assert_parity, plant_outliers
 from test_gelu import gelu_terms, ref_gelu
 
 from gpt2kern import ops
@@ -21,20 +21,21 @@ def ref_mm(x, w, b):
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_conv1d_matches_float64(isa, M, K, N, packed):
+def test_conv1d_matches_float64(device, M, K, N, packed):
     torch.manual_seed(M * 7 + N)
     x = plant_outliers(torch.randn(M, K), channels=(0,), value=100.0)
     w, b = torch.randn(K, N) * 0.05, torch.randn(N)
-    weight = ops.pack(w) if packed else w
-    y = ops.conv1d(x, weight, b, out_features=N)
+    wd = w.to(device)
+    weight = ops.pack(wd) if packed else wd
+    y = ops.conv1d(x.to(device), weight, b.to(device), out_features=N)
     assert_parity(y, *ref_mm(x, w, b), K, f"conv1d {M}x{K}x{N}")
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 3072), (9, 64, 100), (130, 768, 3072), (29, 2500, 70)])
-def test_gelu_epilogue(isa, M, K, N):
+def test_gelu_epilogue(device, M, K, N):
     torch.manual_seed(2)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
-    y = ops.conv1d(x, ops.pack(w), b, "gelu_new", out_features=N)
+    y = ops.conv1d(x.to(device), ops.pack(w.to(device)), b.to(device), "gelu_new", out_features=N)
     pre, terms = ref_mm(x, w, b)
     # error of the pre-activation (its ulp budget), carried through gelu's slope (|gelu'| < 1.13), plus gelu's own
     ref = ref_gelu(pre)
@@ -42,21 +43,25 @@ def test_gelu_epilogue(isa, M, K, N):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 768), (17, 3072, 768), (3, 5, 40)])
-def test_residual_epilogue(isa, M, K, N):
+def test_residual_epilogue(device, M, K, N):
     torch.manual_seed(3)
     x, w, b = torch.randn(2, M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = plant_outliers(torch.randn(2, M, N))
-    y = ops.conv1d(x, ops.pack(w), b, "residual", residual=res, out_features=N)
+    y = ops.conv1d(x.to(device), ops.pack(w.to(device)), b.to(device), "residual", residual=res.to(device),
+                   out_features=N)
     ref, terms = ref_mm(x, w, b)
     assert_parity(y, ref + res.double(), terms + res.double().abs(), K, "conv1d+residual")
 
 
-def test_strided_and_batched_inputs():
-    x = torch.randn(2, 7, 64, 3)[..., 1]  # non-contiguous rows
-    w, b = torch.randn(64, 48), torch.randn(48)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_strided_and_batched_inputs(dev):
+    x = torch.randn(2, 7, 64, 3, device=dev)[..., 1]  # non-contiguous rows
+    w, b = torch.randn(64, 48, device=dev), torch.randn(48, device=dev)
     assert_parity(ops.conv1d(x, w.t().contiguous().t(), b), *ref_mm(x, w, b), 64)
-    xs = torch.randn(4, 10, 64)[:, -1:]  # the lm_head sees a last-position slice
+    xs = torch.randn(4, 10, 64, device=dev)[:, -1:]  # the lm_head sees a last-position slice
     assert_parity(ops.conv1d(xs, w, None), *ref_mm(xs, w, None), 64)
+    wt = torch.randn(48, 64, device=dev).t()  # the tied lm_head weight, transposed: a column-major [K, N]
+    assert_parity(ops.conv1d(xs, wt, None), *ref_mm(xs, wt, None), 64)
 
 
 def test_pack_layout():
@@ -76,8 +81,9 @@ def test_matches_hf_conv1d():
         torch.testing.assert_close(ops.conv1d(x, conv.weight, conv.bias), conv(x), atol=1e-5, rtol=1e-5)
 
 
-def test_opcheck():
-    x, w, b, r = torch.randn(3, 16), torch.randn(16, 40), torch.randn(40), torch.randn(3, 40)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_opcheck(dev):
+    x, w, b, r = (torch.randn(*s, device=dev) for s in ((3, 16), (16, 40), (40,), (3, 40)))
     torch.library.opcheck(torch.ops.gpt2kern.pack, (w,))
     for args in [(x, w, b, "none", None, -1), (x, ops.pack(w), b, "gelu_new", None, 40),
                  (x, ops.pack(w), None, "residual", r, 40)]:

@@ -1,0 +1,59 @@
+// launch.h — the CUDA kernel launchers (csrc/cuda/*.cu), called by the torch glue in ops_cuda.cpp.
+//
+// Plain C++ on raw device pointers and an explicit stream, so the .cu files never include torch headers (nvcc
+// stays fast and the kernels stay readable). Every launcher enqueues its kernel(s) on `stream` and returns
+// cudaGetLastError(), which the glue turns into a Python error: no launch goes unchecked. Nothing here
+// synchronizes with the host, so every launcher can be captured in a CUDA graph.
+// Strides are in elements; every innermost dimension is contiguous.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace gk::cuda {
+
+// y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
+cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows,
+                       int64_t n, float eps, cudaStream_t stream);
+// s = x + r (contiguous [rows, n]), y = LN(s).
+cudaError_t add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y,
+                           const float* w, const float* b, int64_t rows, int64_t n, float eps, cudaStream_t stream);
+
+// y = NewGELU(x) elementwise over n contiguous floats.
+cudaError_t gelu_new(const float* x, float* y, int64_t n, cudaStream_t stream);
+
+// out[row] = wte[ids[row]] + wpe[pos[row]] (+ wte[tt[row]]), rows x n; ids clamped into range (the glue
+// range-checks them first whenever the stream is not being captured).
+cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte, int64_t vocab,
+                      const float* wpe, int64_t n_pos, float* out, int64_t rows, int64_t n, cudaStream_t stream);
+
+// Conv1D: C[m, n] = epi(Σ_k A[m, k]·W[k, n] + bias[n]) for m < M, n < N.
+//   epi: 0 none, 1 gelu_new, 2 + R[m, n].  C is contiguous [M, N]; W is [K, N] with row stride ldw.
+// M <= kGemvMaxRows takes the GEMV kernel, larger M a tiled GEMM (128x128 tiles when they fill num_sms SMs); it splits K over `splits` blocks when splits > 1, and then needs
+// `workspace` of splits·M·N floats (gemv_splits() says how many; 1 means no workspace).
+constexpr int kGemvMaxRows = 32;
+int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
+cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                   const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
+                   int num_sms, cudaStream_t stream);
+
+// Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
+struct AttnArgs {
+  const float *q, *k, *v;
+  int64_t sq_b, sq_h, sq_t;
+  int64_t sk_b, sk_h, sk_t;
+  int64_t sv_b, sv_h, sv_t;
+  float* out;
+  int64_t B, H, Tq, Tkv, D;
+  const bool* key_mask;  // [B, mask_len] or null
+  int64_t mask_len;
+  const float* bias;     // (b, h, i, j) at b*sb_b + h*sb_h + i*sb_t + j, or null
+  int64_t sb_b, sb_h, sb_t, bias_len;
+  float scale;
+  int64_t q_offset;
+  bool causal;
+};
+constexpr int kAttnMaxHeadDim = 128;
+cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
+
+}  // namespace gk::cuda

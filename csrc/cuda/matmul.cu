@@ -1,0 +1,260 @@
+// matmul.cu — Conv1D's y = x @ W + b on CUDA, with the epilogue (gelu_new or + residual) fused before the store.
+//
+// Reference: C[m, n] = epi(Σ_k A[m, k] · W[k, n] + b[n]), fp32 accumulation. W is HF's Conv1D layout [K, N], row
+// stride ldw (pack on CUDA keeps that layout: both kernels below read W rows coalesced).
+//  - Prefill (M > kGemvMaxRows): a classic shared-memory tiled SGEMM. A 64×64 output tile per 256-thread block,
+//    K in steps of 16 staged through shared memory (A transposed, so a thread's 4 rows are broadcast reads), 4×4
+//    outputs per thread at a 16-element stride (conflict-free shared reads, coalesced stores). Bounds-checked
+//    loads (zeros outside), so any M, K, N and row stride work. When 128×128 tiles alone fill the GPU (the
+//    lm_head over a prompt, big models), the same scheme with 128×128 tiles, K steps of 8 and 8×8 outputs per
+//    thread read as float4 from shared memory: 4 shared loads per 64 FMAs instead of 8 per 16.
+//  - Decode (M <= kGemvMaxRows = 32, i.e. up to batch 32): a GEMV that streams W once at bandwidth. A block owns
+//    32 columns (lane = column, each W row read is one 128-byte transaction) and all M rows (accumulators in
+//    registers, x read as broadcasts); its 8 warps take interleaved k, 4 W rows in flight each, and sum their
+//    partials in shared memory in a fixed order. (A 64-row GEMM tile would leave a 32-row decode batch with a
+//    dozen blocks for N = 768.) When N/32 blocks cannot fill the GPU, K is split over
+//    gridDim.y blocks writing partials to a workspace that a second kernel sums (in split order: deterministic)
+//    and finishes with the epilogue.
+#include "common.cuh"
+#include "gelu.cuh"
+#include "launch.h"
+
+namespace gk::cuda {
+
+__device__ __forceinline__ float epilogue(float acc, int epi, const float* bias, int64_t n, const float* R,
+                                          int64_t ldr, int64_t m) {
+  float y = bias ? acc + bias[n] : acc;
+  if (epi == 1) y = gelu_new_f(y);
+  else if (epi == 2) y = y + R[m * ldr + n];
+  return y;
+}
+
+// ---------------------------------------------------------------- prefill: tiled SGEMM
+
+constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4, kGemmThreads = 256;
+static_assert((BM / TM) * (BN / TN) == kGemmThreads, "one thread per 4x4 sub-tile");
+
+__global__ __launch_bounds__(kGemmThreads) void gemm_kernel(const float* __restrict__ A, int64_t lda, int64_t M,
+                                                            int64_t K, const float* __restrict__ W, int64_t ldw,
+                                                            int64_t N, const float* __restrict__ bias, int epi,
+                                                            const float* __restrict__ R, int64_t ldr,
+                                                            float* __restrict__ C) {
+  __shared__ float As[BK][BM + 1];  // A tile transposed: As[k][m]
+  __shared__ float Ws[BK][BN];
+  const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
+  const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+    for (int e = 0; e < BM * BK / kGemmThreads; ++e) {
+      const int idx = tid + e * kGemmThreads, mm = idx / BK, kk = idx % BK;
+      const int64_t gm = m0 + mm, gk = k0 + kk;
+      As[kk][mm] = (gm < M && gk < K) ? A[gm * lda + gk] : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < BK * BN / kGemmThreads; ++e) {
+      const int idx = tid + e * kGemmThreads, kk = idx / BN, nn = idx % BN;
+      const int64_t gk = k0 + kk, gn = n0 + nn;
+      Ws[kk][nn] = (gk < K && gn < N) ? W[gk * ldw + gn] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[TM], w[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + i * (BM / TM)];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) w[j] = Ws[kk][tx + j * (BN / TN)];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
+    }
+    __syncthreads();  // the tiles are overwritten next step
+  }
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + ty + i * (BM / TM);
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + tx + j * (BN / TN);
+      if (n < N) C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
+    }
+  }
+}
+
+constexpr int BM2 = 128, BN2 = 128, BK2 = 8, kPad2 = 4;  // pitch 132 floats keeps float4 rows 16-byte aligned
+
+__global__ __launch_bounds__(kGemmThreads, 2) void gemm128_kernel(const float* __restrict__ A, int64_t lda, int64_t M,
+                                                               int64_t K, const float* __restrict__ W, int64_t ldw,
+                                                               int64_t N, const float* __restrict__ bias, int epi,
+                                                               const float* __restrict__ R, int64_t ldr,
+                                                               float* __restrict__ C) {
+  __shared__ __align__(16) float As[BK2][BM2 + kPad2];  // A tile transposed: As[k][m]
+  __shared__ __align__(16) float Ws[BK2][BN2 + kPad2];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t m0 = (int64_t)blockIdx.y * BM2, n0 = (int64_t)blockIdx.x * BN2;
+  // thread (ty, tx) owns rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise with tx
+  float acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+  for (int64_t k0 = 0; k0 < K; k0 += BK2) {
+#pragma unroll
+    for (int e = 0; e < BM2 * BK2 / kGemmThreads; ++e) {
+      const int idx = tid + e * kGemmThreads, mm = idx / BK2, kk = idx % BK2;
+      const int64_t gm = m0 + mm, gk = k0 + kk;
+      As[kk][mm] = (gm < M && gk < K) ? A[gm * lda + gk] : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < BK2 * BN2 / kGemmThreads; ++e) {
+      const int idx = tid + e * kGemmThreads, kk = idx / BN2, nn = idx % BN2;
+      const int64_t gk = k0 + kk, gn = n0 + nn;
+      Ws[kk][nn] = (gk < K && gn < N) ? W[gk * ldw + gn] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK2; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&As[kk][64 + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&Ws[kk][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&Ws[kk][64 + tx * 4]);
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+      if (n < N) C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- decode: GEMV, split-K when N is narrow
+
+constexpr int kGemvWarps = 8;
+
+template <int MR>  // rows held in registers: M <= MR
+__global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __restrict__ A, int64_t lda, int M,
+                                                               int64_t K, const float* __restrict__ W, int64_t ldw,
+                                                               int64_t N, const float* __restrict__ bias, int epi,
+                                                               const float* __restrict__ R, int64_t ldr,
+                                                               float* __restrict__ C, int splits,
+                                                               float* __restrict__ ws) {
+  __shared__ float red[kGemvWarps][MR][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t n = (int64_t)blockIdx.x * 32 + lane;
+  const bool col_ok = n < N;
+  const float* wcol = W + (col_ok ? n : N - 1);  // lanes past N read a valid column and discard it
+  const int64_t kchunk = (K + splits - 1) / splits;
+  const int64_t kb = (int64_t)blockIdx.y * kchunk, ke = kb + kchunk < K ? kb + kchunk : K;
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
+
+  constexpr int S = kGemvWarps;
+  int64_t k = kb + warp;
+  for (; k + 3 * S < ke; k += 4 * S) {  // 4 weight rows in flight per warp
+    const float w0 = wcol[k * ldw], w1 = wcol[(k + S) * ldw], w2 = wcol[(k + 2 * S) * ldw],
+                w3 = wcol[(k + 3 * S) * ldw];
+#pragma unroll
+    for (int r = 0; r < MR; ++r) {
+      if (r < M) {
+        const float* a = A + r * lda + k;  // the same address in every lane: a broadcast
+        acc[r] = fmaf(a[0], w0, acc[r]);
+        acc[r] = fmaf(a[S], w1, acc[r]);
+        acc[r] = fmaf(a[2 * S], w2, acc[r]);
+        acc[r] = fmaf(a[3 * S], w3, acc[r]);
+      }
+    }
+  }
+  for (; k < ke; k += S) {
+    const float w0 = wcol[k * ldw];
+#pragma unroll
+    for (int r = 0; r < MR; ++r)
+      if (r < M) acc[r] = fmaf(A[r * lda + k], w0, acc[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < MR; ++r) red[warp][r][lane] = acc[r];
+  __syncthreads();
+  if (col_ok) {
+    for (int r = warp; r < M; r += kGemvWarps) {  // row r's total, summed over the warps in order
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kGemvWarps; ++w) s += red[w][r][lane];
+      if (splits == 1) C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
+      else ws[((int64_t)blockIdx.y * M + r) * N + n] = s;
+    }
+  }
+}
+
+__global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, int M, int64_t N,
+                                     const float* __restrict__ bias, int epi, const float* __restrict__ R,
+                                     int64_t ldr, float* __restrict__ C) {
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)M * N) return;
+  const int64_t r = idx / N, n = idx % N;
+  float s = 0.f;
+  for (int sp = 0; sp < splits; ++sp) s += ws[((int64_t)sp * M + r) * N + n];
+  C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
+}
+
+int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
+  if (M > kGemvMaxRows) return 1;
+  const int64_t blocks = (N + 31) / 32, want = 2 * (int64_t)num_sms;
+  int64_t s = (want + blocks - 1) / blocks;
+  const int64_t max_by_k = K / 128 > 1 ? K / 128 : 1;  // at least 128 rows of W per block
+  if (s > max_by_k) s = max_by_k;
+  if (s > 32) s = 32;
+  return s < 1 ? 1 : (int)s;
+}
+
+cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                   const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
+                   int num_sms, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaGetLastError();
+  if (M <= kGemvMaxRows) {
+    if (splits < 1 || (splits > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
+    dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
+    if (M <= 8)
+      gemv_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
+                                                           splits, workspace);
+    else
+      gemv_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
+                                                                      ldr, C, splits, workspace);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || splits == 1) return err;
+    splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(workspace, splits, (int)M, N, bias, epi, R,
+                                                                     ldr, C);
+    return cudaGetLastError();
+  }
+  const int64_t gx2 = (N + BN2 - 1) / BN2, gy2 = (M + BM2 - 1) / BM2;
+  if (gx2 * gy2 >= num_sms) {
+    gemm128_kernel<<<dim3((unsigned)gx2, (unsigned)gy2), kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias,
+                                                                                  epi, R, ldr, C);
+    return cudaGetLastError();
+  }
+  dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM));
+  gemm_kernel<<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C);
+  return cudaGetLastError();
+}
+
+}  // namespace gk::cuda

@@ -1,0 +1,318 @@
+// ops_cuda.cpp — torch glue for the CUDA kernels (csrc/cuda/*.cu, declared in launch.h) and their registration
+// for the CUDA dispatch key. The same argument checks and error messages as the CPU glue (csrc/cpu/*.cpp), plus
+// "every tensor on x's CUDA device"; outputs on that device; every launch on the current stream and checked.
+// Nothing here waits on the GPU except embedding's id range check, which is skipped while a CUDA graph is being
+// captured (the kernel clamps ids instead).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/checks.h"
+#include "launch.h"
+
+#define GK_CUDA_CHECK_LAUNCH(op, call)                                                                  \
+  do {                                                                                                  \
+    const cudaError_t gk_err_ = (call);                                                                 \
+    TORCH_CHECK(gk_err_ == cudaSuccess, "gpt2kern.", op, ": CUDA kernel failed: ", cudaGetErrorString(gk_err_)); \
+  } while (0)
+
+#define GK_CHECK_ON(x, t, op, name) GK_CHECK_SAME_DEVICE(x, t, op, name)
+
+namespace gk::cuda_ops {
+
+namespace {
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int num_sms() {  // of the current device (the ops' CUDAGuard set it), cached per device
+  static int cache[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cache[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev] = n > 0 ? n : 1;
+  }
+  return cache[dev];
+}
+
+bool capturing() {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream(), &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+void check_ln_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* op) {
+  GK_CHECK_FLOAT(x, op, "x");
+  GK_CHECK_FLOAT(w, op, "weight");
+  GK_CHECK_FLOAT(b, op, "bias");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.", op, ": x must have at least 1 dim");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == n, "gpt2kern.", op, ": weight must have shape [", n, "], got ",
+                    w.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "gpt2kern.", op, ": bias must have shape [", n, "], got ",
+                    b.sizes());
+  GK_CHECK_ON(x, w, op, "weight");
+  GK_CHECK_ON(x, b, op, "bias");
+}
+
+}  // namespace
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_ln_params(x, weight, bias, "layer_norm");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0) return y;
+  at::Tensor xr = as_rows(x, n), w = weight.contiguous(), b = bias.contiguous();
+  GK_CUDA_CHECK_LAUNCH("layer_norm", cuda::layer_norm(xr.data_ptr<float>(), row_stride(xr), y.data_ptr<float>(),
+                                                       w.data_ptr<float>(), b.data_ptr<float>(), xr.size(0), n,
+                                                       (float)eps, stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                  const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_ln_params(x, weight, bias, "add_layer_norm");
+  GK_CHECK_FLOAT(residual, "add_layer_norm", "residual");
+  GK_CHECK_ON(x, residual, "add_layer_norm", "residual");
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "gpt2kern.add_layer_norm: residual must have x's shape ",
+                    x.sizes(), ", got ", residual.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor s = at::empty(x.sizes(), opts), y = at::empty(x.sizes(), opts);
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0) return {s, y};
+  at::Tensor xr = as_rows(x, n), rr = as_rows(residual, n), w = weight.contiguous(), b = bias.contiguous();
+  GK_CUDA_CHECK_LAUNCH("add_layer_norm",
+                       cuda::add_layer_norm(xr.data_ptr<float>(), row_stride(xr), rr.data_ptr<float>(),
+                                            row_stride(rr), s.data_ptr<float>(), y.data_ptr<float>(),
+                                            w.data_ptr<float>(), b.data_ptr<float>(), xr.size(0), n, (float)eps,
+                                            stream()));
+  return {s, y};
+}
+
+at::Tensor gelu_new(const at::Tensor& x) {
+  GK_CHECK_FLOAT(x, "gelu_new", "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  GK_CUDA_CHECK_LAUNCH("gelu_new", cuda::gelu_new(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel(), stream()));
+  return y;
+}
+
+// On CUDA the matmul reads HF's [K, N] layout directly, so pack is a contiguous copy (a new tensor, as the schema
+// promises). ops.py's fake implementation gives [K, N] for CUDA tensors accordingly.
+at::Tensor pack(const at::Tensor& weight) {
+  GK_CHECK_FLOAT(weight, "pack", "weight");
+  GK_CHECK_DIM(weight, 2, "pack", "weight");
+  c10::cuda::CUDAGuard guard(weight.device());
+  return at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous)).copy_(weight);
+}
+
+static int parse_epilogue(c10::string_view e) {
+  if (e == "none") return 0;
+  if (e == "gelu_new") return 1;
+  if (e == "residual") return 2;
+  TORCH_CHECK_VALUE(false, "gpt2kern.conv1d: epilogue must be 'none', 'gelu_new' or 'residual', got '", e, "'");
+}
+
+at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features) {
+  const int epi = parse_epilogue(epilogue);
+  GK_CHECK_FLOAT(x, "conv1d", "x");
+  GK_CHECK_FLOAT(weight, "conv1d", "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.conv1d: x must have at least 1 dim");
+  GK_CHECK_ON(x, weight, "conv1d", "weight");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "gpt2kern.conv1d: on CUDA the weight must be [", K,
+                    ", out] (HF's Conv1D layout, which pack keeps on CUDA), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) == K, "gpt2kern.conv1d: weight must be [", K, ", out], got ", weight.sizes());
+  const int64_t N = weight.size(1);
+  TORCH_CHECK_VALUE(out_features < 0 || out_features == N, "gpt2kern.conv1d: out_features=", out_features,
+                    " but weight has ", N, " columns");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor b;
+  if (bias) {
+    GK_CHECK_FLOAT(*bias, "conv1d", "bias");
+    GK_CHECK_ON(x, *bias, "conv1d", "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "gpt2kern.conv1d: bias must be [", N, "], got ",
+                      bias->sizes());
+    b = bias->contiguous();
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (epi == 2) {
+    TORCH_CHECK_VALUE(residual.has_value(), "gpt2kern.conv1d: epilogue 'residual' needs a residual tensor");
+    GK_CHECK_FLOAT(*residual, "conv1d", "residual");
+    GK_CHECK_ON(x, *residual, "conv1d", "residual");
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.conv1d: residual must have shape ",
+                      at::IntArrayRef(out_shape), ", got ", residual->sizes());
+  } else {
+    TORCH_CHECK_VALUE(!residual.has_value(), "gpt2kern.conv1d: a residual was given but epilogue is '", epilogue,
+                      "' (use epilogue='residual')");
+  }
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  if (K == 0) {  // empty reduction: bias (+ epilogue) only
+    at::Tensor z = b.defined() ? b.expand(out_shape).clone() : at::zeros(out_shape, x.options());
+    if (epi == 1) return gelu_new(z);
+    if (epi == 2) z.add_(*residual);
+    return z;
+  }
+  at::Tensor A = as_rows(x, K);
+  at::Tensor W = weight.stride(1) == 1 ? weight : weight.contiguous();
+  const int64_t M = A.size(0), ldw = row_stride(W);
+  at::Tensor rr;
+  if (epi == 2) rr = as_rows(*residual, N);
+  const int splits = cuda::gemv_splits(M, K, N, num_sms());
+  at::Tensor ws;
+  if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
+  GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N,
+                                              b.defined() ? b.data_ptr<float>() : nullptr, epi,
+                                              rr.defined() ? rr.data_ptr<float>() : nullptr,
+                                              rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(), splits,
+                                              ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(), stream()));
+  return y;
+}
+
+static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
+                     int64_t q_offset, bool causal) {
+  const char* op = "attention";
+  GK_CHECK_FLOAT(q_, op, "q");
+  GK_CHECK_FLOAT(k_, op, "k");
+  GK_CHECK_FLOAT(v_, op, "v");
+  GK_CHECK_DIM(q_, 4, op, "q [B, H, Tq, D]");
+  GK_CHECK_DIM(k_, 4, op, "k [B, H, Tkv, D]");
+  GK_CHECK_DIM(v_, 4, op, "v [B, H, Tkv, D]");
+  GK_CHECK_ON(q_, k_, op, "k");
+  GK_CHECK_ON(q_, v_, op, "v");
+  const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), D = q_.size(3), Tkv = k_.size(2);
+  TORCH_CHECK_VALUE(k_.size(0) == B && k_.size(1) == H && k_.size(3) == D, "gpt2kern.attention: k must be [", B,
+                    ", ", H, ", Tkv, ", D, "], got ", k_.sizes());
+  TORCH_CHECK_VALUE(v_.sizes() == k_.sizes(), "gpt2kern.attention: v must have k's shape ", k_.sizes(), ", got ",
+                    v_.sizes());
+  TORCH_CHECK_VALUE(q_offset >= 0, "gpt2kern.attention: q_offset must be >= 0, got ", q_offset);
+  TORCH_CHECK_VALUE(!causal || q_offset + Tq <= Tkv, "gpt2kern.attention: causal queries at positions [", q_offset,
+                    ", ", q_offset + Tq, ") need at least ", q_offset + Tq, " keys, got ", Tkv);
+  TORCH_CHECK_VALUE(D <= cuda::kAttnMaxHeadDim, "gpt2kern.attention: the CUDA kernel supports head dims up to ",
+                    cuda::kAttnMaxHeadDim, ", got ", D);
+  TORCH_CHECK_VALUE(B <= 65535 && H <= 65535, "gpt2kern.attention: batch and heads must be <= 65535 on CUDA");
+  c10::cuda::CUDAGuard guard(q_.device());
+  at::Tensor out = at::empty({B, Tq, H, D}, q_.options());
+  if (out.numel() == 0) return out;
+  at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+
+  cuda::AttnArgs a{};
+  a.q = q.data_ptr<float>(); a.k = k.data_ptr<float>(); a.v = v.data_ptr<float>();
+  a.sq_b = q.stride(0); a.sq_h = q.stride(1); a.sq_t = q.stride(2);
+  a.sk_b = k.stride(0); a.sk_h = k.stride(1); a.sk_t = k.stride(2);
+  a.sv_b = v.stride(0); a.sv_h = v.stride(1); a.sv_t = v.stride(2);
+  a.out = out.data_ptr<float>();
+  a.B = B; a.H = H; a.Tq = Tq; a.Tkv = Tkv; a.D = D;
+  a.scale = (float)scale; a.q_offset = q_offset; a.causal = causal;
+  at::Tensor km;
+  if (key_mask) {
+    GK_CHECK_DTYPE(*key_mask, at::kBool, op, "key_mask");
+    GK_CHECK_ON(q_, *key_mask, op, "key_mask");
+    TORCH_CHECK_VALUE(key_mask->dim() == 2 && key_mask->size(0) == B, "gpt2kern.attention: key_mask must be [", B,
+                      ", L], got ", key_mask->sizes());
+    km = key_mask->contiguous();
+    a.key_mask = km.data_ptr<bool>();
+    a.mask_len = km.size(1);
+  }
+  at::Tensor bb;
+  if (bias) {
+    GK_CHECK_FLOAT(*bias, op, "bias");
+    GK_CHECK_ON(q_, *bias, op, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 4 && (bias->size(0) == B || bias->size(0) == 1) &&
+                          (bias->size(1) == H || bias->size(1) == 1) && bias->size(2) == Tq,
+                      "gpt2kern.attention: bias must be [", B, " or 1, ", H, " or 1, ", Tq, ", L], got ",
+                      bias->sizes());
+    bb = last_dim_contiguous(*bias);
+    a.bias = bb.data_ptr<float>();
+    a.sb_b = bb.size(0) == 1 ? 0 : bb.stride(0);
+    a.sb_h = bb.size(1) == 1 ? 0 : bb.stride(1);
+    a.sb_t = bb.stride(2);
+    a.bias_len = bb.size(3);
+  }
+  GK_CUDA_CHECK_LAUNCH("attention", cuda::attention(a, num_sms(), stream()));
+  return out;
+}
+
+static at::Tensor ids_2d(const at::Tensor& ids, const at::Tensor& wte, int64_t B, int64_t T, const char* name) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "gpt2kern.embedding: ", name,
+                   " must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2 && (ids.size(0) == B || ids.size(0) == 1) && ids.size(1) == T,
+                    "gpt2kern.embedding: ", name, " must have shape [", B, ", ", T, "] (or [1, ", T, "]), got ",
+                    ids.sizes());
+  GK_CHECK_ON(wte, ids, "embedding", name);
+  return ids.to(at::kLong).expand({B, T}).contiguous();
+}
+
+// The first id outside [0, hi) as an IndexError naming it, like the CPU op. Costs one device->host copy.
+static void report_range(const at::Tensor& ids, int64_t hi, const char* name, const char* what) {
+  at::Tensor bad = ids.masked_select(ids.lt(0).logical_or(ids.ge(hi)));
+  if (bad.numel() == 0) return;
+  TORCH_CHECK_INDEX(false, "gpt2kern.embedding: ", name, " contains ", bad[0].item<int64_t>(), ", outside ", what,
+                    " [0, ", hi, ")");
+}
+
+at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
+                     const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids) {
+  GK_CHECK_DIM(input_ids, 2, "embedding", "input_ids");
+  GK_CHECK_FLOAT(wte, "embedding", "wte");
+  GK_CHECK_FLOAT(wpe, "embedding", "wpe");
+  GK_CHECK_DIM(wte, 2, "embedding", "wte");
+  GK_CHECK_DIM(wpe, 2, "embedding", "wpe");
+  GK_CHECK_ON(wte, wpe, "embedding", "wpe");
+  TORCH_CHECK_VALUE(wte.size(1) == wpe.size(1), "gpt2kern.embedding: wte and wpe widths differ (", wte.size(1),
+                    " vs ", wpe.size(1), ")");
+  c10::cuda::CUDAGuard guard(wte.device());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1), n = wte.size(1);
+  at::Tensor ids = ids_2d(input_ids, wte, B, T, "input_ids");
+  at::Tensor pos = ids_2d(position_ids, wte, B, T, "position_ids");
+  at::Tensor tt;
+  if (token_type_ids) tt = ids_2d(*token_type_ids, wte, B, T, "token_type_ids");
+  const int64_t V = wte.size(0), P = wpe.size(0);
+  if (ids.numel() > 0 && !capturing()) {  // one sync for all three; the details only when something is wrong
+    at::Tensor bad = ids.lt(0).logical_or(ids.ge(V)).any().logical_or(pos.lt(0).logical_or(pos.ge(P)).any());
+    if (tt.defined()) bad = bad.logical_or(tt.lt(0).logical_or(tt.ge(V)).any());
+    if (bad.item<bool>()) {
+      report_range(ids, V, "input_ids", "the vocabulary");
+      report_range(pos, P, "position_ids", "the position table (n_positions)");
+      if (tt.defined()) report_range(tt, V, "token_type_ids", "the vocabulary");
+    }
+  }
+  at::Tensor out = at::empty({B, T, n}, wte.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK_VALUE(V > 0 && P > 0, "gpt2kern.embedding: empty wte or wpe");
+  at::Tensor e = wte.contiguous(), p = wpe.contiguous();
+  GK_CUDA_CHECK_LAUNCH("embedding", cuda::embedding(ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
+                                                    tt.defined() ? tt.data_ptr<int64_t>() : nullptr,
+                                                    e.data_ptr<float>(), V, p.data_ptr<float>(), P,
+                                                    out.data_ptr<float>(), B * T, n, stream()));
+  return out;
+}
+
+}  // namespace gk::cuda_ops
+
+TORCH_LIBRARY_IMPL(gpt2kern, CUDA, m) {
+  m.impl("layer_norm", &gk::cuda_ops::layer_norm);
+  m.impl("add_layer_norm", &gk::cuda_ops::add_layer_norm);
+  m.impl("gelu_new", &gk::cuda_ops::gelu_new);
+  m.impl("pack", &gk::cuda_ops::pack);
+  m.impl("conv1d", &gk::cuda_ops::conv1d);
+  m.impl("attention", &gk::cuda_ops::attention);
+  m.impl("embedding", &gk::cuda_ops::embedding);
+}

@@ -1,0 +1,211 @@
+"""CUDA: the build guard (runs everywhere), then CUDA-only kernel cases, device checks, the optimized model on CUDA
+vs HF eager, and the CUDA-graph decoder vs HF generate. The per-op parity tests run on CUDA too, through the
+`device` fixture / DEVICES parameter (tests/test_<kernel>.py). Everything but the build guard skips without a GPU."""
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import LOGITS_ATOL, assert_parity, needs_cuda
+from test_attention import qkv, ref_attention
+from test_matmul import ref_mm
+
+import gpt2kern
+from gpt2kern import ops
+
+
+def _nvcc_present():
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or shutil.which("nvcc"):
+        return True
+    return any(os.path.isfile(os.path.join(d, "bin", "nvcc")) for d in ["/usr/local/cuda"])
+
+
+@pytest.mark.skipif(torch.version.cuda is None or not _nvcc_present() or os.environ.get("GPT2KERN_NO_CUDA") == "1",
+                    reason="CPU-only torch or no nvcc: a CPU-only build is expected")
+def test_cuda_kernels_were_built():
+    # torch is a CUDA build and nvcc exists, so setup.py must have compiled csrc/cuda: a CUDA compile problem or a
+    # silently CPU-only build fails here, GPU or not.
+    assert ops.has_cuda(), "gpt2kern._C was built without its CUDA kernels although torch has CUDA and nvcc exists"
+    for op in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention", "embedding"):
+        assert "CUDA: registered" in torch._C._dispatch_dump(f"gpt2kern::{op}"), op
+
+
+
+# ---------------------------------------------------------------- kernel cases only the CUDA kernels branch on
+
+@needs_cuda
+@pytest.mark.parametrize("B,H,Tq,Tkv,D,off", [
+    (2, 12, 256, 256, 64, 0),   # enough rows for one warp per 8 rows (no key split)
+    (1, 12, 300, 700, 64, 400),  # ragged row blocks, long prefix
+    (1, 2, 40, 40, 128, 0),     # widest head dim (4 floats per lane, > 48 KiB shared memory)
+    (3, 5, 9, 70, 20, 61),      # head dim not a multiple of 32
+    (32, 12, 1, 513, 64, 512),  # decode B=32
+    (1, 12, 1, 1024, 64, 1023),  # decode, keys split over 4 warps
+])
+def test_attention_cuda_paths(B, H, Tq, Tkv, D, off):
+    q, k, v = qkv(B, H, Tq, Tkv, D, 5)
+    out = ops.attention(q.cuda(), k.cuda(), v.cuda(), None, None, D ** -0.5, off, True)
+    assert_parity(out, *ref_attention(q, k, v, scale=D ** -0.5, q_offset=off), max(Tkv, D), "cuda attention")
+
+
+@needs_cuda
+def test_attention_cuda_mask_and_bias_together():
+    B, H, Tq, Tkv, D = 2, 3, 5, 45, 64
+    q, k, v = qkv(B, H, Tq, Tkv, D, 6)
+    mask = torch.ones(B, 50, dtype=torch.bool)  # longer than Tkv: extra entries ignored
+    mask[0, :7] = False
+    mask[1, 30:] = False
+    bias = torch.randn(1, H, Tq, 40)  # shorter than Tkv: keys past it unseen
+    out = ops.attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), bias.cuda(), 0.125, 40, True)
+    ref, terms = ref_attention(q, k, v, key_mask=mask, bias=bias, scale=0.125, q_offset=40)
+    assert_parity(out, ref, terms, Tkv, "mask+bias")
+
+
+@needs_cuda
+@pytest.mark.parametrize("M,K,N", [(1, 3072, 768), (8, 768, 2304), (9, 768, 768), (2, 768, 50257), (4, 200, 3),
+                                   (32, 3072, 768), (32, 768, 50257), (33, 768, 2304), (64, 64, 64), (65, 100, 130),
+                                   (512, 768, 2304), (300, 64, 20000), (1030, 37, 4100)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
+def test_conv1d_cuda_paths(M, K, N, epilogue):
+    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else tiled GEMM, 64x64 or (when the grid
+    # fills the GPU) 128x128; ragged edges of every tiling
+    from test_gelu import gelu_terms, ref_gelu
+    torch.manual_seed(M + N)
+    x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
+    res = torch.randn(M, N) if epilogue == "residual" else None
+    y = ops.conv1d(x.cuda(), ops.pack(w.cuda()), b.cuda(), epilogue, None if res is None else res.cuda(), N)
+    ref, terms = ref_mm(x, w, b)
+    if epilogue == "gelu_new":
+        ref, terms = ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
+    elif epilogue == "residual":
+        ref, terms = ref + res.double(), terms + res.double().abs()
+    assert_parity(y, ref, terms, K, f"cuda conv1d {M}x{K}x{N} {epilogue}")
+
+
+@needs_cuda
+def test_pack_on_cuda_is_a_contiguous_copy():
+    w = torch.randn(40, 5, device="cuda").t()
+    p = ops.pack(w)
+    assert p.shape == (5, 40) and p.is_contiguous() and torch.equal(p, w) and p.data_ptr() != w.data_ptr()
+
+
+@needs_cuda
+def test_device_mismatch_is_a_value_error():
+    x, w, b = torch.randn(2, 8, device="cuda"), torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        ops.layer_norm(x, w, b)
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        ops.conv1d(x, torch.randn(8, 4))
+    q = torch.randn(1, 2, 3, 8, device="cuda")
+    with pytest.raises(ValueError, match="key_mask is on cpu"):
+        ops.attention(q, q, q, torch.ones(1, 3, dtype=torch.bool), None, 1.0, 0, True)
+    with pytest.raises(ValueError, match="input_ids is on cpu"):
+        ops.embedding(torch.zeros(1, 3, dtype=torch.long), torch.randn(9, 8, device="cuda"),
+                      torch.randn(9, 8, device="cuda"), torch.arange(3, device="cuda")[None])
+    with pytest.raises(ValueError, match="on CUDA the weight must be"):
+        ops.conv1d(x, torch.randn(1, 8, 32, device="cuda"), out_features=32)
+
+
+# ---------------------------------------------------------------- the model on CUDA
+
+@pytest.fixture(scope="module")
+def cuda_pair(distil):
+    ref = copy.deepcopy(distil).cuda()
+    opt = gpt2kern.optimize(copy.deepcopy(distil).cuda())
+    return ref, opt
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_logits_match_hf_eager(distil, cuda_pair):
+    _, opt = cuda_pair
+    for B, T in [(1, 1), (2, 17), (1, 512), (1, distil.config.n_positions)]:
+        ids = torch.randint(0, distil.config.vocab_size, (B, T))
+        a = distil(ids).logits  # HF eager fp32 on CPU: the reference
+        b = opt(ids.cuda()).logits
+        assert gpt2kern.fallback_reason(opt) is None
+        err = (a - b.cpu()).abs().max().item()
+        assert err <= LOGITS_ATOL, f"B={B} T={T}: max |Δlogits| {err:.3g}"
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_every_layer_matches_hf(distil, cuda_pair):
+    ref, opt = cuda_pair
+    ids = torch.randint(0, distil.config.vocab_size, (2, 13), device="cuda")
+    rec = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.__setitem__(n, o[0] if isinstance(o, tuple) else o))
+             for n, m in ref.named_modules() if n]
+    try:
+        ref(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    with gpt2kern.tracing(opt) as ours:
+        opt(ids)
+    assert len(ours) == 3 + 7 * distil.config.n_layer + 1
+    for name, t in ours:
+        key = name if name == "lm_head" else "transformer." + name
+        if key in rec:  # HF names every traced step (its `act` output is our fused c_fc+gelu)
+            torch.testing.assert_close(t, rec[key], atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_generate_matches_hf(cuda_pair):
+    ref, opt = cuda_pair
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    a = ref.generate(ids, attention_mask=mask, **kw)
+    b = opt.generate(ids, attention_mask=mask, **kw)
+    assert gpt2kern.fallback_reason(opt) is None
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the CUDA-graph decoder
+
+def _until_eos(tokens, start, eos):
+    rows = []
+    for row in tokens.tolist():
+        cut = next((i + 1 for i in range(start, len(row)) if row[i] == eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph", [True, False])
+@torch.no_grad()
+def test_cuda_graph_decoder_matches_hf_generate(cuda_pair, graph):
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    ref, _ = cuda_pair
+    B, T, n = 3, 11, 40
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n, use_graph=graph)
+    ours = dec.generate(ids, n, attention_mask=mask)
+    hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    eos = ref.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    a, b = _until_eos(hf, T, eos), _until_eos(ours[:, : hf.shape[1]], T, eos)
+    assert a == b
+    # logits of a second run, step by step, vs HF's full forward on the same tokens
+    logits = dec.prefill(ids, attention_mask=mask)
+    seq = ids
+    for _ in range(5):
+        nxt = logits.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        logits = dec.step(nxt).clone()
+    full_mask = torch.cat([mask, torch.ones(B, 5, dtype=mask.dtype, device="cuda")], 1)
+    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
+    want = ref(seq, attention_mask=full_mask, position_ids=pos).logits[:, -1]
+    assert (want - logits).abs().max().item() <= LOGITS_ATOL
+
+
+def test_cuda_graph_decoder_rejects_cpu_models(tiny):
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    with pytest.raises((ValueError, RuntimeError), match="CUDA"):
+        CudaGraphDecoder(tiny, batch_size=1, max_len=8)
