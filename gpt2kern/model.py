@@ -200,6 +200,9 @@ def _masks(attention_mask, B, T, past):
         return (None if bool(m.all()) else m), None, True
     if attention_mask.dim() == 4:  # already [B, 1|H, T, kv]: HF semantics, causality included
         m = attention_mask
+        if m.shape[0] not in (1, B) or m.shape[2] != T or m.shape[3] < past + T:
+            raise ValueError(f"a 4-D attention_mask must be [batch ({B}) or 1, 1 or heads, q_len ({T}), kv_len "
+                             f"(>= past + q_len = {past + T})], got shape {tuple(m.shape)}")
         if m.dtype == torch.bool:
             bias = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, float("-inf"))
         else:
@@ -242,7 +245,11 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
             trace(f"h.{i}.attn.c_attn", qkv)
         q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
         if cache is not None:
-            k, v = cache.update(k, v, i)
+            try:
+                k, v = cache.update(k, v, i)
+            except RuntimeError as e:  # torch.cat's message alone does not say what did not fit
+                raise ValueError(f"past_key_values does not fit this call (layer {i}: batch {B}, {H} heads of "
+                                 f"size {D}): {e}") from e
         a = ops.attention(q, k, v, key_mask, bias, L["scale"], past, causal)
         Wp, bias_, n = L["attn_proj"]
         a = ops.conv1d(a.view(B, T, E), Wp, bias_, out_features=n)
