@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import threading
 import types
 
 import torch
@@ -38,9 +39,15 @@ _CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseMo
 
 
 class _State:
-    """Packed weights of one model and what is needed to notice they went stale."""
+    """Packed weights of one model and what is needed to notice they went stale.
+
+    Threads may share one optimized model: repacking is serialized by a lock and published whole (the stamp last),
+    and what a call did (fallback_reason, body_was_fast) is kept per thread, so one thread's fallback never sends
+    another thread's lm_head down the wrong path."""
 
     def __init__(self, transformer: GPT2Model, lm_head: torch.nn.Module | None):
+        self._lock = threading.Lock()
+        self._local = threading.local()
         self.transformer, self.lm_head = transformer, lm_head
         cfg = transformer.config
         self.unsupported = _unsupported_config(transformer)
@@ -50,7 +57,22 @@ class _State:
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
         self.layers: list[dict] = []
-        self.lm_w = None
+        self.lm_w = self.ln_f = None
+
+    # per thread: what this thread's last forward call did
+    fallback_reason = property(lambda self: getattr(self._local, "fallback_reason", None),
+                               lambda self, v: setattr(self._local, "fallback_reason", v))
+    body_was_fast = property(lambda self: getattr(self._local, "body_was_fast", False),
+                             lambda self, v: setattr(self._local, "body_was_fast", v))
+
+    def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
+        d = dict(self.__dict__)
+        del d["_lock"], d["_local"]
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock, self._local = threading.Lock(), threading.local()
 
     @property
     def params(self):
@@ -66,18 +88,22 @@ class _State:
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
         replaced Parameters)."""
-        stamp = self._stamp()
-        if stamp == self.stamp:
+        if self._stamp() == self.stamp:
             return
-        self.stamp = stamp
+        with self._lock:  # one thread packs; the others wait for it, then find the stamp fresh
+            stamp = self._stamp()
+            if stamp != self.stamp:
+                self._repack(stamp)
+
+    def _repack(self, stamp):
         if self.unsupported or any(dev.type != "cpu" or dt != torch.float32 for _, _, dev, dt in stamp):
-            self.layers, self.lm_w = [], None
+            self.layers, self.lm_w, self.stamp = [], None, stamp
             return
         with torch.no_grad():
-            self.layers = []
+            layers = []
             for blk in self.transformer.h:
                 a, m = blk.attn, blk.mlp
-                self.layers.append(dict(
+                layers.append(dict(
                     ln_1=(blk.ln_1.weight.detach(), blk.ln_1.bias.detach(), blk.ln_1.eps),
                     ln_2=(blk.ln_2.weight.detach(), blk.ln_2.bias.detach(), blk.ln_2.eps),
                     c_attn=_packed(a.c_attn), attn_proj=_packed(a.c_proj),
@@ -85,9 +111,13 @@ class _State:
                     scale=float(getattr(a, "scaling", _scaling(self.transformer.config, blk.attn.layer_idx))),
                 ))
             lf = self.transformer.ln_f
-            self.ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
+            ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
+            lm_w = None
             if self.lm_head is not None:
-                self.lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
+                lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
+        # published whole, the stamp last: a thread that finds the stamp fresh finds the packs complete
+        self.layers, self.ln_f, self.lm_w = layers, ln_f, lm_w
+        self.stamp = stamp
 
 
 def _packed(conv):
@@ -216,6 +246,7 @@ def _masks(attention_mask, B, T, past):
 def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
     """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
     t = st.transformer
+    layers, ln_f = st.layers, st.ln_f  # one consistent set of packs for the whole call
     B, T = ids.shape
     E, H = st.E, st.H
     D = E // H
@@ -234,9 +265,9 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
     hidden = [h] if want_hidden else None
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
-    w, b, eps = st.layers[0]["ln_1"]
+    w, b, eps = layers[0]["ln_1"]
     x = ops.layer_norm(h, w, b, eps)
-    for i, L in enumerate(st.layers):
+    for i, L in enumerate(layers):
         if trace:
             trace(f"h.{i}.ln_1", x)
         Wp, bias_, n = L["c_attn"]
@@ -267,11 +298,11 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
         m = ops.conv1d(f, Wp, bias_, out_features=n)
         if trace:
             trace(f"h.{i}.mlp", m)
-        w, b, eps = st.layers[i + 1]["ln_1"] if i + 1 < len(st.layers) else st.ln_f
+        w, b, eps = layers[i + 1]["ln_1"] if i + 1 < len(layers) else ln_f
         h, x = ops.add_layer_norm(m, h, w, b, eps)
         if trace:
             trace(f"h.{i}", h)
-        if want_hidden and i + 1 < len(st.layers):
+        if want_hidden and i + 1 < len(layers):
             hidden.append(h)
     if trace:
         trace("ln_f", x)

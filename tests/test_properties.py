@@ -120,12 +120,20 @@ def ln_case(draw):
                 v=draw(values()), isa=draw(ISAS), eps=draw(st.sampled_from([1e-5, 1e-6, 0.1])))
 
 
+def ln_params(n, v):
+    """LayerNorm weight and bias as trained models have them (O(1)); wild values go in x. (With 3000s and
+    denormals in the weight, torch's own layer_norm misses the ulp budget as much as ours: the budget, not the
+    kernel, stops being meaningful.)"""
+    p = dict(v, scale=1.0, outliers=False, denormals=False)
+    return fill((n,), p, 1, specials=False), fill((n,), p, 2, specials=False)
+
+
 @given(ln_case())
 def test_layer_norm_property(c):
     n = c["shape"][-1]
     xv = fill(c["shape"], c["v"])
     x = lay_out(xv, c["layout"])
-    w, b = fill((n,), c["v"], 1, specials=False), fill((n,), c["v"], 2, specials=False)
+    w, b = ln_params(n, c["v"])
     with forced_isa(c["isa"]):
         y = ops.layer_norm(x, w, b, c["eps"])
     hf = torch.nn.functional.layer_norm(x, (n,), w, b, c["eps"])
@@ -137,7 +145,7 @@ def test_add_layer_norm_property(c):
     n = c["shape"][-1]
     x = lay_out(fill(c["shape"], c["v"]), c["layout"])
     r = lay_out(fill(c["shape"], c["v"], 3), c["rlayout"])
-    w, b = fill((n,), c["v"], 1, specials=False), fill((n,), c["v"], 2, specials=False)
+    w, b = ln_params(n, c["v"])
     with forced_isa(c["isa"]):
         s, y = ops.add_layer_norm(x, r, w, b, c["eps"])
     torch.testing.assert_close(s, x + r, rtol=0, atol=0, equal_nan=True)  # HF: hidden = a + residual
@@ -270,28 +278,32 @@ def attn_layout(t, kind):
     return t.clone()
 
 
-def hf_special_pattern(q, k, v, visible, scale, bias=None):
-    """Where NaN/±inf land in softmax(q·kᵀ·scale over visible keys)·v, row by row in float64 (masked keys and
-    values never enter, as in a flash kernel; HF's eager path would add its mask to a NaN score and spread it).
-    Returns (reference, rows_expected_zero): rows with no visible key, or whose every visible score is -inf, come
-    out as zeros from the kernel (HF's softmax gives NaN for the latter: a documented difference)."""
+def kernel_semantics(q, k, v, key_mask, bias, scale, q_offset, causal, L):
+    """Where NaN/±inf land, row by row in float64, under the attention op's definition, which is HF's eager
+    attention except that (1) keys a causal row cannot see yet, and keys past the mask/bias length (a static
+    cache's unwritten slots), are never read; (2) a key_mask-padded key's score is -inf whatever q·k is (HF
+    adds its mask to the score, so a NaN there spreads); (3) a row whose every candidate score is -inf comes
+    out zeros (HF's softmax gives NaN). Like HF, a bias of -inf added to a NaN score is NaN, and a masked key's
+    value enters as 0·v (0·inf = NaN). Returns (reference [B, Tq, H, D], rows that must be zeros)."""
     B, H, Tq, D = q.shape
     out = torch.zeros(B, Tq, H, D, dtype=torch.float64)
     zero_rows = torch.zeros(B, Tq, H, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
             for i in range(Tq):
-                vis = visible[b, 0, i].nonzero().flatten()
-                if len(vis) == 0:
+                lim = min(L, q_offset + i + 1) if causal else L
+                if lim <= 0:
                     zero_rows[b, i, h] = True
                     continue
-                s = (k[b, h, vis].double() @ q[b, h, i].double()) * scale
+                s = (k[b, h, :lim].double() @ q[b, h, i].double()) * scale
                 if bias is not None:
-                    s = s + bias[b if bias.shape[0] > 1 else 0, 0, i, vis].double()
+                    s = s + bias[b if bias.shape[0] > 1 else 0, 0, i, :lim].double()
+                if key_mask is not None:
+                    s = s.masked_fill(~key_mask[b, :lim], -math.inf)
                 if bool((s == -math.inf).all()):
                     zero_rows[b, i, h] = True
                     continue
-                out[b, i, h] = torch.softmax(s, 0) @ v[b, h, vis].double()
+                out[b, i, h] = torch.softmax(s, 0) @ v[b, h, :lim].double()
     return out, zero_rows
 
 
@@ -349,7 +361,7 @@ def test_attention_property(c):
         ref, terms = ref_attention(q, k[:, :, :L], vv[:, :, :L], km, bias, scale, off, c["causal"])
         assert_parity(out, ref, terms, max(L, D), f"attention {c}")
         return
-    ref, zero_rows = hf_special_pattern(q, k, vv, vis, scale, bias)
+    ref, zero_rows = kernel_semantics(q, k, vv, km, bias, scale, off, c["causal"], L)
     assert (out[zero_rows] == 0).all(), f"attention {c}: rows seeing nothing (or only -inf scores) must be zeros"
     keep = ~zero_rows
     assert_same_specials(out[keep], ref[keep].float(), f"attention {c}")
