@@ -34,7 +34,7 @@ if os.environ.get("GPT2KERN_DEBUG") == "1":
 link = ["-fopenmp"]
 if SANITIZE:  # vptr off: torch's own libraries are not instrumented, their RTTI would give false reports
     san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
-    cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"] + san
+    cxx = ["-O1", "-g1", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"] + san
     link += san
 extra = {"cxx": cxx}
 Ext = cpp_extension.CppExtension
