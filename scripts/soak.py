@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from generators import GENERATORS, jobs, rss_mb  # noqa: E402
 
 import gpt2kern  # noqa: E402
+from gpt2kern.model import _CACHE_ARG  # noqa: E402  (past_key_values, or cache in newer transformers)
 
 
 def soak_generate(model, gen_name, calls, warmup, seed=0, max_new=24):
@@ -49,8 +50,8 @@ def soak_decode(model, steps, warmup):
             if state["cache"] is None or state["cache"].get_seq_length() >= n_pos - 1:
                 out = model(torch.randint(0, vocab, (1, 8), generator=g), use_cache=True)
             else:
-                out = model(state["tok"], past_key_values=state["cache"], use_cache=True)
-        state["cache"] = out.past_key_values
+                out = model(state["tok"], use_cache=True, **{_CACHE_ARG: state["cache"]})
+        state["cache"] = getattr(out, "cache", None) or out.past_key_values
         state["tok"] = out.logits[:, -1:].argmax(-1)
 
     for _ in range(warmup):

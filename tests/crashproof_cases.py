@@ -19,6 +19,7 @@ f32 = dict(dtype=torch.float32)
 def _cases():
     import gpt2kern
     from gpt2kern import ops
+    from gpt2kern.model import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
     from transformers.cache_utils import DynamicCache
 
     x, w, b = torch.randn(2, 8), torch.ones(8), torch.zeros(8)
@@ -219,18 +220,19 @@ def _cases():
             c.update(torch.randn(batch, heads, length, dim), torch.randn(batch, heads, length, dim), i)
         return c
 
-    case("model cache wrong batch", lambda: run(t, past_key_values=cache_of(2)), (VE, "does not fit"))
-    case("model cache wrong heads", lambda: run(t, past_key_values=cache_of(1, heads=3)), (VE, "does not fit"))
-    case("model cache wrong head dim", lambda: run(t, past_key_values=cache_of(1, dim=5)), (VE, "does not fit"))
-    case("model cache past + input > n_positions", lambda: run(t, past_key_values=cache_of(1, length=NP - 1)),
+    case("model cache wrong batch", lambda: run(t, **{CACHE: cache_of(2)}), (VE, "does not fit"))
+    case("model cache wrong heads", lambda: run(t, **{CACHE: cache_of(1, heads=3)}), (VE, "does not fit"))
+    case("model cache wrong head dim", lambda: run(t, **{CACHE: cache_of(1, dim=5)}), (VE, "does not fit"))
+    case("model cache past + input > n_positions", lambda: run(t, **{CACHE: cache_of(1, length=NP - 1)}),
          (VE, "exceeds n_positions"))
-    case("model cache but mask too short", lambda: run(t, past_key_values=cache_of(1), attention_mask=torch.ones(1, 3)),
+    case("model cache but mask too short", lambda: run(t, **{CACHE: cache_of(1)}, attention_mask=torch.ones(1, 3)),
          (VE, "covers 3 positions"))
-    case("model cache is a tuple", lambda: run(t, past_key_values=((torch.randn(1, 4, 2, 8),) * 2,) * 2), OK)
+    case("model cache is a tuple", lambda: run(t, **{CACHE: ((torch.randn(1, 4, 2, 8),) * 2,) * 2}), OK)
     case("generate token id = vocab", lambda: gen(torch.tensor([[1, V]])), (IE, f"contains {V}"))
     case("generate past n_positions", lambda: gen(torch.zeros(1, NP - 1, dtype=torch.long), max_new_tokens=5),
          ((VE, IE), "n_positions"))
-    case("generate mask wrong length", lambda: gen(t, attention_mask=torch.ones(1, 2, dtype=torch.long)), (Exception, ""))
+    case("generate mask wrong length", lambda: gen(t, attention_mask=torch.ones(1, 2, dtype=torch.long)),
+         (Exception, ""))
     case("optimize not a model", lambda: gpt2kern.optimize(torch.nn.Linear(2, 2)), (TE, "GPT2LMHeadModel"))
     case("optimize None", lambda: gpt2kern.optimize(None), (TE, "GPT2LMHeadModel"))
     case("fallback_reason not optimized", lambda: gpt2kern.fallback_reason(ref), (VE, "not optimized"))
@@ -254,7 +256,8 @@ def main(start):
         except Exception as e:  # noqa: BLE001 - judged below
             msg = str(e).replace("\n", " ")[:300]
             if expect == OK:
-                outcome = f"ok raised {type(e).__name__}: {msg}" if msg else f"FAIL raised {type(e).__name__} with no message"
+                outcome = (f"ok raised {type(e).__name__}: {msg}" if msg
+                           else f"FAIL raised {type(e).__name__} with no message")
             elif not isinstance(e, expect[0]):
                 outcome = f"FAIL raised {type(e).__name__} (expected {expect[0]}): {msg}"
             elif not msg or not re.search(expect[1], msg):

@@ -65,21 +65,23 @@ def test_bad_input_is_a_clean_exception(outcomes, i):
     assert outcome.startswith("ok"), f"{NAMES[i]}: {outcome}"
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic", "nonsense"])
-def test_gpt2kern_isa_env_is_honoured_or_warned(isa):
+def test_gpt2kern_isa_env_is_honoured_or_warned():
     """The dispatcher's start-up choice: GPT2KERN_ISA forces a level this CPU supports; an unknown or unsupported
-    one falls back to the best level with a warning, never a crash (SIGILL)."""
+    one falls back to the best level with a warning, never a crash (SIGILL). One subprocess per value, together."""
     code = ("import warnings, torch; warnings.simplefilter('always')\n"
             "from gpt2kern import ops\n"
             "x = torch.randn(3, 70)\n"
             "y = ops.layer_norm(x, torch.ones(70), torch.zeros(70))\n"
             "assert torch.allclose(y, torch.nn.functional.layer_norm(x, (70,)), atol=1e-5)\n"
             "print(ops.isa(), ','.join(ops.supported_isas()))\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, GPT2KERN_ISA=isa))
-    assert p.returncode == 0, p.stderr[-3000:]
-    got, supported = p.stdout.split()
-    if isa in supported.split(","):
-        assert got == isa
-    else:
-        assert got == supported.split(",")[0] and "not available" in p.stderr
+    procs = {isa: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=dict(os.environ, GPT2KERN_ISA=isa))
+             for isa in ("avx512", "avx2", "generic", "nonsense")}
+    for isa, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"GPT2KERN_ISA={isa}: {err[-3000:]}"
+        got, supported = out.split()
+        if isa in supported.split(","):
+            assert got == isa
+        else:
+            assert got == supported.split(",")[0] and "not available" in err

@@ -8,6 +8,7 @@ from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import gpt2kern
+from gpt2kern.model import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
 
 IDS = torch.randint(0, 98, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -91,8 +92,8 @@ def test_encoder_hidden_states_on_plain_model(tiny):
 def test_encoder_decoder_cache(tiny):
     ref, opt = ref_and_opt(tiny)
     with torch.no_grad():
-        a = ref(IDS, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache())).logits
-        b = opt(IDS, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache())).logits
+        a = ref(IDS, **{CACHE: EncoderDecoderCache(DynamicCache(), DynamicCache())}).logits
+        b = opt(IDS, **{CACHE: EncoderDecoderCache(DynamicCache(), DynamicCache())}).logits
     assert gpt2kern.fallback_reason(opt) == "cache type EncoderDecoderCache"
     same(a, b)
 
@@ -102,7 +103,7 @@ def test_legacy_tuple_cache_behaves_as_hf(tiny):
     the same exception either way."""
     ref, opt = ref_and_opt(tiny)
     past = ((torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)),) * tiny.config.n_layer
-    a, b = outcomes((ref, opt), IDS, past_key_values=past)
+    a, b = outcomes((ref, opt), IDS, **{CACHE: past})
     assert gpt2kern.fallback_reason(opt) == "cache type tuple"
     same_outcome(a, b)
 

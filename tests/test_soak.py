@@ -1,4 +1,4 @@
-"""Soak, short: some 60 generate calls per entry point (every entry point in generators.GENERATORS) and 1,000 decode steps
+"""Soak, short: some 60 generate calls per entry point (every one in generators.GENERATORS) and 1,000 decode steps
 with resident memory flat after warm-up. The long version (1,000 calls, 10,000 steps) is scripts/soak.py, by hand."""
 import copy
 import gc
