@@ -20,7 +20,7 @@ LOGITS_ATOL = 1e-4  # end to end vs HF eager fp32
 # (pytest --fuzz, or HYPOTHESIS_PROFILE=fuzz) tries thousands of random examples per op and keeps failures in
 # .hypothesis/ to replay them first next time.
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_SLOW, print_blob=True)
 settings.register_profile("fuzz", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True)
 

@@ -40,8 +40,8 @@ def outcomes():
 
 
 def _names():
-    # the case list without building it: names come from a dry subprocess-free parse would need the models, so
-    # read them in-process (cheap: random:tiny) — only the calls themselves run in the subprocess
+    # building the list is safe in-process (it only makes tensors and a random:tiny model); the calls run in the
+    # subprocess
     sys.path.insert(0, HERE)
     try:
         import crashproof_cases

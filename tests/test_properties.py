@@ -6,8 +6,8 @@ expanded (stride 0). Values: scaled normals, GPT-2-like outlier channels, denorm
 propagation must match what HF's own path (torch's fp32 ops) gives for the same input. Each example forces one
 of the ISA levels this CPU supports.
 
-Profiles (tests/conftest.py): "ci" (default, 40 examples per test, derandomized) and "fuzz" (`pytest --fuzz`,
-2000 per test, random).
+Profiles (tests/conftest.py): "ci" (default: 100 examples per test plus the @example GPT-2 maxima, derandomized)
+and "fuzz" (`pytest --fuzz`: 2000 per test, random).
 """
 import contextlib
 import math
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from conftest import assert_parity
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_attention import ref_attention
 from test_gelu import gelu_terms, ref_gelu
@@ -29,6 +29,9 @@ WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97
 GPT2_SIZES = [768, 1024, 1280, 1600]
 LAYOUTS = ["contiguous", "transposed", "strided", "offset", "expanded"]
 SPECIALS = ["none", "none", "nan", "inf", "mixed"]  # finite values most of the time
+# the largest GPT-2 sizes, always tried (random draws favour small shapes)
+V0 = dict(seed=7, scale=1.0, outliers=True, denormals=True, specials="none")
+BEST, LAST = ops.supported_isas()[0], ops.supported_isas()[-1]
 
 
 @contextlib.contextmanager
@@ -129,6 +132,7 @@ def ln_params(n, v):
 
 
 @given(ln_case())
+@example(dict(shape=(5, 1600), layout="strided", rlayout="offset", v=V0, isa=BEST, eps=1e-5))
 def test_layer_norm_property(c):
     n = c["shape"][-1]
     xv = fill(c["shape"], c["v"])
@@ -141,6 +145,7 @@ def test_layer_norm_property(c):
 
 
 @given(ln_case())
+@example(dict(shape=(2, 3, 1600), layout="transposed", rlayout="expanded", v=V0, isa=LAST, eps=1e-5))
 def test_add_layer_norm_property(c):
     n = c["shape"][-1]
     x = lay_out(fill(c["shape"], c["v"]), c["layout"])
@@ -158,6 +163,7 @@ def test_add_layer_norm_property(c):
 @given(shape=st.lists(dims([3072, 6400, 4096 * 3 + 5]), min_size=0, max_size=3).filter(
            lambda s: math.prod(s) <= 300_000),
        layout=st.sampled_from(LAYOUTS), v=values(), isa=ISAS)
+@example(shape=[5, 6400], layout="offset", v=V0, isa=LAST)
 def test_gelu_new_property(shape, layout, v, isa):
     from transformers.activations import NewGELUActivation
     x = lay_out(fill(tuple(shape), v), layout)
@@ -217,6 +223,12 @@ def mm_case(draw):
 
 
 @given(mm_case())
+@example(dict(shape=(1, 1600), N=50257, packed=True, bias=False, epi="none", xlayout="contiguous",
+              wlayout="contiguous", rlayout="contiguous", v=V0, isa=BEST))
+@example(dict(shape=(1, 3, 1600), N=6400, packed=True, bias=True, epi="gelu_new", xlayout="strided",
+              wlayout="contiguous", rlayout="contiguous", v=V0, isa=LAST))
+@example(dict(shape=(2, 6400), N=1600, packed=False, bias=True, epi="residual", xlayout="offset",
+              wlayout="transposed", rlayout="expanded", v=V0, isa=BEST))
 def test_conv1d_property(c):
     from transformers.activations import NewGELUActivation
     K, N = c["shape"][-1], c["N"]
@@ -278,13 +290,15 @@ def attn_layout(t, kind):
     return t.clone()
 
 
-def kernel_semantics(q, k, v, key_mask, bias, scale, q_offset, causal, L):
+def kernel_semantics(q, k, v, key_mask, bias, scale, q_offset, causal, L, read_masked_values):
     """Where NaN/±inf land, row by row in float64, under the attention op's definition, which is HF's eager
     attention except that (1) keys a causal row cannot see yet, and keys past the mask/bias length (a static
     cache's unwritten slots), are never read; (2) a key_mask-padded key's score is -inf whatever q·k is (HF
     adds its mask to the score, so a NaN there spreads); (3) a row whose every candidate score is -inf comes
-    out zeros (HF's softmax gives NaN). Like HF, a bias of -inf added to a NaN score is NaN, and a masked key's
-    value enters as 0·v (0·inf = NaN). Returns (reference [B, Tq, H, D], rows that must be zeros)."""
+    out zeros (HF's softmax gives NaN); (4) the value of a masked key (weight 0) may be skipped or read as 0·v
+    (0·inf = NaN, as HF always does) — the kernel skips whole key blocks with nothing visible, so the test
+    accepts either, per output element. Like HF, a bias of -inf added to a NaN score is NaN.
+    Returns (reference [B, Tq, H, D], rows that must be zeros)."""
     B, H, Tq, D = q.shape
     out = torch.zeros(B, Tq, H, D, dtype=torch.float64)
     zero_rows = torch.zeros(B, Tq, H, dtype=torch.bool)
@@ -303,7 +317,12 @@ def kernel_semantics(q, k, v, key_mask, bias, scale, q_offset, causal, L):
                 if bool((s == -math.inf).all()):
                     zero_rows[b, i, h] = True
                     continue
-                out[b, i, h] = torch.softmax(s, 0) @ v[b, h, :lim].double()
+                p, vb = torch.softmax(s, 0), v[b, h, :lim].double()
+                if not read_masked_values:
+                    keep = s > -math.inf
+                    keep |= s.isnan()
+                    p, vb = p[keep], vb[keep]
+                out[b, i, h] = p @ vb
     return out, zero_rows
 
 
@@ -322,6 +341,10 @@ def attn_case(draw):
 
 
 @given(attn_case())
+@example(dict(B=1, H=25, D=64, Tq=1, off=1023, slack=0, causal=True, mask="left_padded", bias=False,
+              qlayout="fused", kvlayout="cache", v=V0, isa=BEST))
+@example(dict(B=2, H=2, D=64, Tq=129, off=0, slack=3, causal=True, mask="alternating", bias=False,
+              qlayout="fused", kvlayout="expanded", v=V0, isa=LAST))
 def test_attention_property(c):
     B, H, D, Tq, off = c["B"], c["H"], c["D"], c["Tq"], c["off"]
     while B * H * Tq * (off + Tq) * D > 3_000_000:
@@ -361,10 +384,18 @@ def test_attention_property(c):
         ref, terms = ref_attention(q, k[:, :, :L], vv[:, :, :L], km, bias, scale, off, c["causal"])
         assert_parity(out, ref, terms, max(L, D), f"attention {c}")
         return
-    ref, zero_rows = kernel_semantics(q, k, vv, km, bias, scale, off, c["causal"], L)
+    skip, zero_rows = kernel_semantics(q, k, vv, km, bias, scale, off, c["causal"], L, False)
+    read, _ = kernel_semantics(q, k, vv, km, bias, scale, off, c["causal"], L, True)
     assert (out[zero_rows] == 0).all(), f"attention {c}: rows seeing nothing (or only -inf scores) must be zeros"
-    keep = ~zero_rows
-    assert_same_specials(out[keep], ref[keep].float(), f"attention {c}")
+
+    def pattern(t):
+        return torch.stack([t.isnan(), t.isposinf(), t.isneginf()])
+
+    ok = ((pattern(out) == pattern(skip.float())).all(0) |
+          (pattern(out) == pattern(read.float())).all(0)) | zero_rows[..., None]
+    assert ok.all(), (f"attention {c}: non-finite pattern differs at {(~ok).nonzero()[:5].tolist()}: "
+                      f"ours {out[~ok][:2].tolist()}, masked values skipped {skip[~ok][:2].tolist()}, "
+                      f"read as 0·v {read[~ok][:2].tolist()}")
 
 
 # ---------------------------------------------------------------- the model under random masks
