@@ -1,6 +1,8 @@
 # Builds gpt2kern._C: the CPU kernels always; the CUDA kernels (csrc/cuda/*.cu + ops_cuda.cpp) too when torch is a
 # CUDA build and nvcc is found. GPT2KERN_NO_CUDA=1 forces a CPU-only build; GPT2KERN_REQUIRE_CUDA=1 makes a
 # CPU-only build an error (CI sets it wherever CUDA is expected, so a silently CPU-only build cannot land).
+# GPT2KERN_SANITIZE=1 builds the CPU extension (only) with AddressSanitizer + UndefinedBehaviorSanitizer for
+# scripts/asan.sh.
 import glob
 import os
 import shutil
@@ -40,8 +42,11 @@ def rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+SANITIZE = os.environ.get("GPT2KERN_SANITIZE") == "1"
+
+
 def want_cuda():
-    if os.environ.get("GPT2KERN_NO_CUDA") == "1":
+    if os.environ.get("GPT2KERN_NO_CUDA") == "1" or SANITIZE:
         return False
     return torch.version.cuda is not None and _cuda_home is not None and bool(rel("csrc/cuda/*.cu"))
 
@@ -71,6 +76,11 @@ sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
 cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 if os.environ.get("GPT2KERN_DEBUG") == "1":
     cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"]
+link = ["-fopenmp"]
+if SANITIZE:  # vptr off: torch's own libraries are not instrumented, their RTTI would give false reports
+    san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
+    cxx = ["-O1", "-g1", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"] + san
+    link += san
 extra = {"cxx": cxx}
 include_dirs = [os.path.join(ROOT, "csrc")]
 Ext = cpp_extension.CppExtension
@@ -91,7 +101,7 @@ elif os.environ.get("GPT2KERN_REQUIRE_CUDA") == "1":
                      f"{os.environ.get('GPT2KERN_NO_CUDA')})")
 
 setup(
-    ext_modules=[Ext("gpt2kern._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+    ext_modules=[Ext("gpt2kern._C", sources, extra_compile_args=extra, extra_link_args=link,
                      include_dirs=include_dirs)],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

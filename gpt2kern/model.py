@@ -39,28 +39,41 @@ _CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseMo
 
 
 class _State:
-    """Packed weights of one model and what is needed to notice they went stale."""
+    """Packed weights of one model and what is needed to notice they went stale.
+
+    Threads may share one optimized model: repacking is serialized by a lock and published whole (the stamp last),
+    and what a call did (fallback_reason, body_was_fast) is kept per thread, so one thread's fallback never sends
+    another thread's lm_head down the wrong path."""
 
     def __init__(self, transformer: GPT2Model, lm_head: torch.nn.Module | None):
+        self._lock = threading.Lock()
+        self._local = threading.local()
         self.transformer, self.lm_head = transformer, lm_head
         cfg = transformer.config
         self.unsupported = _unsupported_config(transformer)
         self.trace = None  # callable(name, tensor) while tracing
-        self.lock = threading.Lock()  # refresh() repacks; concurrent callers must not see half a pack
         self.body_was_fast = False
         self.fallback_reason: str | None = None
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
         self.device = None  # where the packed weights live (CPU, or CUDA when the CUDA kernels are built)
         self.layers: list[dict] = []
-        self.lm_w = None
+        self.lm_w = self.ln_f = None
 
-    def __getstate__(self):  # copy.deepcopy(model) copies the state too; a lock is not copyable
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+    # per thread: what this thread's last forward call did
+    fallback_reason = property(lambda self: getattr(self._local, "fallback_reason", None),
+                               lambda self, v: setattr(self._local, "fallback_reason", v))
+    body_was_fast = property(lambda self: getattr(self._local, "body_was_fast", False),
+                             lambda self, v: setattr(self._local, "body_was_fast", v))
+
+    def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
+        d = dict(self.__dict__)
+        del d["_lock"], d["_local"]
+        return d
 
     def __setstate__(self, d):
         self.__dict__.update(d)
-        self.lock = threading.Lock()
+        self._lock, self._local = threading.Lock(), threading.local()
 
     @property
     def params(self):
@@ -76,20 +89,21 @@ class _State:
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
         replaced Parameters)."""
-        with self.lock:
-            self._refresh()
-
-    def _refresh(self):
-        stamp = self._stamp()
-        if stamp == self.stamp:
+        if self._stamp() == self.stamp:
             return
+        with self._lock:  # one thread packs; the others wait for it, then find the stamp fresh
+            stamp = self._stamp()
+            if stamp != self.stamp:
+                self._repack(stamp)
+
+    def _repack(self, stamp):
         devs = {dev for _, _, dev, _ in stamp}
         self.device = devs.pop() if len(devs) == 1 else None
         if (self.unsupported or self.device is None or self.device.type not in _kernel_devices()
                 or any(dt != torch.float32 for _, _, _, dt in stamp)):
             self.layers, self.lm_w, self.stamp = [], None, stamp
             return
-        with torch.no_grad():  # build the new pack aside, then publish it: readers see the old or the new one
+        with torch.no_grad():
             layers = []
             for blk in self.transformer.h:
                 a, m = blk.attn, blk.mlp
@@ -101,10 +115,12 @@ class _State:
                     scale=float(getattr(a, "scaling", _scaling(self.transformer.config, blk.attn.layer_idx))),
                 ))
             lf = self.transformer.ln_f
+            ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
             lm_w = None
             if self.lm_head is not None:
                 lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
-        self.layers, self.ln_f, self.lm_w = layers, (lf.weight.detach(), lf.bias.detach(), lf.eps), lm_w
+        # published whole, the stamp last: a thread that finds the stamp fresh finds the packs complete
+        self.layers, self.ln_f, self.lm_w = layers, ln_f, lm_w
         self.stamp = stamp
 
 
@@ -225,6 +241,9 @@ def _masks(attention_mask, B, T, past):
         return (None if bool(m.all()) else m), None, True
     if attention_mask.dim() == 4:  # already [B, 1|H, T, kv]: HF semantics, causality included
         m = attention_mask
+        if m.shape[0] not in (1, B) or m.shape[2] != T or m.shape[3] < past + T:
+            raise ValueError(f"a 4-D attention_mask must be [batch ({B}) or 1, 1 or heads, q_len ({T}), kv_len "
+                             f"(>= past + q_len = {past + T})], got shape {tuple(m.shape)}")
         if m.dtype == torch.bool:
             bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
         else:
@@ -238,6 +257,7 @@ def _masks(attention_mask, B, T, past):
 def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
     """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
     t = st.transformer
+    layers, ln_f = st.layers, st.ln_f  # one consistent set of packs for the whole call
     B, T = ids.shape
     E, H = st.E, st.H
     D = E // H
@@ -256,9 +276,9 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
     hidden = [h] if want_hidden else None
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
-    w, b, eps = st.layers[0]["ln_1"]
+    w, b, eps = layers[0]["ln_1"]
     x = ops.layer_norm(h, w, b, eps)
-    for i, L in enumerate(st.layers):
+    for i, L in enumerate(layers):
         if trace:
             trace(f"h.{i}.ln_1", x)
         Wp, bias_, n = L["c_attn"]
@@ -267,7 +287,11 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
             trace(f"h.{i}.attn.c_attn", qkv)
         q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
         if cache is not None:
-            k, v = cache.update(k, v, i)
+            try:
+                k, v = cache.update(k, v, i)
+            except RuntimeError as e:  # torch.cat's message alone does not say what did not fit
+                raise ValueError(f"past_key_values does not fit this call (layer {i}: batch {B}, {H} heads of "
+                                 f"size {D}): {e}") from e
         a = ops.attention(q, k, v, key_mask, bias, L["scale"], past, causal)
         Wp, bias_, n = L["attn_proj"]
         a = ops.conv1d(a.view(B, T, E), Wp, bias_, out_features=n)
@@ -285,11 +309,11 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
         m = ops.conv1d(f, Wp, bias_, out_features=n)
         if trace:
             trace(f"h.{i}.mlp", m)
-        w, b, eps = st.layers[i + 1]["ln_1"] if i + 1 < len(st.layers) else st.ln_f
+        w, b, eps = layers[i + 1]["ln_1"] if i + 1 < len(layers) else ln_f
         h, x = ops.add_layer_norm(m, h, w, b, eps)
         if trace:
             trace(f"h.{i}", h)
-        if want_hidden and i + 1 < len(st.layers):
+        if want_hidden and i + 1 < len(layers):
             hidden.append(h)
     if trace:
         trace("ln_f", x)

@@ -2,8 +2,11 @@
 import copy
 import math
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import gpt2kern
 from gpt2kern import ops
@@ -11,6 +14,23 @@ from gpt2kern import ops
 EPS32 = torch.finfo(torch.float32).eps
 ULPS = 4  # per-kernel error budget, in fp32 ulps of the terms, scaled by sqrt(reduction length)
 LOGITS_ATOL = 1e-4  # end to end vs HF eager fp32
+
+
+# Property tests (tests/test_properties.py): "ci" is small and derandomized so CI is fast and repeatable; "fuzz"
+# (pytest --fuzz, or HYPOTHESIS_PROFILE=fuzz) tries thousands of random examples per op and keeps failures in
+# .hypothesis/ to replay them first next time.
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW, print_blob=True)
+settings.register_profile("fuzz", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true", help="run the property tests with the large 'fuzz' profile")
+
+
+def pytest_configure(config):
+    settings.load_profile("fuzz" if config.getoption("--fuzz") else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def assert_parity(out, ref64, absterms=None, n=1, what=""):

@@ -44,8 +44,9 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   TORCH_CHECK_VALUE(v_.sizes() == k_.sizes(), "gpt2kern.attention: v must have k's shape ", k_.sizes(), ", got ",
                     v_.sizes());
   TORCH_CHECK_VALUE(q_offset >= 0, "gpt2kern.attention: q_offset must be >= 0, got ", q_offset);
-  TORCH_CHECK_VALUE(!causal || q_offset + Tq <= Tkv, "gpt2kern.attention: causal queries at positions [", q_offset,
-                    ", ", q_offset + Tq, ") need at least ", q_offset + Tq, " keys, got ", Tkv);
+  const uint64_t q_end = (uint64_t)q_offset + (uint64_t)Tq;  // no signed overflow for a huge q_offset
+  TORCH_CHECK_VALUE(!causal || q_offset <= Tkv - Tq, "gpt2kern.attention: causal queries at positions [", q_offset,
+                    ", ", q_end, ") need at least ", q_end, " keys, got ", Tkv);
   at::Tensor out = at::empty({B, Tq, H, D}, q_.options());
   if (out.numel() == 0) return out;
   at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);

@@ -114,8 +114,13 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
       }
       vf mv = load(sr);
       for (int u = 1; u < KBV; ++u) mv = vmax(mv, load(sr + u * VL));
-      const float mblk = hmax(mv);
-      if (mblk == NEG_INF) continue;  // nothing visible in this block
+      float mblk = hmax(mv);  // (vmax/hmax skip NaN lanes)
+      if (mblk == NEG_INF) {  // nothing visible in this block — unless a visible score is NaN, which must spread
+        bool nan = false;
+        for (int jj = 0; jj < lim; ++jj) nan |= sr[jj] != sr[jj];
+        if (!nan) continue;
+        mblk = __builtin_nanf("");
+      }
       const float mnew = fmaxf_(m[r], mblk);
       const float corr = vexp(bcast(m[r] - mnew))[0];
       vf psum{};
