@@ -19,7 +19,7 @@ constexpr int kKFirst = 1, kKLast = 2, kKWhole = kKFirst | kKLast;
 constexpr int kPanel = 32;
 
 // Attention tiling: keys per block (one AVX-512 vector of scores), query rows per task.
-constexpr int kAttnKeyBlock = 16;
+constexpr int kAttnKeyBlock = 32;
 constexpr int kAttnQueryBlock = 32;
 
 struct AttnArgs {

@@ -2,6 +2,9 @@
 // the output into (row block × 32-column panel) work for at::parallel_for.
 #include <ATen/Parallel.h>
 
+#include <cstring>
+#include <vector>
+
 #include "../common/checks.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
@@ -33,25 +36,38 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
                 Epilogue epi, const float* R, int64_t ldr, float* C) {
   const KernelTable& t = kernels();
   const int64_t P = num_panels(N);
-  // Row blocks of MC keep a slice of x hot in L2 while a thread walks its panels; panels are split across
-  // threads so each weight byte is read by exactly one thread.
-  const int64_t MC = 8 * t.mr_max;
-  // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072 at MC rows); decode
-  // (M <= 2) streams the weights once either way, so it keeps K whole
+  // Panels are split across threads, so each weight byte is read by exactly one thread.
+  // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072); decode (M <= 2)
+  // streams the weights once either way, so it keeps K whole
   const int64_t KC = (M > 2 && K > 1024) ? 1024 : K;
+  // Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
+  const int64_t MC = 8 * t.mr_max;
   // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
   // instead of paying a thread wake-up that costs more than the work
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPanel));
+  // Prefill rows are copied per (row block, K block) into a buffer whose row stride is not a multiple of 4 KiB:
+  // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
+  const bool copy_a = M > 2 * t.mr_max;
+  const int64_t lda_buf = KC + 16;
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> abuf;  // grows once per thread, then reused: no allocation per call
+    if (copy_a && (int64_t)abuf.size() < MC * lda_buf) abuf.resize(MC * lda_buf);
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t mc = std::min(MC, M - m0);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
         const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+        const float* a = A + m0 * lda + k0;
+        int64_t la = lda;
+        if (copy_a) {
+          for (int64_t r = 0; r < mc; ++r) std::memcpy(abuf.data() + r * lda_buf, a + r * lda, kc * sizeof(float));
+          a = abuf.data();
+          la = lda_buf;
+        }
         for (int64_t p = p0; p < p1; ++p) {
           const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-          t.matmul_panel(A + m0 * lda + k0, lda, mc, kc, Wp + (p * K + k0) * kPanel, C + m0 * N, N, p * kPanel,
-                         ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
+          t.matmul_panel(a, la, mc, kc, Wp + (p * K + k0) * kPanel, C + m0 * N, N, p * kPanel, ncols, bias, epi,
+                         R ? R + m0 * ldr : nullptr, ldr, part);
         }
       }
     }
