@@ -75,7 +75,7 @@ if [ $BUILD_RC -eq 0 ]; then
   else
     SUMMARY+=("$(printf '%-18s %-10s %5s' sanitizer "not found" "-")")
   fi
-  step bench_cli 90 python -m gpt2kern.bench --device cuda --json "$OUT/bench.json"
+  step bench_cli 120 python -m gpt2kern.bench --device cuda --quick --reps 5 --json "$OUT/bench.json"
 fi
 
 python - "$OUT" <<'EOF' >"$OUT/summary.txt" 2>&1 || true
