@@ -613,6 +613,10 @@ def bench(
         with _ui.expected_errors("--json"), open(json_file, "w") as f:
             json.dump(res, f, indent=1)
     if plot_file:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
         with _ui.expected_errors("--plot"):
             B.plot(res, plot_file)
     console.print(f"gpt2kern bench — {res['model']} on {res['device']} ({res['gpu'] or res['cpu']}), "

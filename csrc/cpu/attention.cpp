@@ -18,7 +18,8 @@ void run_attention(const AttnArgs& a) {
   // ~64K FMAs per task at least: tiny heads (HF's test model) run on the calling thread
   const int64_t work = std::min<int64_t>(a.Tq, kAttnQueryBlock) * std::max<int64_t>(a.Tkv, 1) * a.D;
   at::parallel_for(0, a.B * a.H * nqb, std::max<int64_t>(1, 65536 / work), [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(attention_scratch_floats(a.D));
+    thread_local std::vector<float> scratch;  // per pool thread, grown once: no allocation per call
+    if ((int64_t)scratch.size() < attention_scratch_floats(a.D)) scratch.resize(attention_scratch_floats(a.D));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kAttnQueryBlock;
       t.attention_block(a, bh, i0, std::min(a.Tq, i0 + kAttnQueryBlock), scratch.data());
