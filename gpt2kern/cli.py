@@ -604,6 +604,11 @@ def bench(
         if threads < 1:
             raise CliError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    if plot_file:  # before minutes of measuring
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
     name, m, _ = _ui.load_model(model, device)
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
@@ -613,10 +618,6 @@ def bench(
         with _ui.expected_errors("--json"), open(json_file, "w") as f:
             json.dump(res, f, indent=1)
     if plot_file:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
         with _ui.expected_errors("--plot"):
             B.plot(res, plot_file)
     console.print(f"gpt2kern bench — {res['model']} on {res['device']} ({res['gpu'] or res['cpu']}), "
