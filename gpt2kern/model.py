@@ -354,6 +354,7 @@ def optimize(model, *, freeze: bool = True):
     if getattr(transformer, "_gpt2kern", None) is not None:
         transformer._gpt2kern.refresh()
         return model
+    model.__dict__.pop("_gpt2kern_generate_state", None)  # gpt2kern.generate's own pack: this one replaces it
     st = _State(transformer, lm_head)
     st.refresh()
     transformer._gpt2kern = st

@@ -216,3 +216,14 @@ def test_cuda_engine_matches_hf(distil):
     a = gpt2kern.generate(m, ids, mask, max_new_tokens=8, do_sample=True, top_k=40, seed=5, eos_token_id=[])
     b = gpt2kern.generate(m, ids, mask, max_new_tokens=8, do_sample=True, top_k=40, seed=5, eos_token_id=[])
     assert torch.equal(a, b)
+
+
+def test_optimize_after_generate_keeps_one_pack(tiny):
+    m = copy.deepcopy(tiny)
+    gpt2kern.generate(m, torch.tensor([[1, 2]]), max_new_tokens=2)
+    assert "_gpt2kern_generate_state" in m.__dict__
+    gpt2kern.optimize(m)
+    assert "_gpt2kern_generate_state" not in m.__dict__
+    ids = torch.tensor([[4, 5, 6]])
+    out = gpt2kern.generate(m, ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(out, hf_generate(tiny, ids, max_new_tokens=10, eos_token_id=None, pad_token_id=0))
