@@ -72,7 +72,7 @@ def nvidia_include_dirs():
     return out
 
 
-sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+sources = rel("csrc/*.cpp") + rel("csrc/common/*.cpp") + rel("csrc/cpu/*.cpp")
 cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 if os.environ.get("GPT2KERN_DEBUG") == "1":
     cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"]

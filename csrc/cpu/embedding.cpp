@@ -2,19 +2,11 @@
 #include <ATen/Parallel.h>
 
 #include "../common/checks.h"
+#include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
 
 namespace gk::cpu {
-
-static at::Tensor ids_2d(const at::Tensor& ids, int64_t B, int64_t T, const char* name) {
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "gpt2kern.embedding: ", name,
-                   " must be int64 or int32, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 2 && (ids.size(0) == B || ids.size(0) == 1) && ids.size(1) == T,
-                    "gpt2kern.embedding: ", name, " must have shape [", B, ", ", T, "] (or [1, ", T, "]), got ",
-                    ids.sizes());
-  return ids.to(at::kLong).expand({B, T}).contiguous();
-}
 
 static void check_range(const at::Tensor& ids, int64_t hi, const char* name, const char* what) {
   const int64_t* p = ids.data_ptr<int64_t>();
@@ -25,21 +17,15 @@ static void check_range(const at::Tensor& ids, int64_t hi, const char* name, con
 
 at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
                      const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids) {
-  GK_CHECK_DIM(input_ids, 2, "embedding", "input_ids");
-  GK_CHECK_FLOAT(wte, "embedding", "wte");
-  GK_CHECK_FLOAT(wpe, "embedding", "wpe");
-  GK_CHECK_DIM(wte, 2, "embedding", "wte");
-  GK_CHECK_DIM(wpe, 2, "embedding", "wpe");
-  TORCH_CHECK_VALUE(wte.size(1) == wpe.size(1), "gpt2kern.embedding: wte and wpe widths differ (", wte.size(1),
-                    " vs ", wpe.size(1), ")");
+  check_embedding_tables(input_ids, wte, wpe);
   const int64_t B = input_ids.size(0), T = input_ids.size(1), n = wte.size(1);
-  at::Tensor ids = ids_2d(input_ids, B, T, "input_ids");
-  at::Tensor pos = ids_2d(position_ids, B, T, "position_ids");
+  at::Tensor ids = embedding_ids(input_ids, wte, B, T, "input_ids");
+  at::Tensor pos = embedding_ids(position_ids, wte, B, T, "position_ids");
   check_range(ids, wte.size(0), "input_ids", "the vocabulary");
   check_range(pos, wpe.size(0), "position_ids", "the position table (n_positions)");
   at::Tensor tt;
   if (token_type_ids) {
-    tt = ids_2d(*token_type_ids, B, T, "token_type_ids");
+    tt = embedding_ids(*token_type_ids, wte, B, T, "token_type_ids");
     check_range(tt, wte.size(0), "token_type_ids", "the vocabulary");
   }
   at::Tensor out = at::empty({B, T, n}, wte.options());

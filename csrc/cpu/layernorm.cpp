@@ -2,24 +2,11 @@
 #include <ATen/Parallel.h>
 
 #include "../common/checks.h"
+#include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
 
 namespace gk::cpu {
-
-static void check_ln_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* op) {
-  GK_CHECK_FLOAT(x, op, "x");
-  GK_CHECK_FLOAT(w, op, "weight");
-  GK_CHECK_FLOAT(b, op, "bias");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.", op, ": x must have at least 1 dim");
-  const int64_t n = x.size(-1);
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == n, "gpt2kern.", op, ": weight must have shape [", n, "], got ",
-                    w.sizes());
-  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "gpt2kern.", op, ": bias must have shape [", n, "], got ",
-                    b.sizes());
-  GK_CHECK_SAME_DEVICE(x, w, op, "weight");
-  GK_CHECK_SAME_DEVICE(x, b, op, "bias");
-}
 
 static int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
@@ -40,7 +27,7 @@ void run_add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr
 }
 
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_ln_params(x, weight, bias, "layer_norm");
+  check_ln_args(x, weight, bias, "layer_norm");
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = x.size(-1);
   if (x.numel() == 0) return y;
@@ -55,11 +42,7 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
 
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
                                                   const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_ln_params(x, weight, bias, "add_layer_norm");
-  GK_CHECK_FLOAT(residual, "add_layer_norm", "residual");
-  GK_CHECK_SAME_DEVICE(x, residual, "add_layer_norm", "residual");
-  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "gpt2kern.add_layer_norm: residual must have x's shape ",
-                    x.sizes(), ", got ", residual.sizes());
+  check_add_ln_args(x, residual, weight, bias);
   auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor s = at::empty(x.sizes(), opts), y = at::empty(x.sizes(), opts);
   const int64_t n = x.size(-1);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
 
@@ -74,20 +75,10 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
   });
 }
 
-static Epilogue parse_epilogue(c10::string_view e) {
-  if (e == "none") return Epilogue::None;
-  if (e == "gelu_new") return Epilogue::GeluNew;
-  if (e == "residual") return Epilogue::Residual;
-  TORCH_CHECK_VALUE(false, "gpt2kern.conv1d: epilogue must be 'none', 'gelu_new' or 'residual', got '", e, "'");
-}
-
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features) {
-  const Epilogue epi = parse_epilogue(epilogue);
-  GK_CHECK_FLOAT(x, "conv1d", "x");
-  GK_CHECK_FLOAT(weight, "conv1d", "weight");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.conv1d: x must have at least 1 dim");
-  GK_CHECK_SAME_DEVICE(x, weight, "conv1d", "weight");
+  const Epilogue epi = static_cast<Epilogue>(parse_epilogue(epilogue));
+  check_conv1d_inputs(x, weight);
   const int64_t K = x.size(-1);
   at::Tensor packed;
   int64_t N;
@@ -106,27 +97,10 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
                       " panels, but out_features=", N, " needs ", num_panels(N));
     packed = weight.contiguous();
   }
-  at::Tensor b;
-  if (bias) {
-    GK_CHECK_FLOAT(*bias, "conv1d", "bias");
-    GK_CHECK_SAME_DEVICE(x, *bias, "conv1d", "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "gpt2kern.conv1d: bias must be [", N, "], got ",
-                      bias->sizes());
-    b = bias->contiguous();
-  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  at::Tensor rr;
-  if (epi == Epilogue::Residual) {
-    TORCH_CHECK_VALUE(residual.has_value(), "gpt2kern.conv1d: epilogue 'residual' needs a residual tensor");
-    GK_CHECK_FLOAT(*residual, "conv1d", "residual");
-    GK_CHECK_SAME_DEVICE(x, *residual, "conv1d", "residual");
-    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.conv1d: residual must have shape ",
-                      at::IntArrayRef(out_shape), ", got ", residual->sizes());
-  } else {
-    TORCH_CHECK_VALUE(!residual.has_value(), "gpt2kern.conv1d: a residual was given but epilogue is '", epilogue,
-                      "' (use epilogue='residual')");
-  }
+  check_conv1d_extras(x, bias, (int)epi, epilogue, residual, N, out_shape);
+  at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   if (K == 0) {  // empty reduction: bias (+ epilogue) only

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/op_args.h"
 #include "launch.h"
 
 #define GK_CUDA_CHECK_LAUNCH(op, call)                                                                  \
@@ -21,8 +22,6 @@
     const cudaError_t gk_err_ = (call);                                                                 \
     TORCH_CHECK(gk_err_ == cudaSuccess, "gpt2kern.", op, ": CUDA kernel failed: ", cudaGetErrorString(gk_err_)); \
   } while (0)
-
-#define GK_CHECK_ON(x, t, op, name) GK_CHECK_SAME_DEVICE(x, t, op, name)
 
 namespace gk::cuda_ops {
 
@@ -49,24 +48,10 @@ bool capturing() {
   return st != cudaStreamCaptureStatusNone;
 }
 
-void check_ln_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const char* op) {
-  GK_CHECK_FLOAT(x, op, "x");
-  GK_CHECK_FLOAT(w, op, "weight");
-  GK_CHECK_FLOAT(b, op, "bias");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.", op, ": x must have at least 1 dim");
-  const int64_t n = x.size(-1);
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == n, "gpt2kern.", op, ": weight must have shape [", n, "], got ",
-                    w.sizes());
-  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "gpt2kern.", op, ": bias must have shape [", n, "], got ",
-                    b.sizes());
-  GK_CHECK_ON(x, w, op, "weight");
-  GK_CHECK_ON(x, b, op, "bias");
-}
-
 }  // namespace
 
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_ln_params(x, weight, bias, "layer_norm");
+  check_ln_args(x, weight, bias, "layer_norm");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = x.size(-1);
@@ -80,11 +65,7 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
 
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
                                                   const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_ln_params(x, weight, bias, "add_layer_norm");
-  GK_CHECK_FLOAT(residual, "add_layer_norm", "residual");
-  GK_CHECK_ON(x, residual, "add_layer_norm", "residual");
-  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "gpt2kern.add_layer_norm: residual must have x's shape ",
-                    x.sizes(), ", got ", residual.sizes());
+  check_add_ln_args(x, residual, weight, bias);
   c10::cuda::CUDAGuard guard(x.device());
   auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor s = at::empty(x.sizes(), opts), y = at::empty(x.sizes(), opts);
@@ -117,20 +98,10 @@ at::Tensor pack(const at::Tensor& weight) {
   return at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous)).copy_(weight);
 }
 
-static int parse_epilogue(c10::string_view e) {
-  if (e == "none") return 0;
-  if (e == "gelu_new") return 1;
-  if (e == "residual") return 2;
-  TORCH_CHECK_VALUE(false, "gpt2kern.conv1d: epilogue must be 'none', 'gelu_new' or 'residual', got '", e, "'");
-}
-
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features) {
   const int epi = parse_epilogue(epilogue);
-  GK_CHECK_FLOAT(x, "conv1d", "x");
-  GK_CHECK_FLOAT(weight, "conv1d", "weight");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.conv1d: x must have at least 1 dim");
-  GK_CHECK_ON(x, weight, "conv1d", "weight");
+  check_conv1d_inputs(x, weight);
   const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(weight.dim() == 2, "gpt2kern.conv1d: on CUDA the weight must be [", K,
                     ", out] (HF's Conv1D layout, which pack keeps on CUDA), got ", weight.sizes());
@@ -139,26 +110,10 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(out_features < 0 || out_features == N, "gpt2kern.conv1d: out_features=", out_features,
                     " but weight has ", N, " columns");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor b;
-  if (bias) {
-    GK_CHECK_FLOAT(*bias, "conv1d", "bias");
-    GK_CHECK_ON(x, *bias, "conv1d", "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "gpt2kern.conv1d: bias must be [", N, "], got ",
-                      bias->sizes());
-    b = bias->contiguous();
-  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  if (epi == 2) {
-    TORCH_CHECK_VALUE(residual.has_value(), "gpt2kern.conv1d: epilogue 'residual' needs a residual tensor");
-    GK_CHECK_FLOAT(*residual, "conv1d", "residual");
-    GK_CHECK_ON(x, *residual, "conv1d", "residual");
-    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.conv1d: residual must have shape ",
-                      at::IntArrayRef(out_shape), ", got ", residual->sizes());
-  } else {
-    TORCH_CHECK_VALUE(!residual.has_value(), "gpt2kern.conv1d: a residual was given but epilogue is '", epilogue,
-                      "' (use epilogue='residual')");
-  }
+  check_conv1d_extras(x, bias, epi, epilogue, residual, N, out_shape);
+  at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   if (K == 0) {  // empty reduction: bias (+ epilogue) only
@@ -188,23 +143,8 @@ static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1)
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                      const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
                      int64_t q_offset, bool causal) {
-  const char* op = "attention";
-  GK_CHECK_FLOAT(q_, op, "q");
-  GK_CHECK_FLOAT(k_, op, "k");
-  GK_CHECK_FLOAT(v_, op, "v");
-  GK_CHECK_DIM(q_, 4, op, "q [B, H, Tq, D]");
-  GK_CHECK_DIM(k_, 4, op, "k [B, H, Tkv, D]");
-  GK_CHECK_DIM(v_, 4, op, "v [B, H, Tkv, D]");
-  GK_CHECK_ON(q_, k_, op, "k");
-  GK_CHECK_ON(q_, v_, op, "v");
+  check_attention_args(q_, k_, v_, key_mask, bias, q_offset, causal);
   const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), D = q_.size(3), Tkv = k_.size(2);
-  TORCH_CHECK_VALUE(k_.size(0) == B && k_.size(1) == H && k_.size(3) == D, "gpt2kern.attention: k must be [", B,
-                    ", ", H, ", Tkv, ", D, "], got ", k_.sizes());
-  TORCH_CHECK_VALUE(v_.sizes() == k_.sizes(), "gpt2kern.attention: v must have k's shape ", k_.sizes(), ", got ",
-                    v_.sizes());
-  TORCH_CHECK_VALUE(q_offset >= 0, "gpt2kern.attention: q_offset must be >= 0, got ", q_offset);
-  TORCH_CHECK_VALUE(!causal || q_offset + Tq <= Tkv, "gpt2kern.attention: causal queries at positions [", q_offset,
-                    ", ", q_offset + Tq, ") need at least ", q_offset + Tq, " keys, got ", Tkv);
   TORCH_CHECK_VALUE(D <= cuda::kAttnMaxHeadDim, "gpt2kern.attention: the CUDA kernel supports head dims up to ",
                     cuda::kAttnMaxHeadDim, ", got ", D);
   TORCH_CHECK_VALUE(B <= 65535 && H <= 65535, "gpt2kern.attention: batch and heads must be <= 65535 on CUDA");
@@ -223,22 +163,12 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   a.scale = (float)scale; a.q_offset = q_offset; a.causal = causal;
   at::Tensor km;
   if (key_mask) {
-    GK_CHECK_DTYPE(*key_mask, at::kBool, op, "key_mask");
-    GK_CHECK_ON(q_, *key_mask, op, "key_mask");
-    TORCH_CHECK_VALUE(key_mask->dim() == 2 && key_mask->size(0) == B, "gpt2kern.attention: key_mask must be [", B,
-                      ", L], got ", key_mask->sizes());
     km = key_mask->contiguous();
     a.key_mask = km.data_ptr<bool>();
     a.mask_len = km.size(1);
   }
   at::Tensor bb;
   if (bias) {
-    GK_CHECK_FLOAT(*bias, op, "bias");
-    GK_CHECK_ON(q_, *bias, op, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 4 && (bias->size(0) == B || bias->size(0) == 1) &&
-                          (bias->size(1) == H || bias->size(1) == 1) && bias->size(2) == Tq,
-                      "gpt2kern.attention: bias must be [", B, " or 1, ", H, " or 1, ", Tq, ", L], got ",
-                      bias->sizes());
     bb = last_dim_contiguous(*bias);
     a.bias = bb.data_ptr<float>();
     a.sb_b = bb.size(0) == 1 ? 0 : bb.stride(0);
@@ -248,16 +178,6 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   }
   GK_CUDA_CHECK_LAUNCH("attention", cuda::attention(a, num_sms(), stream()));
   return out;
-}
-
-static at::Tensor ids_2d(const at::Tensor& ids, const at::Tensor& wte, int64_t B, int64_t T, const char* name) {
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "gpt2kern.embedding: ", name,
-                   " must be int64 or int32, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 2 && (ids.size(0) == B || ids.size(0) == 1) && ids.size(1) == T,
-                    "gpt2kern.embedding: ", name, " must have shape [", B, ", ", T, "] (or [1, ", T, "]), got ",
-                    ids.sizes());
-  GK_CHECK_ON(wte, ids, "embedding", name);
-  return ids.to(at::kLong).expand({B, T}).contiguous();
 }
 
 // The first id outside [0, hi) as an IndexError naming it, like the CPU op. Costs one device->host copy.
@@ -270,20 +190,13 @@ static void report_range(const at::Tensor& ids, int64_t hi, const char* name, co
 
 at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
                      const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids) {
-  GK_CHECK_DIM(input_ids, 2, "embedding", "input_ids");
-  GK_CHECK_FLOAT(wte, "embedding", "wte");
-  GK_CHECK_FLOAT(wpe, "embedding", "wpe");
-  GK_CHECK_DIM(wte, 2, "embedding", "wte");
-  GK_CHECK_DIM(wpe, 2, "embedding", "wpe");
-  GK_CHECK_ON(wte, wpe, "embedding", "wpe");
-  TORCH_CHECK_VALUE(wte.size(1) == wpe.size(1), "gpt2kern.embedding: wte and wpe widths differ (", wte.size(1),
-                    " vs ", wpe.size(1), ")");
+  check_embedding_tables(input_ids, wte, wpe);
   c10::cuda::CUDAGuard guard(wte.device());
   const int64_t B = input_ids.size(0), T = input_ids.size(1), n = wte.size(1);
-  at::Tensor ids = ids_2d(input_ids, wte, B, T, "input_ids");
-  at::Tensor pos = ids_2d(position_ids, wte, B, T, "position_ids");
+  at::Tensor ids = embedding_ids(input_ids, wte, B, T, "input_ids");
+  at::Tensor pos = embedding_ids(position_ids, wte, B, T, "position_ids");
   at::Tensor tt;
-  if (token_type_ids) tt = ids_2d(*token_type_ids, wte, B, T, "token_type_ids");
+  if (token_type_ids) tt = embedding_ids(*token_type_ids, wte, B, T, "token_type_ids");
   const int64_t V = wte.size(0), P = wpe.size(0);
   if (ids.numel() > 0 && !capturing()) {  // one sync for all three; the details only when something is wrong
     at::Tensor bad = ids.lt(0).logical_or(ids.ge(V)).any().logical_or(pos.lt(0).logical_or(pos.ge(P)).any());
