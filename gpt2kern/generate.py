@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from . import _C
-from .model import _State
+from .model import _State, stack_args
 
 _local = threading.local()
 
@@ -213,16 +213,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
 
 
 def _engine(st: _State, batch: int, max_len: int, max_rows: int):
-    weights, scales = [], []
-    for L in st.layers:
-        (w1, b1, _), (w2, b2, _) = L["ln_1"], L["ln_2"]
-        weights += [w1, b1, L["c_attn"][0], L["c_attn"][1], L["attn_proj"][0], L["attn_proj"][1], w2, b2,
-                    L["c_fc"][0], L["c_fc"][1], L["mlp_proj"][0], L["mlp_proj"][1]]
-        scales.append(L["scale"])
-    t, (lnf_w, lnf_b, eps) = st.transformer, st.ln_f
+    weights, scales, wte, wpe, lnf_w, lnf_b, n_head, eps = stack_args(st.transformer, st.layers, st.ln_f)
     lm_w, vocab = st.lm_w
-    return _C.Engine([w.contiguous() for w in weights], scales, t.wte.weight.detach(), t.wpe.weight.detach(), lnf_w,
-                     lnf_b, lm_w, vocab, st.H, eps, batch, max_len, max_rows)
+    return _C.Engine(weights, scales, wte, wpe, lnf_w, lnf_b, lm_w, vocab, n_head, eps, batch, max_len, max_rows)
 
 
 def _hf_generate(model, input_ids, mask, had_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,

@@ -27,10 +27,10 @@ import types
 
 import torch
 from transformers import GPT2LMHeadModel, GPT2Model
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from . import ops
+from . import _C, ops
 
 # transformers renamed past_key_values -> cache (5.2x); speak whichever this version speaks.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
@@ -56,9 +56,11 @@ class _State:
         self.fallback_reason: str | None = None
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
+        self._watch = None  # see _watch_list
         self.device = None  # where the packed weights live (CPU, or CUDA when the CUDA kernels are built)
         self.layers: list[dict] = []
         self.lm_w = self.ln_f = None
+        self.body = None  # _C.Body over the same packs (CPU): a decode step in one C++ call
 
     # per thread: what this thread's last forward call did
     fallback_reason = property(lambda self: getattr(self._local, "fallback_reason", None),
@@ -69,6 +71,7 @@ class _State:
     def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
         d = dict(self.__dict__)
         del d["_lock"], d["_local"]
+        d.update(_watch=None, body=None, stamp=None)  # repacked (and the C++ body rebuilt) on the copy's first call
         return d
 
     def __setstate__(self, d):
@@ -86,22 +89,44 @@ class _State:
     def _stamp(self):
         return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.params)
 
+    def _watch_list(self, stamp):
+        """What _fresh checks per call, flat, so the check costs a few µs instead of a module-tree walk (~0.2 ms,
+        2 % of a decode step): every submodule and parameter slot (a replaced module or Parameter), each slot
+        dict's size (an added one) and each parameter's storage, version, device and dtype (.to(), in-place
+        edits, load_state_dict)."""
+        slots, sizes = [], []
+        for root in (self.transformer, self.lm_head):
+            for m in (root.modules() if root is not None else ()):
+                for d in (m._modules, m._parameters):
+                    sizes.append((d, len(d)))
+                    slots += [(d, k, v) for k, v in d.items()]
+        return sizes, slots, list(zip(self.params, stamp))
+
+    def _fresh(self) -> bool:
+        w = self._watch
+        if w is None:
+            return False
+        sizes, slots, params = w
+        return (all(len(d) == n for d, n in sizes) and all(d.get(k) is v for d, k, v in slots)
+                and all((p.data_ptr(), p._version, p.device, p.dtype) == s for p, s in params))
+
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
-        replaced Parameters)."""
-        if self._stamp() == self.stamp:
+        replaced Parameters or modules)."""
+        if self._fresh():
             return
         with self._lock:  # one thread packs; the others wait for it, then find the stamp fresh
             stamp = self._stamp()
             if stamp != self.stamp:
                 self._repack(stamp)
+            self._watch = self._watch_list(stamp)
 
     def _repack(self, stamp):
         devs = {dev for _, _, dev, _ in stamp}
         self.device = devs.pop() if len(devs) == 1 else None
         if (self.unsupported or self.device is None or self.device.type not in _kernel_devices()
                 or any(dt != torch.float32 for _, _, _, dt in stamp)):
-            self.layers, self.lm_w, self.stamp = [], None, stamp
+            self.layers, self.lm_w, self.body, self.stamp = [], None, None, stamp
             return
         with torch.no_grad():
             layers = []
@@ -119,9 +144,23 @@ class _State:
             lm_w = None
             if self.lm_head is not None:
                 lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
+            body = _C.Body(*stack_args(self.transformer, layers, ln_f)) if self.device.type == "cpu" else None
         # published whole, the stamp last: a thread that finds the stamp fresh finds the packs complete
-        self.layers, self.ln_f, self.lm_w = layers, ln_f, lm_w
+        self.layers, self.ln_f, self.lm_w, self.body = layers, ln_f, lm_w, body
         self.stamp = stamp
+
+
+def stack_args(transformer, layers, ln_f):
+    """The packed weights in the order csrc/cpu/engine.cpp's Stack takes them (for _C.Body and _C.Engine)."""
+    weights, scales = [], []
+    for L in layers:
+        (w1, b1, _), (w2, b2, _) = L["ln_1"], L["ln_2"]
+        weights += [w1, b1, L["c_attn"][0], L["c_attn"][1], L["attn_proj"][0], L["attn_proj"][1], w2, b2,
+                    L["c_fc"][0], L["c_fc"][1], L["mlp_proj"][0], L["mlp_proj"][1]]
+        scales.append(L["scale"])
+    lnf_w, lnf_b, eps = ln_f
+    return ([w.contiguous() for w in weights], scales, transformer.wte.weight.detach(), transformer.wpe.weight.detach(),
+            lnf_w, lnf_b, transformer.config.n_head, eps)
 
 
 def _kernel_devices():
@@ -161,7 +200,7 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
         return st.unsupported
     if t.training:
         return "training mode"
-    if torch.is_grad_enabled() and any(p.requires_grad for p in st.params):
+    if torch.is_grad_enabled() and any(p.requires_grad for p, _ in st._watch[2]):
         return "autograd (grad enabled and parameters require grad)"
     if output_attentions or (output_attentions is None and t.config.output_attentions):
         return "output_attentions"
@@ -270,12 +309,24 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     else:
         position_ids = position_ids.reshape(-1, T)
     trace = st.trace
+    key_mask, bias, causal = _masks(attention_mask, B, T, past)
+    body = st.body
+    if (body is not None and not trace and not want_hidden and token_type_ids is None and bias is None
+            and position_ids.dtype == torch.long and position_ids.shape[0] in (1, B)):
+        past_layers = _dynamic_layers(cache, len(layers), past)
+        if past_layers is not None:  # decode under HF's generate: the whole body in one C++ call
+            pos = position_ids.expand(B, T).contiguous()
+            x, ks, vs = body.forward(ids.contiguous(), pos, key_mask, [ly.keys for ly in past_layers],
+                                     [ly.values for ly in past_layers])
+            if cache is not None:  # exactly what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
+                for ly, k, v in zip(cache.layers, ks, vs):
+                    ly.keys, ly.values = k, v
+            return x, None
     if trace:
         trace("wte", t.wte.weight.detach()[ids])
         trace("wpe", t.wpe.weight.detach()[position_ids])
     h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
     hidden = [h] if want_hidden else None
-    key_mask, bias, causal = _masks(attention_mask, B, T, past)
     w, b, eps = layers[0]["ln_1"]
     x = ops.layer_norm(h, w, b, eps)
     for i, L in enumerate(layers):
@@ -320,6 +371,20 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     if want_hidden:
         hidden.append(x)  # HF ties the last hidden state to ln_f's output
     return x, hidden
+
+
+def _dynamic_layers(cache, n_layer, past):
+    """The past layers when `cache` is a plain DynamicCache already holding `past` > 0 tokens in every layer (the
+    decode steps of HF's generate), [] without a cache, else None (the per-op walk and cache.update serve it)."""
+    if cache is None:
+        return []
+    if type(cache) is not DynamicCache or cache.offloading or past == 0 or len(cache.layers) != n_layer:
+        return None
+    for ly in cache.layers:
+        if (type(ly) is not DynamicLayer or not ly.is_initialized or ly.keys is None or ly.keys.dim() != 4
+                or ly.keys.shape[2] != past):
+            return None
+    return cache.layers
 
 
 def _lm_head_forward(self, hidden_states):

@@ -228,6 +228,52 @@ def _cases():
     case("model cache but mask too short", lambda: run(t, **{CACHE: cache_of(1)}, attention_mask=torch.ones(1, 3)),
          (VE, "covers 3 positions"))
     case("model cache is a tuple", lambda: run(t, **{CACHE: ((torch.randn(1, 4, 2, 8),) * 2,) * 2}), OK)
+    # ---- the one-call body (_C.Body, under HF's generate) and the decode engine (_C.Engine), called directly
+    from gpt2kern import _C
+    from gpt2kern.model import stack_args
+    st = m.transformer._gpt2kern
+    args = stack_args(st.transformer, st.layers, st.ln_f)
+    body = _C.Body(*args)
+    H, D, NL = m.config.n_head, m.config.n_embd // m.config.n_head, m.config.n_layer
+    pk = [torch.randn(1, H, 2, D) for _ in range(NL)]
+    p3 = torch.tensor([[2, 3, 4]])
+    case("Body ids float", lambda: body.forward(t.float(), p3, None, pk, pk), (TE, "ids must be Long"))
+    case("Body ids 1-D", lambda: body.forward(t[0], p3[0], None, pk, pk), (VE, "ids must be"))
+    case("Body pos shape", lambda: body.forward(t, p3[:, :2], None, pk, pk), (VE, "pos must have ids' shape"))
+    case("Body token id = vocab", lambda: body.forward(torch.tensor([[1, 2, V]]), p3, None, pk, pk),
+         (IE, "outside the vocabulary"))
+    case("Body position = n_positions", lambda: body.forward(t, torch.tensor([[2, 3, NP]]), None, pk, pk),
+         (IE, "outside"))
+    case("Body past one layer short", lambda: body.forward(t, p3, None, pk[:-1], pk[:-1]), (VE, "layers"))
+    case("Body past k/v count differ", lambda: body.forward(t, p3, None, pk, []), (VE, "layers"))
+    case("Body past wrong heads", lambda: body.forward(t, p3, None, [torch.randn(1, H + 1, 2, D)] * NL, pk),
+         (VE, "does not fit"))
+    case("Body past lengths differ", lambda: body.forward(t, p3, None, [pk[0], torch.randn(1, H, 3, D)], pk),
+         (VE, "does not fit"))
+    case("Body past float64", lambda: body.forward(t, p3, None, [p.double() for p in pk], pk), (TE, "Float"))
+    case("Body past on meta", lambda: body.forward(t, p3, None, [p.to("meta") for p in pk], pk), (VE, "CPU"))
+    case("Body key_mask short", lambda: body.forward(t, p3, torch.ones(1, 4, dtype=torch.bool), pk, pk),
+         (VE, "key_mask must be"))
+    case("Body key_mask long dtype", lambda: body.forward(t, p3, torch.ones(1, 5, dtype=torch.long), pk, pk),
+         (TE, "key_mask must be Bool"))
+    case("Body 11 tensors per layer", lambda: _C.Body(args[0][:-1], *args[1:]), (VE, "12 weight tensors"))
+    case("Body unpacked weight", lambda: _C.Body([w if i != 2 else m.transformer.h[0].attn.c_attn.weight.detach()
+                                                 for i, w in enumerate(args[0])], *args[1:]),
+         (VE, "not a packed"))
+    case("Body n_head 0", lambda: _C.Body(*args[:6], 0, args[7]), (VE, "n_head"))
+    eng = _C.Engine(*args[:6], st.lm_w[0], st.lm_w[1], *args[6:], 1, 8, 8)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    case("Engine wrong batch", lambda: eng.forward(t.expand(2, 3), p3.expand(2, 3), valid.expand(2, 3)),
+         (VE, "ids must be"))
+    case("Engine valid long", lambda: eng.forward(t, p3, valid.long()), (TE, "valid must be Bool"))
+    case("Engine rows > max_rows", lambda: eng.forward(torch.ones(1, 9, dtype=torch.long),
+                                                        torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool)),
+         (VE, "max_rows"))
+    case("Engine cache full", lambda: [eng.forward(t, p3, valid) for _ in range(3)], (VE, "cache holds 8"))
+    case("Engine token id -1", lambda: eng.forward(torch.tensor([[-1]]), p3[:, :1], valid[:, :1]),
+         (IE, "outside the vocabulary"))
+    case("Engine bad sizes", lambda: _C.Engine(*args[:6], st.lm_w[0], st.lm_w[1], *args[6:], 0, 8, 8),
+         (VE, "bad sizes"))
     case("generate token id = vocab", lambda: gen(torch.tensor([[1, V]])), (IE, f"contains {V}"))
     case("generate past n_positions", lambda: gen(torch.zeros(1, NP - 1, dtype=torch.long), max_new_tokens=5),
          ((VE, IE), "n_positions"))

@@ -194,3 +194,76 @@ def test_sampling_with_seed_identical(which, request):
     torch.manual_seed(1234)
     b = opt.generate(ids, **kw)
     assert torch.equal(a, b)
+
+
+# ---- decode steps under HF's generate: the whole body in one C++ call (_C.Body over DynamicCache)
+
+class _CountingBody:
+    """Stands in for the model's _C.Body and counts the decode steps it served."""
+
+    def __init__(self, body):
+        self.body, self.calls = body, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.body.forward(*args)
+
+
+def counting(opt):
+    st = opt.transformer._gpt2kern
+    st.body = _CountingBody(st.body)
+    return st.body
+
+
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_generate_decode_steps_run_in_one_call(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    body = counting(opt)
+    V = ref.config.vocab_size
+    ids, mask = left_pad(prompts(3, [7, 3, 10], V, 4), ref.config.eos_token_id % V)
+    a, b = gen_both(ref, opt, ids, attention_mask=mask, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert torch.equal(a, b)
+    assert body.calls == 19  # every step after the prompt's prefill
+    a, b = gen_both(ref, opt, ids[:2, 3:], max_new_tokens=12, num_beams=3, do_sample=False, min_new_tokens=12)
+    assert torch.equal(a, b)
+    assert body.calls == 19 + 11
+
+
+def test_body_step_equals_per_op_walk(distil):
+    """The one-call step and the per-op walk (which tracing forces) run the same kernels in the same order: the
+    same logits and the same grown cache, bit for bit."""
+    ref, opt = pair(distil)
+    body = counting(opt)
+    ids, mask = left_pad(prompts(3, [9, 4, 12], 50257, 8), 50256)
+    out = opt(ids, attention_mask=mask, use_cache=True)
+    name = gpt2kern.model._CACHE_ARG
+    c1 = getattr(out, name)
+    c2 = copy.deepcopy(c1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    fast = opt(nxt, attention_mask=mask2, **{name: c1}, use_cache=True)
+    assert body.calls == 1
+    with gpt2kern.tracing(opt):
+        walked = opt(nxt, attention_mask=mask2, **{name: c2}, use_cache=True)
+    assert body.calls == 1
+    assert torch.equal(fast.logits, walked.logits)
+    for l1, l2 in zip(c1.layers, c2.layers):
+        assert torch.equal(l1.keys, l2.keys) and torch.equal(l1.values, l2.values)
+    ref_logits = ref(torch.cat([ids, nxt], 1), attention_mask=mask2).logits[:, -1]
+    torch.testing.assert_close(fast.logits[:, -1], ref_logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_body_step_after_crop_and_without_cache(tiny):
+    """A cropped cache holds non-contiguous views; use_cache=False has no past at all."""
+    ref, opt = pair(tiny)
+    body = counting(opt)
+    name = gpt2kern.model._CACHE_ARG
+    ids = torch.randint(0, 98, (2, 10), generator=torch.Generator().manual_seed(9))
+    cache = getattr(opt(ids, use_cache=True), name)
+    cache.crop(-3)  # keep 7
+    got = opt(ids[:, 7:8], **{name: cache}, use_cache=True).logits
+    assert body.calls == 1
+    torch.testing.assert_close(got[:, -1], ref(ids[:, :8]).logits[:, -1], atol=LOGITS_ATOL, rtol=0)
+    got = opt(ids[:, :1], use_cache=False).logits
+    assert body.calls == 2
+    torch.testing.assert_close(got, ref(ids[:, :1]).logits, atol=LOGITS_ATOL, rtol=0)

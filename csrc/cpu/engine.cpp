@@ -1,11 +1,16 @@
-// engine.cpp — GPT-2 decoding with one C++ call per step, for gpt2kern.generate.
+// engine.cpp — the whole GPT-2 body in one C++ call: Engine (gpt2kern.generate's decoder) and Body (the
+// optimized model's forward when HF's generate drives it).
 //
-// Engine owns a preallocated KV cache [layers][B][H][max_len][D] and every activation buffer, sized once, so a
-// decode step allocates nothing and Python runs nothing per layer. forward(ids [B, T]) appends T tokens per row
-// (T = prompt length at prefill, 1 when decoding) and returns the logits of each row's last token only, as
-// generation needs. The per-step work is exactly the torch ops' (same kernels, same order of operations, see
-// gpt2kern/model.py::_walk), so its logits equal the optimized model's.
+// Stack holds the packed weights and runs embedding → blocks → ln_f with the same kernels in the same order as
+// the per-op walk in gpt2kern/model.py::_walk, so all three paths give the same numbers. Only where K/V live
+// differs:
+// - Engine owns a preallocated KV cache [layers][B][H][max_len][D] and every activation buffer, sized once, so a
+//   decode step allocates nothing; forward(ids [B, T]) appends T tokens per row and returns the logits of each
+//   row's last token only, as generation needs.
+// - Body.forward takes the past K/V HF's DynamicCache holds and returns the grown ones (what DynamicLayer.update's
+//   torch.cat gives), so a decode step under model.generate is one call instead of ~150 dispatched ops.
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <torch/extension.h>
 
 #include "../common/checks.h"
@@ -16,12 +21,242 @@ namespace gk::cpu {
 
 namespace {
 
+const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
+
 struct Layer {
   at::Tensor ln1_w, ln1_b, attn_w, attn_b, aproj_w, aproj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b;
   float scale;
 };
 
-const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
+// Activation buffers of one forward over M = B·T rows (dense rows).
+struct Scratch {
+  float *h, *x, *qkv, *att, *a, *fc;
+};
+
+// Where layer l's attention finds its keys and values, once the new tokens' K/V (in qkv) are stored.
+struct KvView {
+  const float *k, *v;
+  int64_t s_b, s_h, s_t;  // strides of k and v (same layout), last dim contiguous
+  int64_t Tkv;            // keys visible to the last query row
+  const bool* key_mask;   // [B, mask_len] or null
+  int64_t mask_len;
+  int64_t q_offset;       // position of the first new token in the cache
+};
+
+// The GPT-2 body (embedding → blocks → ln_f) on packed weights, shared by the decode engine (its own
+// preallocated cache) and Body.forward (the optimized model's forward over HF's DynamicCache). Both run the
+// same kernels in the same order as gpt2kern/model.py::_walk, so all three give the same numbers.
+class Stack {
+ public:
+  // layers: 12 tensors per layer in the order of struct Layer (matmul weights packed by gpt2kern.pack)
+  Stack(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
+        at::Tensor lnf_w, at::Tensor lnf_b, int64_t n_head, double eps, const char* who)
+      : wte_(wte.contiguous()), wpe_(wpe.contiguous()), lnf_w_(lnf_w.contiguous()), lnf_b_(lnf_b.contiguous()),
+        H_(n_head), eps_((float)eps) {
+    TORCH_CHECK_VALUE(layers.size() == 12 * scales.size() && !scales.empty(), "gpt2kern.", who,
+                      ": expected 12 weight tensors per layer");
+    GK_CHECK_FLOAT(wte_, who, "wte");
+    GK_CHECK_DIM(wte_, 2, who, "wte");
+    GK_CHECK_FLOAT(wpe_, who, "wpe");
+    E_ = wte_.size(1);
+    TORCH_CHECK_VALUE(wpe_.dim() == 2 && wpe_.size(1) == E_, "gpt2kern.", who, ": wpe must be [n_positions, ", E_,
+                      "], got ", wpe_.sizes());
+    TORCH_CHECK_VALUE(n_head > 0 && E_ % n_head == 0, "gpt2kern.", who, ": n_embd ", E_,
+                      " is not divisible by n_head ", n_head);
+    D_ = E_ / H_;
+    for (const auto& t : layers) {
+      GK_CHECK_FLOAT(t, who, "layer weight");
+      TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "gpt2kern.", who,
+                        ": layer weights must be contiguous CPU tensors");
+    }
+    for (size_t l = 0; l < scales.size(); ++l) {
+      const at::Tensor* w = &layers[12 * l];
+      layers_.push_back(Layer{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11],
+                              (float)scales[l]});
+      F_ = w[9].numel();
+      check_vec(w[0], E_, who, "ln_1.weight"); check_vec(w[1], E_, who, "ln_1.bias");
+      check_vec(w[6], E_, who, "ln_2.weight"); check_vec(w[7], E_, who, "ln_2.bias");
+      check_vec(w[3], 3 * E_, who, "c_attn.bias"); check_vec(w[5], E_, who, "attn.c_proj.bias");
+      check_vec(w[11], E_, who, "mlp.c_proj.bias");
+      check_packed(w[2], E_, 3 * E_, who, "c_attn");
+      check_packed(w[4], E_, E_, who, "attn.c_proj");
+      check_packed(w[8], E_, F_, who, "c_fc");
+      check_packed(w[10], F_, E_, who, "mlp.c_proj");
+    }
+    check_vec(lnf_w_, E_, who, "ln_f.weight");
+    check_vec(lnf_b_, E_, who, "ln_f.bias");
+  }
+
+  static void check_packed(const at::Tensor& w, int64_t k, int64_t n, const char* who, const char* name) {
+    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == (n + kPanel - 1) / kPanel && w.size(1) == k &&
+                          w.size(2) == kPanel,
+                      "gpt2kern.", who, ": ", name, " weight is not a packed [panels, ", k, ", ", kPanel,
+                      "] tensor for ", n, " outputs; got ", w.sizes());
+  }
+  static void check_vec(const at::Tensor& t, int64_t n, const char* who, const char* name) {
+    TORCH_CHECK_VALUE(t.numel() == n, "gpt2kern.", who, ": ", name, " must have ", n, " elements, got ", t.numel());
+  }
+
+  // ids / pos: M = B·T range-checked ids and positions, row-major [B, T].
+  void check_ids(const int64_t* ids, const int64_t* pos, int64_t M, const char* who) const {
+    for (int64_t i = 0; i < M; ++i) {
+      TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < wte_.size(0), "gpt2kern.", who, ": token id ", ids[i],
+                        " outside the vocabulary [0, ", wte_.size(0), ")");
+      TORCH_CHECK_INDEX(pos[i] >= 0 && pos[i] < wpe_.size(0), "gpt2kern.", who, ": position ", pos[i],
+                        " outside [0, n_positions=", wpe_.size(0), ")");
+    }
+  }
+
+  // Embedding, every block and ln_f for B·T rows. kv(l, qkv) stores layer l's new K/V and says where to attend.
+  // last_only: only each row's last token goes through the final add+ln_f (its result in rows [0, B) of s.x).
+  template <class KvFn>
+  void run(const Scratch& s, const int64_t* ids, const int64_t* pos, int64_t B, int64_t T, KvFn&& kv,
+           bool last_only) const {
+    const KernelTable& kt = kernels();
+    const int64_t E = E_, M = B * T;
+    const float *wte = f32(wte_), *wpe = f32(wpe_);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
+      kt.embedding_rows(ids + r0, pos + r0, nullptr, wte, wpe, s.h + r0 * E, r1 - r0, E);
+    });
+    run_layer_norm(s.h, E, s.x, f32(layers_[0].ln1_w), f32(layers_[0].ln1_b), M, E, eps_);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      run_matmul(s.x, E, M, E, f32(L.attn_w), 3 * E, f32(L.attn_b), Epilogue::None, nullptr, 0, s.qkv);
+      const KvView c = kv(l, s.qkv);
+      AttnArgs args{};
+      args.q = s.qkv; args.sq_b = T * 3 * E; args.sq_h = D_; args.sq_t = 3 * E;
+      args.k = c.k; args.v = c.v;
+      args.sk_b = args.sv_b = c.s_b; args.sk_h = args.sv_h = c.s_h; args.sk_t = args.sv_t = c.s_t;
+      args.out = s.att;
+      args.B = B; args.H = H_; args.Tq = T; args.Tkv = c.Tkv; args.D = D_;
+      args.key_mask = c.key_mask; args.mask_len = c.mask_len;
+      args.scale = L.scale; args.q_offset = c.q_offset; args.causal = true;
+      run_attention(args);
+      run_matmul(s.att, E, M, E, f32(L.aproj_w), E, f32(L.aproj_b), Epilogue::None, nullptr, 0, s.a);
+      run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln2_w), f32(L.ln2_b), M, E, eps_);
+      run_matmul(s.x, E, M, E, f32(L.fc_w), F_, f32(L.fc_b), Epilogue::GeluNew, nullptr, 0, s.fc);
+      run_matmul(s.fc, F_, M, F_, f32(L.mproj_w), E, f32(L.mproj_b), Epilogue::None, nullptr, 0, s.a);
+      const bool last = l + 1 == layers_.size();
+      const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln1_w;
+      const at::Tensor& nb = last ? lnf_b_ : layers_[l + 1].ln1_b;
+      if (last && last_only && T > 1) {  // only each row's last token reaches ln_f (and the head)
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t r = b * T + T - 1;
+          std::copy(s.a + r * E, s.a + (r + 1) * E, s.a + b * E);
+          std::copy(s.h + r * E, s.h + (r + 1) * E, s.h + b * E);
+        }
+        run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nw), f32(nb), B, E, eps_);
+      } else {
+        run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nw), f32(nb), M, E, eps_);
+      }
+    }
+  }
+
+  // The K and V of T new tokens (columns E..3E of qkv) into rows [t0, t0 + T) of k, v ([B][H][rows][D], strides
+  // s_b, s_h, s_t).
+  void store_kv(const float* qkv, int64_t B, int64_t T, float* k, float* v, int64_t s_b, int64_t s_h, int64_t s_t,
+                int64_t t0) const {
+    const int64_t E = E_, D = D_, H = H_;
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (T * D)), [&](int64_t p0, int64_t p1) {
+      for (int64_t bh = p0; bh < p1; ++bh) {
+        const int64_t b = bh / H, hh = bh % H;
+        for (int64_t t = 0; t < T; ++t) {
+          const float* src = qkv + (b * T + t) * 3 * E + hh * D;
+          float* kd = k + b * s_b + hh * s_h + (t0 + t) * s_t;
+          float* vd = v + b * s_b + hh * s_h + (t0 + t) * s_t;
+          std::copy(src + E, src + E + D, kd);
+          std::copy(src + 2 * E, src + 2 * E + D, vd);
+        }
+      }
+    });
+  }
+
+  std::vector<Layer> layers_;
+  at::Tensor wte_, wpe_, lnf_w_, lnf_b_;
+  int64_t H_;
+  float eps_;
+  int64_t E_ = 0, D_ = 0, F_ = 0;
+};
+
+// The optimized model's forward body over HF's DynamicCache: forward(ids, pos, key_mask, past_k, past_v) takes
+// each layer's cached keys/values [B, H, P, D] and returns (ln_f output [B, T, E], keys, values) with the
+// layers' new [B, H, P + T, D] keys and values — what DynamicLayer.update's torch.cat would give — so the whole
+// body is one C++ call instead of ~150 Python-dispatched ops per step.
+class Body {
+ public:
+  Body(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
+       at::Tensor lnf_w, at::Tensor lnf_b, int64_t n_head, double eps)
+      : st_(layers, scales, wte, wpe, lnf_w, lnf_b, n_head, eps, "Body") {}
+
+  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
+      const at::Tensor& ids, const at::Tensor& pos, const std::optional<at::Tensor>& key_mask,
+      const std::vector<at::Tensor>& past_k, const std::vector<at::Tensor>& past_v) const {
+    const char* who = "Body.forward";
+    GK_CHECK_DTYPE(ids, at::kLong, who, "ids");
+    GK_CHECK_DTYPE(pos, at::kLong, who, "pos");
+    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1, "gpt2kern.Body.forward: ids must be "
+                      "[B >= 1, T >= 1], got ", ids.sizes());
+    TORCH_CHECK_VALUE(pos.sizes() == ids.sizes(), "gpt2kern.Body.forward: pos must have ids' shape ", ids.sizes(),
+                      ", got ", pos.sizes());
+    TORCH_CHECK_VALUE(ids.device().is_cpu() && pos.device().is_cpu(), "gpt2kern.Body.forward: ids and pos must be "
+                      "CPU tensors");
+    const int64_t B = ids.size(0), T = ids.size(1), M = B * T, E = st_.E_, H = st_.H_, D = st_.D_;
+    const int64_t L = (int64_t)st_.layers_.size();
+    TORCH_CHECK_VALUE(past_k.size() == past_v.size() && (past_k.empty() || (int64_t)past_k.size() == L),
+                      "gpt2kern.Body.forward: past_k and past_v must both be empty or hold ", L, " layers, got ",
+                      past_k.size(), " and ", past_v.size());
+    int64_t P = 0;
+    if (!past_k.empty()) P = past_k[0].dim() == 4 ? past_k[0].size(2) : -1;
+    for (size_t l = 0; l < past_k.size(); ++l)
+      for (const at::Tensor* t : {&past_k[l], &past_v[l]}) {
+        GK_CHECK_FLOAT(*t, who, "past_k/past_v");
+        TORCH_CHECK_VALUE(t->device().is_cpu(), "gpt2kern.Body.forward: past keys/values must be CPU tensors");
+        TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == P &&
+                              t->size(3) == D,
+                          "gpt2kern.Body.forward: past_key_values does not fit this call: layer ", l,
+                          " holds keys/values of shape ", t->sizes(), ", expected [batch ", B, ", heads ", H, ", ", P,
+                          ", head size ", D, "]");
+      }
+    at::Tensor km;
+    if (key_mask) {
+      GK_CHECK_DTYPE(*key_mask, at::kBool, who, "key_mask");
+      TORCH_CHECK_VALUE(key_mask->dim() == 2 && key_mask->size(0) == B && key_mask->size(1) >= P + T &&
+                            key_mask->device().is_cpu(),
+                        "gpt2kern.Body.forward: key_mask must be a CPU [", B, ", >= ", P + T, "] bool tensor, got ",
+                        key_mask->sizes());
+      km = key_mask->contiguous();
+    }
+    at::Tensor idc = ids.contiguous(), pc = pos.contiguous();
+    st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Body.forward");
+
+    auto f = st_.wte_.options();
+    at::Tensor x = at::empty({B, T, E}, f), buf = at::empty({M * (6 * E + st_.F_)}, f);
+    float* p = buf.data_ptr<float>();  // h, qkv, att, a, fc
+    const Scratch s{p, x.data_ptr<float>(), p + M * E, p + 4 * M * E, p + 5 * M * E, p + 6 * M * E};
+    std::vector<at::Tensor> ks, vs;
+    for (int64_t l = 0; l < L; ++l) {
+      ks.push_back(at::empty({B, H, P + T, D}, f));
+      vs.push_back(at::empty({B, H, P + T, D}, f));
+    }
+    auto kv = [&](size_t l, const float* qkv) {
+      at::Tensor& k = ks[l];
+      at::Tensor& v = vs[l];
+      if (P > 0) {  // the cached part, as torch.cat would copy it
+        k.narrow(2, 0, P).copy_(past_k[l]);
+        v.narrow(2, 0, P).copy_(past_v[l]);
+      }
+      const int64_t sb = H * (P + T) * D, sh = (P + T) * D;
+      st_.store_kv(qkv, B, T, k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P);
+      return KvView{k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P + T,
+                    km.defined() ? km.data_ptr<bool>() : nullptr, km.defined() ? km.size(1) : 0, P};
+    };
+    st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B, T, kv, /*last_only=*/false);
+    return {x, ks, vs};
+  }
+
+ private:
+  Stack st_;
+};
 
 class Engine {
  public:
@@ -30,47 +265,18 @@ class Engine {
   Engine(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
          at::Tensor lnf_w, at::Tensor lnf_b, at::Tensor lm_w, int64_t vocab, int64_t n_head, double eps,
          int64_t batch, int64_t max_len, int64_t max_rows)
-      : wte_(wte.contiguous()), wpe_(wpe.contiguous()), lnf_w_(lnf_w.contiguous()), lnf_b_(lnf_b.contiguous()),
-        lm_w_(lm_w.contiguous()), V_(vocab), H_(n_head), eps_((float)eps), B_(batch), Tmax_(max_len),
-        max_rows_(max_rows) {
-    TORCH_CHECK_VALUE(layers.size() == 12 * scales.size() && !scales.empty(),
-                      "gpt2kern.Engine: expected 12 weight tensors per layer");
-    GK_CHECK_FLOAT(wte_, "Engine", "wte");
-    GK_CHECK_DIM(wte_, 2, "Engine", "wte");
-    E_ = wte_.size(1);
-    TORCH_CHECK_VALUE(n_head > 0 && E_ % n_head == 0, "gpt2kern.Engine: n_embd ", E_, " is not divisible by n_head ",
-                      n_head);
-    D_ = E_ / H_;
+      : st_(layers, scales, wte, wpe, lnf_w, lnf_b, n_head, eps, "Engine"), lm_w_(lm_w.contiguous()), V_(vocab),
+        B_(batch), Tmax_(max_len), max_rows_(max_rows) {
     TORCH_CHECK_VALUE(batch >= 1 && max_len >= 1 && max_rows >= batch, "gpt2kern.Engine: bad sizes batch=", batch,
                       " max_len=", max_len, " max_rows=", max_rows);
-    for (const auto& t : layers) {
-      GK_CHECK_FLOAT(t, "Engine", "layer weight");
-      TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "gpt2kern.Engine: layer weights must be "
-                        "contiguous CPU tensors");
-    }
-    for (size_t l = 0; l < scales.size(); ++l) {
-      const at::Tensor* w = &layers[12 * l];
-      layers_.push_back(Layer{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11],
-                              (float)scales[l]});
-      check_packed(w[2], 3 * E_, "c_attn");
-      check_packed(w[4], E_, "attn.c_proj");
-      check_packed(w[10], E_, "mlp.c_proj");
-      F_ = w[9].numel();
-      check_packed(w[8], F_, "c_fc");
-    }
-    check_packed(lm_w_, V_, "lm_head");
-    const int64_t L = (int64_t)layers_.size();
-    auto f = wte_.options();
-    k_ = at::zeros({L, B_, H_, Tmax_, D_}, f);
-    v_ = at::zeros({L, B_, H_, Tmax_, D_}, f);
+    GK_CHECK_FLOAT(lm_w_, "Engine", "lm_w");
+    Stack::check_packed(lm_w_, st_.E_, V_, "Engine", "lm_head");
+    const int64_t L = (int64_t)st_.layers_.size(), E = st_.E_, H = st_.H_, D = st_.D_;
+    auto f = st_.wte_.options();
+    k_ = at::zeros({L, B_, H, Tmax_, D}, f);
+    v_ = at::zeros({L, B_, H, Tmax_, D}, f);
     key_mask_ = at::zeros({B_, Tmax_}, f.dtype(at::kBool));
-    h_ = at::empty({max_rows_, E_}, f);
-    x_ = at::empty({max_rows_, E_}, f);
-    qkv_ = at::empty({max_rows_, 3 * E_}, f);
-    att_ = at::empty({max_rows_, E_}, f);
-    a_ = at::empty({max_rows_, E_}, f);
-    fc_ = at::empty({max_rows_, F_}, f);
-    last_ = at::empty({B_, E_}, f);
+    buf_ = at::empty({max_rows_ * (7 * E + st_.F_)}, f);
     logits_ = at::empty({B_, V_}, f);
   }
 
@@ -82,7 +288,7 @@ class Engine {
     GK_CHECK_DTYPE(valid, at::kBool, "Engine.forward", "valid");
     TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == B_ && ids.size(1) >= 1, "gpt2kern.Engine.forward: ids must "
                       "be [", B_, ", T >= 1], got ", ids.sizes());
-    const int64_t T = ids.size(1), M = B_ * T;
+    const int64_t T = ids.size(1), M = B_ * T, E = st_.E_, H = st_.H_, D = st_.D_;
     TORCH_CHECK_VALUE(pos.sizes() == ids.sizes() && valid.sizes() == ids.sizes(),
                       "gpt2kern.Engine.forward: pos and valid must have ids' shape ", ids.sizes());
     TORCH_CHECK_VALUE(M <= max_rows_, "gpt2kern.Engine.forward: ", M, " rows exceed the engine's max_rows ",
@@ -90,61 +296,24 @@ class Engine {
     TORCH_CHECK_VALUE(len_ + T <= Tmax_, "gpt2kern.Engine.forward: cache holds ", Tmax_, " tokens; ", len_,
                       " used, ", T, " more requested");
     at::Tensor idc = ids.contiguous(), pc = pos.contiguous(), vc = valid.contiguous();
-    const int64_t *pid = idc.data_ptr<int64_t>(), *pp = pc.data_ptr<int64_t>();
-    for (int64_t i = 0; i < M; ++i) {
-      TORCH_CHECK_INDEX(pid[i] >= 0 && pid[i] < wte_.size(0), "gpt2kern.Engine.forward: token id ", pid[i],
-                        " outside the vocabulary [0, ", wte_.size(0), ")");
-      TORCH_CHECK_INDEX(pp[i] >= 0 && pp[i] < wpe_.size(0), "gpt2kern.Engine.forward: position ", pp[i],
-                        " outside [0, n_positions=", wpe_.size(0), ")");
-    }
+    st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Engine.forward");
     bool* km = key_mask_.data_ptr<bool>();
     const bool* pv = vc.data_ptr<bool>();
     for (int64_t b = 0; b < B_; ++b)
       for (int64_t t = 0; t < T; ++t) km[b * Tmax_ + len_ + t] = pv[b * T + t];
 
-    const KernelTable& kt = kernels();
-    const int64_t E = E_;
-    float *h = h_.data_ptr<float>(), *x = x_.data_ptr<float>(), *qkv = qkv_.data_ptr<float>();
-    float *att = att_.data_ptr<float>(), *a = a_.data_ptr<float>(), *fc = fc_.data_ptr<float>();
-    const float *wte = f32(wte_), *wpe = f32(wpe_);
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
-      kt.embedding_rows(pid + r0, pp + r0, nullptr, wte, wpe, h + r0 * E, r1 - r0, E);
-    });
-    run_layer_norm(h, E, x, f32(layers_[0].ln1_w), f32(layers_[0].ln1_b), M, E, eps_);
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& L = layers_[l];
-      run_matmul(x, E, M, E, f32(L.attn_w), 3 * E, f32(L.attn_b), Epilogue::None, nullptr, 0, qkv);
-      append_kv(l, qkv, T);
-      AttnArgs args{};
-      args.q = qkv; args.sq_b = T * 3 * E; args.sq_h = D_; args.sq_t = 3 * E;
-      args.k = k_.data_ptr<float>() + l * B_ * H_ * Tmax_ * D_;
-      args.v = v_.data_ptr<float>() + l * B_ * H_ * Tmax_ * D_;
-      args.sk_b = args.sv_b = H_ * Tmax_ * D_; args.sk_h = args.sv_h = Tmax_ * D_; args.sk_t = args.sv_t = D_;
-      args.out = att;
-      args.B = B_; args.H = H_; args.Tq = T; args.Tkv = len_ + T; args.D = D_;
-      args.key_mask = km; args.mask_len = Tmax_;
-      args.scale = L.scale; args.q_offset = len_; args.causal = true;
-      run_attention(args);
-      run_matmul(att, E, M, E, f32(L.aproj_w), E, f32(L.aproj_b), Epilogue::None, nullptr, 0, a);
-      run_add_layer_norm(a, E, h, E, h, x, f32(L.ln2_w), f32(L.ln2_b), M, E, eps_);
-      run_matmul(x, E, M, E, f32(L.fc_w), F_, f32(L.fc_b), Epilogue::GeluNew, nullptr, 0, fc);
-      run_matmul(fc, F_, M, F_, f32(L.mproj_w), E, f32(L.mproj_b), Epilogue::None, nullptr, 0, a);
-      const bool last = l + 1 == layers_.size();
-      const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln1_w;
-      const at::Tensor& nb = last ? lnf_b_ : layers_[l + 1].ln1_b;
-      if (last && T > 1) {  // only each row's last token reaches ln_f and the head
-        float* lastp = last_.data_ptr<float>();
-        for (int64_t b = 0; b < B_; ++b) {
-          const int64_t r = b * T + T - 1;
-          for (int64_t j = 0; j < E; ++j) lastp[b * E + j] = a[r * E + j];
-          for (int64_t j = 0; j < E; ++j) h[b * E + j] = h[r * E + j];
-        }
-        run_add_layer_norm(lastp, E, h, E, h, x, f32(nw), f32(nb), B_, E, eps_);
-      } else {
-        run_add_layer_norm(a, E, h, E, h, x, f32(nw), f32(nb), M, E, eps_);
-      }
-    }
-    run_matmul(x, E, B_, E, f32(lm_w_), V_, nullptr, Epilogue::None, nullptr, 0, logits_.data_ptr<float>());
+    float* p = buf_.data_ptr<float>();
+    const int64_t R = max_rows_;
+    const Scratch s{p, p + R * E, p + 2 * R * E, p + 5 * R * E, p + 6 * R * E, p + 7 * R * E};  // h x qkv att a fc
+    const int64_t sb = H * Tmax_ * D, sh = Tmax_ * D;
+    auto kv = [&](size_t l, const float* qkv) {
+      float* k = k_.data_ptr<float>() + l * B_ * sb;
+      float* v = v_.data_ptr<float>() + l * B_ * sb;
+      st_.store_kv(qkv, B_, T, k, v, sb, sh, D, len_);
+      return KvView{k, v, sb, sh, D, len_ + T, km, Tmax_, len_};
+    };
+    st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B_, T, kv, /*last_only=*/true);
+    run_matmul(s.x, E, B_, E, f32(lm_w_), V_, nullptr, Epilogue::None, nullptr, 0, logits_.data_ptr<float>());
     len_ += T;
     return logits_;
   }
@@ -157,38 +326,12 @@ class Engine {
   at::Tensor key_mask() const { return key_mask_; }
 
  private:
-  void check_packed(const at::Tensor& w, int64_t n, const char* name) const {
-    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == (n + kPanel - 1) / kPanel && w.size(2) == kPanel,
-                      "gpt2kern.Engine: ", name, " weight is not a packed [panels, K, ", kPanel, "] tensor for ", n,
-                      " outputs; got ", w.sizes());
-  }
-
-  // K and V of the T new tokens (columns E..3E of qkv) into cache slots [len, len + T) of layer l.
-  void append_kv(size_t l, const float* qkv, int64_t T) {
-    const int64_t E = E_, D = D_, H = H_;
-    float* kc = k_.data_ptr<float>() + l * B_ * H * Tmax_ * D;
-    float* vc = v_.data_ptr<float>() + l * B_ * H * Tmax_ * D;
-    at::parallel_for(0, B_ * H, std::max<int64_t>(1, 16384 / (T * D)), [&](int64_t p0, int64_t p1) {
-      for (int64_t bh = p0; bh < p1; ++bh) {
-        const int64_t b = bh / H, hh = bh % H;
-        for (int64_t t = 0; t < T; ++t) {
-          const float* src = qkv + (b * T + t) * 3 * E + hh * D;
-          float* kd = kc + (bh * Tmax_ + len_ + t) * D;
-          float* vd = vc + (bh * Tmax_ + len_ + t) * D;
-          for (int64_t d = 0; d < D; ++d) kd[d] = src[E + d];
-          for (int64_t d = 0; d < D; ++d) vd[d] = src[2 * E + d];
-        }
-      }
-    });
-  }
-
-  std::vector<Layer> layers_;
-  at::Tensor wte_, wpe_, lnf_w_, lnf_b_, lm_w_;
-  int64_t V_, H_;
-  float eps_;
+  Stack st_;
+  at::Tensor lm_w_;
+  int64_t V_;
   int64_t B_, Tmax_, max_rows_;
-  int64_t E_ = 0, D_ = 0, F_ = 0, len_ = 0;
-  at::Tensor k_, v_, key_mask_, h_, x_, qkv_, att_, a_, fc_, last_, logits_;
+  int64_t len_ = 0;
+  at::Tensor k_, v_, key_mask_, buf_, logits_;
 };
 
 }  // namespace
@@ -206,6 +349,13 @@ void bind_engine(pybind11::module_& m) {
       .def("reset", &Engine::reset)
       .def_property_readonly("length", &Engine::length)
       .def_property_readonly("key_mask", &Engine::key_mask);
+  py::class_<Body>(m, "Body", "GPT-2 body (embedding, blocks, ln_f) in one call, over DynamicCache-style past K/V.")
+      .def(py::init<const std::vector<at::Tensor>&, const std::vector<double>&, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor, int64_t, double>(),
+           py::arg("layers"), py::arg("scales"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"),
+           py::arg("n_head"), py::arg("eps"))
+      .def("forward", &Body::forward, py::arg("ids"), py::arg("pos"), py::arg("key_mask"), py::arg("past_k"),
+           py::arg("past_v"), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace gk::cpu
