@@ -66,7 +66,8 @@ const KernelTable& kernels();             // the active table
 const KernelTable* kernels_for(const char* isa);  // null if unknown or unsupported on this CPU
 bool set_isa(const char* isa);            // false if unsupported here
 inline int64_t attention_scratch_floats(int64_t D) {
-  return D * kAttnKeyBlock + kAttnQueryBlock * kAttnKeyBlock + kAttnQueryBlock * D + 2 * kAttnQueryBlock;
+  // the larger of attention_rows' and attention_tile's layouts (kernels/attention.h)
+  return D * kAttnQueryBlock + kAttnQueryBlock * kAttnKeyBlock + kAttnQueryBlock * D + 3 * kAttnQueryBlock;
 }
 
 }  // namespace gk

@@ -3,9 +3,13 @@
 // Reference: out[i] = Σ_j softmax_j(scale · q_i·k_j + mask_ij) v_j over the keys row i may see (causal:
 // j ≤ q_offset + i; key_mask[j] true; bias > −inf), and out[i] = 0 when it may see none.
 // Keys are visited in blocks of KB with an online softmax (running max m, running sum l, rescaled output), so
-// no T×T matrix exists. Each key block is transposed once into Kt[D][KB] and reused by all query rows of the
-// task: scores for a row are then KB-wide vector FMAs over d, and P·V is row-wise FMAs over d. Decode (fewer
-// than 4 rows) skips the transpose and takes one dot product per key.
+// no T×T matrix exists. Two variants:
+// - attention_rows (decode: fewer than 4 query rows): one vector dot product per (row, key), the softmax and
+//   P·V row by row.
+// - attention_tile (prefill): the query block is transposed once per task into Qt[D][QB], so a key's scores for
+//   all QB rows are QB/VL vector FMAs per d, stored transposed (St[key][row]). The online softmax then runs down
+//   the keys with the rows in vector lanes (no horizontal max/sum), and P·V updates RV rows at a time so each
+//   V load feeds RV FMAs. Keys a causal row cannot see yet are never read (their V may be anything).
 namespace gk {
 namespace GK_ISA {
 
@@ -13,13 +17,17 @@ constexpr int KB = kAttnKeyBlock;
 constexpr int QB = kAttnQueryBlock;
 constexpr int KBV = KB / VL > 0 ? KB / VL : 1;
 static_assert(KB % VL == 0, "key block must be a whole number of vectors");
-constexpr int RG = 8 / KBV > 0 ? 8 / KBV : 1;  // query rows per score group
+constexpr int QV = QB / VL;                  // vectors of query rows in a tile
+static_assert(QB % VL == 0, "query block must be a whole number of vectors");
+constexpr int KU = QV <= 4 ? 16 / QV : 1;    // keys per score step: KU·QV accumulators
+constexpr int RV = 4;                        // query rows per P·V group
+constexpr int DC = 4;                        // vectors of d per P·V step: RV·DC accumulators
+static_assert(QB % RV == 0, "P·V row groups must tile the query block");
 
-static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
+static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
   const int64_t nq = i1 - i0;
-  float* Kt = scratch;              // [D][KB]
-  float* S = Kt + D * KB;           // [QB][KB]
+  float* S = scratch;               // [QB][KB]
   float* acc = S + QB * KB;         // [QB][D]
   float* m = acc + QB * D;          // [QB]
   float* l = m + QB;                // [QB]
@@ -39,8 +47,7 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
 
   for (int64_t j0 = 0; j0 < kv_end; j0 += KB) {
     const int kb = (int)(kv_end - j0 < KB ? kv_end - j0 : KB);
-    if (nq < 4) {
-      // decode: too few rows to pay for the transpose; one vector dot product per (row, key)
+    {
       for (int64_t r = 0; r < nq; ++r) {
         const float* qr = q + (i0 + r) * a.sq_t;
         int jj = 0;
@@ -73,30 +80,6 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
           for (; d < D; ++d) sc += qr[d] * kj[d];
           S[r * KB + jj] = sc * a.scale;
         }
-      }
-    } else {
-      for (int64_t d = 0; d < D; ++d) {
-        for (int jj = 0; jj < kb; ++jj) Kt[d * KB + jj] = k[(j0 + jj) * a.sk_t + d];
-        for (int jj = kb; jj < KB; ++jj) Kt[d * KB + jj] = 0.f;
-      }
-      // scores, RG query rows at a time sharing each Kt row (RG·KBV independent accumulators)
-      for (int64_t r0 = 0; r0 < nq; r0 += RG) {
-        const int nr = (int)(nq - r0 < RG ? nq - r0 : RG);
-        vf s[RG][KBV];
-        for (int r = 0; r < RG; ++r)
-          for (int u = 0; u < KBV; ++u) s[r][u] = vf{};
-        const float* qr[RG];
-        for (int r = 0; r < RG; ++r) qr[r] = q + (i0 + r0 + (r < nr ? r : 0)) * a.sq_t;
-        for (int64_t d = 0; d < D; ++d) {
-          vf kt[KBV];
-          for (int u = 0; u < KBV; ++u) kt[u] = load(Kt + d * KB + u * VL);
-          for (int r = 0; r < RG; ++r) {
-            vf qd = bcast(qr[r][d]);
-            for (int u = 0; u < KBV; ++u) s[r][u] += qd * kt[u];
-          }
-        }
-        for (int r = 0; r < nr; ++r)
-          for (int u = 0; u < KBV; ++u) store(S + (r0 + r) * KB + u * VL, s[r][u] * bcast(a.scale));
       }
     }
     for (int64_t r = 0; r < nq; ++r) {
@@ -164,6 +147,154 @@ static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i
     else
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;  // fully masked row: zeros, never NaN
   }
+}
+
+// Scores of keys [jj, jj + U) for all QB rows of the tile: St[key][row] = scale · Σ_d k[key][d] · Qt[d][row].
+template <int U>
+GK_INLINE void tile_scores(const float* Qt, const float* k, int64_t sk_t, int64_t D, float scale, float* St) {
+  vf s[U][QV];
+  for (int t = 0; t < U; ++t)
+    for (int u = 0; u < QV; ++u) s[t][u] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    vf qt[QV];
+    for (int u = 0; u < QV; ++u) qt[u] = load(Qt + d * QB + u * VL);
+    for (int t = 0; t < U; ++t) {
+      const vf kd = bcast(k[t * sk_t + d]);
+      for (int u = 0; u < QV; ++u) s[t][u] += kd * qt[u];
+    }
+  }
+  for (int t = 0; t < U; ++t)
+    for (int u = 0; u < QV; ++u) store(St + t * QB + u * VL, s[t][u] * bcast(scale));
+}
+
+// acc[r][d .. d + N·VL) = acc · corr[r] + Σ_{keys j < lim} St[j][r] · v[j][d ..], rows [r0, r0 + RV), where
+// keys below `common` are seen by all RV rows and the rest only by the rows whose lim reaches them.
+template <int N>
+GK_INLINE void tile_pv(float* acc, int64_t D, int64_t r0, const float* corr, const float* St, const float* v,
+                       int64_t sv_t, int64_t d, int common, const int* lim) {
+  vf o[RV][N];
+  for (int ri = 0; ri < RV; ++ri)
+    for (int c = 0; c < N; ++c) o[ri][c] = load(acc + (r0 + ri) * D + d + c * VL) * bcast(corr[r0 + ri]);
+  for (int j = 0; j < common; ++j) {
+    vf vj[N];
+    for (int c = 0; c < N; ++c) vj[c] = load(v + j * sv_t + d + c * VL);
+    for (int ri = 0; ri < RV; ++ri) {
+      const vf p = bcast(St[j * QB + r0 + ri]);
+      for (int c = 0; c < N; ++c) o[ri][c] += p * vj[c];
+    }
+  }
+  for (int ri = 0; ri < RV; ++ri)
+    for (int j = common; j < lim[ri]; ++j) {
+      const vf p = bcast(St[j * QB + r0 + ri]);
+      for (int c = 0; c < N; ++c) o[ri][c] += p * load(v + j * sv_t + d + c * VL);
+    }
+  for (int ri = 0; ri < RV; ++ri)
+    for (int c = 0; c < N; ++c) store(acc + (r0 + ri) * D + d + c * VL, o[ri][c]);
+}
+
+static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
+  const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
+  const int64_t nq = i1 - i0;
+  float* Qt = scratch;              // [D][QB]  this task's query rows, transposed (rows past nq: zeros)
+  float* St = Qt + D * QB;          // [KB][QB] scores, then probabilities, of one key block
+  float* acc = St + KB * QB;        // [QB][D]
+  float* m = acc + QB * D;          // [QB] running max
+  float* l = m + QB;                // [QB] running sum
+  float* corr = l + QB;             // [QB] rescale of acc for this key block
+  const float NEG_INF = -__builtin_inff();
+  const vf ninf = bcast(NEG_INF), zero{};
+  const float* q = a.q + b * a.sq_b + h * a.sq_h;
+  const float* k = a.k + b * a.sk_b + h * a.sk_h;
+  const float* v = a.v + b * a.sv_b + h * a.sv_h;
+  const bool* km = a.key_mask ? a.key_mask + b * a.mask_len : nullptr;
+  const float* bias = a.bias ? a.bias + b * a.sb_b + h * a.sb_h : nullptr;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = 0; r < QB; ++r) Qt[d * QB + r] = r < nq ? q[(i0 + r) * a.sq_t + d] : 0.f;
+  for (int64_t r = 0; r < QB; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+  for (int64_t x = 0; x < QB * D; ++x) acc[x] = 0.f;
+
+  int64_t kv_end = a.Tkv;
+  if (a.causal) kv_end = kv_end < a.q_offset + i1 ? kv_end : a.q_offset + i1;
+  if (km && a.mask_len < kv_end) kv_end = a.mask_len;
+  if (bias && a.bias_len < kv_end) kv_end = a.bias_len;
+
+  vi iota;
+  for (int x = 0; x < VL; ++x) iota[x] = x;
+  for (int64_t j0 = 0; j0 < kv_end; j0 += KB) {
+    const int kb = (int)(kv_end - j0 < KB ? kv_end - j0 : KB);
+    // keys row r may see in this block: causal rows stop at q_offset + i0 + r
+    int lim[QB];
+    for (int r = 0; r < QB; ++r) {
+      int64_t x = a.causal ? a.q_offset + i0 + r + 1 - j0 : kb;
+      lim[r] = (int)(x < 0 ? 0 : x > kb ? kb : x);
+    }
+    int jj = 0;
+    for (; jj + KU <= kb; jj += KU) tile_scores<KU>(Qt, k + (j0 + jj) * a.sk_t, a.sk_t, D, a.scale, St + jj * QB);
+    for (; jj < kb; ++jj) tile_scores<1>(Qt, k + (j0 + jj) * a.sk_t, a.sk_t, D, a.scale, St + jj * QB);
+    if (bias)
+      for (int r = 0; r < nq; ++r)
+        for (int j = 0; j < lim[r]; ++j) St[j * QB + r] += bias[(i0 + r) * a.sb_t + j0 + j];
+    for (int j = 0; j < kb; ++j) {
+      float* sj = St + j * QB;
+      if (km && !km[j0 + j]) {
+        for (int u = 0; u < QV; ++u) store(sj + u * VL, ninf);
+      } else if (a.causal && j0 + j > a.q_offset + i0) {  // rows r < j0 + j − q_offset − i0 cannot see key j yet
+        const int first = (int)(j0 + j - a.q_offset - i0);
+        for (int u = 0; u < QV; ++u) {
+          const vi row = iota + u * VL;
+          store(sj + u * VL, row < first ? ninf : load(sj + u * VL));
+        }
+      }
+    }
+    // online softmax down the keys, rows in lanes (vmax keeps the running max when a score is NaN; the NaN then
+    // reaches l and acc through p)
+    for (int u = 0; u < QV; ++u) {
+      const vf mold = load(m + u * VL);
+      vf mnew = mold;
+      for (int j = 0; j < kb; ++j) mnew = vmax(load(St + j * QB + u * VL), mnew);
+      const vf c = mold == ninf ? zero : vexp(mold - mnew);  // nothing seen yet: acc and l are 0 (or NaN)
+      vf psum{};
+      for (int j = 0; j < kb; ++j) {
+        const vf sc = load(St + j * QB + u * VL);
+        const vf p = sc == ninf ? zero : vexp(sc - mnew);
+        store(St + j * QB + u * VL, p);
+        psum += p;
+      }
+      store(l + u * VL, load(l + u * VL) * c + psum);
+      store(m + u * VL, mnew);
+      store(corr + u * VL, c);
+    }
+    const float* vb = v + j0 * a.sv_t;
+    for (int64_t r0 = 0; r0 < nq; r0 += RV) {
+      int common = kb;
+      for (int ri = 0; ri < RV; ++ri) common = lim[r0 + ri] < common ? lim[r0 + ri] : common;
+      int64_t d = 0;
+      for (; d + DC * VL <= D; d += DC * VL) tile_pv<DC>(acc, D, r0, corr, St, vb, a.sv_t, d, common, lim + r0);
+      for (; d + VL <= D; d += VL) tile_pv<1>(acc, D, r0, corr, St, vb, a.sv_t, d, common, lim + r0);
+      for (; d < D; ++d)
+        for (int ri = 0; ri < RV; ++ri) {
+          const int64_t r = r0 + ri;
+          float o = acc[r * D + d] * corr[r];
+          for (int j = 0; j < lim[r]; ++j) o += St[j * QB + r] * vb[j * a.sv_t + d];
+          acc[r * D + d] = o;
+        }
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    float* o = a.out + ((b * a.Tq + i0 + r) * a.H + h) * D;
+    const float* ar = acc + r * D;
+    if (l[r] > 0.f || l[r] != l[r])  // NaN inputs propagate as NaN
+      for (int64_t d = 0; d < D; ++d) o[d] = ar[d] / l[r];
+    else
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;  // fully masked row: zeros, never NaN
+  }
+}
+
+static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
+  if (i1 - i0 < 4)
+    attention_rows(a, bh, i0, i1, scratch);
+  else
+    attention_tile(a, bh, i0, i1, scratch);
 }
 
 }  // namespace GK_ISA
