@@ -14,7 +14,12 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.gpt2kern)
 
-_ops = torch.ops.gpt2kern  # calls go to each op's .default overload: no overload resolution per call
+_ops = torch.ops.gpt2kern
+# each op's .default overload, looked up once: no overload resolution or namespace lookup per call (at decode
+# sizes the glue is most of an op's cost)
+_layer_norm, _add_layer_norm, _gelu_new, _pack, _conv1d, _attention, _embedding = (
+    getattr(_ops, n).default for n in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention",
+                                       "embedding"))
 PANEL = 32  # columns per packed weight panel (csrc/cpu/kernel_table.h: kPanel)
 EPILOGUES = ("none", "gelu_new", "residual")
 
@@ -54,24 +59,24 @@ def _tensor(x, name):
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):
     """LayerNorm over the last dim (nn.LayerNorm semantics)."""
-    return _ops.layer_norm.default(_tensor(x, "x"), _tensor(weight, "weight"), _tensor(bias, "bias"), float(eps))
+    return _layer_norm(_tensor(x, "x"), _tensor(weight, "weight"), _tensor(bias, "bias"), float(eps))
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-5):
     """Returns (x + residual, LayerNorm(x + residual)) computed in one pass over memory."""
-    return _ops.add_layer_norm.default(_tensor(x, "x"), _tensor(residual, "residual"), _tensor(weight, "weight"),
-                               _tensor(bias, "bias"), float(eps))
+    return _add_layer_norm(_tensor(x, "x"), _tensor(residual, "residual"), _tensor(weight, "weight"),
+                           _tensor(bias, "bias"), float(eps))
 
 
 def gelu_new(x):
     """HF's NewGELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
-    return _ops.gelu_new.default(_tensor(x, "x"))
+    return _gelu_new(_tensor(x, "x"))
 
 
 def pack(weight):
     """Repack a Conv1D weight [in, out] into the layout conv1d reads at run time: on CPU panels
     [ceil(out/32), in, 32]; on CUDA a contiguous copy of [in, out] (the CUDA kernels read that layout directly)."""
-    return _ops.pack.default(_tensor(weight, "weight"))
+    return _pack(_tensor(weight, "weight"))
 
 
 def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_features: int = -1):
@@ -79,7 +84,7 @@ def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_feat
     fused epilogue: 'none', 'gelu_new', or 'residual' (adds `residual`)."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    return _ops.conv1d.default(_tensor(x, "x"), _tensor(weight, "weight"), bias, epilogue, residual, int(out_features))
+    return _conv1d(_tensor(x, "x"), _tensor(weight, "weight"), bias, epilogue, residual, int(out_features))
 
 
 def attention(q, k, v, key_mask=None, bias=None, scale: float = 1.0, q_offset: int = 0, causal: bool = True):
@@ -89,13 +94,13 @@ def attention(q, k, v, key_mask=None, bias=None, scale: float = 1.0, q_offset: i
     key_mask [B, L] bool: False marks padding (keys j >= L are not seen). bias [B|1, H|1, Tq, L] float is added
     to the scores (-inf = masked). Rows that see no key come out as zeros, never NaN.
     """
-    return _ops.attention.default(_tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v"), key_mask, bias, float(scale),
+    return _attention(_tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v"), key_mask, bias, float(scale),
                           int(q_offset), bool(causal))
 
 
 def embedding(input_ids, wte, wpe, position_ids, token_type_ids=None):
     """wte[input_ids] + wpe[position_ids] (+ wte[token_type_ids]), ids range-checked."""
-    return _ops.embedding.default(_tensor(input_ids, "input_ids"), _tensor(wte, "wte"), _tensor(wpe, "wpe"),
+    return _embedding(_tensor(input_ids, "input_ids"), _tensor(wte, "wte"), _tensor(wpe, "wpe"),
                           _tensor(position_ids, "position_ids"), token_type_ids)
 
 

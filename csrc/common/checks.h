@@ -26,4 +26,18 @@ inline at::Tensor as_rows(const at::Tensor& x, int64_t n) {
 
 inline int64_t row_stride(const at::Tensor& rows) { return rows.size(0) > 1 ? rows.stride(0) : rows.size(1); }
 
+// x (float) as m rows of n with row stride ld, for kernels that take raw pointers. A contiguous x (the common
+// case) is used as is: no view is made, which is most of a decode-sized op's glue cost; otherwise as_rows, whose
+// tensor `keep` holds.
+struct Rows {
+  const float* p;
+  int64_t ld, m;
+  at::Tensor keep;
+};
+inline Rows rows_of(const at::Tensor& x, int64_t n) {
+  if (x.is_contiguous()) return {x.const_data_ptr<float>(), n, n > 0 ? x.numel() / n : 0, at::Tensor()};
+  at::Tensor r = as_rows(x, n);
+  return {r.const_data_ptr<float>(), row_stride(r), r.size(0), r};
+}
+
 }  // namespace gk

@@ -31,12 +31,9 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = x.size(-1);
   if (x.numel() == 0) return y;
-  at::Tensor xr = as_rows(x, n);
+  const Rows xr = rows_of(x, n);
   at::Tensor w = weight.contiguous(), b = bias.contiguous();
-  const float *px = xr.data_ptr<float>(), *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  const int64_t ld = row_stride(xr);
-  run_layer_norm(px, ld, py, pw, pb, xr.size(0), n, (float)eps);
+  run_layer_norm(xr.p, xr.ld, y.data_ptr<float>(), w.data_ptr<float>(), b.data_ptr<float>(), xr.m, n, (float)eps);
   return y;
 }
 
@@ -47,13 +44,10 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
   at::Tensor s = at::empty(x.sizes(), opts), y = at::empty(x.sizes(), opts);
   const int64_t n = x.size(-1);
   if (x.numel() == 0) return {s, y};
-  at::Tensor xr = as_rows(x, n), rr = as_rows(residual, n);
+  const Rows xr = rows_of(x, n), rr = rows_of(residual, n);
   at::Tensor w = weight.contiguous(), b = bias.contiguous();
-  const float *px = xr.data_ptr<float>(), *pr = rr.data_ptr<float>();
-  const float *pw = w.data_ptr<float>(), *pb = b.data_ptr<float>();
-  float *ps = s.data_ptr<float>(), *py = y.data_ptr<float>();
-  const int64_t ldx = row_stride(xr), ldr = row_stride(rr);
-  run_add_layer_norm(px, ldx, pr, ldr, ps, py, pw, pb, xr.size(0), n, (float)eps);
+  run_add_layer_norm(xr.p, xr.ld, rr.p, rr.ld, s.data_ptr<float>(), y.data_ptr<float>(), w.data_ptr<float>(),
+                     b.data_ptr<float>(), xr.m, n, (float)eps);
   return {s, y};
 }
 

@@ -100,7 +100,7 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   check_conv1d_extras(x, bias, (int)epi, epilogue, residual, N, out_shape);
-  at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr;
+  at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   if (K == 0) {  // empty reduction: bias (+ epilogue) only
@@ -109,13 +109,13 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
     if (epi == Epilogue::Residual) z.add_(*residual);
     return z;
   }
-  at::Tensor A = as_rows(x, K);
-  const int64_t M = A.size(0), lda = row_stride(A);
-  if (epi == Epilogue::Residual) rr = as_rows(*residual, N);
-  const float *pa = A.data_ptr<float>(), *pw = packed.data_ptr<float>();
+  const Rows A = rows_of(x, K);
+  Rows rr{};
+  if (epi == Epilogue::Residual) rr = rows_of(*residual, N);
+  const float *pa = A.p, *pw = packed.data_ptr<float>();
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
-  const float* pr = rr.defined() ? rr.data_ptr<float>() : nullptr;
-  const int64_t ldr = rr.defined() ? row_stride(rr) : 0;
+  const float* pr = rr.p;
+  const int64_t M = A.m, lda = A.ld, ldr = rr.ld;
   float* pc = y.data_ptr<float>();
   run_matmul(pa, lda, M, K, pw, N, pb, epi, pr, ldr, pc);
   return y;
