@@ -311,12 +311,13 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     trace = st.trace
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
     body = st.body
+    ints = (torch.long, torch.int32)
     if (body is not None and not trace and not want_hidden and token_type_ids is None and bias is None
-            and position_ids.dtype == torch.long and position_ids.shape[0] in (1, B)):
+            and ids.dtype in ints and position_ids.dtype in ints and position_ids.shape[0] in (1, B)):
         past_layers = _dynamic_layers(cache, len(layers), past)
-        if past_layers is not None:  # decode under HF's generate: the whole body in one C++ call
-            pos = position_ids.expand(B, T).contiguous()
-            x, ks, vs = body.forward(ids.contiguous(), pos, key_mask, [ly.keys for ly in past_layers],
+        if past_layers is not None:  # HF generate's decode steps (and use_cache=False calls): one C++ call
+            pos = position_ids.long().expand(B, T).contiguous()
+            x, ks, vs = body.forward(ids.long().contiguous(), pos, key_mask, [ly.keys for ly in past_layers],
                                      [ly.values for ly in past_layers])
             if cache is not None:  # exactly what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
                 for ly, k, v in zip(cache.layers, ks, vs):

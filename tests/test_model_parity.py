@@ -267,3 +267,6 @@ def test_body_step_after_crop_and_without_cache(tiny):
     got = opt(ids[:, :1], use_cache=False).logits
     assert body.calls == 2
     torch.testing.assert_close(got, ref(ids[:, :1]).logits, atol=LOGITS_ATOL, rtol=0)
+    got = opt(ids[:, :4].int(), position_ids=torch.arange(4, dtype=torch.int32)[None], use_cache=False).logits
+    assert body.calls == 3  # int32 ids and positions, as HF accepts them
+    torch.testing.assert_close(got, ref(ids[:, :4]).logits, atol=LOGITS_ATOL, rtol=0)
