@@ -317,8 +317,9 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
         past_layers = _dynamic_layers(cache, len(layers), past)
         if past_layers is not None:  # HF generate's decode steps (and use_cache=False calls): one C++ call
             pos = position_ids.long().expand(B, T).contiguous()
-            x, ks, vs = body.forward(ids.long().contiguous(), pos, key_mask, [ly.keys for ly in past_layers],
-                                     [ly.values for ly in past_layers])
+            past_k = None if cache is None else [ly.keys for ly in past_layers]
+            past_v = None if cache is None else [ly.values for ly in past_layers]
+            x, ks, vs = body.forward(ids.long().contiguous(), pos, key_mask, past_k, past_v)
             if cache is not None:  # exactly what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
                 for ly, k, v in zip(cache.layers, ks, vs):
                     ly.keys, ly.values = k, v

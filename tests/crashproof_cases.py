@@ -246,6 +246,7 @@ def _cases():
          (IE, "outside"))
     case("Body past one layer short", lambda: body.forward(t, p3, None, pk[:-1], pk[:-1]), (VE, "layers"))
     case("Body past k/v count differ", lambda: body.forward(t, p3, None, pk, []), (VE, "layers"))
+    case("Body past_k None, past_v list", lambda: body.forward(t, p3, None, None, pk), (VE, "both be None"))
     case("Body past wrong heads", lambda: body.forward(t, p3, None, [torch.randn(1, H + 1, 2, D)] * NL, pk),
          (VE, "does not fit"))
     case("Body past lengths differ", lambda: body.forward(t, p3, None, [pk[0], torch.randn(1, H, 3, D)], pk),

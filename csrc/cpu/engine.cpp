@@ -181,7 +181,8 @@ class Stack {
 // The optimized model's forward body over HF's DynamicCache: forward(ids, pos, key_mask, past_k, past_v) takes
 // each layer's cached keys/values [B, H, P, D] and returns (ln_f output [B, T, E], keys, values) with the
 // layers' new [B, H, P + T, D] keys and values — what DynamicLayer.update's torch.cat would give — so the whole
-// body is one C++ call instead of ~150 Python-dispatched ops per step.
+// body is one C++ call instead of ~150 Python-dispatched ops per step. past_k = past_v = None: no cache (keys and
+// values are read where c_attn wrote them and not returned).
 class Body {
  public:
   Body(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
@@ -190,8 +191,15 @@ class Body {
 
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
       const at::Tensor& ids, const at::Tensor& pos, const std::optional<at::Tensor>& key_mask,
-      const std::vector<at::Tensor>& past_k, const std::vector<at::Tensor>& past_v) const {
+      const std::optional<std::vector<at::Tensor>>& past_k_,
+      const std::optional<std::vector<at::Tensor>>& past_v_) const {
     const char* who = "Body.forward";
+    TORCH_CHECK_VALUE(past_k_.has_value() == past_v_.has_value(), "gpt2kern.Body.forward: past_k and past_v must "
+                      "both be None or both be lists");
+    const bool keep = past_k_.has_value();  // a cache: return the grown keys/values
+    static const std::vector<at::Tensor> none;
+    const std::vector<at::Tensor>& past_k = keep ? *past_k_ : none;
+    const std::vector<at::Tensor>& past_v = keep ? *past_v_ : none;
     GK_CHECK_DTYPE(ids, at::kLong, who, "ids");
     GK_CHECK_DTYPE(pos, at::kLong, who, "pos");
     TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1, "gpt2kern.Body.forward: ids must be "
@@ -234,11 +242,15 @@ class Body {
     float* p = buf.data_ptr<float>();  // h, qkv, att, a, fc
     const Scratch s{p, x.data_ptr<float>(), p + M * E, p + 4 * M * E, p + 5 * M * E, p + 6 * M * E};
     std::vector<at::Tensor> ks, vs;
-    for (int64_t l = 0; l < L; ++l) {
+    for (int64_t l = 0; keep && l < L; ++l) {
       ks.push_back(at::empty({B, H, P + T, D}, f));
       vs.push_back(at::empty({B, H, P + T, D}, f));
     }
+    const bool* kmp = km.defined() ? km.data_ptr<bool>() : nullptr;
+    const int64_t kml = km.defined() ? km.size(1) : 0;
     auto kv = [&](size_t l, const float* qkv) {
+      if (!keep)  // attend to the K/V columns of qkv in place
+        return KvView{qkv + E, qkv + 2 * E, T * 3 * E, D, 3 * E, T, kmp, kml, 0};
       at::Tensor& k = ks[l];
       at::Tensor& v = vs[l];
       if (P > 0) {  // the cached part, as torch.cat would copy it
@@ -247,8 +259,7 @@ class Body {
       }
       const int64_t sb = H * (P + T) * D, sh = (P + T) * D;
       st_.store_kv(qkv, B, T, k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P);
-      return KvView{k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P + T,
-                    km.defined() ? km.data_ptr<bool>() : nullptr, km.defined() ? km.size(1) : 0, P};
+      return KvView{k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P + T, kmp, kml, P};
     };
     st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B, T, kv, /*last_only=*/false);
     return {x, ks, vs};
