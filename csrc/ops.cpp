@@ -39,6 +39,39 @@ void bind_engine(pybind11::module_& m);  // engine.cpp
 // Plain Python functions for the ISA dispatcher, and the decode engine class (not tensor ops).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   gk::cpu::bind_engine(mod);
+  mod.def("stamp", [](const std::vector<at::Tensor>& ts) {
+    // what optimize()'s packs depend on, per tensor: storage address, version counter (in-place edits), device,
+    // dtype — as bytes to compare whole. One call instead of ~300 Python attribute reads per forward.
+    struct Rec { const void* ptr; int64_t version; int32_t device, dtype; };
+    std::string out(ts.size() * sizeof(Rec), '\0');
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const at::Tensor& t = ts[i];
+      const void* ptr = t.has_storage() ? t.storage().data() : nullptr;
+      if (ptr) ptr = static_cast<const char*>(ptr) + t.storage_offset() * t.element_size();
+      const int32_t dev = (int32_t)t.device().type() * 65536 + t.device().index() + 1;
+      const Rec r{ptr, (int64_t)t._version(), dev, (int32_t)t.scalar_type()};
+      std::memcpy(&out[i * sizeof(Rec)], &r, sizeof(Rec));
+    }
+    return pybind11::bytes(out);
+  }, "Identity of tensors' data (storage address, version, device, dtype), as bytes.");
+  mod.def("same_slots", [](const pybind11::list& sizes, const pybind11::list& slots) {
+    // optimize()'s structure check: every (dict, len) still has that len and every (dict, key, obj) still maps key
+    // to obj. In C++ because after a decode step every cache is cold and the same loop in Python costs ~0.1 ms.
+    auto ok = [](PyObject* t, Py_ssize_t n) {
+      return PyTuple_Check(t) && PyTuple_GET_SIZE(t) == n && PyDict_Check(PyTuple_GET_ITEM(t, 0));
+    };
+    for (const auto& it : sizes) {
+      PyObject* t = it.ptr();
+      if (!ok(t, 2) || !PyLong_Check(PyTuple_GET_ITEM(t, 1))) return false;
+      if (PyDict_Size(PyTuple_GET_ITEM(t, 0)) != PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1))) return false;
+    }
+    for (const auto& it : slots) {
+      PyObject* t = it.ptr();
+      if (!ok(t, 3)) return false;
+      if (PyDict_GetItem(PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1)) != PyTuple_GET_ITEM(t, 2)) return false;
+    }
+    return true;
+  }, "True if every (dict, len) and (dict, key, obj) in the lists still holds.");
   mod.def("isa", [] { return std::string(gk::kernels().name); }, "The ISA level the CPU kernels run at.");
   mod.def("set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
           "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");

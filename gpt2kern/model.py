@@ -24,6 +24,7 @@ import dataclasses
 import inspect
 import threading
 import types
+import weakref
 
 import torch
 from transformers import GPT2LMHeadModel, GPT2Model
@@ -89,26 +90,26 @@ class _State:
     def _stamp(self):
         return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.params)
 
-    def _watch_list(self, stamp):
+    def _watch_list(self):
         """What _fresh checks per call, flat, so the check costs a few µs instead of a module-tree walk (~0.2 ms,
         2 % of a decode step): every submodule and parameter slot (a replaced module or Parameter), each slot
         dict's size (an added one) and each parameter's storage, version, device and dtype (.to(), in-place
-        edits, load_state_dict)."""
+        edits, load_state_dict; read in one C++ call)."""
         slots, sizes = [], []
         for root in (self.transformer, self.lm_head):
             for m in (root.modules() if root is not None else ()):
                 for d in (m._modules, m._parameters):
                     sizes.append((d, len(d)))
                     slots += [(d, k, v) for k, v in d.items()]
-        return sizes, slots, list(zip(self.params, stamp))
+        params = self.params
+        return sizes, slots, params, _C.stamp(params)
 
     def _fresh(self) -> bool:
         w = self._watch
         if w is None:
             return False
-        sizes, slots, params = w
-        return (all(len(d) == n for d, n in sizes) and all(d.get(k) is v for d, k, v in slots)
-                and all((p.data_ptr(), p._version, p.device, p.dtype) == s for p, s in params))
+        sizes, slots, params, stamp = w
+        return _C.same_slots(sizes, slots) and _C.stamp(params) == stamp
 
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
@@ -119,7 +120,7 @@ class _State:
             stamp = self._stamp()
             if stamp != self.stamp:
                 self._repack(stamp)
-            self._watch = self._watch_list(stamp)
+            self._watch = self._watch_list()
 
     def _repack(self, stamp):
         devs = {dev for _, _, dev, _ in stamp}
@@ -200,7 +201,7 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
         return st.unsupported
     if t.training:
         return "training mode"
-    if torch.is_grad_enabled() and any(p.requires_grad for p, _ in st._watch[2]):
+    if torch.is_grad_enabled() and any(p.requires_grad for p in st._watch[2]):
         return "autograd (grad enabled and parameters require grad)"
     if output_attentions or (output_attentions is None and t.config.output_attentions):
         return "output_attentions"
@@ -302,28 +303,33 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     D = E // H
     past = int(cache.get_seq_length()) if cache is not None else 0
     n_pos = t.config.n_positions
+    if position_ids is None and past + T > n_pos:
+        raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
+    trace = st.trace
+    body = st.body
+    if (body is not None and not trace and not want_hidden and token_type_ids is None and ids.dtype in _INTS
+            and (position_ids is None or (position_ids.dtype in _INTS and position_ids.dim() == 2
+                                          and position_ids.shape[0] in (1, B) and position_ids.shape[1] == T))
+            and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[0] == B
+                                            and attention_mask.dtype in _MASK_DTYPES))):
+        past_layers = _dynamic_layers(cache, len(layers), past)
+        if past_layers is not None:  # HF generate's decode steps (and use_cache=False calls): one C++ call
+            pos = None if position_ids is None else position_ids.long().expand(B, T).contiguous()
+            past_k = None if cache is None else [ly.keys for ly in past_layers]
+            past_v = None if cache is None else [ly.values for ly in past_layers]
+            # a layer still holding the views the body returned last can grow them in place (see engine.cpp)
+            append = [_holds_our_views(ly) for ly in past_layers]
+            x, ks, vs = body.forward(ids.long().contiguous(), pos, attention_mask, past_k, past_v, append)
+            if cache is not None:  # what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
+                for ly, k, v in zip(cache.layers, ks, vs):
+                    ly.keys, ly.values = k, v
+                    ly._gpt2kern_kv = (weakref.ref(k), weakref.ref(v))
+            return x, None
     if position_ids is None:
-        if past + T > n_pos:
-            raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
         position_ids = torch.arange(past, past + T, dtype=torch.long, device=ids.device).unsqueeze(0)
     else:
         position_ids = position_ids.reshape(-1, T)
-    trace = st.trace
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
-    body = st.body
-    ints = (torch.long, torch.int32)
-    if (body is not None and not trace and not want_hidden and token_type_ids is None and bias is None
-            and ids.dtype in ints and position_ids.dtype in ints and position_ids.shape[0] in (1, B)):
-        past_layers = _dynamic_layers(cache, len(layers), past)
-        if past_layers is not None:  # HF generate's decode steps (and use_cache=False calls): one C++ call
-            pos = position_ids.long().expand(B, T).contiguous()
-            past_k = None if cache is None else [ly.keys for ly in past_layers]
-            past_v = None if cache is None else [ly.values for ly in past_layers]
-            x, ks, vs = body.forward(ids.long().contiguous(), pos, key_mask, past_k, past_v)
-            if cache is not None:  # exactly what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
-                for ly, k, v in zip(cache.layers, ks, vs):
-                    ly.keys, ly.values = k, v
-            return x, None
     if trace:
         trace("wte", t.wte.weight.detach()[ids])
         trace("wpe", t.wpe.weight.detach()[position_ids])
@@ -375,6 +381,10 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     return x, hidden
 
 
+_INTS = (torch.long, torch.int32)
+_MASK_DTYPES = (torch.bool, torch.long, torch.int32, torch.float32)
+
+
 def _dynamic_layers(cache, n_layer, past):
     """The past layers when `cache` is a plain DynamicCache already holding `past` > 0 tokens in every layer (the
     decode steps of HF's generate), [] without a cache, else None (the per-op walk and cache.update serve it)."""
@@ -387,6 +397,13 @@ def _dynamic_layers(cache, n_layer, past):
                 or ly.keys.shape[2] != past):
             return None
     return cache.layers
+
+
+def _holds_our_views(layer) -> bool:
+    """Whether a cache layer still holds the very key/value tensors the body returned for it last (weak references:
+    a cropped, reordered or replaced cache holds others)."""
+    rec = getattr(layer, "_gpt2kern_kv", None)
+    return rec is not None and rec[0]() is layer.keys and rec[1]() is layer.values
 
 
 def _lm_head_forward(self, hidden_states):

@@ -239,7 +239,7 @@ def _cases():
     p3 = torch.tensor([[2, 3, 4]])
     case("Body ids float", lambda: body.forward(t.float(), p3, None, pk, pk), (TE, "ids must be Long"))
     case("Body ids 1-D", lambda: body.forward(t[0], p3[0], None, pk, pk), (VE, "ids must be"))
-    case("Body pos shape", lambda: body.forward(t, p3[:, :2], None, pk, pk), (VE, "pos must have ids' shape"))
+    case("Body pos shape", lambda: body.forward(t, p3[:, :2], None, pk, pk), (VE, "pos must be a CPU tensor of ids' shape"))
     case("Body token id = vocab", lambda: body.forward(torch.tensor([[1, 2, V]]), p3, None, pk, pk),
          (IE, "outside the vocabulary"))
     case("Body position = n_positions", lambda: body.forward(t, torch.tensor([[2, 3, NP]]), None, pk, pk),
@@ -253,10 +253,13 @@ def _cases():
          (VE, "does not fit"))
     case("Body past float64", lambda: body.forward(t, p3, None, [p.double() for p in pk], pk), (TE, "Float"))
     case("Body past on meta", lambda: body.forward(t, p3, None, [p.to("meta") for p in pk], pk), (VE, "CPU"))
-    case("Body key_mask short", lambda: body.forward(t, p3, torch.ones(1, 4, dtype=torch.bool), pk, pk),
-         (VE, "key_mask must be"))
-    case("Body key_mask long dtype", lambda: body.forward(t, p3, torch.ones(1, 5, dtype=torch.long), pk, pk),
-         (TE, "key_mask must be Bool"))
+    case("Body mask short", lambda: body.forward(t, p3, torch.ones(1, 4, dtype=torch.bool), pk, pk),
+         (VE, "covers 4 positions"))
+    case("Body mask float64", lambda: body.forward(t, p3, torch.ones(1, 5, dtype=torch.float64), pk, pk),
+         (TE, "attention_mask must be bool, int64"))
+    case("Body mask 1-D", lambda: body.forward(t, p3, torch.ones(5, dtype=torch.long), pk, pk),
+         (VE, "attention_mask must be a CPU"))
+    case("Body pos int32", lambda: body.forward(t, p3.int(), None, pk, pk), (TE, "pos must be Long"))
     case("Body 11 tensors per layer", lambda: _C.Body(args[0][:-1], *args[1:]), (VE, "12 weight tensors"))
     case("Body unpacked weight", lambda: _C.Body([w if i != 2 else m.transformer.h[0].attn.c_attn.weight.detach()
                                                  for i, w in enumerate(args[0])], *args[1:]),

@@ -270,3 +270,54 @@ def test_body_step_after_crop_and_without_cache(tiny):
     got = opt(ids[:, :4].int(), position_ids=torch.arange(4, dtype=torch.int32)[None], use_cache=False).logits
     assert body.calls == 3  # int32 ids and positions, as HF accepts them
     torch.testing.assert_close(got, ref(ids[:, :4]).logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_body_grows_cache_in_place_and_never_rewrites_a_held_view(tiny):
+    """Decode steps append to the body's own cache buffers in place (no copy of the past), but never write where a
+    tensor someone may hold can see: after a crop, a reorder or a deepcopy, the past is copied to a new buffer."""
+    ref, opt = pair(tiny)
+    name = gpt2kern.model._CACHE_ARG
+    ids = torch.randint(0, 98, (2, 30), generator=torch.Generator().manual_seed(11))
+    cache = getattr(opt(ids[:, :10], use_cache=True), name)
+
+    def step(c, t):
+        return opt(ids[:, t:t + 1], **{name: c}, use_cache=True).logits[:, -1]
+
+    step(cache, 10)  # the prefill's cat-made tensors are copied into a growable buffer once
+    ptr = cache.layers[0].keys.untyped_storage().data_ptr()
+    held, held_copy = cache.layers[0].keys, cache.layers[0].keys.clone()
+    for t in range(11, 14):
+        step(cache, t)
+    assert cache.layers[0].keys.untyped_storage().data_ptr() == ptr  # grown in place
+    assert cache.get_seq_length() == 14 and torch.equal(held, held_copy)
+    longer, longer_copy = cache.layers[1].values, cache.layers[1].values.clone()
+    cache.crop(-2)  # back to 12 tokens: positions 12, 13 of the buffer are still visible through `longer`
+    got = step(cache, 20)
+    assert cache.layers[0].keys.untyped_storage().data_ptr() != ptr  # copied, not written over
+    assert torch.equal(longer, longer_copy)
+    want = ref(torch.cat([ids[:, :12], ids[:, 20:21]], 1)).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=LOGITS_ATOL, rtol=0)
+    twin = copy.deepcopy(cache)  # continuing both gives each its own answer
+    a, b = step(cache, 21), step(twin, 22)
+    torch.testing.assert_close(a, ref(torch.cat([ids[:, :12], ids[:, 20:22]], 1)).logits[:, -1], atol=LOGITS_ATOL,
+                               rtol=0)
+    torch.testing.assert_close(b, ref(torch.cat([ids[:, :12], ids[:, 20:21], ids[:, 22:23]], 1)).logits[:, -1],
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.float32])
+def test_body_step_mask_dtypes_and_positions(tiny, dtype):
+    """HF's 2-D masks in any dtype it accepts, explicit or implied positions: the one-call step matches HF."""
+    ref, opt = pair(tiny)
+    body = counting(opt)
+    name = gpt2kern.model._CACHE_ARG
+    ids, mask = left_pad(prompts(3, [6, 2, 9], 99, 12), 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = getattr(opt(ids, attention_mask=mask, position_ids=pos, use_cache=True), name)
+    nxt = torch.tensor([[5], [7], [11]])
+    mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    pos2 = pos[:, -1:] + 1
+    got = opt(nxt, attention_mask=mask2.to(dtype), position_ids=pos2, **{name: cache}, use_cache=True).logits
+    assert body.calls == 1
+    want = ref(torch.cat([ids, nxt], 1), attention_mask=mask2, position_ids=torch.cat([pos, pos2], 1)).logits
+    torch.testing.assert_close(got[:, -1], want[:, -1], atol=LOGITS_ATOL, rtol=0)

@@ -178,11 +178,21 @@ class Stack {
   int64_t E_ = 0, D_ = 0, F_ = 0;
 };
 
-// The optimized model's forward body over HF's DynamicCache: forward(ids, pos, key_mask, past_k, past_v) takes
-// each layer's cached keys/values [B, H, P, D] and returns (ln_f output [B, T, E], keys, values) with the
-// layers' new [B, H, P + T, D] keys and values — what DynamicLayer.update's torch.cat would give — so the whole
-// body is one C++ call instead of ~150 Python-dispatched ops per step. past_k = past_v = None: no cache (keys and
-// values are read where c_attn wrote them and not returned).
+// The optimized model's forward body over HF's DynamicCache: forward(ids, pos, attention_mask, past_k, past_v,
+// append) takes each layer's cached keys/values [B, H, P, D] and returns (ln_f output [B, T, E], keys, values) with the
+// layers' [B, H, P + T, D] keys and values — what DynamicLayer.update's torch.cat would give — so the whole body is
+// one C++ call instead of ~150 Python-dispatched ops per step. pos None: positions P .. P + T − 1. attention_mask:
+// HF's 2-D [B, >= P + T] mask (nonzero = attend; bool, int or float), or None. past_k = past_v = None: no cache
+// (keys and values are read where c_attn wrote them and not returned). Everything a step needs besides the
+// cache is done here rather than in Python, because after streaming the weights every cache is cold and each
+// Python-level torch call costs tens of µs.
+//
+// The returned keys/values are views into buffers with room to grow (capacity P + T + max(64, (P + T) / 4)
+// tokens). append[l] says layer l's past tensors are the very views this returned last time for that cache layer
+// (the caller tracks that), so no view anyone holds reaches past P: the new tokens are then written in place and
+// a longer view returned — no copy of the past and no allocation per step, where torch.cat copies everything and
+// allocates a slightly larger block each step (which glibc serves with a fresh mmap, page faults and munmap).
+// Anything else (a cropped, reordered or user-made cache) is copied into a new buffer, as torch.cat would.
 class Body {
  public:
   Body(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
@@ -190,9 +200,9 @@ class Body {
       : st_(layers, scales, wte, wpe, lnf_w, lnf_b, n_head, eps, "Body") {}
 
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
-      const at::Tensor& ids, const at::Tensor& pos, const std::optional<at::Tensor>& key_mask,
-      const std::optional<std::vector<at::Tensor>>& past_k_,
-      const std::optional<std::vector<at::Tensor>>& past_v_) const {
+      const at::Tensor& ids, const std::optional<at::Tensor>& pos_, const std::optional<at::Tensor>& attention_mask,
+      const std::optional<std::vector<at::Tensor>>& past_k_, const std::optional<std::vector<at::Tensor>>& past_v_,
+      const std::vector<bool>& append) const {
     const char* who = "Body.forward";
     TORCH_CHECK_VALUE(past_k_.has_value() == past_v_.has_value(), "gpt2kern.Body.forward: past_k and past_v must "
                       "both be None or both be lists");
@@ -201,20 +211,37 @@ class Body {
     const std::vector<at::Tensor>& past_k = keep ? *past_k_ : none;
     const std::vector<at::Tensor>& past_v = keep ? *past_v_ : none;
     GK_CHECK_DTYPE(ids, at::kLong, who, "ids");
-    GK_CHECK_DTYPE(pos, at::kLong, who, "pos");
     TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1, "gpt2kern.Body.forward: ids must be "
                       "[B >= 1, T >= 1], got ", ids.sizes());
-    TORCH_CHECK_VALUE(pos.sizes() == ids.sizes(), "gpt2kern.Body.forward: pos must have ids' shape ", ids.sizes(),
-                      ", got ", pos.sizes());
-    TORCH_CHECK_VALUE(ids.device().is_cpu() && pos.device().is_cpu(), "gpt2kern.Body.forward: ids and pos must be "
-                      "CPU tensors");
+    TORCH_CHECK_VALUE(ids.device().is_cpu(), "gpt2kern.Body.forward: ids must be a CPU tensor");
+    if (pos_) {
+      GK_CHECK_DTYPE(*pos_, at::kLong, who, "pos");
+      TORCH_CHECK_VALUE(pos_->sizes() == ids.sizes() && pos_->device().is_cpu(), "gpt2kern.Body.forward: pos must "
+                        "be a CPU tensor of ids' shape ", ids.sizes(), ", got ", pos_->sizes());
+    }
     const int64_t B = ids.size(0), T = ids.size(1), M = B * T, E = st_.E_, H = st_.H_, D = st_.D_;
     const int64_t L = (int64_t)st_.layers_.size();
     TORCH_CHECK_VALUE(past_k.size() == past_v.size() && (past_k.empty() || (int64_t)past_k.size() == L),
                       "gpt2kern.Body.forward: past_k and past_v must both be empty or hold ", L, " layers, got ",
                       past_k.size(), " and ", past_v.size());
+    TORCH_CHECK_VALUE(append.empty() || append.size() == past_k.size(), "gpt2kern.Body.forward: append must be "
+                      "empty or have one entry per layer of past_k (", past_k.size(), "), got ", append.size());
     int64_t P = 0;
     if (!past_k.empty()) P = past_k[0].dim() == 4 ? past_k[0].size(2) : -1;
+    at::Tensor km;  // [B, mask_len] bool, or undefined when every position may be attended
+    if (attention_mask) {
+      const at::Tensor& m = *attention_mask;
+      const auto dt = m.scalar_type();
+      TORCH_CHECK_TYPE(dt == at::kBool || dt == at::kLong || dt == at::kInt || dt == at::kFloat,
+                       "gpt2kern.Body.forward: attention_mask must be bool, int64, int32 or float32, got ", dt);
+      TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.device().is_cpu(), "gpt2kern.Body.forward: "
+                        "attention_mask must be a CPU [batch ", B, ", kv_len] tensor, got ", m.sizes());
+      TORCH_CHECK_VALUE(m.size(1) >= P + T, "attention_mask covers ", m.size(1), " positions but past (", P,
+                        ") + input (", T, ") = ", P + T);
+      km = (dt == at::kBool ? m : m.ne(0)).contiguous();
+      const bool* pm = km.data_ptr<bool>();
+      if (std::all_of(pm, pm + km.numel(), [](bool b) { return b; })) km = at::Tensor();
+    }
     for (size_t l = 0; l < past_k.size(); ++l)
       for (const at::Tensor* t : {&past_k[l], &past_v[l]}) {
         GK_CHECK_FLOAT(*t, who, "past_k/past_v");
@@ -225,41 +252,47 @@ class Body {
                           " holds keys/values of shape ", t->sizes(), ", expected [batch ", B, ", heads ", H, ", ", P,
                           ", head size ", D, "]");
       }
-    at::Tensor km;
-    if (key_mask) {
-      GK_CHECK_DTYPE(*key_mask, at::kBool, who, "key_mask");
-      TORCH_CHECK_VALUE(key_mask->dim() == 2 && key_mask->size(0) == B && key_mask->size(1) >= P + T &&
-                            key_mask->device().is_cpu(),
-                        "gpt2kern.Body.forward: key_mask must be a CPU [", B, ", >= ", P + T, "] bool tensor, got ",
-                        key_mask->sizes());
-      km = key_mask->contiguous();
+    at::Tensor idc = ids.contiguous(), pc;
+    if (pos_) {
+      pc = pos_->contiguous();
+    } else {
+      pc = at::empty({B, T}, idc.options());
+      int64_t* pp = pc.data_ptr<int64_t>();
+      for (int64_t i = 0; i < M; ++i) pp[i] = P + i % T;
     }
-    at::Tensor idc = ids.contiguous(), pc = pos.contiguous();
     st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Body.forward");
 
     auto f = st_.wte_.options();
     at::Tensor x = at::empty({B, T, E}, f), buf = at::empty({M * (6 * E + st_.F_)}, f);
     float* p = buf.data_ptr<float>();  // h, qkv, att, a, fc
     const Scratch s{p, x.data_ptr<float>(), p + M * E, p + 4 * M * E, p + 5 * M * E, p + 6 * M * E};
-    std::vector<at::Tensor> ks, vs;
-    for (int64_t l = 0; keep && l < L; ++l) {
-      ks.push_back(at::empty({B, H, P + T, D}, f));
-      vs.push_back(at::empty({B, H, P + T, D}, f));
-    }
+    std::vector<at::Tensor> ks(keep ? L : 0), vs(keep ? L : 0);
+    const int64_t n = P + T, cap = n + std::max<int64_t>(64, n / 4);
+    // a view this returned: [B, H, n, D] over a [B, H, cap', D] buffer it starts, with room for n tokens
+    auto grows_in_place = [&](const at::Tensor& t) {
+      const int64_t c = t.stride(1) / D;
+      return t.stride(3) == 1 && t.stride(2) == D && t.stride(1) == c * D && c >= n && t.stride(0) == H * c * D &&
+             t.storage_offset() == 0 && t.storage().nbytes() >= (size_t)(B * H * c * D) * sizeof(float);
+    };
+    auto grown = [&](const at::Tensor& past, bool in_place) {
+      if (in_place) return past.as_strided({B, H, n, D}, past.strides());
+      at::Tensor t = at::empty({B, H, cap, D}, f).narrow(2, 0, n);
+      if (P > 0) t.narrow(2, 0, P).copy_(past);  // the cached part, as torch.cat would copy it
+      return t;
+    };
     const bool* kmp = km.defined() ? km.data_ptr<bool>() : nullptr;
     const int64_t kml = km.defined() ? km.size(1) : 0;
     auto kv = [&](size_t l, const float* qkv) {
       if (!keep)  // attend to the K/V columns of qkv in place
         return KvView{qkv + E, qkv + 2 * E, T * 3 * E, D, 3 * E, T, kmp, kml, 0};
-      at::Tensor& k = ks[l];
-      at::Tensor& v = vs[l];
-      if (P > 0) {  // the cached part, as torch.cat would copy it
-        k.narrow(2, 0, P).copy_(past_k[l]);
-        v.narrow(2, 0, P).copy_(past_v[l]);
-      }
-      const int64_t sb = H * (P + T) * D, sh = (P + T) * D;
-      st_.store_kv(qkv, B, T, k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P);
-      return KvView{k.data_ptr<float>(), v.data_ptr<float>(), sb, sh, D, P + T, kmp, kml, P};
+      const bool in_place = P > 0 && !append.empty() && append[l] && grows_in_place(past_k[l]) &&
+                            grows_in_place(past_v[l]) && past_k[l].strides() == past_v[l].strides();
+      ks[l] = grown(P > 0 ? past_k[l] : at::Tensor(), in_place);
+      vs[l] = grown(P > 0 ? past_v[l] : at::Tensor(), in_place);
+      float *k = ks[l].data_ptr<float>(), *v = vs[l].data_ptr<float>();
+      const int64_t sb = ks[l].stride(0), sh = ks[l].stride(1);
+      st_.store_kv(qkv, B, T, k, v, sb, sh, D, P);
+      return KvView{k, v, sb, sh, D, n, kmp, kml, P};
     };
     st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B, T, kv, /*last_only=*/false);
     return {x, ks, vs};
@@ -365,8 +398,8 @@ void bind_engine(pybind11::module_& m) {
                     at::Tensor, int64_t, double>(),
            py::arg("layers"), py::arg("scales"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"),
            py::arg("n_head"), py::arg("eps"))
-      .def("forward", &Body::forward, py::arg("ids"), py::arg("pos"), py::arg("key_mask"), py::arg("past_k"),
-           py::arg("past_v"), py::call_guard<py::gil_scoped_release>());
+      .def("forward", &Body::forward, py::arg("ids"), py::arg("pos"), py::arg("attention_mask"), py::arg("past_k"),
+           py::arg("past_v"), py::arg("append") = std::vector<bool>(), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace gk::cpu
