@@ -58,6 +58,9 @@ class _State:
         self.E, self.H = cfg.n_embd, cfg.n_head
         self.stamp = None
         self._watch = None  # see _watch_list
+        # cache layer -> weak references to the key/value views the body last returned for it (see _walk); kept
+        # here, not on HF's layer objects, so caches still pickle and deepcopy as before
+        self._grown = weakref.WeakKeyDictionary()
         self.device = None  # where the packed weights live (CPU, or CUDA when the CUDA kernels are built)
         self.layers: list[dict] = []
         self.lm_w = self.ln_f = None
@@ -72,12 +75,12 @@ class _State:
     def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
         d = dict(self.__dict__)
         del d["_lock"], d["_local"]
-        d.update(_watch=None, body=None, stamp=None)  # repacked (and the C++ body rebuilt) on the copy's first call
+        d.update(_watch=None, body=None, stamp=None, _grown=None)  # repacked, C++ body rebuilt on first call
         return d
 
     def __setstate__(self, d):
         self.__dict__.update(d)
-        self._lock, self._local = threading.Lock(), threading.local()
+        self._lock, self._local, self._grown = threading.Lock(), threading.local(), weakref.WeakKeyDictionary()
 
     @property
     def params(self):
@@ -318,12 +321,12 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
             past_k = None if cache is None else [ly.keys for ly in past_layers]
             past_v = None if cache is None else [ly.values for ly in past_layers]
             # a layer still holding the views the body returned last can grow them in place (see engine.cpp)
-            append = [_holds_our_views(ly) for ly in past_layers]
+            append = [_holds_our_views(st, ly) for ly in past_layers]
             x, ks, vs = body.forward(ids.long().contiguous(), pos, attention_mask, past_k, past_v, append)
             if cache is not None:  # what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
                 for ly, k, v in zip(cache.layers, ks, vs):
                     ly.keys, ly.values = k, v
-                    ly._gpt2kern_kv = (weakref.ref(k), weakref.ref(v))
+                    st._grown[ly] = (weakref.ref(k), weakref.ref(v))
             return x, None
     if position_ids is None:
         position_ids = torch.arange(past, past + T, dtype=torch.long, device=ids.device).unsqueeze(0)
@@ -399,10 +402,10 @@ def _dynamic_layers(cache, n_layer, past):
     return cache.layers
 
 
-def _holds_our_views(layer) -> bool:
-    """Whether a cache layer still holds the very key/value tensors the body returned for it last (weak references:
-    a cropped, reordered or replaced cache holds others)."""
-    rec = getattr(layer, "_gpt2kern_kv", None)
+def _holds_our_views(st: _State, layer) -> bool:
+    """Whether a cache layer still holds the very key/value tensors the body returned for it last (a cropped,
+    reordered, copied or replaced cache holds others)."""
+    rec = st._grown.get(layer)
     return rec is not None and rec[0]() is layer.keys and rec[1]() is layer.values
 
 

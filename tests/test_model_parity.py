@@ -1,5 +1,6 @@
 """The optimized forward vs HF eager fp32: every layer in execution order, then end to end and through generate."""
 import copy
+import io
 
 import pytest
 import torch
@@ -297,6 +298,11 @@ def test_body_grows_cache_in_place_and_never_rewrites_a_held_view(tiny):
     assert torch.equal(longer, longer_copy)
     want = ref(torch.cat([ids[:, :12], ids[:, 20:21]], 1)).logits[:, -1]
     torch.testing.assert_close(got, want, atol=LOGITS_ATOL, rtol=0)
+    buf = io.BytesIO()
+    torch.save(cache, buf)  # the cache pickles as HF's does (nothing of gpt2kern's rides on it)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded.layers[0].keys, cache.layers[0].keys)
     twin = copy.deepcopy(cache)  # continuing both gives each its own answer
     a, b = step(cache, 21), step(twin, 22)
     torch.testing.assert_close(a, ref(torch.cat([ids[:, :12], ids[:, 20:22]], 1)).logits[:, -1], atol=LOGITS_ATOL,
