@@ -634,8 +634,9 @@ def bench(
                 [(e["measure"], f"{e['ours_ms']:.2f}", f"{e['hf_ms']:.2f}", f"{e['ratio']:.2f}",
                   f"{e['roofline_pct']:.0f}") for e in res["end_to_end"]],
                 title="end to end vs HF eager",
-                caption=f"decode roofline: {res['decode_floor_ms']:.2f} ms/token to read every weight once; "
-                        f"prefill roofline: FLOPs at the FMA peak")
+                caption=f"decode roofline: {res['decode_floor_ms']:.2f} ms/token to read every weight once at the "
+                        f"{res['decode_read_bandwidth_GBps']:.1f} GB/s measured between the decodes; prefill "
+                        f"roofline: FLOPs at the FMA peak")
     console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in res["parity"].items()), markup=False)
     return 0
