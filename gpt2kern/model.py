@@ -12,7 +12,8 @@ The walk (`_walk`) reads like the model itself:
                      h, x = h + m, next_ln(h + m)             add_layer_norm (next block's ln_1, or ln_f)
     logits = x @ wteᵀ                                         conv1d (lm_head)
 
-HF's GPT2LMHeadModel.forward stays in charge (signature, logits_to_keep, loss, output types); only the
+HF's decode steps (and calls without a cache) run the same walk in one C++ call instead (`_one_call`: no Python per
+layer). HF's GPT2LMHeadModel.forward stays in charge (signature, logits_to_keep, loss, output types); only the
 GPT2Model body and lm_head run here. Each call first asks `_why_fallback`: when the kernels cannot serve it
 (autograd, training, output_attentions, inputs_embeds, cross-attention, a device without kernels or a dtype other
 than float32, an unsupported config) the whole call runs HF's own code instead — the single decision point.
@@ -262,7 +263,11 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
         token_type_ids = token_type_ids.reshape(-1, input_shape[-1])
     if use_cache and cache is None:
         cache = DynamicCache(config=cfg)
-    hidden, all_hidden = _walk(st, ids, cache, attention_mask, position_ids, token_type_ids, output_hidden_states)
+    hidden = None
+    if not output_hidden_states and token_type_ids is None:
+        hidden = _one_call(st, ids, cache, attention_mask, position_ids)
+    if hidden is None:
+        hidden, all_hidden = _walk(st, ids, cache, attention_mask, position_ids, token_type_ids, output_hidden_states)
     hidden = hidden.view(*input_shape, hidden.shape[-1])
     res = BaseModelOutputWithPastAndCrossAttentions(
         last_hidden_state=hidden, hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -297,6 +302,38 @@ def _masks(attention_mask, B, T, past):
                      f"got shape {tuple(attention_mask.shape)}")
 
 
+def _one_call(st: _State, ids, cache, attention_mask, position_ids):
+    """The same body as _walk in one C++ call (_C.Body, csrc/cpu/engine.cpp), or None where it does not serve the
+    call: it takes HF's decode steps (a plain DynamicCache already holding the past) and calls without a cache, with a
+    2-D mask or none. Returns the ln_f output; the cache's layers get the grown keys/values, exactly what
+    DynamicLayer.update would have left there."""
+    body, B, T = st.body, ids.shape[0], ids.shape[1]
+    if (body is None or st.trace or ids.dtype not in _INTS
+            or (position_ids is not None and (position_ids.dtype not in _INTS or position_ids.dim() != 2
+                                              or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != T))
+            or (attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                                                or attention_mask.dtype not in _MASK_DTYPES))):
+        return None
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    past_layers = _dynamic_layers(cache, len(st.layers), past)
+    if past_layers is None:
+        return None
+    n_pos = st.transformer.config.n_positions
+    if position_ids is None and past + T > n_pos:
+        raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
+    pos = None if position_ids is None else position_ids.long().expand(B, T).contiguous()
+    past_k = None if cache is None else [ly.keys for ly in past_layers]
+    past_v = None if cache is None else [ly.values for ly in past_layers]
+    # a layer still holding the views the body returned last can grow them in place (see engine.cpp)
+    append = [_holds_our_views(st, ly) for ly in past_layers]
+    x, ks, vs = body.forward(ids.long().contiguous(), pos, attention_mask, past_k, past_v, append)
+    if cache is not None:
+        for ly, k, v in zip(cache.layers, ks, vs):
+            ly.keys, ly.values = k, v
+            st._grown[ly] = (weakref.ref(k), weakref.ref(v))
+    return x
+
+
 def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
     """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
     t = st.transformer
@@ -306,32 +343,13 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
     D = E // H
     past = int(cache.get_seq_length()) if cache is not None else 0
     n_pos = t.config.n_positions
-    if position_ids is None and past + T > n_pos:
-        raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
-    trace = st.trace
-    body = st.body
-    if (body is not None and not trace and not want_hidden and token_type_ids is None and ids.dtype in _INTS
-            and (position_ids is None or (position_ids.dtype in _INTS and position_ids.dim() == 2
-                                          and position_ids.shape[0] in (1, B) and position_ids.shape[1] == T))
-            and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[0] == B
-                                            and attention_mask.dtype in _MASK_DTYPES))):
-        past_layers = _dynamic_layers(cache, len(layers), past)
-        if past_layers is not None:  # HF generate's decode steps (and use_cache=False calls): one C++ call
-            pos = None if position_ids is None else position_ids.long().expand(B, T).contiguous()
-            past_k = None if cache is None else [ly.keys for ly in past_layers]
-            past_v = None if cache is None else [ly.values for ly in past_layers]
-            # a layer still holding the views the body returned last can grow them in place (see engine.cpp)
-            append = [_holds_our_views(st, ly) for ly in past_layers]
-            x, ks, vs = body.forward(ids.long().contiguous(), pos, attention_mask, past_k, past_v, append)
-            if cache is not None:  # what DynamicLayer.update does: keys = cat([keys, new], dim=-2)
-                for ly, k, v in zip(cache.layers, ks, vs):
-                    ly.keys, ly.values = k, v
-                    st._grown[ly] = (weakref.ref(k), weakref.ref(v))
-            return x, None
     if position_ids is None:
+        if past + T > n_pos:
+            raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
         position_ids = torch.arange(past, past + T, dtype=torch.long, device=ids.device).unsqueeze(0)
     else:
         position_ids = position_ids.reshape(-1, T)
+    trace = st.trace
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
     if trace:
         trace("wte", t.wte.weight.detach()[ids])
