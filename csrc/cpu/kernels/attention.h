@@ -24,6 +24,40 @@ constexpr int RV = 4;                        // query rows per P·V group
 constexpr int DC = 4;                        // vectors of d per P·V step: RV·DC accumulators
 static_assert(QB % RV == 0, "P·V row groups must tile the query block");
 
+// One task's (batch, head) slice of q, k, v, key_mask and bias, and the end of the keys any of its query rows
+// [.., i1) may see (causal limit, mask and bias lengths).
+struct HeadView {
+  const float *q, *k, *v, *bias;
+  const bool* km;
+  int64_t kv_end;
+  HeadView(const AttnArgs& a, int64_t bh, int64_t i1) {
+    const int64_t b = bh / a.H, h = bh % a.H;
+    q = a.q + b * a.sq_b + h * a.sq_h;
+    k = a.k + b * a.sk_b + h * a.sk_h;
+    v = a.v + b * a.sv_b + h * a.sv_h;
+    km = a.key_mask ? a.key_mask + b * a.mask_len : nullptr;
+    bias = a.bias ? a.bias + b * a.sb_b + h * a.sb_h : nullptr;
+    kv_end = a.Tkv;
+    if (a.causal) kv_end = kv_end < a.q_offset + i1 ? kv_end : a.q_offset + i1;
+    if (km && a.mask_len < kv_end) kv_end = a.mask_len;
+    if (bias && a.bias_len < kv_end) kv_end = a.bias_len;
+  }
+};
+
+// out rows [i0, i0 + nq) of head h = acc / l, or zeros for a row that saw nothing.
+GK_INLINE void write_rows(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, int64_t nq, const float* acc,
+                          const float* l) {
+  const int64_t D = a.D;
+  for (int64_t r = 0; r < nq; ++r) {
+    float* o = a.out + ((b * a.Tq + i0 + r) * a.H + h) * D;
+    const float* ar = acc + r * D;
+    if (l[r] > 0.f || l[r] != l[r])  // NaN inputs propagate as NaN
+      for (int64_t d = 0; d < D; ++d) o[d] = ar[d] / l[r];
+    else
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;  // fully masked row: zeros, never NaN
+  }
+}
+
 static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
   const int64_t nq = i1 - i0;
@@ -32,54 +66,46 @@ static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
   float* m = acc + QB * D;          // [QB]
   float* l = m + QB;                // [QB]
   const float NEG_INF = -__builtin_inff();
-  const float* q = a.q + b * a.sq_b + h * a.sq_h;
-  const float* k = a.k + b * a.sk_b + h * a.sk_h;
-  const float* v = a.v + b * a.sv_b + h * a.sv_h;
-  const bool* km = a.key_mask ? a.key_mask + b * a.mask_len : nullptr;
-  const float* bias = a.bias ? a.bias + b * a.sb_b + h * a.sb_h : nullptr;
+  const HeadView hv(a, bh, i1);
+  const float *q = hv.q, *k = hv.k, *v = hv.v, *bias = hv.bias;
+  const bool* km = hv.km;
   for (int64_t r = 0; r < nq; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
   for (int64_t x = 0; x < nq * D; ++x) acc[x] = 0.f;
-
-  int64_t kv_end = a.Tkv;
-  if (a.causal) kv_end = kv_end < a.q_offset + i1 ? kv_end : a.q_offset + i1;
-  if (km && a.mask_len < kv_end) kv_end = a.mask_len;
-  if (bias && a.bias_len < kv_end) kv_end = a.bias_len;
+  const int64_t kv_end = hv.kv_end;
 
   for (int64_t j0 = 0; j0 < kv_end; j0 += KB) {
     const int kb = (int)(kv_end - j0 < KB ? kv_end - j0 : KB);
-    {
-      for (int64_t r = 0; r < nq; ++r) {
-        const float* qr = q + (i0 + r) * a.sq_t;
-        int jj = 0;
-        for (; jj + 2 <= kb; jj += 2) {  // two keys at a time: four independent FMA chains
-          const float* k0 = k + (j0 + jj) * a.sk_t;
-          const float* k1 = k0 + a.sk_t;
-          vf a0{}, a1{}, b0{}, b1{};
-          int64_t d = 0;
-          for (; d + 2 * VL <= D; d += 2 * VL) {
-            const vf q0 = load(qr + d), q1 = load(qr + d + VL);
-            a0 += q0 * load(k0 + d); a1 += q1 * load(k0 + d + VL);
-            b0 += q0 * load(k1 + d); b1 += q1 * load(k1 + d + VL);
-          }
-          for (; d + VL <= D; d += VL) { const vf q0 = load(qr + d); a0 += q0 * load(k0 + d); b0 += q0 * load(k1 + d); }
-          float s0 = hsum(a0 + a1), s1 = hsum(b0 + b1);
-          for (; d < D; ++d) { s0 += qr[d] * k0[d]; s1 += qr[d] * k1[d]; }
-          S[r * KB + jj] = s0 * a.scale;
-          S[r * KB + jj + 1] = s1 * a.scale;
+    for (int64_t r = 0; r < nq; ++r) {
+      const float* qr = q + (i0 + r) * a.sq_t;
+      int jj = 0;
+      for (; jj + 2 <= kb; jj += 2) {  // two keys at a time: four independent FMA chains
+        const float* k0 = k + (j0 + jj) * a.sk_t;
+        const float* k1 = k0 + a.sk_t;
+        vf a0{}, a1{}, b0{}, b1{};
+        int64_t d = 0;
+        for (; d + 2 * VL <= D; d += 2 * VL) {
+          const vf q0 = load(qr + d), q1 = load(qr + d + VL);
+          a0 += q0 * load(k0 + d); a1 += q1 * load(k0 + d + VL);
+          b0 += q0 * load(k1 + d); b1 += q1 * load(k1 + d + VL);
         }
-        for (; jj < kb; ++jj) {
-          const float* kj = k + (j0 + jj) * a.sk_t;
-          vf acc0{}, acc1{};
-          int64_t d = 0;
-          for (; d + 2 * VL <= D; d += 2 * VL) {
-            acc0 += load(qr + d) * load(kj + d);
-            acc1 += load(qr + d + VL) * load(kj + d + VL);
-          }
-          for (; d + VL <= D; d += VL) acc0 += load(qr + d) * load(kj + d);
-          float sc = hsum(acc0 + acc1);
-          for (; d < D; ++d) sc += qr[d] * kj[d];
-          S[r * KB + jj] = sc * a.scale;
+        for (; d + VL <= D; d += VL) { const vf q0 = load(qr + d); a0 += q0 * load(k0 + d); b0 += q0 * load(k1 + d); }
+        float s0 = hsum(a0 + a1), s1 = hsum(b0 + b1);
+        for (; d < D; ++d) { s0 += qr[d] * k0[d]; s1 += qr[d] * k1[d]; }
+        S[r * KB + jj] = s0 * a.scale;
+        S[r * KB + jj + 1] = s1 * a.scale;
+      }
+      for (; jj < kb; ++jj) {
+        const float* kj = k + (j0 + jj) * a.sk_t;
+        vf acc0{}, acc1{};
+        int64_t d = 0;
+        for (; d + 2 * VL <= D; d += 2 * VL) {
+          acc0 += load(qr + d) * load(kj + d);
+          acc1 += load(qr + d + VL) * load(kj + d + VL);
         }
+        for (; d + VL <= D; d += VL) acc0 += load(qr + d) * load(kj + d);
+        float sc = hsum(acc0 + acc1);
+        for (; d < D; ++d) sc += qr[d] * kj[d];
+        S[r * KB + jj] = sc * a.scale;
       }
     }
     for (int64_t r = 0; r < nq; ++r) {
@@ -139,14 +165,7 @@ static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
       }
     }
   }
-  for (int64_t r = 0; r < nq; ++r) {
-    float* o = a.out + ((b * a.Tq + i0 + r) * a.H + h) * D;
-    const float* ar = acc + r * D;
-    if (l[r] > 0.f || l[r] != l[r])  // NaN inputs propagate as NaN
-      for (int64_t d = 0; d < D; ++d) o[d] = ar[d] / l[r];
-    else
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;  // fully masked row: zeros, never NaN
-  }
+  write_rows(a, b, h, i0, nq, acc, l);
 }
 
 // Scores of keys [jj, jj + U) for all QB rows of the tile: St[key][row] = scale · Σ_d k[key][d] · Qt[d][row].
@@ -203,20 +222,14 @@ static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
   float* corr = l + QB;             // [QB] rescale of acc for this key block
   const float NEG_INF = -__builtin_inff();
   const vf ninf = bcast(NEG_INF), zero{};
-  const float* q = a.q + b * a.sq_b + h * a.sq_h;
-  const float* k = a.k + b * a.sk_b + h * a.sk_h;
-  const float* v = a.v + b * a.sv_b + h * a.sv_h;
-  const bool* km = a.key_mask ? a.key_mask + b * a.mask_len : nullptr;
-  const float* bias = a.bias ? a.bias + b * a.sb_b + h * a.sb_h : nullptr;
+  const HeadView hv(a, bh, i1);
+  const float *q = hv.q, *k = hv.k, *v = hv.v, *bias = hv.bias;
+  const bool* km = hv.km;
   for (int64_t d = 0; d < D; ++d)
     for (int64_t r = 0; r < QB; ++r) Qt[d * QB + r] = r < nq ? q[(i0 + r) * a.sq_t + d] : 0.f;
   for (int64_t r = 0; r < QB; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
   for (int64_t x = 0; x < QB * D; ++x) acc[x] = 0.f;
-
-  int64_t kv_end = a.Tkv;
-  if (a.causal) kv_end = kv_end < a.q_offset + i1 ? kv_end : a.q_offset + i1;
-  if (km && a.mask_len < kv_end) kv_end = a.mask_len;
-  if (bias && a.bias_len < kv_end) kv_end = a.bias_len;
+  const int64_t kv_end = hv.kv_end;
 
   vi iota;
   for (int x = 0; x < VL; ++x) iota[x] = x;
@@ -280,14 +293,7 @@ static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
         }
     }
   }
-  for (int64_t r = 0; r < nq; ++r) {
-    float* o = a.out + ((b * a.Tq + i0 + r) * a.H + h) * D;
-    const float* ar = acc + r * D;
-    if (l[r] > 0.f || l[r] != l[r])  // NaN inputs propagate as NaN
-      for (int64_t d = 0; d < D; ++d) o[d] = ar[d] / l[r];
-    else
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;  // fully masked row: zeros, never NaN
-  }
+  write_rows(a, b, h, i0, nq, acc, l);
 }
 
 static void attention_block(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
