@@ -100,6 +100,41 @@ void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   }
 }
 
+static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+AttnCall attention_call(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                        const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
+                        double scale, int64_t q_offset, bool causal) {
+  const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), D = q_.size(3), Tkv = k_.size(2);
+  AttnCall c{};
+  c.out = at::empty({B, Tq, H, D}, q_.options());
+  c.q = last_dim_contiguous(q_);
+  c.k = last_dim_contiguous(k_);
+  c.v = last_dim_contiguous(v_);
+  AttnArgs& a = c.a;
+  a.q = c.q.data_ptr<float>(); a.k = c.k.data_ptr<float>(); a.v = c.v.data_ptr<float>();
+  a.sq_b = c.q.stride(0); a.sq_h = c.q.stride(1); a.sq_t = c.q.stride(2);
+  a.sk_b = c.k.stride(0); a.sk_h = c.k.stride(1); a.sk_t = c.k.stride(2);
+  a.sv_b = c.v.stride(0); a.sv_h = c.v.stride(1); a.sv_t = c.v.stride(2);
+  a.out = c.out.data_ptr<float>();
+  a.B = B; a.H = H; a.Tq = Tq; a.Tkv = Tkv; a.D = D;
+  a.scale = (float)scale; a.q_offset = q_offset; a.causal = causal;
+  if (key_mask) {
+    c.key_mask = key_mask->contiguous();
+    a.key_mask = c.key_mask.data_ptr<bool>();
+    a.mask_len = c.key_mask.size(1);
+  }
+  if (bias) {
+    c.bias = last_dim_contiguous(*bias);
+    a.bias = c.bias.data_ptr<float>();
+    a.sb_b = c.bias.size(0) == 1 ? 0 : c.bias.stride(0);
+    a.sb_h = c.bias.size(1) == 1 ? 0 : c.bias.stride(1);
+    a.sb_t = c.bias.stride(2);
+    a.bias_len = c.bias.size(3);
+  }
+  return c;
+}
+
 void check_embedding_tables(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe) {
   GK_CHECK_DIM(input_ids, 2, "embedding", "input_ids");
   GK_CHECK_FLOAT(wte, "embedding", "wte");

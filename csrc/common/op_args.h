@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/types.h>
 
+#include "attn_args.h"
+
 #include <optional>
 #include <vector>
 
@@ -28,6 +30,16 @@ void check_conv1d_extras(const at::Tensor& x, const std::optional<at::Tensor>& b
 void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
                           int64_t q_offset, bool causal);
+
+// The checked attention arguments as raw pointers for either backend's kernel, with the output allocated (on q's
+// device) and the tensors the pointers read kept alive: last-dim-contiguous copies only where needed.
+struct AttnCall {
+  AttnArgs a;
+  at::Tensor out, q, k, v, key_mask, bias;
+};
+AttnCall attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
+                        double scale, int64_t q_offset, bool causal);
 
 // wte [V, n] and wpe [P, n] float32 on one device, input_ids 2-D.
 void check_embedding_tables(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe);

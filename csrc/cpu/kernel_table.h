@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/attn_args.h"
+
 namespace gk {
 
 // Fused epilogues of the Conv1D matmul, applied in registers before the store.
@@ -22,21 +24,6 @@ constexpr int kPanel = 32;
 constexpr int kAttnKeyBlock = 32;
 constexpr int kAttnQueryBlock = 32;
 
-struct AttnArgs {
-  const float *q, *k, *v;
-  int64_t sq_b, sq_h, sq_t;  // q strides (last dim contiguous)
-  int64_t sk_b, sk_h, sk_t;
-  int64_t sv_b, sv_h, sv_t;
-  float* out;                // [B, Tq, H, D] contiguous
-  int64_t B, H, Tq, Tkv, D;
-  const bool* key_mask;      // [B, mask_len] or null: false = padding
-  int64_t mask_len;
-  const float* bias;         // additive, or null; element (b, h, i, j) at b*sb_b + h*sb_h + i*sb_t + j
-  int64_t sb_b, sb_h, sb_t, bias_len;
-  float scale;
-  int64_t q_offset;          // absolute position of query row 0 (the cache length before this call)
-  bool causal;
-};
 
 struct KernelTable {
   const char* name;

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "../common/attn_args.h"
+
 namespace gk::cuda {
 
 // y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
@@ -38,21 +40,7 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
                    int num_sms, cudaStream_t stream);
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
-struct AttnArgs {
-  const float *q, *k, *v;
-  int64_t sq_b, sq_h, sq_t;
-  int64_t sk_b, sk_h, sk_t;
-  int64_t sv_b, sv_h, sv_t;
-  float* out;
-  int64_t B, H, Tq, Tkv, D;
-  const bool* key_mask;  // [B, mask_len] or null
-  int64_t mask_len;
-  const float* bias;     // (b, h, i, j) at b*sb_b + h*sb_h + i*sb_t + j, or null
-  int64_t sb_b, sb_h, sb_t, bias_len;
-  float scale;
-  int64_t q_offset;
-  bool causal;
-};
+// (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.)
 constexpr int kAttnMaxHeadDim = 128;
 cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
 

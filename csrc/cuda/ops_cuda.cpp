@@ -138,46 +138,20 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return y;
 }
 
-static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                      const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
                      int64_t q_offset, bool causal) {
   check_attention_args(q_, k_, v_, key_mask, bias, q_offset, causal);
-  const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), D = q_.size(3), Tkv = k_.size(2);
+  const int64_t B = q_.size(0), H = q_.size(1), D = q_.size(3);
   TORCH_CHECK_VALUE(D <= cuda::kAttnMaxHeadDim, "gpt2kern.attention: the CUDA kernel supports head dims up to ",
                     cuda::kAttnMaxHeadDim, ", got ", D);
   TORCH_CHECK_VALUE(B <= 65535 && H <= 65535, "gpt2kern.attention: batch and heads must be <= 65535 on CUDA");
   c10::cuda::CUDAGuard guard(q_.device());
-  at::Tensor out = at::empty({B, Tq, H, D}, q_.options());
-  if (out.numel() == 0) return out;
-  at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-
-  cuda::AttnArgs a{};
-  a.q = q.data_ptr<float>(); a.k = k.data_ptr<float>(); a.v = v.data_ptr<float>();
-  a.sq_b = q.stride(0); a.sq_h = q.stride(1); a.sq_t = q.stride(2);
-  a.sk_b = k.stride(0); a.sk_h = k.stride(1); a.sk_t = k.stride(2);
-  a.sv_b = v.stride(0); a.sv_h = v.stride(1); a.sv_t = v.stride(2);
-  a.out = out.data_ptr<float>();
-  a.B = B; a.H = H; a.Tq = Tq; a.Tkv = Tkv; a.D = D;
-  a.scale = (float)scale; a.q_offset = q_offset; a.causal = causal;
-  at::Tensor km;
-  if (key_mask) {
-    km = key_mask->contiguous();
-    a.key_mask = km.data_ptr<bool>();
-    a.mask_len = km.size(1);
-  }
-  at::Tensor bb;
-  if (bias) {
-    bb = last_dim_contiguous(*bias);
-    a.bias = bb.data_ptr<float>();
-    a.sb_b = bb.size(0) == 1 ? 0 : bb.stride(0);
-    a.sb_h = bb.size(1) == 1 ? 0 : bb.stride(1);
-    a.sb_t = bb.stride(2);
-    a.bias_len = bb.size(3);
-  }
-  GK_CUDA_CHECK_LAUNCH("attention", cuda::attention(a, num_sms(), stream()));
-  return out;
+  const AttnCall c = attention_call(q_, k_, v_, key_mask, bias, scale, q_offset, causal);
+  if (c.out.numel() == 0) return c.out;
+  GK_CUDA_CHECK_LAUNCH("attention", cuda::attention(c.a, num_sms(), stream()));
+  return c.out;
 }
 
 // The first id outside [0, hi) as an IndexError naming it, like the CPU op. Costs one device->host copy.
