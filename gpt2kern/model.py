@@ -108,6 +108,11 @@ class _State:
         params = self.params
         return sizes, slots, params, _C.stamp(params)
 
+    @property
+    def packed_params(self):
+        """The parameters the current packs were made from (after refresh(): the live ones), without a tree walk."""
+        return self._watch[2]
+
     def _fresh(self) -> bool:
         w = self._watch
         if w is None:
@@ -205,7 +210,7 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
         return st.unsupported
     if t.training:
         return "training mode"
-    if torch.is_grad_enabled() and any(p.requires_grad for p in st._watch[2]):
+    if torch.is_grad_enabled() and any(p.requires_grad for p in st.packed_params):
         return "autograd (grad enabled and parameters require grad)"
     if output_attentions or (output_attentions is None and t.config.output_attentions):
         return "output_attentions"
