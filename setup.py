@@ -1,6 +1,6 @@
 # Builds gpt2kern._C: the CPU kernels always; the CUDA kernels (csrc/cuda/*.cu + ops_cuda.cpp) too when torch is a
 # CUDA build and nvcc is found. GPT2KERN_NO_CUDA=1 forces a CPU-only build; GPT2KERN_REQUIRE_CUDA=1 makes a
-# CPU-only build an error (CI sets it wherever CUDA is expected, so a silently CPU-only build cannot land).
+# CPU-only build an error (.ci/run sets it for the main build, so a silently CPU-only build cannot land).
 # GPT2KERN_SANITIZE=1 builds the CPU extension (only) with AddressSanitizer + UndefinedBehaviorSanitizer for
 # scripts/asan.sh.
 import glob

@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from . import _C
-from .model import _State, stack_args
+from .model import _State, has_user_hooks, stack_args
 
 _local = threading.local()
 
@@ -37,7 +37,7 @@ def _state(model: GPT2LMHeadModel) -> _State:
     st = getattr(model.transformer, "_gpt2kern", None)
     if st is None:
         st = model.__dict__.get("_gpt2kern_generate_state")
-        if st is None:
+        if st is None or st.transformer is not model.transformer or st.lm_head is not model.lm_head:
             st = _State(model.transformer, model.lm_head)
             model.__dict__["_gpt2kern_generate_state"] = st
     st.refresh()
@@ -47,6 +47,15 @@ def _state(model: GPT2LMHeadModel) -> _State:
 def _engine_reason(model, st: _State) -> str | None:
     if st.unsupported:
         return st.unsupported
+    if st.hooked:
+        return st.hooked
+    if st.lm_head is not model.lm_head:
+        return "lm_head was replaced after optimize()"
+    for name, m in (("the model", model), ("transformer", model.transformer), ("lm_head", model.lm_head)):
+        if has_user_hooks(m):  # HF's generate calls these modules; the engine does not
+            return f"forward hooks on {name}"
+    if model.training:
+        return "training mode (HF's generate would apply dropout)"
     p = model.lm_head.weight
     if p.dtype != torch.float32 or not st.layers or st.lm_w is None or p.device.type not in ("cpu", "cuda"):
         return f"model on {p.device.type} {p.dtype} (the engine runs float32 on CPU, or on CUDA when built with it)"

@@ -16,7 +16,8 @@ HF's decode steps (and calls without a cache) run the same walk in one C++ call 
 layer). HF's GPT2LMHeadModel.forward stays in charge (signature, logits_to_keep, loss, output types); only the
 GPT2Model body and lm_head run here. Each call first asks `_why_fallback`: when the kernels cannot serve it
 (autograd, training, output_attentions, inputs_embeds, cross-attention, a device without kernels or a dtype other
-than float32, an unsupported config) the whole call runs HF's own code instead — the single decision point.
+than float32, an unsupported config, a module that is not HF's own — a LoRA wrapper, say — or forward hooks the fast
+path would skip) the whole call runs HF's own code instead — the single decision point.
 """
 from __future__ import annotations
 
@@ -28,9 +29,13 @@ import types
 import weakref
 
 import torch
+from torch import nn
 from transformers import GPT2LMHeadModel, GPT2Model
+from transformers.activations import NewGELUActivation
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block
+from transformers.pytorch_utils import Conv1D
 
 from . import _C, ops
 
@@ -47,12 +52,13 @@ class _State:
     and what a call did (fallback_reason, body_was_fast) is kept per thread, so one thread's fallback never sends
     another thread's lm_head down the wrong path."""
 
-    def __init__(self, transformer: GPT2Model, lm_head: torch.nn.Module | None):
+    def __init__(self, transformer: GPT2Model, lm_head: nn.Module | None):
         self._lock = threading.Lock()
         self._local = threading.local()
         self.transformer, self.lm_head = transformer, lm_head
         cfg = transformer.config
-        self.unsupported = _unsupported_config(transformer)
+        self.unsupported: str | None = None  # set by refresh(): _unsupported_config
+        self.hooked: str | None = None  # set by refresh(): _bypassed_hooks
         self.trace = None  # callable(name, tensor) while tracing
         self.body_was_fast = False
         self.fallback_reason: str | None = None
@@ -97,14 +103,19 @@ class _State:
     def _watch_list(self):
         """What _fresh checks per call, flat, so the check costs a few µs instead of a module-tree walk (~0.2 ms,
         2 % of a decode step): every submodule and parameter slot (a replaced module or Parameter), each slot
-        dict's size (an added one) and each parameter's storage, version, device and dtype (.to(), in-place
-        edits, load_state_dict; read in one C++ call)."""
-        slots, sizes = [], []
+        dict's size (an added one), the forward-hook dicts' sizes and, inside the body, each module's attribute
+        count (a hook added, an instance forward patched: what _unsupported_config and _bypassed_hooks look at),
+        and each parameter's storage, version, device and dtype (.to(), in-place edits, load_state_dict; read in
+        one C++ call)."""
+        g = torch.nn.modules.module
+        slots, sizes = [], [(g._global_forward_hooks, len(g._global_forward_hooks)),
+                            (g._global_forward_pre_hooks, len(g._global_forward_pre_hooks))]
         for root in (self.transformer, self.lm_head):
             for m in (root.modules() if root is not None else ()):
-                for d in (m._modules, m._parameters):
+                ds = [m._modules, m._parameters, m._forward_hooks, m._forward_pre_hooks]
+                for d in ds + ([m.__dict__] if m is not root else []):
                     sizes.append((d, len(d)))
-                    slots += [(d, k, v) for k, v in d.items()]
+                slots += [(d, k, v) for d in ds[:2] for k, v in d.items()]
         params = self.params
         return sizes, slots, params, _C.stamp(params)
 
@@ -122,13 +133,16 @@ class _State:
 
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
-        replaced Parameters or modules)."""
+        replaced Parameters or modules), and look again at what the kernels can serve (modules, hooks)."""
         if self._fresh():
             return
         with self._lock:  # one thread packs; the others wait for it, then find the stamp fresh
+            unsupported = _unsupported_config(self.transformer, self.lm_head)
             stamp = self._stamp()
-            if stamp != self.stamp:
+            if stamp != self.stamp or unsupported != self.unsupported:
+                self.unsupported = unsupported
                 self._repack(stamp)
+            self.hooked = _bypassed_hooks(self.transformer)
             self._watch = self._watch_list()
 
     def _repack(self, stamp):
@@ -187,18 +201,72 @@ def _scaling(cfg, layer_idx):
     return s / float(layer_idx + 1) if cfg.scale_attn_by_inverse_layer_idx else s
 
 
-def _unsupported_config(t: GPT2Model) -> str | None:
+# what each module inside a block must be, exactly
+_HF_BLOCK = [("", GPT2Block), (".ln_1", nn.LayerNorm), (".attn", GPT2Attention), (".attn.c_attn", Conv1D),
+             (".attn.c_proj", Conv1D), (".attn.attn_dropout", nn.Dropout), (".attn.resid_dropout", nn.Dropout),
+             (".ln_2", nn.LayerNorm), (".mlp", GPT2MLP), (".mlp.c_fc", Conv1D), (".mlp.act", NewGELUActivation),
+             (".mlp.c_proj", Conv1D), (".mlp.dropout", nn.Dropout)]
+
+
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _unsupported_config(t: GPT2Model, lm_head: nn.Module | None) -> str | None:
+    """Why the kernels cannot compute what this model's modules compute (None when they can). Every module the fast
+    path stands in for must be HF's own class, exactly (a subclass or a wrapper, e.g. a LoRA layer, computes
+    something else), with its forward not patched on the instance."""
     cfg = t.config
     if cfg.activation_function != "gelu_new":
         return f"activation_function={cfg.activation_function!r} (kernels implement gelu_new)"
     if getattr(cfg, "add_cross_attention", False):
         return "add_cross_attention=True"
+    for name, want in [("wte", nn.Embedding), ("wpe", nn.Embedding), ("drop", nn.Dropout), ("ln_f", nn.LayerNorm)] + \
+            [(f"h.{i}{leaf}", want) for i in range(len(t.h)) for leaf, want in _HF_BLOCK]:
+        mod = _submodule(t, name)
+        if type(mod) is not want:
+            return f"{name} is {type(mod).__name__}, not HF's {want.__name__} (the kernels compute the original)"
+    for name, mod in t.named_modules():
+        if name and "forward" in mod.__dict__:
+            return f"{name}.forward is patched on the instance (the kernels would skip it)"
     for blk in t.h:
-        if type(blk.attn.c_attn).__name__ != "Conv1D" or blk.attn.c_attn.weight.shape[1] != 3 * cfg.n_embd:
+        if blk.attn.c_attn.weight.shape[1] != 3 * cfg.n_embd:
             return "modified attention projections"
         if blk.attn.num_heads * blk.attn.head_dim != cfg.n_embd:
             return "pruned attention heads"
+        if any(ln.weight is None or ln.bias is None for ln in (blk.ln_1, blk.ln_2)):
+            return "LayerNorm without affine weight and bias"
+    if t.ln_f.weight is None or t.ln_f.bias is None:
+        return "LayerNorm without affine weight and bias"
+    if any(e.max_norm is not None for e in (t.wte, t.wpe)):
+        return "embedding with max_norm"
+    if lm_head is not None and (type(lm_head) is not nn.Linear or lm_head.bias is not None):
+        return f"lm_head is {type(lm_head).__name__}{' with a bias' if type(lm_head) is nn.Linear else ''}, " \
+               "not HF's bias-free Linear"
     return None
+
+
+def _bypassed_hooks(t: GPT2Model) -> str | None:
+    """Forward hooks the fast path would silently skip: on any module inside the body (the body's and lm_head's own
+    hooks still run, they wrap the forward we replace) or global ones (they would see only those two modules)."""
+    g = torch.nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
+    for name, mod in t.named_modules():
+        if name and has_user_hooks(mod) and not isinstance(mod, nn.ModuleList):
+            return f"forward hooks on {name}"
+    return None
+
+
+def has_user_hooks(mod: nn.Module) -> bool:
+    """Forward (pre-)hooks other than HF's output-capturing ones: transformers installs those once, for good, the
+    first time a call asks for attentions or hidden states, and they only record while HF's own forward collects
+    (the fast path makes hidden_states itself and hands output_attentions to HF)."""
+    return any(getattr(h, "__module__", None) != "transformers.utils.output_capturing"
+               for d in (mod._forward_hooks, mod._forward_pre_hooks) for h in d.values())
 
 
 # ---------------------------------------------------------------- the forward
@@ -208,6 +276,8 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
     t = st.transformer
     if st.unsupported:
         return st.unsupported
+    if st.hooked:
+        return st.hooked
     if t.training:
         return "training mode"
     if torch.is_grad_enabled() and any(p.requires_grad for p in st.packed_params):

@@ -127,25 +127,179 @@ def test_unsupported_activation_answer_is_hf(tiny):
 
 
 class Wrapped(torch.nn.Module):
-    """A LoRA-style wrapper around a projection: the same function, not HF's Conv1D."""
+    """A LoRA-style wrapper: the wrapped module's output plus a small change, so a fast path that ignored the
+    wrapper would give a different answer."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.weight, self.nf = inner.weight, inner.nf
+        if hasattr(inner, "weight"):
+            self.weight = inner.weight
 
     def forward(self, x):
-        return self.inner(x) + 0.0
+        return self.inner(x) * 1.25 + 0.5
 
 
-def test_modified_attention_projection_answer_is_hf(tiny):
+def wrap(model, name):
+    parent, leaf = ("transformer." + name).rsplit(".", 1)
+    p = model.get_submodule(parent)
+    setattr(p, leaf, Wrapped(getattr(p, leaf)))
+
+
+@pytest.mark.parametrize("name", ["wte", "wpe", "h.0.ln_1", "h.1.attn.c_attn", "h.0.attn.c_proj", "h.1.ln_2",
+                                  "h.0.mlp.c_fc", "h.1.mlp.act", "h.1.mlp.c_proj", "h.0.mlp", "ln_f"])
+def test_wrapped_module_answer_is_hf(tiny, name):
+    """PEFT/LoRA-style wrappers (or any subclass) on a module the kernels stand in for: HF's path runs them."""
     m = copy.deepcopy(tiny)
-    m.transformer.h[1].attn.c_attn = Wrapped(m.transformer.h[1].attn.c_attn)
+    wrap(m, name)
     ref, opt = ref_and_opt(m)
     with torch.no_grad():
         a, b = ref(IDS).logits, opt(IDS).logits
-    assert gpt2kern.fallback_reason(opt) == "modified attention projections"
+    assert gpt2kern.fallback_reason(opt) == f"{name} is Wrapped, not HF's {type(wrapped_inner(m, name)).__name__} " \
+                                            "(the kernels compute the original)"
     same(a, b)
+    assert not torch.equal(a, tiny(IDS).logits)  # the wrapper does change the answer
+    assert torch.equal(gpt2kern.generate(opt, IDS, max_new_tokens=4), ref.generate(IDS, max_new_tokens=4, do_sample=False))
+    assert "is Wrapped" in gpt2kern.generate_fallback_reason()
+
+
+def wrapped_inner(model, name):
+    return model.transformer.get_submodule(name).inner
+
+
+def test_module_wrapped_after_optimize_then_unwrapped(tiny):
+    """optimize() then wrap: noticed at the next call (HF's answer); unwrap: the kernels serve again."""
+    ref, opt = ref_and_opt(tiny)
+    with torch.no_grad():
+        opt(IDS)
+        assert gpt2kern.fallback_reason(opt) is None
+        for m in (ref, opt):
+            wrap(m, "h.1.mlp.c_fc")
+        a, b = ref(IDS).logits, opt(IDS).logits
+        assert "h.1.mlp.c_fc is Wrapped" in gpt2kern.fallback_reason(opt)
+        same(a, b)
+        opt.transformer.h[1].mlp.c_fc = opt.transformer.h[1].mlp.c_fc.inner
+        torch.testing.assert_close(opt(IDS).logits, tiny(IDS).logits, atol=1e-5, rtol=1e-5)
+        assert gpt2kern.fallback_reason(opt) is None
+
+
+def test_forward_patched_on_an_instance(tiny):
+    ref, opt = ref_and_opt(tiny)
+    with torch.no_grad():
+        opt(IDS)
+        for m in (ref, opt):
+            ln = m.transformer.h[0].ln_2
+            ln.forward = lambda x, f=ln.forward: f(x) * 2.0
+        a, b = ref(IDS).logits, opt(IDS).logits
+    assert gpt2kern.fallback_reason(opt) == "h.0.ln_2.forward is patched on the instance (the kernels would skip it)"
+    same(a, b)
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_forward_hooks_inside_the_body_run(tiny, kind):
+    """A hook on a module inside the body (activation capture, steering): HF's path runs, so the hook fires and
+    what it returns counts; removed, the kernels serve again."""
+    ref, opt = ref_and_opt(tiny)
+    seen = {}
+
+    def hook(name):
+        if kind == "forward":
+            return lambda mod, inp, out: seen.setdefault(name, []).append(out.clone()) or out * 0.5
+        return lambda mod, inp: seen.setdefault(name, []).append(inp[0].clone()) or (inp[0] * 0.5,)
+
+    with torch.no_grad():
+        opt(IDS)
+        handles = [getattr(m.transformer.h[1].mlp, f"register_{kind}_hook")(hook(n)) for n, m in (("ref", ref), ("opt", opt))]
+        a, b = ref(IDS).logits, opt(IDS).logits
+        assert gpt2kern.fallback_reason(opt) == "forward hooks on h.1.mlp"
+        same(a, b)
+        assert torch.equal(seen["ref"][0], seen["opt"][0])
+        for h in handles:
+            h.remove()
+        opt(IDS)
+        assert gpt2kern.fallback_reason(opt) is None
+
+
+def test_hooks_on_the_body_and_lm_head_themselves_still_fast(tiny):
+    """Hooks on the two modules whose forward is replaced wrap the fast forward: they fire, no fallback needed."""
+    _, opt = ref_and_opt(tiny)
+    seen = []
+    hs = [opt.transformer.register_forward_hook(lambda *a: seen.append("body")),
+          opt.lm_head.register_forward_hook(lambda *a: seen.append("lm_head"))]
+    with torch.no_grad():
+        opt(IDS)
+    assert gpt2kern.fallback_reason(opt) is None and seen == ["body", "lm_head"]
+    for h in hs:
+        h.remove()
+
+
+def test_hfs_own_output_capturing_hooks_do_not_count(tiny):
+    """transformers installs its output-capturing hooks for good on the first output_attentions call; they record
+    only inside HF's forward, so later plain calls and output_hidden_states calls stay on the kernels."""
+    ref, opt = ref_and_opt(tiny)
+    with torch.no_grad():
+        a = opt(IDS, output_attentions=True)
+        assert gpt2kern.fallback_reason(opt) == "output_attentions" and len(a.attentions) == tiny.config.n_layer
+        assert any(m._forward_hooks for m in opt.transformer.modules())  # HF's, now installed
+        b = opt(IDS, output_hidden_states=True)
+        assert gpt2kern.fallback_reason(opt) is None
+        want = ref(IDS, output_hidden_states=True)
+    for x, y in zip(b.hidden_states, want.hidden_states):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_global_forward_hook(tiny):
+    ref, opt = ref_and_opt(tiny)
+    names = []
+    h = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: names.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            a = ref(IDS).logits
+            n_hf = len(names)
+            b = opt(IDS).logits
+        assert gpt2kern.fallback_reason(opt).startswith("global forward hooks")
+        assert names[n_hf:] == names[:n_hf]  # the hook saw every module HF's path runs
+        same(a, b)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        opt(IDS)
+    assert gpt2kern.fallback_reason(opt) is None
+
+
+def test_lm_head_with_a_bias(tiny):
+    ref, opt = ref_and_opt(tiny)
+    for m in (ref, opt):
+        m.lm_head.bias = torch.nn.Parameter(torch.linspace(-1, 1, m.config.vocab_size), requires_grad=False)
+    with torch.no_grad():
+        a, b = ref(IDS).logits, opt(IDS).logits
+    assert gpt2kern.fallback_reason(opt) == "lm_head is Linear with a bias, not HF's bias-free Linear"
+    same(a, b)
+
+
+def test_generate_engine_defers_to_hf_for_hooks_training_and_replaced_modules(tiny):
+    """gpt2kern.generate runs no module forward: with hooks anywhere on the model, in training mode, or after
+    lm_head was replaced, it hands the call to HF's generate (same tokens, the hooks fire)."""
+    m = copy.deepcopy(tiny)
+    want = m.generate(IDS, max_new_tokens=5, do_sample=False)
+    calls = []
+    h = m.register_forward_hook(lambda *a: calls.append(1))
+    assert torch.equal(gpt2kern.generate(m, IDS, max_new_tokens=5), want)
+    assert gpt2kern.generate_fallback_reason() == "forward hooks on the model" and len(calls) == 5
+    h.remove()
+    assert torch.equal(gpt2kern.generate(m, IDS, max_new_tokens=5), want)
+    assert gpt2kern.generate_fallback_reason() is None
+    m.lm_head = copy.deepcopy(m.lm_head)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)  # no longer tied to wte: the engine must read the new head, not the old pack
+    want = m.generate(IDS, max_new_tokens=5, do_sample=False)
+    assert torch.equal(gpt2kern.generate(m, IDS, max_new_tokens=5), want)
+    opt = gpt2kern.optimize(copy.deepcopy(tiny))
+    opt.lm_head = copy.deepcopy(m.lm_head)
+    assert torch.equal(gpt2kern.generate(opt, IDS, max_new_tokens=5), want)
+    assert gpt2kern.generate_fallback_reason() == "lm_head was replaced after optimize()"
+    gpt2kern.generate(copy.deepcopy(tiny).train(), IDS, max_new_tokens=2)
+    assert gpt2kern.generate_fallback_reason().startswith("training mode")
 
 
 def test_pruned_heads_answer_is_hf(tiny):

@@ -7,7 +7,7 @@ import torch
 from conftest import LOGITS_ATOL, pair
 
 import gpt2kern
-from transformers import GPT2Model
+from transformers import GPT2LMHeadModel, GPT2Model
 
 
 
@@ -67,6 +67,28 @@ def test_logits_match_hf_eager(which, request):
         err = (a - b).abs().max().item()
         assert err <= LOGITS_ATOL, f"B={B} T={T}: max |Δlogits| {err:.3g}"
         print(f"{which} B={B} T={T}: max |Δlogits| = {err:.3g}")
+
+
+@pytest.mark.parametrize("variant", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False),
+                                     dict(reorder_and_upcast_attn=True), dict(n_inner=40, layer_norm_epsilon=1e-3)])
+def test_config_variants_match_hf(tiny, variant):
+    """GPT-2 config switches the kernels honour (the attention scale per layer, no scale, HF's upcast-and-reorder
+    attention, an odd MLP width, another LayerNorm eps): HF's logits and greedy tokens, on the fast path."""
+    cfg = copy.deepcopy(tiny.config)
+    for k, v in variant.items():
+        setattr(cfg, k, v)
+    model = GPT2LMHeadModel(cfg).eval()
+    if "n_inner" not in variant:  # tiny's weights (GPT-2-like outliers), so the attention switches matter
+        model.load_state_dict(tiny.state_dict())
+    ref, opt = pair(model)
+    ids = torch.randint(0, cfg.vocab_size - 1, (2, 19), generator=torch.Generator().manual_seed(1))
+    a, b = ref(ids).logits, opt(ids).logits
+    assert gpt2kern.fallback_reason(opt) is None
+    assert (a - b).abs().max().item() <= LOGITS_ATOL
+    if "n_inner" not in variant and "reorder_and_upcast_attn" not in variant:  # (fp32: the same sum, reordered)
+        assert (a - tiny(ids).logits).abs().max() > 100 * LOGITS_ATOL  # the switch does change what HF computes
+    x, y = gen_both(ref, opt, ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(x, y)
 
 
 def test_hidden_states_and_gpt2model(tiny):
@@ -150,9 +172,10 @@ def gen_both(ref, opt, ids, **kw):
     return a, b
 
 
-def test_greedy_128_tokens_identical(distil):
-    ref, opt = pair(distil)
-    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_greedy_128_tokens_identical(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    ids = torch.randint(0, ref.config.vocab_size - 1, (1, 16), generator=torch.Generator().manual_seed(5))
     a, b = gen_both(ref, opt, ids, max_new_tokens=128, do_sample=False)
     assert a.shape[1] == 16 + 128
     assert torch.equal(a, b)
@@ -175,9 +198,11 @@ def test_left_padded_batch_identical(which, request):
     assert torch.equal(a, b)
 
 
-def test_static_cache_identical(distil):
-    ref, opt = pair(distil)
-    ids, mask = left_pad(prompts(3, [6, 9, 3], 50257, 2), 50256)
+@pytest.mark.parametrize("which", ["tiny", "distil"])
+def test_static_cache_identical(which, request):
+    ref, opt = pair(request.getfixturevalue(which))
+    V = ref.config.vocab_size
+    ids, mask = left_pad(prompts(3, [6, 9, 3], V, 2), ref.config.eos_token_id % V)
     a, b = gen_both(ref, opt, ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                     cache_implementation="static")
     assert torch.equal(a, b)
