@@ -10,7 +10,6 @@ Exit status 1 if --max-drift-mb is given and a phase's RSS grew more than that a
 """
 import argparse
 import copy
-import gc
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from generators import GENERATORS, jobs, rss_mb  # noqa: E402
+from generators import GENERATORS, footprint, jobs, rss_mb  # noqa: E402
 
 import gpt2kern  # noqa: E402
 from gpt2kern.model import _CACHE_ARG  # noqa: E402  (past_key_values, or cache in newer transformers)
@@ -29,13 +28,11 @@ def soak_generate(model, gen_name, calls, warmup, seed=0, max_new=24):
     work = jobs(calls + warmup, model.config.vocab_size, seed=seed, max_batch=4, max_prompt=48, max_new=max_new)
     for job in work[:warmup]:
         gen(*job)
-    gc.collect()
-    start = rss_mb()
+    start = footprint()
     t0, tokens = time.perf_counter(), 0
     for job in work[warmup:]:
         tokens += gen(*job).numel()
-    gc.collect()
-    return start, rss_mb(), tokens, time.perf_counter() - t0
+    return start, footprint(), tokens, time.perf_counter() - t0
 
 
 def soak_decode(model, steps, warmup):
@@ -43,11 +40,11 @@ def soak_decode(model, steps, warmup):
     time the positions run out."""
     n_pos, vocab = model.config.n_positions, model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    state = {"cache": None, "tok": None}
+    state = {}
 
     def step():
         with torch.no_grad():
-            if state["cache"] is None or state["cache"].get_seq_length() >= n_pos - 1:
+            if state.get("cache") is None or state["cache"].get_seq_length() >= n_pos - 1:
                 out = model(torch.randint(0, vocab, (1, 8), generator=g), use_cache=True)
             else:
                 out = model(state["tok"], use_cache=True, **{_CACHE_ARG: state["cache"]})
@@ -56,14 +53,13 @@ def soak_decode(model, steps, warmup):
 
     for _ in range(warmup):
         step()
-    gc.collect()
-    start = rss_mb()
+    state.clear()  # each phase starts and ends without a cache
+    start = footprint()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     state.clear()
-    gc.collect()
-    return start, rss_mb(), time.perf_counter() - t0
+    return start, footprint(), time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -81,16 +77,21 @@ def main(argv=None):
     model = gpt2kern.optimize(copy.deepcopy(model))
     print(f"soak {a.model}: RSS at start {rss_mb():.1f} MiB", flush=True)
     drifts = {}
+
+    def show(what, s, e):
+        d = {k: e[k] - s[k] for k in s if s[k] is not None}
+        drifts[what] = d["rss_mb"]
+        heap = f"; heap {s['heap_mb']:.1f} -> {e['heap_mb']:.1f} MiB" if s["heap_mb"] is not None else ""
+        return (f"RSS {s['rss_mb']:.1f} -> {e['rss_mb']:.1f} MiB (drift {d['rss_mb']:+.1f}){heap}; "
+                f"live tensors {s['tensors']} -> {e['tensors']}")
+
     for name in a.gen or list(GENERATORS):
         s, e, toks, dt = soak_generate(model, name, a.calls, a.warmup)
-        drifts[name] = e - s
-        print(f"{name}: {a.calls} calls, {toks} tokens in {dt:.1f}s; RSS {s:.1f} -> {e:.1f} MiB "
-              f"(drift {e - s:+.1f})", flush=True)
+        print(f"{name}: {a.calls} calls, {toks} tokens in {dt:.1f}s; {show(name, s, e)}", flush=True)
     if a.decode_steps:
         s, e, dt = soak_decode(model, a.decode_steps, a.warmup)
-        drifts["decode"] = e - s
         print(f"decode: {a.decode_steps} steps in {dt:.1f}s ({1000 * dt / a.decode_steps:.2f} ms/step); "
-              f"RSS {s:.1f} -> {e:.1f} MiB (drift {e - s:+.1f})", flush=True)
+              f"{show('decode', s, e)}", flush=True)
     if a.max_drift_mb is not None and any(d > a.max_drift_mb for d in drifts.values()):
         print(f"FAIL: RSS drift over {a.max_drift_mb} MiB: {drifts}")
         return 1

@@ -98,6 +98,8 @@ def tiny():
     return m
 
 
-def pair(model):
-    """(HF reference, optimized copy) of the same weights."""
-    return model, gpt2kern.optimize(copy.deepcopy(model))
+def pair(model, dev="cpu"):
+    """(HF reference, optimized copy) of the same weights, on `dev` (HF's own forward on that device is the
+    reference there)."""
+    ref = model if dev == "cpu" else copy.deepcopy(model).to(dev)
+    return ref, gpt2kern.optimize(copy.deepcopy(model).to(dev))

@@ -4,6 +4,9 @@ GENERATORS maps a name to a factory: factory(optimized_model) -> gen(ids, attent
 LongTensor of the generated tokens (greedy). Every soak/concurrency test runs over all of them, so a new entry
 point (e.g. gpt2kern.generate) is one more line here.
 """
+import ctypes
+import ctypes.util
+import gc
 import os
 
 import torch
@@ -63,3 +66,40 @@ def rss_mb():
     """Resident set size of this process, MiB (Linux /proc; no dependency)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _Mallinfo2
+    return f
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_mb():
+    """Bytes the C heap has handed out and not got back (glibc mallinfo2: in-use chunks + mmapped blocks), MiB;
+    None where glibc is not the allocator. Unlike RSS it does not move with page reuse, so a leak of a few KiB
+    per call shows over a few dozen calls."""
+    if _MALLINFO2 is None:
+        return None
+    m = _MALLINFO2()
+    return (m.uordblks + m.hblkhd) / 2**20
+
+
+def live_tensors():
+    """How many torch.Tensor objects Python holds (a leaked reference to a cache or logits tensor shows here)."""
+    gc.collect()
+    return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())  # type(): no __class__ lookups
+
+
+def footprint():
+    return dict(rss_mb=rss_mb(), heap_mb=heap_mb(), tensors=live_tensors())

@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from conftest import LOGITS_ATOL, pair
+from conftest import DEVICES, LOGITS_ATOL, pair
 
 import gpt2kern
 from transformers import GPT2LMHeadModel, GPT2Model
@@ -57,11 +57,12 @@ def test_every_layer_matches_hf_in_order(which, request):
     print(f"{which}: {len(ours)} traced steps, worst abs diff {worst:.3g}")
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("which", ["tiny", "distil"])
-def test_logits_match_hf_eager(which, request):
-    ref, opt = pair(request.getfixturevalue(which))
+def test_logits_match_hf_eager(which, dev, request):
+    ref, opt = pair(request.getfixturevalue(which), dev)
     for B, T in [(1, 1), (2, 17), (1, ref.config.n_positions)]:
-        ids = torch.randint(0, ref.config.vocab_size, (B, T))
+        ids = torch.randint(0, ref.config.vocab_size, (B, T), device=dev)
         a, b = ref(ids).logits, opt(ids).logits
         assert gpt2kern.fallback_reason(opt) is None
         err = (a - b).abs().max().item()
@@ -91,9 +92,10 @@ def test_config_variants_match_hf(tiny, variant):
     assert torch.equal(x, y)
 
 
-def test_hidden_states_and_gpt2model(tiny):
-    ref, opt = pair(tiny)
-    ids = torch.randint(0, 99, (2, 9))
+@pytest.mark.parametrize("dev", DEVICES)
+def test_hidden_states_and_gpt2model(tiny, dev):
+    ref, opt = pair(tiny, dev)
+    ids = torch.randint(0, 99, (2, 9), device=dev)
     a = ref(ids, output_hidden_states=True)
     b = opt(ids, output_hidden_states=True)
     assert len(a.hidden_states) == len(b.hidden_states)
@@ -101,6 +103,7 @@ def test_hidden_states_and_gpt2model(tiny):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
     base = GPT2Model(tiny.config).eval()
     base.load_state_dict(tiny.transformer.state_dict())
+    base.to(dev)
     fast = gpt2kern.optimize(copy.deepcopy(base))
     out_a, out_b = base(ids), fast(ids)
     torch.testing.assert_close(out_b.last_hidden_state, out_a.last_hidden_state, atol=1e-5, rtol=1e-5)
@@ -108,21 +111,23 @@ def test_hidden_states_and_gpt2model(tiny):
     assert isinstance(fast(ids, return_dict=False), tuple)
 
 
-def test_kwargs_position_ids_token_types_logits_to_keep(tiny):
-    ref, opt = pair(tiny)
-    ids = torch.randint(0, 99, (2, 9))
-    tt = torch.randint(0, 99, (2, 9))
-    pos = torch.arange(3, 12)[None].expand(2, 9)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_kwargs_position_ids_token_types_logits_to_keep(tiny, dev):
+    ref, opt = pair(tiny, dev)
+    ids = torch.randint(0, 99, (2, 9), device=dev)
+    tt = torch.randint(0, 99, (2, 9), device=dev)
+    pos = torch.arange(3, 12, device=dev)[None].expand(2, 9)
     kw = dict(token_type_ids=tt, position_ids=pos, logits_to_keep=2, use_cache=False)
     a, b = ref(ids, **kw), opt(ids, **kw)
     assert b.logits.shape == (2, 2, 99)
     torch.testing.assert_close(b.logits, a.logits, atol=LOGITS_ATOL, rtol=0)
 
 
-def test_masks_2d_and_4d(tiny):
-    ref, opt = pair(tiny)
-    ids = torch.randint(0, 99, (3, 8))
-    mask = torch.ones(3, 8, dtype=torch.long)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_masks_2d_and_4d(tiny, dev):
+    ref, opt = pair(tiny, dev)
+    ids = torch.randint(0, 99, (3, 8), device=dev)
+    mask = torch.ones(3, 8, dtype=torch.long, device=dev)
     mask[1, :3] = 0
     mask[2, :7] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -131,17 +136,18 @@ def test_masks_2d_and_4d(tiny):
     valid = mask.bool()
     torch.testing.assert_close(b[valid], a[valid], atol=LOGITS_ATOL, rtol=0)
     # a 4-D boolean mask (True = attend) as static-cache generate passes it
-    m4 = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None].expand(3, 1, 8, 8) & valid[:, None, None, :]
+    m4 = torch.tril(torch.ones(8, 8, dtype=torch.bool, device=dev))[None, None].expand(3, 1, 8, 8) & valid[:, None, None, :]
     b4 = opt(ids, attention_mask=m4, position_ids=pos).logits
     torch.testing.assert_close(b4[valid], a[valid], atol=LOGITS_ATOL, rtol=0)
-    f4 = torch.zeros(m4.shape).masked_fill(~m4, torch.finfo(torch.float32).min)
+    f4 = torch.zeros(m4.shape, device=dev).masked_fill(~m4, torch.finfo(torch.float32).min)
     torch.testing.assert_close(opt(ids, attention_mask=f4, position_ids=pos).logits[valid], a[valid],
                                atol=LOGITS_ATOL, rtol=0)
 
 
-def test_continue_from_past_key_values(distil):
-    ref, opt = pair(distil)
-    ids = torch.randint(0, 50257, (2, 12))
+@pytest.mark.parametrize("dev", DEVICES)
+def test_continue_from_past_key_values(distil, dev):
+    ref, opt = pair(distil, dev)
+    ids = torch.randint(0, 50257, (2, 12), device=dev)
     name = gpt2kern.model._CACHE_ARG  # `cache` in transformers 5.2x, `past_key_values` before
     logits = []
     for model in (ref, opt):
@@ -167,40 +173,48 @@ def left_pad(seqs, pad_id):
 
 def gen_both(ref, opt, ids, **kw):
     kw.setdefault("pad_token_id", ref.config.eos_token_id)
+    dev = ref.device
+    ids = ids.to(dev)
+    if kw.get("attention_mask") is not None:
+        kw["attention_mask"] = kw["attention_mask"].to(dev)
     a = ref.generate(ids, **kw)
     b = opt.generate(ids, **kw)
     return a, b
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("which", ["tiny", "distil"])
-def test_greedy_128_tokens_identical(which, request):
-    ref, opt = pair(request.getfixturevalue(which))
+def test_greedy_128_tokens_identical(which, dev, request):
+    ref, opt = pair(request.getfixturevalue(which), dev)
     ids = torch.randint(0, ref.config.vocab_size - 1, (1, 16), generator=torch.Generator().manual_seed(5))
     a, b = gen_both(ref, opt, ids, max_new_tokens=128, do_sample=False)
     assert a.shape[1] == 16 + 128
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("which", ["tiny", "distil"])
-def test_beam_search_identical(which, request):
-    ref, opt = pair(request.getfixturevalue(which))
+def test_beam_search_identical(which, dev, request):
+    ref, opt = pair(request.getfixturevalue(which), dev)
     ids = torch.randint(0, ref.config.vocab_size - 1, (2, 10), generator=torch.Generator().manual_seed(6))
     a, b = gen_both(ref, opt, ids, max_new_tokens=24, num_beams=3, do_sample=False)
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("which", ["tiny", "distil"])
-def test_left_padded_batch_identical(which, request):
-    ref, opt = pair(request.getfixturevalue(which))
+def test_left_padded_batch_identical(which, dev, request):
+    ref, opt = pair(request.getfixturevalue(which), dev)
     V = ref.config.vocab_size
     ids, mask = left_pad(prompts(4, [5, 11, 2, 8], V), ref.config.eos_token_id % V)
     a, b = gen_both(ref, opt, ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("which", ["tiny", "distil"])
-def test_static_cache_identical(which, request):
-    ref, opt = pair(request.getfixturevalue(which))
+def test_static_cache_identical(which, dev, request):
+    ref, opt = pair(request.getfixturevalue(which), dev)
     V = ref.config.vocab_size
     ids, mask = left_pad(prompts(3, [6, 9, 3], V, 2), ref.config.eos_token_id % V)
     a, b = gen_both(ref, opt, ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
@@ -209,10 +223,11 @@ def test_static_cache_identical(which, request):
     assert gpt2kern.fallback_reason(opt) is None
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("which", ["tiny", "distil"])
-def test_sampling_with_seed_identical(which, request):
-    ref, opt = pair(request.getfixturevalue(which))
-    ids = torch.randint(0, ref.config.vocab_size - 1, (2, 7), generator=torch.Generator().manual_seed(3))
+def test_sampling_with_seed_identical(which, dev, request):
+    ref, opt = pair(request.getfixturevalue(which), dev)
+    ids = torch.randint(0, ref.config.vocab_size - 1, (2, 7), generator=torch.Generator().manual_seed(3)).to(dev)
     kw = dict(max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, temperature=0.8,
               pad_token_id=ref.config.eos_token_id)
     torch.manual_seed(1234)
