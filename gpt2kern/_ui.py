@@ -56,14 +56,27 @@ def expected_errors(what: str = ""):
         raise CliError(f"{what}{one_line(e)}") from None
 
 
+_notes: list[str] = []  # notices of this command, printed when it ends (see flush_notices)
+
+
 def fail(msg: str, code: int = EXIT_USAGE) -> int:
-    """Print `error: msg` (one line) on stderr; returns the exit code to use."""
-    err_console.print(f"error: {one_line(msg)}", markup=False, highlight=False, soft_wrap=True)
+    """Print `error: msg` (one line) on stderr, with the command's pending notices folded in; returns the exit
+    code to use."""
+    notes = f" (note: {'; '.join(_notes)})" if _notes else ""
+    _notes.clear()
+    err_console.print(f"error: {one_line(msg)}{notes}", markup=False, highlight=False, soft_wrap=True)
     return code
 
 
 def notice(msg: str) -> None:
-    err_console.print(f"note: {msg}", markup=False, soft_wrap=True)
+    """A `note:` line on stderr, printed when the command ends, so that a failing command still says one line."""
+    _notes.append(msg)
+
+
+def flush_notices() -> None:
+    for msg in _notes:
+        err_console.print(f"note: {msg}", markup=False, soft_wrap=True)
+    _notes.clear()
 
 
 # ---------------------------------------------------------------- models

@@ -652,6 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     0 ok; 1 a check failed (parity); 2 bad input — one `error:` line on stderr; 130 interrupted."""
     cmd = typer.main.get_command(app)
     try:
+        rv = _run(cmd, argv)
+    finally:
+        _ui.flush_notices()  # after a failure, fail() has folded them into its line already
+    return rv
+
+
+def _run(cmd, argv) -> int:
+    try:
         rv = cmd.main(args=argv, prog_name="gpt2kern", standalone_mode=False)
     except getattr(_cx, "NoArgsIsHelpError", ()) as e:  # plain `gpt2kern`: the help
         console.print(e.ctx.get_help(), markup=False, highlight=False)

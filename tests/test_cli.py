@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -92,6 +93,21 @@ def test_console_script_is_declared():
     assert meta["project"]["scripts"]["gpt2kern"] == "gpt2kern.cli:main"
     assert {"typer", "rich"} <= {re.split(r"[<>=\[ ]", d)[0] for d in meta["project"]["dependencies"]}
     assert cli.main(["--help"]) == 0
+
+
+def test_the_installed_gpt2kern_executable():
+    """The `gpt2kern` command pip installed (what users type), not only `python -m gpt2kern`."""
+    exe = Path(sysconfig.get_path("scripts")) / "gpt2kern"
+    assert exe.is_file(), f"{exe} is missing: install the project (pip install --no-build-isolation -e .)"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "next", "trace", "parity", "bench"))
+    r = subprocess.run([str(exe), "next", "1 2", "-m", "random:tiny", "--json"], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["top"]) == 10
+    r = subprocess.run([str(exe), "generate", "1 2", "-m", "random:tiny", "--temperature", "0"], capture_output=True,
+                       text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert_one_line_error(r.returncode, r.stderr, "temperature")
 
 
 def test_generate_ids_on_random_tiny():
@@ -315,6 +331,8 @@ def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
     assert code == 0, err
     assert err.strip().splitlines() == [err.strip()] and "using random:distilgpt2" in err
     assert "random:distilgpt2" in out and "same top-10: yes" in out
+    code, out, err = cli_run("trace", "The quick brown")  # an error with the default model: still one line
+    assert_one_line_error(code, err, "no tokenizer", "(note: distilgpt2 is not in the local Hugging Face cache")
     code, out, err = cli_run("generate", "464 2068", "-m", "random:distilgpt2", "-n", "3", "--json")
     assert code == 0 and json.loads(out)["fast_path"], err
     code, out, err = cli_run("trace", "464 2068", "-m", "random:distilgpt2", "--layer", "wpe")
