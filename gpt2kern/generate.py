@@ -85,6 +85,8 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
         raise ValueError(f"input_ids must be [batch, seq_len] with batch >= 1 and seq_len >= 1, "
                          f"got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.long()
+    if input_ids.device.type == "meta":  # (other devices are fine: the ids are moved to the model's)
+        raise ValueError("input_ids are on the meta device: they hold no token ids")
     vocab = model.config.vocab_size
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab:
@@ -94,6 +96,8 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
     else:
         if not isinstance(attention_mask, torch.Tensor):
             attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.device.type == "meta":
+            raise ValueError("attention_mask is on the meta device: it holds no values")
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")

@@ -336,6 +336,10 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
     ids = input_ids.reshape(-1, input_shape[-1])
     if token_type_ids is not None:
         token_type_ids = token_type_ids.reshape(-1, input_shape[-1])
+    B, T = ids.shape
+    if position_ids is not None and (position_ids.shape[-1:] != (T,) or position_ids.numel() not in (T, B * T)):
+        raise ValueError(f"position_ids must be [batch ({B}) or 1, seq_len ({T})], got shape "
+                         f"{tuple(position_ids.shape)}")
     if use_cache and cache is None:
         cache = DynamicCache(config=cfg)
     hidden = None
@@ -355,6 +359,9 @@ def _masks(attention_mask, B, T, past):
     if attention_mask is None:
         return None, None, True
     if attention_mask.dim() == 2 or attention_mask.dim() == 1:
+        if (attention_mask.shape[0] if attention_mask.dim() == 2 else B) != B or attention_mask.numel() % B:
+            raise ValueError(f"a 2-D attention_mask must be [batch ({B}), past + seq_len], got shape "
+                             f"{tuple(attention_mask.shape)}")
         m = attention_mask.reshape(B, -1)
         if m.shape[1] < past + T:
             raise ValueError(f"attention_mask covers {m.shape[1]} positions but past ({past}) + input ({T}) "

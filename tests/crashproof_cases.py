@@ -203,12 +203,14 @@ def _cases():
     case("model position_ids out of range", lambda: run(t, position_ids=torch.tensor([[0, 1, NP]])),
          (IE, f"position_ids contains {NP}"))
     case("model position_ids negative", lambda: run(t, position_ids=torch.tensor([[0, -1, 2]])), (IE, "contains -1"))
-    case("model position_ids wrong size", lambda: run(t, position_ids=torch.arange(5)[None]), (RE, "invalid"))
+    case("model position_ids wrong size", lambda: run(t, position_ids=torch.arange(5)[None]),
+         (VE, "position_ids must be"))
     case("model token_type_ids out of range", lambda: run(t, token_type_ids=torch.tensor([[0, 0, V]])),
          (IE, "token_type_ids contains"))
     case("model mask 3-D", lambda: run(t, attention_mask=torch.ones(1, 1, 3)), (VE, "attention_mask must be 2-D"))
     case("model mask too short", lambda: run(t, attention_mask=torch.ones(1, 2)), (VE, "covers 2 positions"))
-    case("model mask wrong batch", lambda: run(t.expand(2, 3), attention_mask=torch.ones(3, 3)), (RE, "invalid"))
+    case("model mask wrong batch", lambda: run(t.expand(2, 3), attention_mask=torch.ones(3, 3)),
+         (VE, r"attention_mask must be \[batch \(2\)"))
     case("model mask 4-D wrong shape", lambda: run(t, attention_mask=torch.zeros(1, 1, 2, 3)),
          (VE, "4-D attention_mask must be"))
     case("model mask float values", lambda: run(t, attention_mask=torch.tensor([[0.5, 1.0, 1.0]])), OK)
@@ -282,7 +284,36 @@ def _cases():
     case("generate past n_positions", lambda: gen(torch.zeros(1, NP - 1, dtype=torch.long), max_new_tokens=5),
          ((VE, IE), "n_positions"))
     case("generate mask wrong length", lambda: gen(t, attention_mask=torch.ones(1, 2, dtype=torch.long)),
-         (Exception, ""))
+         (VE, r"position_ids must be \[batch \(1\) or 1, seq_len \(3\)\]"))  # HF derives them from the mask
+    case("model position_ids too short", lambda: run(t, position_ids=torch.arange(2)[None]), (VE, "position_ids must"))
+    case("model position_ids wrong batch", lambda: run(t.expand(2, 3), position_ids=torch.arange(6).view(3, 2)),
+         (VE, "position_ids must"))
+    # gpt2kern.generate (the C++ decode engine) on the plain model
+    def ggen(ids, mask=None, **kw):
+        return gpt2kern.generate(ref, ids, mask, **{"max_new_tokens": 2, **kw})
+
+    case("engine generate token id = vocab", lambda: ggen(torch.tensor([[1, V]])), (VE, "vocabulary"))
+    case("engine generate token id -1", lambda: ggen(torch.tensor([[-1, 2]])), (VE, "vocabulary"))
+    case("engine generate token id 2**62", lambda: ggen(torch.tensor([[1, BIG]])), (VE, "vocabulary"))
+    case("engine generate ids float", lambda: ggen(t.float()), (TE, "integer"))
+    case("engine generate ids 3-D", lambda: ggen(t[None]), (VE, "input_ids"))
+    case("engine generate empty batch", lambda: ggen(torch.zeros(0, 3, dtype=torch.long)), (VE, "batch"))
+    case("engine generate empty prompt", lambda: ggen(torch.zeros(1, 0, dtype=torch.long)), (VE, "seq_len"))
+    case("engine generate mask wrong shape", lambda: ggen(t, torch.ones(1, 2, dtype=torch.long)), (VE, "shape"))
+    case("engine generate mask all padding", lambda: ggen(t, torch.zeros(1, 3, dtype=torch.long)),
+         (VE, "no valid token"))
+    case("engine generate past n_positions", lambda: ggen(t, max_new_tokens=NP), (VE, "n_positions"))
+    case("engine generate max_new_tokens -1", lambda: ggen(t, max_new_tokens=-1), (VE, "max_new_tokens"))
+    case("engine generate max_new_tokens 2**62", lambda: ggen(t, max_new_tokens=BIG), (VE, "n_positions"))
+    case("engine generate temperature 0", lambda: ggen(t, do_sample=True, temperature=0.0), (VE, "temperature"))
+    case("engine generate temperature nan", lambda: ggen(t, do_sample=True, temperature=float("nan")),
+         (VE, "temperature"))
+    case("engine generate top_p 0", lambda: ggen(t, do_sample=True, top_p=0.0), (VE, "top_p"))
+    case("engine generate top_k -1", lambda: ggen(t, do_sample=True, top_k=-1), (VE, "top_k"))
+    case("engine generate seed str", lambda: ggen(t, seed="1"), (TE, "seed"))
+    case("engine generate ids on meta", lambda: ggen(t.to(**meta)), (VE, "input_ids are on the meta device"))
+    case("engine generate mask on meta", lambda: ggen(t, torch.ones(1, 3).to(**meta)), (VE, "attention_mask is on the meta device"))
+    case("engine generate eos out of range", lambda: ggen(t, eos_token_id=[V + 5]), OK)
     case("optimize not a model", lambda: gpt2kern.optimize(torch.nn.Linear(2, 2)), (TE, "GPT2LMHeadModel"))
     case("optimize None", lambda: gpt2kern.optimize(None), (TE, "GPT2LMHeadModel"))
     case("fallback_reason not optimized", lambda: gpt2kern.fallback_reason(ref), (VE, "not optimized"))
