@@ -30,6 +30,16 @@ DECODE_M, PREFILL_M = (1, 8), (128, 512, 1024)
 QUICK_DECODE_M, QUICK_PREFILL_M = (1,), (128,)
 
 
+def sizes(n_positions: int, quick: bool = False):
+    """(kernel rows' M, prefill lengths T): the standard ones that fit the model's context (a short-context model
+    gets its n_positions as the longest prefill instead)."""
+    pre = QUICK_PREFILL_M if quick else PREFILL_M
+    fit = tuple(T for T in pre if T <= n_positions)
+    if len(fit) < len(pre) and n_positions not in fit:
+        fit += (n_positions,)
+    return (QUICK_DECODE_M if quick else DECODE_M) + fit, fit
+
+
 @dataclass
 class Bench:
     device: str = "cpu"
@@ -168,8 +178,9 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out.update(read_bandwidth_GBps=bw / 1e9, fma_peak_GFLOPs=peak / 1e9)
     advance()
 
+    kernel_ms, prefill_ts = sizes(cfg.n_positions, quick)
     kernels = []
-    for M in (QUICK_DECODE_M + QUICK_PREFILL_M) if quick else (DECODE_M + PREFILL_M):
+    for M in kernel_ms:
         for name, ours, theirs, flops, nbytes in kernel_cases(cfg, M, device):
             t = b.time({"ours": ours, "torch": theirs})
             kernels.append(dict(kernel=name, M=M, ours_ms=t["ours"] * 1e3, torch_ms=t["torch"] * 1e3,
@@ -184,15 +195,15 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     E, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
     block_params = n_params - V * E - cfg.n_positions * E
     with torch.no_grad():
-        for T in (128,) if quick else (128, 512, 1024):
+        for T in prefill_ts:
             ids = torch.randint(0, V, (1, T), generator=g).to(device)
             t = b.time({"ours": lambda: opt(ids, use_cache=False), "hf": lambda: ref(ids, use_cache=False)},
                        reps=max(5, reps // 2))
             flops = 2 * T * (block_params + V * E) + L * 4 * E * T * T // 2
             e2e.append(dict(measure=f"prefill B=1 T={T} (all logits)", ours_ms=t["ours"] * 1e3, hf_ms=t["hf"] * 1e3,
                             ratio=t["hf"] / t["ours"], roofline_pct=100 * flops / peak / t["ours"]))
-            if T == 128:
-                parity["max |dlogits| prefill T=128"] = (opt(ids).logits - ref(ids).logits).abs().max().item()
+            if T == prefill_ts[0]:
+                parity[f"max |dlogits| prefill T={T}"] = (opt(ids).logits - ref(ids).logits).abs().max().item()
             advance()
         weight_bytes = (block_params + V * E) * 4  # read once per decode step (lm_head = wte)
         # decode is bandwidth-bound and this machine's bandwidth moves from minute to minute: its roofline is the
@@ -231,10 +242,10 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     return out
 
 
-def steps(quick=False) -> int:
+def steps(quick=False, n_positions=1024) -> int:
     nk = 10  # kernel rows per M (kernel_cases)
-    ms = (QUICK_DECODE_M + QUICK_PREFILL_M) if quick else (DECODE_M + PREFILL_M)
-    return 1 + nk * len(ms) + (1 if quick else 3) + (1 if quick else 2)
+    ms, ts = sizes(n_positions, quick)
+    return 1 + nk * len(ms) + len(ts) + (1 if quick else 2)
 
 
 def _cpu_name() -> str:

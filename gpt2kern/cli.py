@@ -287,6 +287,7 @@ def generate(
     why = gpt2kern.fallback_reason(m)
 
     printer = _TokenPrinter(tok, s.eos_token_id, echo=not json_)
+    _ui.flush_notices()  # the input checks passed: say which model this is before streaming from it
     if printer.echo:
         sys.stdout.write(prompt if (tok is not None and not ids and prompt.strip())
                          else " ".join(map(str, input_ids[0].tolist())))
@@ -612,7 +613,7 @@ def bench(
     name, m, _ = _ui.load_model(model, device)
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
-    with _ui.progress(B.steps(quick), "bench") as advance:
+    with _ui.progress(B.steps(quick, m.config.n_positions), "bench") as advance:
         res = B.run(name, device, reps, new_tokens, quick, advance, model=m)
     if json_file:
         with _ui.expected_errors("--json"), open(json_file, "w") as f:

@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from . import _C
-from .model import _State, has_user_hooks, stack_args
+from .model import _gpt2model_forward, _lm_head_forward, _State, has_user_hooks, stack_args
 
 _local = threading.local()
 
@@ -45,17 +45,26 @@ def _state(model: GPT2LMHeadModel) -> _State:
 
 
 def _engine_reason(model, st: _State) -> str | None:
+    """Why the engine cannot stand in for HF's generate on this model (None when it can). The engine runs no
+    module's forward, so it also defers to HF for what would run in the modules around the body."""
+    if model.training or model.transformer.training:
+        return "training mode (HF's generate would apply dropout)"
     if st.unsupported:
         return st.unsupported
-    if st.hooked:
-        return st.hooked
+    if st.bypassed:
+        return st.bypassed
     if st.lm_head is not model.lm_head:
         return "lm_head was replaced after optimize()"
+    ours = {"transformer": _gpt2model_forward, "lm_head": _lm_head_forward}
     for name, m in (("the model", model), ("transformer", model.transformer), ("lm_head", model.lm_head)):
         if has_user_hooks(m):  # HF's generate calls these modules; the engine does not
             return f"forward hooks on {name}"
-    if model.training:
-        return "training mode (HF's generate would apply dropout)"
+        f = m.__dict__.get("forward")
+        if f is not None and getattr(f, "__func__", None) is not ours.get(name):
+            return f"{name}.forward is patched on the instance"
+    f = type(model).forward
+    if (f.__module__, f.__qualname__) != (GPT2LMHeadModel.__module__, "GPT2LMHeadModel.forward"):
+        return f"{type(model).__name__}.forward is not HF's GPT2LMHeadModel.forward"
     p = model.lm_head.weight
     if p.dtype != torch.float32 or not st.layers or st.lm_w is None or p.device.type not in ("cpu", "cuda"):
         return f"model on {p.device.type} {p.dtype} (the engine runs float32 on CPU, or on CUDA when built with it)"
@@ -157,7 +166,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     eos = _as_list(gc.eos_token_id if (eos_token_id is None and gc is not None) else eos_token_id)
     pad_given = pad_token_id if pad_token_id is not None else (gc.pad_token_id if gc is not None else None)
     if attention_mask is None and pad_given is not None and pad_given not in eos and \
-            isinstance(input_ids, torch.Tensor) and bool((input_ids == pad_given).any()):
+            isinstance(input_ids, torch.Tensor) and input_ids.device.type != "meta" and \
+            bool((input_ids == pad_given).any()):
         attention_mask = input_ids != pad_given  # HF's generate infers the mask from a pad id this way too
     input_ids, mask = _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed)
     pad_token_id = pad_given if pad_given is not None else (eos[0] if eos else 0)
@@ -172,7 +182,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     gen = torch.Generator(device=dev).manual_seed(seed) if (do_sample and seed is not None) else None
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
-        streamer.put(input_ids)
+        streamer.put(input_ids.cpu())  # HF hands streamers CPU tensors
     B, T = input_ids.shape
     with torch.inference_mode():
         if dev.type == "cpu":  # the C++ engine: one call per step
@@ -213,7 +223,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                 nxt = torch.where(unfinished, nxt, pad_token_id)
             out.append(nxt[:, None])
             if put is not None:
-                put(nxt.clone())
+                put(nxt.clone() if nxt.device.type == "cpu" else nxt.cpu())
             if eos:
                 unfinished &= ~torch.isin(nxt, eos_t)
                 if not bool(unfinished.any()):

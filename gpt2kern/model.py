@@ -58,7 +58,8 @@ class _State:
         self.transformer, self.lm_head = transformer, lm_head
         cfg = transformer.config
         self.unsupported: str | None = None  # set by refresh(): _unsupported_config
-        self.hooked: str | None = None  # set by refresh(): _bypassed_hooks
+        self.bypassed: str | None = None  # set by refresh(): _bypassed
+        self._pack_key = None  # what the packs were made from: (stamp, unsupported, _baked_in)
         self.trace = None  # callable(name, tensor) while tracing
         self.body_was_fast = False
         self.fallback_reason: str | None = None
@@ -82,7 +83,7 @@ class _State:
     def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
         d = dict(self.__dict__)
         del d["_lock"], d["_local"]
-        d.update(_watch=None, body=None, stamp=None, _grown=None)  # repacked, C++ body rebuilt on first call
+        d.update(_watch=None, body=None, stamp=None, _grown=None, _pack_key=None)  # repacked on first call
         return d
 
     def __setstate__(self, d):
@@ -101,49 +102,55 @@ class _State:
         return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.params)
 
     def _watch_list(self):
-        """What _fresh checks per call, flat, so the check costs a few µs instead of a module-tree walk (~0.2 ms,
+        """What _fresh checks per call, flat, so the check costs ~10 µs instead of a module-tree walk (~0.2 ms,
         2 % of a decode step): every submodule and parameter slot (a replaced module or Parameter), each slot
-        dict's size (an added one), the forward-hook dicts' sizes and, inside the body, each module's attribute
-        count (a hook added, an instance forward patched: what _unsupported_config and _bypassed_hooks look at),
-        and each parameter's storage, version, device and dtype (.to(), in-place edits, load_state_dict; read in
-        one C++ call)."""
+        dict's size (an added one), the forward-hook dicts' sizes, each module's attribute count and public
+        attributes (a hook added, a forward patched on the instance, train()/eval(), eps or scaling reassigned),
+        the forward of each module class (patched on the class), and each parameter's storage, version, device and
+        dtype (.to(), in-place edits, load_state_dict; read in one C++ call)."""
         g = torch.nn.modules.module
         slots, sizes = [], [(g._global_forward_hooks, len(g._global_forward_hooks)),
                             (g._global_forward_pre_hooks, len(g._global_forward_pre_hooks))]
+        classes = {}
         for root in (self.transformer, self.lm_head):
             for m in (root.modules() if root is not None else ()):
-                ds = [m._modules, m._parameters, m._forward_hooks, m._forward_pre_hooks]
-                for d in ds + ([m.__dict__] if m is not root else []):
-                    sizes.append((d, len(d)))
+                ds = [m._modules, m._parameters, m._forward_hooks, m._forward_pre_hooks, m.__dict__]
+                sizes += [(d, len(d)) for d in ds]
                 slots += [(d, k, v) for d in ds[:2] for k, v in d.items()]
+                slots += [(m.__dict__, k, v) for k, v in m.__dict__.items() if not k.startswith("_")]
+                classes[type(m)] = type(m).forward
         params = self.params
-        return sizes, slots, params, _C.stamp(params)
+        return sizes, slots, tuple(classes.items()), params, _C.stamp(params)
 
     @property
     def packed_params(self):
         """The parameters the current packs were made from (after refresh(): the live ones), without a tree walk."""
-        return self._watch[2]
+        return self._watch[3]
 
     def _fresh(self) -> bool:
         w = self._watch
         if w is None:
             return False
-        sizes, slots, params, stamp = w
-        return _C.same_slots(sizes, slots) and _C.stamp(params) == stamp
+        sizes, slots, classes, params, stamp = w
+        return (_C.same_slots(sizes, slots) and all(c.forward is f for c, f in classes)
+                and _C.stamp(params) == stamp)
 
     def refresh(self):
         """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
-        replaced Parameters or modules), and look again at what the kernels can serve (modules, hooks)."""
+        replaced Parameters or modules, another eps or scaling), and look again at what the kernels can serve
+        (module classes, hooks, training mode)."""
         if self._fresh():
             return
         with self._lock:  # one thread packs; the others wait for it, then find the stamp fresh
+            watch = self._watch_list()  # first: a change made while this runs is seen by the next call
             unsupported = _unsupported_config(self.transformer, self.lm_head)
-            stamp = self._stamp()
-            if stamp != self.stamp or unsupported != self.unsupported:
+            key = (self._stamp(), unsupported, None if unsupported else _baked_in(self.transformer))
+            if key != self._pack_key:
                 self.unsupported = unsupported
-                self._repack(stamp)
-            self.hooked = _bypassed_hooks(self.transformer)
-            self._watch = self._watch_list()
+                self._repack(key[0])
+                self._pack_key = key
+            self.bypassed = _bypassed(self.transformer)
+            self._watch = watch
 
     def _repack(self, stamp):
         devs = {dev for _, _, dev, _ in stamp}
@@ -161,7 +168,7 @@ class _State:
                     ln_2=(blk.ln_2.weight.detach(), blk.ln_2.bias.detach(), blk.ln_2.eps),
                     c_attn=_packed(a.c_attn), attn_proj=_packed(a.c_proj),
                     c_fc=_packed(m.c_fc), mlp_proj=_packed(m.c_proj),
-                    scale=float(getattr(a, "scaling", _scaling(self.transformer.config, blk.attn.layer_idx))),
+                    scale=_attn_scale(self.transformer.config, a),
                 ))
             lf = self.transformer.ln_f
             ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
@@ -208,6 +215,9 @@ _HF_BLOCK = [("", GPT2Block), (".ln_1", nn.LayerNorm), (".attn", GPT2Attention),
              (".mlp.c_proj", Conv1D), (".mlp.dropout", nn.Dropout)]
 
 
+_HF_CLASSES = {want for _, want in _HF_BLOCK} | {nn.Embedding, nn.Linear}
+
+
 def _submodule(root: nn.Module, name: str) -> nn.Module | None:
     try:
         return root.get_submodule(name)
@@ -229,9 +239,15 @@ def _unsupported_config(t: GPT2Model, lm_head: nn.Module | None) -> str | None:
         mod = _submodule(t, name)
         if type(mod) is not want:
             return f"{name} is {type(mod).__name__}, not HF's {want.__name__} (the kernels compute the original)"
-    for name, mod in t.named_modules():
-        if name and "forward" in mod.__dict__:
+    for name, mod in list(t.named_modules()) + [("lm_head", lm_head)]:
+        if mod is None:
+            continue
+        if name and name != "lm_head" and "forward" in mod.__dict__:
             return f"{name}.forward is patched on the instance (the kernels would skip it)"
+        f = type(mod).forward
+        if (f.__module__, f.__qualname__) != (type(mod).__module__, f"{type(mod).__name__}.forward") \
+                and type(mod) in _HF_CLASSES:
+            return f"{type(mod).__name__}.forward is patched on the class (the kernels compute the original)"
     for blk in t.h:
         if blk.attn.c_attn.weight.shape[1] != 3 * cfg.n_embd:
             return "modified attention projections"
@@ -241,6 +257,8 @@ def _unsupported_config(t: GPT2Model, lm_head: nn.Module | None) -> str | None:
             return "LayerNorm without affine weight and bias"
     if t.ln_f.weight is None or t.ln_f.bias is None:
         return "LayerNorm without affine weight and bias"
+    if len({ln.eps for blk in t.h for ln in (blk.ln_1, blk.ln_2)} | {t.ln_f.eps}) > 1:
+        return "LayerNorms with different eps (the one-call body takes one)"
     if any(e.max_norm is not None for e in (t.wte, t.wpe)):
         return "embedding with max_norm"
     if lm_head is not None and (type(lm_head) is not nn.Linear or lm_head.bias is not None):
@@ -249,24 +267,42 @@ def _unsupported_config(t: GPT2Model, lm_head: nn.Module | None) -> str | None:
     return None
 
 
-def _bypassed_hooks(t: GPT2Model) -> str | None:
-    """Forward hooks the fast path would silently skip: on any module inside the body (the body's and lm_head's own
-    hooks still run, they wrap the forward we replace) or global ones (they would see only those two modules)."""
+def _baked_in(t: GPT2Model):
+    """The numbers the packs hold besides the weights: each LayerNorm's eps and each layer's attention scale."""
+    return tuple((blk.ln_1.eps, blk.ln_2.eps, _attn_scale(t.config, blk.attn)) for blk in t.h) + (t.ln_f.eps,)
+
+
+def _attn_scale(cfg, attn) -> float:
+    return float(getattr(attn, "scaling", _scaling(cfg, attn.layer_idx)))
+
+
+def _bypassed(t: GPT2Model) -> str | None:
+    """What the fast path would silently skip inside the body: forward hooks on its modules (the body's and
+    lm_head's own hooks still run, they wrap the forward we replace), global forward hooks (they would see only
+    those two modules), or a module left in training mode (its dropout)."""
     g = torch.nn.modules.module
-    if g._global_forward_hooks or g._global_forward_pre_hooks:
+    if any(_user_hook(h) for d in (g._global_forward_hooks, g._global_forward_pre_hooks) for h in list(d.values())):
         return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
     for name, mod in t.named_modules():
         if name and has_user_hooks(mod) and not isinstance(mod, nn.ModuleList):
             return f"forward hooks on {name}"
+    for name, mod in t.named_modules():
+        if mod.training:
+            return f"training mode ({name or 'the body'})"
     return None
 
 
 def has_user_hooks(mod: nn.Module) -> bool:
-    """Forward (pre-)hooks other than HF's output-capturing ones: transformers installs those once, for good, the
-    first time a call asks for attentions or hidden states, and they only record while HF's own forward collects
-    (the fast path makes hidden_states itself and hands output_attentions to HF)."""
-    return any(getattr(h, "__module__", None) != "transformers.utils.output_capturing"
-               for d in (mod._forward_hooks, mod._forward_pre_hooks) for h in d.values())
+    """Forward (pre-)hooks other than the value-preserving ones transformers (or PEFT) installs for good: the
+    output-capturing hooks (they record only inside HF's own forward; the fast path makes hidden_states itself
+    and hands output_attentions to HF) and the make_inputs_require_grads hook of gradient checkpointing."""
+    return any(_user_hook(h) for d in (mod._forward_hooks, mod._forward_pre_hooks) for h in list(d.values()))
+
+
+def _user_hook(h) -> bool:
+    module, name = getattr(h, "__module__", None) or "", getattr(h, "__name__", "")
+    return not (module.split(".")[0] in ("transformers", "peft")
+                and name in ("output_capturing_hook", "make_inputs_require_grads", "make_inputs_require_grad"))
 
 
 # ---------------------------------------------------------------- the forward
@@ -276,10 +312,10 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
     t = st.transformer
     if st.unsupported:
         return st.unsupported
-    if st.hooked:
-        return st.hooked
     if t.training:
         return "training mode"
+    if st.bypassed:
+        return st.bypassed
     if torch.is_grad_enabled() and any(p.requires_grad for p in st.packed_params):
         return "autograd (grad enabled and parameters require grad)"
     if output_attentions or (output_attentions is None and t.config.output_attentions):
@@ -359,7 +395,7 @@ def _masks(attention_mask, B, T, past):
     if attention_mask is None:
         return None, None, True
     if attention_mask.dim() == 2 or attention_mask.dim() == 1:
-        if (attention_mask.shape[0] if attention_mask.dim() == 2 else B) != B or attention_mask.numel() % B:
+        if attention_mask.numel() % B:  # (HF views any 1-D/2-D mask as [batch, -1])
             raise ValueError(f"a 2-D attention_mask must be [batch ({B}), past + seq_len], got shape "
                              f"{tuple(attention_mask.shape)}")
         m = attention_mask.reshape(B, -1)
@@ -543,7 +579,6 @@ def optimize(model, *, freeze: bool = True):
         return model
     model.__dict__.pop("_gpt2kern_generate_state", None)  # gpt2kern.generate's own pack: this one replaces it
     st = _State(transformer, lm_head)
-    st.refresh()
     transformer._gpt2kern = st
     transformer._gpt2kern_hf_forward = transformer.forward
     transformer.forward = types.MethodType(_gpt2model_forward, transformer)
@@ -551,6 +586,7 @@ def optimize(model, *, freeze: bool = True):
         lm_head._gpt2kern = st
         lm_head._gpt2kern_hf_forward = lm_head.forward
         lm_head.forward = types.MethodType(_lm_head_forward, lm_head)
+    st.refresh()  # last: the watch list sees the attributes just set
     return model
 
 

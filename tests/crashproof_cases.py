@@ -312,6 +312,8 @@ def _cases():
     case("engine generate top_k -1", lambda: ggen(t, do_sample=True, top_k=-1), (VE, "top_k"))
     case("engine generate seed str", lambda: ggen(t, seed="1"), (TE, "seed"))
     case("engine generate ids on meta", lambda: ggen(t.to(**meta)), (VE, "input_ids are on the meta device"))
+    case("engine generate ids on meta, pad id", lambda: ggen(t.to(**meta), pad_token_id=5),
+         (VE, "input_ids are on the meta device"))
     case("engine generate mask on meta", lambda: ggen(t, torch.ones(1, 3).to(**meta)), (VE, "attention_mask is on the meta device"))
     case("engine generate eos out of range", lambda: ggen(t, eos_token_id=[V + 5]), OK)
     case("optimize not a model", lambda: gpt2kern.optimize(torch.nn.Linear(2, 2)), (TE, "GPT2LMHeadModel"))

@@ -102,4 +102,5 @@ def live_tensors():
 
 
 def footprint():
-    return dict(rss_mb=rss_mb(), heap_mb=heap_mb(), tensors=live_tensors())
+    tensors = live_tensors()  # (collects garbage first, so the heap figure holds only what is alive)
+    return dict(rss_mb=rss_mb(), heap_mb=heap_mb(), tensors=tensors)

@@ -36,3 +36,16 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
 def test_bench_argument_errors(cli_run, args, needle):  # noqa: F811
     code, _, err = cli_run("bench", *args)
     assert_one_line_error(code, err, needle)
+
+
+def test_sizes_fit_the_models_context(tiny):
+    from gpt2kern import bench
+
+    assert bench.sizes(1024) == ((1, 8, 128, 512, 1024), (128, 512, 1024))
+    assert bench.sizes(512) == ((1, 8, 128, 512), (128, 512))
+    assert bench.sizes(64) == ((1, 8, 64), (64,))
+    assert bench.sizes(64, quick=True) == ((1, 64), (64,))
+    ms, _ = bench.sizes(tiny.config.n_positions)
+    for M in ms:  # every row of a full run on a short-context model can be measured
+        for name, ours, theirs, _, _ in bench.kernel_cases(tiny.config, M, "cpu"):
+            ours(), theirs()

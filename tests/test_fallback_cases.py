@@ -321,3 +321,110 @@ def test_training_mode_generate_and_grad_mode_lm_head(tiny):
     out.loss.backward()
     assert opt.lm_head.weight.grad is not None
     same(out.logits.detach(), ref(IDS).logits.detach())
+
+
+def test_gradient_checkpointing_hook_does_not_count(tiny):
+    """enable_input_require_grads (gradient checkpointing, Trainer, PEFT) leaves a hook on wte that only marks the
+    output as requiring grad: inference stays on the kernels."""
+    _, opt = ref_and_opt(tiny)
+    opt.gradient_checkpointing_enable()
+    opt.gradient_checkpointing_disable()
+    opt.eval()
+    assert any(opt.transformer.wte._forward_hooks.values())
+    with torch.no_grad():
+        torch.testing.assert_close(opt(IDS).logits, tiny(IDS).logits, atol=1e-5, rtol=1e-5)
+    assert gpt2kern.fallback_reason(opt) is None
+
+
+def test_forward_patched_on_the_class(tiny):
+    """A monkeypatch of GPT2MLP.forward (as kernel-swapping libraries do): HF's path, which runs it; unpatched,
+    the kernels serve again."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    ref, opt = ref_and_opt(tiny)
+    orig = GPT2MLP.forward
+    with torch.no_grad():
+        opt(IDS)
+        GPT2MLP.forward = lambda self, x: orig(self, x) * 0.5
+        try:
+            a, b = ref(IDS).logits, opt(IDS).logits
+            assert gpt2kern.fallback_reason(opt) == \
+                "GPT2MLP.forward is patched on the class (the kernels compute the original)"
+            same(a, b)
+            assert torch.equal(gpt2kern.generate(opt, IDS, max_new_tokens=3),
+                               ref.generate(IDS, max_new_tokens=3, do_sample=False))
+        finally:
+            GPT2MLP.forward = orig
+        opt(IDS)
+    assert gpt2kern.fallback_reason(opt) is None
+
+
+def test_lm_head_forward_patched_defers_generate_to_hf(tiny):
+    for optimized in (False, True):
+        m = copy.deepcopy(tiny)
+        if optimized:
+            gpt2kern.optimize(m)
+        orig = m.lm_head.forward
+        m.lm_head.forward = lambda x, f=orig: -f(x)
+        want = m.generate(IDS, max_new_tokens=4, do_sample=False)
+        assert torch.equal(gpt2kern.generate(m, IDS, max_new_tokens=4), want)
+        assert gpt2kern.generate_fallback_reason() == "lm_head.forward is patched on the instance"
+
+
+def test_a_submodule_in_training_mode(tiny):
+    """model.eval() then one block's attention back in train(): its dropout is HF's business, for the forward
+    and for gpt2kern.generate; eval() again: the kernels."""
+    ref, opt = ref_and_opt(tiny)
+    with torch.no_grad():
+        opt(IDS)
+        opt.transformer.h[0].attn.train()
+        torch.manual_seed(0)
+        b = opt(IDS).logits
+        assert gpt2kern.fallback_reason(opt) == "training mode (h.0.attn)"
+        ref.transformer.h[0].attn.train()
+        torch.manual_seed(0)
+        same(ref(IDS).logits, b)
+        gpt2kern.generate(opt, IDS, max_new_tokens=2)
+        assert gpt2kern.generate_fallback_reason() == "training mode (h.0.attn)"
+        opt.transformer.h[0].attn.eval()
+        opt(IDS)
+    assert gpt2kern.fallback_reason(opt) is None
+
+
+def test_eps_and_max_norm_changed_after_optimize(tiny):
+    ref, opt = ref_and_opt(tiny)
+    with torch.no_grad():
+        opt(IDS)
+        for m in (ref, opt):  # one eps for every LayerNorm: repacked, still the kernels
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.LayerNorm):
+                    mod.eps = 0.5
+        torch.testing.assert_close(opt(IDS).logits, ref(IDS).logits, atol=1e-5, rtol=1e-5)
+        assert gpt2kern.fallback_reason(opt) is None
+        assert not torch.allclose(ref(IDS).logits, tiny(IDS).logits, atol=1e-3)
+        for m in (ref, opt):  # one LayerNorm apart: HF's path
+            m.transformer.h[1].ln_2.eps = 1e-2
+        same(ref(IDS).logits, opt(IDS).logits)
+        assert gpt2kern.fallback_reason(opt).startswith("LayerNorms with different eps")
+        opt.transformer.h[1].ln_2.eps = 0.5
+        opt.transformer.wpe.max_norm = 0.01  # HF would renormalize (and rewrite) the rows it reads
+        opt(IDS)
+        assert gpt2kern.fallback_reason(opt) == "embedding with max_norm"
+
+
+def test_warm_generate_never_rechecks_the_model(tiny):
+    """The per-call staleness check holds through HF's greedy and beam generate and gpt2kern.generate: no module
+    walk after the first call (a walk per step would cost ~0.2 ms of every decode step)."""
+    _, opt = ref_and_opt(tiny)
+    st = opt.transformer._gpt2kern
+    opt.generate(IDS, max_new_tokens=3, do_sample=False, num_beams=2)
+    walks = []
+    real = st._watch_list
+    st._watch_list = lambda: walks.append(1) or real()
+    try:
+        opt.generate(IDS, max_new_tokens=6, do_sample=False)
+        opt.generate(IDS, max_new_tokens=6, do_sample=False, num_beams=2)
+        gpt2kern.generate(opt, IDS, max_new_tokens=6)
+    finally:
+        del st._watch_list
+    assert walks == []

@@ -190,8 +190,8 @@ class Stack {
 // The returned keys/values are views into buffers with room to grow (capacity P + T + max(64, (P + T) / 4)
 // tokens). append[l] says layer l's past tensors are the very views this returned last time for that cache layer
 // (the caller tracks that), so no view anyone holds reaches past P: the new tokens are then written in place and
-// a longer view returned — no copy of the past and no allocation per step, where torch.cat copies everything and
-// allocates a slightly larger block each step (which glibc serves with a fresh mmap, page faults and munmap).
+// a longer view returned — no copy of the past and no new cache block per step (the step's small activations are
+// still allocated), where torch.cat copies everything and allocates a slightly larger block each step (which glibc serves with a fresh mmap, page faults and munmap).
 // Anything else (a cropped, reordered or user-made cache) is copied into a new buffer, as torch.cat would.
 class Body {
  public:

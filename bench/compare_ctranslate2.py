@@ -1,0 +1,142 @@
+"""gpt2kern vs CTranslate2 on this machine, side by side (the CPU engine a user would otherwise pick).
+
+    pip install ctranslate2          # not a project dependency
+    python bench/compare_ctranslate2.py [--model random:distilgpt2] [--reps 7] [--threads 2] [--json out.json]
+
+The same weights go to both: the model is saved with a placeholder GPT-2 tokenizer (CTranslate2's converter reads
+its vocabulary; token i is spelled "t<i>") and converted with `ct2-transformers-converter`'s Python API, float32
+and int8. Measured, interleaved, median of --reps, after a warm-up:
+- decode: greedy, 16-token prompt, 128 new tokens, B=1 (CTranslate2 `generate_batch` with top-1 sampling and
+  min_length = max_length, gpt2kern.generate with eos off), ms per new token, and tokens identical to HF greedy;
+- prefill: all-position logits for one T-token prompt (CTranslate2 `forward_batch`, gpt2kern's optimized forward),
+  and max |Δlogits| of each against HF eager fp32.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="random:distilgpt2")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
+    ap.add_argument("--json", dest="json_file")
+    a = ap.parse_args(argv)
+    try:
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        print("error: this comparison needs CTranslate2: pip install ctranslate2", file=sys.stderr)
+        return 2
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import gpt2kern
+    from transformers import GPT2Tokenizer
+
+    torch.set_num_threads(a.threads)
+    ref, _ = gpt2kern.load(a.model)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    opt = gpt2kern.optimize(copy.deepcopy(ref))
+    V = ref.config.vocab_size
+    tmp = tempfile.mkdtemp(prefix="gk_ct2_")
+    src = os.path.join(tmp, "hf")
+    ref.save_pretrained(src)
+    with open(os.path.join(src, "vocab.json"), "w") as f:
+        json.dump({f"t{i}": i for i in range(V)}, f)
+    with open(os.path.join(src, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    GPT2Tokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
+                  unk_token="t0", bos_token="t0", eos_token="t0").save_pretrained(src)
+    gens = {}
+    for ct in ("float32", "int8"):
+        out = os.path.join(tmp, f"ct2_{ct}")
+        TransformersConverter(src).convert(out, quantization=None if ct == "float32" else ct, force=True)
+        gens[ct] = ctranslate2.Generator(out, device="cpu", compute_type=ct, intra_threads=a.threads,
+                                         inter_threads=1)
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, V, (1, 16), generator=g)
+    words = [[f"t{i}" for i in prompt[0].tolist()]]
+    n = a.new_tokens
+    res, outs = {}, {}
+
+    def ct2_decode(ct):
+        r = gens[ct].generate_batch(words, max_length=n, min_length=n, sampling_topk=1, beam_size=1,
+                                    include_prompt_in_result=False)
+        outs[f"ct2 {ct}"] = r[0].sequences_ids[0]
+
+    fns = {"gpt2kern": lambda: outs.__setitem__("gpt2kern", gpt2kern.generate(opt, prompt, max_new_tokens=n,
+                                                                               eos_token_id=[])[0, 16:].tolist()),
+           "ct2 float32": lambda: ct2_decode("float32"), "ct2 int8": lambda: ct2_decode("int8")}
+    times = timed(fns, a.reps)
+    with torch.no_grad():
+        hf = ref.generate(prompt, max_new_tokens=n, do_sample=False)[0, 16:].tolist()
+    res["decode"] = {k: dict(ms_per_token=1e3 * t / n, new_tokens=len(outs[k]),
+                             tokens_identical_to_hf=f"{sum(x == y for x, y in zip(outs[k], hf))}/{n}")
+                     for k, t in times.items()}
+
+    res["prefill"] = {}
+    for T in a.prefill:
+        ids = torch.randint(0, V, (1, T), generator=g)
+        toks = [[f"t{i}" for i in ids[0].tolist()]]
+        with torch.no_grad():
+            want = ref(ids).logits[0].double()
+        got = {}
+        fns = {"gpt2kern": lambda: got.__setitem__("gpt2kern", opt(ids, use_cache=False).logits[0]),
+               "ct2 float32": lambda: got.__setitem__("ct2 float32", gens["float32"].forward_batch(toks)),
+               "ct2 int8": lambda: got.__setitem__("ct2 int8", gens["int8"].forward_batch(toks))}
+        with torch.no_grad():
+            times = timed(fns, a.reps)
+        row = {}
+        for k, t in times.items():
+            x = got[k] if k == "gpt2kern" else torch.from_numpy(np.asarray(got[k]))[0]
+            row[k] = dict(ms=1e3 * t, max_abs_dlogits=(x.double() - want).abs().max().item())
+        res["prefill"][f"T={T}"] = row
+
+    res.update(model=a.model, threads=a.threads, reps=a.reps, ctranslate2=ctranslate2.__version__,
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(f"gpt2kern vs CTranslate2 {ctranslate2.__version__} — {a.model}, {a.threads} threads, median of {a.reps}, "
+          f"{res['date']}")
+    base = res["decode"]["gpt2kern"]["ms_per_token"]
+    print(f"{'decode B=1, ms/token':<28} {'ms':>9} {'vs gpt2kern':>12}  tokens = HF greedy")
+    for k, r in res["decode"].items():
+        print(f"  {k:<26} {r['ms_per_token']:9.2f} {r['ms_per_token'] / base:11.2f}x  {r['tokens_identical_to_hf']}")
+    for T, row in res["prefill"].items():
+        base = row["gpt2kern"]["ms"]
+        print(f"{'prefill ' + T + ', all logits':<28} {'ms':>9} {'vs gpt2kern':>12}  max |Δlogits| vs HF fp32")
+        for k, r in row.items():
+            print(f"  {k:<26} {r['ms']:9.1f} {r['ms'] / base:11.2f}x  {r['max_abs_dlogits']:.2g}")
+    if a.json_file:
+        with open(a.json_file, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def timed(fns, reps):
+    """Interleaved rounds after one warm-up each: median seconds per function."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
