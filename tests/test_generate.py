@@ -227,3 +227,13 @@ def test_optimize_after_generate_keeps_one_pack(tiny):
     ids = torch.tensor([[4, 5, 6]])
     out = gpt2kern.generate(m, ids, max_new_tokens=10, eos_token_id=[])
     assert torch.equal(out, hf_generate(tiny, ids, max_new_tokens=10, eos_token_id=None, pad_token_id=0))
+
+
+def test_engine_at_every_isa_level(distil, isa):
+    """The decode engine's kernels at each ISA level this CPU runs (AVX-512, AVX2, portable): HF's greedy tokens,
+    batched with left padding (the `isa` fixture forces the level for the whole call)."""
+    ids, mask = left_padded(50257, [7, 3], pad=0, seed=11)
+    out = gpt2kern.generate(distil, ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert last_fallback_reason() is None
+    ref = hf_generate(distil, ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out, ref)
