@@ -73,6 +73,34 @@ def test_all_padded_is_zero_not_nan(dev):
     assert (out == 0).all()
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_mask_or_bias_of_length_zero_shows_no_key(dev, Tq):
+    """A key_mask [B, 0] or bias [.., 0] covers no key, so every row sees none: zeros (an empty mask's data
+    pointer is null, which once read as 'no mask')."""
+    q, k, v = (t.to(dev) for t in qkv(2, 2, Tq, 5, 8, 3))
+    for km, bias in ((torch.zeros(2, 0, dtype=torch.bool, device=dev), None),
+                     (None, torch.zeros(2, 1, Tq, 0, device=dev))):
+        out = ops.attention(q, k, v, km, bias, 1.0, 0, False)
+        assert out.shape == (2, Tq, 2, 8) and (out == 0).all()
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("Tq,Tkv", [(1, 1), (1, 40), (3, 70), (40, 40)])
+def test_nan_score_propagates(dev, Tq, Tkv):
+    """A NaN among a row's visible scores makes the row NaN, as softmax over it does in HF, also when it is the
+    row's only visible score (decode and short prompts split the keys over warps on CUDA), while rows that
+    never see it stay finite."""
+    q, k, v = qkv(1, 2, Tq, Tkv, 8, 4)
+    k[0, 0, 0, 0] = float("nan")  # key 0 of head 0: every causal row sees it
+    km = torch.zeros(1, Tkv, dtype=torch.bool)
+    km[0, 0] = True  # ... and it is the only key anyone sees
+    for mask in (None, km):
+        out = ops.attention(q.to(dev), k.to(dev), v.to(dev), None if mask is None else mask.to(dev), None, 1.0,
+                            Tkv - Tq, True).cpu()
+        assert out[0, :, 0].isnan().all() and out[0, :, 1].isfinite().all()
+
+
 def test_additive_bias_non_causal(device):
     B, H, Tq, Tkv, D = 2, 3, 4, 11, 16
     q, k, v = qkv(B, H, Tq, Tkv, D, 3)

@@ -132,6 +132,8 @@ AttnCall attention_call(const at::Tensor& q_, const at::Tensor& k_, const at::Te
     a.sb_t = c.bias.stride(2);
     a.bias_len = c.bias.size(3);
   }
+  // a mask or bias of length 0 lets no key through (its data pointer is null, which would read as "no mask")
+  if ((key_mask && a.mask_len == 0) || (bias && a.bias_len == 0)) a.Tkv = 0;
   return c;
 }
 

@@ -113,8 +113,8 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
         s = dot[r] * a.scale;
         if (bias) s += bias[(i0 + r) * a.sb_t + j];
       }
-      const float mc = warp_max(s);
-      if (mc == NEG_INF) continue;  // nothing visible to this row in this chunk
+      const float mc = warp_max(s);  // (fmaxf skips NaN: a NaN score is looked for separately)
+      if (mc == NEG_INF && !__any_sync(kFullMask, s != s)) continue;  // nothing visible to this row here
       const float mnew = fmaxf(m[r], mc);
       const float corr = expf(m[r] - mnew);  // 0 on the first visible chunk (m = −inf)
       p[r] = expf(s - mnew);                 // 0 for masked keys
@@ -164,15 +164,15 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
       float ll = 0.f, o[NPL];
 #pragma unroll
       for (int e = 0; e < NPL; ++e) o[e] = 0.f;
-      if (mm != NEG_INF) {
-        for (int s = 0; s < S; ++s) {
-          const float* part = smem + (size_t)(warp + s) * kRows * pitch + r * pitch;
-          const float c = expf(part[0] - mm);  // 0 for a warp that saw nothing
-          ll += part[1] * c;
+      for (int s = 0; s < S; ++s) {
+        const float* part = smem + (size_t)(warp + s) * kRows * pitch + r * pitch;
+        // 0 for a warp that saw nothing; when no warp saw a finite score, each l is 0 (nothing seen) or NaN
+        // (a NaN score, as in the CPU kernel): summed as they are, so the NaN reaches the output
+        const float c = mm == NEG_INF ? 1.f : expf(part[0] - mm);
+        ll += part[1] * c;
 #pragma unroll
-          for (int e = 0; e < NPL; ++e)
-            if (lane + 32 * e < D) o[e] += part[2 + lane + 32 * e] * c;
-        }
+        for (int e = 0; e < NPL; ++e)
+          if (lane + 32 * e < D) o[e] += part[2 + lane + 32 * e] * c;
       }
       l[r] = ll;
 #pragma unroll
@@ -203,9 +203,9 @@ static cudaError_t launch_attention(const AttnArgs& a, int num_sms, cudaStream_t
   const int S = (blocks_s1 >= num_sms && a.Tq >= kAttnWarps * rpw) ? 1 : kAttnWarps;
   const int rows_per_block = (kAttnWarps / S) * rpw;
   const size_t smem = attention_smem_bytes((int)a.D);
-  if (smem > 48 * 1024) {
+  if (smem > 48 * 1024) {  // the opt-in for this variant's largest D, always the same: no race between host threads
     cudaError_t err = cudaFuncSetAttribute(attention_kernel<NPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)smem);
+                                           (int)attention_smem_bytes(32 * NPL));
     if (err != cudaSuccess) return err;
   }
   dim3 grid((unsigned)((a.Tq + rows_per_block - 1) / rows_per_block), (unsigned)a.H, (unsigned)a.B);
