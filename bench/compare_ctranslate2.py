@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ def main(argv=None):
 
     warnings.filterwarnings("ignore")
     import gpt2kern
+    from gpt2kern.bench import Bench  # interleaved rounds after a warm-up, median
     from transformers import GPT2Tokenizer
 
     torch.set_num_threads(a.threads)
@@ -81,7 +81,7 @@ def main(argv=None):
     fns = {"gpt2kern": lambda: outs.__setitem__("gpt2kern", gpt2kern.generate(opt, prompt, max_new_tokens=n,
                                                                                eos_token_id=[])[0, 16:].tolist()),
            "ct2 float32": lambda: ct2_decode("float32"), "ct2 int8": lambda: ct2_decode("int8")}
-    times = timed(fns, a.reps)
+    times = Bench().time(fns, a.reps)
     with torch.no_grad():
         hf = ref.generate(prompt, max_new_tokens=n, do_sample=False)[0, 16:].tolist()
     res["decode"] = {k: dict(ms_per_token=1e3 * t / n, new_tokens=len(outs[k]),
@@ -99,7 +99,7 @@ def main(argv=None):
                "ct2 float32": lambda: got.__setitem__("ct2 float32", gens["float32"].forward_batch(toks)),
                "ct2 int8": lambda: got.__setitem__("ct2 int8", gens["int8"].forward_batch(toks))}
         with torch.no_grad():
-            times = timed(fns, a.reps)
+            times = Bench().time(fns, a.reps)
         row = {}
         for k, t in times.items():
             x = got[k] if k == "gpt2kern" else torch.from_numpy(np.asarray(got[k]))[0]
@@ -123,19 +123,6 @@ def main(argv=None):
         with open(a.json_file, "w") as f:
             json.dump(res, f, indent=1)
     return 0
-
-
-def timed(fns, reps):
-    """Interleaved rounds after one warm-up each: median seconds per function."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 if __name__ == "__main__":

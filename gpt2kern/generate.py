@@ -47,12 +47,12 @@ def _state(model: GPT2LMHeadModel) -> _State:
 def _engine_reason(model, st: _State) -> str | None:
     """Why the engine cannot stand in for HF's generate on this model (None when it can). The engine runs no
     module's forward, so it also defers to HF for what would run in the modules around the body."""
-    if model.training or model.transformer.training:
-        return "training mode (HF's generate would apply dropout)"
     if st.unsupported:
         return st.unsupported
-    if st.bypassed:
+    if st.bypassed:  # hooks or training mode inside the body
         return st.bypassed
+    if model.training:
+        return "training mode (HF's generate would apply dropout)"
     if st.lm_head is not model.lm_head:
         return "lm_head was replaced after optimize()"
     ours = {"transformer": _gpt2model_forward, "lm_head": _lm_head_forward}

@@ -280,15 +280,16 @@ def _bypassed(t: GPT2Model) -> str | None:
     """What the fast path would silently skip inside the body: forward hooks on its modules (the body's and
     lm_head's own hooks still run, they wrap the forward we replace), global forward hooks (they would see only
     those two modules), or a module left in training mode (its dropout)."""
+    if t.training:
+        return "training mode"
     g = torch.nn.modules.module
     if any(_user_hook(h) for d in (g._global_forward_hooks, g._global_forward_pre_hooks) for h in list(d.values())):
         return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
     for name, mod in t.named_modules():
+        if mod.training:
+            return f"training mode ({name})"
         if name and has_user_hooks(mod) and not isinstance(mod, nn.ModuleList):
             return f"forward hooks on {name}"
-    for name, mod in t.named_modules():
-        if mod.training:
-            return f"training mode ({name or 'the body'})"
     return None
 
 
@@ -312,9 +313,7 @@ def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_st
     t = st.transformer
     if st.unsupported:
         return st.unsupported
-    if t.training:
-        return "training mode"
-    if st.bypassed:
+    if st.bypassed:  # (training mode among them: refresh() re-reads it after train()/eval())
         return st.bypassed
     if torch.is_grad_enabled() and any(p.requires_grad for p in st.packed_params):
         return "autograd (grad enabled and parameters require grad)"
