@@ -72,13 +72,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     }
     return true;
   }, "True if every (dict, len) and (dict, key, obj) in the lists still holds.");
+  mod.attr("PANEL") = gk::kPanel;  // columns per packed weight panel: gpt2kern.ops.PANEL reads it from here
+  mod.def("simd_lanes", [] { return gk::kernels().lanes; }, "floats per SIMD vector of the active ISA.");
   mod.def("isa", [] { return std::string(gk::kernels().name); }, "The ISA level the CPU kernels run at.");
   mod.def("set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
           "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");
   mod.def("fma_peak_gflops", [](double seconds) {
     // every thread runs the probe for about `seconds`; FLOPs = threads × iters × 12 chains × lanes × 2
     const gk::KernelTable& t = gk::kernels();
-    const int64_t lanes = !std::strcmp(t.name, "avx512") ? 16 : !std::strcmp(t.name, "avx2") ? 8 : 4;
+    const int64_t lanes = t.lanes;
     const int nt = at::get_num_threads();
     int64_t iters = 1 << 16;
     for (;;) {

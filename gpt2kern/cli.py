@@ -141,33 +141,6 @@ class GenSettings:
         return self
 
 
-class _Streamer:
-    """HF's BaseStreamer protocol (put/end): calls on_token(id) for each generated token (the prompt is skipped)."""
-
-    def __init__(self, on_token: Callable[[int], None] | None):
-        self.on_token, self.seen_prompt = on_token, False
-
-    def put(self, value):
-        if not self.seen_prompt:
-            self.seen_prompt = True
-            return
-        if self.on_token is not None:
-            for t in value.reshape(-1).tolist():
-                self.on_token(int(t))
-
-    def end(self):
-        pass
-
-
-def _hf_generate_kwargs(model, ids, s: GenSettings) -> dict:
-    kw = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, eos_token_id=s.eos_token_id,
-              pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0,
-              attention_mask=torch.ones_like(ids))
-    if s.do_sample:
-        kw.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-    return kw
-
-
 def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
     """THE fast-path token generator of the CLI: ids [1, T] -> [1, T + new], calling on_token for each new id.
     gpt2kern.generate: the C++ decode engine (HF's generate on CPU float32 models it does not serve)."""
@@ -182,11 +155,16 @@ def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int]
 
 
 def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
-    """HF's own generate on HF's own forward (the reference for --compare-hf and parity); model not optimized."""
-    if s.seed is not None:
-        torch.manual_seed(s.seed)
-    with torch.no_grad():
-        return model.generate(ids, streamer=_Streamer(on_token), **_hf_generate_kwargs(model, ids, s))
+    """HF's own generate on HF's own forward (the reference for --compare-hf and parity): gpt2kern.generate's
+    fallback, hf_generate, with the same settings (model not optimized)."""
+    from .generate import hf_generate
+
+    stream = (lambda t: on_token(int(t[0]))) if on_token is not None else None
+    return hf_generate(model, ids, torch.ones_like(ids), s.max_new_tokens, do_sample=s.do_sample,
+                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       eos=[s.eos_token_id] if s.eos_token_id is not None else [],
+                       pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0, seed=s.seed,
+                       streamer=stream)
 
 
 class _TokenPrinter:
@@ -529,8 +507,10 @@ def parity(
         except ValueError:
             fast, why = [], gpt2kern.fallback_reason(m)
         ours_one = m(one).logits
+        why_one = gpt2kern.fallback_reason(m)
         advance()
         ours_gen = _generate(m, prompt, gs)[0, prompt.shape[1]:].tolist()
+        why_gen = gpt2kern.generate_fallback_reason()
         advance()
     from .steps import ATOL
     layer_rows = S.compare(hf, fast)
@@ -544,7 +524,16 @@ def parity(
     same = sum(1 for _ in _prefix(ours_gen, hf_gen))
     e2e.append(dict(check=f"greedy tokens identical ({len(hf_gen)} from an {prompt.shape[1]}-token prompt)",
                     value=f"{same}/{len(hf_gen)}", tol="all", ok=ours_gen == hf_gen))
-    ok = all(r["ok"] is not False for r in layer_rows) and all(r["ok"] for r in e2e)
+    # a check of HF against itself proves nothing: the fast path must have run every call, and every step must have
+    # had HF's value to compare with
+    skipped = [w for w in (why, why_one, why_gen) if w is not None]
+    e2e.append(dict(check="fast path ran (forward, one-token forward, gpt2kern.generate)",
+                    value="yes" if not skipped else f"no: {skipped[0]}", tol="all", ok=not skipped))
+    no_ref = [r["name"] for r in layer_rows if r["ok"] is None]
+    e2e.append(dict(check="every step had HF's value to compare with", value=f"{len(layer_rows) - len(no_ref)}/"
+                    f"{len(layer_rows)}" + (f" (missing: {', '.join(no_ref[:3])})" if no_ref else ""),
+                    tol="all", ok=bool(layer_rows) and not no_ref))
+    ok = all(r["ok"] is True for r in layer_rows) and all(r["ok"] for r in e2e)
     res = dict(model=name, device=device, fast_path=why is None, fallback_reason=why, ok=ok,
                tolerance=dict(atol=S.ATOL, rtol=S.RTOL, logits_atol=ATOL), steps=layer_rows, end_to_end=e2e)
     if json_:
@@ -561,8 +550,9 @@ def parity(
                             f"in the thousands)")
     print_table(["end to end", ("value", "right"), ("tolerance", "right"), ("ok", "center")],
                 [(r["check"], r["value"], r["tol"], mark[r["ok"]]) for r in e2e])
-    if why is not None:
-        notice(f"the fast path did not run on {device} ({why}): HF was compared with itself")
+    if skipped:
+        notice(f"the fast path did not run on {device} ({skipped[0]}): HF was compared with itself, which proves "
+               f"nothing")
     worst = max((r for r in layer_rows if r["max_abs_diff"] is not None), key=lambda r: r["max_abs_diff"] /
                 r["tol"], default=None)
     summary = (f"{len(layer_rows)} steps and {len(e2e)} end-to-end checks" +

@@ -17,60 +17,39 @@ A step (the captured graph) writes the new token's K/V into `slot` (index_copy_,
 key_mask, and attends over the whole cache with key_mask hiding padding and unwritten slots (causal=False: for one
 query row causality is exactly "slots written so far"); then advances pos and slot on the device. prefill() runs the prompt eagerly with
 the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding follows HF
-generate: position ids = cumsum(mask) - 1. Logits come back in a static buffer that the next step overwrites
-(clone it to keep it). Weights are read from the model's modules at construction (lm_head packed once): build the
-decoder after the weights are final. use_graph=False runs the same step eagerly (for comparison and debugging).
+generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites (clone it to
+keep it). Weights are the layer records of weights.py (the optimized model's packs, or a private pack), taken at
+construction, after guard.why_not(..., "cuda_graph") agreed to stand in for the model (hooks, wrappers such as LoRA
+and patched forwards are refused): build the decoder after the weights are final. use_graph=False runs the same step eagerly (for comparison and debugging).
 """
 from __future__ import annotations
 
 import torch
 
-from . import ops
-
-
-def _scaling(model, blk) -> float:
-    cfg = model.config
-    if hasattr(blk.attn, "scaling"):
-        return float(blk.attn.scaling)
-    s = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
-    return s / float(blk.attn.layer_idx + 1) if cfg.scale_attn_by_inverse_layer_idx else s
+from . import guard, ops
+from .generate import hf_position_ids
+from .model import state_of
 
 
 class CudaGraphDecoder:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
-        t = model.transformer
+        st = state_of(model)  # the optimized model's packs, or a private pack (the model untouched)
+        why = guard.why_not(st, "cuda_graph", model=model)
+        if why is not None:
+            raise ValueError(f"CudaGraphDecoder cannot stand in for this model's forward: {why}")
         cfg = model.config
-        dev = t.wte.weight.device
-        if dev.type != "cuda" or t.wte.weight.dtype != torch.float32:
-            raise ValueError(f"CudaGraphDecoder needs a float32 model on CUDA, got {t.wte.weight.dtype} on {dev}")
-        if cfg.activation_function != "gelu_new" or getattr(cfg, "add_cross_attention", False):
-            raise ValueError("CudaGraphDecoder supports GPT-2 with gelu_new and no cross-attention")
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={cfg.n_positions}], got {max_len}")
-        self.model, self.device = model, dev
+        W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
+        self.model, self.device, self.W = model, st.device, W
         self.B, self.Tmax = int(batch_size), int(max_len)
-        self.E, self.H = cfg.n_embd, cfg.n_head
+        self.E, self.H = cfg.n_embd, W.n_head
         self.D = self.E // self.H
-        self.V = model.lm_head.weight.shape[0]
-        with torch.no_grad():
-            self.wte, self.wpe = t.wte.weight.detach(), t.wpe.weight.detach()
-            self.layers = []
-            for blk in t.h:
-                a, m = blk.attn, blk.mlp
-                self.layers.append(dict(
-                    ln_1=(blk.ln_1.weight.detach(), blk.ln_1.bias.detach(), blk.ln_1.eps),
-                    ln_2=(blk.ln_2.weight.detach(), blk.ln_2.bias.detach(), blk.ln_2.eps),
-                    c_attn=(a.c_attn.weight.detach(), a.c_attn.bias.detach()),
-                    attn_proj=(a.c_proj.weight.detach(), a.c_proj.bias.detach()),
-                    c_fc=(m.c_fc.weight.detach(), m.c_fc.bias.detach()),
-                    mlp_proj=(m.c_proj.weight.detach(), m.c_proj.bias.detach()),
-                    scale=_scaling(model, blk)))
-            lf = t.ln_f
-            self.ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
-            self.lm_w = ops.pack(model.lm_head.weight.detach().t())  # [E, V] contiguous, once
-        L, B, H, D = len(self.layers), self.B, self.H, self.D
+        self.V = W.lm_head.n_out
+        dev = self.device
+        L, B, H, D = len(W.layers), self.B, self.H, self.D
         self.k_cache = torch.zeros(L, B, H, self.Tmax, D, device=dev)
         self.v_cache = torch.zeros(L, B, H, self.Tmax, D, device=dev)
         self.key_mask = torch.zeros(B, self.Tmax, dtype=torch.bool, device=dev)
@@ -82,16 +61,21 @@ class CudaGraphDecoder:
         self.graph = None
         self.logits = None
         if use_graph:
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(warmup):  # allocator and lazy init off the capture
-                    self._step_body()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), torch.no_grad():
-                self.logits = self._step_body()
+            with torch.cuda.device(dev):  # capture on the model's GPU, whichever is current
+                self._capture(warmup)
         self.reset()
+
+    def _capture(self, warmup):
+        dev = self.device
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):  # allocator and lazy init off the capture
+                self._step_body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self._step_body()
 
     def reset(self):
         """Forget the sequence: empty cache (key_mask all False), position and slot 0."""
@@ -108,24 +92,23 @@ class CudaGraphDecoder:
         """The GPT-2 blocks on gpt2kern ops; write(i, k, v) stores K/V, attend(i, q) returns [B, T, H, D]."""
         B, T, _ = h.shape
         E, H, D = self.E, self.H, self.D
-        w, b, eps = self.layers[0]["ln_1"]
-        x = ops.layer_norm(h, w, b, eps)
-        for i, L in enumerate(self.layers):
-            qkv = ops.conv1d(x, *L["c_attn"])
+        layers = self.W.layers
+        ln = layers[0].ln_1
+        x = ops.layer_norm(h, ln.weight, ln.bias, ln.eps)
+        for i, L in enumerate(layers):
+            qkv = L.c_attn(x)
             q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
             write(i, k, v)
-            a = ops.conv1d(attend(i, q).view(B, T, E), *L["attn_proj"])
-            w, b, eps = L["ln_2"]
-            h, x = ops.add_layer_norm(a, h, w, b, eps)
-            f = ops.conv1d(x, *L["c_fc"], "gelu_new")
-            m = ops.conv1d(f, *L["mlp_proj"])
-            w, b, eps = self.layers[i + 1]["ln_1"] if i + 1 < len(self.layers) else self.ln_f
-            h, x = ops.add_layer_norm(m, h, w, b, eps)
+            a = L.attn_proj(attend(i, q).view(B, T, E))
+            h, x = ops.add_layer_norm(a, h, L.ln_2.weight, L.ln_2.bias, L.ln_2.eps)
+            m = L.mlp_proj(L.c_fc(x, "gelu_new"))
+            ln = layers[i + 1].ln_1 if i + 1 < len(layers) else self.W.ln_f
+            h, x = ops.add_layer_norm(m, h, ln.weight, ln.bias, ln.eps)
         return x
 
     def _step_body(self):
         self.key_mask.logical_or_(self.iota.eq(self.slot))  # mark the new slot (elementwise: capturable)
-        h = ops.embedding(self.ids, self.wte, self.wpe, self.pos)
+        h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
         def write(i, k, v):
             self.k_cache[i].index_copy_(2, self.slot, k)
@@ -133,10 +116,10 @@ class CudaGraphDecoder:
 
         def attend(i, q):
             return ops.attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, None,
-                                 self.layers[i]["scale"], 0, False)
+                                 self.W.layers[i].scale, 0, False)
 
         x = self._layers(h, write, attend)
-        logits = ops.conv1d(x, self.lm_w, None).view(self.B, self.V)
+        logits = self.W.lm_head(x).view(self.B, self.V)
         self.pos.add_(1)
         self.slot.add_(1)
         return logits
@@ -154,7 +137,7 @@ class CudaGraphDecoder:
         mask = (torch.ones(B, T, dtype=torch.bool, device=self.device) if attention_mask is None
                 else attention_mask.to(self.device) != 0)
         self.reset()
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # as HF generate
+        pos = hf_position_ids(mask)
         self.key_mask[:, :T] = mask
         km = None if attention_mask is None else self.key_mask[:, :T]
 
@@ -164,10 +147,10 @@ class CudaGraphDecoder:
 
         def attend(i, q):
             return ops.attention(q, self.k_cache[i, :, :, :T], self.v_cache[i, :, :, :T], km, None,
-                                 self.layers[i]["scale"], 0, True)
+                                 self.W.layers[i].scale, 0, True)
 
-        x = self._layers(ops.embedding(ids, self.wte, self.wpe, pos), write, attend)
-        logits = ops.conv1d(x[:, -1:], self.lm_w, None).view(B, self.V)
+        x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend)
+        logits = self.W.lm_head(x[:, -1:]).view(B, self.V)
         self.pos.copy_(pos[:, -1:] + 1)
         self.slot.fill_(T)
         self.length = T
@@ -185,7 +168,8 @@ class CudaGraphDecoder:
         self.length += 1
         if self.graph is None:
             return self._step_body()
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
     @torch.no_grad()

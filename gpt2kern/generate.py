@@ -11,8 +11,9 @@ The seed's loop, with the model step in C++ (csrc/cpu/engine.cpp):
 
 Greedy output equals HF's `model.generate(..., do_sample=False)`; sampling reproduces HF's token choices for the
 same seed (the same torch ops draw from the same generator). On CUDA the step is gpt2kern/cuda_graph.py's decoder
-(a CUDA graph replay). Models the engine cannot serve (not float32, an unsupported config) are handed to HF's own
-`generate` with the same settings; `last_fallback_reason()` says why.
+(a CUDA graph replay). Models the engine cannot serve (guard.why_not(..., "generate"): not float32, an unsupported
+config, hooks, ...) are handed to HF's own `generate` with the same settings (`hf_generate`, also the CLI's
+reference); `gpt2kern.generate_fallback_reason()` says why.
 """
 from __future__ import annotations
 
@@ -21,54 +22,22 @@ import threading
 import torch
 from transformers import GPT2LMHeadModel
 
-from . import _C
-from .model import _gpt2model_forward, _lm_head_forward, _State, has_user_hooks, stack_args
+from . import guard
+from .model import state_of
 
 _local = threading.local()
 
 
 def last_fallback_reason() -> str | None:
-    """Why this thread's last `generate` call ran HF's generate instead of the engine (None if it did not)."""
+    """Why this thread's last `generate` call ran HF's generate instead of the engine (None if it did not).
+    Exported as gpt2kern.generate_fallback_reason."""
     return getattr(_local, "fallback", None)
 
 
-def _state(model: GPT2LMHeadModel) -> _State:
-    """The model's packed weights: the optimize() state if there is one, else a private one (model untouched)."""
-    st = getattr(model.transformer, "_gpt2kern", None)
-    if st is None:
-        st = model.__dict__.get("_gpt2kern_generate_state")
-        if st is None or st.transformer is not model.transformer or st.lm_head is not model.lm_head:
-            st = _State(model.transformer, model.lm_head)
-            model.__dict__["_gpt2kern_generate_state"] = st
-    st.refresh()
-    return st
-
-
-def _engine_reason(model, st: _State) -> str | None:
-    """Why the engine cannot stand in for HF's generate on this model (None when it can). The engine runs no
-    module's forward, so it also defers to HF for what would run in the modules around the body."""
-    if st.unsupported:
-        return st.unsupported
-    if st.bypassed:  # hooks or training mode inside the body
-        return st.bypassed
-    if model.training:
-        return "training mode (HF's generate would apply dropout)"
-    if st.lm_head is not model.lm_head:
-        return "lm_head was replaced after optimize()"
-    ours = {"transformer": _gpt2model_forward, "lm_head": _lm_head_forward}
-    for name, m in (("the model", model), ("transformer", model.transformer), ("lm_head", model.lm_head)):
-        if has_user_hooks(m):  # HF's generate calls these modules; the engine does not
-            return f"forward hooks on {name}"
-        f = m.__dict__.get("forward")
-        if f is not None and getattr(f, "__func__", None) is not ours.get(name):
-            return f"{name}.forward is patched on the instance"
-    f = type(model).forward
-    if (f.__module__, f.__qualname__) != (GPT2LMHeadModel.__module__, "GPT2LMHeadModel.forward"):
-        return f"{type(model).__name__}.forward is not HF's GPT2LMHeadModel.forward"
-    p = model.lm_head.weight
-    if p.dtype != torch.float32 or not st.layers or st.lm_w is None or p.device.type not in ("cpu", "cuda"):
-        return f"model on {p.device.type} {p.dtype} (the engine runs float32 on CPU, or on CUDA when built with it)"
-    return None
+def hf_position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """The position_ids HF's generate gives a left-padded prompt (generation/utils.py): cumsum of the mask - 1,
+    padding at 0. The engine and the CUDA graph decoder both take theirs from here."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _as_list(eos) -> list[int]:
@@ -171,12 +140,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         attention_mask = input_ids != pad_given  # HF's generate infers the mask from a pad id this way too
     input_ids, mask = _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed)
     pad_token_id = pad_given if pad_given is not None else (eos[0] if eos else 0)
-    st = _state(model)
-    why = _engine_reason(model, st)
+    st = state_of(model)
+    why = guard.why_not(st, "generate", model=model)
     _local.fallback = why
     if why is not None:
-        return _hf_generate(model, input_ids, mask, attention_mask is not None, max_new_tokens, do_sample,
-                            temperature, top_k, top_p, eos, pad_token_id, seed, streamer)
+        return hf_generate(model, input_ids, mask if attention_mask is not None else None, max_new_tokens,
+                           do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos=eos,
+                           pad_token_id=pad_token_id, seed=seed, streamer=streamer).cpu()
 
     dev = model.lm_head.weight.device
     gen = torch.Generator(device=dev).manual_seed(seed) if (do_sample and seed is not None) else None
@@ -186,8 +156,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     B, T = input_ids.shape
     with torch.inference_mode():
         if dev.type == "cpu":  # the C++ engine: one call per step
-            eng = _engine(st, B, T + max_new_tokens, B * T)
-            pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)  # HF's position_ids for left padding
+            eng = st.weights.engine(B, T + max_new_tokens, B * T)
+            pos = hf_position_ids(mask)
             next_pos = mask.sum(dim=1, keepdim=True)
             ones = torch.ones(B, 1, dtype=torch.bool)
 
@@ -235,38 +205,39 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     return torch.cat(out, dim=1)
 
 
-def _engine(st: _State, batch: int, max_len: int, max_rows: int):
-    weights, scales, wte, wpe, lnf_w, lnf_b, n_head, eps = stack_args(st.transformer, st.layers, st.ln_f)
-    lm_w, vocab = st.lm_w
-    return _C.Engine(weights, scales, wte, wpe, lnf_w, lnf_b, lm_w, vocab, n_head, eps, batch, max_len, max_rows)
+class StreamAdapter:
+    """A plain callable as an HF streamer (put/end): HF puts the prompt first, then each step's tokens; the callable
+    gets only the new tokens, as a [B] tensor. The one adapter gpt2kern and its CLI use."""
+
+    def __init__(self, fn):
+        self.fn, self.seen_prompt = fn, False
+
+    def put(self, value):
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        if self.fn is not None:
+            self.fn(value.reshape(-1))
+
+    def end(self):
+        pass
 
 
-def _hf_generate(model, input_ids, mask, had_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
-                 seed, streamer):
-    """The same request through HF's own generate (models the engine does not serve)."""
-    from transformers.generation.streamers import BaseStreamer
-
-    if streamer is not None and not isinstance(streamer, BaseStreamer):
-        fn, first = streamer, [True]
-
-        class _Adapter(BaseStreamer):
-            def put(self, value):
-                if first[0]:
-                    first[0] = False  # HF puts the prompt first; a plain callable only wants new tokens
-                    return
-                fn(value.reshape(-1))
-
-            def end(self):
-                pass
-
-        streamer = _Adapter()
+def hf_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, *, do_sample=False,
+                temperature=1.0, top_k=0, top_p=1.0, eos=(), pad_token_id=0, seed=None, streamer=None):
+    """The same request through HF's own `model.generate` (whatever forward the model has): greedy or HF's
+    sampling with the same warpers, `seed` as torch.manual_seed before it, eos ids (`[]`: never stop), a streamer
+    (HF's put/end protocol, or a callable given each step's [B] tokens). The fallback of `generate` and the
+    reference the CLI compares against."""
+    if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
+        streamer = StreamAdapter(streamer)
     if do_sample and seed is not None:
         torch.manual_seed(seed)
     dev = model.lm_head.weight.device
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, eos_token_id=eos or None,
-              pad_token_id=pad, streamer=streamer)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, eos_token_id=list(eos),  # []: never
+              pad_token_id=pad_token_id, streamer=streamer)
     if do_sample:
         kw.update(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
     with torch.no_grad():
-        out = model.generate(input_ids.to(dev), attention_mask=mask.long().to(dev) if had_mask else None, **kw)
-    return out.cpu()
+        return model.generate(input_ids.to(dev), attention_mask=None if attention_mask is None else
+                              attention_mask.long().to(dev), **kw)

@@ -1,4 +1,4 @@
-"""optimize(model): GPT-2's forward on gpt2kern's kernels, installed in place on a Hugging Face model.
+"""optimize(model): GPT-2's body on gpt2kern's kernels, installed in place on any Hugging Face GPT-2 class.
 
 The walk (`_walk`) reads like the model itself:
 
@@ -13,11 +13,9 @@ The walk (`_walk`) reads like the model itself:
     logits = x @ wteᵀ                                         conv1d (lm_head)
 
 HF's decode steps (and calls without a cache) run the same walk in one C++ call instead (`_one_call`: no Python per
-layer). HF's GPT2LMHeadModel.forward stays in charge (signature, logits_to_keep, loss, output types); only the
-GPT2Model body and lm_head run here. Each call first asks `_why_fallback`: when the kernels cannot serve it
-(autograd, training, output_attentions, inputs_embeds, cross-attention, a device without kernels or a dtype other
-than float32, an unsupported config, a module that is not HF's own — a LoRA wrapper, say — or forward hooks the fast
-path would skip) the whole call runs HF's own code instead — the single decision point.
+layer). The model class's own forward stays HF's (signature, logits_to_keep, loss, pooling, heads, output types);
+only the GPT2Model body and a GPT-2 lm_head run here. The weights the walk reads are weights.py's records; whether a
+call may run here at all is guard.py's `why_not` — when it says no, the whole call runs HF's own code.
 """
 from __future__ import annotations
 
@@ -30,14 +28,12 @@ import weakref
 
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel, GPT2Model
-from transformers.activations import NewGELUActivation
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers import GPT2Model, GPT2PreTrainedModel
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block
-from transformers.pytorch_utils import Conv1D
 
-from . import _C, ops
+from . import guard, ops
+from .weights import Weights, attn_scale, pack
 
 # transformers renamed past_key_values -> cache (5.2x); speak whichever this version speaks.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
@@ -45,34 +41,28 @@ _CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseMo
                 else "past_key_values")
 
 
-class _State:
-    """Packed weights of one model and what is needed to notice they went stale.
+class State:
+    """One model's packed weights (weights.Weights) and the guard's view of it.
 
-    Threads may share one optimized model: repacking is serialized by a lock and published whole (the stamp last),
-    and what a call did (fallback_reason, body_was_fast) is kept per thread, so one thread's fallback never sends
-    another thread's lm_head down the wrong path."""
+    Threads may share one optimized model: repacking is serialized by a lock and published whole (the snapshot
+    last, so a thread that finds it unchanged finds the packs complete), and what a call did (fallback_reason,
+    body_was_fast) is kept per thread, so one thread's fallback never sends another thread's lm_head down the wrong
+    path."""
 
     def __init__(self, transformer: GPT2Model, lm_head: nn.Module | None):
         self._lock = threading.Lock()
         self._local = threading.local()
         self.transformer, self.lm_head = transformer, lm_head
-        cfg = transformer.config
-        self.unsupported: str | None = None  # set by refresh(): _unsupported_config
-        self.bypassed: str | None = None  # set by refresh(): _bypassed
-        self._pack_key = None  # what the packs were made from: (stamp, unsupported, _baked_in)
+        self.snapshot: guard.Snapshot | None = None  # taken by refresh(); None: look at the model again
+        self.model_reason: str | None = None  # the guard's answer for the model (config, classes, hooks, training)
+        self.weights: Weights | None = None  # None where the kernels cannot run the model (device, dtype, config)
+        self.body = None  # _C.Body over the same packs (CPU): the whole body in one C++ call
+        self.device = None  # where the parameters (and packs) live
+        self._pack_key = None  # what the packs were made from: (parameter stamp, config reason, _baked_in)
         self.trace = None  # callable(name, tensor) while tracing
-        self.body_was_fast = False
-        self.fallback_reason: str | None = None
-        self.E, self.H = cfg.n_embd, cfg.n_head
-        self.stamp = None
-        self._watch = None  # see _watch_list
-        # cache layer -> weak references to the key/value views the body last returned for it (see _walk); kept
+        # cache layer -> weak references to the key/value views the body last returned for it (see _one_call); kept
         # here, not on HF's layer objects, so caches still pickle and deepcopy as before
         self._grown = weakref.WeakKeyDictionary()
-        self.device = None  # where the packed weights live (CPU, or CUDA when the CUDA kernels are built)
-        self.layers: list[dict] = []
-        self.lm_w = self.ln_f = None
-        self.body = None  # _C.Body over the same packs (CPU): a decode step in one C++ call
 
     # per thread: what this thread's last forward call did
     fallback_reason = property(lambda self: getattr(self._local, "fallback_reason", None),
@@ -83,7 +73,7 @@ class _State:
     def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
         d = dict(self.__dict__)
         del d["_lock"], d["_local"]
-        d.update(_watch=None, body=None, stamp=None, _grown=None, _pack_key=None)  # repacked on first call
+        d.update(snapshot=None, body=None, _grown=None, _pack_key=None)  # looked at and repacked on first call
         return d
 
     def __setstate__(self, d):
@@ -91,260 +81,100 @@ class _State:
         self._lock, self._local, self._grown = threading.Lock(), threading.local(), weakref.WeakKeyDictionary()
 
     @property
-    def params(self):
-        """Read live, so a Parameter replaced after optimize() is noticed too (lm_head is tied to wte, or not)."""
-        ps = list(self.transformer.parameters())
-        if self.lm_head is not None:
-            ps += [p for p in self.lm_head.parameters() if all(p is not q for q in ps)]
-        return ps
-
-    def _stamp(self):
-        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.params)
-
-    def _watch_list(self):
-        """What _fresh checks per call, flat, so the check costs ~10 µs instead of a module-tree walk (~0.2 ms,
-        2 % of a decode step): every submodule and parameter slot (a replaced module or Parameter), each slot
-        dict's size (an added one), the forward-hook dicts' sizes, each module's attribute count and public
-        attributes (a hook added, a forward patched on the instance, train()/eval(), eps or scaling reassigned),
-        the forward of each module class (patched on the class), and each parameter's storage, version, device and
-        dtype (.to(), in-place edits, load_state_dict; read in one C++ call)."""
-        g = torch.nn.modules.module
-        slots, sizes = [], [(g._global_forward_hooks, len(g._global_forward_hooks)),
-                            (g._global_forward_pre_hooks, len(g._global_forward_pre_hooks))]
-        classes = {}
-        for root in (self.transformer, self.lm_head):
-            for m in (root.modules() if root is not None else ()):
-                ds = [m._modules, m._parameters, m._forward_hooks, m._forward_pre_hooks, m.__dict__]
-                sizes += [(d, len(d)) for d in ds]
-                slots += [(d, k, v) for d in ds[:2] for k, v in d.items()]
-                slots += [(m.__dict__, k, v) for k, v in m.__dict__.items() if not k.startswith("_")]
-                classes[type(m)] = type(m).forward
-        params = self.params
-        return sizes, slots, tuple(classes.items()), params, _C.stamp(params)
-
-    @property
-    def packed_params(self):
-        """The parameters the current packs were made from (after refresh(): the live ones), without a tree walk."""
-        return self._watch[3]
-
-    def _fresh(self) -> bool:
-        w = self._watch
-        if w is None:
-            return False
-        sizes, slots, classes, params, stamp = w
-        return (_C.same_slots(sizes, slots) and all(c.forward is f for c, f in classes)
-                and _C.stamp(params) == stamp)
+    def params(self) -> tuple:
+        """The parameters the current packs were made from (the live ones, after refresh())."""
+        return self.snapshot.params
 
     def refresh(self):
-        """(Re)pack the weights if they changed since the last pack (load_state_dict, in-place edits, .to(),
-        replaced Parameters or modules, another eps or scaling), and look again at what the kernels can serve
-        (module classes, hooks, training mode)."""
-        if self._fresh():
+        """Look at the model again if anything changed since the last look (guard.Snapshot), and repack the
+        weights if they changed (load_state_dict, in-place edits, .to(), replaced Parameters or modules, another
+        eps or scaling)."""
+        if self.snapshot is not None and not self.snapshot.changed():
             return
-        with self._lock:  # one thread packs; the others wait for it, then find the stamp fresh
-            watch = self._watch_list()  # first: a change made while this runs is seen by the next call
-            unsupported = _unsupported_config(self.transformer, self.lm_head)
-            key = (self._stamp(), unsupported, None if unsupported else _baked_in(self.transformer))
+        with self._lock:  # one thread packs; the others wait for it, then find the snapshot unchanged
+            snap = guard.Snapshot(self.transformer, self.lm_head)  # first: a change made while this runs is seen
+            t = self.transformer
+            config_reason = guard.config_reason(t, self.lm_head)
+            key = (snap.stamp, config_reason, None if config_reason else _baked_in(t))
             if key != self._pack_key:
-                self.unsupported = unsupported
-                self._repack(key[0])
+                self._repack(snap.params, config_reason)
                 self._pack_key = key
-            self.bypassed = _bypassed(self.transformer)
-            self._watch = watch
+            self.model_reason = config_reason or guard.bypass_reason(t)
+            self.snapshot = snap
 
-    def _repack(self, stamp):
-        devs = {dev for _, _, dev, _ in stamp}
+    def _repack(self, params, config_reason):
+        devs = {p.device for p in params}
         self.device = devs.pop() if len(devs) == 1 else None
-        if (self.unsupported or self.device is None or self.device.type not in _kernel_devices()
-                or any(dt != torch.float32 for _, _, _, dt in stamp)):
-            self.layers, self.lm_w, self.body, self.stamp = [], None, None, stamp
-            return
-        with torch.no_grad():
-            layers = []
-            for blk in self.transformer.h:
-                a, m = blk.attn, blk.mlp
-                layers.append(dict(
-                    ln_1=(blk.ln_1.weight.detach(), blk.ln_1.bias.detach(), blk.ln_1.eps),
-                    ln_2=(blk.ln_2.weight.detach(), blk.ln_2.bias.detach(), blk.ln_2.eps),
-                    c_attn=_packed(a.c_attn), attn_proj=_packed(a.c_proj),
-                    c_fc=_packed(m.c_fc), mlp_proj=_packed(m.c_proj),
-                    scale=_attn_scale(self.transformer.config, a),
-                ))
-            lf = self.transformer.ln_f
-            ln_f = (lf.weight.detach(), lf.bias.detach(), lf.eps)
-            lm_w = None
-            if self.lm_head is not None:
-                lm_w = (ops.pack(self.lm_head.weight.detach().t()), self.lm_head.weight.shape[0])
-            body = _C.Body(*stack_args(self.transformer, layers, ln_f)) if self.device.type == "cpu" else None
-        # published whole, the stamp last: a thread that finds the stamp fresh finds the packs complete
-        self.layers, self.ln_f, self.lm_w, self.body = layers, ln_f, lm_w, body
-        self.stamp = stamp
-
-
-def stack_args(transformer, layers, ln_f):
-    """The packed weights in the order csrc/cpu/engine.cpp's Stack takes them (for _C.Body and _C.Engine)."""
-    weights, scales = [], []
-    for L in layers:
-        (w1, b1, _), (w2, b2, _) = L["ln_1"], L["ln_2"]
-        weights += [w1, b1, L["c_attn"][0], L["c_attn"][1], L["attn_proj"][0], L["attn_proj"][1], w2, b2,
-                    L["c_fc"][0], L["c_fc"][1], L["mlp_proj"][0], L["mlp_proj"][1]]
-        scales.append(L["scale"])
-    lnf_w, lnf_b, eps = ln_f
-    return ([w.contiguous() for w in weights], scales, transformer.wte.weight.detach(), transformer.wpe.weight.detach(),
-            lnf_w, lnf_b, transformer.config.n_head, eps)
-
-
-def _kernel_devices():
-    return ("cpu", "cuda") if ops.has_cuda() else ("cpu",)
-
-
-def _packed(conv):
-    w = conv.weight.detach()  # on CUDA the kernels read HF's contiguous [in, out] as is: no copy
-    return (w if w.is_cuda and w.is_contiguous() else ops.pack(w)), conv.bias.detach(), conv.weight.shape[1]
-
-
-def _scaling(cfg, layer_idx):
-    s = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
-    return s / float(layer_idx + 1) if cfg.scale_attn_by_inverse_layer_idx else s
-
-
-# what each module inside a block must be, exactly
-_HF_BLOCK = [("", GPT2Block), (".ln_1", nn.LayerNorm), (".attn", GPT2Attention), (".attn.c_attn", Conv1D),
-             (".attn.c_proj", Conv1D), (".attn.attn_dropout", nn.Dropout), (".attn.resid_dropout", nn.Dropout),
-             (".ln_2", nn.LayerNorm), (".mlp", GPT2MLP), (".mlp.c_fc", Conv1D), (".mlp.act", NewGELUActivation),
-             (".mlp.c_proj", Conv1D), (".mlp.dropout", nn.Dropout)]
-
-
-_HF_CLASSES = {want for _, want in _HF_BLOCK} | {nn.Embedding, nn.Linear}
-
-
-def _submodule(root: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _unsupported_config(t: GPT2Model, lm_head: nn.Module | None) -> str | None:
-    """Why the kernels cannot compute what this model's modules compute (None when they can). Every module the fast
-    path stands in for must be HF's own class, exactly (a subclass or a wrapper, e.g. a LoRA layer, computes
-    something else), with its forward not patched on the instance."""
-    cfg = t.config
-    if cfg.activation_function != "gelu_new":
-        return f"activation_function={cfg.activation_function!r} (kernels implement gelu_new)"
-    if getattr(cfg, "add_cross_attention", False):
-        return "add_cross_attention=True"
-    for name, want in [("wte", nn.Embedding), ("wpe", nn.Embedding), ("drop", nn.Dropout), ("ln_f", nn.LayerNorm)] + \
-            [(f"h.{i}{leaf}", want) for i in range(len(t.h)) for leaf, want in _HF_BLOCK]:
-        mod = _submodule(t, name)
-        if type(mod) is not want:
-            return f"{name} is {type(mod).__name__}, not HF's {want.__name__} (the kernels compute the original)"
-    for name, mod in list(t.named_modules()) + [("lm_head", lm_head)]:
-        if mod is None:
-            continue
-        if name and name != "lm_head" and "forward" in mod.__dict__:
-            return f"{name}.forward is patched on the instance (the kernels would skip it)"
-        f = type(mod).forward
-        if (f.__module__, f.__qualname__) != (type(mod).__module__, f"{type(mod).__name__}.forward") \
-                and type(mod) in _HF_CLASSES:
-            return f"{type(mod).__name__}.forward is patched on the class (the kernels compute the original)"
-    for blk in t.h:
-        if blk.attn.c_attn.weight.shape[1] != 3 * cfg.n_embd:
-            return "modified attention projections"
-        if blk.attn.num_heads * blk.attn.head_dim != cfg.n_embd:
-            return "pruned attention heads"
-        if any(ln.weight is None or ln.bias is None for ln in (blk.ln_1, blk.ln_2)):
-            return "LayerNorm without affine weight and bias"
-    if t.ln_f.weight is None or t.ln_f.bias is None:
-        return "LayerNorm without affine weight and bias"
-    if len({ln.eps for blk in t.h for ln in (blk.ln_1, blk.ln_2)} | {t.ln_f.eps}) > 1:
-        return "LayerNorms with different eps (the one-call body takes one)"
-    if any(e.max_norm is not None for e in (t.wte, t.wpe)):
-        return "embedding with max_norm"
-    if lm_head is not None and (type(lm_head) is not nn.Linear or lm_head.bias is not None):
-        return f"lm_head is {type(lm_head).__name__}{' with a bias' if type(lm_head) is nn.Linear else ''}, " \
-               "not HF's bias-free Linear"
-    return None
+        weights = body = None
+        if (config_reason is None and self.device is not None and self.device.type in guard._kernel_devices()
+                and all(p.dtype == torch.float32 for p in params)):
+            weights = pack(self.transformer, self.lm_head)
+            body = weights.body() if self.device.type == "cpu" else None
+        self.weights, self.body = weights, body
 
 
 def _baked_in(t: GPT2Model):
     """The numbers the packs hold besides the weights: each LayerNorm's eps and each layer's attention scale."""
-    return tuple((blk.ln_1.eps, blk.ln_2.eps, _attn_scale(t.config, blk.attn)) for blk in t.h) + (t.ln_f.eps,)
+    return tuple((blk.ln_1.eps, blk.ln_2.eps, attn_scale(t.config, blk.attn)) for blk in t.h) + (t.ln_f.eps,)
 
 
-def _attn_scale(cfg, attn) -> float:
-    return float(getattr(attn, "scaling", _scaling(cfg, attn.layer_idx)))
+def state_of(model) -> State:
+    """The gpt2kern state of an optimized model (or of a model gpt2kern.generate packed privately), up to date."""
+    transformer, lm_head = _body_and_head(model)
+    st = getattr(transformer, "_gpt2kern", None)
+    if st is None:  # not optimized: gpt2kern.generate's own pack, the model itself untouched
+        st = model.__dict__.get("_gpt2kern_private_state")
+        if st is None or st.transformer is not transformer or st.lm_head is not lm_head:
+            st = State(transformer, lm_head)
+            model.__dict__["_gpt2kern_private_state"] = st
+    st.refresh()
+    return st
 
 
-def _bypassed(t: GPT2Model) -> str | None:
-    """What the fast path would silently skip inside the body: forward hooks on its modules (the body's and
-    lm_head's own hooks still run, they wrap the forward we replace), global forward hooks (they would see only
-    those two modules), or a module left in training mode (its dropout)."""
-    if t.training:
-        return "training mode"
-    g = torch.nn.modules.module
-    if any(_user_hook(h) for d in (g._global_forward_hooks, g._global_forward_pre_hooks) for h in list(d.values())):
-        return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
-    for name, mod in t.named_modules():
-        if mod.training:
-            return f"training mode ({name})"
-        if name and has_user_hooks(mod) and not isinstance(mod, nn.ModuleList):
-            return f"forward hooks on {name}"
-    return None
-
-
-def has_user_hooks(mod: nn.Module) -> bool:
-    """Forward (pre-)hooks other than the value-preserving ones transformers (or PEFT) installs for good: the
-    output-capturing hooks (they record only inside HF's own forward; the fast path makes hidden_states itself
-    and hands output_attentions to HF) and the make_inputs_require_grads hook of gradient checkpointing."""
-    return any(_user_hook(h) for d in (mod._forward_hooks, mod._forward_pre_hooks) for h in list(d.values()))
-
-
-def _user_hook(h) -> bool:
-    module, name = getattr(h, "__module__", None) or "", getattr(h, "__name__", "")
-    return not (module.split(".")[0] in ("transformers", "peft")
-                and name in ("output_capturing_hook", "make_inputs_require_grads", "make_inputs_require_grad"))
+def _body_and_head(model) -> tuple[GPT2Model, nn.Module | None]:
+    """The GPT2Model body of any HF GPT-2 class and its lm_head (None for the classes without one)."""
+    if isinstance(model, GPT2Model):
+        return model, None
+    body = getattr(model, "transformer", None)
+    if isinstance(model, GPT2PreTrainedModel) and isinstance(body, GPT2Model):
+        head = getattr(model, "lm_head", None)
+        return body, head if isinstance(head, nn.Module) else None
+    raise TypeError(f"gpt2kern expects a transformers GPT-2 model (GPT2Model, GPT2LMHeadModel, "
+                    f"GPT2DoubleHeadsModel, GPT2ForSequenceClassification, GPT2ForTokenClassification, "
+                    f"GPT2ForQuestionAnswering), got {type(model).__name__}")
 
 
 # ---------------------------------------------------------------- the forward
 
-def _why_fallback(st: _State, input_ids, inputs_embeds, cache, encoder_hidden_states, output_attentions,
-                  output_hidden_states) -> str | None:
-    t = st.transformer
-    if st.unsupported:
-        return st.unsupported
-    if st.bypassed:  # (training mode among them: refresh() re-reads it after train()/eval())
-        return st.bypassed
-    if torch.is_grad_enabled() and any(p.requires_grad for p in st.packed_params):
-        return "autograd (grad enabled and parameters require grad)"
-    if output_attentions or (output_attentions is None and t.config.output_attentions):
-        return "output_attentions"
-    if output_hidden_states not in (None, False, True):
-        return "output_hidden_states selects layers"
-    if inputs_embeds is not None or input_ids is None:
-        return "inputs_embeds"
-    if encoder_hidden_states is not None:
-        return "cross-attention"
-    if cache is not None and (not isinstance(cache, Cache) or isinstance(cache, EncoderDecoderCache)):
-        return f"cache type {type(cache).__name__}"
-    if not st.layers:
-        return f"not a float32 model on {' or '.join(d.upper() for d in _kernel_devices())}"
-    if input_ids.device != st.device:
-        return f"input_ids on {input_ids.device}, model on {st.device}"
-    return None
+def _hf_deprecations(fn):
+    """`fn` behind the same keyword deprecations HF's GPT2Model.forward carries (today: past_key_values -> cache):
+    HF's own deprecation wrapper, rebuilt around `fn`, so the same call gives the same warning word for word."""
+    f = GPT2Model.forward
+    while f is not None:
+        code = getattr(f, "__code__", None)
+        if code is not None and "old_name" in code.co_freevars and "func" in code.co_freevars and f.__closure__:
+            cells = [types.CellType(fn) if name == "func" else cell
+                     for name, cell in zip(code.co_freevars, f.__closure__)]
+            wrapped = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, tuple(cells))
+            wrapped.__kwdefaults__, wrapped.__wrapped__ = f.__kwdefaults__, fn
+            return wrapped
+        f = getattr(f, "__wrapped__", None)
+    return fn
 
 
 def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None,
                        position_ids=None, inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
                        use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                        past_key_values=None, **kwargs):
-    st: _State = self._gpt2kern
+    st: State = self._gpt2kern
     if cache is None:
         cache = past_key_values
-    st.refresh()
-    why = _why_fallback(st, input_ids, inputs_embeds, cache, encoder_hidden_states, output_attentions,
-                        output_hidden_states)
-    st.fallback_reason, st.body_was_fast = why, why is None
+    why = guard.why_not(st, "forward", input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache,
+                        encoder_hidden_states=encoder_hidden_states, output_attentions=output_attentions,
+                        output_hidden_states=output_hidden_states)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (under torch.compile: decided at trace time, not recorded per call)
+        st.fallback_reason, st.body_was_fast = why, why is None
     if why is not None:
         args = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                     position_ids=position_ids, inputs_embeds=inputs_embeds,
@@ -368,6 +198,7 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
     if input_ids.dim() == 0 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be [batch, seq_len] with batch >= 1 and seq_len >= 1, "
                          f"got shape {tuple(input_shape)}")
+    self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)  # as HF's forward does
     ids = input_ids.reshape(-1, input_shape[-1])
     if token_type_ids is not None:
         token_type_ids = token_type_ids.reshape(-1, input_shape[-1])
@@ -375,40 +206,52 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
     if position_ids is not None and (position_ids.shape[-1:] != (T,) or position_ids.numel() not in (T, B * T)):
         raise ValueError(f"position_ids must be [batch ({B}) or 1, seq_len ({T})], got shape "
                          f"{tuple(position_ids.shape)}")
+    if attention_mask is not None and attention_mask.dim() == 3 and attention_mask.numel() % B == 0:
+        attention_mask = attention_mask.reshape(B, -1)  # GPT2DoubleHeadsModel's [batch, choices, seq], as HF views it
     if use_cache and cache is None:
         cache = DynamicCache(config=cfg)
     hidden = None
-    if not output_hidden_states and token_type_ids is None:
+    if not output_hidden_states and token_type_ids is None and not compiling:
         hidden = _one_call(st, ids, cache, attention_mask, position_ids)
     if hidden is None:
         hidden, all_hidden = _walk(st, ids, cache, attention_mask, position_ids, token_type_ids, output_hidden_states)
     hidden = hidden.view(*input_shape, hidden.shape[-1])
+    if output_hidden_states:
+        all_hidden[-1] = hidden  # HF's last hidden state is ln_f's output in the input's shape
     res = BaseModelOutputWithPastAndCrossAttentions(
         last_hidden_state=hidden, hidden_states=tuple(all_hidden) if output_hidden_states else None,
         **{_CACHE_FIELD: cache if use_cache else None})
     return res if return_dict else res.to_tuple()
 
 
+_gpt2model_forward.__name__ = "forward"  # (HF's deprecation message names the function)
+_forward = _hf_deprecations(_gpt2model_forward)
+
+
 def _masks(attention_mask, B, T, past):
-    """HF's mask conventions -> the attention kernel's (key_mask, bias, causal)."""
+    """HF's mask conventions -> the attention kernel's (key_mask, bias, causal). `past` is None under torch.compile
+    with a static cache (its length is a tensor there): the mask is then 4-D, as HF builds it."""
     if attention_mask is None:
         return None, None, True
-    if attention_mask.dim() == 2 or attention_mask.dim() == 1:
-        if attention_mask.numel() % B:  # (HF views any 1-D/2-D mask as [batch, -1])
+    if attention_mask.dim() < 4:
+        if attention_mask.dim() == 0 or attention_mask.numel() % B:  # (HF views any 1-3-D mask as [batch, -1])
             raise ValueError(f"a 2-D attention_mask must be [batch ({B}), past + seq_len], got shape "
                              f"{tuple(attention_mask.shape)}")
         m = attention_mask.reshape(B, -1)
-        if m.shape[1] < past + T:
+        if past is not None and m.shape[1] < past + T:
             raise ValueError(f"attention_mask covers {m.shape[1]} positions but past ({past}) + input ({T}) "
                              f"= {past + T}")
         if m.dtype != torch.bool:
             m = m != 0
+        if torch.compiler.is_compiling():  # (reading the values would break the graph; an all-True mask is exact)
+            return m, None, True
         return (None if bool(m.all()) else m), None, True
     if attention_mask.dim() == 4:  # already [B, 1|H, T, kv]: HF semantics, causality included
         m = attention_mask
-        if m.shape[0] not in (1, B) or m.shape[2] != T or m.shape[3] < past + T:
+        if m.shape[0] not in (1, B) or m.shape[2] != T or (past is not None and m.shape[3] < past + T):
             raise ValueError(f"a 4-D attention_mask must be [batch ({B}) or 1, 1 or heads, q_len ({T}), kv_len "
-                             f"(>= past + q_len = {past + T})], got shape {tuple(m.shape)}")
+                             f"(>= past + q_len = {past + T if past is not None else 'past + q_len'})], "
+                             f"got shape {tuple(m.shape)}")
         if m.dtype == torch.bool:
             bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
         else:
@@ -419,7 +262,7 @@ def _masks(attention_mask, B, T, past):
                      f"got shape {tuple(attention_mask.shape)}")
 
 
-def _one_call(st: _State, ids, cache, attention_mask, position_ids):
+def _one_call(st: State, ids, cache, attention_mask, position_ids):
     """The same body as _walk in one C++ call (_C.Body, csrc/cpu/engine.cpp), or None where it does not serve the
     call: it takes HF's decode steps (a plain DynamicCache already holding the past) and calls without a cache, with a
     2-D mask or none. Returns the ln_f output; the cache's layers get the grown keys/values, exactly what
@@ -432,7 +275,7 @@ def _one_call(st: _State, ids, cache, attention_mask, position_ids):
                                                 or attention_mask.dtype not in _MASK_DTYPES))):
         return None
     past = int(cache.get_seq_length()) if cache is not None else 0
-    past_layers = _dynamic_layers(cache, len(st.layers), past)
+    past_layers = _dynamic_layers(cache, len(st.weights.layers), past)
     if past_layers is None:
         return None
     n_pos = st.transformer.config.n_positions
@@ -451,35 +294,40 @@ def _one_call(st: _State, ids, cache, attention_mask, position_ids):
     return x
 
 
-def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
+def _walk(st: State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
     """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
-    t = st.transformer
-    layers, ln_f = st.layers, st.ln_f  # one consistent set of packs for the whole call
+    t, W = st.transformer, st.weights  # one consistent set of packs for the whole call
     B, T = ids.shape
-    E, H = st.E, st.H
+    E, H = t.config.n_embd, W.n_head
     D = E // H
-    past = int(cache.get_seq_length()) if cache is not None else 0
-    n_pos = t.config.n_positions
+    seen = cache.get_seq_length() if cache is not None else 0
+    # While torch.compile traces, a cache's length may be a tensor (static cache) or symbolic: no Python int is read
+    # from it (past = None); positions and the mask are then built from it with tensor ops, as HF's forward does.
+    past = None if (cache is not None and torch.compiler.is_compiling()) else int(seen)
     if position_ids is None:
-        if past + T > n_pos:
+        n_pos = t.config.n_positions
+        if past is not None and past + T > n_pos:
             raise ValueError(f"sequence length {past + T} (past {past} + input {T}) exceeds n_positions={n_pos}")
-        position_ids = torch.arange(past, past + T, dtype=torch.long, device=ids.device).unsqueeze(0)
+        position_ids = (torch.arange(T, dtype=torch.long, device=ids.device) + seen).unsqueeze(0)
     else:
         position_ids = position_ids.reshape(-1, T)
     trace = st.trace
-    key_mask, bias, causal = _masks(attention_mask, B, T, past)
     if trace:
-        trace("wte", t.wte.weight.detach()[ids])
-        trace("wpe", t.wpe.weight.detach()[position_ids])
-    h = ops.embedding(ids, t.wte.weight.detach(), t.wpe.weight.detach(), position_ids, token_type_ids)
+        trace("wte", W.wte[ids])
+        trace("wpe", W.wpe[position_ids])
+    h = ops.embedding(ids, W.wte, W.wpe, position_ids, token_type_ids)
+    if past is None and (attention_mask is None or attention_mask.dim() != 4):  # as HF builds it (see _masks)
+        from transformers.masking_utils import create_causal_mask
+
+        attention_mask = create_causal_mask(config=t.config, inputs_embeds=h, attention_mask=attention_mask,
+                                            cache=cache, position_ids=position_ids, allow_is_causal_skip=False)
+    key_mask, bias, causal = _masks(attention_mask, B, T, past)
     hidden = [h] if want_hidden else None
-    w, b, eps = layers[0]["ln_1"]
-    x = ops.layer_norm(h, w, b, eps)
-    for i, L in enumerate(layers):
+    x = ops.layer_norm(h, W.layers[0].ln_1.weight, W.layers[0].ln_1.bias, W.layers[0].ln_1.eps)
+    for i, L in enumerate(W.layers):
         if trace:
             trace(f"h.{i}.ln_1", x)
-        Wp, bias_, n = L["c_attn"]
-        qkv = ops.conv1d(x, Wp, bias_, out_features=n)
+        qkv = L.c_attn(x)
         if trace:
             trace(f"h.{i}.attn.c_attn", qkv)
         q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
@@ -489,28 +337,24 @@ def _walk(st: _State, ids, cache, attention_mask, position_ids, token_type_ids, 
             except RuntimeError as e:  # torch.cat's message alone does not say what did not fit
                 raise ValueError(f"past_key_values does not fit this call (layer {i}: batch {B}, {H} heads of "
                                  f"size {D}): {e}") from e
-        a = ops.attention(q, k, v, key_mask, bias, L["scale"], past, causal)
-        Wp, bias_, n = L["attn_proj"]
-        a = ops.conv1d(a.view(B, T, E), Wp, bias_, out_features=n)
+        a = ops.attention(q, k, v, key_mask, bias, L.scale, past or 0, causal)
+        a = L.attn_proj(a.view(B, T, E))
         if trace:
             trace(f"h.{i}.attn", a)
-        w, b, eps = L["ln_2"]
-        h, x = ops.add_layer_norm(a, h, w, b, eps)
+        h, x = ops.add_layer_norm(a, h, L.ln_2.weight, L.ln_2.bias, L.ln_2.eps)
         if trace:
             trace(f"h.{i}.ln_2", x)
-        Wp, bias_, n = L["c_fc"]
-        f = ops.conv1d(x, Wp, bias_, "gelu_new", out_features=n)
+        f = L.c_fc(x, "gelu_new")
         if trace:
             trace(f"h.{i}.mlp.act", f)  # c_fc and NewGELU run as one fused kernel
-        Wp, bias_, n = L["mlp_proj"]
-        m = ops.conv1d(f, Wp, bias_, out_features=n)
+        m = L.mlp_proj(f)
         if trace:
             trace(f"h.{i}.mlp", m)
-        w, b, eps = layers[i + 1]["ln_1"] if i + 1 < len(layers) else ln_f
-        h, x = ops.add_layer_norm(m, h, w, b, eps)
+        nxt = W.layers[i + 1].ln_1 if i + 1 < len(W.layers) else W.ln_f
+        h, x = ops.add_layer_norm(m, h, nxt.weight, nxt.bias, nxt.eps)
         if trace:
             trace(f"h.{i}", h)
-        if want_hidden and i + 1 < len(layers):
+        if want_hidden and i + 1 < len(W.layers):
             hidden.append(h)
     if trace:
         trace("ln_f", x)
@@ -537,7 +381,7 @@ def _dynamic_layers(cache, n_layer, past):
     return cache.layers
 
 
-def _holds_our_views(st: _State, layer) -> bool:
+def _holds_our_views(st: State, layer) -> bool:
     """Whether a cache layer still holds the very key/value tensors the body returned for it last (a cropped,
     reordered, copied or replaced cache holds others)."""
     rec = st._grown.get(layer)
@@ -545,53 +389,55 @@ def _holds_our_views(st: _State, layer) -> bool:
 
 
 def _lm_head_forward(self, hidden_states):
-    st: _State = self._gpt2kern
-    if not st.body_was_fast or st.lm_w is None or (torch.is_grad_enabled() and self.weight.requires_grad) \
-            or hidden_states.device != st.device or hidden_states.dtype != torch.float32:
+    st: State = self._gpt2kern
+    if guard.why_not(st, "lm_head", hidden=hidden_states) is not None:
         return self._gpt2kern_hf_forward(hidden_states)
-    Wp, n = st.lm_w  # fresh: the body's call just ran refresh()
-    logits = ops.conv1d(hidden_states, Wp, None, out_features=n)
+    logits = st.weights.lm_head(hidden_states)
     if st.trace:
         st.trace("lm_head", logits)
     return logits
 
 
+def installed_forward(module, f) -> bool:
+    """Whether `f` (found in module.__dict__) is the forward optimize() installed there."""
+    return getattr(f, "__func__", None) in (_forward, _lm_head_forward)
+
+
 # ---------------------------------------------------------------- public API
 
-def optimize(model, *, freeze: bool = True):
-    """Run `model` (GPT2LMHeadModel or GPT2Model) on gpt2kern's kernels, in place; returns the model.
+def optimize(model, *, freeze: bool = False):
+    """Run `model`'s GPT-2 body (and its lm_head) on gpt2kern's kernels, in place; returns the model.
 
-    Idempotent. `freeze=True` sets requires_grad=False on the parameters, so plain `model(ids)` calls take the fast
-    path without `torch.no_grad()`; calls that need autograd, training mode or features the kernels lack go to HF's
-    own forward (see `fallback_reason`). Weights are packed now and repacked automatically if they change.
+    Any HF GPT-2 class: GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,
+    GPT2ForTokenClassification, GPT2ForQuestionAnswering — their heads, pooling and losses stay HF's. Idempotent.
+    Calls that need autograd (grad enabled and a parameter requiring grad), training mode or features the kernels
+    lack run HF's own forward (see `fallback_reason`, and guard.py for every case); `requires_grad` is left as it
+    is. `freeze=True` (opt-in) sets requires_grad=False on every parameter, so a plain `model(ids)` without
+    `torch.no_grad()` takes the fast path too. Weights are packed now and repacked automatically if they change.
     """
-    if isinstance(model, GPT2LMHeadModel):
-        transformer, lm_head = model.transformer, model.lm_head
-    elif isinstance(model, GPT2Model):
-        transformer, lm_head = model, None
-    else:
-        raise TypeError(f"optimize expects a transformers GPT2LMHeadModel or GPT2Model, got {type(model).__name__}")
+    transformer, lm_head = _body_and_head(model)
     if freeze:
         model.requires_grad_(False)
     if getattr(transformer, "_gpt2kern", None) is not None:
         transformer._gpt2kern.refresh()
         return model
-    model.__dict__.pop("_gpt2kern_generate_state", None)  # gpt2kern.generate's own pack: this one replaces it
-    st = _State(transformer, lm_head)
+    model.__dict__.pop("_gpt2kern_private_state", None)  # gpt2kern.generate's own pack: this one replaces it
+    st = State(transformer, lm_head)
     transformer._gpt2kern = st
     transformer._gpt2kern_hf_forward = transformer.forward
-    transformer.forward = types.MethodType(_gpt2model_forward, transformer)
+    transformer.forward = types.MethodType(_forward, transformer)
     if lm_head is not None:
         lm_head._gpt2kern = st
         lm_head._gpt2kern_hf_forward = lm_head.forward
         lm_head.forward = types.MethodType(_lm_head_forward, lm_head)
-    st.refresh()  # last: the watch list sees the attributes just set
+    st.refresh()  # last: the snapshot sees the attributes just set
     return model
 
 
-def restore(model, *, unfreeze: bool = True):
-    """Undo optimize(): HF's own forward again (and requires_grad=True if unfreeze)."""
-    for mod in (getattr(model, "transformer", model), getattr(model, "lm_head", None)):
+def restore(model, *, unfreeze: bool = False):
+    """Undo optimize(): HF's own forward again (and requires_grad=True on every parameter if unfreeze)."""
+    transformer, lm_head = _body_and_head(model)
+    for mod in (transformer, lm_head):
         if mod is not None and getattr(mod, "_gpt2kern", None) is not None:
             del mod.forward, mod._gpt2kern_hf_forward, mod._gpt2kern
     if unfreeze:
@@ -599,13 +445,22 @@ def restore(model, *, unfreeze: bool = True):
     return model
 
 
+def _state_or_none(model):
+    try:
+        transformer, _ = _body_and_head(model)
+    except TypeError:
+        return None
+    return getattr(transformer, "_gpt2kern", None)
+
+
 def is_optimized(model) -> bool:
-    return getattr(getattr(model, "transformer", model), "_gpt2kern", None) is not None
+    return _state_or_none(model) is not None
 
 
 def fallback_reason(model) -> str | None:
-    """Why the last forward call ran HF's path instead of the kernels (None if the kernels served it)."""
-    st = getattr(getattr(model, "transformer", model), "_gpt2kern", None)
+    """Why the last forward call (in this thread, outside torch.compile) ran HF's path instead of the kernels (None
+    if the kernels served it)."""
+    st = _state_or_none(model)
     if st is None:
         raise ValueError("model is not optimized (call gpt2kern.optimize(model) first)")
     return st.fallback_reason
@@ -614,7 +469,7 @@ def fallback_reason(model) -> str | None:
 @contextlib.contextmanager
 def tracing(model):
     """Record every named step of the optimized forward, in execution order: yields a list of (name, tensor)."""
-    st = getattr(getattr(model, "transformer", model), "_gpt2kern", None)
+    st = _state_or_none(model)
     if st is None:
         raise ValueError("model is not optimized (call gpt2kern.optimize(model) first)")
     records: list[tuple[str, torch.Tensor]] = []

@@ -20,7 +20,7 @@ _ops = torch.ops.gpt2kern
 _layer_norm, _add_layer_norm, _gelu_new, _pack, _conv1d, _attention, _embedding = (
     getattr(_ops, n).default for n in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention",
                                        "embedding"))
-PANEL = 32  # columns per packed weight panel (csrc/cpu/kernel_table.h: kPanel)
+PANEL = _C.PANEL  # columns per packed weight panel (defined once: csrc/cpu/kernel_table.h's kPanel)
 EPILOGUES = ("none", "gelu_new", "residual")
 
 _env_isa = os.environ.get("GPT2KERN_ISA")
@@ -92,7 +92,8 @@ def attention(q, k, v, key_mask=None, bias=None, scale: float = 1.0, q_offset: i
 
     causal: query row i sits at position q_offset + i and sees keys j <= q_offset + i.
     key_mask [B, L] bool: False marks padding (keys j >= L are not seen). bias [B|1, H|1, Tq, L] float is added
-    to the scores (-inf = masked). Rows that see no key come out as zeros, never NaN.
+    to the scores (-inf = masked). Rows that see no key come out as zeros; a NaN among a row's visible scores
+    makes that row NaN, as in HF's softmax.
     """
     return _attention(_tensor(q, "q"), _tensor(k, "k"), _tensor(v, "v"), key_mask, bias, float(scale),
                           int(q_offset), bool(causal))

@@ -207,7 +207,9 @@ def _cases():
          (VE, "position_ids must be"))
     case("model token_type_ids out of range", lambda: run(t, token_type_ids=torch.tensor([[0, 0, V]])),
          (IE, "token_type_ids contains"))
-    case("model mask 3-D", lambda: run(t, attention_mask=torch.ones(1, 1, 3)), (VE, "attention_mask must be 2-D"))
+    case("model mask 3-D (HF views it as [batch, -1])", lambda: run(t, attention_mask=torch.ones(1, 1, 3)), OK)
+    case("model mask 3-D of the wrong size", lambda: run(t.expand(2, 3), attention_mask=torch.ones(1, 1, 3)),
+         (VE, "attention_mask must be"))
     case("model mask too short", lambda: run(t, attention_mask=torch.ones(1, 2)), (VE, "covers 2 positions"))
     case("model mask wrong batch", lambda: run(t.expand(2, 3), attention_mask=torch.ones(3, 3)),
          (VE, r"attention_mask must be \[batch \(2\)"))
@@ -232,10 +234,10 @@ def _cases():
     case("model cache is a tuple", lambda: run(t, **{CACHE: ((torch.randn(1, 4, 2, 8),) * 2,) * 2}), OK)
     # ---- the one-call body (_C.Body, under HF's generate) and the decode engine (_C.Engine), called directly
     from gpt2kern import _C
-    from gpt2kern.model import stack_args
-    st = m.transformer._gpt2kern
-    args = stack_args(st.transformer, st.layers, st.ln_f)
-    body = _C.Body(*args)
+    import dataclasses
+
+    PK = m.transformer._gpt2kern.weights
+    body = PK.body()
     H, D, NL = m.config.n_head, m.config.n_embd // m.config.n_head, m.config.n_layer
     pk = [torch.randn(1, H, 2, D) for _ in range(NL)]
     p3 = torch.tensor([[2, 3, 4]])
@@ -262,12 +264,37 @@ def _cases():
     case("Body mask 1-D", lambda: body.forward(t, p3, torch.ones(5, dtype=torch.long), pk, pk),
          (VE, "attention_mask must be a CPU"))
     case("Body pos int32", lambda: body.forward(t, p3.int(), None, pk, pk), (TE, "pos must be Long"))
-    case("Body 11 tensors per layer", lambda: _C.Body(args[0][:-1], *args[1:]), (VE, "12 weight tensors"))
-    case("Body unpacked weight", lambda: _C.Body([w if i != 2 else m.transformer.h[0].attn.c_attn.weight.detach()
-                                                 for i, w in enumerate(args[0])], *args[1:]),
-         (VE, "not a packed"))
-    case("Body n_head 0", lambda: _C.Body(*args[:6], 0, args[7]), (VE, "n_head"))
-    eng = _C.Engine(*args[:6], st.lm_w[0], st.lm_w[1], *args[6:], 1, 8, 8)
+    lws = [L.to_c() for L in PK.layers]
+    lnf = (PK.ln_f.weight, PK.ln_f.bias)
+    L0 = PK.layers[0]
+    c_args = dict(ln_1_weight=L0.ln_1.weight, ln_1_bias=L0.ln_1.bias, c_attn_weight=L0.c_attn.weight,
+                  c_attn_bias=L0.c_attn.bias, attn_proj_weight=L0.attn_proj.weight,
+                  attn_proj_bias=L0.attn_proj.bias, ln_2_weight=L0.ln_2.weight, ln_2_bias=L0.ln_2.bias,
+                  c_fc_weight=L0.c_fc.weight, c_fc_bias=L0.c_fc.bias, mlp_proj_weight=L0.mlp_proj.weight,
+                  mlp_proj_bias=L0.mlp_proj.bias, scale=L0.scale)
+    def layer_with(**kw):
+        return _C.LayerWeights(**{**c_args, **kw})
+    case("Body no layers", lambda: _C.Body([], PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "no layers"))
+    case("Body unpacked weight", lambda: _C.Body(
+        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach())] + lws[1:], PK.wte, PK.wpe, *lnf,
+        PK.n_head, PK.eps), (VE, "c_attn weight is not a packed"))
+    case("Body c_fc and mlp_proj weights swapped", lambda: _C.Body(
+        [layer_with(c_fc_weight=L0.mlp_proj.weight, mlp_proj_weight=L0.c_fc.weight)] + lws[1:], PK.wte, PK.wpe, *lnf,
+        PK.n_head, PK.eps), (VE, "c_fc weight is not a packed"))
+    case("Body ln_1 bias is c_attn's bias", lambda: _C.Body([layer_with(ln_1_bias=L0.c_attn.bias)] + lws[1:],
+                                                            PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
+         (VE, "ln_1.bias must be a vector of"))
+    case("Body ln_2 weight float64", lambda: _C.Body([layer_with(ln_2_weight=L0.ln_2.weight.double())] + lws[1:],
+                                                     PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (TE, "Float"))
+    case("LayerWeights positional", lambda: _C.LayerWeights(*c_args.values()), (TE, "incompatible"))
+    case("LayerWeights missing field", lambda: _C.LayerWeights(**{k: v for k, v in c_args.items() if k != "scale"}),
+         (TE, "incompatible"))
+    case("Layer record misassigned", lambda: dataclasses.replace(L0, c_fc=L0.mlp_proj),
+         (VE, "Layer.c_fc must be"))
+    case("Layer record ln swapped for a Linear's bias", lambda: dataclasses.replace(
+        L0, ln_2=dataclasses.replace(L0.ln_2, bias=L0.c_attn.bias)), (VE, "Layer.ln_2 must hold"))
+    case("Body n_head 0", lambda: _C.Body(lws, PK.wte, PK.wpe, *lnf, 0, PK.eps), (VE, "n_head"))
+    eng = PK.engine(1, 8, 8)
     valid = torch.ones(1, 3, dtype=torch.bool)
     case("Engine wrong batch", lambda: eng.forward(t.expand(2, 3), p3.expand(2, 3), valid.expand(2, 3)),
          (VE, "ids must be"))
@@ -278,8 +305,7 @@ def _cases():
     case("Engine cache full", lambda: [eng.forward(t, p3, valid) for _ in range(3)], (VE, "cache holds 8"))
     case("Engine token id -1", lambda: eng.forward(torch.tensor([[-1]]), p3[:, :1], valid[:, :1]),
          (IE, "outside the vocabulary"))
-    case("Engine bad sizes", lambda: _C.Engine(*args[:6], st.lm_w[0], st.lm_w[1], *args[6:], 0, 8, 8),
-         (VE, "bad sizes"))
+    case("Engine bad sizes", lambda: PK.engine(0, 8, 8), (VE, "bad sizes"))
     case("generate token id = vocab", lambda: gen(torch.tensor([[1, V]])), (IE, f"contains {V}"))
     case("generate past n_positions", lambda: gen(torch.zeros(1, NP - 1, dtype=torch.long), max_new_tokens=5),
          ((VE, IE), "n_positions"))

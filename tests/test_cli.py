@@ -347,3 +347,36 @@ def test_canonical_layer_names():
     for bad in ("h.2.ln_1", "h.0.mlp.c_fc", "h.0.foo", ""):
         with pytest.raises(ValueError):
             steps.canonical_layer(bad, cfg)
+
+
+def test_parity_exits_1_when_the_fast_path_never_ran(cli_run, tmp_path):
+    """A model the kernels cannot serve (gelu, not gelu_new): HF would be compared with itself — that is no pass."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32, activation_function="gelu",
+                     bos_token_id=49, eos_token_id=49)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gelu")
+    code, out, err = cli_run("parity", "-m", tmp_path / "gelu", "--seq-len", "4", "--new-tokens", "2", "--json")
+    res = json.loads(out)
+    assert code == 1 and not res["ok"] and not res["fast_path"]
+    ran = [r for r in res["end_to_end"] if r["check"].startswith("fast path ran")][0]
+    assert not ran["ok"] and "activation_function" in ran["value"]
+    code, out, err = cli_run("parity", "-m", tmp_path / "gelu", "--seq-len", "4", "--new-tokens", "2")
+    assert code == 1 and "parity FAILED" in out and "proves nothing" in err
+
+
+def test_parity_exits_1_when_a_step_has_no_reference(cli_run, monkeypatch):
+    real = steps.hf_steps
+
+    def drop_one(model, ids, **kw):
+        rec = real(model, ids, **kw)
+        del rec["h.0.ln_2"]
+        return rec
+    monkeypatch.setattr(steps, "hf_steps", drop_one)
+    code, out, err = cli_run("parity", "-m", "random:tiny", "--seq-len", "4", "--new-tokens", "2", "--json")
+    res = json.loads(out)
+    assert code == 1 and not res["ok"]
+    assert [r for r in res["steps"] if r["name"] == "h.0.ln_2"][0]["ok"] is None
+    row = [r for r in res["end_to_end"] if r["check"].startswith("every step")][0]
+    assert not row["ok"] and "h.0.ln_2" in row["value"]

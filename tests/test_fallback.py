@@ -18,8 +18,11 @@ IDS = torch.randint(0, 98, (2, 6), generator=torch.Generator().manual_seed(0))
 
 def test_fast_path_by_default(models):
     _, opt = models
-    opt(IDS)  # no torch.no_grad needed: optimize() froze the parameters
+    with torch.no_grad():
+        opt(IDS)
     assert gpt2kern.fallback_reason(opt) is None
+    opt(IDS)  # grad enabled and parameters that require grad (optimize() leaves them so): HF's path
+    assert gpt2kern.fallback_reason(opt).startswith("autograd")
 
 
 def test_training_mode(models):
@@ -100,5 +103,5 @@ def test_optimize_is_idempotent_and_restore(models):
 
 
 def test_optimize_rejects_other_models():
-    with pytest.raises(TypeError, match="GPT2LMHeadModel or GPT2Model"):
+    with pytest.raises(TypeError, match="GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel"):
         gpt2kern.optimize(torch.nn.Linear(2, 2))

@@ -185,8 +185,8 @@ def test_not_a_gpt2_lm_model_raises(tiny):
 
 
 def test_engine_checks_its_own_inputs(tiny):
-    from gpt2kern.generate import _engine, _state
-    eng = _engine(_state(tiny), 1, 4, 2)
+    from gpt2kern.model import state_of
+    eng = state_of(tiny).weights.engine(1, 4, 2)
     ok = torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[True]])
     with pytest.raises(TypeError, match="ids"):
         eng.forward(ok[0].int(), ok[1], ok[2])
@@ -221,9 +221,9 @@ def test_cuda_engine_matches_hf(distil):
 def test_optimize_after_generate_keeps_one_pack(tiny):
     m = copy.deepcopy(tiny)
     gpt2kern.generate(m, torch.tensor([[1, 2]]), max_new_tokens=2)
-    assert "_gpt2kern_generate_state" in m.__dict__
+    assert "_gpt2kern_private_state" in m.__dict__
     gpt2kern.optimize(m)
-    assert "_gpt2kern_generate_state" not in m.__dict__
+    assert "_gpt2kern_private_state" not in m.__dict__
     ids = torch.tensor([[4, 5, 6]])
     out = gpt2kern.generate(m, ids, max_new_tokens=10, eos_token_id=[])
     assert torch.equal(out, hf_generate(tiny, ids, max_new_tokens=10, eos_token_id=None, pad_token_id=0))

@@ -23,9 +23,12 @@ namespace {
 
 const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
-struct Layer {
-  at::Tensor ln1_w, ln1_b, attn_w, attn_b, aproj_w, aproj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b;
-  float scale;
+// One block's weights, by name (gpt2kern/weights.py's Layer builds it with keyword arguments only, so two
+// same-shaped tensors cannot trade places unnoticed): LayerNorm vectors, matmul weights packed by gpt2kern.pack.
+struct LayerWeights {
+  at::Tensor ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_proj_weight, attn_proj_bias, ln_2_weight,
+      ln_2_bias, c_fc_weight, c_fc_bias, mlp_proj_weight, mlp_proj_bias;
+  double scale;
 };
 
 // Activation buffers of one forward over M = B·T rows (dense rows).
@@ -48,13 +51,11 @@ struct KvView {
 // same kernels in the same order as gpt2kern/model.py::_walk, so all three give the same numbers.
 class Stack {
  public:
-  // layers: 12 tensors per layer in the order of struct Layer (matmul weights packed by gpt2kern.pack)
-  Stack(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
-        at::Tensor lnf_w, at::Tensor lnf_b, int64_t n_head, double eps, const char* who)
-      : wte_(wte.contiguous()), wpe_(wpe.contiguous()), lnf_w_(lnf_w.contiguous()), lnf_b_(lnf_b.contiguous()),
-        H_(n_head), eps_((float)eps) {
-    TORCH_CHECK_VALUE(layers.size() == 12 * scales.size() && !scales.empty(), "gpt2kern.", who,
-                      ": expected 12 weight tensors per layer");
+  Stack(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
+        int64_t n_head, double eps, const char* who)
+      : layers_(layers), wte_(wte.contiguous()), wpe_(wpe.contiguous()), lnf_w_(lnf_w.contiguous()),
+        lnf_b_(lnf_b.contiguous()), H_(n_head), eps_((float)eps) {
+    TORCH_CHECK_VALUE(!layers.empty(), "gpt2kern.", who, ": the model has no layers");
     GK_CHECK_FLOAT(wte_, who, "wte");
     GK_CHECK_DIM(wte_, 2, who, "wte");
     GK_CHECK_FLOAT(wpe_, who, "wpe");
@@ -64,37 +65,38 @@ class Stack {
     TORCH_CHECK_VALUE(n_head > 0 && E_ % n_head == 0, "gpt2kern.", who, ": n_embd ", E_,
                       " is not divisible by n_head ", n_head);
     D_ = E_ / H_;
-    for (const auto& t : layers) {
-      GK_CHECK_FLOAT(t, who, "layer weight");
-      TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "gpt2kern.", who,
-                        ": layer weights must be contiguous CPU tensors");
-    }
-    for (size_t l = 0; l < scales.size(); ++l) {
-      const at::Tensor* w = &layers[12 * l];
-      layers_.push_back(Layer{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11],
-                              (float)scales[l]});
-      F_ = w[9].numel();
-      check_vec(w[0], E_, who, "ln_1.weight"); check_vec(w[1], E_, who, "ln_1.bias");
-      check_vec(w[6], E_, who, "ln_2.weight"); check_vec(w[7], E_, who, "ln_2.bias");
-      check_vec(w[3], 3 * E_, who, "c_attn.bias"); check_vec(w[5], E_, who, "attn.c_proj.bias");
-      check_vec(w[11], E_, who, "mlp.c_proj.bias");
-      check_packed(w[2], E_, 3 * E_, who, "c_attn");
-      check_packed(w[4], E_, E_, who, "attn.c_proj");
-      check_packed(w[8], E_, F_, who, "c_fc");
-      check_packed(w[10], F_, E_, who, "mlp.c_proj");
+    F_ = layers[0].c_fc_bias.defined() ? layers[0].c_fc_bias.numel() : 0;
+    for (const LayerWeights& L : layers) {
+      check_vec(L.ln_1_weight, E_, who, "ln_1.weight"); check_vec(L.ln_1_bias, E_, who, "ln_1.bias");
+      check_vec(L.ln_2_weight, E_, who, "ln_2.weight"); check_vec(L.ln_2_bias, E_, who, "ln_2.bias");
+      check_vec(L.c_attn_bias, 3 * E_, who, "c_attn.bias"); check_vec(L.attn_proj_bias, E_, who, "attn.c_proj.bias");
+      check_vec(L.c_fc_bias, F_, who, "c_fc.bias"); check_vec(L.mlp_proj_bias, E_, who, "mlp.c_proj.bias");
+      check_packed(L.c_attn_weight, E_, 3 * E_, who, "c_attn");
+      check_packed(L.attn_proj_weight, E_, E_, who, "attn.c_proj");
+      check_packed(L.c_fc_weight, E_, F_, who, "c_fc");
+      check_packed(L.mlp_proj_weight, F_, E_, who, "mlp.c_proj");
     }
     check_vec(lnf_w_, E_, who, "ln_f.weight");
     check_vec(lnf_b_, E_, who, "ln_f.bias");
   }
 
   static void check_packed(const at::Tensor& w, int64_t k, int64_t n, const char* who, const char* name) {
+    TORCH_CHECK_VALUE(w.defined(), "gpt2kern.", who, ": ", name, " weight is missing");
+    GK_CHECK_FLOAT(w, who, name);
+    TORCH_CHECK_VALUE(w.is_contiguous() && w.device().is_cpu(), "gpt2kern.", who, ": ", name,
+                      " weight must be a contiguous CPU tensor");
     TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == (n + kPanel - 1) / kPanel && w.size(1) == k &&
                           w.size(2) == kPanel,
                       "gpt2kern.", who, ": ", name, " weight is not a packed [panels, ", k, ", ", kPanel,
                       "] tensor for ", n, " outputs; got ", w.sizes());
   }
   static void check_vec(const at::Tensor& t, int64_t n, const char* who, const char* name) {
-    TORCH_CHECK_VALUE(t.numel() == n, "gpt2kern.", who, ": ", name, " must have ", n, " elements, got ", t.numel());
+    TORCH_CHECK_VALUE(t.defined(), "gpt2kern.", who, ": ", name, " is missing");
+    GK_CHECK_FLOAT(t, who, name);
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "gpt2kern.", who, ": ", name,
+                      " must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == n, "gpt2kern.", who, ": ", name, " must be a vector of ", n,
+                      " elements, got shape ", t.sizes());
   }
 
   // ids / pos: M = B·T range-checked ids and positions, row-major [B, T].
@@ -118,10 +120,10 @@ class Stack {
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
       kt.embedding_rows(ids + r0, pos + r0, nullptr, wte, wpe, s.h + r0 * E, r1 - r0, E);
     });
-    run_layer_norm(s.h, E, s.x, f32(layers_[0].ln1_w), f32(layers_[0].ln1_b), M, E, eps_);
+    run_layer_norm(s.h, E, s.x, f32(layers_[0].ln_1_weight), f32(layers_[0].ln_1_bias), M, E, eps_);
     for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& L = layers_[l];
-      run_matmul(s.x, E, M, E, f32(L.attn_w), 3 * E, f32(L.attn_b), Epilogue::None, nullptr, 0, s.qkv);
+      const LayerWeights& L = layers_[l];
+      run_matmul(s.x, E, M, E, f32(L.c_attn_weight), 3 * E, f32(L.c_attn_bias), Epilogue::None, nullptr, 0, s.qkv);
       const KvView c = kv(l, s.qkv);
       AttnArgs args{};
       args.q = s.qkv; args.sq_b = T * 3 * E; args.sq_h = D_; args.sq_t = 3 * E;
@@ -130,15 +132,15 @@ class Stack {
       args.out = s.att;
       args.B = B; args.H = H_; args.Tq = T; args.Tkv = c.Tkv; args.D = D_;
       args.key_mask = c.key_mask; args.mask_len = c.mask_len;
-      args.scale = L.scale; args.q_offset = c.q_offset; args.causal = true;
+      args.scale = (float)L.scale; args.q_offset = c.q_offset; args.causal = true;
       run_attention(args);
-      run_matmul(s.att, E, M, E, f32(L.aproj_w), E, f32(L.aproj_b), Epilogue::None, nullptr, 0, s.a);
-      run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln2_w), f32(L.ln2_b), M, E, eps_);
-      run_matmul(s.x, E, M, E, f32(L.fc_w), F_, f32(L.fc_b), Epilogue::GeluNew, nullptr, 0, s.fc);
-      run_matmul(s.fc, F_, M, F_, f32(L.mproj_w), E, f32(L.mproj_b), Epilogue::None, nullptr, 0, s.a);
+      run_matmul(s.att, E, M, E, f32(L.attn_proj_weight), E, f32(L.attn_proj_bias), Epilogue::None, nullptr, 0, s.a);
+      run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2_weight), f32(L.ln_2_bias), M, E, eps_);
+      run_matmul(s.x, E, M, E, f32(L.c_fc_weight), F_, f32(L.c_fc_bias), Epilogue::GeluNew, nullptr, 0, s.fc);
+      run_matmul(s.fc, F_, M, F_, f32(L.mlp_proj_weight), E, f32(L.mlp_proj_bias), Epilogue::None, nullptr, 0, s.a);
       const bool last = l + 1 == layers_.size();
-      const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln1_w;
-      const at::Tensor& nb = last ? lnf_b_ : layers_[l + 1].ln1_b;
+      const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln_1_weight;
+      const at::Tensor& nb = last ? lnf_b_ : layers_[l + 1].ln_1_bias;
       if (last && last_only && T > 1) {  // only each row's last token reaches ln_f (and the head)
         for (int64_t b = 0; b < B; ++b) {
           const int64_t r = b * T + T - 1;
@@ -171,7 +173,7 @@ class Stack {
     });
   }
 
-  std::vector<Layer> layers_;
+  std::vector<LayerWeights> layers_;
   at::Tensor wte_, wpe_, lnf_w_, lnf_b_;
   int64_t H_;
   float eps_;
@@ -195,9 +197,9 @@ class Stack {
 // Anything else (a cropped, reordered or user-made cache) is copied into a new buffer, as torch.cat would.
 class Body {
  public:
-  Body(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
-       at::Tensor lnf_w, at::Tensor lnf_b, int64_t n_head, double eps)
-      : st_(layers, scales, wte, wpe, lnf_w, lnf_b, n_head, eps, "Body") {}
+  Body(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
+       int64_t n_head, double eps)
+      : st_(layers, wte, wpe, lnf_w, lnf_b, n_head, eps, "Body") {}
 
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
       const at::Tensor& ids, const std::optional<at::Tensor>& pos_, const std::optional<at::Tensor>& attention_mask,
@@ -304,16 +306,14 @@ class Body {
 
 class Engine {
  public:
-  // layers: 12 tensors per layer in the order of struct Layer (matmul weights packed by gpt2kern.pack);
-  // lm_w: packed [vocab] x [n_embd] head. batch / max_len fix the cache; max_rows bounds B·T of one forward.
-  Engine(const std::vector<at::Tensor>& layers, const std::vector<double>& scales, at::Tensor wte, at::Tensor wpe,
-         at::Tensor lnf_w, at::Tensor lnf_b, at::Tensor lm_w, int64_t vocab, int64_t n_head, double eps,
-         int64_t batch, int64_t max_len, int64_t max_rows)
-      : st_(layers, scales, wte, wpe, lnf_w, lnf_b, n_head, eps, "Engine"), lm_w_(lm_w.contiguous()), V_(vocab),
+  // lm_w: packed [n_embd] x [vocab] head. batch / max_len fix the cache; max_rows bounds B·T of one forward.
+  Engine(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
+         at::Tensor lm_w, int64_t vocab, int64_t n_head, double eps, int64_t batch, int64_t max_len,
+         int64_t max_rows)
+      : st_(layers, wte, wpe, lnf_w, lnf_b, n_head, eps, "Engine"), lm_w_(lm_w.contiguous()), V_(vocab),
         B_(batch), Tmax_(max_len), max_rows_(max_rows) {
     TORCH_CHECK_VALUE(batch >= 1 && max_len >= 1 && max_rows >= batch, "gpt2kern.Engine: bad sizes batch=", batch,
                       " max_len=", max_len, " max_rows=", max_rows);
-    GK_CHECK_FLOAT(lm_w_, "Engine", "lm_w");
     Stack::check_packed(lm_w_, st_.E_, V_, "Engine", "lm_head");
     const int64_t L = (int64_t)st_.layers_.size(), E = st_.E_, H = st_.H_, D = st_.D_;
     auto f = st_.wte_.options();
@@ -382,22 +382,36 @@ class Engine {
 
 void bind_engine(pybind11::module_& m) {
   namespace py = pybind11;
+  py::class_<LayerWeights>(m, "LayerWeights", "One block's weights by name (built by gpt2kern.weights.Layer).")
+      .def(py::init([](at::Tensor ln_1_weight, at::Tensor ln_1_bias, at::Tensor c_attn_weight, at::Tensor c_attn_bias,
+                       at::Tensor attn_proj_weight, at::Tensor attn_proj_bias, at::Tensor ln_2_weight,
+                       at::Tensor ln_2_bias, at::Tensor c_fc_weight, at::Tensor c_fc_bias, at::Tensor mlp_proj_weight,
+                       at::Tensor mlp_proj_bias, double scale) {
+             return LayerWeights{ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_proj_weight,
+                                 attn_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_proj_weight,
+                                 mlp_proj_bias, scale};
+           }),
+           py::kw_only(), py::arg("ln_1_weight"), py::arg("ln_1_bias"), py::arg("c_attn_weight"),
+           py::arg("c_attn_bias"), py::arg("attn_proj_weight"), py::arg("attn_proj_bias"), py::arg("ln_2_weight"),
+           py::arg("ln_2_bias"), py::arg("c_fc_weight"), py::arg("c_fc_bias"), py::arg("mlp_proj_weight"),
+           py::arg("mlp_proj_bias"), py::arg("scale"))
+      .def_readonly("scale", &LayerWeights::scale);
   py::class_<Engine>(m, "Engine", "GPT-2 decode engine: preallocated KV cache, one C++ call per step.")
-      .def(py::init<const std::vector<at::Tensor>&, const std::vector<double>&, at::Tensor, at::Tensor, at::Tensor,
-                    at::Tensor, at::Tensor, int64_t, int64_t, double, int64_t, int64_t, int64_t>(),
-           py::arg("layers"), py::arg("scales"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"),
-           py::arg("lm_w"), py::arg("vocab"), py::arg("n_head"), py::arg("eps"), py::arg("batch"),
-           py::arg("max_len"), py::arg("max_rows"))
+      .def(py::init<const std::vector<LayerWeights>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    int64_t, int64_t, double, int64_t, int64_t, int64_t>(),
+           py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
+           py::arg("vocab"), py::arg("n_head"), py::arg("eps"), py::arg("batch"), py::arg("max_len"),
+           py::arg("max_rows"))
       .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos"), py::arg("valid"),
            py::call_guard<py::gil_scoped_release>())
       .def("reset", &Engine::reset)
       .def_property_readonly("length", &Engine::length)
       .def_property_readonly("key_mask", &Engine::key_mask);
   py::class_<Body>(m, "Body", "GPT-2 body (embedding, blocks, ln_f) in one call, over DynamicCache-style past K/V.")
-      .def(py::init<const std::vector<at::Tensor>&, const std::vector<double>&, at::Tensor, at::Tensor, at::Tensor,
-                    at::Tensor, int64_t, double>(),
-           py::arg("layers"), py::arg("scales"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"),
-           py::arg("n_head"), py::arg("eps"))
+      .def(py::init<const std::vector<LayerWeights>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
+                    double>(),
+           py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("n_head"),
+           py::arg("eps"))
       .def("forward", &Body::forward, py::arg("ids"), py::arg("pos"), py::arg("attention_mask"), py::arg("past_k"),
            py::arg("past_v"), py::arg("append") = std::vector<bool>(), py::call_guard<py::gil_scoped_release>());
 }

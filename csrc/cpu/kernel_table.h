@@ -45,6 +45,7 @@ struct KernelTable {
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
   void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);
   int mr_max;  // rows per matmul register tile
+  int lanes;   // floats per SIMD vector (kernels/vec.h: VL), the one place the width is defined
   // roofline probe: iters × 12 vector FMAs per call (returns a value so the work is not optimised away)
   float (*fma_probe)(int64_t iters);
 };

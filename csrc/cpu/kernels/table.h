@@ -22,6 +22,7 @@ extern const KernelTable GK_CAT(kTable_, GK_ISA) = {
     GK_ISA::matmul_panel,
     GK_ISA::attention_block,
     GK_MR_MAX,
+    GK_ISA::VL,
     GK_ISA::fma_probe,
 };
 }  // namespace gk
