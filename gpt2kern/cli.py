@@ -378,7 +378,7 @@ def generate(
     end = " (stopped at eos)" if printer.hit_eos else ""
     first = f", first token {res['first_token_s'] * 1e3:.0f} ms" if res["first_token_s"] is not None else ""
     console.print(f"[dim]{n_new} tokens in {elapsed:.2f} s: {fmt_num(res['tokens_per_s'], 3)} tokens/s{first}{end}"
-                  f" — gpt2kern, {device}{f', {n_threads} threads' if device == 'cpu' else ''}[/dim]")
+                  f" — gpt2kern, {device}{f', {n_threads} thread' + ('s' if n_threads > 1 else '') if device == 'cpu' else ''}[/dim]")
     if why is not None:
         notice(f"the fast path did not run ({why}): these are HF's numbers")
     if compare_hf:

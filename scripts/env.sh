@@ -68,7 +68,7 @@ with open("pyproject.toml", "rb") as f:
 print("\n".join(["numpy", "ninja"] + p["dependencies"] + p["optional-dependencies"]["test"]))
 EOF
 )
-say "[3/5] dependencies: $(echo "$DEPS" | sed 's/[<>=].*//' | tr '\n' ' ')"
+say "[3/5] dependencies: $(echo "$DEPS" | sed -E 's/[<>=; ].*//' | awk '!seen[$0]++' | tr '\n' ' ')"
 mapfile -t DEP_ARR <<< "$DEPS"
 logged '^(Collecting|Installing collected|Successfully|ERROR)' python -m pip install "${DEP_ARR[@]}"
 

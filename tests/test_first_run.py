@@ -111,7 +111,7 @@ def test_threads_in_a_fresh_process():
     r = subprocess.run([sys.executable, "-m", "gpt2kern", "generate", "1 2", "-m", "random:tiny", "-n", "3",
                         "-t", "1"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "gpt2kern, cpu, 1 threads" in r.stdout
+    assert "gpt2kern, cpu, 1 thread\n" in r.stdout
 
 
 def test_trace_shows_tolerance_and_ok(cli_run):  # noqa: F811
