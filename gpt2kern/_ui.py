@@ -103,7 +103,8 @@ def resolve_model_name(model: str | None) -> str:
     if cached_hub_model(DEFAULT_HUB_MODEL):
         return DEFAULT_HUB_MODEL
     notice(f"{DEFAULT_HUB_MODEL} is not in the local Hugging Face cache; using {OFFLINE_DEFAULT} "
-           f"(random weights, no tokenizer; prompts are token ids). Pass --model DIR to use a saved model.")
+           f"(GPT-2's tokenizer, random weights: the text it writes is gibberish). Pass --model DIR to use a saved "
+           f"model.")
     return OFFLINE_DEFAULT
 
 

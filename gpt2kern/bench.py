@@ -227,7 +227,7 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
                 if key not in t:
                     continue
                 ms = t[key] * 1e3 / new_tokens
-                e2e.append(dict(measure=f"decode B={B} {label}, ms/token", ours_ms=ms, hf_ms=hf_ms, ratio=hf_ms / ms,
+                e2e.append(dict(measure=decode_measure(B, label), ours_ms=ms, hf_ms=hf_ms, ratio=hf_ms / ms,
                                 tokens_per_s=B * 1e3 / ms, read_bandwidth_GBps=bw_here / 1e9,
                                 roofline_pct=100 * weight_bytes / bw_here / (ms / 1e3)))
             same = int((res["engine"][:, 16:] == res["hf"][:, 16:]).sum())
@@ -240,6 +240,12 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out["decode_read_bandwidth_GBps"] = decode_bw[0] / 1e9  # interleaved with the B=1 decodes
     out["decode_floor_ms"] = weight_bytes / decode_bw[0] * 1e3
     return out
+
+
+def decode_measure(batch: int, label: str) -> str:
+    """The row name of a decode timing. One step makes `batch` tokens (one per row): the time is per step, which
+    is per token only at batch 1."""
+    return f"decode B={batch} {label}, " + ("ms/token" if batch == 1 else f"ms/step ({batch} tokens)")
 
 
 def steps(quick=False, n_positions=1024) -> int:

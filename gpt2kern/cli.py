@@ -19,7 +19,6 @@ import sys
 import time
 from typing import Annotated, Callable, List, Optional
 
-import torch
 import typer
 
 try:  # typer >= 0.2x carries its own copy of click; older typer uses click itself
@@ -29,6 +28,19 @@ except ImportError:  # pragma: no cover
 
 from . import _ui
 from ._ui import CliError, console, emit_json, expected_errors, fmt_num, notice, print_table
+
+
+class _LazyTorch:
+    """`torch`, imported on first use. Importing torch (and transformers) takes seconds; `gpt2kern --help` and
+    argument errors answer before any command body runs, so they never pay for it (tests/test_cli_startup.py)."""
+
+    def __getattr__(self, name):
+        import torch as _torch
+
+        return getattr(_torch, name)
+
+
+torch = _LazyTorch()
 
 app = typer.Typer(
     name="gpt2kern",
@@ -57,8 +69,23 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 IdsOpt = Annotated[bool, typer.Option(
     "--ids", help="Read PROMPT as token ids ('464 2068 7586' or '464,2068'), even when the model has a tokenizer.")]
 PromptArg = Annotated[List[str], typer.Argument(
-    help="Text (needs a tokenizer in the model dir) or token ids separated by spaces/commas (models without one); "
-         "several words are joined with spaces.", show_default=False)]
+    help="Text, through the model's tokenizer (random:* models but random:tiny have GPT-2's), or token ids "
+         "separated by spaces/commas (--ids, or a model without a tokenizer); several words are joined with spaces. "
+         "An empty prompt starts from <|endoftext|>.", show_default=False)]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", "-t", metavar="N", help="CPU threads for torch and the kernels (torch.set_num_threads); default: "
+    "torch's, one per core. Fewer than the cores is faster when other programs keep some busy.",
+    show_default=False)]
+
+
+def set_threads(threads: int | None) -> int:
+    """--threads: torch.set_num_threads (the kernels split their work over at::get_num_threads()). Returns the
+    number of threads in use."""
+    if threads is not None:
+        if threads < 1:
+            raise CliError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 # ---------------------------------------------------------------- prompts and tokens
@@ -66,27 +93,41 @@ PromptArg = Annotated[List[str], typer.Argument(
 _IDS_RE = re.compile(r"\s*\d+(?:\s*[,\s]\s*\d+)*\s*,?\s*")
 
 
+def _example_ids(config) -> str:
+    return "464 2068 7586" if config.vocab_size > 7586 else "1 2 3"
+
+
 def encode_prompt(prompt: str | list[str], tok, config, as_ids: bool = False) -> torch.Tensor:
-    """PROMPT -> input ids [1, T]. Text through the model's HF tokenizer; ids as given. CliError on bad input."""
+    """PROMPT -> input ids [1, T]. Text through the model's HF tokenizer; ids as given. CliError on bad input.
+
+    An empty (or all-blank) prompt starts from the bos token, <|endoftext|> for GPT-2 (its unconditional start),
+    with a note saying so."""
     if not isinstance(prompt, str):
         prompt = " ".join(prompt)
     if not prompt.strip():  # GPT-2's unconditional start
         bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
         if bos is None:
-            raise CliError("the prompt is empty and the model has no bos/eos token to start from")
+            raise CliError("the prompt is empty and the model has no bos/eos token to start from; give a prompt")
         ids = [int(bos)]
+        what = repr(tok.decode(ids)) if tok is not None else "the bos token"
+        notice(f"the prompt is empty: starting from {what} (id {bos}), the model's start-of-text token")
     elif as_ids or tok is None:
         if not _IDS_RE.fullmatch(prompt):
-            if tok is None:
-                raise CliError("this model has no tokenizer: give the prompt as token ids, e.g. '464 2068 7586' "
-                               "(or use a model directory saved with its tokenizer)")
-            raise CliError(f"--ids: the prompt must be token ids separated by spaces or commas, got {prompt!r}")
+            if as_ids:
+                raise CliError(f"--ids reads the prompt as token ids separated by spaces or commas (e.g. "
+                               f"'{_example_ids(config)}'), got {prompt!r}"
+                               + ("; drop --ids to read it as text" if tok is not None else ""))
+            raise CliError(f"this model has no tokenizer: give the prompt as token ids, e.g. "
+                           f"'{_example_ids(config)}' (0..{config.vocab_size - 1}), or use a model saved with its "
+                           f"tokenizer")
         ids = [int(x) for x in re.split(r"[,\s]+", prompt.strip().rstrip(",")) if x]
         bad = [i for i in ids if i >= config.vocab_size]
         if bad:
             raise CliError(f"token id {bad[0]} is outside the vocabulary (0..{config.vocab_size - 1})")
     else:
         ids = list(tok(prompt)["input_ids"])
+        if _IDS_RE.fullmatch(prompt):
+            notice(f"the prompt was read as text ({len(ids)} tokens); pass --ids to read it as token ids")
     n_pos = config.n_positions
     if len(ids) > n_pos:
         raise CliError(f"the prompt is {len(ids)} tokens, longer than the model's context (n_positions={n_pos})")
@@ -239,17 +280,18 @@ def generate(
     compare_hf: Annotated[bool, typer.Option("--compare-hf", help="Also run HF's own forward with the same "
                                              "settings: token agreement and speed ratio.")] = False,
     ids: IdsOpt = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ):
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
-    import gpt2kern
-
     device = Device(device).value
     prompt = " ".join(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
     s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
     with expected_errors():
         s.check()
+    n_threads = set_threads(threads)
+    import gpt2kern
     name, m, tok = _ui.load_model(model, device)
     input_ids = encode_prompt(prompt, tok, m.config, ids)
     with expected_errors():
@@ -266,8 +308,8 @@ def generate(
 
     printer = _TokenPrinter(tok, s.eos_token_id, echo=not json_)
     _ui.flush_notices()  # the input checks passed: say which model this is before streaming from it
-    if printer.echo:
-        sys.stdout.write(prompt if (tok is not None and not ids and prompt.strip())
+    if printer.echo:  # the prompt as given (an empty one: nothing, the note says where it starts)
+        sys.stdout.write("" if not prompt.strip() else prompt if (tok is not None and not ids)
                          else " ".join(map(str, input_ids[0].tolist())))
         sys.stdout.flush()
     interrupted = False
@@ -283,7 +325,7 @@ def generate(
                text=printer.text(), new_tokens=n_new, stopped_at_eos=printer.hit_eos, interrupted=interrupted,
                seconds=elapsed, tokens_per_s=n_new / elapsed if elapsed > 0 else None,
                first_token_s=(printer.t_first - t0) if printer.t_first else None,
-               settings=dataclasses.asdict(s), fast_path=why is None, fallback_reason=why)
+               settings=dataclasses.asdict(s), threads=n_threads, fast_path=why is None, fallback_reason=why)
     if interrupted:
         if json_:
             emit_json(res)
@@ -314,7 +356,7 @@ def generate(
     end = " (stopped at eos)" if printer.hit_eos else ""
     first = f", first token {res['first_token_s'] * 1e3:.0f} ms" if res["first_token_s"] is not None else ""
     console.print(f"[dim]{n_new} tokens in {elapsed:.2f} s: {fmt_num(res['tokens_per_s'], 3)} tokens/s{first}{end}"
-                  f" — gpt2kern, {device}[/dim]")
+                  f" — gpt2kern, {device}{f', {n_threads} thread' + ('s' if n_threads > 1 else '') if device == 'cpu' else ''}[/dim]")
     if why is not None:
         notice(f"the fast path did not run ({why}): these are HF's numbers")
     if compare_hf:
@@ -338,14 +380,16 @@ def next_token(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many of the most likely tokens to list.")] = 10,
     device: DeviceOpt = Device.cpu,
     ids: IdsOpt = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ):
     """The next-token distribution after PROMPT: token, id, probability (softmax of the logits), logit."""
-    import gpt2kern
-
     device = Device(device).value
     if top_k < 1:
         raise CliError(f"--top-k must be >= 1, got {top_k}")
+    n_threads = set_threads(threads)
+    import gpt2kern
+
     name, m, tok = _ui.load_model(model, device)
     input_ids = encode_prompt(prompt, tok, m.config, ids).to(device)
     with torch.no_grad():
@@ -361,7 +405,7 @@ def next_token(
                  logit=logits[i].item()) for r, i in enumerate(top.indices.tolist())]
     res = dict(model=name, prompt_ids=input_ids[0].tolist(), top=rows,
                top_mass=float(top.values.sum()), max_abs_logit_diff_vs_hf=(logits - ref).abs().max().item(),
-               same_top_k_as_hf=bool(torch.equal(top.indices, ref_top)), fast_path=why is None,
+               same_top_k_as_hf=bool(torch.equal(top.indices, ref_top)), threads=n_threads, fast_path=why is None,
                fallback_reason=why)
     if json_:
         emit_json(res)
@@ -398,13 +442,15 @@ def trace(
                                        "without: every step).")] = False,
     device: DeviceOpt = Device.cpu,
     ids: IdsOpt = False,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ):
-    """Every named step of the fast forward in execution order: shape, a few values, max |Δ| vs HF's module."""
+    """Every named step of the fast forward in execution order: shape, a few values, max |Δ| vs HF, tolerance."""
+    device = Device(device).value
+    set_threads(threads)
     import gpt2kern
     from . import steps as S
 
-    device = Device(device).value
     name, m, tok = _ui.load_model(model, device)
     want = None
     if layer is not None:
@@ -428,7 +474,10 @@ def trace(
         console.print(f"{want} — {S.describe(want)}", markup=False, highlight=False)
         console.print(f"shape {list(t.shape)} (printed as {list(t2.shape)}: "
                       f"{'positions × features' if t2.dim() == 2 else 'values'}), "
-                      f"max |Δ| vs HF = {fmt_num(row['max_abs_diff'])}", markup=False, soft_wrap=True)
+                      f"max |Δ| vs HF = {fmt_num(row['max_abs_diff'])}"
+                      + (f" (tolerance {fmt_num(row['tol'])} = {S.ATOL:g} + {S.RTOL:g}·max|HF| "
+                         f"{fmt_num(row['max_abs_ref'])}: {'ok' if row['ok'] else 'OVER'})" if row["tol"] is not None
+                         else ""), markup=False, soft_wrap=True)
         _print_tensor(t2, full)
         return 0
     if json_:
@@ -440,12 +489,16 @@ def trace(
                 st["values"] = tensors[st["name"]].cpu()
         emit_json(out)
         return 0
+    mark = {True: "✓", False: "✗", None: "—"}
     print_table([("#", "right"), "step", "runs (fast path)", "shape", "values (last position)",
-                 ("max |Δ| vs HF", "right")],
-                [(i, r["name"], S.describe(r["name"], short=True), "×".join(map(str, r["shape"])), _head(tensors[r["name"]]),
-                  fmt_num(r["max_abs_diff"]) + ("" if r["ok"] in (True, None) else " ✗")) for i, r in enumerate(rows)],
+                 ("max |Δ| vs HF", "right"), ("tolerance", "right"), ("ok", "center")],
+                [(i, r["name"], S.describe(r["name"], short=True), "×".join(map(str, r["shape"])),
+                  _head(tensors[r["name"]]), fmt_num(r["max_abs_diff"]), fmt_num(r["tol"]), mark[r["ok"]])
+                 for i, r in enumerate(rows)],
                 title=f"trace — {name}, {input_ids.shape[1]} prompt tokens, execution order",
-                caption="dropout is the identity in eval mode; --layer NAME prints one step's tensor and what it runs")
+                caption=f"tolerance = {S.ATOL:g} + {S.RTOL:g}·max|HF| per step: GPT-2's residual stream carries "
+                        f"channels in the thousands (max|HF| is in --json and `gpt2kern parity`); dropout is the "
+                        f"identity in eval mode; --layer NAME prints one step's tensor and what it runs")
     if full:
         for n_, t in fast:
             console.print(f"\n{n_} {list(t.shape)}", markup=False)
@@ -473,16 +526,17 @@ def parity(
     batch: Annotated[int, typer.Option(help="Batch size of the test batch.")] = 2,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens to compare.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random test ids.")] = 0,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ):
     """Layer-by-layer and end-to-end parity of the fast path vs HF eager; exit 1 if a tolerance is exceeded."""
-    import gpt2kern
-    from . import steps as S
-
     device = Device(device).value
     for opt, v in (("--seq-len", seq_len), ("--batch", batch), ("--new-tokens", new_tokens)):
         if v < 1:
             raise CliError(f"{opt} must be >= 1, got {v}")
+    set_threads(threads)
+    import gpt2kern
+    from . import steps as S
     name, m, _ = _ui.load_model(model, device)
     cfg = m.config
     if seq_len > cfg.n_positions:
@@ -577,24 +631,21 @@ def bench(
     device: DeviceOpt = Device.cpu,
     reps: Annotated[int, typer.Option(help="Timed runs per measurement (median; >= 5).")] = 7,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens per decode run.")] = 128,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's).")] = None,
+    threads: ThreadsOpt = None,
     quick: Annotated[bool, typer.Option(help="Fewer shapes (M=1 and 128, T=128, B=1): a fast smoke run.")] = False,
     json_file: Annotated[Optional[str], typer.Option("--json", help="Also write every number to this JSON file.")]
     = None,
     plot_file: Annotated[Optional[str], typer.Option("--plot", help="Also draw the speed-ups into this PNG.")] = None,
 ):
     """Kernels vs torch and end to end vs HF eager, with roofline fractions (see gpt2kern/bench.py)."""
-    from . import bench as B
-
     device = Device(device).value
     if reps < 5:
         raise CliError(f"--reps must be >= 5 (medians of fewer runs are noise), got {reps}")
     if new_tokens < 1:
         raise CliError(f"--new-tokens must be >= 1, got {new_tokens}")
-    if threads is not None:
-        if threads < 1:
-            raise CliError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)
+    from . import bench as B
+
     if plot_file:  # before minutes of measuring
         try:
             import matplotlib  # noqa: F401

@@ -2,7 +2,9 @@
 
 Accepted names:
   random:<config>   exact GPT-2 family configs with seeded random weights (offline default: random:distilgpt2),
-                    with GPT-2-like outlier channels planted in the residual stream
+                    with GPT-2-like outlier channels planted in the residual stream, and GPT-2's real tokenizer
+                    (gpt2_tokenizer(): OpenAI's vocab.json + merges.txt, shipped in gpt2kern/tokenizer/);
+                    random:tiny (a 99-token vocabulary) has none
   a local directory written by save_pretrained
   a Hugging Face Hub name (needs the Hub or the local HF cache)
 """
@@ -22,6 +24,21 @@ RANDOM_CONFIGS = {
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, vocab_size=99, n_positions=512, bos_token_id=98, eos_token_id=98),
 }
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")
+GPT2_VOCAB_SIZE = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
+
+
+def gpt2_tokenizer():
+    """HF's GPT-2 tokenizer (byte-level BPE, what every released GPT-2 checkpoint uses), built from the vocab.json
+    and merges.txt shipped in gpt2kern/tokenizer/ (OpenAI's files; see the LICENSE there): no network, ~50 ms.
+    A new object each call, so that changing one (pad token, added tokens) changes no other."""
+    from transformers import GPT2TokenizerFast
+
+    # from_pretrained on the directory: GPT2TokenizerFast(vocab_file=..., merges_file=...) silently builds an empty
+    # vocabulary in transformers 5 (the arguments became vocab=/merges=); a directory is read the same in 4 and 5
+    return GPT2TokenizerFast.from_pretrained(TOKENIZER_DIR, local_files_only=True, model_max_length=1024)
+
+
 # Trained GPT-2 carries a few residual channels in the thousands; random weights do not, so plant some.
 OUTLIER_CHANNELS = {138: 3000.0, 378: -1500.0, 447: 800.0}
 WEIGHT_SCALE = 5.0
@@ -61,11 +78,14 @@ def random_model(name: str = "distilgpt2", seed: int = 0, attn_implementation: s
 
 
 def load(name_or_path: str = "random:distilgpt2", *, attn_implementation: str = "eager", seed: int = 0):
-    """Returns (model, tokenizer or None). The model is in eval mode, fp32, on the CPU."""
+    """Returns (model, tokenizer or None). The model is in eval mode, fp32, on the CPU. random:* models get GPT-2's
+    tokenizer (none for random:tiny); a directory or Hub model its own, or None when it was saved without one."""
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model must be a non-empty string, got {name_or_path!r}")
     if name_or_path.startswith("random:"):
-        return random_model(name_or_path[len("random:"):], seed=seed, attn_implementation=attn_implementation), None
+        model = random_model(name_or_path[len("random:"):], seed=seed, attn_implementation=attn_implementation)
+        # GPT-2's tokenizer for GPT-2's vocabulary; random:tiny's 99 ids are not GPT-2 tokens: no tokenizer
+        return model, gpt2_tokenizer() if model.config.vocab_size == GPT2_VOCAB_SIZE else None
     if os.path.isdir(name_or_path):
         model = GPT2LMHeadModel.from_pretrained(name_or_path, attn_implementation=attn_implementation)
         tok = None

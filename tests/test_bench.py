@@ -49,3 +49,11 @@ def test_sizes_fit_the_models_context(tiny):
     for M in ms:  # every row of a full run on a short-context model can be measured
         for name, ours, theirs, _, _ in bench.kernel_cases(tiny.config, M, "cpu"):
             ours(), theirs()
+
+
+def test_decode_rows_say_per_step_when_batched():
+    from gpt2kern import bench
+
+    assert bench.decode_measure(1, "gpt2kern.generate").endswith("ms/token")
+    b8 = bench.decode_measure(8, "gpt2kern.generate")
+    assert "ms/step (8 tokens)" in b8 and "ms/token" not in b8

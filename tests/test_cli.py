@@ -327,15 +327,15 @@ def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
     from gpt2kern import _ui
 
     monkeypatch.setattr(_ui, "cached_hub_model", lambda name="distilgpt2": False)
-    code, out, err = cli_run("next", "464 2068 7586")
+    code, out, err = cli_run("next", "464 2068 7586", "--ids")
     assert code == 0, err
     assert err.strip().splitlines() == [err.strip()] and "using random:distilgpt2" in err
     assert "random:distilgpt2" in out and "same top-10: yes" in out
-    code, out, err = cli_run("trace", "The quick brown")  # an error with the default model: still one line
-    assert_one_line_error(code, err, "no tokenizer", "(note: distilgpt2 is not in the local Hugging Face cache")
-    code, out, err = cli_run("generate", "464 2068", "-m", "random:distilgpt2", "-n", "3", "--json")
+    code, out, err = cli_run("trace", "The quick", "--ids")  # an error with the default model: still one line
+    assert_one_line_error(code, err, "--ids", "(note: distilgpt2 is not in the local Hugging Face cache")
+    code, out, err = cli_run("generate", "464 2068", "--ids", "-m", "random:distilgpt2", "-n", "3", "--json")
     assert code == 0 and json.loads(out)["fast_path"], err
-    code, out, err = cli_run("trace", "464 2068", "-m", "random:distilgpt2", "--layer", "wpe")
+    code, out, err = cli_run("trace", "The quick", "-m", "random:distilgpt2", "--layer", "wpe")  # text, offline
     assert code == 0 and "[2, 768]" in out, err
 
 
