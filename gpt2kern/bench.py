@@ -6,6 +6,10 @@ What one run measures, in order (a progress bar on stderr; a table per section o
                     the model's config: ours vs torch, ratio (> 1: we are faster), GFLOP/s, % of roofline
   end to end        prefill B=1 (all-position logits, like HF) and greedy decode (16-token prompt) with
                     gpt2kern.generate, with HF's generate on the optimized model, and at batch 8, vs HF eager
+  drop-in           what the drop-in costs and offers: the guard's per-call check, a plain `model(ids)` with grad
+                    enabled (HF's path: the kernels have no backward) vs the same call under no_grad, and
+                    torch.compile of the optimized model (prefill, and HF's generate with a static cache and a
+                    compiled forward, decode) next to the uncompiled one (CPU only; not with --quick)
   parity            max |Δlogits| vs HF eager, greedy tokens identical
 Every timing is interleaved with its baseline (ours, theirs, ours, ...), after a warm-up, median of --reps.
 % of roofline = the time the roofline allows (max(bytes ÷ bandwidth, FLOPs ÷ peak)) ÷ the measured time;
@@ -239,7 +243,65 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out["parity"] = parity
     out["decode_read_bandwidth_GBps"] = decode_bw[0] / 1e9  # interleaved with the B=1 decodes
     out["decode_floor_ms"] = weight_bytes / decode_bw[0] * 1e3
+    out["dropin"] = dropin(b, ref, opt, prefill_ts[0], quick, advance)
     return out
+
+
+def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
+    """Rows (measure, ms, baseline, baseline_ms, ratio = baseline / ms) on what optimize() costs and offers."""
+    from . import guard
+
+    V = ref.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (1, T), generator=g).to(b.device)
+    one = ids[:, :1]
+    st = opt.transformer._gpt2kern
+    rows = []
+
+    def row(measure, t, ours, base, base_name):
+        rows.append(dict(measure=measure, ms=t[ours] * 1e3, baseline=base_name, baseline_ms=t[base] * 1e3,
+                         ratio=t[base] / t[ours]))
+
+    with torch.no_grad():
+        opt(one)
+        t = b.time({"guard": lambda: guard.why_not(st, "forward", input_ids=one),
+                    "step": lambda: opt(one, use_cache=False)})
+    row("guard.why_not per forward call (warm, µs shown as ms)", t, "guard", "step", "a whole T=1 forward")
+    with torch.no_grad():
+        t_ng = b.time({"no_grad": lambda: opt(ids, use_cache=False)}, reps=5)
+    t = b.time({"plain": lambda: opt(ids, use_cache=False), "hf": lambda: ref(ids, use_cache=False)}, reps=5)
+    t.update(t_ng)
+    row(f"plain model(ids), grad enabled, T={T} (HF's path)", t, "plain", "no_grad", "the same under no_grad")
+    row(f"plain model(ids), grad enabled, T={T} (HF's path)", t, "plain", "hf", "HF eager, grad enabled")
+    advance()
+    if quick or b.device != "cpu":
+        return rows
+    torch._dynamo.reset()
+    comp = torch.compile(opt)
+    with torch.no_grad():
+        comp(ids, use_cache=False)  # compile outside the timing
+        t = b.time({"compiled": lambda: comp(ids, use_cache=False), "eager": lambda: opt(ids, use_cache=False)},
+                   reps=5)
+    row(f"torch.compile(optimized model), prefill T={T}", t, "compiled", "eager", "the optimized model, eager")
+    # HF's recipe: a static cache and a compiled forward, vs the same generate uncompiled; per decode step
+    static = copy.deepcopy(opt)
+    static.forward = torch.compile(static.forward, fullgraph=True)
+    prompt = torch.randint(0, V, (1, 16), generator=g).to(b.device)
+    from transformers import StaticCache
+
+    gens = {"compiled": static, "eager": opt}
+    # one cache length for both runs (a fresh 64-slot static cache per call): one compiled graph serves them all
+    fns = {(k, n): (lambda m=m, n=n: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                past_key_values=StaticCache(config=m.config, max_cache_len=64)))
+           for k, m in gens.items() for n in (8, 40)}
+    for f in fns.values():
+        f()  # compiles once per shape outside the timing
+    t = b.time(fns, reps=5)
+    per = {k: (t[(k, 40)] - t[(k, 8)]) / 32 for k in gens}
+    row("HF generate, static cache, compiled forward: ms per decode step", per, "compiled", "eager",
+        "the same, uncompiled forward")
+    advance()
+    return rows
 
 
 def decode_measure(batch: int, label: str) -> str:
@@ -251,7 +313,7 @@ def decode_measure(batch: int, label: str) -> str:
 def steps(quick=False, n_positions=1024) -> int:
     nk = 10  # kernel rows per M (kernel_cases)
     ms, ts = sizes(n_positions, quick)
-    return 1 + nk * len(ms) + len(ts) + (1 if quick else 2)
+    return 1 + nk * len(ms) + len(ts) + (1 if quick else 2) + (1 if quick else 2)
 
 
 def _cpu_name() -> str:

@@ -679,6 +679,10 @@ def bench(
                 caption=f"decode roofline: {res['decode_floor_ms']:.2f} ms/token to read every weight once at the "
                         f"{res['decode_read_bandwidth_GBps']:.1f} GB/s measured between the decodes; prefill "
                         f"roofline: FLOPs at the FMA peak")
+    print_table(["drop-in", ("ms", "right"), "vs", ("its ms", "right"), ("ratio", "right")],
+                [(r["measure"], f"{r['ms']:.4f}", r["baseline"], f"{r['baseline_ms']:.4f}", f"{r['ratio']:.2f}")
+                 for r in res["dropin"]],
+                title="drop-in: the guard, calls that need autograd, torch.compile (ratio > 1: the row is faster)")
     console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in res["parity"].items()), markup=False)
     return 0

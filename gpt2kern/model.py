@@ -73,7 +73,9 @@ class State:
     def __getstate__(self):  # copy.deepcopy / pickle of an optimized model: a fresh lock and per-thread state
         d = dict(self.__dict__)
         del d["_lock"], d["_local"]
-        d.update(snapshot=None, body=None, _grown=None, _pack_key=None)  # looked at and repacked on first call
+        # repacked on the first eager call (the copy's parameters live elsewhere, so its snapshot reads as changed);
+        # the snapshot and packs come along so a copy compiled before any eager call still has them
+        d.update(body=None, _grown=None, _pack_key=None)
         return d
 
     def __setstate__(self, d):
@@ -185,7 +187,7 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
                      ("return_dict", return_dict)):
             if v is not None:
                 args[k] = v
-        return self._gpt2kern_hf_forward(**args)
+        return _hf_forward(self)(**args)
 
     cfg = self.config
     if use_cache is None:
@@ -391,16 +393,37 @@ def _holds_our_views(st: State, layer) -> bool:
 def _lm_head_forward(self, hidden_states):
     st: State = self._gpt2kern
     if guard.why_not(st, "lm_head", hidden=hidden_states) is not None:
-        return self._gpt2kern_hf_forward(hidden_states)
+        return _hf_forward(self)(hidden_states)
     logits = st.weights.lm_head(hidden_states)
     if st.trace:
         st.trace("lm_head", logits)
     return logits
 
 
+class _Installed:
+    """The fast forward optimize() installs on a module instance. A class with __reduce__ rather than a bound method,
+    so an optimized model still pickles (torch.save) and loads: pickle would look a bound method up by its name."""
+
+    def __init__(self, module, which: str):
+        self.module, self.which = module, which
+
+    def __call__(self, *args, **kwargs):
+        return (_forward if self.which == "body" else _lm_head_forward)(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Installed, (self.module, self.which)
+
+
+def _hf_forward(module):
+    """HF's own forward of a module optimize() replaced: the instance's earlier forward if it had one, else its
+    class's."""
+    f = module.__dict__.get("_gpt2kern_hf_forward")
+    return f if f is not None else types.MethodType(type(module).forward, module)
+
+
 def installed_forward(module, f) -> bool:
     """Whether `f` (found in module.__dict__) is the forward optimize() installed there."""
-    return getattr(f, "__func__", None) in (_forward, _lm_head_forward)
+    return isinstance(f, _Installed) and f.module is module
 
 
 # ---------------------------------------------------------------- public API
@@ -423,13 +446,13 @@ def optimize(model, *, freeze: bool = False):
         return model
     model.__dict__.pop("_gpt2kern_private_state", None)  # gpt2kern.generate's own pack: this one replaces it
     st = State(transformer, lm_head)
-    transformer._gpt2kern = st
-    transformer._gpt2kern_hf_forward = transformer.forward
-    transformer.forward = types.MethodType(_forward, transformer)
-    if lm_head is not None:
-        lm_head._gpt2kern = st
-        lm_head._gpt2kern_hf_forward = lm_head.forward
-        lm_head.forward = types.MethodType(_lm_head_forward, lm_head)
+    for mod, which in ((transformer, "body"), (lm_head, "lm_head")):
+        if mod is None:
+            continue
+        mod._gpt2kern = st
+        if "forward" in mod.__dict__:  # a forward the instance already had: HF's path calls that one
+            mod._gpt2kern_hf_forward = mod.__dict__["forward"]
+        mod.forward = _Installed(mod, which)
     st.refresh()  # last: the snapshot sees the attributes just set
     return model
 
@@ -439,7 +462,9 @@ def restore(model, *, unfreeze: bool = False):
     transformer, lm_head = _body_and_head(model)
     for mod in (transformer, lm_head):
         if mod is not None and getattr(mod, "_gpt2kern", None) is not None:
-            del mod.forward, mod._gpt2kern_hf_forward, mod._gpt2kern
+            del mod.forward, mod._gpt2kern
+            if "_gpt2kern_hf_forward" in mod.__dict__:
+                mod.forward = mod.__dict__.pop("_gpt2kern_hf_forward")
     if unfreeze:
         model.requires_grad_(True)
     return model

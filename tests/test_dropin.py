@@ -332,3 +332,23 @@ def test_every_entry_point_asks_the_one_guard(monkeypatch):
 def test_readme_lists_the_guards_cases():
     """The README's table is the guard's own CASES (python -m gpt2kern.guard prints it)."""
     assert guard.markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_an_optimized_model_saves_loads_and_copies(tmp_path):
+    """torch.save / torch.load and copy.deepcopy work as on the plain model (a copy compiled before any eager
+    call too), and the loaded copy is optimized and fast."""
+    m = gpt2kern.optimize(build(GPT2LMHeadModel, "tiny"))
+    ids = torch.randint(1, 98, (2, 5))
+    with torch.no_grad():
+        want = m(ids).logits
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    assert gpt2kern.is_optimized(loaded) and gpt2kern.fallback_reason(loaded) is None
+    torch._dynamo.reset()
+    copied = torch.compile(copy.deepcopy(m), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).logits, want, atol=1e-6, rtol=0)
+    gpt2kern.restore(loaded)
+    assert not gpt2kern.is_optimized(loaded) and "forward" not in loaded.transformer.__dict__
