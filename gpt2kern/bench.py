@@ -164,7 +164,7 @@ def roofline_pct(t, flops, nbytes, bw, peak):
 
 
 def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, quick=False, advance=None,
-        model=None):
+        model=None, contend=False):
     """All measurements as a dict (what --json writes). advance(n) is called as work completes."""
     advance = advance or (lambda n=1: None)
     b = Bench(device=device, reps=reps)
@@ -244,7 +244,54 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out["decode_read_bandwidth_GBps"] = decode_bw[0] / 1e9  # interleaved with the B=1 decodes
     out["decode_floor_ms"] = weight_bytes / decode_bw[0] * 1e3
     out["dropin"] = dropin(b, ref, opt, prefill_ts[0], quick, advance)
+    if contend:
+        out["contend"] = contention(b, opt, new_tokens)
+        advance()
     return out
+
+
+def busy_process():
+    """A CPU-bound process pinned to this process's last CPU (what a browser or a build does to a user's machine)."""
+    import os
+    import subprocess
+    import sys
+
+    cpu = max(os.sched_getaffinity(0))
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code]), cpu
+
+
+def contention(b: Bench, opt, new_tokens: int) -> list:
+    """Decode B=1 (gpt2kern.generate) at 1 thread and at the run's threads, quiet and with one core kept busy by
+    another process: rows (measure, ms/token, ratio threads/1-thread)."""
+    V = opt.config.vocab_size
+    prompt = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(2))
+    n = min(new_tokens, 64)
+    nt = torch.get_num_threads()
+
+    def at(threads):
+        def go():
+            torch.set_num_threads(threads)
+            try:
+                gpt2kern.generate(opt, prompt, max_new_tokens=n, eos_token_id=[])
+            finally:
+                torch.set_num_threads(nt)
+        return go
+    rows = []
+    for busy in (False, True):
+        hog = busy_process() if busy else None
+        try:
+            if hog:
+                time.sleep(0.2)
+            t = b.time({1: at(1), nt: at(nt)}, reps=5)
+        finally:
+            if hog:
+                hog[0].kill()
+                hog[0].wait()
+        where = f"CPU {hog[1]} kept busy by another process" if busy else "quiet"
+        rows.append(dict(measure=f"decode B=1, {where}", threads=nt, ms=t[nt] * 1e3 / n, one_thread_ms=t[1] * 1e3 / n,
+                         ratio=t[nt] / t[1]))
+    return rows
 
 
 def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
@@ -292,7 +339,7 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     gens = {"compiled": static, "eager": opt}
     # one cache length for both runs (a fresh 64-slot static cache per call): one compiled graph serves them all
     fns = {(k, n): (lambda m=m, n=n: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                past_key_values=StaticCache(config=m.config, max_cache_len=64)))
+                                                cache=StaticCache(config=m.config, max_cache_len=64)))
            for k, m in gens.items() for n in (8, 40)}
     for f in fns.values():
         f()  # compiles once per shape outside the timing
@@ -310,10 +357,10 @@ def decode_measure(batch: int, label: str) -> str:
     return f"decode B={batch} {label}, " + ("ms/token" if batch == 1 else f"ms/step ({batch} tokens)")
 
 
-def steps(quick=False, n_positions=1024) -> int:
+def steps(quick=False, n_positions=1024, contend=False) -> int:
     nk = 10  # kernel rows per M (kernel_cases)
     ms, ts = sizes(n_positions, quick)
-    return 1 + nk * len(ms) + len(ts) + (1 if quick else 2) + (1 if quick else 2)
+    return 1 + nk * len(ms) + len(ts) + (1 if quick else 2) + (1 if quick else 2) + int(contend)
 
 
 def _cpu_name() -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import enum
 import math
+import os
 import random
 import re
 import sys
@@ -633,6 +634,8 @@ def bench(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens per decode run.")] = 128,
     threads: ThreadsOpt = None,
     quick: Annotated[bool, typer.Option(help="Fewer shapes (M=1 and 128, T=128, B=1): a fast smoke run.")] = False,
+    contend: Annotated[bool, typer.Option(help="Also decode with one CPU kept busy by another process, at 1 thread "
+                                               "and at --threads (a user's machine is rarely idle).")] = False,
     json_file: Annotated[Optional[str], typer.Option("--json", help="Also write every number to this JSON file.")]
     = None,
     plot_file: Annotated[Optional[str], typer.Option("--plot", help="Also draw the speed-ups into this PNG.")] = None,
@@ -643,6 +646,8 @@ def bench(
         raise CliError(f"--reps must be >= 5 (medians of fewer runs are noise), got {reps}")
     if new_tokens < 1:
         raise CliError(f"--new-tokens must be >= 1, got {new_tokens}")
+    if contend and device != "cpu":
+        raise CliError("--contend measures the CPU path (--device cpu)")
     set_threads(threads)
     from . import bench as B
 
@@ -654,8 +659,8 @@ def bench(
     name, m, _ = _ui.load_model(model, device)
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
-    with _ui.progress(B.steps(quick, m.config.n_positions), "bench") as advance:
-        res = B.run(name, device, reps, new_tokens, quick, advance, model=m)
+    with _ui.progress(B.steps(quick, m.config.n_positions, contend), "bench") as advance:
+        res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend)
     if json_file:
         with _ui.expected_errors("--json"), open(json_file, "w") as f:
             json.dump(res, f, indent=1)
@@ -683,6 +688,13 @@ def bench(
                 [(r["measure"], f"{r['ms']:.4f}", r["baseline"], f"{r['baseline_ms']:.4f}", f"{r['ratio']:.2f}")
                  for r in res["dropin"]],
                 title="drop-in: the guard, calls that need autograd, torch.compile (ratio > 1: the row is faster)")
+    if res.get("contend"):
+        print_table(["--contend", ("threads", "right"), ("ms/token", "right"), ("1 thread ms/token", "right"),
+                     ("ratio", "right")],
+                    [(r["measure"], r["threads"], f"{r['ms']:.2f}", f"{r['one_thread_ms']:.2f}", f"{r['ratio']:.2f}")
+                     for r in res["contend"]],
+                    title="decode with a busy core (ratio <= 1: more threads never hurt)",
+                    caption=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
     console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in res["parity"].items()), markup=False)
     return 0

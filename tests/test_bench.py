@@ -9,7 +9,7 @@ from test_cli import assert_one_line_error, cli_run  # noqa: F401  (fixture)
 def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F811
     j, p = tmp_path / "b.json", tmp_path / "b.png"
     code, out, err = cli_run("bench", "--quick", "-m", "random:tiny", "--reps", "5", "--new-tokens", "4",
-                             "--json", j, "--plot", p)
+                             "--json", j, "--plot", p, "--contend")
     assert code == 0, err
     res = json.loads(j.read_text())
     assert res["read_bandwidth_GBps"] > 0 and res["fma_peak_GFLOPs"] > 0
@@ -24,6 +24,11 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     assert res["parity"]["max |dlogits| prefill T=128"] < 1e-4
     assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
     assert "kernels vs torch" in out and "end to end vs HF eager" in out and "roofline" in out
+    dropin = [r["measure"] for r in res["dropin"]]
+    assert any("guard.why_not" in m for m in dropin) and any("grad enabled" in m for m in dropin)
+    assert [r["measure"].split(",")[1].strip() for r in res["contend"]][0] == "quiet"
+    assert "kept busy by another process" in res["contend"][1]["measure"] and res["contend"][1]["ms"] > 0
+    assert "drop-in" in out and "decode with a busy core" in out
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -32,6 +37,7 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     (["--threads", "0"], "--threads"),
     (["-m", "random:nope"], "random:nope"),
     (["--new-tokens", "600", "-m", "random:tiny"], "n_positions"),
+    (["--contend", "--device", "cuda"], "--contend measures the CPU path"),
 ])
 def test_bench_argument_errors(cli_run, args, needle):  # noqa: F811
     code, _, err = cli_run("bench", *args)

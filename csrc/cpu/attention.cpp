@@ -7,6 +7,7 @@
 #include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
+#include "parallel.h"
 
 namespace gk::cpu {
 
@@ -15,7 +16,9 @@ void run_attention(const AttnArgs& a) {
   const KernelTable& t = kernels();
   // ~64K FMAs per task at least: tiny heads (HF's test model) run on the calling thread
   const int64_t work = std::min<int64_t>(a.Tq, kAttnQueryBlock) * std::max<int64_t>(a.Tkv, 1) * a.D;
-  at::parallel_for(0, a.B * a.H * nqb, std::max<int64_t>(1, 65536 / work), [&](int64_t t0, int64_t t1) {
+  // tasks taken in chunks from a shared counter (parallel.h): a causal prefill's later query blocks cost more, and
+  // a thread whose core is busy takes fewer
+  parallel_chunks(a.B * a.H * nqb, std::max<int64_t>(1, 65536 / work), [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> scratch;  // per pool thread, grown once: no allocation per call
     if ((int64_t)scratch.size() < attention_scratch_floats(a.D)) scratch.resize(attention_scratch_floats(a.D));
     for (int64_t task = t0; task < t1; ++task) {

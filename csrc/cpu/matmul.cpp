@@ -9,6 +9,7 @@
 #include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
+#include "parallel.h"
 
 namespace gk::cpu {
 
@@ -37,7 +38,8 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
                 Epilogue epi, const float* R, int64_t ldr, float* C) {
   const KernelTable& t = kernels();
   const int64_t P = num_panels(N);
-  // Panels are split across threads, so each weight byte is read by exactly one thread.
+  // Panels are split across threads (taken in chunks from a shared counter, parallel.h), so each weight byte is
+  // read by exactly one thread.
   // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072); decode (M <= 2)
   // streams the weights once either way, so it keeps K whole
   const int64_t KC = (M > 2 && K > 1024) ? 1024 : K;
@@ -50,7 +52,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
   // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
   const bool copy_a = M > 2 * t.mr_max;
   const int64_t lda_buf = KC + 16;
-  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+  parallel_chunks(P, grain, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<float> abuf;  // grows once per thread, then reused: no allocation per call
     if (copy_a && (int64_t)abuf.size() < MC * lda_buf) abuf.resize(MC * lda_buf);
     for (int64_t m0 = 0; m0 < M; m0 += MC) {

@@ -1,0 +1,38 @@
+// parallel.h — work split for the CPU kernels: chunks taken from a shared counter, not a fixed share per thread.
+//
+// at::parallel_for gives each of torch's threads one fixed slice. When another process keeps one core busy, the
+// thread on that core runs at a fraction of its speed and every parallel region (some 30 per decode token) waits
+// for its slice: 2 threads became slower than 1. Here each thread takes the next chunk while chunks are left, so a
+// thread that is not running takes none and the others finish the work; it only has to check in once at the end.
+// Which thread computes a chunk changes nothing in the result: every output element is still computed by exactly
+// one thread, in the same order.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+
+namespace gk::cpu {
+
+// f(begin, end) over [0, n) in chunks of about `chunk` (at least `grain`) elements, about `per_thread` chunks per
+// thread: few enough that taking one costs nothing, enough that the threads that run share what a stalled one
+// does not take. Runs inline when there is one thread, one chunk, or already a parallel region.
+template <class F>
+void parallel_chunks(int64_t n, int64_t grain, const F& f, int64_t per_thread = 8) {
+  if (n <= 0) return;
+  const int64_t nt = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + nt * per_thread - 1) / (nt * per_thread));
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  if (nt <= 1 || tasks <= 1 || at::in_parallel_region()) {
+    f(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nt, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      f(t * chunk, std::min(n, (t + 1) * chunk));
+  });
+}
+
+}  // namespace gk::cpu
