@@ -6,18 +6,9 @@ seconds to import, and the `gpt2kern` command line (gpt2kern.cli, which lives in
 """
 import importlib
 import importlib.util
-import os
 import sys
 import types
 
-# OpenMP threads (torch's and the kernels' at::parallel_for) that sleep between parallel regions instead of spinning.
-# Read once, when torch loads its OpenMP runtime, so only when gpt2kern is imported before torch, and never over a
-# value the user set. Measured on the 2-core dev machine (Zen 5, gpt2kern.generate on random:distilgpt2, ms/token,
-# 1 thread / 2 threads): spinning 8.0 / 7.1 quiet and 8.1 / 18.7 with another process keeping one core busy;
-# sleeping 8.0 / 5.5 quiet and 8.2 / 8.8 busy. A spinning worker on a shared core runs when the scheduler lets it,
-# and each of a decode step's ~30 parallel regions waits for it.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # public name -> (submodule, attribute in it; None: the submodule itself)
 _LAZY = {

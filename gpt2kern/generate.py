@@ -18,6 +18,7 @@ reference); `gpt2kern.generate_fallback_reason()` says why.
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -32,6 +33,42 @@ def last_fallback_reason() -> str | None:
     """Why this thread's last `generate` call ran HF's generate instead of the engine (None if it did not).
     Exported as gpt2kern.generate_fallback_reason."""
     return getattr(_local, "fallback", None)
+
+
+class ThreadChooser:
+    """How many threads each decode step's kernels use: torch's count, or 1 while 1 measures faster.
+
+    A decode step is ~30 short parallel regions, each of which waits for every thread it started. When another
+    process keeps a core busy, the thread on that core runs when the scheduler lets it, and 2 threads measured
+    2.3× slower than 1 (18.7 vs 8.1 ms/token on the 2-core dev machine). So the engine times its steps: a running
+    mean per choice, the faster choice taken, the other one tried again after `every` steps (a busy core can go
+    quiet again; each try that loses doubles the wait, up to 256 steps, so a quiet machine pays < 1 % for the
+    tries). The cap is per call and per calling thread (csrc/cpu/parallel.h): torch's setting is untouched."""
+
+    def __init__(self, every: int = 16):
+        self.n = torch.get_num_threads()
+        self.first_every = self.every = every
+        self.step, self.next_try = 0, 3  # two warm steps at torch's count, then one step at 1 thread
+        self.mean: dict[int, float] = {}
+        self.best = self.n
+
+    def pick(self) -> int:
+        if self.n <= 1:
+            return 0
+        self.step += 1
+        if self.step == self.next_try:
+            self.next_try += self.every
+            return 1 if self.best == self.n else self.n
+        return self.best if self.best != self.n else 0
+
+    def record(self, threads: int, seconds: float):
+        c = threads or self.n
+        m = self.mean.get(c)
+        self.mean[c] = seconds if m is None else 0.7 * m + 0.3 * seconds
+        best = min(self.mean, key=self.mean.get)
+        if c != self.best:  # a try: the other choice lost (wait longer for the next) or won (switch)
+            self.every = min(2 * self.every, 256) if best == self.best else self.first_every
+        self.best = best
 
 
 def hf_position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -160,12 +197,16 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
             pos = hf_position_ids(mask)
             next_pos = mask.sum(dim=1, keepdim=True)
             ones = torch.ones(B, 1, dtype=torch.bool)
+            chooser = ThreadChooser()
 
             def first():
                 return eng.forward(input_ids, pos, mask)
 
             def advance(nxt):
-                logits = eng.forward(nxt[:, None], next_pos, ones)
+                threads = chooser.pick()
+                t0 = time.perf_counter()
+                logits = eng.forward(nxt[:, None], next_pos, ones, threads)
+                chooser.record(threads, time.perf_counter() - t0)
                 next_pos.add_(1)
                 return logits
         else:  # CUDA: the decode step replayed from a CUDA graph (gpt2kern/cuda_graph.py)

@@ -1,18 +1,11 @@
 """Threads: the kernels' results do not depend on how many threads split the work (chunks are taken from a shared
-counter, csrc/cpu/parallel.h), and gpt2kern sets OpenMP's idle threads to sleep (OMP_WAIT_POLICY) when imported
-before torch, never over the user's own setting."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+counter, csrc/cpu/parallel.h), and a decode step's thread cap (gpt2kern.generate's ThreadChooser) changes the speed,
+never the numbers, nor torch's setting."""
 import pytest
 import torch
 from conftest import plant_outliers
 
 from gpt2kern import ops
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -37,16 +30,41 @@ def test_results_are_the_same_at_any_thread_count(isa, threads, M):
         assert torch.equal(o[0], out[0][0]) and torch.equal(o[1], out[0][1])
 
 
-def _policy(code, **env):
-    e = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    e.update(env, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
-                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().splitlines()[-1]
+def test_engine_steps_at_a_thread_cap_give_the_same_logits(tiny, threads):
+    from gpt2kern.model import state_of
+
+    torch.set_num_threads(2)
+    W = state_of(tiny).weights
+    ids, pos, valid = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
+    out = []
+    for cap in (0, 1, 2):
+        eng = W.engine(1, 8, 3)
+        eng.forward(ids, pos, valid, cap)
+        out.append(eng.forward(torch.tensor([[9]]), torch.tensor([[3]]), valid[:, :1], cap).clone())
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert torch.get_num_threads() == 2  # the cap never touches torch's setting
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        W.engine(1, 8, 3).forward(ids, pos, valid, -1)
 
 
-def test_omp_wait_policy():
-    assert _policy("import gpt2kern, torch") == "PASSIVE"
-    assert _policy("import gpt2kern", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's choice stands
-    assert _policy("import torch, gpt2kern") == "None"  # too late to matter: left alone
+def test_thread_chooser_takes_the_faster_and_tries_again(threads):
+    from gpt2kern.generate import ThreadChooser
+
+    torch.set_num_threads(2)
+    c = ThreadChooser(every=4)
+    picks = []
+    for _ in range(40):  # one thread measures faster (a busy core): the chooser moves to it and stays
+        t = c.pick()
+        picks.append(t)
+        c.record(t, 0.008 if t == 1 else 0.018)
+    assert picks[:3] == [0, 0, 1] and picks[3:6] == [1, 1, 1]
+    assert 2 in picks[6:] and picks[6:].count(1) >= 28  # tries torch's count again now and then, rarely
+    c = ThreadChooser(every=4)
+    picks = []
+    for _ in range(300):  # a quiet machine: torch's count wins; the tries of 1 thread thin out
+        t = c.pick()
+        picks.append(t)
+        c.record(t, 0.008 if t == 1 else 0.005)
+    assert picks.count(1) <= 8 and picks[-1] == 0
+    torch.set_num_threads(1)
+    assert ThreadChooser().pick() == 0

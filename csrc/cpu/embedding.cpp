@@ -5,6 +5,7 @@
 #include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
+#include "parallel.h"
 
 namespace gk::cpu {
 
@@ -36,7 +37,7 @@ at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const a
   const float *pe = e.data_ptr<float>(), *pw = p.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const KernelTable& t = kernels();
-  at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+  parallel_chunks(B * T, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
     t.embedding_rows(pi + r0, pp + r0, pt ? pt + r0 : nullptr, pe, pw, po + r0 * n, r1 - r0, n);
   });
   return out;

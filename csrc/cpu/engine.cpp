@@ -16,6 +16,7 @@
 #include "../common/checks.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
+#include "parallel.h"
 
 namespace gk::cpu {
 
@@ -117,7 +118,7 @@ class Stack {
     const KernelTable& kt = kernels();
     const int64_t E = E_, M = B * T;
     const float *wte = f32(wte_), *wpe = f32(wpe_);
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
+    parallel_chunks(M, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
       kt.embedding_rows(ids + r0, pos + r0, nullptr, wte, wpe, s.h + r0 * E, r1 - r0, E);
     });
     run_layer_norm(s.h, E, s.x, f32(layers_[0].ln_1_weight), f32(layers_[0].ln_1_bias), M, E, eps_);
@@ -159,7 +160,7 @@ class Stack {
   void store_kv(const float* qkv, int64_t B, int64_t T, float* k, float* v, int64_t s_b, int64_t s_h, int64_t s_t,
                 int64_t t0) const {
     const int64_t E = E_, D = D_, H = H_;
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / (T * D)), [&](int64_t p0, int64_t p1) {
+    parallel_chunks(B * H, std::max<int64_t>(1, 16384 / (T * D)), [&](int64_t p0, int64_t p1) {
       for (int64_t bh = p0; bh < p1; ++bh) {
         const int64_t b = bh / H, hh = bh % H;
         for (int64_t t = 0; t < T; ++t) {
@@ -326,7 +327,12 @@ class Engine {
 
   // Append ids [B, T] at positions pos [B, T] (valid [B, T]: false = left padding); returns logits [B, vocab] of
   // each row's last token. The returned tensor is the engine's buffer: it is overwritten by the next call.
-  at::Tensor forward(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid) {
+  // threads > 0: the kernels of this call use at most that many threads (generate's per-step choice, see
+  // gpt2kern/generate.py's ThreadChooser); 0: torch's count.
+  at::Tensor forward(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid, int64_t threads) {
+    TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ",
+                      threads);
+    const ThreadCap cap(threads);
     GK_CHECK_DTYPE(ids, at::kLong, "Engine.forward", "ids");
     GK_CHECK_DTYPE(pos, at::kLong, "Engine.forward", "pos");
     GK_CHECK_DTYPE(valid, at::kBool, "Engine.forward", "valid");
@@ -402,7 +408,7 @@ void bind_engine(pybind11::module_& m) {
            py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
            py::arg("vocab"), py::arg("n_head"), py::arg("eps"), py::arg("batch"), py::arg("max_len"),
            py::arg("max_rows"))
-      .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos"), py::arg("valid"),
+      .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos"), py::arg("valid"), py::arg("threads") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("reset", &Engine::reset)
       .def_property_readonly("length", &Engine::length)

@@ -4,6 +4,7 @@
 #include "../common/checks.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
+#include "parallel.h"
 
 namespace gk::cpu {
 
@@ -14,7 +15,7 @@ at::Tensor gelu_new(const at::Tensor& x) {
   const float* px = xc.data_ptr<float>();
   float* py = y.data_ptr<float>();
   const KernelTable& t = kernels();
-  at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) { t.gelu_new(px + b, py + b, e - b); });
+  parallel_chunks(xc.numel(), 16384, [&](int64_t b, int64_t e) { t.gelu_new(px + b, py + b, e - b); });
   return y;
 }
 

@@ -5,6 +5,7 @@
 #include "../common/op_args.h"
 #include "kernel_table.h"
 #include "ops_cpu.h"
+#include "parallel.h"
 
 namespace gk::cpu {
 
@@ -13,7 +14,7 @@ static int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 32768 / std::
 void run_layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
                     float eps) {
   const KernelTable& t = kernels();
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+  parallel_chunks(rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
     t.layer_norm_rows(x + r0 * ldx, ldx, y + r0 * n, n, w, b, r1 - r0, n, eps);
   });
 }
@@ -21,7 +22,7 @@ void run_layer_norm(const float* x, int64_t ldx, float* y, const float* w, const
 void run_add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
                         const float* b, int64_t rows, int64_t n, float eps) {
   const KernelTable& t = kernels();
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+  parallel_chunks(rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
     t.add_layer_norm_rows(x + r0 * ldx, ldx, r + r0 * ldr, ldr, s + r0 * n, y + r0 * n, w, b, r1 - r0, n, eps);
   });
 }

@@ -14,13 +14,29 @@
 
 namespace gk::cpu {
 
+// The most threads this (calling) thread's kernels may use; 0: torch's count. Set for one call by ThreadCap (the
+// decode engine, when a step measured faster on fewer threads): per calling thread, so it never changes torch's
+// setting nor another Python thread's calls.
+inline thread_local int64_t tl_thread_cap = 0;
+
+struct ThreadCap {
+  int64_t saved;
+  explicit ThreadCap(int64_t cap) : saved(tl_thread_cap) { tl_thread_cap = cap; }
+  ~ThreadCap() { tl_thread_cap = saved; }
+};
+
+inline int64_t kernel_threads() {
+  const int64_t nt = at::get_num_threads();
+  return tl_thread_cap > 0 ? std::min(nt, tl_thread_cap) : nt;
+}
+
 // f(begin, end) over [0, n) in chunks of about `chunk` (at least `grain`) elements, about `per_thread` chunks per
 // thread: few enough that taking one costs nothing, enough that the threads that run share what a stalled one
 // does not take. Runs inline when there is one thread, one chunk, or already a parallel region.
 template <class F>
 void parallel_chunks(int64_t n, int64_t grain, const F& f, int64_t per_thread = 8) {
   if (n <= 0) return;
-  const int64_t nt = at::get_num_threads();
+  const int64_t nt = kernel_threads();
   const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + nt * per_thread - 1) / (nt * per_thread));
   const int64_t tasks = (n + chunk - 1) / chunk;
   if (nt <= 1 || tasks <= 1 || at::in_parallel_region()) {
