@@ -83,7 +83,10 @@ build_key() {  # what the build depends on besides the files: a change rebuilds
 SO=$(ls gpt2kern/_C*.so 2>/dev/null | head -n 1 || true)
 STAMP=build/ext.stamp
 KEY=$(build_key)
-if [ -n "$SO" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] \
+# the stamp also names the .so it describes (mtime, size): one built by hand since (another config) is rebuilt
+so_id() { stat -c 'so=%Y %s' "$1" 2>/dev/null || echo "so=none"; }
+if [ -n "$SO" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY
+$(so_id "$SO")" ] \
    && [ -z "$(find csrc setup.py -type f -newer "$SO" | head -n 1)" ]; then
   say "[4/5] build: up to date ($SO is newer than csrc/ and setup.py)"
 else
@@ -94,7 +97,7 @@ else
   SHOW='s#^\[([0-9]+/[0-9]+)\] .* -c ([^ ]*/)?(csrc/[^ ]+) .*#[\1] compiling \3#; s#^.* -shared .* -o ([^ ]+).*#linking \1#' \
     logged '^(gpt2kern build:|\[[0-9]+/[0-9]+\]|.* -shared .*|.*error:.*)' python setup.py build_ext --inplace --force
   SO=$(ls gpt2kern/_C*.so | head -n 1)
-  echo "$KEY" > "$STAMP"
+  printf '%s\n%s\n' "$KEY" "$(so_id "$SO")" > "$STAMP"
   say "      built $SO in $(( $(date +%s) - t ))s"
 fi
 
