@@ -6,5 +6,6 @@
 #define GK_ISA avx2
 #define GK_VEC_BYTES 32
 #define GK_MR_MAX 3
+#define GK_VREGS 16  // vector registers (kernels/attention.h sizes its tiles by it)
 #include "kernels/table.h"
 #endif  // __x86_64__

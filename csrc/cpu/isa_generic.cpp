@@ -5,4 +5,5 @@
 #define GK_ISA generic
 #define GK_VEC_BYTES 16
 #define GK_MR_MAX 2
+#define GK_VREGS 16  // vector registers (kernels/attention.h sizes its tiles by it)
 #include "kernels/table.h"

@@ -47,7 +47,10 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
   const int64_t MC = 8 * t.mr_max;
   // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
   // instead of paying a thread wake-up that costs more than the work
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPanel));
+  // Prefill (M > 2): a chunk of panels re-reads all of x from L3, so chunks stay large — half a thread's share at
+  // least (measured: guided chunks down to one panel cost 4-10 % at M = 128 and 1024)
+  int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPanel));
+  if (M > 2) grain = std::max<int64_t>(grain, (P + 2 * kernel_threads() - 1) / (2 * kernel_threads()));
   // Prefill rows are copied per (row block, K block) into a buffer whose row stride is not a multiple of 4 KiB:
   // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
   const bool copy_a = M > 2 * t.mr_max;

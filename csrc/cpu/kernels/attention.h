@@ -19,9 +19,14 @@ constexpr int KBV = KB / VL > 0 ? KB / VL : 1;
 static_assert(KB % VL == 0, "key block must be a whole number of vectors");
 constexpr int QV = QB / VL;                  // vectors of query rows in a tile
 static_assert(QB % VL == 0, "query block must be a whole number of vectors");
-constexpr int KU = QV <= 4 ? 16 / QV : 1;    // keys per score step: KU·QV accumulators
+// Register budget (GK_VREGS vector registers: 32 zmm, 16 ymm/xmm). A score step holds KU·QV accumulators, QV query
+// vectors and one broadcast key value; a P·V step RV·DC accumulators, DC value vectors and one broadcast. What
+// does not fit spills to the stack in the innermost loop (AVX2 with the AVX-512 shape: 21 of 16 registers).
+constexpr int KU_FIT = (GK_VREGS - QV - 1) / QV;
+constexpr int KU = KU_FIT < 1 ? 1 : (KU_FIT < 16 / QV ? KU_FIT : (16 / QV > 0 ? 16 / QV : 1));  // keys per step
 constexpr int RV = 4;                        // query rows per P·V group
-constexpr int DC = 4;                        // vectors of d per P·V step: RV·DC accumulators
+constexpr int DC_FIT = (GK_VREGS - 1) / (RV + 1);
+constexpr int DC = DC_FIT >= 4 ? 4 : 2;      // vectors of d per P·V step: 4 with 32 registers, 2 with 16
 static_assert(QB % RV == 0, "P·V row groups must tile the query block");
 
 // One task's (batch, head) slice of q, k, v, key_mask and bias, and the end of the keys any of its query rows
