@@ -275,12 +275,18 @@ def _cases():
     def layer_with(**kw):
         return _C.LayerWeights(**{**c_args, **kw})
     case("Body no layers", lambda: _C.Body([], PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "no layers"))
-    case("Body unpacked weight", lambda: _C.Body(
-        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach())] + lws[1:], PK.wte, PK.wpe, *lnf,
-        PK.n_head, PK.eps), (VE, "c_attn weight is not a packed"))
+    case("Body HF-layout weight, transposed", lambda: _C.Body(
+        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach().t().contiguous())] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight is neither HF's"))
+    case("Body HF-layout weight, not contiguous", lambda: _C.Body(
+        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach().t().contiguous().t())] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "must be a contiguous CPU tensor"))
+    case("Body HF-layout weight (read in place)", lambda: _C.Body(
+        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach())] + lws[1:], PK.wte, PK.wpe,
+        *lnf, PK.n_head, PK.eps), OK)
     case("Body c_fc and mlp_proj weights swapped", lambda: _C.Body(
         [layer_with(c_fc_weight=L0.mlp_proj.weight, mlp_proj_weight=L0.c_fc.weight)] + lws[1:], PK.wte, PK.wpe, *lnf,
-        PK.n_head, PK.eps), (VE, "c_fc weight is not a packed"))
+        PK.n_head, PK.eps), (VE, "c_fc weight is neither"))
     case("Body ln_1 bias is c_attn's bias", lambda: _C.Body([layer_with(ln_1_bias=L0.c_attn.bias)] + lws[1:],
                                                             PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
          (VE, "ln_1.bias must be a vector of"))

@@ -32,10 +32,12 @@ def test_conv1d_matches_float64(device, M, K, N, packed):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 3072), (9, 64, 100), (130, 768, 3072), (29, 2500, 70)])
-def test_gelu_epilogue(device, M, K, N):
+@pytest.mark.parametrize("packed", [False, True])
+def test_gelu_epilogue(device, M, K, N, packed):
     torch.manual_seed(2)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
-    y = ops.conv1d(x.to(device), ops.pack(w.to(device)), b.to(device), "gelu_new", out_features=N)
+    wd = w.to(device)
+    y = ops.conv1d(x.to(device), ops.pack(wd) if packed else wd, b.to(device), "gelu_new", out_features=N)
     pre, terms = ref_mm(x, w, b)
     # error of the pre-activation (its ulp budget), carried through gelu's slope (|gelu'| < 1.13), plus gelu's own
     ref = ref_gelu(pre)
@@ -43,11 +45,13 @@ def test_gelu_epilogue(device, M, K, N):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 768), (17, 3072, 768), (3, 5, 40)])
-def test_residual_epilogue(device, M, K, N):
+@pytest.mark.parametrize("packed", [False, True])
+def test_residual_epilogue(device, M, K, N, packed):
     torch.manual_seed(3)
     x, w, b = torch.randn(2, M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = plant_outliers(torch.randn(2, M, N))
-    y = ops.conv1d(x.to(device), ops.pack(w.to(device)), b.to(device), "residual", residual=res.to(device),
+    wd = w.to(device)
+    y = ops.conv1d(x.to(device), ops.pack(wd) if packed else wd, b.to(device), "residual", residual=res.to(device),
                    out_features=N)
     ref, terms = ref_mm(x, w, b)
     assert_parity(y, ref + res.double(), terms + res.double().abs(), K, "conv1d+residual")
@@ -109,3 +113,20 @@ def test_bad_input():
         ops.conv1d(x, w, torch.randn(41))
     assert ops.conv1d(torch.randn(0, 8), w).shape == (0, 40)
     assert math.isfinite(ops.conv1d(torch.randn(1, 8), w).sum().item())
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (2, 3072, 768), (3, 200, 97), (130, 256, 768), (1024, 192, 768),
+                                   (29, 100, 97)])
+def test_hf_layout_in_place_equals_packed_bit_for_bit(isa, M, K, N):
+    """HF's [in, out] weight read in place (no packed copy) adds the same terms in the same order as the packed
+    panels: identical results, every epilogue, with a non-contiguous (sliced) weight too. (Where prefill splits K
+    differently — blocks of 256 in place, 1024 packed, K > 256 — the tail rows' two-accumulator tiles round
+    differently; test_conv1d_matches_float64 bounds both layouts there.)"""
+    torch.manual_seed(M + K)
+    x = plant_outliers(torch.randn(M, K))
+    w, b, r = torch.randn(K, N + 3) * 0.05, torch.randn(N), torch.randn(M, N)
+    for wi in (w[:, :N].contiguous(), w[:, :N]):  # a contiguous weight, and rows N + 3 apart
+        for epi, res in (("none", None), ("gelu_new", None), ("residual", r)):
+            a = ops.conv1d(x, wi, b, epi, res, N)
+            p = ops.conv1d(x, ops.pack(wi), b, epi, res, N)
+            assert torch.equal(a, p), (epi, wi.is_contiguous())

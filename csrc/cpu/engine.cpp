@@ -81,15 +81,17 @@ class Stack {
     check_vec(lnf_b_, E_, who, "ln_f.bias");
   }
 
+  // a matmul weight: HF's own [k, n] (contiguous) or packed [panels, k, 32] (gpt2kern.pack)
   static void check_packed(const at::Tensor& w, int64_t k, int64_t n, const char* who, const char* name) {
     TORCH_CHECK_VALUE(w.defined(), "gpt2kern.", who, ": ", name, " weight is missing");
     GK_CHECK_FLOAT(w, who, name);
     TORCH_CHECK_VALUE(w.is_contiguous() && w.device().is_cpu(), "gpt2kern.", who, ": ", name,
                       " weight must be a contiguous CPU tensor");
-    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == (n + kPanel - 1) / kPanel && w.size(1) == k &&
-                          w.size(2) == kPanel,
-                      "gpt2kern.", who, ": ", name, " weight is not a packed [panels, ", k, ", ", kPanel,
-                      "] tensor for ", n, " outputs; got ", w.sizes());
+    const bool in_out = w.dim() == 2 && w.size(0) == k && w.size(1) == n;
+    const bool packed = w.dim() == 3 && w.size(0) == (n + kPanel - 1) / kPanel && w.size(1) == k &&
+                        w.size(2) == kPanel;
+    TORCH_CHECK_VALUE(in_out || packed, "gpt2kern.", who, ": ", name, " weight is neither HF's [", k, ", ", n,
+                      "] nor a packed [panels, ", k, ", ", kPanel, "] tensor for ", n, " outputs; got ", w.sizes());
   }
   static void check_vec(const at::Tensor& t, int64_t n, const char* who, const char* name) {
     TORCH_CHECK_VALUE(t.defined(), "gpt2kern.", who, ": ", name, " is missing");
@@ -124,7 +126,8 @@ class Stack {
     run_layer_norm(s.h, E, s.x, f32(layers_[0].ln_1_weight), f32(layers_[0].ln_1_bias), M, E, eps_);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& L = layers_[l];
-      run_matmul(s.x, E, M, E, f32(L.c_attn_weight), 3 * E, f32(L.c_attn_bias), Epilogue::None, nullptr, 0, s.qkv);
+      run_matmul(s.x, E, M, E, weight_ref(L.c_attn_weight), 3 * E, f32(L.c_attn_bias), Epilogue::None, nullptr, 0,
+                 s.qkv);
       const KvView c = kv(l, s.qkv);
       AttnArgs args{};
       args.q = s.qkv; args.sq_b = T * 3 * E; args.sq_h = D_; args.sq_t = 3 * E;
@@ -135,10 +138,13 @@ class Stack {
       args.key_mask = c.key_mask; args.mask_len = c.mask_len;
       args.scale = (float)L.scale; args.q_offset = c.q_offset; args.causal = true;
       run_attention(args);
-      run_matmul(s.att, E, M, E, f32(L.attn_proj_weight), E, f32(L.attn_proj_bias), Epilogue::None, nullptr, 0, s.a);
+      run_matmul(s.att, E, M, E, weight_ref(L.attn_proj_weight), E, f32(L.attn_proj_bias), Epilogue::None, nullptr,
+                 0, s.a);
       run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2_weight), f32(L.ln_2_bias), M, E, eps_);
-      run_matmul(s.x, E, M, E, f32(L.c_fc_weight), F_, f32(L.c_fc_bias), Epilogue::GeluNew, nullptr, 0, s.fc);
-      run_matmul(s.fc, F_, M, F_, f32(L.mlp_proj_weight), E, f32(L.mlp_proj_bias), Epilogue::None, nullptr, 0, s.a);
+      run_matmul(s.x, E, M, E, weight_ref(L.c_fc_weight), F_, f32(L.c_fc_bias), Epilogue::GeluNew, nullptr, 0,
+                 s.fc);
+      run_matmul(s.fc, F_, M, F_, weight_ref(L.mlp_proj_weight), E, f32(L.mlp_proj_bias), Epilogue::None, nullptr,
+                 0, s.a);
       const bool last = l + 1 == layers_.size();
       const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln_1_weight;
       const at::Tensor& nb = last ? lnf_b_ : layers_[l + 1].ln_1_bias;
@@ -363,7 +369,8 @@ class Engine {
       return KvView{k, v, sb, sh, D, len_ + T, km, Tmax_, len_};
     };
     st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B_, T, kv, /*last_only=*/true);
-    run_matmul(s.x, E, B_, E, f32(lm_w_), V_, nullptr, Epilogue::None, nullptr, 0, logits_.data_ptr<float>());
+    run_matmul(s.x, E, B_, E, weight_ref(lm_w_), V_, nullptr, Epilogue::None, nullptr, 0,
+               logits_.data_ptr<float>());
     len_ += T;
     return logits_;
   }

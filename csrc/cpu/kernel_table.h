@@ -39,7 +39,7 @@ struct KernelTable {
                          const float* wpe, float* out, int64_t rows, int64_t n);
   // one packed panel of columns [n0, n0 + ncols): C[m, n0 + j] = epi(A[m] · Bp[:, j] + bias) for m < M;
   // part = kKWhole, or which block (kKFirst / 0 / kKLast) of a K split across calls this is
-  void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
+  void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
                        int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
                        int64_t ldr, int part);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock

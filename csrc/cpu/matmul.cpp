@@ -34,15 +34,21 @@ at::Tensor pack(const at::Tensor& weight) {
   return out;
 }
 
-void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wp, int64_t N, const float* bias,
+WeightRef weight_ref(const at::Tensor& w) {
+  if (w.dim() == 3) return WeightRef{w.data_ptr<float>(), true, kPanel};
+  return WeightRef{w.data_ptr<float>(), false, w.stride(0)};
+}
+
+void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C) {
   const KernelTable& t = kernels();
   const int64_t P = num_panels(N);
   // Panels are split across threads (taken in chunks from a shared counter, parallel.h), so each weight byte is
   // read by exactly one thread.
   // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072); decode (M <= 2)
-  // streams the weights once either way, so it keeps K whole
-  const int64_t KC = (M > 2 && K > 1024) ? 1024 : K;
+  // streams the weights once either way, so it keeps K whole. With HF's [K, N] weight, prefill packs each K block
+  // of its panels into a per-thread buffer first (BLIS's B panel), so KC is smaller to keep that buffer in L2.
+  const int64_t KC = M <= 2 ? K : W.packed ? (K > 1024 ? 1024 : K) : std::min<int64_t>(K, 256);
   // Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
   const int64_t MC = 8 * t.mr_max;
   // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
@@ -56,24 +62,68 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* 
   const bool copy_a = M > 2 * t.mr_max;
   const int64_t lda_buf = KC + 16;
   parallel_chunks(P, grain, [&](int64_t p0, int64_t p1) {
-    thread_local std::vector<float> abuf;  // grows once per thread, then reused: no allocation per call
+    thread_local std::vector<float> abuf, bbuf;  // grow once per thread, then reused: no allocation per call
     if (copy_a && (int64_t)abuf.size() < MC * lda_buf) abuf.resize(MC * lda_buf);
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t mc = std::min(MC, M - m0);
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0);
-        const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
-        const float* a = A + m0 * lda + k0;
-        int64_t la = lda;
-        if (copy_a) {
-          for (int64_t r = 0; r < mc; ++r) std::memcpy(abuf.data() + r * lda_buf, a + r * lda, kc * sizeof(float));
-          a = abuf.data();
-          la = lda_buf;
+    auto a_block = [&](int64_t m0, int64_t mc, int64_t k0, int64_t kc, int64_t& la) {
+      const float* a = A + m0 * lda + k0;
+      la = lda;
+      if (copy_a) {
+        for (int64_t r = 0; r < mc; ++r) std::memcpy(abuf.data() + r * lda_buf, a + r * lda, kc * sizeof(float));
+        a = abuf.data();
+        la = lda_buf;
+      }
+      return a;
+    };
+    // panel p's rows [k0, k0 + kc) of HF's [K, N] weight, copied into dst [kc][32] (zeros past N)
+    auto pack_rows = [&](int64_t p, int64_t k0, int64_t kc, float* dst) {
+      const int64_t ncols = std::min<int64_t>(kPanel, N - p * kPanel);
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = W.w + (k0 + k) * W.ld + p * kPanel;
+        float* d = dst + k * kPanel;
+        std::memcpy(d, src, ncols * sizeof(float));
+        if (ncols < kPanel) std::memset(d + ncols, 0, (kPanel - ncols) * sizeof(float));
+      }
+    };
+    if (W.packed || M <= 2) {
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t mc = std::min(MC, M - m0);
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+          const int64_t kc = std::min(KC, K - k0);
+          const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+          int64_t la;
+          const float* a = a_block(m0, mc, k0, kc, la);
+          for (int64_t p = p0; p < p1; ++p) {
+            const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+            const float* b = W.packed ? W.w + (p * K + k0) * kPanel : W.w + k0 * W.ld + p * kPanel;
+            int64_t ldb = W.ld;
+            if (!W.packed && ncols < kPanel) {  // a partial last panel: its rows would read past N
+              if ((int64_t)bbuf.size() < kc * kPanel) bbuf.resize(kc * kPanel);
+              pack_rows(p, k0, kc, bbuf.data());
+              b = bbuf.data();
+              ldb = kPanel;
+            }
+            t.matmul_panel(a, la, mc, kc, b, ldb, C + m0 * N, N, p * kPanel, ncols, bias, epi,
+                           R ? R + m0 * ldr : nullptr, ldr, part);
+          }
         }
+      }
+      return;
+    }
+    // HF's [K, N] weight, prefill: per K block, this chunk's panels packed once, then every row block of x
+    const int64_t np = p1 - p0;
+    if ((int64_t)bbuf.size() < np * KC * kPanel) bbuf.resize(np * KC * kPanel);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+      for (int64_t p = p0; p < p1; ++p) pack_rows(p, k0, kc, bbuf.data() + (p - p0) * kc * kPanel);
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t mc = std::min(MC, M - m0);
+        int64_t la;
+        const float* a = a_block(m0, mc, k0, kc, la);
         for (int64_t p = p0; p < p1; ++p) {
           const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-          t.matmul_panel(a, la, mc, kc, Wp + (p * K + k0) * kPanel, C + m0 * N, N, p * kPanel, ncols, bias, epi,
-                         R ? R + m0 * ldr : nullptr, ldr, part);
+          t.matmul_panel(a, la, mc, kc, bbuf.data() + (p - p0) * kc * kPanel, kPanel, C + m0 * N, N, p * kPanel,
+                         ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
         }
       }
     }
@@ -87,12 +137,13 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t K = x.size(-1);
   at::Tensor packed;
   int64_t N;
-  if (weight.dim() == 2) {  // HF Conv1D layout [in, out]: packed on the fly (optimize() packs once instead)
+  if (weight.dim() == 2) {  // HF Conv1D layout [in, out], read in place (rows must be contiguous)
     TORCH_CHECK_VALUE(weight.size(0) == K, "gpt2kern.conv1d: weight must be [", K, ", out], got ", weight.sizes());
     N = weight.size(1);
     TORCH_CHECK_VALUE(out_features < 0 || out_features == N, "gpt2kern.conv1d: out_features=", out_features,
                       " but weight has ", N, " columns");
-    packed = pack(weight);
+    packed = (weight.stride(1) == 1 && (weight.size(0) <= 1 || weight.stride(0) >= N)) ? weight
+                                                                                       : weight.contiguous();
   } else {
     TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == K && weight.size(2) == kPanel,
                       "gpt2kern.conv1d: packed weight must be [panels, ", K, ", ", kPanel, "], got ", weight.sizes());
@@ -117,12 +168,13 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const Rows A = rows_of(x, K);
   Rows rr{};
   if (epi == Epilogue::Residual) rr = rows_of(*residual, N);
-  const float *pa = A.p, *pw = packed.data_ptr<float>();
+  const float* pa = A.p;
+  const WeightRef W = weight_ref(packed);
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* pr = rr.p;
   const int64_t M = A.m, lda = A.ld, ldr = rr.ld;
   float* pc = y.data_ptr<float>();
-  run_matmul(pa, lda, M, K, pw, N, pb, epi, pr, ldr, pc);
+  run_matmul(pa, lda, M, K, W, N, pb, epi, pr, ldr, pc);
   return y;
 }
 

@@ -28,7 +28,15 @@ void run_layer_norm(const float* x, int64_t ldx, float* y, const float* w, const
                     float eps);
 void run_add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
                         const float* b, int64_t rows, int64_t n, float eps);
-void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wp, int64_t N, const float* bias,
+// A Conv1D weight as the matmul reads it: panels packed by gpt2kern.pack ([ceil(N/32)][K][32], `packed`), or HF's
+// own [K, N] storage read in place (rows `ld` floats apart): no second copy of the weights.
+struct WeightRef {
+  const float* w;
+  bool packed;
+  int64_t ld;
+};
+WeightRef weight_ref(const at::Tensor& w);  // 3-D: packed; 2-D [K, N] with unit column stride: in place
+void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C);
 void run_attention(const AttnArgs& a);
 }  // namespace gk::cpu

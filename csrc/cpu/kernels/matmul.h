@@ -1,7 +1,8 @@
 // matmul.h — Conv1D's y = x @ W + b over one packed panel of 32 output columns, with the epilogue fused.
 //
 // Reference: y[m, n] = Σ_k x[m, k] · W[k, n] + b[n], then gelu_new or + residual[m, n].
-// W is packed once (pack op) into panels [K][32], so the inner loop reads 32 consecutive floats per k: a
+// B rows are 32 consecutive floats, ldb apart: a packed panel [K][32] (ldb = 32), or 32 columns of HF's own
+// [K, N] weight read in place (ldb = N). The inner loop reads those 32 floats per k: a
 // register tile of MR rows × 32 columns accumulates over K, and the epilogue runs on the registers before the
 // store. For a long K the caller splits K into blocks (so a block of x rows stays in L2): the first block starts
 // from zero, later ones from the partial sums in C, only the last adds the bias and applies the epilogue; the
@@ -13,8 +14,9 @@ namespace GK_ISA {
 constexpr int NV = kPanel / VL;  // vectors per panel row
 
 template <int MR>
-GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, float* C, int64_t ldc,
-                           int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr, int part) {
+GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, int64_t ldb, float* C,
+                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                           int part) {
   vf acc[MR][NV];
   if (part & kKFirst) {
     for (int r = 0; r < MR; ++r)
@@ -35,8 +37,8 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
       for (int v = 0; v < NV; ++v) acc2[r][v] = vf{};
     for (; k + 2 <= K; k += 2) {
       vf b0[NV], b1[NV];
-      for (int v = 0; v < NV; ++v) b0[v] = load(Bp + k * kPanel + v * VL);
-      for (int v = 0; v < NV; ++v) b1[v] = load(Bp + (k + 1) * kPanel + v * VL);
+      for (int v = 0; v < NV; ++v) b0[v] = load(Bp + k * ldb + v * VL);
+      for (int v = 0; v < NV; ++v) b1[v] = load(Bp + (k + 1) * ldb + v * VL);
       for (int r = 0; r < MR; ++r) {
         vf a0 = bcast(A[r * lda + k]), a1 = bcast(A[r * lda + k + 1]);
         for (int v = 0; v < NV; ++v) acc[r][v] += a0 * b0[v];
@@ -48,7 +50,7 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
   }
   for (; k < K; ++k) {
     vf b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = load(Bp + k * kPanel + v * VL);
+    for (int v = 0; v < NV; ++v) b[v] = load(Bp + k * ldb + v * VL);
     for (int r = 0; r < MR; ++r) {
       vf a = bcast(A[r * lda + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
@@ -88,25 +90,25 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
 }
 
 template <int MR>
-GK_INLINE void matmul_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
-                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
-                           int part) {
+GK_INLINE void matmul_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb,
+                           float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
+                           int64_t ldr, int part) {
   if constexpr (MR > 0) {
     if (M >= MR) {
       int64_t m = 0;
       for (; m + MR <= M; m += MR)
-        matmul_tile<MR>(A + m * lda, lda, K, Bp, C + m * ldc, ldc, ncols, bias, epi, R ? R + m * ldr : R, ldr,
-                        part);
+        matmul_tile<MR>(A + m * lda, lda, K, Bp, ldb, C + m * ldc, ldc, ncols, bias, epi, R ? R + m * ldr : R,
+                        ldr, part);
       M -= m; A += m * lda; C += m * ldc; if (R) R += m * ldr;
     }
-    if (M > 0) matmul_rows<MR - 1>(A, lda, M, K, Bp, C, ldc, ncols, bias, epi, R, ldr, part);
+    if (M > 0) matmul_rows<MR - 1>(A, lda, M, K, Bp, ldb, C, ldc, ncols, bias, epi, R, ldr, part);
   }
 }
 
-static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, float* C,
-                         int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
-                         int64_t ldr, int part) {
-  matmul_rows<GK_MR_MAX>(A, lda, M, K, Bp, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
+static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb,
+                         float* C, int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi,
+                         const float* R, int64_t ldr, int part) {
+  matmul_rows<GK_MR_MAX>(A, lda, M, K, Bp, ldb, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
                          R ? R + n0 : nullptr, ldr, part);
 }
 
