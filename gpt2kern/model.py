@@ -49,7 +49,8 @@ class State:
     body_was_fast) is kept per thread, so one thread's fallback never sends another thread's lm_head down the wrong
     path."""
 
-    def __init__(self, transformer: GPT2Model, lm_head: nn.Module | None):
+    def __init__(self, transformer: GPT2Model, lm_head: nn.Module | None, pack: bool = True):
+        self.pack = pack  # False: the blocks' matmuls read HF's weights in place (optimize(model, pack=False))
         self._lock = threading.Lock()
         self._local = threading.local()
         self.transformer, self.lm_head = transformer, lm_head
@@ -97,7 +98,7 @@ class State:
             snap = guard.Snapshot(self.transformer, self.lm_head)  # first: a change made while this runs is seen
             t = self.transformer
             config_reason = guard.config_reason(t, self.lm_head)
-            key = (snap.stamp, config_reason, None if config_reason else _baked_in(t))
+            key = (snap.stamp, config_reason, None if config_reason else _baked_in(t), self.pack)
             if key != self._pack_key:
                 self._repack(snap.params, config_reason)
                 self._pack_key = key
@@ -110,7 +111,7 @@ class State:
         weights = body = None
         if (config_reason is None and self.device is not None and self.device.type in guard._kernel_devices()
                 and all(p.dtype == torch.float32 for p in params)):
-            weights = pack(self.transformer, self.lm_head)
+            weights = pack(self.transformer, self.lm_head, self.pack)
             body = weights.body() if self.device.type == "cpu" else None
         self.weights, self.body = weights, body
 
@@ -428,7 +429,7 @@ def installed_forward(module, f) -> bool:
 
 # ---------------------------------------------------------------- public API
 
-def optimize(model, *, freeze: bool = False):
+def optimize(model, *, freeze: bool = False, pack: bool = True):
     """Run `model`'s GPT-2 body (and its lm_head) on gpt2kern's kernels, in place; returns the model.
 
     Any HF GPT-2 class: GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,
@@ -437,15 +438,21 @@ def optimize(model, *, freeze: bool = False):
     lack run HF's own forward (see `fallback_reason`, and guard.py for every case); `requires_grad` is left as it
     is. `freeze=True` (opt-in) sets requires_grad=False on every parameter, so a plain `model(ids)` without
     `torch.no_grad()` takes the fast path too. Weights are packed now and repacked automatically if they change.
+    `pack=False`: the blocks' matmuls read HF's own weights in place — no second copy of them (the lm_head is still
+    packed) — at some speed (measured on the dev machine: prefill 5-10 % and decode ~5 % slower).
     """
     transformer, lm_head = _body_and_head(model)
     if freeze:
         model.requires_grad_(False)
     if getattr(transformer, "_gpt2kern", None) is not None:
-        transformer._gpt2kern.refresh()
+        st = transformer._gpt2kern
+        if st.pack != pack:
+            with st._lock:
+                st.pack, st.snapshot = pack, None  # repacked in the other layout now
+        st.refresh()
         return model
     model.__dict__.pop("_gpt2kern_private_state", None)  # gpt2kern.generate's own pack: this one replaces it
-    st = State(transformer, lm_head)
+    st = State(transformer, lm_head, pack)
     for mod, which in ((transformer, "body"), (lm_head, "lm_head")):
         if mod is None:
             continue

@@ -29,7 +29,7 @@ class Linear:
 
     def __post_init__(self):
         w = self.weight
-        if w.device.type == "cpu":
+        if w.device.type == "cpu" and w.dim() == 3:
             want = ((self.n_out + ops.PANEL - 1) // ops.PANEL, self.n_in, ops.PANEL)
         else:
             want = (self.n_in, self.n_out)
@@ -40,11 +40,12 @@ class Linear:
             raise ValueError(f"Linear bias must be [{self.n_out}], got {list(self.bias.shape)}")
 
     @classmethod
-    def of(cls, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> "Linear":
-        """From an [in, out] weight (HF Conv1D's layout): packed on CPU; on CUDA the contiguous tensor as is."""
+    def of(cls, weight_in_out: torch.Tensor, bias: torch.Tensor | None, packed: bool = True) -> "Linear":
+        """From an [in, out] weight (HF Conv1D's layout): packed on CPU when `packed`, else HF's own tensor read in
+        place (contiguous); on CUDA the contiguous tensor as is."""
         w = weight_in_out.detach()
-        if w.is_cuda:
-            w = w if w.is_contiguous() else ops.pack(w)
+        if w.is_cuda or not packed:
+            w = w if w.is_contiguous() else (ops.pack(w) if w.is_cuda else w.contiguous())
         else:
             w = ops.pack(w)
         return cls(w, None if bias is None else bias.detach(), weight_in_out.shape[0], weight_in_out.shape[1])
@@ -88,9 +89,9 @@ class Layer:
                                  f"{list(n.bias.shape)}")
 
     @classmethod
-    def of(cls, blk, scale: float) -> "Layer":
+    def of(cls, blk, scale: float, packed: bool = True) -> "Layer":
         a, m = blk.attn, blk.mlp
-        lin = lambda c: Linear.of(c.weight, c.bias)  # noqa: E731
+        lin = lambda c: Linear.of(c.weight, c.bias, packed)  # noqa: E731
         return cls(ln_1=Norm.of(blk.ln_1), c_attn=lin(a.c_attn), attn_proj=lin(a.c_proj), ln_2=Norm.of(blk.ln_2),
                    c_fc=lin(m.c_fc), mlp_proj=lin(m.c_proj), scale=float(scale))
 
@@ -148,9 +149,10 @@ def attn_scale(cfg, attn) -> float:
 
 
 @torch.no_grad()
-def pack(transformer, lm_head) -> Weights:
-    """The GPT2Model body (and lm_head, tied or not) as the kernels read it."""
-    layers = tuple(Layer.of(blk, attn_scale(transformer.config, blk.attn)) for blk in transformer.h)
+def pack(transformer, lm_head, packed: bool = True) -> Weights:
+    """The GPT2Model body (and lm_head, tied or not) as the kernels read it. packed=False: the blocks' matmuls read
+    HF's own [in, out] weights in place (no second copy of them); the lm_head is packed either way."""
+    layers = tuple(Layer.of(blk, attn_scale(transformer.config, blk.attn), packed) for blk in transformer.h)
     head = None
     if lm_head is not None:
         head = Linear.of(lm_head.weight.t(), None)  # [E, V]: packed on CPU, one contiguous copy on CUDA

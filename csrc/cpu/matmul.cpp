@@ -61,6 +61,34 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
   const bool copy_a = M > 2 * t.mr_max;
   const int64_t lda_buf = KC + 16;
+  if (!W.packed && M <= 2) {
+    // Decode over HF's [K, N]: rows of W are adjacent, so blocks of whole rows are contiguous streams. Fixed blocks
+    // of KB rows (never a function of the thread count, so the sum order is too) each give partial sums for all N
+    // columns; the partials are added in block order, then the bias and epilogue.
+    constexpr int64_t KB = 128;
+    const int64_t nb = (K + KB - 1) / KB;
+    thread_local std::vector<float> part;  // the calling thread's, grown once: no allocation per decode step
+    if (part.size() < (size_t)(nb * M * N)) part.resize((size_t)(nb * M * N));
+    float* pp = part.data();  // (a thread_local named inside the lambda would be each worker's own)
+    parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
+        t.gemv_rows(A + k0, lda, M, kc, W.w + k0 * W.ld, W.ld, pp + blk * M * N, N, N, nullptr, Epilogue::None,
+                    nullptr, 0, pp + blk * M * N);
+      }
+    });
+    for (int64_t blk = 1; blk < nb; ++blk)
+      for (int64_t i = 0; i < M * N; ++i) part[i] += part[blk * M * N + i];
+    for (int64_t m = 0; m < M; ++m) {
+      float* c = C + m * N;
+      const float* s = part.data() + m * N;
+      for (int64_t i = 0; i < N; ++i) c[i] = s[i] + (bias ? bias[i] : 0.f);
+      if (epi == Epilogue::GeluNew) t.gelu_new(c, c, N);
+      if (epi == Epilogue::Residual)
+        for (int64_t i = 0; i < N; ++i) c[i] += R[m * ldr + i];
+    }
+    return;
+  }
   parallel_chunks(P, grain, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<float> abuf, bbuf;  // grow once per thread, then reused: no allocation per call
     if (copy_a && (int64_t)abuf.size() < MC * lda_buf) abuf.resize(MC * lda_buf);
@@ -84,6 +112,13 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
         if (ncols < kPanel) std::memset(d + ncols, 0, (kPanel - ncols) * sizeof(float));
       }
     };
+    if (!W.packed && M <= 2) {  // decode over HF's [K, N]: stream whole row segments of this chunk's columns
+      const int64_t c0 = p0 * kPanel, nc = std::min(N, p1 * kPanel) - c0;
+      if ((int64_t)bbuf.size() < M * nc) bbuf.resize(M * nc);
+      t.gemv_rows(A, lda, M, K, W.w + c0, W.ld, C + c0, N, nc, bias ? bias + c0 : nullptr, epi,
+                  R ? R + c0 : nullptr, ldr, bbuf.data());
+      return;
+    }
     if (W.packed || M <= 2) {
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t mc = std::min(MC, M - m0);

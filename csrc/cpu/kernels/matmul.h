@@ -112,5 +112,61 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
                          R ? R + n0 : nullptr, ldr, part);
 }
 
+// Decode GEMV over HF's own [K, N] weight (rows ldw apart), columns [0, ncols) of it: M <= 2 rows of x. Each k
+// reads one contiguous row segment of W — a stream the prefetchers follow, where 32-column panels read in place
+// would jump a whole row per k — and updates the M·ncols sums in `acc` (scratch, L1-sized). Two k per pass: each
+// sum is loaded and stored once per two rows of W. Then bias, the epilogue and the store, as matmul_tile does.
+static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, float* C,
+                      int64_t ldc, int64_t ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                      float* acc) {
+  const int64_t nv = ncols / VL * VL;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < ncols; ++j) acc[m * ncols + j] = 0.f;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const float* w0 = W + k * ldw;
+    const float* w1 = w0 + ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const vf a0 = bcast(A[m * lda + k]), a1 = bcast(A[m * lda + k + 1]);
+      float* am = acc + m * ncols;
+      for (int64_t j = 0; j < nv; j += VL) store(am + j, load(am + j) + a0 * load(w0 + j) + a1 * load(w1 + j));
+      for (int64_t j = nv; j < ncols; ++j) am[j] = am[j] + A[m * lda + k] * w0[j] + A[m * lda + k + 1] * w1[j];
+    }
+  }
+  for (; k < K; ++k) {
+    const float* w0 = W + k * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const vf a0 = bcast(A[m * lda + k]);
+      float* am = acc + m * ncols;
+      for (int64_t j = 0; j < nv; j += VL) store(am + j, load(am + j) + a0 * load(w0 + j));
+      for (int64_t j = nv; j < ncols; ++j) am[j] = am[j] + A[m * lda + k] * w0[j];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* am = acc + m * ncols;
+    float* c = C + m * ldc;
+    int64_t j = 0;
+    for (; j < nv; j += VL) {
+      vf y = load(am + j) + (bias ? load(bias + j) : vf{});
+      if (epi == Epilogue::GeluNew) y = vgelu_new(y);
+      if (epi == Epilogue::Residual) y = y + load(R + m * ldr + j);
+      store(c + j, y);
+    }
+    if (j < ncols) {  // the tail through a vector, so its gelu is the same function
+      float t[VL] = {}, rr[VL] = {}, bb[VL] = {};
+      for (int64_t x = j; x < ncols; ++x) {
+        t[x - j] = am[x];
+        if (bias) bb[x - j] = bias[x];
+        if (epi == Epilogue::Residual) rr[x - j] = R[m * ldr + x];
+      }
+      vf y = load(t) + load(bb);
+      if (epi == Epilogue::GeluNew) y = vgelu_new(y);
+      if (epi == Epilogue::Residual) y = y + load(rr);
+      store(t, y);
+      for (int64_t x = j; x < ncols; ++x) c[x] = t[x - j];
+    }
+  }
+}
+
 }  // namespace GK_ISA
 }  // namespace gk

@@ -20,6 +20,7 @@ extern const KernelTable GK_CAT(kTable_, GK_ISA) = {
     GK_ISA::gelu_new,
     GK_ISA::embedding_rows,
     GK_ISA::matmul_panel,
+    GK_ISA::gemv_rows,
     GK_ISA::attention_block,
     GK_MR_MAX,
     GK_ISA::VL,
