@@ -123,12 +123,49 @@ static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const f
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < ncols; ++j) acc[m * ncols + j] = 0.f;
   int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {  // eight rows of W per pass over the sums: one load and store of a sum per 8 FMAs
+    const float* __restrict__ w = W + k * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* am_ = A + m * lda + k;
+      vf a[8];
+      for (int r = 0; r < 8; ++r) a[r] = bcast(am_[r]);
+      float* __restrict__ am = acc + m * ncols;
+      for (int64_t j = 0; j < nv; j += VL) {
+        vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
+        s0 += a[2] * load(w + 2 * ldw + j); s1 += a[3] * load(w + 3 * ldw + j);
+        s0 += a[4] * load(w + 4 * ldw + j); s1 += a[5] * load(w + 5 * ldw + j);
+        s0 += a[6] * load(w + 6 * ldw + j); s1 += a[7] * load(w + 7 * ldw + j);
+        store(am + j, s0 + s1);
+      }
+      for (int64_t j = nv; j < ncols; ++j) {
+        float s0 = am[j], s1 = 0.f;
+        for (int r = 0; r < 8; r += 2) { s0 += am_[r] * w[r * ldw + j]; s1 += am_[r + 1] * w[(r + 1) * ldw + j]; }
+        am[j] = s0 + s1;
+      }
+    }
+  }
+  for (; k + 4 <= K; k += 4) {  // four rows of W per pass over the sums (acc never aliases W: __restrict__)
+    const float* __restrict__ w0 = W + k * ldw;
+    const float* __restrict__ w1 = w0 + ldw;
+    const float* __restrict__ w2 = w1 + ldw;
+    const float* __restrict__ w3 = w2 + ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* am_ = A + m * lda + k;
+      const vf a0 = bcast(am_[0]), a1 = bcast(am_[1]), a2 = bcast(am_[2]), a3 = bcast(am_[3]);
+      float* __restrict__ am = acc + m * ncols;
+      for (int64_t j = 0; j < nv; j += VL)
+        store(am + j, ((load(am + j) + a0 * load(w0 + j)) + a1 * load(w1 + j)) +
+                          (a2 * load(w2 + j) + a3 * load(w3 + j)));
+      for (int64_t j = nv; j < ncols; ++j)
+        am[j] = ((am[j] + am_[0] * w0[j]) + am_[1] * w1[j]) + (am_[2] * w2[j] + am_[3] * w3[j]);
+    }
+  }
   for (; k + 2 <= K; k += 2) {
-    const float* w0 = W + k * ldw;
-    const float* w1 = w0 + ldw;
+    const float* __restrict__ w0 = W + k * ldw;
+    const float* __restrict__ w1 = w0 + ldw;
     for (int64_t m = 0; m < M; ++m) {
       const vf a0 = bcast(A[m * lda + k]), a1 = bcast(A[m * lda + k + 1]);
-      float* am = acc + m * ncols;
+      float* __restrict__ am = acc + m * ncols;
       for (int64_t j = 0; j < nv; j += VL) store(am + j, load(am + j) + a0 * load(w0 + j) + a1 * load(w1 + j));
       for (int64_t j = nv; j < ncols; ++j) am[j] = am[j] + A[m * lda + k] * w0[j] + A[m * lda + k + 1] * w1[j];
     }
