@@ -440,7 +440,8 @@ def optimize(model, *, freeze: bool = False, pack: bool = True):
     `torch.no_grad()` takes the fast path too. Weights are packed now and repacked automatically if they change.
     `pack=False`: the blocks' matmuls read HF's own weights in place — no second copy of them (the lm_head is still
     packed) — at some speed (random:distilgpt2 on the dev machine, interleaved: optimize() adds 147 instead of 310
-    MiB; decode 1.03-1.04× and prefill T=128 1.10× the packed time).
+    MiB; decode 1.03-1.12× and prefill T=128 1.10-1.21× the packed time, the wider gaps when the machine's
+    bandwidth is high).
     """
     transformer, lm_head = _body_and_head(model)
     if freeze:

@@ -44,10 +44,7 @@ class Linear:
         """From an [in, out] weight (HF Conv1D's layout): packed on CPU when `packed`, else HF's own tensor read in
         place (contiguous); on CUDA the contiguous tensor as is."""
         w = weight_in_out.detach()
-        if w.is_cuda or not packed:
-            w = w if w.is_contiguous() else (ops.pack(w) if w.is_cuda else w.contiguous())
-        else:
-            w = ops.pack(w)
+        w = w.contiguous() if (w.is_cuda or not packed) else ops.pack(w)
         return cls(w, None if bias is None else bias.detach(), weight_in_out.shape[0], weight_in_out.shape[1])
 
     def __call__(self, x, epilogue: str = "none"):

@@ -72,17 +72,17 @@ class Stack {
       check_vec(L.ln_2_weight, E_, who, "ln_2.weight"); check_vec(L.ln_2_bias, E_, who, "ln_2.bias");
       check_vec(L.c_attn_bias, 3 * E_, who, "c_attn.bias"); check_vec(L.attn_proj_bias, E_, who, "attn.c_proj.bias");
       check_vec(L.c_fc_bias, F_, who, "c_fc.bias"); check_vec(L.mlp_proj_bias, E_, who, "mlp.c_proj.bias");
-      check_packed(L.c_attn_weight, E_, 3 * E_, who, "c_attn");
-      check_packed(L.attn_proj_weight, E_, E_, who, "attn.c_proj");
-      check_packed(L.c_fc_weight, E_, F_, who, "c_fc");
-      check_packed(L.mlp_proj_weight, F_, E_, who, "mlp.c_proj");
+      check_weight(L.c_attn_weight, E_, 3 * E_, who, "c_attn");
+      check_weight(L.attn_proj_weight, E_, E_, who, "attn.c_proj");
+      check_weight(L.c_fc_weight, E_, F_, who, "c_fc");
+      check_weight(L.mlp_proj_weight, F_, E_, who, "mlp.c_proj");
     }
     check_vec(lnf_w_, E_, who, "ln_f.weight");
     check_vec(lnf_b_, E_, who, "ln_f.bias");
   }
 
   // a matmul weight: HF's own [k, n] (contiguous) or packed [panels, k, 32] (gpt2kern.pack)
-  static void check_packed(const at::Tensor& w, int64_t k, int64_t n, const char* who, const char* name) {
+  static void check_weight(const at::Tensor& w, int64_t k, int64_t n, const char* who, const char* name) {
     TORCH_CHECK_VALUE(w.defined(), "gpt2kern.", who, ": ", name, " weight is missing");
     GK_CHECK_FLOAT(w, who, name);
     TORCH_CHECK_VALUE(w.is_contiguous() && w.device().is_cpu(), "gpt2kern.", who, ": ", name,
@@ -321,7 +321,7 @@ class Engine {
         B_(batch), Tmax_(max_len), max_rows_(max_rows) {
     TORCH_CHECK_VALUE(batch >= 1 && max_len >= 1 && max_rows >= batch, "gpt2kern.Engine: bad sizes batch=", batch,
                       " max_len=", max_len, " max_rows=", max_rows);
-    Stack::check_packed(lm_w_, st_.E_, V_, "Engine", "lm_head");
+    Stack::check_weight(lm_w_, st_.E_, V_, "Engine", "lm_head");
     const int64_t L = (int64_t)st_.layers_.size(), E = st_.E_, H = st_.H_, D = st_.D_;
     auto f = st_.wte_.options();
     k_ = at::zeros({L, B_, H, Tmax_, D}, f);

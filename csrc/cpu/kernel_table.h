@@ -42,9 +42,8 @@ struct KernelTable {
   void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
                        int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
                        int64_t ldr, int part);
-  // decode GEMV (M <= 2) over HF's [K, N] weight rows (ldw apart), columns [0, ncols); acc: M·ncols scratch
-  void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, float* C,
-                    int64_t ldc, int64_t ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+  // decode GEMV (M <= 2) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n)
+  void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
   void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);

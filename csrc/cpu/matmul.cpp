@@ -73,8 +73,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
     parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-        t.gemv_rows(A + k0, lda, M, kc, W.w + k0 * W.ld, W.ld, pp + blk * M * N, N, N, nullptr, Epilogue::None,
-                    nullptr, 0, pp + blk * M * N);
+        t.gemv_rows(A + k0, lda, M, kc, W.w + k0 * W.ld, W.ld, N, pp + blk * M * N);
       }
     });
     for (int64_t blk = 1; blk < nb; ++blk)
@@ -102,7 +101,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
       }
       return a;
     };
-    // panel p's rows [k0, k0 + kc) of HF's [K, N] weight, copied into dst [kc][32] (zeros past N)
+    // panel p's rows [k0, k0 + kc) of HF's [K, N] weight, copied into dst [kc][32] (zeros past N): prefill's B block
     auto pack_rows = [&](int64_t p, int64_t k0, int64_t kc, float* dst) {
       const int64_t ncols = std::min<int64_t>(kPanel, N - p * kPanel);
       for (int64_t k = 0; k < kc; ++k) {
@@ -112,14 +111,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
         if (ncols < kPanel) std::memset(d + ncols, 0, (kPanel - ncols) * sizeof(float));
       }
     };
-    if (!W.packed && M <= 2) {  // decode over HF's [K, N]: stream whole row segments of this chunk's columns
-      const int64_t c0 = p0 * kPanel, nc = std::min(N, p1 * kPanel) - c0;
-      if ((int64_t)bbuf.size() < M * nc) bbuf.resize(M * nc);
-      t.gemv_rows(A, lda, M, K, W.w + c0, W.ld, C + c0, N, nc, bias ? bias + c0 : nullptr, epi,
-                  R ? R + c0 : nullptr, ldr, bbuf.data());
-      return;
-    }
-    if (W.packed || M <= 2) {
+    if (W.packed) {
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t mc = std::min(MC, M - m0);
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -129,16 +121,8 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
           const float* a = a_block(m0, mc, k0, kc, la);
           for (int64_t p = p0; p < p1; ++p) {
             const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-            const float* b = W.packed ? W.w + (p * K + k0) * kPanel : W.w + k0 * W.ld + p * kPanel;
-            int64_t ldb = W.ld;
-            if (!W.packed && ncols < kPanel) {  // a partial last panel: its rows would read past N
-              if ((int64_t)bbuf.size() < kc * kPanel) bbuf.resize(kc * kPanel);
-              pack_rows(p, k0, kc, bbuf.data());
-              b = bbuf.data();
-              ldb = kPanel;
-            }
-            t.matmul_panel(a, la, mc, kc, b, ldb, C + m0 * N, N, p * kPanel, ncols, bias, epi,
-                           R ? R + m0 * ldr : nullptr, ldr, part);
+            t.matmul_panel(a, la, mc, kc, W.w + (p * K + k0) * kPanel, kPanel, C + m0 * N, N, p * kPanel, ncols,
+                           bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
           }
         }
       }

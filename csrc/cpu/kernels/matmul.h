@@ -112,24 +112,23 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
                          R ? R + n0 : nullptr, ldr, part);
 }
 
-// Decode GEMV over HF's own [K, N] weight (rows ldw apart), columns [0, ncols) of it: M <= 2 rows of x. Each k
-// reads one contiguous row segment of W — a stream the prefetchers follow, where 32-column panels read in place
-// would jump a whole row per k — and updates the M·ncols sums in `acc` (scratch, L1-sized). Two k per pass: each
-// sum is loaded and stored once per two rows of W. Then bias, the epilogue and the store, as matmul_tile does.
-static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, float* C,
-                      int64_t ldc, int64_t ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+// Decode GEMV over HF's own [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n) for M <= 2
+// rows of x (the caller adds the bias and applies the epilogue). Each k reads one contiguous row of W — a stream
+// the prefetchers follow, where 32-column panels read in place would jump a whole row per k — and eight rows go
+// into one pass over the sums, so each sum is loaded and stored once per eight FMAs (with two rows per pass the
+// sums' loads and stores, not DRAM, were the limit).
+static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                       float* acc) {
-  const int64_t nv = ncols / VL * VL;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < ncols; ++j) acc[m * ncols + j] = 0.f;
+  const int64_t nv = n / VL * VL;
+  for (int64_t x = 0; x < M * n; ++x) acc[x] = 0.f;
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {  // eight rows of W per pass over the sums: one load and store of a sum per 8 FMAs
+  for (; k + 8 <= K; k += 8) {
     const float* __restrict__ w = W + k * ldw;
     for (int64_t m = 0; m < M; ++m) {
       const float* am_ = A + m * lda + k;
       vf a[8];
       for (int r = 0; r < 8; ++r) a[r] = bcast(am_[r]);
-      float* __restrict__ am = acc + m * ncols;
+      float* __restrict__ am = acc + m * n;
       for (int64_t j = 0; j < nv; j += VL) {
         vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
         s0 += a[2] * load(w + 2 * ldw + j); s1 += a[3] * load(w + 3 * ldw + j);
@@ -137,70 +136,20 @@ static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const f
         s0 += a[6] * load(w + 6 * ldw + j); s1 += a[7] * load(w + 7 * ldw + j);
         store(am + j, s0 + s1);
       }
-      for (int64_t j = nv; j < ncols; ++j) {
+      for (int64_t j = nv; j < n; ++j) {
         float s0 = am[j], s1 = 0.f;
         for (int r = 0; r < 8; r += 2) { s0 += am_[r] * w[r * ldw + j]; s1 += am_[r + 1] * w[(r + 1) * ldw + j]; }
         am[j] = s0 + s1;
       }
     }
   }
-  for (; k + 4 <= K; k += 4) {  // four rows of W per pass over the sums (acc never aliases W: __restrict__)
-    const float* __restrict__ w0 = W + k * ldw;
-    const float* __restrict__ w1 = w0 + ldw;
-    const float* __restrict__ w2 = w1 + ldw;
-    const float* __restrict__ w3 = w2 + ldw;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* am_ = A + m * lda + k;
-      const vf a0 = bcast(am_[0]), a1 = bcast(am_[1]), a2 = bcast(am_[2]), a3 = bcast(am_[3]);
-      float* __restrict__ am = acc + m * ncols;
-      for (int64_t j = 0; j < nv; j += VL)
-        store(am + j, ((load(am + j) + a0 * load(w0 + j)) + a1 * load(w1 + j)) +
-                          (a2 * load(w2 + j) + a3 * load(w3 + j)));
-      for (int64_t j = nv; j < ncols; ++j)
-        am[j] = ((am[j] + am_[0] * w0[j]) + am_[1] * w1[j]) + (am_[2] * w2[j] + am_[3] * w3[j]);
-    }
-  }
-  for (; k + 2 <= K; k += 2) {
-    const float* __restrict__ w0 = W + k * ldw;
-    const float* __restrict__ w1 = w0 + ldw;
-    for (int64_t m = 0; m < M; ++m) {
-      const vf a0 = bcast(A[m * lda + k]), a1 = bcast(A[m * lda + k + 1]);
-      float* __restrict__ am = acc + m * ncols;
-      for (int64_t j = 0; j < nv; j += VL) store(am + j, load(am + j) + a0 * load(w0 + j) + a1 * load(w1 + j));
-      for (int64_t j = nv; j < ncols; ++j) am[j] = am[j] + A[m * lda + k] * w0[j] + A[m * lda + k + 1] * w1[j];
-    }
-  }
-  for (; k < K; ++k) {
+  for (; k < K; ++k) {  // the last K % 8 rows
     const float* w0 = W + k * ldw;
     for (int64_t m = 0; m < M; ++m) {
       const vf a0 = bcast(A[m * lda + k]);
-      float* am = acc + m * ncols;
+      float* am = acc + m * n;
       for (int64_t j = 0; j < nv; j += VL) store(am + j, load(am + j) + a0 * load(w0 + j));
-      for (int64_t j = nv; j < ncols; ++j) am[j] = am[j] + A[m * lda + k] * w0[j];
-    }
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* am = acc + m * ncols;
-    float* c = C + m * ldc;
-    int64_t j = 0;
-    for (; j < nv; j += VL) {
-      vf y = load(am + j) + (bias ? load(bias + j) : vf{});
-      if (epi == Epilogue::GeluNew) y = vgelu_new(y);
-      if (epi == Epilogue::Residual) y = y + load(R + m * ldr + j);
-      store(c + j, y);
-    }
-    if (j < ncols) {  // the tail through a vector, so its gelu is the same function
-      float t[VL] = {}, rr[VL] = {}, bb[VL] = {};
-      for (int64_t x = j; x < ncols; ++x) {
-        t[x - j] = am[x];
-        if (bias) bb[x - j] = bias[x];
-        if (epi == Epilogue::Residual) rr[x - j] = R[m * ldr + x];
-      }
-      vf y = load(t) + load(bb);
-      if (epi == Epilogue::GeluNew) y = vgelu_new(y);
-      if (epi == Epilogue::Residual) y = y + load(rr);
-      store(t, y);
-      for (int64_t x = j; x < ncols; ++x) c[x] = t[x - j];
+      for (int64_t j = nv; j < n; ++j) am[j] = am[j] + A[m * lda + k] * w0[j];
     }
   }
 }
