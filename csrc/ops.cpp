@@ -16,7 +16,7 @@ TORCH_LIBRARY(gpt2kern, m) {
   m.def("gelu_new(Tensor x) -> Tensor");
   m.def("pack(Tensor weight) -> Tensor");
   m.def("conv1d(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "int out_features=-1) -> Tensor");
+        "int out_features=-1, str layout='kn', Tensor? scales=None) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, int q_offset, "
         "bool causal) -> Tensor");
   m.def("embedding(Tensor input_ids, Tensor wte, Tensor wpe, Tensor position_ids, Tensor? token_type_ids) -> Tensor");

@@ -103,10 +103,9 @@ def kernel_cases(cfg, M: int, dev: str):
     gelu_hf = NewGELUActivation()
     W = {"c_attn": rnd(E, 3 * E, s=0.1), "attn.c_proj": rnd(E, E, s=0.1), "c_fc": rnd(E, 4 * E, s=0.1),
          "mlp.c_proj": rnd(4 * E, E, s=0.1)}
-    P = {k: ops.pack(w) for k, w in W.items()}
     bias = {k: rnd(w.shape[1]) for k, w in W.items()}
     wte, wpe = rnd(V, E, s=0.1), rnd(cfg.n_positions, E, s=0.01)
-    lm = ops.pack(wte.t())
+    wte_t = wte.t().contiguous() if dev != "cpu" else None  # CUDA reads [in, out]; the CPU reads wte in place
     lw, lb = rnd(E), rnd(E)
     x, r, h4 = rnd(M, E), rnd(M, E), rnd(M, 4 * E)
     f32 = 4
@@ -115,7 +114,7 @@ def kernel_cases(cfg, M: int, dev: str):
         w = W[name]
         K, N = w.shape
         a = x if a is None else a
-        ours = lambda: ops.conv1d(a, P[name], bias[name], epi, res, N)  # noqa: E731
+        ours = lambda: ops.conv1d(a, w, bias[name], epi, res, N)  # noqa: E731  (HF's [in, out], read in place)
         if epi == "gelu_new":
             theirs = lambda: gelu_hf(torch.addmm(bias[name], a, w))  # noqa: E731
         elif epi == "residual":
@@ -134,7 +133,8 @@ def kernel_cases(cfg, M: int, dev: str):
         ("conv1d c_fc+gelu_new", *mm("c_fc", "gelu_new")),
         ("conv1d mlp.c_proj+residual", *mm("mlp.c_proj", "residual", h4, r)),
         ("gelu_new", lambda: ops.gelu_new(h4), lambda: gelu_hf(h4), 0, 2 * M * 4 * E * f32),
-        ("lm_head", lambda: ops.conv1d(x, lm, None, out_features=V), lambda: F.linear(x, wte), 2 * M * E * V,
+        ("lm_head", (lambda: ops.conv1d(x, wte, None, layout="nk")) if dev == "cpu" else
+         (lambda: ops.conv1d(x, wte_t, None)), lambda: F.linear(x, wte), 2 * M * E * V,
          (V * E + M * (E + V)) * f32),
     ]
     # attention: decode = one new token in each of M sequences over a 512-token cache (batch M); prefill = causal

@@ -155,7 +155,7 @@ def _warp(scores, temperature, top_k, top_p):
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
-             seed: int | None = None, streamer=None) -> torch.LongTensor:
+             seed: int | None = None, streamer=None, weights: str | None = None) -> torch.LongTensor:
     """Generate up to `max_new_tokens` tokens after each row of `input_ids` ([B, T] or [T]; left-pad batches and
     pass `attention_mask`). Returns [B, T + n] token ids, prompt included, like HF's generate.
 
@@ -167,7 +167,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
       draws the same tokens); None uses torch's global generator.
     - `streamer`: HF-style object (`put(tensor)`, `end()`; gets the prompt first, then each step's [B] tokens)
       or a plain callable called with each step's [B] tokens.
+    - `weights`: 'fp32', 'fp16', 'bf16' or 'int8' (see optimize); default the optimized model's mode, else 'fp32'.
+      Another mode than the optimized model's packs a private copy for generate; the model is left as it is.
     """
+    if weights is not None:
+        from .weights import check_mode
+
+        check_mode(weights)
     gc = model.generation_config if isinstance(model, GPT2LMHeadModel) else None
     eos = _as_list(gc.eos_token_id if (eos_token_id is None and gc is not None) else eos_token_id)
     pad_given = pad_token_id if pad_token_id is not None else (gc.pad_token_id if gc is not None else None)
@@ -177,7 +183,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         attention_mask = input_ids != pad_given  # HF's generate infers the mask from a pad id this way too
     input_ids, mask = _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed)
     pad_token_id = pad_given if pad_given is not None else (eos[0] if eos else 0)
-    st = state_of(model)
+    if weights not in (None, "fp32") and model.lm_head.weight.device.type != "cpu":
+        raise ValueError(f"weights={weights!r} runs on CPU only so far; this model is on "
+                         f"{model.lm_head.weight.device} (use weights='fp32')")
+    st = state_of(model, weights)
     why = guard.why_not(st, "generate", model=model)
     _local.fallback = why
     if why is not None:

@@ -49,8 +49,9 @@ class State:
     body_was_fast) is kept per thread, so one thread's fallback never sends another thread's lm_head down the wrong
     path."""
 
-    def __init__(self, transformer: GPT2Model, lm_head: nn.Module | None, pack: bool = True):
-        self.pack = pack  # False: the blocks' matmuls read HF's weights in place (optimize(model, pack=False))
+    def __init__(self, transformer: GPT2Model, lm_head: nn.Module | None, pack: bool = False, mode: str = "fp32"):
+        self.pack = pack  # True: a packed fp32 copy of every matmul weight (optimize(model, pack=True)); else in place
+        self.mode = mode  # the weights' stored dtype (optimize(model, weights=...)): 'fp32', 'fp16', 'bf16', 'int8'
         self._lock = threading.Lock()
         self._local = threading.local()
         self.transformer, self.lm_head = transformer, lm_head
@@ -98,7 +99,7 @@ class State:
             snap = guard.Snapshot(self.transformer, self.lm_head)  # first: a change made while this runs is seen
             t = self.transformer
             config_reason = guard.config_reason(t, self.lm_head)
-            key = (snap.stamp, config_reason, None if config_reason else _baked_in(t), self.pack)
+            key = (snap.stamp, config_reason, None if config_reason else _baked_in(t), self.pack, self.mode)
             if key != self._pack_key:
                 self._repack(snap.params, config_reason)
                 self._pack_key = key
@@ -111,7 +112,8 @@ class State:
         weights = body = None
         if (config_reason is None and self.device is not None and self.device.type in guard._kernel_devices()
                 and all(p.dtype == torch.float32 for p in params)):
-            weights = pack(self.transformer, self.lm_head, self.pack)
+            mode = self.mode if self.device.type == "cpu" else "fp32"  # CUDA: fp32 only so far (optimize says so)
+            weights = pack(self.transformer, self.lm_head, self.pack, mode)
             body = weights.body() if self.device.type == "cpu" else None
         self.weights, self.body = weights, body
 
@@ -121,14 +123,16 @@ def _baked_in(t: GPT2Model):
     return tuple((blk.ln_1.eps, blk.ln_2.eps, attn_scale(t.config, blk.attn)) for blk in t.h) + (t.ln_f.eps,)
 
 
-def state_of(model) -> State:
-    """The gpt2kern state of an optimized model (or of a model gpt2kern.generate packed privately), up to date."""
+def state_of(model, mode: str | None = None) -> State:
+    """The gpt2kern state of an optimized model, up to date — or, for a model that is not optimized or asked for
+    another weight mode than it was optimized with, gpt2kern.generate's private one (fp32 in place unless `mode`)."""
     transformer, lm_head = _body_and_head(model)
     st = getattr(transformer, "_gpt2kern", None)
-    if st is None:  # not optimized: gpt2kern.generate's own pack, the model itself untouched
+    if st is None or (mode is not None and mode != st.mode):  # the model itself is left untouched
+        mode = mode or "fp32"
         st = model.__dict__.get("_gpt2kern_private_state")
-        if st is None or st.transformer is not transformer or st.lm_head is not lm_head:
-            st = State(transformer, lm_head)
+        if st is None or st.transformer is not transformer or st.lm_head is not lm_head or st.mode != mode:
+            st = State(transformer, lm_head, mode=mode)
             model.__dict__["_gpt2kern_private_state"] = st
     st.refresh()
     return st
@@ -429,7 +433,7 @@ def installed_forward(module, f) -> bool:
 
 # ---------------------------------------------------------------- public API
 
-def optimize(model, *, freeze: bool = False, pack: bool = True):
+def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = "fp32"):
     """Run `model`'s GPT-2 body (and its lm_head) on gpt2kern's kernels, in place; returns the model.
 
     Any HF GPT-2 class: GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,
@@ -438,23 +442,34 @@ def optimize(model, *, freeze: bool = False, pack: bool = True):
     lack run HF's own forward (see `fallback_reason`, and guard.py for every case); `requires_grad` is left as it
     is. `freeze=True` (opt-in) sets requires_grad=False on every parameter, so a plain `model(ids)` without
     `torch.no_grad()` takes the fast path too. Weights are packed now and repacked automatically if they change.
-    `pack=False`: the blocks' matmuls read HF's own weights in place — no second copy of them (the lm_head is still
-    packed) — at some speed (random:distilgpt2 on the dev machine, interleaved: optimize() adds 147 instead of 310
-    MiB; decode 1.03-1.12× and prefill T=128 1.10-1.21× the packed time, the wider gaps when the machine's
-    bandwidth is high).
+
+    `weights`: how the matmul weights are stored. 'fp32' (default, exact: HF's logits to ~1e-5, HF's tokens) reads
+    HF's own tensors in place, so optimize() adds no copy of them; `pack=True` (opt-in) keeps a packed fp32 copy,
+    a few percent faster in prefill (bench/RESULTS.md). 'fp16', 'bf16' and 'int8' keep a packed copy in that dtype
+    (1/2, 1/2 and ~1/4 of the fp32 bytes; activations and sums stay fp32): decode reads fewer bytes per token, at
+    a measured error (README, "Weight modes"). Reduced modes run on CPU; a CUDA model takes 'fp32'.
     """
+    from .weights import check_mode
+
+    check_mode(weights)
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be True or False, got {pack!r}")
     transformer, lm_head = _body_and_head(model)
+    devs = {p.device.type for p in transformer.parameters()}
+    if weights != "fp32" and devs - {"cpu"}:
+        raise ValueError(f"weights={weights!r} runs on CPU only so far; this model is on {', '.join(sorted(devs))} "
+                         f"(use weights='fp32' there)")
     if freeze:
         model.requires_grad_(False)
     if getattr(transformer, "_gpt2kern", None) is not None:
         st = transformer._gpt2kern
-        if st.pack != pack:
+        if (st.pack, st.mode) != (pack, weights):
             with st._lock:
-                st.pack, st.snapshot = pack, None  # repacked in the other layout now
+                st.pack, st.mode, st.snapshot = pack, weights, None  # repacked in the other format now
         st.refresh()
         return model
     model.__dict__.pop("_gpt2kern_private_state", None)  # gpt2kern.generate's own pack: this one replaces it
-    st = State(transformer, lm_head, pack)
+    st = State(transformer, lm_head, pack, weights)
     for mod, which in ((transformer, "body"), (lm_head, "lm_head")):
         if mod is None:
             continue

@@ -79,12 +79,23 @@ def pack(weight):
     return _pack(_tensor(weight, "weight"))
 
 
-def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_features: int = -1):
-    """HF Conv1D: x @ weight + bias, weight [in, out] or packed (then out_features gives `out`), followed by the
-    fused epilogue: 'none', 'gelu_new', or 'residual' (adds `residual`)."""
+LAYOUTS = ("kn", "nk", "panels")
+
+
+def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_features: int = -1,
+           layout: str = "kn", scales=None):
+    """HF Conv1D: x @ W + bias, followed by the fused epilogue: 'none', 'gelu_new', or 'residual' (adds `residual`).
+
+    The weight's storage (gpt2kern.weights.WeightFormat): layout 'kn' = HF's [in, out] fp32; 'nk' = [out, in] fp32
+    (an nn.Linear / tied-embedding weight, read without a transposed copy); 'panels' = [ceil(out/32), in, 32]
+    packed by pack() or WeightFormat.make, in float32, float16, bfloat16 or int8 (int8 with `scales`
+    [panels, in / group, 32]); out_features gives `out` for panels."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    return _conv1d(_tensor(x, "x"), _tensor(weight, "weight"), bias, epilogue, residual, int(out_features))
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return _conv1d(_tensor(x, "x"), _tensor(weight, "weight"), bias, epilogue, residual, int(out_features), layout,
+                   scales)
 
 
 def attention(q, k, v, key_mask=None, bias=None, scale: float = 1.0, q_offset: int = 0, causal: bool = True):
@@ -132,15 +143,14 @@ def _(weight):
 
 
 @torch.library.register_fake("gpt2kern::conv1d")
-def _(x, weight, bias, epilogue="none", residual=None, out_features=-1):
-    if weight.dim() == 2:
-        n = weight.shape[1]
-    elif out_features >= 0:
+def _(x, weight, bias, epilogue="none", residual=None, out_features=-1, layout="kn", scales=None):
+    # N as the C++ op reads it (cpu/matmul.cpp: weight_out_features): the layout's shape, or out_features
+    if out_features >= 0:
         n = out_features
-    elif bias is not None:
-        n = bias.shape[-1]
+    elif layout in ("kn", "nk") and weight.dim() == 2:
+        n = weight.shape[1] if layout == "kn" else weight.shape[0]
     else:  # the same error as the real op
-        raise ValueError("gpt2kern.conv1d: a packed weight needs out_features (or a bias) to give N")
+        raise ValueError("gpt2kern.conv1d: a weight in layout 'panels' needs out_features to give N")
     return x.new_empty((*x.shape[:-1], n))
 
 

@@ -1,11 +1,12 @@
 """The weights as the kernels read them, one record per block with named fields, built once per (re)pack.
 
-    Linear(weight, bias, n_in, n_out)     one Conv1D (or the tied lm_head): on CPU the weight packed into
-                                          [ceil(n_out / PANEL), n_in, PANEL] panels (ops.pack), on CUDA HF's own
-                                          contiguous [n_in, n_out] tensor
+    WeightFormat(layout, dtype, n_in, n_out, group)   how one matmul weight is stored: HF's own fp32 tensor read
+                                          in place ('kn' [in, out] / 'nk' [out, in]) or packed panels in fp32,
+                                          fp16, bf16 or int8 (+ scales); the op, engine, fakes and bench read it
+    Linear(data, scales, bias, fmt)       one Conv1D (or the lm_head) in its format; on CUDA HF's [in, out] fp32
     Norm(weight, bias, eps)               one LayerNorm
     Layer(ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj, scale)
-    Weights(layers, wte, wpe, ln_f, lm_head, n_head)      the whole body (+ the head tied to wte), from pack()
+    Weights(layers, wte, wpe, ln_f, lm_head, n_head, mode)   the whole body (+ the head), from pack()
 
 The per-op walk (model.py), the C++ engine (`Layer.to_c()`: _C.LayerWeights, keyword arguments only) and the CUDA
 graph decoder all read these records. Each record checks its shapes when it is built, so a field handed the wrong
@@ -14,41 +15,165 @@ tensor fails here, by name, instead of computing wrong numbers later.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from . import ops
 
 
+# weight modes: the stored element type of every matmul weight (activations and accumulation stay fp32)
+MODES = ("fp32", "fp16", "bf16", "int8")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+LAYOUTS = ("panels", "kn", "nk")
+# int8: consecutive k that share one scale (per output column). 64 measured best between 32 (error no lower than
+# llama.cpp's q8_0 already, 12.5 % more bytes) and per-channel (error several times higher: one outlier weight
+# sets the whole column's step): see bench/RESULTS.md, int8 group size.
+INT8_GROUP = 64
+
+
+def check_mode(weights: str) -> str:
+    if weights not in MODES:
+        raise ValueError(f"weights must be one of {', '.join(repr(m) for m in MODES)}, got {weights!r}")
+    return weights
+
+
 @dataclasses.dataclass(frozen=True)
-class Linear:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+class WeightFormat:
+    """How one matmul weight (n_in -> n_out) is stored — the one description the matmul op, the C++ engine, the
+    fakes and the bench's byte count read (csrc/cpu/kernel_table.h's Layout and WType):
+
+        layout 'panels'  [ceil(n_out / PANEL), n_in, PANEL] in the mode's dtype, made by optimize()
+               'kn'      HF Conv1D's own [n_in, n_out] fp32 weight, read in place
+               'nk'      an [n_out, n_in] fp32 weight read in place (the lm_head over the tied wte)
+        dtype  'fp32' | 'fp16' | 'bf16' | 'int8' (int8: + fp32 scales [panels, n_in / group, PANEL])
+    """
+    layout: str
+    dtype: str
     n_in: int
     n_out: int
+    group: int = 0  # int8: consecutive k per scale
 
     def __post_init__(self):
-        w = self.weight
-        if w.device.type == "cpu" and w.dim() == 3:
-            want = ((self.n_out + ops.PANEL - 1) // ops.PANEL, self.n_in, ops.PANEL)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        check_mode(self.dtype)
+        if self.layout != "panels" and self.dtype != "fp32":
+            raise ValueError(f"layout {self.layout!r} reads HF's fp32 weight in place; {self.dtype} is packed")
+        if self.dtype == "int8" and not (self.group >= 1 and self.n_in % self.group == 0):
+            raise ValueError(f"int8 group must divide n_in={self.n_in}, got {self.group}")
+
+    @property
+    def panels(self) -> int:
+        return (self.n_out + ops.PANEL - 1) // ops.PANEL
+
+    @property
+    def data_shape(self) -> tuple:
+        return {"panels": (self.panels, self.n_in, ops.PANEL), "kn": (self.n_in, self.n_out),
+                "nk": (self.n_out, self.n_in)}[self.layout]
+
+    @property
+    def scales_shape(self) -> tuple | None:
+        return (self.panels, self.n_in // self.group, ops.PANEL) if self.dtype == "int8" else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a pass over the weight reads (what a decode step streams), scales included."""
+        n = math.prod(self.data_shape) * _DTYPES[self.dtype].itemsize
+        return n + (math.prod(self.scales_shape) * 4 if self.scales_shape else 0)
+
+    def make(self, w_in_out: torch.Tensor):
+        """(data, scales) in this format from an [n_in, n_out] float32 weight (a view is fine). fp16/bf16 round to
+        nearest even; int8 is symmetric: scale = max|w| / 127 per group and column, q = round(w / scale)."""
+        w = w_in_out.detach()
+        if self.layout == "kn":
+            return w, None
+        if self.layout == "nk":
+            return w.t(), None
+        if not torch.isfinite(w).all():
+            raise ValueError(f"cannot store a {self.n_in} -> {self.n_out} weight as {self.dtype}: it holds NaN or "
+                             f"inf values")
+        pad = self.panels * ops.PANEL - self.n_out
+        wp = torch.nn.functional.pad(w.float(), (0, pad))  # [K, P·32], zero columns past n_out
+        scales = None
+        if self.dtype == "int8":
+            g = wp.view(self.n_in // self.group, self.group, -1)
+            amax = g.abs().amax(dim=1)  # [K / G, P·32]
+            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            q = torch.round(g / s[:, None, :]).clamp_(-127, 127).to(torch.int8).view(self.n_in, -1)
+            wp = q
+            scales = s.view(-1, self.panels, ops.PANEL).transpose(0, 1).contiguous()
         else:
-            want = (self.n_in, self.n_out)
-        if tuple(w.shape) != want or w.dtype != torch.float32 or not w.is_contiguous():
-            raise ValueError(f"Linear weight must be a contiguous float32 {list(want)} for {self.n_in} -> "
-                             f"{self.n_out}, got {w.dtype} {list(w.shape)}")
-        if self.bias is not None and tuple(self.bias.shape) != (self.n_out,):
-            raise ValueError(f"Linear bias must be [{self.n_out}], got {list(self.bias.shape)}")
+            wp = wp.to(_DTYPES[self.dtype])
+        data = wp.view(self.n_in, self.panels, ops.PANEL).transpose(0, 1).contiguous()
+        return data, scales
+
+    def unpack(self, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """The [n_in, n_out] float64 weight this storage represents (tests' reference: exact, from the stored values)."""
+        if self.layout == "kn":
+            return data.double()
+        if self.layout == "nk":
+            return data.t().double()
+        w = data.double()
+        if scales is not None:
+            w = w * scales.double().repeat_interleave(self.group, dim=1)
+        return w.transpose(0, 1).reshape(self.n_in, -1)[:, :self.n_out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """One matmul weight in its WeightFormat, with its bias."""
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    bias: torch.Tensor | None
+    fmt: WeightFormat
+
+    def __post_init__(self):
+        f, w = self.fmt, self.data
+        want_dtype = _DTYPES[f.dtype]
+        if tuple(w.shape) != f.data_shape or w.dtype != want_dtype or (f.layout == "panels" and not w.is_contiguous()):
+            raise ValueError(f"Linear weight must be a {want_dtype} {list(f.data_shape)} ({f.layout}) for {f.n_in} -> "
+                             f"{f.n_out}, got {w.dtype} {list(w.shape)}")
+        if f.scales_shape != (None if self.scales is None else tuple(self.scales.shape)):
+            raise ValueError(f"Linear scales must be {f.scales_shape}, got "
+                             f"{None if self.scales is None else list(self.scales.shape)}")
+        if self.bias is not None and tuple(self.bias.shape) != (f.n_out,):
+            raise ValueError(f"Linear bias must be [{f.n_out}], got {list(self.bias.shape)}")
+
+    n_in = property(lambda self: self.fmt.n_in)
+    n_out = property(lambda self: self.fmt.n_out)
 
     @classmethod
-    def of(cls, weight_in_out: torch.Tensor, bias: torch.Tensor | None, packed: bool = True) -> "Linear":
-        """From an [in, out] weight (HF Conv1D's layout): packed on CPU when `packed`, else HF's own tensor read in
-        place (contiguous); on CUDA the contiguous tensor as is."""
+    def of(cls, weight_in_out: torch.Tensor, bias: torch.Tensor | None, mode: str = "fp32", packed: bool = False,
+           layout: str | None = None) -> "Linear":
+        """From an [in, out] weight (HF Conv1D's layout). fp32: HF's tensor read in place ('kn'; 'nk' where the
+        caller passes the transpose of an [out, in] tensor), or a packed copy when `packed`; other modes: packed in
+        that dtype. On CUDA: the contiguous fp32 [in, out] tensor ('kn')."""
         w = weight_in_out.detach()
-        w = w.contiguous() if (w.is_cuda or not packed) else ops.pack(w)
-        return cls(w, None if bias is None else bias.detach(), weight_in_out.shape[0], weight_in_out.shape[1])
+        n_in, n_out = w.shape
+        if w.is_cuda:
+            if mode != "fp32":
+                raise ValueError(f"weights={mode!r} runs on CPU only so far; CUDA runs 'fp32'")
+            return cls(w.contiguous(), None, None if bias is None else bias.detach(), WeightFormat("kn", "fp32", n_in, n_out))
+        if mode != "fp32" or packed:
+            layout = "panels"
+        layout = layout or "kn"
+        fmt = WeightFormat(layout, mode, n_in, n_out, INT8_GROUP if mode == "int8" else 0)
+        if layout == "kn" and not (w.stride(1) == 1 and (n_in <= 1 or w.stride(0) >= n_out)):
+            w = w.contiguous()  # rows must be contiguous to be read in place
+        if layout == "nk" and not (w.stride(0) == 1 and (n_out <= 1 or w.stride(1) >= n_in)):
+            w = w.t().contiguous().t()
+        data, scales = fmt.make(w)
+        return cls(data, scales, None if bias is None else bias.detach(), fmt)
 
-    def __call__(self, x, epilogue: str = "none"):
-        return ops.conv1d(x, self.weight, self.bias, epilogue, out_features=self.n_out)
+    def __call__(self, x, epilogue: str = "none", residual=None):
+        return ops.conv1d(x, self.data, self.bias, epilogue, residual, out_features=self.n_out,
+                          layout=self.fmt.layout, scales=self.scales)
+
+    def to_c(self):
+        from . import _C
+
+        return _C.Weight(self.data, self.scales, self.fmt.layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +211,9 @@ class Layer:
                                  f"{list(n.bias.shape)}")
 
     @classmethod
-    def of(cls, blk, scale: float, packed: bool = True) -> "Layer":
+    def of(cls, blk, scale: float, mode: str = "fp32", packed: bool = False) -> "Layer":
         a, m = blk.attn, blk.mlp
-        lin = lambda c: Linear.of(c.weight, c.bias, packed)  # noqa: E731
+        lin = lambda c: Linear.of(c.weight, c.bias, mode, packed)  # noqa: E731
         return cls(ln_1=Norm.of(blk.ln_1), c_attn=lin(a.c_attn), attn_proj=lin(a.c_proj), ln_2=Norm.of(blk.ln_2),
                    c_fc=lin(m.c_fc), mlp_proj=lin(m.c_proj), scale=float(scale))
 
@@ -99,11 +224,11 @@ class Layer:
         c = lambda t: t.contiguous()  # noqa: E731
         return _C.LayerWeights(
             ln_1_weight=c(self.ln_1.weight), ln_1_bias=c(self.ln_1.bias),
-            c_attn_weight=self.c_attn.weight, c_attn_bias=c(self.c_attn.bias),
-            attn_proj_weight=self.attn_proj.weight, attn_proj_bias=c(self.attn_proj.bias),
+            c_attn_weight=self.c_attn.to_c(), c_attn_bias=c(self.c_attn.bias),
+            attn_proj_weight=self.attn_proj.to_c(), attn_proj_bias=c(self.attn_proj.bias),
             ln_2_weight=c(self.ln_2.weight), ln_2_bias=c(self.ln_2.bias),
-            c_fc_weight=self.c_fc.weight, c_fc_bias=c(self.c_fc.bias),
-            mlp_proj_weight=self.mlp_proj.weight, mlp_proj_bias=c(self.mlp_proj.bias), scale=self.scale)
+            c_fc_weight=self.c_fc.to_c(), c_fc_bias=c(self.c_fc.bias),
+            mlp_proj_weight=self.mlp_proj.to_c(), mlp_proj_bias=c(self.mlp_proj.bias), scale=self.scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +237,15 @@ class Weights:
     wte: torch.Tensor
     wpe: torch.Tensor
     ln_f: Norm
-    lm_head: Linear | None  # x @ wteᵀ (HF's lm_head.weight transposed, packed), None for a body without the head
+    lm_head: Linear | None  # x @ wteᵀ (over HF's lm_head.weight in place, or packed), None for a body without the head
     n_head: int
+    mode: str = "fp32"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of matmul weights one decode step streams (the lm_head included)."""
+        lins = [lin for L in self.layers for lin in (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)]
+        return sum(lin.fmt.nbytes for lin in lins + ([self.lm_head] if self.lm_head is not None else []))
 
     @property
     def eps(self) -> float:
@@ -134,7 +266,7 @@ class Weights:
         if self.lm_head is None:
             raise ValueError("the decode engine needs the model's lm_head")
         return _C.Engine([L.to_c() for L in self.layers], self.wte, self.wpe, self.ln_f.weight, self.ln_f.bias,
-                         self.lm_head.weight, self.lm_head.n_out, self.n_head, self.eps, batch, max_len, max_rows)
+                         self.lm_head.to_c(), self.lm_head.n_out, self.n_head, self.eps, batch, max_len, max_rows)
 
 
 def attn_scale(cfg, attn) -> float:
@@ -146,12 +278,15 @@ def attn_scale(cfg, attn) -> float:
 
 
 @torch.no_grad()
-def pack(transformer, lm_head, packed: bool = True) -> Weights:
-    """The GPT2Model body (and lm_head, tied or not) as the kernels read it. packed=False: the blocks' matmuls read
-    HF's own [in, out] weights in place (no second copy of them); the lm_head is packed either way."""
-    layers = tuple(Layer.of(blk, attn_scale(transformer.config, blk.attn), packed) for blk in transformer.h)
+def pack(transformer, lm_head, packed: bool = False, mode: str = "fp32") -> Weights:
+    """The GPT2Model body (and lm_head, tied or not) as the kernels read it. fp32: HF's own weights read in place
+    (the blocks' [in, out] Conv1D weights and the lm_head's [vocab, n_embd]), no second copy, unless `packed`
+    (a panel copy of each, the opt-in for the last few percent of prefill speed); other modes: a packed copy in
+    that dtype (the lm_head's from the tied wte too; the embedding gather stays fp32)."""
+    check_mode(mode)
+    layers = tuple(Layer.of(blk, attn_scale(transformer.config, blk.attn), mode, packed) for blk in transformer.h)
     head = None
     if lm_head is not None:
-        head = Linear.of(lm_head.weight.t(), None)  # [E, V]: packed on CPU, one contiguous copy on CUDA
+        head = Linear.of(lm_head.weight.t(), None, mode, packed, layout="nk")  # [E, V] seen as the transpose of [V, E]
     return Weights(layers=layers, wte=transformer.wte.weight.detach(), wpe=transformer.wpe.weight.detach(),
-                   ln_f=Norm.of(transformer.ln_f), lm_head=head, n_head=transformer.config.n_head)
+                   ln_f=Norm.of(transformer.ln_f), lm_head=head, n_head=transformer.config.n_head, mode=mode)

@@ -74,24 +74,49 @@ def _cases():
     case("pack float64", lambda: ops.pack(W.double()), (TE, "weight must be Float"))
     case("pack empty K", lambda: ops.pack(torch.empty(0, 40)), OK)
     case("pack empty N", lambda: ops.pack(torch.empty(8, 0)), OK)
-    case("conv1d K mismatch", lambda: ops.conv1d(x, torch.randn(9, 40)), (VE, r"weight must be \[8, out\]"))
+    case("conv1d K mismatch", lambda: ops.conv1d(x, torch.randn(9, 40)), (VE, r"in layout 'kn' must be \[8, 40\]"))
     case("conv1d x float64", lambda: ops.conv1d(x.double(), W), (TE, "x must be Float"))
-    case("conv1d weight int", lambda: ops.conv1d(x, W.long()), (TE, "weight must be Float"))
+    case("conv1d weight int64", lambda: ops.conv1d(x, W.long()), (TE, "float32, float16, bfloat16 or int8"))
+    case("conv1d weight fp16 in place", lambda: ops.conv1d(x, W.half()), (TE, "must be float32"))
     case("conv1d x 0-d", lambda: ops.conv1d(torch.tensor(1.0), W), (VE, "at least 1 dim"))
-    case("conv1d weight 1-D", lambda: ops.conv1d(x, torch.ones(8)), (VE, "packed weight must be"))
-    case("conv1d weight 4-D", lambda: ops.conv1d(x, torch.ones(2, 8, 32, 1)), (VE, "packed weight must be"))
-    case("conv1d packed wrong panel width", lambda: ops.conv1d(x, torch.ones(2, 8, 16), out_features=40),
-         (VE, "packed weight must be"))
-    case("conv1d packed wrong K", lambda: ops.conv1d(torch.randn(2, 9), P, out_features=40),
-         (VE, "packed weight must be"))
-    case("conv1d packed no out_features", lambda: ops.conv1d(x, P), (VE, "needs out_features"))
-    case("conv1d packed too many columns", lambda: ops.conv1d(x, P, out_features=100), (VE, "panels"))
-    case("conv1d packed huge out_features", lambda: ops.conv1d(x, P, out_features=BIG), (VE, "panels"))
+    case("conv1d weight 1-D", lambda: ops.conv1d(x, torch.ones(8)), (VE, "in layout 'kn' must be 2-D"))
+    case("conv1d weight 1-D nk", lambda: ops.conv1d(x, torch.ones(8), layout="nk"), (VE, "in layout 'nk' must be"))
+    case("conv1d weight 4-D", lambda: ops.conv1d(x, torch.ones(2, 8, 32, 1), out_features=40, layout="panels"),
+         (VE, "in layout 'panels' must be"))
+    case("conv1d bad layout", lambda: torch.ops.gpt2kern.conv1d(x, W, None, "none", None, -1, "nt", None),
+         (VE, "layout must be"))
+    case("conv1d packed as kn", lambda: ops.conv1d(x, P, out_features=40), (VE, "in layout 'kn' must be"))
+    case("conv1d packed wrong panel width",
+         lambda: ops.conv1d(x, torch.ones(2, 8, 16), out_features=40, layout="panels"), (VE, "in layout 'panels'"))
+    case("conv1d packed wrong K", lambda: ops.conv1d(torch.randn(2, 9), P, out_features=40, layout="panels"),
+         (VE, "in layout 'panels'"))
+    case("conv1d packed no out_features", lambda: ops.conv1d(x, P, layout="panels"), (VE, "needs out_features"))
+    case("conv1d packed too many columns", lambda: ops.conv1d(x, P, out_features=100, layout="panels"),
+         (VE, "panels"))
+    case("conv1d packed huge out_features", lambda: ops.conv1d(x, P, out_features=BIG, layout="panels"),
+         (VE, "panels"))
+    case("conv1d packed non-contiguous", lambda: ops.conv1d(x, P.transpose(0, 1).contiguous().transpose(0, 1),
+                                                            out_features=40, layout="panels"), OK)
+    Q8 = torch.zeros(2, 8, 32, dtype=torch.int8)
+    case("conv1d int8 without scales", lambda: ops.conv1d(x, Q8, out_features=40, layout="panels"),
+         (VE, "needs its scales"))
+    case("conv1d int8 scales wrong shape",
+         lambda: ops.conv1d(x, Q8, out_features=40, layout="panels", scales=torch.ones(2, 3, 32)), (VE, "scales must"))
+    case("conv1d int8 scales float64", lambda: ops.conv1d(x, Q8, out_features=40, layout="panels",
+                                                           scales=torch.ones(2, 1, 32, dtype=torch.float64)),
+         (TE, "scales must be Float"))
+    case("conv1d int8 scales on meta", lambda: ops.conv1d(x, Q8, out_features=40, layout="panels",
+                                                           scales=torch.ones(2, 1, 32, **meta)), OK)
+    case("conv1d fp16 with scales", lambda: ops.conv1d(x, Q8.half(), out_features=40, layout="panels",
+                                                        scales=torch.ones(2, 1, 32)), (VE, "only int8"))
+    case("conv1d int8 NaN scales", lambda: ops.conv1d(x, Q8, out_features=40, layout="panels",
+                                                       scales=torch.full((2, 1, 32), float("nan"))), OK)
     case("conv1d out_features mismatch", lambda: ops.conv1d(x, W, out_features=41), (VE, "out_features=41"))
     case("conv1d bias wrong size", lambda: ops.conv1d(x, W, torch.randn(41)), (VE, "bias must be"))
     case("conv1d bias 2-D", lambda: ops.conv1d(x, W, torch.randn(1, 40)), (VE, "bias must be"))
     case("conv1d bias float64", lambda: ops.conv1d(x, W, torch.randn(40).double()), (TE, "bias must be Float"))
-    case("conv1d bias sized for packed", lambda: ops.conv1d(x, P, torch.randn(100)), (VE, "panels"))
+    case("conv1d bias sized for packed", lambda: ops.conv1d(x, P, torch.randn(100), layout="panels"),
+         (VE, "needs out_features"))
     case("conv1d bad epilogue", lambda: ops.conv1d(x, W, epilogue="relu"), (VE, "epilogue must be"))
     case("conv1d raw op bad epilogue",
          lambda: torch.ops.gpt2kern.conv1d(x, W, None, "relu", None, -1), (VE, "epilogue must be"))
@@ -267,26 +292,41 @@ def _cases():
     lws = [L.to_c() for L in PK.layers]
     lnf = (PK.ln_f.weight, PK.ln_f.bias)
     L0 = PK.layers[0]
-    c_args = dict(ln_1_weight=L0.ln_1.weight, ln_1_bias=L0.ln_1.bias, c_attn_weight=L0.c_attn.weight,
-                  c_attn_bias=L0.c_attn.bias, attn_proj_weight=L0.attn_proj.weight,
+    c_args = dict(ln_1_weight=L0.ln_1.weight, ln_1_bias=L0.ln_1.bias, c_attn_weight=L0.c_attn.to_c(),
+                  c_attn_bias=L0.c_attn.bias, attn_proj_weight=L0.attn_proj.to_c(),
                   attn_proj_bias=L0.attn_proj.bias, ln_2_weight=L0.ln_2.weight, ln_2_bias=L0.ln_2.bias,
-                  c_fc_weight=L0.c_fc.weight, c_fc_bias=L0.c_fc.bias, mlp_proj_weight=L0.mlp_proj.weight,
+                  c_fc_weight=L0.c_fc.to_c(), c_fc_bias=L0.c_fc.bias, mlp_proj_weight=L0.mlp_proj.to_c(),
                   mlp_proj_bias=L0.mlp_proj.bias, scale=L0.scale)
+    hf_c_attn = m.transformer.h[0].attn.c_attn.weight.detach()
+    Wt = _C.Weight
     def layer_with(**kw):
         return _C.LayerWeights(**{**c_args, **kw})
     case("Body no layers", lambda: _C.Body([], PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "no layers"))
     case("Body HF-layout weight, transposed", lambda: _C.Body(
-        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach().t().contiguous())] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight is neither HF's"))
+        [layer_with(c_attn_weight=Wt(hf_c_attn.t().contiguous(), None, "kn"))] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, r"c_attn weight in layout 'kn' must be \[32, 96\]"))
     case("Body HF-layout weight, not contiguous", lambda: _C.Body(
-        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach().t().contiguous().t())] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "must be a contiguous CPU tensor"))
+        [layer_with(c_attn_weight=Wt(hf_c_attn.t().contiguous().t(), None, "kn"))] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight's rows must be contiguous"))
+    case("Body HF-layout weight as nk", lambda: _C.Body(
+        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "nk"))] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight in layout 'nk' must be"))
+    case("Body HF-layout weight as panels", lambda: _C.Body(
+        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "panels"))] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight in layout 'panels' must be"))
+    case("Body weight bad layout name", lambda: _C.Body(
+        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "KN"))] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "layout must be 'kn', 'nk' or 'panels'"))
+    case("Body int8 weight without scales", lambda: _C.Body(
+        [layer_with(c_attn_weight=Wt(torch.zeros(3, 32, 32, dtype=torch.int8), None, "panels"))] + lws[1:],
+        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight is int8 and needs its scales"))
     case("Body HF-layout weight (read in place)", lambda: _C.Body(
-        [layer_with(c_attn_weight=m.transformer.h[0].attn.c_attn.weight.detach())] + lws[1:], PK.wte, PK.wpe,
+        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "kn"))] + lws[1:], PK.wte, PK.wpe,
         *lnf, PK.n_head, PK.eps), OK)
     case("Body c_fc and mlp_proj weights swapped", lambda: _C.Body(
-        [layer_with(c_fc_weight=L0.mlp_proj.weight, mlp_proj_weight=L0.c_fc.weight)] + lws[1:], PK.wte, PK.wpe, *lnf,
-        PK.n_head, PK.eps), (VE, "c_fc weight is neither"))
+        [layer_with(c_fc_weight=L0.mlp_proj.to_c(), mlp_proj_weight=L0.c_fc.to_c())] + lws[1:], PK.wte, PK.wpe, *lnf,
+        PK.n_head, PK.eps), (VE, "c_fc weight in layout"))
+    case("Weight not a tensor", lambda: _C.Weight(None, None, "kn"), (TE, "incompatible"))
     case("Body ln_1 bias is c_attn's bias", lambda: _C.Body([layer_with(ln_1_bias=L0.c_attn.bias)] + lws[1:],
                                                             PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
          (VE, "ln_1.bias must be a vector of"))

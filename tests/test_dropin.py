@@ -354,27 +354,36 @@ def test_an_optimized_model_saves_loads_and_copies(tmp_path):
     assert not gpt2kern.is_optimized(loaded) and "forward" not in loaded.transformer.__dict__
 
 
-def test_pack_false_reads_hfs_weights_in_place():
-    """optimize(model, pack=False): the blocks' matmuls read HF's own tensors (no second copy of them), the answers
-    are HF's, and switching back and forth repacks."""
+def test_fp32_reads_hfs_weights_in_place_and_pack_true_is_the_opt_in():
+    """optimize(model) in fp32: every matmul — the blocks' and the lm_head over the tied wte — reads HF's own
+    tensors (no second copy of them), the answers are HF's; pack=True keeps a packed copy, same answers; switching
+    back and forth repacks."""
     ref, _ = gpt2kern.load("random:distilgpt2")
-    m = gpt2kern.optimize(copy.deepcopy(ref), pack=False)
+    m = gpt2kern.optimize(copy.deepcopy(ref))
     st = m.transformer._gpt2kern
     for L, blk in zip(st.weights.layers, m.transformer.h):
         for lin, conv in ((L.c_attn, blk.attn.c_attn), (L.attn_proj, blk.attn.c_proj), (L.c_fc, blk.mlp.c_fc),
                           (L.mlp_proj, blk.mlp.c_proj)):
-            assert lin.weight.data_ptr() == conv.weight.data_ptr()
+            assert lin.data.data_ptr() == conv.weight.data_ptr() and lin.fmt.layout == "kn"
+    assert st.weights.lm_head.data.data_ptr() == m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    assert st.weights.lm_head.fmt.layout == "nk"
     ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         want = ref(ids).logits
-        got = m(ids).logits
+    want_tokens = ref.generate(ids[:1, :8], **kw)
+    for pack in (False, True, False):
+        gpt2kern.optimize(m, pack=pack)
+        assert (st.weights.layers[0].c_attn.fmt.layout == "panels") == pack
+        assert (st.weights.lm_head.fmt.layout == "panels") == pack
+        with torch.no_grad():
+            got = m(ids).logits
         assert gpt2kern.fallback_reason(m) is None
         torch.testing.assert_close(got, want, atol=LOGITS_ATOL, rtol=0)
-    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert torch.equal(m.generate(ids[:1, :8], **kw), ref.generate(ids[:1, :8], **kw))
-    assert torch.equal(gpt2kern.generate(m, ids[:1, :8], max_new_tokens=24, eos_token_id=[]),
-                       ref.generate(ids[:1, :8], eos_token_id=None, **kw))
-    gpt2kern.optimize(m)  # packed again
-    assert st.weights.layers[0].c_attn.weight.dim() == 3
-    with torch.no_grad():
-        torch.testing.assert_close(m(ids).logits, want, atol=LOGITS_ATOL, rtol=0)
+        assert torch.equal(m.generate(ids[:1, :8], **kw), want_tokens)
+        assert torch.equal(gpt2kern.generate(m, ids[:1, :8], max_new_tokens=24, eos_token_id=[]),
+                           ref.generate(ids[:1, :8], eos_token_id=None, **kw))
+    with pytest.raises(TypeError, match="pack must be True or False"):
+        gpt2kern.optimize(m, pack="yes")
+
+

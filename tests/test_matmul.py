@@ -12,6 +12,21 @@ SHAPES = [(1, 768, 2304), (5, 768, 768), (13, 768, 3072), (128, 3072, 768), (1, 
           (3, 768, 50257), (29, 100, 97), (1024, 768, 768)]
 
 
+LAYOUTS = ["kn", "panels", "nk"]
+
+
+def weight_as(w, layout, device):
+    """w [K, N] stored as conv1d reads it in `layout`: (tensor, layout name). CUDA keeps HF's [in, out] ('kn')."""
+    if layout == "nk":
+        if device != "cpu":
+            pytest.skip("CUDA reads [in, out] ('kn') weights only")
+        return w.t().contiguous(), "nk"
+    if layout == "panels":
+        p = ops.pack(w.to(device))
+        return p, ("panels" if p.dim() == 3 else "kn")
+    return w.to(device), "kn"
+
+
 def ref_mm(x, w, b):
     x64, w64 = x.double().reshape(-1, x.shape[-1]), w.double()
     y = x64 @ w64 + (b.double() if b is not None else 0)
@@ -20,24 +35,23 @@ def ref_mm(x, w, b):
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
-@pytest.mark.parametrize("packed", [False, True])
-def test_conv1d_matches_float64(device, M, K, N, packed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv1d_matches_float64(device, M, K, N, layout):
     torch.manual_seed(M * 7 + N)
     x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)  # trained GPT-2's residual outliers
     w, b = torch.randn(K, N) * 0.05, torch.randn(N)
-    wd = w.to(device)
-    weight = ops.pack(wd) if packed else wd
-    y = ops.conv1d(x.to(device), weight, b.to(device), out_features=N)
+    weight, layout = weight_as(w, layout, device)
+    y = ops.conv1d(x.to(device), weight, b.to(device), out_features=N, layout=layout)
     assert_parity(y, *ref_mm(x, w, b), K, f"conv1d {M}x{K}x{N}")
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 3072), (9, 64, 100), (130, 768, 3072), (29, 2500, 70)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_gelu_epilogue(device, M, K, N, packed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gelu_epilogue(device, M, K, N, layout):
     torch.manual_seed(2)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
-    wd = w.to(device)
-    y = ops.conv1d(x.to(device), ops.pack(wd) if packed else wd, b.to(device), "gelu_new", out_features=N)
+    wd, layout = weight_as(w, layout, device)
+    y = ops.conv1d(x.to(device), wd, b.to(device), "gelu_new", out_features=N, layout=layout)
     pre, terms = ref_mm(x, w, b)
     # error of the pre-activation (its ulp budget), carried through gelu's slope (|gelu'| < 1.13), plus gelu's own
     ref = ref_gelu(pre)
@@ -45,14 +59,14 @@ def test_gelu_epilogue(device, M, K, N, packed):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 768, 768), (17, 3072, 768), (3, 5, 40)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_residual_epilogue(device, M, K, N, packed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_residual_epilogue(device, M, K, N, layout):
     torch.manual_seed(3)
     x, w, b = torch.randn(2, M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = plant_outliers(torch.randn(2, M, N))
-    wd = w.to(device)
-    y = ops.conv1d(x.to(device), ops.pack(wd) if packed else wd, b.to(device), "residual", residual=res.to(device),
-                   out_features=N)
+    wd, layout = weight_as(w, layout, device)
+    y = ops.conv1d(x.to(device), wd, b.to(device), "residual", residual=res.to(device), out_features=N,
+                   layout=layout)
     ref, terms = ref_mm(x, w, b)
     assert_parity(y, ref + res.double(), terms + res.double().abs(), K, "conv1d+residual")
 
@@ -66,6 +80,10 @@ def test_strided_and_batched_inputs(dev):
     assert_parity(ops.conv1d(xs, w, None), *ref_mm(xs, w, None), 64)
     wt = torch.randn(48, 64, device=dev).t()  # the tied lm_head weight, transposed: a column-major [K, N]
     assert_parity(ops.conv1d(xs, wt, None), *ref_mm(xs, wt, None), 64)
+    if dev == "cpu":  # ... and the same [N, K] storage read in place as 'nk'; a column-strided one is copied
+        assert_parity(ops.conv1d(xs, wt.t(), None, layout="nk"), *ref_mm(xs, wt, None), 64)
+        wc = torch.randn(64, 48).t()  # [N=48, K=64] with column stride 48
+        assert_parity(ops.conv1d(xs, wc, None, layout="nk"), *ref_mm(xs, wc.t(), None), 64)
 
 
 def test_pack_layout():
@@ -89,24 +107,32 @@ def test_matches_hf_conv1d():
 def test_opcheck(dev):
     x, w, b, r = (torch.randn(*s, device=dev) for s in ((3, 16), (16, 40), (40,), (3, 40)))
     torch.library.opcheck(torch.ops.gpt2kern.pack, (w,))
-    for args in [(x, w, b, "none", None, -1), (x, ops.pack(w), b, "gelu_new", None, 40),
-                 (x, ops.pack(w), None, "residual", r, 40)]:
+    p = ops.pack(w)
+    lay = "panels" if p.dim() == 3 else "kn"
+    cases = [(x, w, b, "none", None, -1), (x, p, b, "gelu_new", None, 40, lay), (x, p, None, "residual", r, 40, lay)]
+    if dev == "cpu":
+        cases.append((x, w.t().contiguous(), b, "none", None, -1, "nk"))
+    for args in cases:
         torch.library.opcheck(torch.ops.gpt2kern.conv1d, args)
 
 
 def test_bad_input():
     x, w = torch.randn(2, 8), torch.randn(8, 40)
-    with pytest.raises(ValueError, match="weight must be"):
+    with pytest.raises(ValueError, match=r"weight in layout 'kn' must be \[8, 40\]"):
         ops.conv1d(x, torch.randn(9, 40))
     with pytest.raises(ValueError, match="epilogue must be one of"):
         ops.conv1d(x, w, epilogue="relu")
     with pytest.raises(ValueError, match="needs a residual"):
         ops.conv1d(x, w, epilogue="residual")
     with pytest.raises(ValueError, match="panels"):
-        ops.conv1d(x, ops.pack(w), out_features=100)
+        ops.conv1d(x, ops.pack(w), out_features=100, layout="panels")
+    with pytest.raises(ValueError, match="layout 'kn' must be"):  # a packed weight is not taken for HF's layout
+        ops.conv1d(x, ops.pack(w), out_features=40)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ops.conv1d(x, w, layout="auto")
     for dev in ("cpu", "meta"):  # the fake implementation refuses the same way
         with pytest.raises(ValueError, match="needs out_features"):
-            ops.conv1d(x.to(dev), ops.pack(w).to(dev))
+            ops.conv1d(x.to(dev), ops.pack(w).to(dev), layout="panels")
     with pytest.raises(TypeError, match="must be Float"):
         ops.conv1d(x.half(), w)
     with pytest.raises(ValueError, match="bias must be"):
@@ -128,5 +154,5 @@ def test_hf_layout_in_place_equals_packed_bit_for_bit(isa, M, K, N):
     for wi in (w[:, :N].contiguous(), w[:, :N]):  # a contiguous weight, and rows N + 3 apart
         for epi, res in (("none", None), ("gelu_new", None), ("residual", r)):
             a = ops.conv1d(x, wi, b, epi, res, N)
-            p = ops.conv1d(x, ops.pack(wi), b, epi, res, N)
+            p = ops.conv1d(x, ops.pack(wi), b, epi, res, N, layout="panels")
             assert torch.equal(a, p), (epi, wi.is_contiguous())

@@ -238,7 +238,7 @@ def test_conv1d_property(c):
     b = fill((N,), v, 2) if c["bias"] else None
     res = lay_out(fill((*c["shape"][:-1], N), c["v"], 3), c["rlayout"]) if c["epi"] == "residual" else None
     with forced_isa(c["isa"]):
-        y = ops.conv1d(x, ops.pack(w) if c["packed"] else w, b, c["epi"], res, N)
+        y = ops.conv1d(x, ops.pack(w) if c["packed"] else w, b, c["epi"], res, N, "panels" if c["packed"] else "kn")
     # HF's Conv1D: addmm(bias, x, W), then NewGELU or `+ residual`
     hf = (torch.addmm(b, x.reshape(-1, K), w) if b is not None else x.reshape(-1, K) @ w).view(y.shape)
     ref, terms = ref_mm(x, w, b)

@@ -24,7 +24,7 @@ def test_results_are_the_same_at_any_thread_count(isa, threads, M):
     out = []
     for n in (1, 2, 3):
         torch.set_num_threads(n)
-        out.append((ops.conv1d(x, ops.pack(w), b, "gelu_new", out_features=200),
+        out.append((ops.conv1d(x, ops.pack(w), b, "gelu_new", out_features=200, layout="panels"),
                     ops.conv1d(x, w, b, "gelu_new", out_features=200),  # HF's layout in place (split-K decode)
                     ops.attention(q, k, v, None, None, 0.25, 0, True)))
     for o in out[1:]:

@@ -24,12 +24,32 @@ namespace {
 
 const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
+// One matmul weight in the one weight format (gpt2kern/weights.py's Linear.to_c): its storage, int8's scales, and
+// the layout name; weight_ref (matmul.cpp) reads and checks it.
+struct Weight {
+  at::Tensor data;
+  std::optional<at::Tensor> scales;
+  std::string layout;
+  WeightRef ref(int64_t k, int64_t n, const char* who, const char* name) const {
+    return weight_ref(data, scales, parse_layout(layout, who), k, n, who, name);
+  }
+};
+
 // One block's weights, by name (gpt2kern/weights.py's Layer builds it with keyword arguments only, so two
-// same-shaped tensors cannot trade places unnoticed): LayerNorm vectors, matmul weights packed by gpt2kern.pack.
+// same-shaped tensors cannot trade places unnoticed): LayerNorm vectors, matmul weights.
 struct LayerWeights {
-  at::Tensor ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_proj_weight, attn_proj_bias, ln_2_weight,
-      ln_2_bias, c_fc_weight, c_fc_bias, mlp_proj_weight, mlp_proj_bias;
+  at::Tensor ln_1_weight, ln_1_bias;
+  Weight c_attn_weight;
+  at::Tensor c_attn_bias;
+  Weight attn_proj_weight;
+  at::Tensor attn_proj_bias, ln_2_weight, ln_2_bias;
+  Weight c_fc_weight;
+  at::Tensor c_fc_bias;
+  Weight mlp_proj_weight;
+  at::Tensor mlp_proj_bias;
   double scale;
+  // the four matmuls' checked references, filled by Stack
+  WeightRef c_attn, attn_proj, c_fc, mlp_proj;
 };
 
 // Activation buffers of one forward over M = B·T rows (dense rows).
@@ -67,32 +87,20 @@ class Stack {
                       " is not divisible by n_head ", n_head);
     D_ = E_ / H_;
     F_ = layers[0].c_fc_bias.defined() ? layers[0].c_fc_bias.numel() : 0;
-    for (const LayerWeights& L : layers) {
+    for (LayerWeights& L : layers_) {
       check_vec(L.ln_1_weight, E_, who, "ln_1.weight"); check_vec(L.ln_1_bias, E_, who, "ln_1.bias");
       check_vec(L.ln_2_weight, E_, who, "ln_2.weight"); check_vec(L.ln_2_bias, E_, who, "ln_2.bias");
       check_vec(L.c_attn_bias, 3 * E_, who, "c_attn.bias"); check_vec(L.attn_proj_bias, E_, who, "attn.c_proj.bias");
       check_vec(L.c_fc_bias, F_, who, "c_fc.bias"); check_vec(L.mlp_proj_bias, E_, who, "mlp.c_proj.bias");
-      check_weight(L.c_attn_weight, E_, 3 * E_, who, "c_attn");
-      check_weight(L.attn_proj_weight, E_, E_, who, "attn.c_proj");
-      check_weight(L.c_fc_weight, E_, F_, who, "c_fc");
-      check_weight(L.mlp_proj_weight, F_, E_, who, "mlp.c_proj");
+      L.c_attn = L.c_attn_weight.ref(E_, 3 * E_, who, "c_attn weight");
+      L.attn_proj = L.attn_proj_weight.ref(E_, E_, who, "attn.c_proj weight");
+      L.c_fc = L.c_fc_weight.ref(E_, F_, who, "c_fc weight");
+      L.mlp_proj = L.mlp_proj_weight.ref(F_, E_, who, "mlp.c_proj weight");
     }
     check_vec(lnf_w_, E_, who, "ln_f.weight");
     check_vec(lnf_b_, E_, who, "ln_f.bias");
   }
 
-  // a matmul weight: HF's own [k, n] (contiguous) or packed [panels, k, 32] (gpt2kern.pack)
-  static void check_weight(const at::Tensor& w, int64_t k, int64_t n, const char* who, const char* name) {
-    TORCH_CHECK_VALUE(w.defined(), "gpt2kern.", who, ": ", name, " weight is missing");
-    GK_CHECK_FLOAT(w, who, name);
-    TORCH_CHECK_VALUE(w.is_contiguous() && w.device().is_cpu(), "gpt2kern.", who, ": ", name,
-                      " weight must be a contiguous CPU tensor");
-    const bool in_out = w.dim() == 2 && w.size(0) == k && w.size(1) == n;
-    const bool packed = w.dim() == 3 && w.size(0) == (n + kPanel - 1) / kPanel && w.size(1) == k &&
-                        w.size(2) == kPanel;
-    TORCH_CHECK_VALUE(in_out || packed, "gpt2kern.", who, ": ", name, " weight is neither HF's [", k, ", ", n,
-                      "] nor a packed [panels, ", k, ", ", kPanel, "] tensor for ", n, " outputs; got ", w.sizes());
-  }
   static void check_vec(const at::Tensor& t, int64_t n, const char* who, const char* name) {
     TORCH_CHECK_VALUE(t.defined(), "gpt2kern.", who, ": ", name, " is missing");
     GK_CHECK_FLOAT(t, who, name);
@@ -126,7 +134,7 @@ class Stack {
     run_layer_norm(s.h, E, s.x, f32(layers_[0].ln_1_weight), f32(layers_[0].ln_1_bias), M, E, eps_);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& L = layers_[l];
-      run_matmul(s.x, E, M, E, weight_ref(L.c_attn_weight), 3 * E, f32(L.c_attn_bias), Epilogue::None, nullptr, 0,
+      run_matmul(s.x, E, M, E, L.c_attn, 3 * E, f32(L.c_attn_bias), Epilogue::None, nullptr, 0,
                  s.qkv);
       const KvView c = kv(l, s.qkv);
       AttnArgs args{};
@@ -138,12 +146,12 @@ class Stack {
       args.key_mask = c.key_mask; args.mask_len = c.mask_len;
       args.scale = (float)L.scale; args.q_offset = c.q_offset; args.causal = true;
       run_attention(args);
-      run_matmul(s.att, E, M, E, weight_ref(L.attn_proj_weight), E, f32(L.attn_proj_bias), Epilogue::None, nullptr,
+      run_matmul(s.att, E, M, E, L.attn_proj, E, f32(L.attn_proj_bias), Epilogue::None, nullptr,
                  0, s.a);
       run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2_weight), f32(L.ln_2_bias), M, E, eps_);
-      run_matmul(s.x, E, M, E, weight_ref(L.c_fc_weight), F_, f32(L.c_fc_bias), Epilogue::GeluNew, nullptr, 0,
+      run_matmul(s.x, E, M, E, L.c_fc, F_, f32(L.c_fc_bias), Epilogue::GeluNew, nullptr, 0,
                  s.fc);
-      run_matmul(s.fc, F_, M, F_, weight_ref(L.mlp_proj_weight), E, f32(L.mlp_proj_bias), Epilogue::None, nullptr,
+      run_matmul(s.fc, F_, M, F_, L.mlp_proj, E, f32(L.mlp_proj_bias), Epilogue::None, nullptr,
                  0, s.a);
       const bool last = l + 1 == layers_.size();
       const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln_1_weight;
@@ -313,15 +321,15 @@ class Body {
 
 class Engine {
  public:
-  // lm_w: packed [n_embd] x [vocab] head. batch / max_len fix the cache; max_rows bounds B·T of one forward.
+  // lm_w: the [n_embd] -> [vocab] head in any weight format (in place over wte: layout 'nk'). batch / max_len fix the cache; max_rows bounds B·T of one forward.
   Engine(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
-         at::Tensor lm_w, int64_t vocab, int64_t n_head, double eps, int64_t batch, int64_t max_len,
+         Weight lm_w, int64_t vocab, int64_t n_head, double eps, int64_t batch, int64_t max_len,
          int64_t max_rows)
-      : st_(layers, wte, wpe, lnf_w, lnf_b, n_head, eps, "Engine"), lm_w_(lm_w.contiguous()), V_(vocab),
+      : st_(layers, wte, wpe, lnf_w, lnf_b, n_head, eps, "Engine"), lm_w_(lm_w), V_(vocab),
         B_(batch), Tmax_(max_len), max_rows_(max_rows) {
     TORCH_CHECK_VALUE(batch >= 1 && max_len >= 1 && max_rows >= batch, "gpt2kern.Engine: bad sizes batch=", batch,
                       " max_len=", max_len, " max_rows=", max_rows);
-    Stack::check_weight(lm_w_, st_.E_, V_, "Engine", "lm_head");
+    lm_ref_ = lm_w_.ref(st_.E_, V_, "Engine", "lm_head weight");
     const int64_t L = (int64_t)st_.layers_.size(), E = st_.E_, H = st_.H_, D = st_.D_;
     auto f = st_.wte_.options();
     k_ = at::zeros({L, B_, H, Tmax_, D}, f);
@@ -369,7 +377,7 @@ class Engine {
       return KvView{k, v, sb, sh, D, len_ + T, km, Tmax_, len_};
     };
     st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B_, T, kv, /*last_only=*/true);
-    run_matmul(s.x, E, B_, E, weight_ref(lm_w_), V_, nullptr, Epilogue::None, nullptr, 0,
+    run_matmul(s.x, E, B_, E, lm_ref_, V_, nullptr, Epilogue::None, nullptr, 0,
                logits_.data_ptr<float>());
     len_ += T;
     return logits_;
@@ -384,7 +392,8 @@ class Engine {
 
  private:
   Stack st_;
-  at::Tensor lm_w_;
+  Weight lm_w_;  // holds the tensors lm_ref_ points into
+  WeightRef lm_ref_;
   int64_t V_;
   int64_t B_, Tmax_, max_rows_;
   int64_t len_ = 0;
@@ -395,14 +404,21 @@ class Engine {
 
 void bind_engine(pybind11::module_& m) {
   namespace py = pybind11;
+  py::class_<Weight>(m, "Weight", "One matmul weight: storage, int8 scales, layout (built by weights.Linear).")
+      .def(py::init([](at::Tensor data, std::optional<at::Tensor> scales, std::string layout) {
+             return Weight{data, scales, layout};
+           }),
+           py::arg("data"), py::arg("scales"), py::arg("layout"))
+      .def_readonly("data", &Weight::data)
+      .def_readonly("layout", &Weight::layout);
   py::class_<LayerWeights>(m, "LayerWeights", "One block's weights by name (built by gpt2kern.weights.Layer).")
-      .def(py::init([](at::Tensor ln_1_weight, at::Tensor ln_1_bias, at::Tensor c_attn_weight, at::Tensor c_attn_bias,
-                       at::Tensor attn_proj_weight, at::Tensor attn_proj_bias, at::Tensor ln_2_weight,
-                       at::Tensor ln_2_bias, at::Tensor c_fc_weight, at::Tensor c_fc_bias, at::Tensor mlp_proj_weight,
+      .def(py::init([](at::Tensor ln_1_weight, at::Tensor ln_1_bias, Weight c_attn_weight, at::Tensor c_attn_bias,
+                       Weight attn_proj_weight, at::Tensor attn_proj_bias, at::Tensor ln_2_weight,
+                       at::Tensor ln_2_bias, Weight c_fc_weight, at::Tensor c_fc_bias, Weight mlp_proj_weight,
                        at::Tensor mlp_proj_bias, double scale) {
              return LayerWeights{ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_proj_weight,
                                  attn_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_proj_weight,
-                                 mlp_proj_bias, scale};
+                                 mlp_proj_bias, scale, {}, {}, {}, {}};
            }),
            py::kw_only(), py::arg("ln_1_weight"), py::arg("ln_1_bias"), py::arg("c_attn_weight"),
            py::arg("c_attn_bias"), py::arg("attn_proj_weight"), py::arg("attn_proj_bias"), py::arg("ln_2_weight"),
@@ -410,7 +426,7 @@ void bind_engine(pybind11::module_& m) {
            py::arg("mlp_proj_bias"), py::arg("scale"))
       .def_readonly("scale", &LayerWeights::scale);
   py::class_<Engine>(m, "Engine", "GPT-2 decode engine: preallocated KV cache, one C++ call per step.")
-      .def(py::init<const std::vector<LayerWeights>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+      .def(py::init<const std::vector<LayerWeights>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, Weight,
                     int64_t, int64_t, double, int64_t, int64_t, int64_t>(),
            py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
            py::arg("vocab"), py::arg("n_head"), py::arg("eps"), py::arg("batch"), py::arg("max_len"),

@@ -2,7 +2,7 @@
 // Only headers without inline code may come before the target pragma (see kernels/vec.h).
 #include "kernel_table.h"
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma,bmi2")
+#pragma GCC target("avx2,fma,f16c,bmi2")
 #define GK_ISA avx2
 #define GK_VEC_BYTES 32
 #define GK_MR_MAX 3

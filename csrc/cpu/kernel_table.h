@@ -20,6 +20,16 @@ constexpr int kKFirst = 1, kKLast = 2, kKWhole = kKFirst | kKLast;
 // The packed weight layout every ISA shares: [ceil(N / kPanel)][K][kPanel], columns past N zero-filled.
 constexpr int kPanel = 32;
 
+// How a matmul weight is stored (the one weight format: gpt2kern/weights.py's WeightFormat, read by
+// cpu/matmul.cpp's weight_ref):
+//   Panels  [ceil(N / 32)][K][32] in any WType, made by optimize() (int8: + fp32 scales [ceil(N/32)][K / G][32],
+//           one per group of G consecutive k and output column)
+//   KN      HF Conv1D's own [K, N] fp32 weight, read in place
+//   NK      an nn.Linear / tied-embedding [N, K] fp32 weight (the lm_head over wte), read in place
+enum class Layout : int { Panels = 0, KN = 1, NK = 2 };
+// Stored element type of a weight; activations and accumulation stay fp32 in every mode.
+enum class WType : int { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
+
 // Attention tiling: keys per block (one AVX-512 vector of scores), query rows per task.
 constexpr int kAttnKeyBlock = 32;
 constexpr int kAttnQueryBlock = 32;
@@ -45,6 +55,17 @@ struct KernelTable {
   // decode GEMV (M <= 2) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n)
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
+  // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it)
+  void (*matmul_nt)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                    float* C, int64_t ldc);
+  // one reduced-precision panel (Panels layout, WType w; scales: int8's [K / group][32] for this panel, else null),
+  // whole K, for few rows (decode): C[m, n0 + j] = epi(Σ_k A[m][k] · deq(Bp[k][j]) + bias) — widened in registers
+  void (*matmul_panel_lowp)(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
+                            const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
+                            const float* bias, Epilogue epi, const float* R, int64_t ldr);
+  // rows [k0, k0 + kc) of one reduced-precision panel widened (and scaled) into dst [kc][32] fp32: prefill's B block
+  void (*unpack_panel)(const void* Bp, WType w, const float* scales, int64_t group, int64_t k0, int64_t kc,
+                       float* dst);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
   void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);
   int mr_max;  // rows per matmul register tile

@@ -13,6 +13,10 @@
 
 namespace gk::cpu {
 
+// Up to this many rows, reduced-precision panels are widened in registers (read once per tile of rows); more rows
+// widen each K block once into an fp32 buffer and run the fp32 kernel (FMA-bound: the widening is amortized).
+constexpr int64_t kLowpDirectRows = 16;
+
 static int64_t num_panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
 // [K, N] (any strides) -> [ceil(N/32)][K][32], zero-filled past N. Done once per weight at optimize() time.
@@ -34,9 +38,70 @@ at::Tensor pack(const at::Tensor& weight) {
   return out;
 }
 
-WeightRef weight_ref(const at::Tensor& w) {
-  if (w.dim() == 3) return WeightRef{w.data_ptr<float>(), true, kPanel};
-  return WeightRef{w.data_ptr<float>(), false, w.stride(0)};
+Layout parse_layout(c10::string_view layout, const char* who) {
+  if (layout == "kn") return Layout::KN;
+  if (layout == "nk") return Layout::NK;
+  if (layout == "panels") return Layout::Panels;
+  TORCH_CHECK_VALUE(false, "gpt2kern.", who, ": layout must be 'kn', 'nk' or 'panels', got '", std::string(layout),
+                    "'");
+}
+
+int64_t weight_out_features(const at::Tensor& data, Layout layout) {
+  if (layout == Layout::Panels || data.dim() != 2) return -1;
+  return layout == Layout::KN ? data.size(1) : data.size(0);
+}
+
+static size_t elem_size(WType t) { return t == WType::F32 ? 4 : t == WType::I8 ? 1 : 2; }
+
+WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& scales, Layout layout, int64_t K,
+                     int64_t N, const char* who, const char* name) {
+  TORCH_CHECK_VALUE(data.defined(), "gpt2kern.", who, ": ", name, " is missing");
+  TORCH_CHECK_VALUE(data.device().is_cpu(), "gpt2kern.", who, ": ", name, " must be a CPU tensor, got ",
+                    data.device());
+  WType type;
+  switch (data.scalar_type()) {
+    case at::kFloat: type = WType::F32; break;
+    case at::kHalf: type = WType::F16; break;
+    case at::kBFloat16: type = WType::BF16; break;
+    case at::kChar: type = WType::I8; break;
+    default:
+      TORCH_CHECK_TYPE(false, "gpt2kern.", who, ": ", name, " must be float32, float16, bfloat16 or int8, got ",
+                       data.scalar_type());
+  }
+  WeightRef W{data.data_ptr(), layout, type, kPanel, nullptr, K};
+  if (layout != Layout::Panels) {
+    TORCH_CHECK_TYPE(type == WType::F32, "gpt2kern.", who, ": ", name, " read in place (layout '",
+                     layout == Layout::KN ? "kn" : "nk", "') must be float32; other dtypes are packed ('panels')");
+    const int64_t rows = layout == Layout::KN ? K : N, cols = layout == Layout::KN ? N : K;
+    TORCH_CHECK_VALUE(data.dim() == 2 && data.size(0) == rows && data.size(1) == cols, "gpt2kern.", who, ": ", name,
+                      " in layout '", layout == Layout::KN ? "kn" : "nk", "' must be [", rows, ", ", cols,
+                      "], got ", data.sizes());
+    TORCH_CHECK_VALUE((data.stride(1) == 1 || cols <= 1) && (rows <= 1 || data.stride(0) >= cols), "gpt2kern.", who,
+                      ": ", name, "'s rows must be contiguous (got strides ", data.strides(), ")");
+    W.ld = rows > 1 ? data.stride(0) : cols;
+  } else {
+    const int64_t P = (N + kPanel - 1) / kPanel;
+    TORCH_CHECK_VALUE(data.dim() == 3 && data.size(0) == P && data.size(1) == K && data.size(2) == kPanel &&
+                          data.is_contiguous(),
+                      "gpt2kern.", who, ": ", name, " in layout 'panels' must be a contiguous [", P, ", ", K,
+                      ", ", kPanel, "] tensor for ", K, " -> ", N, ", got ", data.sizes());
+  }
+  if (type == WType::I8) {
+    TORCH_CHECK_VALUE(scales.has_value(), "gpt2kern.", who, ": ", name, " is int8 and needs its scales");
+    const at::Tensor& s = *scales;
+    GK_CHECK_FLOAT(s, who, "scales");
+    const int64_t P = (N + kPanel - 1) / kPanel;
+    const int64_t ng = s.dim() == 3 ? s.size(1) : 0;
+    TORCH_CHECK_VALUE(s.device().is_cpu() && s.is_contiguous() && s.dim() == 3 && s.size(0) == P &&
+                          s.size(2) == kPanel && ng >= 1 && K % ng == 0,
+                      "gpt2kern.", who, ": ", name, " scales must be a contiguous CPU [", P,
+                      ", groups, ", kPanel, "] tensor with groups dividing ", K, ", got ", s.sizes());
+    W.scales = s.data_ptr<float>();
+    W.group = K / ng;
+  } else {
+    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.", who, ": ", name, " has scales, but only int8 weights take them");
+  }
+  return W;
 }
 
 void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
@@ -48,7 +113,8 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072); decode (M <= 2)
   // streams the weights once either way, so it keeps K whole. With HF's [K, N] weight, prefill packs each K block
   // of its panels into a per-thread buffer first (BLIS's B panel), so KC is smaller to keep that buffer in L2.
-  const int64_t KC = M <= 2 ? K : W.packed ? (K > 1024 ? 1024 : K) : std::min<int64_t>(K, 256);
+  const bool packed_f32 = W.layout == Layout::Panels && W.type == WType::F32;
+  const int64_t KC = M <= 2 ? K : packed_f32 ? (K > 1024 ? 1024 : K) : std::min<int64_t>(K, 256);
   // Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
   const int64_t MC = 8 * t.mr_max;
   // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
@@ -59,9 +125,90 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   if (M > 2) grain = std::max<int64_t>(grain, (P + 2 * kernel_threads() - 1) / (2 * kernel_threads()));
   // Prefill rows are copied per (row block, K block) into a buffer whose row stride is not a multiple of 4 KiB:
   // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
-  const bool copy_a = M > 2 * t.mr_max;
+  const bool copy_a = M > 2 * t.mr_max && (lda * 4) % 4096 == 0;
   const int64_t lda_buf = KC + 16;
-  if (!W.packed && M <= 2) {
+  if (W.layout == Layout::NK && M <= kLowpDirectRows) {
+    // [N, K] (the lm_head over wte), decode: blocks of NB rows of W (about 128 KiB, so a block stays in L2 while every row
+    // block of x passes over it), taken from the shared counter; bias and epilogue on each block's columns after
+    const int64_t NB = std::max<int64_t>(8, (32768 / std::max<int64_t>(K, 1)) / 8 * 8);
+    const int64_t nblk = (N + NB - 1) / NB;
+    const float* w = static_cast<const float*>(W.w);
+    parallel_chunks(nblk, std::max<int64_t>(1, grain * kPanel / NB), [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * NB, nc = std::min(NB, N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {
+          const int64_t mc = std::min(MC, M - m0);
+          t.matmul_nt(A + m0 * lda, lda, mc, K, w + n0 * W.ld, W.ld, nc, C + m0 * N + n0, N);
+        }
+        if (!bias && epi == Epilogue::None) continue;
+        for (int64_t m = 0; m < M; ++m) {
+          float* c = C + m * N + n0;
+          if (bias)
+            for (int64_t i = 0; i < nc; ++i) c[i] += bias[n0 + i];
+          if (epi == Epilogue::GeluNew) t.gelu_new(c, c, nc);
+          if (epi == Epilogue::Residual)
+            for (int64_t i = 0; i < nc; ++i) c[i] += R[m * ldr + n0 + i];
+        }
+      }
+    });
+    return;
+  }
+  if (W.layout == Layout::NK) {
+    // [N, K], prefill: computed transposed, Cᵀ = W · xᵀ, so W's rows are the micro-kernel's broadcast rows (read in
+    // place, in order) and x — small beside W — is what gets packed: xᵀ into [ceil(M/32)][K][32] panels once per
+    // call. Each tile [rows of W × 32 rows of x] is written back transposed (a few hundred stores per ~10⁵ FMAs).
+    const int64_t Q = (M + kPanel - 1) / kPanel;
+    thread_local std::vector<float> xbuf;  // the calling thread's; workers read it
+    if ((int64_t)xbuf.size() < Q * K * kPanel) xbuf.resize(Q * K * kPanel);
+    float* xp = xbuf.data();
+    parallel_chunks(Q, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t mc = std::min<int64_t>(kPanel, M - q * kPanel);
+        float* d = xp + q * K * kPanel;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < kPanel; ++j) d[k * kPanel + j] = j < mc ? A[(q * kPanel + j) * lda + k] : 0.f;
+      }
+    });
+    const float* w = static_cast<const float*>(W.w);
+    const int64_t NBR = MC;  // rows of W per task: ~MC·K floats, in L2 while every x panel passes over them
+    const int64_t nblk = (N + NBR - 1) / NBR;
+    parallel_chunks(nblk, 1, [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<float> tbuf;
+      if ((int64_t)tbuf.size() < NBR * kPanel) tbuf.resize(NBR * kPanel);
+      float* tmp = tbuf.data();
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * NBR, nr = std::min(NBR, N - n0);
+        for (int64_t q = 0; q < Q; ++q) {
+          const int mc = (int)std::min<int64_t>(kPanel, M - q * kPanel);
+          t.matmul_panel(w + n0 * W.ld, W.ld, nr, K, xp + q * K * kPanel, kPanel, tmp, kPanel, 0, mc, nullptr,
+                         Epilogue::None, nullptr, 0, kKWhole);
+          for (int j = 0; j < mc; ++j) {
+            const int64_t m = q * kPanel + j;
+            float* c = C + m * N + n0;
+            for (int64_t r = 0; r < nr; ++r) c[r] = tmp[r * kPanel + j] + (bias ? bias[n0 + r] : 0.f);
+            if (epi == Epilogue::GeluNew) t.gelu_new(c, c, nr);
+            if (epi == Epilogue::Residual)
+              for (int64_t r = 0; r < nr; ++r) c[r] += R[m * ldr + n0 + r];
+          }
+        }
+      }
+    });
+    return;
+  }
+  const size_t esz = elem_size(W.type);
+  const int64_t ngroups = W.scales ? K / W.group : 0;
+  auto panel_data = [&](int64_t p) { return static_cast<const char*>(W.w) + (size_t)(p * K * kPanel) * esz; };
+  auto panel_scales = [&](int64_t p) { return W.scales ? W.scales + p * ngroups * kPanel : nullptr; };
+  if (W.layout == Layout::Panels && !packed_f32 && M <= kLowpDirectRows) {
+    // reduced-precision decode: each panel widened in registers, read once, whole K
+    parallel_chunks(P, std::max<int64_t>(1, grain), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        t.matmul_panel_lowp(A, lda, M, K, panel_data(p), W.type, panel_scales(p), W.group, C, N, p * kPanel,
+                            (int)std::min<int64_t>(kPanel, N - p * kPanel), bias, epi, R, ldr);
+    });
+    return;
+  }
+  if (W.layout == Layout::KN && M <= 2) {
     // Decode over HF's [K, N]: rows of W are adjacent, so blocks of whole rows are contiguous streams. Fixed blocks
     // of KB rows (never a function of the thread count, so the sum order is too) each give partial sums for all N
     // columns; the partials are added in block order, then the bias and epilogue.
@@ -73,7 +220,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
     parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-        t.gemv_rows(A + k0, lda, M, kc, W.w + k0 * W.ld, W.ld, N, pp + blk * M * N);
+        t.gemv_rows(A + k0, lda, M, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N, pp + blk * M * N);
       }
     });
     for (int64_t blk = 1; blk < nb; ++blk)
@@ -101,17 +248,19 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
       }
       return a;
     };
-    // panel p's rows [k0, k0 + kc) of HF's [K, N] weight, copied into dst [kc][32] (zeros past N): prefill's B block
+    // panel p's rows [k0, k0 + kc) as fp32 [kc][32] in dst (zeros past N): prefill's B block, copied from HF's
+    // [K, N] weight or widened from a reduced-precision panel
     auto pack_rows = [&](int64_t p, int64_t k0, int64_t kc, float* dst) {
+      if (W.layout == Layout::Panels) return t.unpack_panel(panel_data(p), W.type, panel_scales(p), W.group, k0, kc, dst);
       const int64_t ncols = std::min<int64_t>(kPanel, N - p * kPanel);
       for (int64_t k = 0; k < kc; ++k) {
-        const float* src = W.w + (k0 + k) * W.ld + p * kPanel;
+        const float* src = static_cast<const float*>(W.w) + (k0 + k) * W.ld + p * kPanel;
         float* d = dst + k * kPanel;
         std::memcpy(d, src, ncols * sizeof(float));
         if (ncols < kPanel) std::memset(d + ncols, 0, (kPanel - ncols) * sizeof(float));
       }
     };
-    if (W.packed) {
+    if (packed_f32) {
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t mc = std::min(MC, M - m0);
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -121,28 +270,33 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
           const float* a = a_block(m0, mc, k0, kc, la);
           for (int64_t p = p0; p < p1; ++p) {
             const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-            t.matmul_panel(a, la, mc, kc, W.w + (p * K + k0) * kPanel, kPanel, C + m0 * N, N, p * kPanel, ncols,
+            t.matmul_panel(a, la, mc, kc, static_cast<const float*>(W.w) + (p * K + k0) * kPanel, kPanel, C + m0 * N, N, p * kPanel, ncols,
                            bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
           }
         }
       }
       return;
     }
-    // HF's [K, N] weight, prefill: per K block, this chunk's panels packed once, then every row block of x
-    const int64_t np = p1 - p0;
-    if ((int64_t)bbuf.size() < np * KC * kPanel) bbuf.resize(np * KC * kPanel);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min(KC, K - k0);
-      const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
-      for (int64_t p = p0; p < p1; ++p) pack_rows(p, k0, kc, bbuf.data() + (p - p0) * kc * kPanel);
-      for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t mc = std::min(MC, M - m0);
-        int64_t la;
-        const float* a = a_block(m0, mc, k0, kc, la);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-          t.matmul_panel(a, la, mc, kc, bbuf.data() + (p - p0) * kc * kPanel, kPanel, C + m0 * N, N, p * kPanel,
-                         ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
+    // Any other format, prefill: groups of SG panels whose K block (SG × KC × 32 floats, ~256 KiB) stays in L2;
+    // per group and K block, the panels are made fp32 once (copied, transposed or widened: pack_rows), then every
+    // row block of x runs over them. Each weight element is converted exactly once per call.
+    const int64_t SG = std::max<int64_t>(1, (256 * 1024 / 4) / (KC * kPanel));
+    if ((int64_t)bbuf.size() < SG * KC * kPanel) bbuf.resize(SG * KC * kPanel);
+    for (int64_t g0 = p0; g0 < p1; g0 += SG) {
+      const int64_t g1 = std::min(p1, g0 + SG);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+        for (int64_t p = g0; p < g1; ++p) pack_rows(p, k0, kc, bbuf.data() + (p - g0) * kc * kPanel);
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {
+          const int64_t mc = std::min(MC, M - m0);
+          int64_t la;
+          const float* a = a_block(m0, mc, k0, kc, la);
+          for (int64_t p = g0; p < g1; ++p) {
+            const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+            t.matmul_panel(a, la, mc, kc, bbuf.data() + (p - g0) * kc * kPanel, kPanel, C + m0 * N, N, p * kPanel,
+                           ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
+          }
         }
       }
     }
@@ -150,28 +304,29 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
 }
 
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features) {
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
+                  c10::string_view layout, const std::optional<at::Tensor>& scales) {
   const Epilogue epi = static_cast<Epilogue>(parse_epilogue(epilogue));
-  check_conv1d_inputs(x, weight);
+  GK_CHECK_FLOAT(x, "conv1d", "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.conv1d: x must have at least 1 dim");
+  GK_CHECK_SAME_DEVICE(x, weight, "conv1d", "weight");
+  const Layout lay = parse_layout(layout, "conv1d");
   const int64_t K = x.size(-1);
-  at::Tensor packed;
-  int64_t N;
-  if (weight.dim() == 2) {  // HF Conv1D layout [in, out], read in place (rows must be contiguous)
-    TORCH_CHECK_VALUE(weight.size(0) == K, "gpt2kern.conv1d: weight must be [", K, ", out], got ", weight.sizes());
-    N = weight.size(1);
-    TORCH_CHECK_VALUE(out_features < 0 || out_features == N, "gpt2kern.conv1d: out_features=", out_features,
-                      " but weight has ", N, " columns");
-    packed = (weight.stride(1) == 1 && (weight.size(0) <= 1 || weight.stride(0) >= N)) ? weight
-                                                                                       : weight.contiguous();
-  } else {
-    TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == K && weight.size(2) == kPanel,
-                      "gpt2kern.conv1d: packed weight must be [panels, ", K, ", ", kPanel, "], got ", weight.sizes());
-    N = out_features >= 0 ? out_features : (bias ? bias->size(-1) : -1);
-    TORCH_CHECK_VALUE(N >= 0, "gpt2kern.conv1d: a packed weight needs out_features (or a bias) to give N");
-    TORCH_CHECK_VALUE(num_panels(N) == weight.size(0), "gpt2kern.conv1d: packed weight has ", weight.size(0),
-                      " panels, but out_features=", N, " needs ", num_panels(N));
-    packed = weight.contiguous();
-  }
+  TORCH_CHECK_VALUE(lay == Layout::Panels || weight.dim() == 2, "gpt2kern.conv1d: weight in layout '",
+                    std::string(layout), "' must be 2-D (", lay == Layout::KN ? "[in, out]" : "[out, in]", "), got ",
+                    weight.sizes());
+  const int64_t shape_n = weight_out_features(weight, lay);
+  const int64_t N = out_features >= 0 ? out_features : shape_n;
+  TORCH_CHECK_VALUE(N >= 0, "gpt2kern.conv1d: a weight in layout 'panels' needs out_features to give N");
+  TORCH_CHECK_VALUE(shape_n < 0 || shape_n == N, "gpt2kern.conv1d: out_features=", out_features, " but the weight "
+                    "has ", shape_n, " outputs");
+  // in-place layouts with a non-unit column stride are copied (a view's price, not an error)
+  at::Tensor wt = weight;
+  if (lay == Layout::Panels)
+    wt = weight.contiguous();
+  else if (weight.dim() == 2 && !(weight.stride(1) == 1 && (weight.size(0) <= 1 || weight.stride(0) >= weight.size(1))))
+    wt = weight.contiguous();
+  const WeightRef W = weight_ref(wt, scales, lay, K, N, "conv1d", "weight");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   check_conv1d_extras(x, bias, (int)epi, epilogue, residual, N, out_shape);
@@ -188,7 +343,6 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   Rows rr{};
   if (epi == Epilogue::Residual) rr = rows_of(*residual, N);
   const float* pa = A.p;
-  const WeightRef W = weight_ref(packed);
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* pr = rr.p;
   const int64_t M = A.m, lda = A.ld, ldr = rr.ld;

@@ -15,7 +15,8 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
 at::Tensor gelu_new(const at::Tensor& x);
 at::Tensor pack(const at::Tensor& weight);
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features);
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
+                  c10::string_view layout, const std::optional<at::Tensor>& scales);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
                      int64_t q_offset, bool causal);
@@ -28,14 +29,23 @@ void run_layer_norm(const float* x, int64_t ldx, float* y, const float* w, const
                     float eps);
 void run_add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
                         const float* b, int64_t rows, int64_t n, float eps);
-// A Conv1D weight as the matmul reads it: panels packed by gpt2kern.pack ([ceil(N/32)][K][32], `packed`), or HF's
-// own [K, N] storage read in place (rows `ld` floats apart): no second copy of the weights.
+// A matmul weight as the kernels read it: the one weight format (kernel_table.h's Layout and WType; Python's
+// gpt2kern.weights.WeightFormat builds the same thing), checked once by weight_ref.
 struct WeightRef {
-  const float* w;
-  bool packed;
-  int64_t ld;
+  const void* w;
+  Layout layout;
+  WType type;
+  int64_t ld;            // KN: row stride of [K, N]; NK: row stride of [N, K]; Panels: kPanel
+  const float* scales;   // int8 only: [panels][K / group][32]
+  int64_t group;         // int8 only: consecutive k per scale
 };
-WeightRef weight_ref(const at::Tensor& w);  // 3-D: packed; 2-D [K, N] with unit column stride: in place
+Layout parse_layout(c10::string_view layout, const char* who);
+// data (+ scales) as a K -> N weight stored in `layout`; the element type is data's dtype (float32, float16,
+// bfloat16, int8 + scales). Every mismatch is an error naming `who` and `name`.
+WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& scales, Layout layout, int64_t K,
+                     int64_t N, const char* who, const char* name);
+// N as the layout's shape gives it (KN, NK), or -1 where only the caller knows it (Panels)
+int64_t weight_out_features(const at::Tensor& data, Layout layout);
 void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C);
 void run_attention(const AttnArgs& a);

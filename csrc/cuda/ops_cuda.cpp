@@ -99,9 +99,14 @@ at::Tensor pack(const at::Tensor& weight) {
 }
 
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features) {
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
+                  c10::string_view layout, const std::optional<at::Tensor>& scales) {
   const int epi = parse_epilogue(epilogue);
   check_conv1d_inputs(x, weight);
+  // the CUDA kernels read HF's [in, out] fp32 layout only (the reduced-precision formats are CPU-side so far)
+  TORCH_CHECK_VALUE(layout == "kn", "gpt2kern.conv1d: on CUDA the weight layout must be 'kn' ([in, out]), got '",
+                    std::string(layout), "'");
+  TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.conv1d: on CUDA the weight is float32 and takes no scales");
   const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(weight.dim() == 2, "gpt2kern.conv1d: on CUDA the weight must be [", K,
                     ", out] (HF's Conv1D layout, which pack keeps on CUDA), got ", weight.sizes());

@@ -13,6 +13,35 @@ namespace GK_ISA {
 
 constexpr int NV = kPanel / VL;  // vectors per panel row
 
+// The end of a panel tile: + bias, the epilogue in registers, then the store of ncols (<= 32) columns.
+template <int MR>
+GK_INLINE void finish_tile(vf (&acc)[MR][NV], float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
+                           const float* R, int64_t ldr) {
+  float bpad[kPanel] = {};
+  if (bias)
+    for (int j = 0; j < ncols; ++j) bpad[j] = bias[j];
+  for (int r = 0; r < MR; ++r) {
+    float out[kPanel];
+    for (int v = 0; v < NV; ++v) {
+      vf y = acc[r][v] + load(bpad + v * VL);
+      if (epi == Epilogue::GeluNew) y = vgelu_new(y);
+      store(out + v * VL, y);
+    }
+    float* c = C + r * ldc;
+    if (epi == Epilogue::Residual) {
+      const float* rr = R + r * ldr;
+      if (ncols == kPanel)
+        for (int v = 0; v < NV; ++v) store(c + v * VL, load(out + v * VL) + load(rr + v * VL));
+      else
+        for (int j = 0; j < ncols; ++j) c[j] = out[j] + rr[j];
+    } else if (ncols == kPanel) {
+      for (int v = 0; v < NV; ++v) store(c + v * VL, load(out + v * VL));
+    } else {
+      for (int j = 0; j < ncols; ++j) c[j] = out[j];
+    }
+  }
+}
+
 template <int MR>
 GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, int64_t ldb, float* C,
                            int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
@@ -64,29 +93,7 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
     }
     return;
   }
-  float bpad[kPanel] = {};
-  if (bias)
-    for (int j = 0; j < ncols; ++j) bpad[j] = bias[j];
-  for (int r = 0; r < MR; ++r) {
-    float out[kPanel];
-    for (int v = 0; v < NV; ++v) {
-      vf y = acc[r][v] + load(bpad + v * VL);
-      if (epi == Epilogue::GeluNew) y = vgelu_new(y);
-      store(out + v * VL, y);
-    }
-    float* c = C + r * ldc;
-    if (epi == Epilogue::Residual) {
-      const float* rr = R + r * ldr;
-      if (ncols == kPanel)
-        for (int v = 0; v < NV; ++v) store(c + v * VL, load(out + v * VL) + load(rr + v * VL));
-      else
-        for (int j = 0; j < ncols; ++j) c[j] = out[j] + rr[j];
-    } else if (ncols == kPanel) {
-      for (int v = 0; v < NV; ++v) store(c + v * VL, load(out + v * VL));
-    } else {
-      for (int j = 0; j < ncols; ++j) c[j] = out[j];
-    }
-  }
+  finish_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr);
 }
 
 template <int MR>

@@ -4,6 +4,8 @@
 #include "gelu.h"
 #include "embedding.h"
 #include "matmul.h"
+#include "matmul_nt.h"
+#include "matmul_lowp.h"
 #include "attention.h"
 #include "peak.h"
 
@@ -21,6 +23,9 @@ extern const KernelTable GK_CAT(kTable_, GK_ISA) = {
     GK_ISA::embedding_rows,
     GK_ISA::matmul_panel,
     GK_ISA::gemv_rows,
+    GK_ISA::matmul_nt,
+    GK_ISA::matmul_panel_lowp,
+    GK_ISA::unpack_panel,
     GK_ISA::attention_block,
     GK_MR_MAX,
     GK_ISA::VL,

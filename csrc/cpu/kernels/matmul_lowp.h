@@ -1,0 +1,111 @@
+// matmul_lowp.h — Conv1D's matmul over reduced-precision weights (fp16, bf16, int8 in the Panels layout), fp32
+// activations and accumulation.
+//
+// Reference: y[m, n] = Σ_k x[m, k] · deq(W[k, n]) + b[n], deq = the stored value widened to fp32 (fp16, bf16) or
+// q · scale[k / G][n] (int8: symmetric, one fp32 scale per group of G consecutive k and output column).
+// Decode (few rows) is bound by the bytes of W, which these formats halve or quarter: matmul_panel_lowp widens
+// each panel row in registers (vec.h's load_w) and never writes it back. int8 sums each group of G products
+// unscaled, then adds group_sum · scale (one multiply per group, not per weight). Prefill is bound by FMAs, so
+// unpack_panel widens a K block of a panel into an fp32 [kc][32] buffer once, and the fp32 micro-kernel
+// (matmul.h) runs over it for every row block of x.
+namespace gk {
+namespace GK_ISA {
+
+template <int MR, WType W>
+GK_INLINE void lowp_tile(const float* A, int64_t lda, int64_t K, const void* Bp, const float* scales, int64_t G,
+                         float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
+                         int64_t ldr) {
+  vf acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    const int64_t g1 = g0 + G < K ? g0 + G : K;
+    // even and odd k in separate sums: with so few rows, twice the loads in flight (matmul.h's GEMV note)
+    vf s0[MR][NV], s1[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) s0[r][v] = s1[r][v] = vf{};
+    int64_t k = g0;
+    for (; k + 2 <= g1; k += 2) {
+      vf b0[NV], b1[NV];
+      for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
+      for (int v = 0; v < NV; ++v) b1[v] = load_w<W>(Bp, (k + 1) * kPanel + v * VL);
+      for (int r = 0; r < MR; ++r) {
+        const vf a0 = bcast(A[r * lda + k]), a1 = bcast(A[r * lda + k + 1]);
+        for (int v = 0; v < NV; ++v) s0[r][v] += a0 * b0[v];
+        for (int v = 0; v < NV; ++v) s1[r][v] += a1 * b1[v];
+      }
+    }
+    for (; k < g1; ++k) {
+      vf b0[NV];
+      for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
+      for (int r = 0; r < MR; ++r) {
+        const vf a0 = bcast(A[r * lda + k]);
+        for (int v = 0; v < NV; ++v) s0[r][v] += a0 * b0[v];
+      }
+    }
+    if (scales) {
+      const float* sg = scales + (g0 / G) * kPanel;
+      for (int v = 0; v < NV; ++v) {
+        const vf sc = load(sg + v * VL);
+        for (int r = 0; r < MR; ++r) acc[r][v] += (s0[r][v] + s1[r][v]) * sc;
+      }
+    } else {
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] += s0[r][v] + s1[r][v];
+    }
+  }
+  finish_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr);
+}
+
+template <int MR, WType W>
+GK_INLINE void lowp_rows(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* scales,
+                         int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
+                         const float* R, int64_t ldr) {
+  // rows in tiles of up to 4: B loads are shared by a tile's rows, and 4 × 2 × NV sums stay in registers
+  if constexpr (MR > 0) {
+    for (; M >= MR; M -= MR, A += MR * lda, C += MR * ldc, R = R ? R + MR * ldr : R)
+      lowp_tile<MR, W>(A, lda, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
+    if (M > 0) lowp_rows<MR - 1, W>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
+  }
+}
+
+static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
+                              const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
+                              const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+  C += n0;
+  bias = bias ? bias + n0 : nullptr;
+  R = R ? R + n0 : nullptr;
+  const int64_t G = scales ? group : K;
+  constexpr int T = GK_VREGS >= 32 ? 4 : 2;
+  switch (w) {
+    case WType::F16: lowp_rows<T, WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
+    case WType::BF16: lowp_rows<T, WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
+    case WType::I8: lowp_rows<T, WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr); break;
+    case WType::F32: lowp_rows<T, WType::F32>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
+  }
+}
+
+template <WType W>
+GK_INLINE void unpack_rows(const void* Bp, const float* scales, int64_t G, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t kk = k0 + k;
+    for (int v = 0; v < NV; ++v) {
+      vf x = load_w<W>(Bp, kk * kPanel + v * VL);
+      if (scales) x *= load(scales + (kk / G) * kPanel + v * VL);
+      store(dst + k * kPanel + v * VL, x);
+    }
+  }
+}
+
+static void unpack_panel(const void* Bp, WType w, const float* scales, int64_t group, int64_t k0, int64_t kc,
+                         float* dst) {
+  switch (w) {
+    case WType::F16: unpack_rows<WType::F16>(Bp, nullptr, 1, k0, kc, dst); break;
+    case WType::BF16: unpack_rows<WType::BF16>(Bp, nullptr, 1, k0, kc, dst); break;
+    case WType::I8: unpack_rows<WType::I8>(Bp, scales, group, k0, kc, dst); break;
+    case WType::F32: unpack_rows<WType::F32>(Bp, nullptr, 1, k0, kc, dst); break;
+  }
+}
+
+}  // namespace GK_ISA
+}  // namespace gk

@@ -1,0 +1,138 @@
+"""The reduced-precision weight formats (fp16, bf16, int8 in packed panels): each kernel against a float64
+reference computed from the *stored* weights (so the kernel itself is held to fp32 ulps, every ISA, decode and
+prefill paths), and the formats' own properties (rounding, quantizer edge cases, bad input). The formats' error
+against fp32 weights is measured end to end, not here (gpt2kern parity --weights, the bench)."""
+import pytest
+import torch
+from conftest import assert_parity, plant_outliers
+from test_matmul import ref_mm
+
+from gpt2kern import ops
+from gpt2kern.weights import INT8_GROUP, WeightFormat
+
+LOWP = ["fp16", "bf16", "int8"]
+# decode rows (the in-register widening path: M <= 16) and prefill rows (widened into an fp32 buffer per K block),
+# distilgpt2's projections, the lm_head's 50257 columns, odd sizes
+SHAPES = [(1, 768, 2304), (2, 3072, 768), (8, 768, 3072), (16, 64, 100), (17, 768, 768), (130, 3072, 768),
+          (3, 768, 50257), (29, 128, 97), (1, 64, 1)]
+
+
+def stored(w, mode, group=None):
+    fmt = WeightFormat("panels", mode, w.shape[0], w.shape[1], (group or INT8_GROUP) if mode == "int8" else 0)
+    d, s = fmt.make(w)
+    return fmt, d, s
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("mode", LOWP)
+def test_lowp_matches_float64_of_stored_weights(isa, M, K, N, mode):
+    torch.manual_seed(M * 3 + N)
+    x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)
+    w, b = torch.randn(K, N) * 0.05, torch.randn(N)
+    fmt, d, s = stored(w, mode)
+    y = ops.conv1d(x, d, b, out_features=N, layout="panels", scales=s)
+    assert_parity(y, *ref_mm(x, fmt.unpack(d, s), b), K, f"{mode} conv1d {M}x{K}x{N}")
+
+
+@pytest.mark.parametrize("mode", LOWP)
+@pytest.mark.parametrize("M", [1, 4, 40])
+def test_lowp_epilogues(isa, mode, M):
+    torch.manual_seed(5)
+    K, N = 192, 100
+    x, w, b, r = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N), plant_outliers(torch.randn(M, N))
+    fmt, d, s = stored(w, mode)
+    pre, terms = ref_mm(x, fmt.unpack(d, s), b)
+    from test_gelu import gelu_terms, ref_gelu
+    y = ops.conv1d(x, d, b, "gelu_new", out_features=N, layout="panels", scales=s)
+    assert_parity(y, ref_gelu(pre), 1.13 * terms + gelu_terms(pre), K, f"{mode}+gelu_new")
+    y = ops.conv1d(x, d, b, "residual", r, out_features=N, layout="panels", scales=s)
+    assert_parity(y, pre + r.double(), terms + r.double().abs(), K, f"{mode}+residual")
+
+
+def test_rounding_of_the_stored_formats():
+    w = torch.randn(64, 40) * 0.05
+    for mode, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        fmt, d, _ = stored(w, mode)
+        # torch's round-to-nearest-even cast, element for element, in the panel layout
+        assert torch.equal(fmt.unpack(d, None), w.to(dt).double())
+    fmt, q, s = stored(w, "int8", group=16)
+    deq = fmt.unpack(q, s)
+    # each group's largest |w| is stored exactly as ±127 · scale, every other weight within half a step
+    step = s.double().transpose(0, 1).reshape(64 // 16, -1)[:, :40].repeat_interleave(16, dim=0)
+    assert ((deq - w.double()).abs() <= 0.5 * step * (1 + 1e-6)).all()
+    assert q.abs().max().item() == 127
+
+
+def test_int8_quantizer_edge_cases():
+    K, N = 128, 40
+    w = torch.randn(K, N) * 0.05
+    w[:, 3] = 0.0  # an all-zero column: scale 1, codes 0, exact zeros out
+    w[:, 5] = 0.25  # a constant column: stored exactly
+    w[7, 9] = 40.0  # one outlier weight: it costs only its own group's precision, not the column's
+    fmt, q, s = stored(w, "int8", group=64)
+    deq = fmt.unpack(q, s)
+    assert (deq[:, 3] == 0).all() and torch.allclose(deq[:, 5], torch.full((K,), 0.25, dtype=torch.float64))
+    assert (deq[64:, 9] - w[64:, 9].double()).abs().max() < 0.5 * w[64:, 9].abs().max() / 127 * 1.01
+    x = torch.randn(3, K)
+    y = ops.conv1d(x, q, None, out_features=N, layout="panels", scales=s)
+    assert (y[:, 3] == 0).all()
+    for bad in (float("nan"), float("inf")):
+        wb = w.clone()
+        wb[1, 1] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            stored(wb, "int8")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            stored(wb, "fp16")
+
+
+def test_group_sizes_per_channel_to_32():
+    """Every group size that divides K gives the kernel's exact answer for its stored weights; smaller groups
+    store the weights more finely."""
+    torch.manual_seed(0)
+    K, N = 256, 64
+    x, w = torch.randn(2, K), torch.randn(K, N) * 0.05
+    errs = []
+    for g in (K, 128, 64, 32):
+        fmt, q, s = stored(w, "int8", group=g)
+        y = ops.conv1d(x, q, None, out_features=N, layout="panels", scales=s)
+        assert_parity(y, *ref_mm(x, fmt.unpack(q, s), None), K, f"int8 group {g}")
+        errs.append((fmt.unpack(q, s) - w.double()).pow(2).mean().item())
+    assert errs == sorted(errs, reverse=True)
+
+
+def test_lowp_bad_input():
+    x, w = torch.randn(2, 64), torch.randn(64, 40)
+    _, q, s = stored(w, "int8")
+    _, h, _ = stored(w, "fp16")
+    with pytest.raises(ValueError, match="needs its scales"):
+        ops.conv1d(x, q, out_features=40, layout="panels")
+    with pytest.raises(ValueError, match="only int8 weights take them"):
+        ops.conv1d(x, h, out_features=40, layout="panels", scales=s)
+    with pytest.raises(ValueError, match="scales must be"):
+        ops.conv1d(x, q, out_features=40, layout="panels", scales=s[:, :, :16].contiguous())
+    with pytest.raises(ValueError, match="scales must be"):  # groups that do not divide K
+        ops.conv1d(x, q, out_features=40, layout="panels", scales=torch.ones(2, 3, 32))
+    with pytest.raises(TypeError, match="scales must be Float"):
+        ops.conv1d(x, q, out_features=40, layout="panels", scales=s.double())
+    with pytest.raises(TypeError, match="must be float32"):  # HF's layout in place is fp32 only
+        ops.conv1d(x, w.half())
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or int8"):
+        ops.conv1d(x, h.double(), out_features=40, layout="panels")
+    with pytest.raises(ValueError, match="int8 group must divide"):
+        WeightFormat("panels", "int8", 64, 40, 48)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        WeightFormat("panels", "int4", 64, 40)
+
+
+@pytest.mark.parametrize("mode", LOWP)
+def test_lowp_opcheck(mode):
+    x, w, b = torch.randn(3, 64), torch.randn(64, 40), torch.randn(40)
+    _, d, s = stored(w, mode)
+    torch.library.opcheck(torch.ops.gpt2kern.conv1d, (x, d, b, "none", None, 40, "panels", s))
+
+
+def test_nbytes():
+    assert WeightFormat("kn", "fp32", 768, 2304).nbytes == 768 * 2304 * 4
+    assert WeightFormat("panels", "fp16", 768, 2304).nbytes == 768 * 2304 * 2
+    # int8: one byte per weight + one fp32 scale per 64 weights (columns padded to whole panels)
+    assert WeightFormat("panels", "int8", 768, 50257, 64).nbytes == 768 * 1571 * 32 * (1 + 4 / 64)
