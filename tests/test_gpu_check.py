@@ -45,3 +45,30 @@ def test_a_budget_below_the_steps_is_refused(tmp_path):
     r = run(OUT=str(tmp_path), GPU_CHECK_BUDGET_S="100")
     assert r.returncode == 2 and "more than the budget of 100s" in r.stderr
     assert not (tmp_path / "gpu_assert.log").exists()
+
+
+def test_gpu_bench_without_a_gpu_is_not_a_pass():
+    e = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_bench.py"), "--quick"], capture_output=True,
+                       text=True, env=e, timeout=120)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stdout
+
+
+def test_gpu_bench_fails_on_any_decoder_or_variant_off_reference():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.pop(0)
+    ok = dict(tokens_equal_hf_by_decoder={"decoder_no_graph": True, "decoder_cuda_graph": True,
+                                          "decoder_cuda_graph_attn2_gemv2": True})
+    row = dict(kernel="decode_gemv", variant="v2", shape="M=1", us=1.0, max_abs_err=1e-6)
+    assert gpu_bench.failures(dict(e2e={"decode_B1": ok}, variants=[row])) == []
+    for name in ok["tokens_equal_hf_by_decoder"]:  # every decoder path counts, not only the default graph
+        bad = dict(tokens_equal_hf_by_decoder={**ok["tokens_equal_hf_by_decoder"], name: False})
+        f = gpu_bench.failures(dict(e2e={"decode_B1": ok, "decode_B32": bad}))
+        assert len(f) == 1 and "decode_B32" in f[0] and name in f[0]
+    assert gpu_bench.failures(dict(e2e={"decode_B1": dict(tokens_equal_hf_by_decoder={})}))  # nothing compared
+    off = dict(row, max_abs_err=1e-2)
+    assert len(gpu_bench.failures(dict(variants=[off]))) == 1
+    assert gpu_bench.failures(dict(variants=[dict(off, variant="torch")])) == []  # context rows are not judged
