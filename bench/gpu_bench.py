@@ -1,10 +1,12 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
-shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) — and end to end vs HF eager:
-prefill T=512, decode B=1 and B=32 through HF generate, and the CUDA-graph decoder with and without the graph.
+shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
+decode kernels against each other (decode attention v1/v2, decode GEMV v1/v2: a table and the winner per shape),
+and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
+(without the graph, and with it for every variant pair), with the kernels launched per decode token (graph nodes).
 Timing: gpt2kern.bench's Bench.time (interleaved with its baseline, synchronized, median of >= 5), as on the CPU.
-Exit 1 when the CUDA-graph decoder's greedy tokens differ from HF's.
+Exit 1 when any decoder's greedy tokens differ from HF's, or a variant's result is off its float64 reference.
 
-    python bench/gpu_bench.py [--json FILE] [--quick]
+    python bench/gpu_bench.py [--json FILE] [--quick] [--skip-e2e]
 """
 from __future__ import annotations
 
@@ -49,6 +51,79 @@ def _cut(row, start, eos):
     return next((row[: i + 1] for i in range(start, len(row)) if row[i] == eos), row)
 
 
+VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
+
+
+def _winners(rows, kernel):
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        rs = [r for r in rows if r["shape"] == shape]
+        ok = [r for r in rs if r["max_abs_err"] <= VARIANT_TOL]
+        best = min(ok, key=lambda r: r["us"]) if ok else None
+        out.append(dict(kernel=kernel, shape=shape, winner=best["variant"] if best else "none (all off reference)",
+                        times_us=", ".join(f"{r['variant']} {r['us']:.1f}" for r in rs)))
+    return out
+
+
+def variants(quick):
+    """Each decode kernel's numbered variants at decode shapes, vs a float64 reference; rows and winners."""
+    b = Bench(device="cuda", reps=7)
+    dev = torch.device("cuda")
+    rows, winners = [], []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # decode attention: one query row per (batch row, head) over the first n slots of a 1024-slot static cache
+    H, D, Tmax = 12, 64, 1024
+    att = []
+    for B in (1, 32):
+        k = torch.randn(B, H, Tmax, D, generator=g).to(dev)
+        v = torch.randn(B, H, Tmax, D, generator=g).to(dev)
+        q = torch.randn(B, H, 1, D, generator=g).to(dev)
+        mask = torch.ones(B, Tmax, dtype=torch.bool, device=dev)
+        for n in ((128, 1024) if quick else (64, 256, 1024)):
+            kv_len = torch.tensor([n], device=dev)
+            s = (q.double() @ k[:, :, :n].double().transpose(-1, -2)) * D ** -0.5
+            ref = (torch.softmax(s, -1) @ v[:, :, :n].double()).transpose(1, 2)
+            fns = {f"v{i}": (lambda i=i: ops.decode_attention(q, k, v, mask, kv_len, D ** -0.5, i)) for i in (1, 2)}
+            # before this issue: attention over the whole static cache, unwritten slots masked
+            m_old = mask.clone()
+            m_old[:, n:] = False
+            fns["v0 whole cache"] = lambda m_old=m_old: ops.attention(q, k, v, m_old, None, D ** -0.5, 0, False)
+            t = b.time(fns)
+            for name, f in fns.items():
+                err = (f().double() - ref).abs().max().item()
+                att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
+                                us=t[name] * 1e6, max_abs_err=err))
+    # decode GEMV: v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K]
+    mm = []
+    for M in ((1, 32) if quick else (1, 8, 32)):
+        for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
+            x = torch.randn(M, K, generator=g).to(dev)
+            w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
+            bias = torch.randn(N, generator=g).to(dev)
+            wt = w.t().contiguous()
+            ref = x.double() @ w.double() + bias.double()
+            fns = {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
+                   "torch": lambda: torch.addmm(bias, x, w)}
+            t = b.time(fns)
+            for name, f in fns.items():
+                err = (f().double() - ref).abs().max().item()
+                mm.append(dict(kernel="decode_gemv", variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
+                               max_abs_err=err))
+    for kernel, rs in (("decode_attention", att), ("decode_gemv", mm)):
+        print(f"  {kernel}:", flush=True)
+        for r in rs:
+            flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
+            print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
+                  flush=True)
+        # the winner among gpt2kern's numbered variants (torch's addmm and the old whole-cache attention are context)
+        ws = _winners([r for r in rs if r["variant"] in ("v1", "v2")], kernel)
+        for w in ws:
+            print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
+        rows += rs
+        winners += ws
+    return rows, winners
+
+
 def end_to_end(dev, quick):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     cpu_model, _ = gpt2kern.load("random:distilgpt2")
@@ -57,6 +132,7 @@ def end_to_end(dev, quick):
     out = dict(model="random:distilgpt2", hf_attn_implementation=getattr(ref.config, "_attn_implementation", None))
     V = ref.config.vocab_size
     b = Bench(device="cuda", reps=5)
+    launches = {}
     with torch.no_grad():
         ids = torch.randint(0, V, (1, 512), device=dev)
         t = b.time({"hf": lambda: ref(ids), "ours": lambda: opt(ids)})
@@ -71,20 +147,29 @@ def end_to_end(dev, quick):
         for B in (1, 32):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
-            decs = {g: CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=g) for g in (False, True)}
+            # every decoder: no graph (variants 1), and the graph with each (attention, gemv) variant pair
+            decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False)}
+            for a in (1, 2):
+                for gv in (1, 2):
+                    name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
+                    decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv)
+                    launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
             gens = {"hf": lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
-                    "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
-                    "decoder_no_graph": lambda n: decs[False].generate(prompt, n),
-                    "decoder_cuda_graph": lambda n: decs[True].generate(prompt, n)}
+                    "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)}
+            for name, d in decs.items():
+                gens[name] = lambda n, d=d: d.generate(prompt, n)
             rates = decode_rates(b, gens, n_short, n_long, reps)
             row = {f"{k}_ms_per_step": v * 1e3 for k, v in rates.items()}
-            # the decoder's greedy tokens vs HF generate's (up to each row's EOS): a mismatch fails the run
+            # every decoder's greedy tokens vs HF generate's (up to each row's EOS): a mismatch fails the run
             hf = ref.generate(prompt, max_new_tokens=24, **kw)
-            ours = decs[True].generate(prompt, 24)[:, : hf.shape[1]]
             eos = ref.generation_config.eos_token_id
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-            row["decoder_tokens_equal_hf_24"] = all(_cut(a, T, eos) == _cut(o, T, eos)
-                                                    for a, o in zip(hf.tolist(), ours.tolist()))
+            eq = {}
+            for name, d in decs.items():
+                ours = d.generate(prompt, 24)[:, : hf.shape[1]]
+                eq[name] = all(_cut(a, T, eos) == _cut(o, T, eos) for a, o in zip(hf.tolist(), ours.tolist()))
+            row["tokens_equal_hf_by_decoder"] = eq
+            row["tokens_equal_hf"] = all(eq.values())
             decs.clear()  # free the static caches before the next batch size
             for k in list(row):
                 if k.endswith("ms_per_step") and k != "hf_ms_per_step":
@@ -94,7 +179,9 @@ def end_to_end(dev, quick):
             out[f"decode_B{B}"] = row
             print(f"  decode B={B}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in row.items()), flush=True)
-    return out
+    for k, v in launches.items():
+        print(f"  kernels per decode token in the graph ({k}): {v}", flush=True)
+    return out, launches
 
 
 def main(argv=None):
@@ -115,18 +202,36 @@ def main(argv=None):
     if a.json:  # partial results survive a timeout in the end-to-end part
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-    if not a.skip_e2e:
-        print("end to end:", flush=True)
-        res["e2e"] = end_to_end(dev, a.quick)
+    print("decode kernel variants (median per call, interleaved):", flush=True)
+    res["variants"], res["variant_winners"] = variants(a.quick)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-    bad = [k for k, v in res.get("e2e", {}).items() if isinstance(v, dict) and v.get("decoder_tokens_equal_hf_24")
-           is False]
-    if bad:
-        print(f"FAILED: the CUDA-graph decoder's greedy tokens differ from HF's ({', '.join(bad)})", flush=True)
+    if not a.skip_e2e:
+        print("end to end:", flush=True)
+        res["e2e"], res["launches_per_token"] = end_to_end(dev, a.quick)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    failed = failures(res)
+    if failed:
+        print("FAILED:\n  " + "\n  ".join(failed), flush=True)
         return 1
     return 0
+
+
+def failures(res) -> list:
+    """What fails the run: any decoder (graph or not, any variant) whose greedy tokens differ from HF's, and any
+    numbered variant off its float64 reference."""
+    failed = []
+    for k, v in res.get("e2e", {}).items():
+        if isinstance(v, dict) and "tokens_equal_hf_by_decoder" in v:
+            bad = [d for d, ok in v["tokens_equal_hf_by_decoder"].items() if not ok]
+            if bad or not v["tokens_equal_hf_by_decoder"]:
+                failed.append(f"{k}: the greedy tokens of {', '.join(bad) or 'no decoder'} differ from HF's")
+    failed += [f"{r['kernel']} {r['variant']} {r['shape']}: max|err| {r['max_abs_err']:.2g} > {VARIANT_TOL}"
+               for r in res.get("variants", []) if r["variant"] in ("v1", "v2") and r["max_abs_err"] > VARIANT_TOL]
+    return failed
 
 
 if __name__ == "__main__":

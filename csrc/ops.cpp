@@ -6,6 +6,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <map>
+#include <string>
 
 #include "cpu/kernel_table.h"
 #include "cpu/ops_cpu.h"
@@ -20,6 +22,10 @@ TORCH_LIBRARY(gpt2kern, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, int q_offset, "
         "bool causal) -> Tensor");
   m.def("embedding(Tensor input_ids, Tensor wte, Tensor wpe, Tensor position_ids, Tensor? token_type_ids) -> Tensor");
+  // CUDA only (csrc/cuda/ops_cuda.cpp): the decode step's numbered kernel variants
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor kv_len, float scale, int variant=1) "
+        "-> Tensor");
+  m.def("matmul_nk(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2kern, CPU, m) {
@@ -35,6 +41,12 @@ TORCH_LIBRARY_IMPL(gpt2kern, CPU, m) {
 namespace gk::cpu {
 void bind_engine(pybind11::module_& m);  // engine.cpp
 }
+#ifdef GPT2KERN_CUDA
+namespace gk::cuda_ops {  // ops_cuda.cpp
+void check_embedding_errors();
+std::map<std::string, int64_t> graph_node_counts(uintptr_t graph_handle);
+}  // namespace gk::cuda_ops
+#endif
 
 // Plain Python functions for the ISA dispatcher, and the decode engine class (not tensor ops).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -100,6 +112,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       if (gk::kernels_for(isa)) out.emplace_back(isa);
     return out;
   });
+#ifdef GPT2KERN_CUDA
+  mod.def("check_embedding_errors", &gk::cuda_ops::check_embedding_errors,
+          "IndexError for a bad id that a finished CUDA embedding call found (no sync).");
+  mod.def("graph_node_counts", &gk::cuda_ops::graph_node_counts,
+          "Nodes of a captured cudaGraph_t (as an int) by type: kernel, memcpy, memset, other, total.");
+#endif
   mod.def("has_cuda", [] {
 #ifdef GPT2KERN_CUDA
     return true;

@@ -11,16 +11,29 @@
 
 State, all preallocated in __init__ on the model's device (static shapes: batch_size and max_len are fixed):
   k_cache, v_cache  [n_layer, B, H, max_len, D]  slot j of row b holds that row's j-th token (prompt included)
-  key_mask          [B, max_len] bool             True for written, non-padding slots
-  ids, pos, slot    [B, 1], [B, 1], [1] int64     next token, its position id, the cache slot it is written to
-A step (the captured graph) writes the new token's K/V into `slot` (index_copy_, as HF's StaticCache), marks it in
-key_mask, and attends over the whole cache with key_mask hiding padding and unwritten slots (causal=False: for one
-query row causality is exactly "slots written so far"); then advances pos and slot on the device. prefill() runs the prompt eagerly with
-the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding follows HF
-generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites (clone it to
-keep it). Weights are the layer records of weights.py (the optimized model's packs, or a private pack), taken at
+  key_mask          [B, max_len] bool             False for the prompt's padding; True elsewhere
+  cursor            [2 + B] int64                 [slot, kv_len = slot + 1, pos of each row]: views slot [1],
+                                                  kv_len [1], pos [B, 1]; one add_(1) advances all three
+  ids               [B, 1] int64                  the next token
+A step (the captured graph) writes the new token's K/V into `slot` (index_copy_, as HF's StaticCache) and attends
+over the first kv_len slots only (decode_attention reads kv_len on the device: the work grows with the tokens so
+far, not with max_len; key_mask hides the padding), then advances the cursor. prefill() runs the prompt eagerly
+with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
+follows HF generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites
+(clone it to keep it). Everything runs under torch.cuda.device(model's device), whichever device is current.
+Weights are the layer records of weights.py (the optimized model's packs, or a private pack), taken at
 construction, after guard.why_not(..., "cuda_graph") agreed to stand in for the model (hooks, wrappers such as LoRA
-and patched forwards are refused): build the decoder after the weights are final. use_graph=False runs the same step eagerly (for comparison and debugging).
+and patched forwards are refused): build the decoder after the weights are final. use_graph=False runs the same
+step eagerly (for comparison and debugging).
+
+Numbered kernel variants of the step (bench/gpu_bench.py times them; the defaults stay 1 until a GPU run picks):
+  attention=1  decode_attention variant 1: one block of 4 warps per (row, head), the keys split over its warps
+  attention=2  flash-decoding: the keys split over blocks, partial softmaxes merged by a second kernel
+  gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
+  gemv=2       matmul_nk on [out, in] copies of the block and lm_head weights (one warp per output column, no
+               finish kernel); the copies double the weights' memory (prefill keeps variant 1)
+launches_per_token: the captured step's graph nodes by type (kernel, memcpy, memset, other, total).
+Bad token ids: the embedding kernel checks them on the device (NaN rows); generate() checks once at its end.
 """
 from __future__ import annotations
 
@@ -31,10 +44,16 @@ from .generate import hf_position_ids
 from .model import state_of
 
 
+VARIANTS = (1, 2)
+
+
 class CudaGraphDecoder:
-    def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2):
+    def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
+                 attention: int = 1, gemv: int = 1):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
+        if attention not in VARIANTS or gemv not in VARIANTS:
+            raise ValueError(f"attention and gemv must be one of {VARIANTS}, got {attention} and {gemv}")
         st = state_of(model)  # the optimized model's packs, or a private pack (the model untouched)
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
@@ -42,24 +61,35 @@ class CudaGraphDecoder:
         cfg = model.config
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={cfg.n_positions}], got {max_len}")
+        if gemv == 2 and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
+            raise ValueError(f"gemv=2 takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
         W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
         self.model, self.device, self.W = model, st.device, W
         self.B, self.Tmax = int(batch_size), int(max_len)
         self.E, self.H = cfg.n_embd, W.n_head
         self.D = self.E // self.H
         self.V = W.lm_head.n_out
+        self.attention_variant, self.gemv_variant = attention, gemv
         dev = self.device
         L, B, H, D = len(W.layers), self.B, self.H, self.D
-        self.k_cache = torch.zeros(L, B, H, self.Tmax, D, device=dev)
-        self.v_cache = torch.zeros(L, B, H, self.Tmax, D, device=dev)
-        self.key_mask = torch.zeros(B, self.Tmax, dtype=torch.bool, device=dev)
-        self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.iota = torch.arange(self.Tmax, device=dev)
+        with torch.cuda.device(dev):
+            self.k_cache = torch.zeros(L, B, H, self.Tmax, D, device=dev)
+            self.v_cache = torch.zeros(L, B, H, self.Tmax, D, device=dev)
+            self.key_mask = torch.ones(B, self.Tmax, dtype=torch.bool, device=dev)
+            self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            self.cursor = torch.zeros(2 + B, dtype=torch.long, device=dev)
+            self.slot, self.kv_len, self.pos = self.cursor[0:1], self.cursor[1:2], self.cursor[2:].view(B, 1)
+            # gemv=2: [out, in] copies for the step's matmuls, one tuple per layer, then lm_head
+            self._nk = None
+            if gemv == 2:
+                def nk(lin):
+                    return lin.weight.t().contiguous(), lin.bias
+                self._nk = [tuple(nk(lin) for lin in (x.c_attn, x.attn_proj, x.c_fc, x.mlp_proj)) for x in W.layers]
+                self._nk_head = nk(W.lm_head)
         self.length = 0  # slots written (host-side count: no sync needed to know it)
         self.graph = None
         self.logits = None
+        self.launches_per_token = None  # the captured step's nodes by type (set by the capture)
         if use_graph:
             with torch.cuda.device(dev):  # capture on the model's GPU, whichever is current
                 self._capture(warmup)
@@ -74,54 +104,68 @@ class CudaGraphDecoder:
                 self._step_body()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+
+        def count(g):  # the template graph is alive only inside this hook
+            self.launches_per_token = ops.graph_node_counts(g)
+        self.graph.register_capture_end_hook(count)
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.logits = self._step_body()
 
     def reset(self):
-        """Forget the sequence: empty cache (key_mask all False), position and slot 0."""
+        """Forget the sequence: empty cache (key_mask all True: no padding), slot, length and positions 0."""
         self.k_cache.zero_()
         self.v_cache.zero_()
-        self.key_mask.zero_()
-        self.pos.zero_()
-        self.slot.zero_()
+        self.key_mask.fill_(True)
+        self.cursor.zero_()
         self.length = 0
 
     # ------------------------------------------------------------ the body, shared by prefill and step
 
-    def _layers(self, h, write, attend):
-        """The GPT-2 blocks on gpt2kern ops; write(i, k, v) stores K/V, attend(i, q) returns [B, T, H, D]."""
+    def _layers(self, h, write, attend, mm):
+        """The GPT-2 blocks on gpt2kern ops; write(i, k, v) stores K/V, attend(i, q) returns [B, T, H, D],
+        mm(i, j, x, epilogue) is layer i's j-th matmul (c_attn, attn_proj, c_fc, mlp_proj)."""
         B, T, _ = h.shape
         E, H, D = self.E, self.H, self.D
         layers = self.W.layers
         ln = layers[0].ln_1
         x = ops.layer_norm(h, ln.weight, ln.bias, ln.eps)
         for i, L in enumerate(layers):
-            qkv = L.c_attn(x)
+            qkv = mm(i, 0, x, "none")
             q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
             write(i, k, v)
-            a = L.attn_proj(attend(i, q).view(B, T, E))
+            a = mm(i, 1, attend(i, q).view(B, T, E), "none")
             h, x = ops.add_layer_norm(a, h, L.ln_2.weight, L.ln_2.bias, L.ln_2.eps)
-            m = L.mlp_proj(L.c_fc(x, "gelu_new"))
+            m = mm(i, 3, mm(i, 2, x, "gelu_new"), "none")
             ln = layers[i + 1].ln_1 if i + 1 < len(layers) else self.W.ln_f
             h, x = ops.add_layer_norm(m, h, ln.weight, ln.bias, ln.eps)
         return x
 
+    def _mm_v1(self, i, j, x, epilogue):
+        L = self.W.layers[i]
+        return (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)[j](x, epilogue)
+
+    def _mm_v2(self, i, j, x, epilogue):
+        w, b = self._nk[i][j]
+        return ops.matmul_nk(x, w, b, epilogue)
+
     def _step_body(self):
-        self.key_mask.logical_or_(self.iota.eq(self.slot))  # mark the new slot (elementwise: capturable)
         h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
         def write(i, k, v):
             self.k_cache[i].index_copy_(2, self.slot, k)
             self.v_cache[i].index_copy_(2, self.slot, v)
 
-        def attend(i, q):
-            return ops.attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, None,
-                                 self.W.layers[i].scale, 0, False)
+        def attend(i, q):  # over slots [0, kv_len) only: kv_len is read on the device
+            return ops.decode_attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, self.kv_len,
+                                        self.W.layers[i].scale, self.attention_variant)
 
-        x = self._layers(h, write, attend)
-        logits = self.W.lm_head(x).view(self.B, self.V)
-        self.pos.add_(1)
-        self.slot.add_(1)
+        if self.gemv_variant == 2:
+            x = self._layers(h, write, attend, self._mm_v2)
+            logits = ops.matmul_nk(x, *self._nk_head).view(self.B, self.V)
+        else:
+            x = self._layers(h, write, attend, self._mm_v1)
+            logits = self.W.lm_head(x).view(self.B, self.V)
+        self.cursor.add_(1)  # slot, kv_len and every row's position
         return logits
 
     # ------------------------------------------------------------ public
@@ -133,26 +177,28 @@ class CudaGraphDecoder:
         if B != self.B or not 1 <= T < self.Tmax:
             raise ValueError(f"input_ids must be [{self.B}, T] with 1 <= T < max_len={self.Tmax}, "
                              f"got {tuple(input_ids.shape)}")
-        ids = input_ids.to(self.device)
-        mask = (torch.ones(B, T, dtype=torch.bool, device=self.device) if attention_mask is None
-                else attention_mask.to(self.device) != 0)
-        self.reset()
-        pos = hf_position_ids(mask)
-        self.key_mask[:, :T] = mask
-        km = None if attention_mask is None else self.key_mask[:, :T]
+        with torch.cuda.device(self.device):
+            ids = input_ids.to(self.device)
+            mask = (torch.ones(B, T, dtype=torch.bool, device=self.device) if attention_mask is None
+                    else attention_mask.to(self.device) != 0)
+            self.reset()
+            pos = hf_position_ids(mask)
+            self.key_mask[:, :T] = mask
+            km = None if attention_mask is None else self.key_mask[:, :T]
 
-        def write(i, k, v):
-            self.k_cache[i, :, :, :T].copy_(k)
-            self.v_cache[i, :, :, :T].copy_(v)
+            def write(i, k, v):
+                self.k_cache[i, :, :, :T].copy_(k)
+                self.v_cache[i, :, :, :T].copy_(v)
 
-        def attend(i, q):
-            return ops.attention(q, self.k_cache[i, :, :, :T], self.v_cache[i, :, :, :T], km, None,
-                                 self.W.layers[i].scale, 0, True)
+            def attend(i, q):
+                return ops.attention(q, self.k_cache[i, :, :, :T], self.v_cache[i, :, :, :T], km, None,
+                                     self.W.layers[i].scale, 0, True)
 
-        x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend)
-        logits = self.W.lm_head(x[:, -1:]).view(B, self.V)
-        self.pos.copy_(pos[:, -1:] + 1)
-        self.slot.fill_(T)
+            x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend, self._mm_v1)
+            logits = self.W.lm_head(x[:, -1:]).view(B, self.V)
+            self.pos.copy_(pos[:, -1:] + 1)
+            self.slot.fill_(T)
+            self.kv_len.fill_(T + 1)  # during the next step: slots [0, T] hold keys
         self.length = T
         return logits
 
@@ -166,15 +212,16 @@ class CudaGraphDecoder:
             raise ValueError(f"the cache is full (max_len={self.Tmax})")
         self.ids.copy_(next_ids.reshape(self.B, 1))
         self.length += 1
-        if self.graph is None:
-            return self._step_body()
         with torch.cuda.device(self.device):
+            if self.graph is None:
+                return self._step_body()
             self.graph.replay()
         return self.logits
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None):
-        """Greedy decoding: [B, T + max_new_tokens] token ids (no early stop at EOS)."""
+        """Greedy decoding: [B, T + max_new_tokens] token ids (no early stop at EOS). Ends with one sync, which
+        raises the IndexError of a token id outside the vocabulary (checked on the device meanwhile)."""
         logits = self.prefill(input_ids, attention_mask)
         out = [input_ids.to(self.device)]
         for i in range(max_new_tokens):
@@ -182,4 +229,6 @@ class CudaGraphDecoder:
             out.append(nxt[:, None])
             if i + 1 < max_new_tokens:
                 logits = self.step(nxt)
-        return torch.cat(out, 1)
+        tokens = torch.cat(out, 1)
+        ops.check_cuda_errors()
+        return tokens

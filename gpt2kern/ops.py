@@ -20,6 +20,8 @@ _ops = torch.ops.gpt2kern
 _layer_norm, _add_layer_norm, _gelu_new, _pack, _conv1d, _attention, _embedding = (
     getattr(_ops, n).default for n in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention",
                                        "embedding"))
+_decode_attention, _matmul_nk = _ops.decode_attention.default, _ops.matmul_nk.default  # CUDA only
+GEMV_MAX_ROWS = 32  # matmul_nk's row limit (kGemvMaxRows, csrc/cuda/launch.h)
 PANEL = _C.PANEL  # columns per packed weight panel (defined once: csrc/cpu/kernel_table.h's kPanel)
 EPILOGUES = ("none", "gelu_new", "residual")
 
@@ -111,9 +113,58 @@ def attention(q, k, v, key_mask=None, bias=None, scale: float = 1.0, q_offset: i
 
 
 def embedding(input_ids, wte, wpe, position_ids, token_type_ids=None):
-    """wte[input_ids] + wpe[position_ids] (+ wte[token_type_ids]), ids range-checked."""
+    """wte[input_ids] + wpe[position_ids] (+ wte[token_type_ids]), ids range-checked.
+
+    On CPU an id out of range raises IndexError at once. On CUDA the check runs on the device, so a call never
+    waits for the GPU: the rows with a bad id come out NaN and the IndexError (naming the id) is raised by the next
+    CUDA embedding call after that kernel finished, or by check_cuda_errors() (which synchronizes first)."""
     return _embedding(_tensor(input_ids, "input_ids"), _tensor(wte, "wte"), _tensor(wpe, "wpe"),
                           _tensor(position_ids, "position_ids"), token_type_ids)
+
+
+def check_cuda_errors(synchronize: bool = True) -> None:
+    """Raise the IndexError of a bad id that a CUDA embedding call found on the device (see embedding). With
+    synchronize, waits for every GPU first, so every call made so far is checked. No-op without CUDA kernels."""
+    if not has_cuda():
+        return
+    if synchronize and torch.cuda.is_initialized():
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
+    _C.check_embedding_errors()
+
+
+def _on_cuda(op, x):
+    if not (isinstance(x, torch.Tensor) and x.device.type == "cuda"):
+        dev = x.device if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"gpt2kern.{op} runs on CUDA tensors only (a decode-step kernel variant), got {dev}")
+    if not has_cuda():
+        raise RuntimeError(f"gpt2kern.{op}: gpt2kern was built without its CUDA kernels")
+    return x
+
+
+def decode_attention(q, k, v, key_mask, kv_len, scale: float, variant: int = 1):
+    """CUDA decode attention over a static cache: q [B, H, Tq, D] against the first kv_len[b] keys of k, v
+    [B, H, Tmax, D] (kv_len int64 [1] or [B] on the GPU, read there: capturable in a CUDA graph, and the work grows
+    with kv_len, not Tmax), key_mask [B, L] bool as in attention; no causal limit inside the Tq rows. -> [B, Tq, H, D].
+    variant 1: one block per (row, head) (any Tq); 2: flash-decoding, keys split over blocks (Tq = 1, D % 4 == 0)."""
+    return _decode_attention(_on_cuda("decode_attention", q), _tensor(k, "k"), _tensor(v, "v"), key_mask,
+                             _tensor(kv_len, "kv_len"), float(scale), int(variant))
+
+
+def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
+    """CUDA decode GEMV, variant 2: epilogue(x @ weight.T + bias) with weight [out, in] (nn.Linear's layout), x of at
+    most GEMV_MAX_ROWS rows; one warp per output column, no split-K (conv1d is variant 1)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual)
+
+
+def graph_node_counts(graph: "torch.cuda.CUDAGraph") -> dict:
+    """The nodes of a CUDA graph being captured, by type (kernel, memcpy, memset, other, total): call it from a
+    capture-end hook (graph.register_capture_end_hook), where the template graph is alive."""
+    if not has_cuda():
+        raise RuntimeError("gpt2kern was built without its CUDA kernels")
+    return dict(_C.graph_node_counts(graph.raw_cuda_graph()))
 
 
 # ---- fake implementations: shapes and dtypes only, for meta tensors and torch.compile ----
@@ -163,3 +214,14 @@ def _(q, k, v, key_mask, bias, scale, q_offset, causal):
 @torch.library.register_fake("gpt2kern::embedding")
 def _(input_ids, wte, wpe, position_ids, token_type_ids):
     return wte.new_empty((*input_ids.shape, wte.shape[1]))
+
+
+@torch.library.register_fake("gpt2kern::decode_attention")
+def _(q, k, v, key_mask, kv_len, scale, variant=1):
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d))
+
+
+@torch.library.register_fake("gpt2kern::matmul_nk")
+def _(x, weight, bias=None, epilogue="none", residual=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -218,3 +218,149 @@ def test_cuda_graph_decoder_rejects_cpu_models(tiny):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     with pytest.raises((ValueError, RuntimeError), match="CUDA"):
         CudaGraphDecoder(tiny, batch_size=1, max_len=8)
+
+
+# ---------------------------------------------------------------- numbered decode variants
+
+@needs_cuda
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("B,H,Tmax,D,n,per_row", [
+    (1, 12, 1024, 64, 1, False), (1, 12, 1024, 64, 700, False), (32, 12, 300, 64, 129, True),
+    (3, 5, 70, 20, 33, True), (2, 2, 96, 128, 96, False), (2, 3, 40, 32, 0, False), (2, 3, 40, 32, 99, False)])
+def test_decode_attention_variants(variant, B, H, Tmax, D, n, per_row):
+    """Keys past kv_len are never read (NaN there, key_mask True): the result is attention over the first kv_len
+    keys (clamped to the cache; 0 keys: zeros), per row when kv_len is [B]; padding via key_mask."""
+    if variant == 2 and D % 4:
+        with pytest.raises(ValueError, match="variant 2 needs"):
+            ops.decode_attention(*(t.cuda() for t in qkv(B, H, 1, Tmax, D)), None, torch.tensor([1], device="cuda"),
+                                 1.0, 2)
+        return
+    q, k, v = qkv(B, H, 1, Tmax, D, 9)
+    lens = [max(0, min(n - 3 * b, Tmax)) if per_row else min(n, Tmax) for b in range(B)]
+    mask = torch.ones(B, Tmax, dtype=torch.bool)
+    mask[-1, :2] = False  # left padding in the last row
+    for b, m in enumerate(lens):
+        k[b, :, m:] = float("nan")
+        v[b, :, m:] = float("nan")
+    kv_len = torch.tensor(lens if per_row else [n])
+    out = ops.decode_attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), kv_len.cuda(), D ** -0.5, variant).cpu()
+    for b, m in enumerate(lens):
+        ref, terms = ref_attention(q[b:b + 1], k[b:b + 1, :, :m], v[b:b + 1, :, :m], key_mask=mask[b:b + 1],
+                                   scale=D ** -0.5, causal=False)
+        assert_parity(out[b:b + 1], ref, terms, max(m, D), f"decode_attention v{variant} row {b}")
+
+
+@needs_cuda
+def test_decode_attention_argument_errors():
+    q, k, v = (t.cuda() for t in qkv(2, 2, 1, 8, 8))
+    with pytest.raises(TypeError, match="kv_len must be Long"):
+        ops.decode_attention(q, k, v, None, torch.tensor([1.0], device="cuda"), 1.0)
+    with pytest.raises(ValueError, match="kv_len must be"):
+        ops.decode_attention(q, k, v, None, torch.tensor([1, 2, 3], device="cuda"), 1.0)
+    with pytest.raises(ValueError, match="kv_len is on cpu"):
+        ops.decode_attention(q, k, v, None, torch.tensor([1]), 1.0)
+    with pytest.raises(ValueError, match="variant must be 1 or 2"):
+        ops.decode_attention(q, k, v, None, torch.tensor([1], device="cuda"), 1.0, 3)
+    with pytest.raises(ValueError, match="variant 2 needs"):
+        q2 = torch.randn(2, 2, 2, 8, device="cuda")
+        ops.decode_attention(q2, k, v, None, torch.tensor([1], device="cuda"), 1.0, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (1, 3072, 768), (8, 768, 50257), (9, 768, 3072),
+                                   (32, 3072, 768), (5, 37, 100), (32, 130, 7)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
+def test_matmul_nk_variant(M, K, N, epilogue):
+    # float4 path (K % 4 == 0) and scalar path; 1, 8 and 32 register rows
+    from test_gelu import gelu_terms, ref_gelu
+    torch.manual_seed(M * K + N)
+    x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
+    res = torch.randn(M, N) if epilogue == "residual" else None
+    y = ops.matmul_nk(x.cuda(), w.t().contiguous().cuda(), b.cuda(), epilogue, None if res is None else res.cuda())
+    ref, terms = ref_mm(x, w, b)
+    if epilogue == "gelu_new":
+        ref, terms = ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
+    elif epilogue == "residual":
+        ref, terms = ref + res.double(), terms + res.double().abs()
+    assert_parity(y, ref, terms, K, f"matmul_nk {M}x{K}x{N} {epilogue}")
+
+
+@needs_cuda
+def test_matmul_nk_argument_errors():
+    x = torch.randn(33, 8, device="cuda")
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        ops.matmul_nk(x, torch.randn(4, 8, device="cuda"))
+    with pytest.raises(ValueError, match=r"weight must be \[N, 8\]"):
+        ops.matmul_nk(x[:2], torch.randn(8, 4, device="cuda"))
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.matmul_nk(x[:2], torch.randn(4, 8, device="cuda"), torch.randn(5, device="cuda"))
+    with pytest.raises(ValueError, match="residual must be given"):
+        ops.matmul_nk(x[:2], torch.randn(4, 8, device="cuda"), None, "residual")
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        ops.matmul_nk(x[:2], torch.randn(4, 8))
+
+
+def test_decode_variant_ops_refuse_cpu_tensors():
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        ops.matmul_nk(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        q = torch.randn(1, 1, 1, 8)
+        ops.decode_attention(q, q, q, None, torch.tensor([1]), 1.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2)])
+@torch.no_grad()
+def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
+    """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
+    NaN here, and key_mask does not hide them: only kv_len does); the graph's launches are counted."""
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    ref, _ = cuda_pair
+    B, T, n = 2, 7, 20
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n + 30, attention=attention, gemv=gemv)
+    c = dec.launches_per_token
+    assert c["kernel"] > 0 and c["total"] == c["kernel"] + c["memcpy"] + c["memset"] + c["other"]
+    hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    eos = ref.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    assert _until_eos(hf, T, eos) == _until_eos(dec.generate(ids, n, attention_mask=mask)[:, : hf.shape[1]], T, eos)
+    logits = dec.prefill(ids, attention_mask=mask)
+    dec.k_cache[:, :, :, T + 1:] = float("nan")
+    dec.v_cache[:, :, :, T + 1:] = float("nan")
+    seq = ids
+    for _ in range(3):
+        nxt = logits.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        logits = dec.step(nxt).clone()
+    assert logits.isfinite().all()
+    full_mask = torch.cat([mask, torch.ones(B, 3, dtype=mask.dtype, device="cuda")], 1)
+    pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
+    want = ref(seq, attention_mask=full_mask, position_ids=pos).logits[:, -1]
+    assert (want - logits).abs().max().item() <= LOGITS_ATOL
+
+
+@needs_cuda
+def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    with pytest.raises(ValueError, match="attention and gemv must be one of"):
+        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, attention=3)
+    with pytest.raises(ValueError, match="gemv=2 takes batch_size <= 32"):
+        CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, gemv=2)
+
+
+@pytest.mark.skipif(not (ops.has_cuda() and torch.cuda.is_available() and torch.cuda.device_count() >= 2),
+                    reason="needs 2 GPUs (a model off the current device)")
+@torch.no_grad()
+def test_cuda_graph_decoder_on_a_device_that_is_not_current(distil):
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    ref = copy.deepcopy(distil).to("cuda:1")
+    ids = torch.randint(0, distil.config.vocab_size, (1, 5), device="cuda:1")
+    with torch.cuda.device(0):  # capture and replay must still happen on cuda:1
+        dec = CudaGraphDecoder(ref, batch_size=1, max_len=20)
+        assert dec.launches_per_token["kernel"] > 0
+        ours = dec.generate(ids, 10)
+    hf = ref.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours[:, : hf.shape[1]], hf)

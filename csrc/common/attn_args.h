@@ -20,6 +20,11 @@ struct AttnArgs {
   float scale;
   int64_t q_offset;          // absolute position of query row 0 (the cache length before this call)
   bool causal;
+  // CUDA decode only (the CPU kernels never set or read it): device int64, row b sees keys j < kv_len[b * kv_len_sb]
+  // (kv_len_sb 0: one length for all rows). A length read on the device lets a captured CUDA graph attend over the
+  // tokens so far of a static cache, not over all of it.
+  const int64_t* kv_len;
+  int64_t kv_len_sb;
 };
 
 }  // namespace gk

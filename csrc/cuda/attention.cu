@@ -2,7 +2,9 @@
 //
 // Reference (the CPU op, csrc/cpu/kernels/attention.h): out[i] = Σ_j softmax_j(scale·q_i·k_j + bias_ij) v_j over
 // the keys row i may see — j < Tkv; causal: j <= q_offset + i; key_mask[b, j] true (j < mask_len); bias > −inf
-// (j < bias_len) — and out[i] = 0 when it may see none (never NaN).
+// (j < bias_len); j < kv_len[b] when a device-side length is given (decode_attention) — and out[i] = 0 when it may
+// see none (never NaN). A key that key_mask hides scores −inf + bias (HF eager adds the mask to the scores), so a
+// NaN bias there makes the row NaN; keys past the causal limit or the lengths are not read at all.
 //
 // One block = 4 warps on one (batch, head) and a few query rows; a warp owns up to 8 query rows (q kept in
 // shared memory) and walks the keys in chunks of 32:
@@ -31,6 +33,18 @@ static size_t attention_smem_bytes(int D) {
   return sizeof(float) * ((size_t)kAttnWarps * D * KS + (size_t)kAttnWarps * kRows * D);
 }
 
+// The end of the keys any query row of batch row b may see: Tkv, the mask and bias lengths, the device-side kv_len.
+__device__ __forceinline__ int64_t key_cap(const AttnArgs& a, int64_t b) {
+  int64_t cap = a.Tkv;
+  if (a.key_mask && a.mask_len < cap) cap = a.mask_len;
+  if (a.bias && a.bias_len < cap) cap = a.bias_len;
+  if (a.kv_len) {
+    const int64_t n = a.kv_len[b * a.kv_len_sb];
+    cap = n < 0 ? 0 : (n < cap ? n : cap);
+  }
+  return cap;
+}
+
 // NPL: head-dim elements per lane (D <= 32·NPL). rpw: query rows per warp (<= kRows). S: warps sharing rows.
 template <int NPL>
 __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnArgs a, int rpw, int S) {
@@ -51,9 +65,7 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
   const float* bias = a.bias ? a.bias + b * a.sb_b + h * a.sb_h : nullptr;
 
   // Row r sees keys [0, lim[r]) minus masked ones; hi bounds every row of this warp.
-  int64_t cap = a.Tkv;
-  if (km && a.mask_len < cap) cap = a.mask_len;
-  if (bias && a.bias_len < cap) cap = a.bias_len;
+  const int64_t cap = key_cap(a, b);
   int64_t lim[kRows];
   int64_t hi = 0;
 #pragma unroll
@@ -101,7 +113,7 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
       for (int r = 0; r < kRows; ++r)
         if (r < rpw) dot[r] = fmaf(Qs[r * D + d], kd, dot[r]);
     }
-    const bool key_ok = lane < kc && (km == nullptr || km[j]);
+    const bool key_ok = km == nullptr || (lane < kc && km[j]);  // (lanes past the chunk: j may be past the mask)
     // 3. online softmax, row by row (all branches below are warp-uniform)
     float p[kRows];
 #pragma unroll
@@ -109,8 +121,9 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
       p[r] = 0.f;
       if (r >= rpw) continue;
       float s = NEG_INF;
-      if (key_ok && j < lim[r]) {
-        s = dot[r] * a.scale;
+      if (lane < kc && j < lim[r]) {
+        // a masked key scores −inf + bias, as in HF eager (mask added to the scores): a NaN bias spreads
+        s = key_ok ? dot[r] * a.scale : NEG_INF;
         if (bias) s += bias[(i0 + r) * a.sb_t + j];
       }
       const float mc = warp_max(s);  // (fmaxf skips NaN: a NaN score is looked for separately)
@@ -213,9 +226,168 @@ static cudaError_t launch_attention(const AttnArgs& a, int num_sms, cudaStream_t
   return cudaGetLastError();
 }
 
-cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream) {
+// ---------------------------------------------------------------- variant 2: flash-decoding (one query row)
+//
+// The keys of each (batch, head) are split over `splits` blocks (grid (splits, H, B)), so B·H small still fills the
+// GPU; each block's 4 warps take chunks of 32 keys in turn. Lane j scores key j of a chunk with the whole key row
+// loaded first (up to 16 float4 per lane in flight, q broadcast from shared memory), then the same online softmax and
+// P·V (lanes over the head dim) as variant 1. The block's warps merge in shared memory and write one partial
+// (m, l, acc[D]) per split; attention_v2_merge_kernel merges the splits in split order (deterministic) and writes
+// out. The split length follows the keys visible now (kv_len read on the device), so the cost follows the tokens
+// so far. Needs D % 4 == 0 and 16-byte aligned key rows (attention_v2_ok).
+constexpr int kV2Warps = 4;
+constexpr int kV2Vec = 16;  // float4 of a key row loaded at once by a lane (64 floats)
+
+template <int NPL>
+__global__ __launch_bounds__(kV2Warps * 32) void attention_v2_split_kernel(const AttnArgs a, int splits,
+                                                                           float* __restrict__ ws) {
+  constexpr int DMAX = 32 * NPL;
+  __shared__ __align__(16) float Qs[DMAX];
+  __shared__ float part[kV2Warps][DMAX + 2];
+  const float NEG_INF = -INFINITY;
+  const int D = (int)a.D, D4 = D / 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t sp = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const float* q = a.q + b * a.sq_b + h * a.sq_h;
+  const float* k = a.k + b * a.sk_b + h * a.sk_h;
+  const float* v = a.v + b * a.sv_b + h * a.sv_h;
+  const bool* km = a.key_mask ? a.key_mask + b * a.mask_len : nullptr;
+  const float* bias = a.bias ? a.bias + b * a.sb_b + h * a.sb_h : nullptr;
+  int64_t n = key_cap(a, b);
+  if (a.causal && a.q_offset + 1 < n) n = a.q_offset + 1;
+  // this split's keys: [j_begin, j_end), a whole number of 32-key chunks each
+  const int64_t per = ((n + splits - 1) / splits + KC - 1) / KC * KC;
+  const int64_t j_begin = sp * per, j_end = j_begin + per < n ? j_begin + per : n;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) Qs[d] = q[d];
+  __syncthreads();
+
+  float m = NEG_INF, l = 0.f, acc[NPL];
+#pragma unroll
+  for (int e = 0; e < NPL; ++e) acc[e] = 0.f;
+  for (int64_t j0 = j_begin + (int64_t)warp * KC; j0 < j_end; j0 += (int64_t)kV2Warps * KC) {
+    const int kc = j_end - j0 < KC ? (int)(j_end - j0) : KC;
+    const int64_t j = j0 + (lane < kc ? lane : 0);  // lanes past the chunk score key j0 and drop it
+    const float4* kr = reinterpret_cast<const float4*>(k + j * a.sk_t);
+    const float4* q4 = reinterpret_cast<const float4*>(Qs);
+    float dot = 0.f;
+    for (int c0 = 0; c0 < D4; c0 += kV2Vec) {
+      float4 kv[kV2Vec];
+#pragma unroll
+      for (int c = 0; c < kV2Vec; ++c)  // every load of the piece issued before the first use
+        if (c0 + c < D4) kv[c] = __ldg(kr + c0 + c);
+#pragma unroll
+      for (int c = 0; c < kV2Vec; ++c)
+        if (c0 + c < D4) {
+          const float4 qq = q4[c0 + c];
+          dot = fmaf(qq.x, kv[c].x, dot);
+          dot = fmaf(qq.y, kv[c].y, dot);
+          dot = fmaf(qq.z, kv[c].z, dot);
+          dot = fmaf(qq.w, kv[c].w, dot);
+        }
+    }
+    float s = NEG_INF;
+    if (lane < kc) {  // a masked key scores −inf + bias, as in variant 1
+      s = (km == nullptr || km[j]) ? dot * a.scale : NEG_INF;
+      if (bias) s += bias[j];
+    }
+    const float mc = warp_max(s);
+    if (mc == NEG_INF && !__any_sync(kFullMask, s != s)) continue;
+    const float mnew = fmaxf(m, mc);
+    const float corr = expf(m - mnew);
+    const float p = expf(s - mnew);
+    l = l * corr + warp_sum(p);
+    m = mnew;
+#pragma unroll
+    for (int e = 0; e < NPL; ++e) acc[e] *= corr;
+    for (int jj = 0; jj < kc; ++jj) {
+      const float pj = __shfl_sync(kFullMask, p, jj);
+      if (pj != 0.f) {
+        const float* vr = v + (j0 + jj) * a.sv_t;
+#pragma unroll
+        for (int e = 0; e < NPL; ++e)
+          if (lane + 32 * e < D) acc[e] = fmaf(pj, vr[lane + 32 * e], acc[e]);
+      }
+    }
+  }
+  // merge the block's warps in warp order, then one partial per split
+  if (lane == 0) { part[warp][0] = m; part[warp][1] = l; }
+#pragma unroll
+  for (int e = 0; e < NPL; ++e)
+    if (lane + 32 * e < D) part[warp][2 + lane + 32 * e] = acc[e];
+  __syncthreads();
+  if (warp != 0) return;
+  float mm = NEG_INF;
+  for (int w = 0; w < kV2Warps; ++w) mm = fmaxf(mm, part[w][0]);
+  float* out = ws + ((b * a.H + h) * splits + sp) * (D + 2);
+  float ll = 0.f;
+  for (int w = 0; w < kV2Warps; ++w) ll += part[w][1] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
+  if (lane == 0) { out[0] = mm; out[1] = ll; }
+  for (int d = lane; d < D; d += 32) {
+    float o = 0.f;
+    for (int w = 0; w < kV2Warps; ++w) o += part[w][2 + d] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
+    out[2 + d] = o;
+  }
+}
+
+// One warp per (batch, head): the splits' partials, in split order, into out[b, 0, h, :].
+__global__ void attention_v2_merge_kernel(const float* __restrict__ ws, int splits, int64_t H, int D,
+                                          float* __restrict__ out) {
+  const int64_t h = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, b = blockIdx.y;
+  const int lane = threadIdx.x % 32;
+  if (h >= H) return;  // the whole warp leaves together
+  const int64_t bh = b * H + h;
+  const float* p = ws + bh * splits * (D + 2);
+  float mm = -INFINITY;
+  for (int s = 0; s < splits; ++s) mm = fmaxf(mm, p[s * (D + 2)]);
+  float ll = 0.f;
+  for (int s = 0; s < splits; ++s) ll += p[s * (D + 2) + 1] * (mm == -INFINITY ? 1.f : expf(p[s * (D + 2)] - mm));
+  const bool seen = ll > 0.f || ll != ll;  // NaN inputs propagate as NaN; nothing visible: zeros
+  float* o = out + bh * D;  // out [B, 1, H, D]: (b·1 + 0)·H + h = bh
+  for (int d = lane; d < D; d += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s)
+      acc += p[s * (D + 2) + 2 + d] * (mm == -INFINITY ? 1.f : expf(p[s * (D + 2)] - mm));
+    o[d] = seen ? acc / ll : 0.f;
+  }
+}
+
+bool attention_v2_ok(const AttnArgs& a) {
+  return a.Tq == 1 && a.D % 4 == 0 && a.D <= kAttnMaxHeadDim && a.sk_t % 4 == 0 && a.sk_h % 4 == 0 &&
+         a.sk_b % 4 == 0 && aligned16(a.k);
+}
+
+int attention_v2_splits(const AttnArgs& a, int num_sms) {
+  const int64_t bh = a.B * a.H > 0 ? a.B * a.H : 1;
+  int64_t s = (2 * (int64_t)num_sms + bh - 1) / bh;  // about two blocks per SM
+  const int64_t chunks = (a.Tkv + KC - 1) / KC;      // no more splits than 32-key chunks in the cache
+  if (s > chunks) s = chunks;
+  if (s > 64) s = 64;
+  return s < 1 ? 1 : (int)s;
+}
+
+template <int NPL>
+static cudaError_t launch_v2(const AttnArgs& a, int splits, float* ws, cudaStream_t stream) {
+  attention_v2_split_kernel<NPL><<<dim3((unsigned)splits, (unsigned)a.H, (unsigned)a.B), kV2Warps * 32, 0, stream>>>(
+      a, splits, ws);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  constexpr int per_block = 4;  // warps (one (b, h) each) per merge block
+  attention_v2_merge_kernel<<<dim3(blocks_for(a.H, per_block), (unsigned)a.B), per_block * 32, 0, stream>>>(
+      ws, splits, a.H, (int)a.D, a.out);
+  return cudaGetLastError();
+}
+
+cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream, int variant, int splits,
+                      float* workspace) {
   if (a.B == 0 || a.H == 0 || a.Tq == 0 || a.D == 0) return cudaGetLastError();
   if (a.D > kAttnMaxHeadDim || a.B > 65535 || a.H > 65535) return cudaErrorInvalidValue;
+  if (variant == 2) {
+    if (!attention_v2_ok(a) || splits < 1 || workspace == nullptr) return cudaErrorInvalidValue;
+    if (a.D <= 32) return launch_v2<1>(a, splits, workspace, stream);
+    if (a.D <= 64) return launch_v2<2>(a, splits, workspace, stream);
+    return launch_v2<4>(a, splits, workspace, stream);
+  }
+  if (variant != 1) return cudaErrorInvalidValue;
   if (a.D <= 32) return launch_attention<1>(a, num_sms, stream);
   if (a.D <= 64) return launch_attention<2>(a, num_sms, stream);
   return launch_attention<4>(a, num_sms, stream);

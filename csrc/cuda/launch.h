@@ -24,10 +24,23 @@ cudaError_t add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t 
 // y = NewGELU(x) elementwise over n contiguous floats.
 cudaError_t gelu_new(const float* x, float* y, int64_t n, cudaStream_t stream);
 
-// out[row] = wte[ids[row]] + wpe[pos[row]] (+ wte[tt[row]]), rows x n; ids clamped into range (the glue
-// range-checks them first whenever the stream is not being captured).
+// out[row] = wte[ids[row]] + wpe[pos[row]] (+ wte[tt[row]]), rows x n. The ids are checked on the device: a row
+// with an id out of range is written as NaN (its tables are not read) and the id is recorded in *err, host memory
+// mapped into the device, which the glue reads later without a sync (ops_cuda.cpp: check_embedding_errors).
+struct EmbeddingError {
+  int64_t id[3];   // the bad id seen, per kind: 0 input_ids, 1 position_ids, 2 token_type_ids
+  int64_t hi[3];   // the table size it was checked against
+  int32_t seen[3]; // 1 when id[kind] holds a bad id (written after id and hi)
+};
 cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte, int64_t vocab,
-                      const float* wpe, int64_t n_pos, float* out, int64_t rows, int64_t n, cudaStream_t stream);
+                      const float* wpe, int64_t n_pos, float* out, int64_t rows, int64_t n, EmbeddingError* err,
+                      cudaStream_t stream);
+
+// Decode GEMV variant 2 (nn.Linear layout): C[m, n] = epi(Σ_k A[m, k]·Wt[n, k] + bias[n]) for m < M <= kGemvMaxRows;
+// Wt is [N, K] with row stride ldw. One warp per output column, float4 loads where K, the strides and pointers
+// allow; no workspace and no second kernel.
+cudaError_t matmul_nk(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, int64_t ldw, int64_t N,
+                      const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream);
 
 // Conv1D: C[m, n] = epi(Σ_k A[m, k]·W[k, n] + bias[n]) for m < M, n < N.
 //   epi: 0 none, 1 gelu_new, 2 + R[m, n].  C is contiguous [M, N]; W is [K, N] with row stride ldw.
@@ -41,7 +54,13 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
 // (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.)
+// variant 1: one block of 4 warps per (batch, head) and query rows (any Tq). variant 2: flash-decoding, one query
+// row, keys split over `splits` blocks (attention_v2_splits) with a workspace of B·H·splits·(D + 2) floats, for
+// attention_v2_ok arguments only. a.kv_len (device) bounds the keys in both.
 constexpr int kAttnMaxHeadDim = 128;
-cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
+bool attention_v2_ok(const AttnArgs& a);
+int attention_v2_splits(const AttnArgs& a, int num_sms);
+cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream, int variant = 1, int splits = 0,
+                      float* workspace = nullptr);
 
 }  // namespace gk::cuda

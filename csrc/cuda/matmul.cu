@@ -217,6 +217,85 @@ __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, i
   C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
 }
 
+// ---------------------------------------------------------------- decode variant 2: W stored [N, K]
+//
+// One warp per output column n: its lanes stream W's row n (contiguous, float4 when VEC) and every x row (L1/L2
+// resident at decode sizes), 4 loads of W in flight per lane, then a warp sum per x row and the epilogue at once:
+// no split-K, no workspace, no finish kernel. 8 warps (columns) per block.
+constexpr int kNkWarps = 8;
+
+template <int MR, bool VEC>
+__global__ __launch_bounds__(kNkWarps * 32) void gemv_nk_kernel(const float* __restrict__ A, int64_t lda, int M,
+                                                                int64_t K, const float* __restrict__ Wt, int64_t ldw,
+                                                                int64_t N, const float* __restrict__ bias, int epi,
+                                                                const float* __restrict__ R, int64_t ldr,
+                                                                float* __restrict__ C) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = (int64_t)blockIdx.x * kNkWarps + threadIdx.x / 32;
+  if (n >= N) return;  // the whole warp leaves together
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
+  if constexpr (VEC) {
+    const float4* w = reinterpret_cast<const float4*>(Wt + n * ldw);
+    const int64_t K4 = K / 4;
+    int64_t k = lane;
+    for (; k + 96 < K4; k += 128) {  // 4 float4 of W in flight per lane
+      const float4 w0 = __ldg(w + k), w1 = __ldg(w + k + 32), w2 = __ldg(w + k + 64), w3 = __ldg(w + k + 96);
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        if (r < M) {
+          const float4* a = reinterpret_cast<const float4*>(A + r * lda) + k;
+          acc[r] += hsum(a[0] * w0) + hsum(a[32] * w1) + hsum(a[64] * w2) + hsum(a[96] * w3);
+        }
+      }
+    }
+    for (; k < K4; k += 32) {
+      const float4 w0 = __ldg(w + k);
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+        if (r < M) acc[r] += hsum(reinterpret_cast<const float4*>(A + r * lda)[k] * w0);
+    }
+  } else {
+    const float* w = Wt + n * ldw;
+    for (int64_t k = lane; k < K; k += 32) {
+      const float w0 = __ldg(w + k);
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+        if (r < M) acc[r] = fmaf(A[r * lda + k], w0, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    if (r < M) {
+      const float s = warp_sum(acc[r]);
+      if (lane == r % 32) C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
+    }
+  }
+}
+
+template <int MR>
+static void launch_nk(bool vec, const float* A, int64_t lda, int M, int64_t K, const float* Wt, int64_t ldw,
+                      int64_t N, const float* bias, int epi, const float* R, int64_t ldr, float* C,
+                      cudaStream_t stream) {
+  const unsigned grid = blocks_for(N, kNkWarps);
+  if (vec)
+    gemv_nk_kernel<MR, true><<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C);
+  else
+    gemv_nk_kernel<MR, false><<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C);
+}
+
+cudaError_t matmul_nk(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, int64_t ldw, int64_t N,
+                      const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaGetLastError();
+  if (M > kGemvMaxRows || N > (int64_t)kNkWarps * 0x7fffffff) return cudaErrorInvalidValue;
+  const bool vec = K % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(Wt);
+  if (M == 1) launch_nk<1>(vec, A, lda, 1, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
+  else if (M <= 8) launch_nk<8>(vec, A, lda, (int)M, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
+  else launch_nk<kGemvMaxRows>(vec, A, lda, (int)M, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
+  return cudaGetLastError();
+}
+
 int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   if (M > kGemvMaxRows) return 1;
   const int64_t blocks = (N + 31) / 32, want = 2 * (int64_t)num_sms;

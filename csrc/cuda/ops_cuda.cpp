@@ -1,13 +1,15 @@
 // ops_cuda.cpp — torch glue for the CUDA kernels (csrc/cuda/*.cu, declared in launch.h) and their registration
 // for the CUDA dispatch key. The same argument checks and error messages as the CPU glue (csrc/cpu/*.cpp), plus
 // "every tensor on x's CUDA device"; outputs on that device; every launch on the current stream and checked.
-// Nothing here waits on the GPU except embedding's id range check, which is skipped while a CUDA graph is being
-// captured (the kernel clamps ids instead).
+// Nothing here waits on the GPU: even embedding's id range check runs on the device (see check_embedding_errors).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstring>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -42,13 +44,45 @@ int num_sms() {  // of the current device (the ops' CUDAGuard set it), cached pe
   return cache[dev];
 }
 
-bool capturing() {
-  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream(), &st));
-  return st != cudaStreamCaptureStatusNone;
+// The embedding kernel's error record: page-locked host memory mapped into every device (portable; with UVA the
+// host pointer is the device pointer), allocated once. Relaxed capture mode: the first call may come while a graph
+// is being captured, where a global-mode capture would refuse the allocation.
+cuda::EmbeddingError* embedding_error_record() {
+  static cuda::EmbeddingError* rec = [] {
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    void* host = nullptr;
+    const cudaError_t err = cudaHostAlloc(&host, sizeof(cuda::EmbeddingError), cudaHostAllocMapped | cudaHostAllocPortable);
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    C10_CUDA_CHECK(err);
+    std::memset(host, 0, sizeof(cuda::EmbeddingError));
+    void* dev = nullptr;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(&dev, host, 0));
+    TORCH_CHECK(dev == host, "gpt2kern.embedding: mapped host memory without unified addressing is not supported");
+    return static_cast<cuda::EmbeddingError*>(host);
+  }();
+  return rec;
 }
 
+std::atomic<bool> embedding_record_exists{false};  // set once the record is allocated: checking never allocates
+
 }  // namespace
+
+// Raise the IndexError of a bad id that a finished CUDA embedding kernel recorded (and clear it). No sync: kernels
+// still running are seen by a later check; gpt2kern.ops.check_cuda_errors() synchronizes first.
+void check_embedding_errors() {
+  if (!embedding_record_exists) return;
+  volatile cuda::EmbeddingError* rec = embedding_error_record();
+  static const char* names[3] = {"input_ids", "position_ids", "token_type_ids"};
+  static const char* tables[3] = {"the vocabulary", "the position table (n_positions)", "the vocabulary"};
+  for (int kind = 0; kind < 3; ++kind) {
+    if (!rec->seen[kind]) continue;
+    const int64_t id = rec->id[kind], hi = rec->hi[kind];
+    for (int x = 0; x < 3; ++x) rec->seen[x] = 0;
+    TORCH_CHECK_INDEX(false, "gpt2kern.embedding: ", names[kind], " contains ", id, ", outside ", tables[kind], " [0, ",
+                      hi, ") (checked on the GPU: found after that CUDA call, whose rows for it are NaN)");
+  }
+}
 
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_ln_args(x, weight, bias, "layer_norm");
@@ -159,14 +193,6 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   return c.out;
 }
 
-// The first id outside [0, hi) as an IndexError naming it, like the CPU op. Costs one device->host copy.
-static void report_range(const at::Tensor& ids, int64_t hi, const char* name, const char* what) {
-  at::Tensor bad = ids.masked_select(ids.lt(0).logical_or(ids.ge(hi)));
-  if (bad.numel() == 0) return;
-  TORCH_CHECK_INDEX(false, "gpt2kern.embedding: ", name, " contains ", bad[0].item<int64_t>(), ", outside ", what,
-                    " [0, ", hi, ")");
-}
-
 at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
                      const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids) {
   check_embedding_tables(input_ids, wte, wpe);
@@ -177,23 +203,116 @@ at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const a
   at::Tensor tt;
   if (token_type_ids) tt = embedding_ids(*token_type_ids, wte, B, T, "token_type_ids");
   const int64_t V = wte.size(0), P = wpe.size(0);
-  if (ids.numel() > 0 && !capturing()) {  // one sync for all three; the details only when something is wrong
-    at::Tensor bad = ids.lt(0).logical_or(ids.ge(V)).any().logical_or(pos.lt(0).logical_or(pos.ge(P)).any());
-    if (tt.defined()) bad = bad.logical_or(tt.lt(0).logical_or(tt.ge(V)).any());
-    if (bad.item<bool>()) {
-      report_range(ids, V, "input_ids", "the vocabulary");
-      report_range(pos, P, "position_ids", "the position table (n_positions)");
-      if (tt.defined()) report_range(tt, V, "token_type_ids", "the vocabulary");
-    }
-  }
+  check_embedding_errors();  // a bad id of an earlier, finished call
   at::Tensor out = at::empty({B, T, n}, wte.options());
   if (out.numel() == 0) return out;
-  TORCH_CHECK_VALUE(V > 0 && P > 0, "gpt2kern.embedding: empty wte or wpe");
+  cuda::EmbeddingError* rec = embedding_error_record();
+  embedding_record_exists = true;
   at::Tensor e = wte.contiguous(), p = wpe.contiguous();
   GK_CUDA_CHECK_LAUNCH("embedding", cuda::embedding(ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
                                                     tt.defined() ? tt.data_ptr<int64_t>() : nullptr,
                                                     e.data_ptr<float>(), V, p.data_ptr<float>(), P,
-                                                    out.data_ptr<float>(), B * T, n, stream()));
+                                                    out.data_ptr<float>(), B * T, n, rec, stream()));
+  return out;
+}
+
+// decode_attention: non-causal attention of q [B, H, Tq, D] over the first kv_len[b] keys of a static cache k, v
+// [B, H, Tmax, D] (key_mask as in attention), kv_len int64 [1] or [B] on the device: capturable, and the work follows
+// the length. variant 1 (any Tq) or 2 (flash-decoding: Tq == 1, D % 4 == 0, 16-byte aligned key rows).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& key_mask, const at::Tensor& kv_len, double scale,
+                            int64_t variant) {
+  check_attention_args(q, k, v, key_mask, std::nullopt, 0, false);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  TORCH_CHECK_VALUE(variant == 1 || variant == 2, "gpt2kern.decode_attention: variant must be 1 or 2, got ", variant);
+  TORCH_CHECK_VALUE(D <= cuda::kAttnMaxHeadDim, "gpt2kern.decode_attention: head dims up to ", cuda::kAttnMaxHeadDim,
+                    ", got ", D);
+  TORCH_CHECK_VALUE(B <= 65535 && H <= 65535, "gpt2kern.decode_attention: batch and heads must be <= 65535");
+  GK_CHECK_DTYPE(kv_len, at::kLong, "decode_attention", "kv_len");
+  GK_CHECK_SAME_DEVICE(q, kv_len, "decode_attention", "kv_len");
+  TORCH_CHECK_VALUE(kv_len.dim() == 1 && (kv_len.size(0) == 1 || kv_len.size(0) == B),
+                    "gpt2kern.decode_attention: kv_len must be [1] or [", B, "], got ", kv_len.sizes());
+  c10::cuda::CUDAGuard guard(q.device());
+  AttnCall c = attention_call(q, k, v, key_mask, std::nullopt, scale, 0, false);
+  at::Tensor len = kv_len.contiguous();
+  c.a.kv_len = len.data_ptr<int64_t>();
+  c.a.kv_len_sb = len.size(0) == 1 ? 0 : 1;
+  if (c.out.numel() == 0) return c.out;
+  if (variant == 1) {
+    GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream(), 1));
+    return c.out;
+  }
+  TORCH_CHECK_VALUE(cuda::attention_v2_ok(c.a), "gpt2kern.decode_attention: variant 2 needs one query row, a head "
+                    "dim that is a multiple of 4 and 16-byte aligned key rows; got q ", q.sizes(), ", k strides ",
+                    k.strides());
+  const int splits = cuda::attention_v2_splits(c.a, num_sms());
+  at::Tensor ws = at::empty({B * H * splits * (D + 2)}, q.options());
+  GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream(), 2, splits, ws.data_ptr<float>()));
+  return c.out;
+}
+
+// matmul_nk: y = epi(x @ weight.T + bias) with weight [N, K] (nn.Linear's layout), for x of at most kGemvMaxRows
+// rows: the decode GEMV variant 2.
+at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     c10::string_view epilogue, const std::optional<at::Tensor>& residual) {
+  const char* op = "matmul_nk";
+  const int epi = parse_epilogue(epilogue);
+  GK_CHECK_FLOAT(x, op, "x");
+  GK_CHECK_FLOAT(weight, op, "weight");
+  GK_CHECK_SAME_DEVICE(x, weight, op, "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.matmul_nk: x must have at least 1 dim");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K, "gpt2kern.matmul_nk: weight must be [N, ", K,
+                    "], got ", weight.sizes());
+  const int64_t N = weight.size(0), M = K > 0 ? x.numel() / K : 0;
+  TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_nk: x must have at most ", cuda::kGemvMaxRows,
+                    " rows (a decode GEMV), got ", M);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (bias) {
+    GK_CHECK_FLOAT(*bias, op, "bias");
+    GK_CHECK_SAME_DEVICE(x, *bias, op, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "gpt2kern.matmul_nk: bias must be [", N, "], got ",
+                      bias->sizes());
+  }
+  TORCH_CHECK_VALUE((epi == 2) == residual.has_value(), "gpt2kern.matmul_nk: residual must be given exactly when "
+                    "epilogue is 'residual' (epilogue '", epilogue, "')");
+  if (residual) {
+    GK_CHECK_FLOAT(*residual, op, "residual");
+    GK_CHECK_SAME_DEVICE(x, *residual, op, "residual");
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.matmul_nk: residual must have "
+                      "shape ", out_shape, ", got ", residual->sizes());
+  }
+  TORCH_CHECK_VALUE(K > 0, "gpt2kern.matmul_nk: x must have a non-empty last dim");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
+  at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr = residual ? as_rows(*residual, N) : at::Tensor();
+  GK_CUDA_CHECK_LAUNCH("matmul_nk", cuda::matmul_nk(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(),
+                                                    row_stride(W), N, b.defined() ? b.data_ptr<float>() : nullptr,
+                                                    epi, rr.defined() ? rr.data_ptr<float>() : nullptr,
+                                                    rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(),
+                                                    stream()));
+  return y;
+}
+
+// Nodes of a captured CUDA graph (a cudaGraph_t as an integer, e.g. torch.cuda.CUDAGraph.raw_cuda_graph() in a
+// capture-end hook) by type: what one replay launches.
+std::map<std::string, int64_t> graph_node_counts(uintptr_t graph_handle) {
+  cudaGraph_t g = reinterpret_cast<cudaGraph_t>(graph_handle);
+  TORCH_CHECK_VALUE(g != nullptr, "gpt2kern.graph_node_counts: graph is null");
+  size_t n = 0;
+  C10_CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  if (n > 0) C10_CUDA_CHECK(cudaGraphGetNodes(g, nodes.data(), &n));
+  std::map<std::string, int64_t> out{{"kernel", 0}, {"memcpy", 0}, {"memset", 0}, {"other", 0}, {"total", (int64_t)n}};
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType t;
+    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &t));
+    out[t == cudaGraphNodeTypeKernel ? "kernel" : t == cudaGraphNodeTypeMemcpy ? "memcpy"
+        : t == cudaGraphNodeTypeMemset ? "memset" : "other"] += 1;
+  }
   return out;
 }
 
@@ -207,4 +326,6 @@ TORCH_LIBRARY_IMPL(gpt2kern, CUDA, m) {
   m.impl("conv1d", &gk::cuda_ops::conv1d);
   m.impl("attention", &gk::cuda_ops::attention);
   m.impl("embedding", &gk::cuda_ops::embedding);
+  m.impl("decode_attention", &gk::cuda_ops::decode_attention);
+  m.impl("matmul_nk", &gk::cuda_ops::matmul_nk);
 }

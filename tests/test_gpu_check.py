@@ -1,0 +1,74 @@
+"""bench/gpu_check.sh without a GPU: it must stop at once with a clear message (never build, never pass because
+every CUDA test skipped), and its step limits must fit its budget, correctness steps first."""
+import os
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
+
+
+def run(*args, **env):
+    e = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **env)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_fails_fast_without_a_gpu(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" hides every GPU, so this runs the same on a GPU machine
+    r = run(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    assert r.returncode != 0
+    assert "gpu_check: FAILED" in r.stderr and "no usable CUDA GPU" in r.stderr, r.stderr
+    assert "torch.cuda.is_available() is False" in r.stderr or "CPU-only build" in r.stderr, r.stderr
+    assert not (tmp_path / "build.log").exists()  # nothing was built or tested after the failed assert
+
+
+def budgets():
+    r = run("--budgets")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    return [(n, int(s)) for n, s in rows]
+
+
+def test_step_budgets_fit_the_total_correctness_first():
+    rows = budgets()
+    steps = rows[:-2]
+    (t, total), (b, budget) = rows[-2:]
+    assert (t, b) == ("total", "budget")
+    assert total == sum(s for _, s in steps) and all(s > 0 for _, s in steps)
+    assert total <= budget <= 9 * 60  # a 15-minute device window less the machine's start
+    names = [n for n, _ in steps]
+    assert names[:3] == ["gpu_assert", "build", "cuda_tests"] and names[-1] == "gpu_bench"
+    assert {"memcheck", "racecheck", "initcheck"} <= set(names[3:-1])
+
+
+def test_a_budget_below_the_steps_is_refused(tmp_path):
+    r = run(OUT=str(tmp_path), GPU_CHECK_BUDGET_S="100")
+    assert r.returncode == 2 and "more than the budget of 100s" in r.stderr
+    assert not (tmp_path / "gpu_assert.log").exists()
+
+
+def test_gpu_bench_without_a_gpu_is_not_a_pass():
+    e = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_bench.py"), "--quick"], capture_output=True,
+                       text=True, env=e, timeout=120)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stdout
+
+
+def test_gpu_bench_fails_on_any_decoder_or_variant_off_reference():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.pop(0)
+    ok = dict(tokens_equal_hf_by_decoder={"decoder_no_graph": True, "decoder_cuda_graph": True,
+                                          "decoder_cuda_graph_attn2_gemv2": True})
+    row = dict(kernel="decode_gemv", variant="v2", shape="M=1", us=1.0, max_abs_err=1e-6)
+    assert gpu_bench.failures(dict(e2e={"decode_B1": ok}, variants=[row])) == []
+    for name in ok["tokens_equal_hf_by_decoder"]:  # every decoder path counts, not only the default graph
+        bad = dict(tokens_equal_hf_by_decoder={**ok["tokens_equal_hf_by_decoder"], name: False})
+        f = gpu_bench.failures(dict(e2e={"decode_B1": ok, "decode_B32": bad}))
+        assert len(f) == 1 and "decode_B32" in f[0] and name in f[0]
+    assert gpu_bench.failures(dict(e2e={"decode_B1": dict(tokens_equal_hf_by_decoder={})}))  # nothing compared
+    off = dict(row, max_abs_err=1e-2)
+    assert len(gpu_bench.failures(dict(variants=[off]))) == 1
+    assert gpu_bench.failures(dict(variants=[dict(off, variant="torch")])) == []  # context rows are not judged
