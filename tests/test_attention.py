@@ -110,13 +110,8 @@ def _nan_bias_case(Tq):
     return q, k, v, km, bias, torch.arange(Tq) >= 2  # causal row i sees key 2 when i >= 2
 
 
-@pytest.mark.parametrize("Tq", [
-    1, 3,
-    # the CPU tile kernel (Tq >= 4) applies key_mask after adding the bias, so it drops the NaN (csrc/cpu is being
-    # reworked elsewhere); strict: this fails, to be unmarked, once it agrees
-    pytest.param(4, marks=pytest.mark.xfail(reason="CPU attention_tile masks after the bias", strict=True)),
-    pytest.param(9, marks=pytest.mark.xfail(reason="CPU attention_tile masks after the bias", strict=True))])
-def test_nan_bias_on_a_masked_key_spreads(Tq):
+@pytest.mark.parametrize("Tq", [1, 3, 4, 9, 40])
+def test_nan_bias_on_a_masked_key_spreads(isa, Tq):
     """HF eager adds the padding mask to the scores, so a NaN in the additive bias reaches the softmax even where
     the key is padding: the rows that may see that key (causally) come out NaN, the rows before it stay finite.
     Keys past a row's causal limit are not read at all. CUDA: the twin below."""

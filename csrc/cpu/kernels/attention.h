@@ -249,9 +249,6 @@ static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
     int jj = 0;
     for (; jj + KU <= kb; jj += KU) tile_scores<KU>(Qt, k + (j0 + jj) * a.sk_t, a.sk_t, D, a.scale, St + jj * QB);
     for (; jj < kb; ++jj) tile_scores<1>(Qt, k + (j0 + jj) * a.sk_t, a.sk_t, D, a.scale, St + jj * QB);
-    if (bias)
-      for (int r = 0; r < nq; ++r)
-        for (int j = 0; j < lim[r]; ++j) St[j * QB + r] += bias[(i0 + r) * a.sb_t + j0 + j];
     for (int j = 0; j < kb; ++j) {
       float* sj = St + j * QB;
       if (km && !km[j0 + j]) {
@@ -264,6 +261,11 @@ static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
         }
       }
     }
+    // the bias after the mask, as HF adds both to the scores: −inf + NaN is NaN, so a NaN bias on a padded key
+    // still spreads (keys past a row's causal limit are not seen at all)
+    if (bias)
+      for (int r = 0; r < nq; ++r)
+        for (int j = 0; j < lim[r]; ++j) St[j * QB + r] += bias[(i0 + r) * a.sb_t + j0 + j];
     // online softmax down the keys, rows in lanes (vmax keeps the running max when a score is NaN; the NaN then
     // reaches l and acc through p)
     for (int u = 0; u < QV; ++u) {
