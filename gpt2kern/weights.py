@@ -93,19 +93,21 @@ class WeightFormat:
         if not torch.isfinite(w).all():
             raise ValueError(f"cannot store a {self.n_in} -> {self.n_out} weight as {self.dtype}: it holds NaN or "
                              f"inf values")
-        pad = self.panels * ops.PANEL - self.n_out
-        wp = torch.nn.functional.pad(w.float(), (0, pad))  # [K, P·32], zero columns past n_out
-        scales = None
-        if self.dtype == "int8":
-            g = wp.view(self.n_in // self.group, self.group, -1)
-            amax = g.abs().amax(dim=1)  # [K / G, P·32]
-            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            q = torch.round(g / s[:, None, :]).clamp_(-127, 127).to(torch.int8).view(self.n_in, -1)
-            wp = q
-            scales = s.view(-1, self.panels, ops.PANEL).transpose(0, 1).contiguous()
-        else:
-            wp = wp.to(_DTYPES[self.dtype])
-        data = wp.view(self.n_in, self.panels, ops.PANEL).transpose(0, 1).contiguous()
+        # panel by panel in chunks, into the final tensors: the temporaries stay a few MiB even for the lm_head
+        data = torch.empty(self.data_shape, dtype=_DTYPES[self.dtype])
+        scales = torch.empty(self.scales_shape, dtype=torch.float32) if self.dtype == "int8" else None
+        step = 64  # panels per chunk
+        for p0 in range(0, self.panels, step):
+            p1 = min(self.panels, p0 + step)
+            n0, n1 = p0 * ops.PANEL, min(self.n_out, p1 * ops.PANEL)
+            wp = torch.nn.functional.pad(w[:, n0:n1].float(), (0, (p1 - p0) * ops.PANEL - (n1 - n0)))  # [K, cols]
+            if self.dtype == "int8":
+                g = wp.view(self.n_in // self.group, self.group, -1)
+                amax = g.abs().amax(dim=1)  # [K / G, cols]
+                sc = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+                wp = torch.round(g / sc[:, None, :]).clamp_(-127, 127).to(torch.int8).view(self.n_in, -1)
+                scales[p0:p1] = sc.view(-1, p1 - p0, ops.PANEL).transpose(0, 1)
+            data[p0:p1] = wp.to(data.dtype).view(self.n_in, p1 - p0, ops.PANEL).transpose(0, 1)
         return data, scales
 
     def unpack(self, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

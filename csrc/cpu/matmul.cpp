@@ -111,10 +111,11 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   // Panels are split across threads (taken in chunks from a shared counter, parallel.h), so each weight byte is
   // read by exactly one thread.
   // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072); decode (M <= 2)
-  // streams the weights once either way, so it keeps K whole. With HF's [K, N] weight, prefill packs each K block
-  // of its panels into a per-thread buffer first (BLIS's B panel), so KC is smaller to keep that buffer in L2.
+  // streams the weights once either way, so it keeps K whole. Every other format (HF's [K, N] in place, fp16, bf16,
+  // int8) is made fp32 per K block of a few panels in a per-thread buffer first (BLIS's B panel): KC = 768 keeps
+  // GPT-2's K = 768 whole (measured on Zen 5 at M = 128: 256 and 512 were 8-15 % slower).
   const bool packed_f32 = W.layout == Layout::Panels && W.type == WType::F32;
-  const int64_t KC = M <= 2 ? K : packed_f32 ? (K > 1024 ? 1024 : K) : std::min<int64_t>(K, 256);
+  const int64_t KC = M <= 2 ? K : packed_f32 ? (K > 1024 ? 1024 : K) : std::min<int64_t>(K, 768);
   // Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
   const int64_t MC = 8 * t.mr_max;
   // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
@@ -282,17 +283,42 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
     // row block of x runs over them. Each weight element is converted exactly once per call.
     const int64_t SG = std::max<int64_t>(1, (256 * 1024 / 4) / (KC * kPanel));
     if ((int64_t)bbuf.size() < SG * KC * kPanel) bbuf.resize(SG * KC * kPanel);
+    // While one block computes, the next block's source bytes are prefetched, a slice per tile call, so its
+    // conversion finds them in cache instead of stalling on DRAM (the packed copy streams under the FMAs the same
+    // way). A source row of a block is SG·32 consecutive elements of W (panels: one panel's rows are contiguous).
+    const size_t row_bytes = W.layout == Layout::KN ? SG * kPanel * 4 : kPanel * esz;
+    auto prefetch_block = [&](int64_t g0, int64_t k0, int64_t kc, int64_t slice, int64_t nslices) {
+      const int64_t g1 = std::min(p1, g0 + SG);
+      if (W.layout == Layout::KN) {
+        const char* base = static_cast<const char*>(W.w) + (size_t)(g0 * kPanel) * 4;
+        const size_t seg = std::min<size_t>(row_bytes, (size_t)(N - g0 * kPanel) * 4);
+        for (int64_t k = k0 + slice; k < k0 + kc; k += nslices)
+          for (size_t off = 0; off < seg; off += 64) __builtin_prefetch(base + (size_t)(k * W.ld) * 4 + off);
+      } else {
+        for (int64_t p = g0; p < g1; ++p) {
+          const char* base = panel_data(p) + (size_t)(k0 * kPanel) * esz;
+          const size_t bytes = (size_t)(kc * kPanel) * esz;
+          for (size_t off = (size_t)slice * 64; off < bytes; off += (size_t)nslices * 64) __builtin_prefetch(base + off);
+        }
+      }
+    };
+    const int64_t mblocks = (M + MC - 1) / MC;
     for (int64_t g0 = p0; g0 < p1; g0 += SG) {
       const int64_t g1 = std::min(p1, g0 + SG);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
         const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
         for (int64_t p = g0; p < g1; ++p) pack_rows(p, k0, kc, bbuf.data() + (p - g0) * kc * kPanel);
+        // the block after this one: the next K block of this group, else the next group's first
+        const int64_t nk0 = k0 + kc < K ? k0 + kc : 0, ng0 = k0 + kc < K ? g0 : g0 + SG;
+        const int64_t nslices = mblocks * (g1 - g0);
+        int64_t slice = 0;
         for (int64_t m0 = 0; m0 < M; m0 += MC) {
           const int64_t mc = std::min(MC, M - m0);
           int64_t la;
           const float* a = a_block(m0, mc, k0, kc, la);
           for (int64_t p = g0; p < g1; ++p) {
+            if (ng0 < p1) prefetch_block(ng0, nk0, std::min(KC, K - nk0), slice++, nslices);
             const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
             t.matmul_panel(a, la, mc, kc, bbuf.data() + (p - g0) * kc * kPanel, kPanel, C + m0 * N, N, p * kPanel,
                            ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
