@@ -163,8 +163,20 @@ def roofline_pct(t, flops, nbytes, bw, peak):
     return 100 * max(flops / peak, nbytes / bw) / t
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere), after a garbage collection."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
 def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, quick=False, advance=None,
-        model=None, contend=False):
+        model=None, contend=False, weights=("fp32",)):
     """All measurements as a dict (what --json writes). advance(n) is called as work completes."""
     advance = advance or (lambda n=1: None)
     b = Bench(device=device, reps=reps)
@@ -172,11 +184,15 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     ref = copy.deepcopy(ref).to(device).eval()
     ref.generation_config.eos_token_id = None  # fixed-length decodes: both sides generate every token
     ref.generation_config.pad_token_id = 0
-    opt = gpt2kern.optimize(copy.deepcopy(ref))
+    opt = copy.deepcopy(ref)
+    rss0 = rss_bytes()
+    gpt2kern.optimize(opt)
+    rss_added = rss_bytes() - rss0
     cfg = ref.config
     out = dict(model=model_name, device=device, threads=torch.get_num_threads(), isa=ops.isa(), reps=reps,
                torch=torch.__version__, cpu=_cpu_name(), date=time.strftime("%Y-%m-%d %H:%M"),
-               gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+               gpu=torch.cuda.get_device_name() if device == "cuda" else None, rss_added_MiB=rss_added / 2**20,
+               weights_MiB=sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20)
     bw = read_bandwidth(b)
     peak = fma_peak(b)
     out.update(read_bandwidth_GBps=bw / 1e9, fma_peak_GFLOPs=peak / 1e9)
@@ -244,6 +260,8 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out["decode_read_bandwidth_GBps"] = decode_bw[0] / 1e9  # interleaved with the B=1 decodes
     out["decode_floor_ms"] = weight_bytes / decode_bw[0] * 1e3
     out["dropin"] = dropin(b, ref, opt, prefill_ts[0], quick, advance)
+    if tuple(weights) != ("fp32",) and device == "cpu":
+        out["modes"] = modes(b, ref, weights, quick, new_tokens, advance)
     if contend:
         out["contend"] = contention(b, opt, new_tokens)
         advance()
@@ -351,16 +369,56 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     return rows
 
 
+def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
+    """The weight modes side by side (CPU): speed (decode B=1 and B=8, prefill with last-position logits, each vs
+    fp32 in the same interleaved rounds), what optimize() added (tensor bytes and RSS) and the error against HF's
+    fp32 logits (gpt2kern/accuracy.py: relative L2, mean KLD, top-1 and greedy agreement)."""
+    from . import accuracy
+
+    names = list(dict.fromkeys(["fp32", *names]))  # fp32 first: every ratio is against it
+    V = ref.config.vocab_size
+    g = torch.Generator().manual_seed(2)
+    models, added = {}, {}
+    for n in names:
+        r0 = rss_bytes()
+        models[n] = gpt2kern.optimize(copy.deepcopy(ref), weights=n)
+        added[n] = rss_bytes() - r0
+    T = min(128 if quick else 512, ref.config.n_positions)
+    ids = torch.randint(0, V, (1, T), generator=g)
+    rows = {n: dict(mode=n, weight_MiB=models[n].transformer._gpt2kern.weights.nbytes / 2**20,
+                    rss_added_MiB=added[n] / 2**20) for n in names}
+    for B in (1,) if quick else (1, 8):
+        prompt = torch.randint(0, V, (B, 16), generator=g)
+        t = b.time({n: (lambda m=m: gpt2kern.generate(m, prompt, max_new_tokens=new_tokens, eos_token_id=[]))
+                    for n, m in models.items()}, reps=max(5, b.reps // 2))
+        for n in names:
+            rows[n][f"decode_B{B}_ms"] = t[n] * 1e3 / new_tokens
+            rows[n][f"decode_B{B}_vs_fp32"] = t["fp32"] / t[n]
+    advance()
+    with torch.no_grad():
+        t = b.time({n: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for n, m in models.items()},
+                   reps=max(5, b.reps // 2))
+    for n in names:
+        rows[n][f"prefill_T{T}_last_ms"] = t[n] * 1e3
+        rows[n][f"prefill_T{T}_vs_fp32"] = t["fp32"] / t[n]
+    advance()
+    for n in names:
+        rows[n].update(accuracy.measure(ref, n, T=T, n_greedy=0 if quick else 128, model=models[n]))
+    advance()
+    return list(rows.values())
+
+
 def decode_measure(batch: int, label: str) -> str:
     """The row name of a decode timing. One step makes `batch` tokens (one per row): the time is per step, which
     is per token only at batch 1."""
     return f"decode B={batch} {label}, " + ("ms/token" if batch == 1 else f"ms/step ({batch} tokens)")
 
 
-def steps(quick=False, n_positions=1024, contend=False) -> int:
+def steps(quick=False, n_positions=1024, contend=False, weights=("fp32",)) -> int:
     nk = 10  # kernel rows per M (kernel_cases)
     ms, ts = sizes(n_positions, quick)
-    return 1 + nk * len(ms) + len(ts) + (1 if quick else 2) + (1 if quick else 2) + int(contend)
+    return (1 + nk * len(ms) + len(ts) + (1 if quick else 2) + (1 if quick else 2) + int(contend)
+            + (3 if tuple(weights) != ("fp32",) else 0))
 
 
 def _cpu_name() -> str:

@@ -66,6 +66,18 @@ class Device(str, enum.Enum):
 
 
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run.")]
+
+
+class Weights(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
+WeightsOpt = Annotated[Weights, typer.Option(
+    "--weights", help="How the matmul weights are stored: fp32 (exact, HF's own tensors), fp16, bf16 or int8 "
+                      "(fewer bytes per token, a measured error: gpt2kern parity --weights).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 IdsOpt = Annotated[bool, typer.Option(
     "--ids", help="Read PROMPT as token ids ('464 2068 7586' or '464,2068'), even when the model has a tokenizer.")]
@@ -283,9 +295,13 @@ def generate(
     ids: IdsOpt = False,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
+    weights: WeightsOpt = Weights.fp32,
 ):
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
     device = Device(device).value
+    weights = Weights(weights).value
+    if weights != "fp32" and device != "cpu":
+        raise CliError(f"--weights {weights} runs on the CPU only so far (use --weights fp32 with --device {device})")
     prompt = " ".join(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
     s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
@@ -302,7 +318,7 @@ def generate(
         s.seed = random.randrange(2 ** 31)
         notice(f"--compare-hf with sampling: both runs use --seed {s.seed}")
     input_ids = input_ids.to(device)
-    gpt2kern.optimize(m)
+    gpt2kern.optimize(m, weights=weights)
     with torch.no_grad():
         m(input_ids[:, :1])  # warm-up: thread pools and allocations out of the timing
     why = gpt2kern.fallback_reason(m)
@@ -326,7 +342,8 @@ def generate(
                text=printer.text(), new_tokens=n_new, stopped_at_eos=printer.hit_eos, interrupted=interrupted,
                seconds=elapsed, tokens_per_s=n_new / elapsed if elapsed > 0 else None,
                first_token_s=(printer.t_first - t0) if printer.t_first else None,
-               settings=dataclasses.asdict(s), threads=n_threads, fast_path=why is None, fallback_reason=why)
+               settings=dataclasses.asdict(s), threads=n_threads, fast_path=why is None, fallback_reason=why,
+               weights=weights)
     if interrupted:
         if json_:
             emit_json(res)
@@ -357,7 +374,8 @@ def generate(
     end = " (stopped at eos)" if printer.hit_eos else ""
     first = f", first token {res['first_token_s'] * 1e3:.0f} ms" if res["first_token_s"] is not None else ""
     console.print(f"[dim]{n_new} tokens in {elapsed:.2f} s: {fmt_num(res['tokens_per_s'], 3)} tokens/s{first}{end}"
-                  f" — gpt2kern, {device}{f', {n_threads} thread' + ('s' if n_threads > 1 else '') if device == 'cpu' else ''}[/dim]")
+                  f" — gpt2kern, {device}{f', {n_threads} thread' + ('s' if n_threads > 1 else '') if device == 'cpu' else ''}"
+                  f"{'' if weights == 'fp32' else f', {weights} weights'}[/dim]")
     if why is not None:
         notice(f"the fast path did not run ({why}): these are HF's numbers")
     if compare_hf:
@@ -365,7 +383,8 @@ def generate(
         print_table([("run", "left"), ("tokens", "right"), ("seconds", "right"), ("tokens/s", "right")],
                     [("gpt2kern", n_new, elapsed, res["tokens_per_s"]),
                      ("HF eager", len(hf_ids), c["hf_seconds"], c["hf_tokens_per_s"])],
-                    title="--compare-hf (same prompt, settings and seed)")
+                    title="--compare-hf (same prompt, settings and seed)" +
+                    ("" if weights == "fp32" else f"; gpt2kern with {weights} weights, HF in fp32"))
         agree = ("identical tokens" if c["identical"] else
                  f"tokens agree for the first {c['agreeing_prefix']} of {max(len(hf_ids), n_new)}")
         console.print(f"{agree}; speed {fmt_num(c['speedup'], 3)}× HF (per token)")
@@ -529,9 +548,15 @@ def parity(
     seed: Annotated[int, typer.Option(help="Seed of the random test ids.")] = 0,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
+    weights: WeightsOpt = Weights.fp32,
 ):
-    """Layer-by-layer and end-to-end parity of the fast path vs HF eager; exit 1 if a tolerance is exceeded."""
+    """Layer-by-layer and end-to-end parity of the fast path vs HF eager; exit 1 if a tolerance is exceeded.
+    With --weights fp16/bf16/int8: that mode's error against HF's fp32 logits (teacher-forced, up to 512 tokens:
+    relative L2, mean KLD, top-1 agreement; greedy agreement of --new-tokens) against its documented tolerance."""
     device = Device(device).value
+    weights = Weights(weights).value
+    if weights != "fp32":
+        return _parity_mode(model, device, weights, new_tokens, seed, threads, json_)
     for opt, v in (("--seq-len", seq_len), ("--batch", batch), ("--new-tokens", new_tokens)):
         if v < 1:
             raise CliError(f"{opt} must be >= 1, got {v}")
@@ -624,6 +649,45 @@ def _prefix(a, b):
         yield x
 
 
+def _parity_mode(model, device, weights, new_tokens, seed, threads, json_):
+    """parity --weights MODE: the mode's measured error against its tolerance (gpt2kern/accuracy.py)."""
+    if device != "cpu":
+        raise CliError(f"--weights {weights} runs on the CPU only so far (use --weights fp32 with --device {device})")
+    if new_tokens < 1:
+        raise CliError(f"--new-tokens must be >= 1, got {new_tokens}")
+    set_threads(threads)
+    import copy
+
+    import gpt2kern
+    from . import accuracy
+    name, m, _ = _ui.load_model(model, device)
+    T = min(512, m.config.n_positions)
+    n = min(new_tokens, m.config.n_positions - 16)
+    with _ui.progress(1, "parity") as advance:
+        opt = gpt2kern.optimize(copy.deepcopy(m), weights=weights)
+        res = accuracy.measure(m, weights, T=T, n_greedy=n, seed=seed, model=opt)
+        why = gpt2kern.fallback_reason(opt)
+        advance()
+    rows = [dict(check=k, value=v, tol=lim, ok=ok) for k, v, lim, ok in accuracy.within(res)]
+    rows.append(dict(check="fast path ran", value="yes" if why is None else f"no: {why}", tol="all", ok=why is None))
+    ok = all(r["ok"] for r in rows)
+    out = dict(model=name, device=device, weights=weights, ok=ok, measures=res, checks=rows)
+    if json_:
+        emit_json(out)
+        return 0 if ok else _ui.EXIT_FAILED
+    mark = {True: "✓", False: "✗ FAIL"}
+    print_table(["measure (vs HF fp32)", ("value", "right"), ("tolerance", "right"), ("ok", "center")],
+                [(r["check"], f"{r['value']:.3g}" if isinstance(r["value"], float) else r["value"],
+                  (("≥ " if r["check"] == "top1_agreement" else "≤ ") + f"{r['tol']:.3g}")
+                  if isinstance(r["tol"], float) else r["tol"], mark[r["ok"]]) for r in rows],
+                title=f"{weights} weights: error on a {T}-token sequence, teacher-forced ({name})")
+    console.print(f"greedy: {res['greedy_same']}/{res['greedy_total']} tokens equal HF fp32's, the first "
+                  f"{res['greedy_prefix']} in a row (informational: random weights give flat distributions)",
+                  markup=False)
+    console.print("✓ within the mode's tolerance" if ok else "✗ the mode's tolerance is exceeded", markup=False)
+    return 0 if ok else _ui.EXIT_FAILED
+
+
 # ---------------------------------------------------------------- bench
 
 @app.command()
@@ -639,9 +703,17 @@ def bench(
     json_file: Annotated[Optional[str], typer.Option("--json", help="Also write every number to this JSON file.")]
     = None,
     plot_file: Annotated[Optional[str], typer.Option("--plot", help="Also draw the speed-ups into this PNG.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="Also compare weight modes: all, or a comma list of "
+                                                           "fp32, fp16, bf16, int8 (speed and error, CPU).")] = "fp32",
 ):
     """Kernels vs torch and end to end vs HF eager, with roofline fractions (see gpt2kern/bench.py)."""
     device = Device(device).value
+    modes = ["fp32", "fp16", "bf16", "int8"] if weights == "all" else [w.strip() for w in weights.split(",")]
+    bad = [w for w in modes if w not in ("fp32", "fp16", "bf16", "int8")]
+    if bad or not modes:
+        raise CliError(f"--weights must be 'all' or a comma list of fp32, fp16, bf16, int8; got {weights!r}")
+    if modes != ["fp32"] and device != "cpu":
+        raise CliError("--weights other than fp32 measures the CPU path (--device cpu)")
     if reps < 5:
         raise CliError(f"--reps must be >= 5 (medians of fewer runs are noise), got {reps}")
     if new_tokens < 1:
@@ -659,8 +731,8 @@ def bench(
     name, m, _ = _ui.load_model(model, device)
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
-    with _ui.progress(B.steps(quick, m.config.n_positions, contend), "bench") as advance:
-        res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend)
+    with _ui.progress(B.steps(quick, m.config.n_positions, contend, modes), "bench") as advance:
+        res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend, weights=modes)
     if json_file:
         with _ui.expected_errors("--json"), open(json_file, "w") as f:
             json.dump(res, f, indent=1)
@@ -670,7 +742,8 @@ def bench(
     console.print(f"gpt2kern bench — {res['model']} on {res['device']} ({res['gpu'] or res['cpu']}), "
                   f"{res['threads']} threads, ISA {res['isa']}, torch {res['torch']}, {res['date']}", markup=False)
     console.print(f"roofline inputs: read bandwidth {res['read_bandwidth_GBps']:.1f} GB/s, fp32 FMA peak "
-                  f"{res['fma_peak_GFLOPs']:.0f} GFLOP/s", markup=False)
+                  f"{res['fma_peak_GFLOPs']:.0f} GFLOP/s; optimize() added {res['rss_added_MiB']:.0f} MiB to RSS "
+                  f"({res['weights_MiB']:.0f} MiB of weights)", markup=False)
     print_table(["kernel", ("M", "right"), ("ours ms", "right"), ("torch ms", "right"), ("ratio", "right"),
                  ("GFLOP/s", "right"), ("% roofline", "right")],
                 [(k["kernel"], k["M"], f"{k['ours_ms']:.4f}", f"{k['torch_ms']:.4f}", f"{k['ratio']:.2f}",
@@ -695,6 +768,21 @@ def bench(
                      for r in res["contend"]],
                     title="decode with a busy core (ratio <= 1: more threads never hurt)",
                     caption=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
+    if res.get("modes"):
+        md = res["modes"]
+        T = next(k for k in md[0] if k.startswith("prefill_T") and k.endswith("_ms"))[len("prefill_T"):-len("_last_ms")]
+        has8 = "decode_B8_ms" in md[0]
+        print_table(["weights", ("MiB", "right"), ("RSS +MiB", "right"), ("decode B=1 ms", "right"), ("×fp32", "right")]
+                    + ([("B=8 ms/step", "right"), ("×fp32", "right")] if has8 else [])
+                    + [(f"prefill T={T} ms", "right"), ("×fp32", "right"), ("rel L2", "right"),
+                       ("mean KLD", "right"), ("top-1", "right")] + ([("greedy", "right")] if "greedy_same" in md[0] else []),
+                    [(r["mode"], f"{r['weight_MiB']:.0f}", f"{r['rss_added_MiB']:.0f}", f"{r['decode_B1_ms']:.2f}",
+                      f"{r['decode_B1_vs_fp32']:.2f}")
+                     + ((f"{r['decode_B8_ms']:.2f}", f"{r['decode_B8_vs_fp32']:.2f}") if has8 else ())
+                     + (f"{r[f'prefill_T{T}_last_ms']:.1f}", f"{r[f'prefill_T{T}_vs_fp32']:.2f}", f"{r['rel_l2']:.2e}",
+                        f"{r['mean_kld']:.2e}", f"{100 * r['top1_agreement']:.2f}%")
+                     + ((f"{r['greedy_same']}/{r['greedy_total']}",) if "greedy_same" in r else ()) for r in md],
+                    title="weight modes (ratio > 1: faster than fp32; error vs HF fp32, teacher-forced)")
     console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in res["parity"].items()), markup=False)
     return 0

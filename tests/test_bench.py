@@ -9,7 +9,7 @@ from test_cli import assert_one_line_error, cli_run  # noqa: F401  (fixture)
 def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F811
     j, p = tmp_path / "b.json", tmp_path / "b.png"
     code, out, err = cli_run("bench", "--quick", "-m", "random:tiny", "--reps", "5", "--new-tokens", "4",
-                             "--json", j, "--plot", p, "--contend")
+                             "--json", j, "--plot", p, "--contend", "--weights", "all")
     assert code == 0, err
     res = json.loads(j.read_text())
     assert res["read_bandwidth_GBps"] > 0 and res["fma_peak_GFLOPs"] > 0
@@ -27,6 +27,14 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     dropin = [r["measure"] for r in res["dropin"]]
     assert any("guard.why_not" in m for m in dropin) and any("grad enabled" in m for m in dropin)
     assert [r["measure"].split(",")[1].strip() for r in res["contend"]][0] == "quiet"
+    assert res["rss_added_MiB"] < 0.05 * res["weights_MiB"] + 1  # fp32 reads HF's weights in place
+    modes = {r["mode"]: r for r in res["modes"]}
+    assert list(modes) == ["fp32", "fp16", "bf16", "int8"] and "weight modes" in out
+    assert modes["fp32"]["mean_kld"] < 1e-9 and modes["fp32"]["decode_B1_vs_fp32"] == 1.0
+    for m in ("fp16", "bf16", "int8"):
+        r = modes[m]
+        assert r["decode_B1_ms"] > 0 and r["prefill_T128_last_ms"] > 0 and 0 < r["mean_kld"] < 1e-3
+    assert modes["int8"]["weight_MiB"] < 0.3 * modes["fp32"]["weight_MiB"]
     assert "kept busy by another process" in res["contend"][1]["measure"] and res["contend"][1]["ms"] > 0
     assert "drop-in" in out and "decode with a busy core" in out
 

@@ -380,3 +380,32 @@ def test_parity_exits_1_when_a_step_has_no_reference(cli_run, monkeypatch):
     assert [r for r in res["steps"] if r["name"] == "h.0.ln_2"][0]["ok"] is None
     row = [r for r in res["end_to_end"] if r["check"].startswith("every step")][0]
     assert not row["ok"] and "h.0.ln_2" in row["value"]
+
+
+# ---------------------------------------------------------------- weight modes
+
+def test_parity_weights_reports_the_modes_error_and_fails_beyond_its_tolerance(cli_run, monkeypatch):
+    from gpt2kern import accuracy
+
+    code, out, err = cli_run("parity", "-m", "random:distilgpt2", "--weights", "bf16", "--new-tokens", "4", "--json")
+    assert code == 0, out + err
+    res = json.loads(out)
+    assert res["ok"] and res["weights"] == "bf16" and 0 < res["measures"]["mean_kld"] < 1e-5
+    assert {c["check"] for c in res["checks"]} == {"rel_l2", "mean_kld", "top1_agreement", "fast path ran"}
+    monkeypatch.setitem(accuracy.TOLERANCE, "int8", dict(rel_l2=1e-9, mean_kld=1e-12, top1_agreement=1.0))
+    code, out, err = cli_run("parity", "-m", "random:distilgpt2", "--weights", "int8", "--new-tokens", "2")
+    assert code == 1 and "tolerance is exceeded" in out and "✗" in out
+
+
+def test_generate_weights_and_bad_values(cli_run):
+    code, out, err = cli_run("generate", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "--weights", "int8",
+                             "-n", "5", "--compare-hf", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["weights"] == "int8" and res["fast_path"] and len(res["compare_hf"]["hf_new_ids"]) == 5
+    code, out, err = cli_run("generate", "1", "--ids", "-m", "random:tiny", "--weights", "q4")
+    assert_one_line_error(code, err, "--weights")
+    code, out, err = cli_run("generate", "1", "--ids", "-m", "random:tiny", "--weights", "fp16", "--device", "cuda")
+    assert_one_line_error(code, err, "CPU only")
+    code, out, err = cli_run("bench", "--weights", "fp8")
+    assert_one_line_error(code, err, "--weights must be 'all' or a comma list")
