@@ -106,6 +106,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       iters *= 2;
     }
   }, "Measured fp32 FMA peak of the active ISA over all torch threads, GFLOP/s.");
+  mod.def("set_bf16_dot", [](bool on) { gk::set_bf16_dot(on); },
+          "Allow (True, the default) or forbid the AVX512_BF16 dot-product prefill of bf16 weights.");
+  mod.def("bf16_dot", [] { return gk::bf16_dot() != nullptr; },
+          "Whether bf16 weights' prefill runs on VDPBF16PS now (avx512 ISA, a CPU with AVX512_BF16, allowed).");
   mod.def("supported_isas", [] {
     std::vector<std::string> out;
     for (const char* isa : {"avx512", "avx2", "generic"})

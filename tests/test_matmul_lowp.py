@@ -136,3 +136,57 @@ def test_nbytes():
     assert WeightFormat("panels", "fp16", 768, 2304).nbytes == 768 * 2304 * 2
     # int8: one byte per weight + one fp32 scale per 64 weights (columns padded to whole panels)
     assert WeightFormat("panels", "int8", 768, 50257, 64).nbytes == 768 * 1571 * 32 * (1 + 4 / 64)
+
+
+def _bf16_dot_available():
+    from gpt2kern import _C
+
+    before = ops.isa()
+    try:
+        ops.set_isa("avx512")
+    except ValueError:
+        return False
+    try:
+        return _C.bf16_dot()
+    finally:
+        ops.set_isa(before)
+
+
+@pytest.mark.skipif(not _bf16_dot_available(), reason="needs AVX512_BF16 (VDPBF16PS)")
+@pytest.mark.parametrize("M,K,N", [(17, 768, 2304), (130, 3072, 768), (40, 768, 50257), (33, 65, 97), (20, 7, 40),
+                                   (1100, 64, 100)])
+@pytest.mark.parametrize("epi", ["none", "gelu_new", "residual"])
+def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi):
+    """AVX512_BF16 prefill: x is rounded to bf16 too (its own error, reported by the bench beside the weights'),
+    so the kernel is held to a float64 product of exactly the two rounded operands; odd K pads a zero pair."""
+    from gpt2kern import _C
+    from test_gelu import gelu_terms, ref_gelu
+
+    before = ops.isa()
+    ops.set_isa("avx512")
+    try:
+        torch.manual_seed(M + K)
+        x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)
+        w, b, r = torch.randn(K, N) * 0.05, torch.randn(N), torch.randn(M, N)
+        fmt, d, s = stored(w, "bf16")
+        res = r if epi == "residual" else None
+        y = ops.conv1d(x, d, b, epi, res, out_features=N, layout="panels")
+        pre, terms = ref_mm(x.bfloat16().float(), fmt.unpack(d, s), b)
+        if epi == "gelu_new":
+            assert_parity(y, ref_gelu(pre), 1.13 * terms + gelu_terms(pre), K, "bf16 dot + gelu")
+        elif epi == "residual":
+            assert_parity(y, pre + r.double(), terms + r.double().abs(), K, "bf16 dot + residual")
+        else:
+            assert_parity(y, pre, terms, K, "bf16 dot")
+        # forbidden: the widening path, which keeps x in fp32 (a different, smaller error)
+        _C.set_bf16_dot(False)
+        try:
+            assert not _C.bf16_dot()
+            y2 = ops.conv1d(x, d, b, epi, res, out_features=N, layout="panels")
+        finally:
+            _C.set_bf16_dot(True)
+        pre2, terms2 = ref_mm(x, fmt.unpack(d, s), b)
+        if epi == "none":
+            assert_parity(y2, pre2, terms2, K, "bf16 widened")
+    finally:
+        ops.set_isa(before)

@@ -47,6 +47,29 @@ const KernelTable& kernels() {
   return *t;
 }
 
+#if defined(__x86_64__)
+extern const Bf16DotKernels kBf16Dot;
+#endif
+static std::atomic<int> g_bf16_dot{-1};  // -1: from GPT2KERN_BF16_DOT on first use
+
+void set_bf16_dot(bool on) { g_bf16_dot.store(on ? 1 : 0); }
+
+const Bf16DotKernels* bf16_dot() {
+#if defined(__x86_64__)
+  int on = g_bf16_dot.load();
+  if (on < 0) {
+    const char* env = std::getenv("GPT2KERN_BF16_DOT");
+    on = (env && !std::strcmp(env, "0")) ? 0 : 1;
+    g_bf16_dot.store(on);
+  }
+  if (!on || &kernels() != &kTable_avx512) return nullptr;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") ? &kBf16Dot : nullptr;
+#else
+  return nullptr;
+#endif
+}
+
 bool set_isa(const char* isa) {
   const KernelTable* t = kernels_for(isa);
   if (!t) return false;

@@ -74,6 +74,21 @@ struct KernelTable {
   float (*fma_probe)(int64_t iters);
 };
 
+// bf16 weights × activations rounded to bf16, fp32 sums, with AVX512_BF16's VDPBF16PS (isa_avx512bf16.cpp)
+struct Bf16DotKernels {
+  // C[m, n0 + j] (+)= Σ_k A[m][k] · B[k][j] over a K block of kc (even) columns: A bf16 rows, B pairs [kc/2][32][2]
+  void (*matmul_panel)(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, float* C,
+                       int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
+                       int64_t ldr, int part);
+  void (*pairs)(const uint16_t* panel, int64_t K, int64_t k0, int64_t kc, uint16_t* dst);
+  void (*to_bf16)(const float* A, int64_t lda, int64_t M, int64_t K, uint16_t* dst, int64_t ldd);
+  int mr_max;
+};
+// The bf16 dot-product kernels when the avx512 table is active and the CPU has AVX512_BF16 and they are enabled
+// (set_bf16_dot; GPT2KERN_BF16_DOT=0 disables them from the start), else null: bf16 weights are widened to fp32.
+const Bf16DotKernels* bf16_dot();
+void set_bf16_dot(bool on);
+
 const KernelTable& kernels();             // the active table
 const KernelTable* kernels_for(const char* isa);  // null if unknown or unsupported on this CPU
 bool set_isa(const char* isa);            // false if unsupported here

@@ -200,6 +200,39 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   const int64_t ngroups = W.scales ? K / W.group : 0;
   auto panel_data = [&](int64_t p) { return static_cast<const char*>(W.w) + (size_t)(p * K * kPanel) * esz; };
   auto panel_scales = [&](int64_t p) { return W.scales ? W.scales + p * ngroups * kPanel : nullptr; };
+  const Bf16DotKernels* bd =
+      W.layout == Layout::Panels && W.type == WType::BF16 && M > kLowpDirectRows ? bf16_dot() : nullptr;
+  if (bd) {
+    // bf16 weights, prefill, on a CPU with AVX512_BF16: x rounded to bf16 once per call (rows of Kp, an even
+    // length), each K block of a group of panels interleaved into pairs in a per-thread buffer, VDPBF16PS tiles
+    const int64_t Kp = (K + 1) / 2 * 2, KCb = std::min<int64_t>(Kp, 768);
+    thread_local std::vector<uint16_t> a16;  // the calling thread's; workers read it
+    if ((int64_t)a16.size() < M * Kp) a16.resize(M * Kp);
+    uint16_t* xa = a16.data();
+    parallel_chunks(M, 16, [&](int64_t m0, int64_t m1) { bd->to_bf16(A + m0 * lda, lda, m1 - m0, K, xa + m0 * Kp, Kp); });
+    const int64_t SGb = std::max<int64_t>(1, (256 * 1024 / 2) / (KCb * kPanel));
+    parallel_chunks(P, grain, [&](int64_t p0, int64_t p1) {
+      thread_local std::vector<uint16_t> b16;
+      if ((int64_t)b16.size() < SGb * KCb * kPanel) b16.resize(SGb * KCb * kPanel);
+      for (int64_t g0 = p0; g0 < p1; g0 += SGb) {
+        const int64_t g1 = std::min(p1, g0 + SGb);
+        for (int64_t k0 = 0; k0 < K; k0 += KCb) {
+          const int64_t kc = std::min(KCb, K - k0), kcp = (kc + 1) / 2 * 2;
+          const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+          for (int64_t p = g0; p < g1; ++p)
+            bd->pairs(reinterpret_cast<const uint16_t*>(panel_data(p)), K, k0, kc, b16.data() + (p - g0) * kcp * kPanel);
+          for (int64_t m0 = 0; m0 < M; m0 += MC) {
+            const int64_t mc = std::min(MC, M - m0);
+            for (int64_t p = g0; p < g1; ++p)
+              bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, b16.data() + (p - g0) * kcp * kPanel, C + m0 * N, N,
+                               p * kPanel, (int)std::min<int64_t>(kPanel, N - p * kPanel), bias, epi,
+                               R ? R + m0 * ldr : nullptr, ldr, part);
+          }
+        }
+      }
+    });
+    return;
+  }
   if (W.layout == Layout::Panels && !packed_f32 && M <= kLowpDirectRows) {
     // reduced-precision decode: each panel widened in registers, read once, whole K
     parallel_chunks(P, std::max<int64_t>(1, grain), [&](int64_t p0, int64_t p1) {
