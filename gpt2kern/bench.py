@@ -92,7 +92,10 @@ def fma_peak(b: Bench) -> float:
 
 
 def kernel_cases(cfg, M: int, dev: str):
-    """(name, ours, torch, flops, bytes) for every kernel at M rows of the model's shapes."""
+    """(name, ours, torch, flops, bytes) for every kernel at M rows of the model's shapes. The matmuls read the
+    weights as optimize() does in fp32 (HF's own tensors, in place); their bytes come from the weight format."""
+    from .weights import WeightFormat
+
     E, V, H = cfg.n_embd, cfg.vocab_size, cfg.n_head
     D = E // H
     g = torch.Generator().manual_seed(M)
@@ -121,7 +124,7 @@ def kernel_cases(cfg, M: int, dev: str):
             theirs = lambda: torch.addmm(bias[name], a, w) + res  # noqa: E731
         else:
             theirs = lambda: torch.addmm(bias[name], a, w)  # noqa: E731
-        return ours, theirs, 2 * M * K * N, (K * N + M * (K + N)) * f32
+        return ours, theirs, 2 * M * K * N, WeightFormat("kn", "fp32", K, N).nbytes + M * (K + N) * f32
 
     cases = [
         ("layer_norm", lambda: ops.layer_norm(x, lw, lb, 1e-5), lambda: F.layer_norm(x, (E,), lw, lb, 1e-5), 0,
@@ -135,7 +138,7 @@ def kernel_cases(cfg, M: int, dev: str):
         ("gelu_new", lambda: ops.gelu_new(h4), lambda: gelu_hf(h4), 0, 2 * M * 4 * E * f32),
         ("lm_head", (lambda: ops.conv1d(x, wte, None, layout="nk")) if dev == "cpu" else
          (lambda: ops.conv1d(x, wte_t, None)), lambda: F.linear(x, wte), 2 * M * E * V,
-         (V * E + M * (E + V)) * f32),
+         WeightFormat("nk", "fp32", E, V).nbytes + M * (E + V) * f32),
     ]
     # attention: decode = one new token in each of M sequences over a 512-token cache (batch M); prefill = causal
     # self-attention over M tokens of one sequence
