@@ -2,7 +2,7 @@
 
     pip install ctranslate2          # not a project dependency
     python bench/compare_ctranslate2.py [--model random:distilgpt2] [--reps 7] [--threads 2] [--weights fp32 int8]
-                                        [--ct2-int8 int8_float32] [--json out.json]
+                                        [--ct2-int8 int8_float32] [--ct2-dir DIR] [--json out.json]
 
 The same weights go to both: the model is saved with a placeholder GPT-2 tokenizer (CTranslate2's converter reads
 its vocabulary; token i is spelled "t<i>") and converted with `ct2-transformers-converter`'s Python API, float32
@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ def main(argv=None):
                     help="gpt2kern modes (fp32 always runs)")
     ap.add_argument("--ct2-int8", default="int8_float32", choices=["int8", "int8_float32"],
                     help="CTranslate2's compute_type for the int8 model")
+    ap.add_argument("--ct2-dir", help="keep the converted models (and the HF save) here; default: a temporary "
+                    "folder, removed once they are loaded")
     ap.add_argument("--json", dest="json_file")
     a = ap.parse_args(argv)
     try:
@@ -64,7 +67,7 @@ def main(argv=None):
     opts = {m: gpt2kern.optimize(copy.deepcopy(ref), weights=m) for m in modes}
     name = {m: "gpt2kern" if m == "fp32" else f"gpt2kern {m}" for m in modes}  # fp32 keeps the older key
     V = ref.config.vocab_size
-    tmp = tempfile.mkdtemp(prefix="gk_ct2_")
+    tmp = a.ct2_dir or tempfile.mkdtemp(prefix="gk_ct2_")
     src = os.path.join(tmp, "hf")
     ref.save_pretrained(src)
     with open(os.path.join(src, "vocab.json"), "w") as f:
@@ -79,6 +82,8 @@ def main(argv=None):
         TransformersConverter(src).convert(out, quantization=None if ct == "float32" else ct, force=True)
         gens[ct] = ctranslate2.Generator(out, device="cpu", compute_type=ct if ct == "float32" else a.ct2_int8,
                                          intra_threads=a.threads, inter_threads=1)
+    if not a.ct2_dir:  # CTranslate2 holds the models in memory now
+        shutil.rmtree(tmp, ignore_errors=True)
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, V, (1, 16), generator=g)

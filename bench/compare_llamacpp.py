@@ -17,14 +17,17 @@ processing, logits of the last position) against gpt2kern's optimized forward wi
 reference, fp32 with every position's logits as HF computes them). Reported: median over the rounds, each against
 its paired llama.cpp file and against gpt2kern fp32.
 
-Error (with `--llama-perplexity`): llama.cpp's own measure, on the same token ids for every engine. Its
-`--kl-divergence-base` on the f32 file tokenizes --text (default: the repo's README.md, bench/RESULTS.md and the
-tokenizer's LICENSE, concatenated) into --chunks chunks of 512 and scores the second half of each chunk. The same
-ids then go through HF fp32 (the reference of gpt2kern's own error figures) into a base file in llama.cpp's format,
-and `--kl-divergence` scores each llama.cpp file against it; gpt2kern's modes are scored on the same positions with
-the same formula (base log-probs stored in 16 bits, so identical logits give a small floor, shown by gpt2kern fp32)
-and, exactly in float64, with `gpt2kern.accuracy.logit_error`. llama.cpp's f16/q8_0 against its own f32 base (its
-usual protocol) are reported too.
+Error (with `--llama-perplexity`): mean KL(p_HF-fp32 ‖ p) and same top-1 — llama.cpp's measures — on the same
+token ids and positions for every engine. `llama-perplexity --kl-divergence-base` on each file tokenizes --text
+(default: the repo's README.md, bench/RESULTS.md and the tokenizer's LICENSE, concatenated) into --chunks chunks of
+512 tokens, scores the second half of each chunk and stores those positions' log-probs (16 bits each). The same ids
+go through HF fp32 (the reference of gpt2kern's own error figures) into a base file in llama.cpp's format, and:
+- llama-perplexity `--kl-divergence` scores each llama.cpp file against it (its report has 6 decimals); gpt2kern's
+  modes get the same formula;
+- every engine's log-probs rounded as llama-perplexity stores them (llama.cpp's from its files above, gpt2kern's
+  by the same rounding) against HF's exact ones, in float64 — the like-for-like column, finer than 1e-6;
+- gpt2kern's logits exactly (`gpt2kern.accuracy.logit_error`).
+llama.cpp's f16/q8_0 against its own f32 (its usual protocol) are reported too.
 """
 import argparse
 import copy
@@ -75,6 +78,9 @@ def main(argv=None):
             return 2
     if a.rounds < 1:
         print(f"error: --rounds must be >= 1, got {a.rounds}", file=sys.stderr)
+        return 2
+    if a.no_speed and not a.llama_perplexity:
+        print("error: --no-speed leaves nothing to do without --llama-perplexity", file=sys.stderr)
         return 2
     if a.chunks < 2:
         print(f"error: --chunks must be >= 2, got {a.chunks}", file=sys.stderr)
@@ -164,8 +170,8 @@ def speed(a, files, model, opts, info):
             for k, f in fns.items():
                 times[m][k].append(f())
     res = {m: {k: 1e3 * statistics.median(v) for k, v in row.items()} for m, row in times.items()}
-    print(f"gpt2kern vs llama.cpp {commit.get('llama.cpp') or ''} ({', '.join(os.path.basename(f) for f in files.values())}), "
-          f"{a.model}, {a.threads} threads, gpt2kern ISA {info['isa']}, median of {a.rounds} interleaved rounds, "
+    names = ", ".join(os.path.basename(f) for f in files.values())
+    print(f"gpt2kern vs llama.cpp {commit.get('llama.cpp') or ''} ({names}), {a.model}, {a.threads} threads, gpt2kern ISA {info['isa']}, median of {a.rounds} interleaved rounds, "
           f"{info['date']}")
     print("prefill rows: last-position logits (llama-bench pp) unless marked; ratio > 1: the row is faster")
     for m, row in res.items():
@@ -199,7 +205,8 @@ def parse_kld(text):
 
 
 def read_base(path):
-    """(n_ctx, n_vocab, n_chunk, tokens [n_chunk, n_ctx]) from llama-perplexity's --kl-divergence-base file."""
+    """(n_ctx, n_vocab, n_chunk, tokens [n_chunk, n_ctx], log-prob records [n_chunk, n_ctx - 1 - n_ctx/2, nv]) of
+    llama-perplexity's --kl-divergence-base file (the records: see base_record)."""
     import numpy as np
 
     with open(path, "rb") as f:
@@ -207,8 +214,11 @@ def read_base(path):
             raise SystemExit(f"error: {path} is not a llama-perplexity logits file")
         n_ctx, = np.frombuffer(f.read(4), np.uint32)
         n_vocab, n_chunk = np.frombuffer(f.read(8), np.int32)
-        tokens = np.frombuffer(f.read(4 * int(n_ctx) * int(n_chunk)), np.int32)
-    return int(n_ctx), int(n_vocab), int(n_chunk), tokens.reshape(int(n_chunk), int(n_ctx))
+    n_ctx, n_vocab, n_chunk = int(n_ctx), int(n_vocab), int(n_chunk)
+    tokens = np.memmap(path, np.int32, "r", 20, (n_chunk, n_ctx))
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    recs = np.memmap(path, np.uint16, "r", 20 + 4 * n_ctx * n_chunk, (n_chunk, n_ctx - 1 - n_ctx // 2, nv))
+    return n_ctx, n_vocab, n_chunk, np.array(tokens), recs
 
 
 def base_record(logits):
@@ -223,7 +233,7 @@ def base_record(logits):
     mn = torch.maximum(mn, mx - 16)
     lse = torch.log(torch.exp(z.double() - mx[:, None].double()).sum(-1)).float()
     scale = (mx - mn) / 65535.0
-    q = torch.where(z > mn[:, None], torch.round((z - mn[:, None]) / scale[:, None]), torch.zeros(()))
+    q = torch.where(z > mn[:, None], torch.round((z - mn[:, None]) / scale.clamp_min(1e-30)[:, None]), torch.zeros(()))
     nv = 2 * ((V + 1) // 2) + 4
     rec = np.zeros((n, nv), np.uint16)
     head = np.zeros((n, 2), np.float32)
@@ -233,27 +243,36 @@ def base_record(logits):
     return rec
 
 
-def llama_formula(rec, logits):
-    """llama-perplexity's KL(base || q) and same-top over rows, base in its stored form, q from logits [n, V]."""
+def log_probs(rec, V):
+    """The log-probs [n, V] (float64) that records hold."""
     import numpy as np
     import torch
 
-    V = logits.shape[-1]
     head = np.ascontiguousarray(rec[:, :4]).view(np.float32)
-    lpb = torch.from_numpy(head[:, :1] * rec[:, 4:4 + V].astype(np.float32) + head[:, 1:2]).double()
+    return torch.from_numpy(head[:, :1] * np.asarray(rec[:, 4:4 + V], np.float32) + head[:, 1:2]).double()
+
+
+def llama_formula(rec, logits):
+    """llama-perplexity's KL(base || q) and same-top over rows, base in its stored form, q from logits [n, V]."""
+    import torch
+
+    lpb = log_probs(rec, logits.shape[-1])
     lq = torch.log_softmax(logits.double(), -1)
     kld = torch.where(lpb > -16, lpb.exp() * (lpb - lq), torch.zeros(())).sum(-1)
-    same = (lpb.argmax(-1) == logits.argmax(-1)).double()
-    return kld, same
+    return kld, (lpb.argmax(-1) == logits.argmax(-1)).double()
 
 
 def error(a, files, model, tok, opts):
+    with tempfile.TemporaryDirectory(prefix="gk_llama_err_") as tmp:  # ~200 MB per file and 8 chunks
+        return _error(a, files, model, tok, opts, tmp)
+
+
+def _error(a, files, model, tok, opts, tmp):
     import numpy as np
     import torch
 
     from gpt2kern.accuracy import logit_error
 
-    tmp = tempfile.mkdtemp(prefix="gk_llama_err_")
     text = a.text
     if not text:
         text = os.path.join(tmp, "text.txt")
@@ -262,12 +281,17 @@ def error(a, files, model, tok, opts):
                 with open(os.path.join(REPO, p)) as g:
                     f.write(g.read() + "\n")
     common = [a.llama_perplexity, "-t", str(a.threads), "-c", "512", "-b", "512"]
-    base_llama = os.path.join(tmp, "base-llama-f32.kld")
-    run(common + ["-m", files["f32"], "-f", text, "--chunks", str(a.chunks), "--kl-divergence-base", base_llama],
-        "llama-perplexity --kl-divergence-base")
-    n_ctx, n_vocab, n_chunk, tokens = read_base(base_llama)
+    own = {}  # each llama.cpp file's own log-probs on the text (16-bit records), the f32 one also its KLD base
+    for kind, path in files.items():
+        own[kind] = os.path.join(tmp, f"llama-{kind}.kld")
+        run(common + ["-m", path, "-f", text, "--chunks", str(a.chunks), "--kl-divergence-base", own[kind]],
+            "llama-perplexity --kl-divergence-base")
+    n_ctx, n_vocab, n_chunk, tokens, _ = read_base(own["f32"])
     if n_chunk < a.chunks:
         raise SystemExit(f"error: --text gives {n_chunk} chunks of {n_ctx} tokens, {a.chunks} wanted")
+    for kind in files:
+        if not np.array_equal(read_base(own[kind])[3], tokens):
+            raise SystemExit(f"error: llama.cpp's {kind} file tokenizes the text differently from its f32 file")
     bos = tok.bos_token_id if tok is not None else None
     add_bos = bos is not None and int(tokens[0, 0]) == bos  # llama.cpp puts its BOS first in each chunk, if any
     ids = torch.from_numpy(tokens.astype(np.int64))
@@ -276,7 +300,7 @@ def error(a, files, model, tok, opts):
     same_tok = None
     if tok is not None:
         with open(text) as f:
-            hf_ids = tok(f.read())["input_ids"]
+            hf_ids = tok(f.read(), verbose=False)["input_ids"]
         flat = tokens.reshape(-1)[1 if add_bos else 0:].tolist()
         same_tok = hf_ids[:len(flat)] == flat
     first = n_ctx // 2
@@ -284,7 +308,7 @@ def error(a, files, model, tok, opts):
 
     # HF fp32 on the same ids, written as a base file in llama-perplexity's format
     base_hf = os.path.join(tmp, "base-hf-fp32.kld")
-    recs, ref_logits = [], []
+    recs, ref = [], []
     with torch.no_grad(), open(base_hf, "wb") as f:
         f.write(b"_logits_")
         f.write(np.array([n_ctx], np.uint32).tobytes() + np.array([n_vocab, n_chunk], np.int32).tobytes())
@@ -293,47 +317,57 @@ def error(a, files, model, tok, opts):
             z = model(ids[c:c + 1]).logits[0]
             if z.shape[-1] != n_vocab:
                 raise SystemExit(f"error: the GGUF has {n_vocab} tokens, {a.model} {z.shape[-1]}")
-            ref_logits.append(z[pos].clone())
-            rec = base_record(z[pos])
-            recs.append(rec)
-            f.write(rec.tobytes())
+            ref.append(z[pos].clone())
+            recs.append(base_record(ref[-1]))
+            f.write(recs[-1].tobytes())
+    ref_all = torch.cat(ref)
 
     res = {}
-    for kind, path in files.items():  # llama.cpp against HF fp32
-        res[f"llama.cpp {kind}"] = parse_kld(run(common + ["-m", path, "--kl-divergence-base", base_hf,
-                                                           "--kl-divergence"], "llama-perplexity --kl-divergence"))
-    for m, opt in opts.items():  # gpt2kern on the same positions, same formula; and exactly
-        klds, sames, exact = [], [], []
+    for kind, path in files.items():  # llama.cpp against HF fp32: its tool, and its own log-probs exactly
+        r = parse_kld(run(common + ["-m", path, "--kl-divergence-base", base_hf, "--kl-divergence"],
+                          "llama-perplexity --kl-divergence"))
+        e = logit_error(ref_all, torch.cat([log_probs(x, n_vocab) for x in read_base(own[kind])[4]]))
+        res[f"llama.cpp {kind}"] = dict(tool_mean_kld=r["mean_kld"], tool_top1=r["top1_agreement"],
+                                        mean_kld=e["mean_kld"], top1_agreement=e["top1_agreement"])
+    for m, opt in opts.items():  # gpt2kern on the same positions: the tool's formula, 16-bit log-probs, exactly
+        zs, klds, sames = [], [], []
         with torch.no_grad():
             for c in range(n_chunk):
-                z = opt(ids[c:c + 1], use_cache=False).logits[0]
-                k, s = llama_formula(recs[c], z[pos])
+                zs.append(opt(ids[c:c + 1], use_cache=False).logits[0][pos].clone())
+                k, s = llama_formula(recs[c], zs[-1])
                 klds.append(k)
                 sames.append(s)
-                exact.append((ref_logits[c], z[pos]))
-        e = logit_error(torch.cat([x for x, _ in exact]), torch.cat([y for _, y in exact]))
-        res[f"gpt2kern {m}"] = dict(mean_kld=torch.cat(klds).mean().item(), top1_agreement=torch.cat(sames).mean().item(),
-                                    exact_mean_kld=e["mean_kld"], exact_top1=e["top1_agreement"], rel_l2=e["rel_l2"])
-    own = {}
+        e16 = logit_error(ref_all, torch.cat([log_probs(base_record(z), n_vocab) for z in zs]))
+        e = logit_error(ref_all, torch.cat(zs))
+        res[f"gpt2kern {m}"] = dict(tool_mean_kld=torch.cat(klds).mean().item(),
+                                    tool_top1=torch.cat(sames).mean().item(), mean_kld=e16["mean_kld"],
+                                    top1_agreement=e16["top1_agreement"], exact_mean_kld=e["mean_kld"],
+                                    exact_top1=e["top1_agreement"], rel_l2=e["rel_l2"])
+    vs_own = {}
     for kind in (k for k in files if k != "f32"):  # llama.cpp's usual protocol: against its own f32
-        own[f"llama.cpp {kind}"] = parse_kld(run(common + ["-m", files[kind], "--kl-divergence-base", base_llama,
-                                                           "--kl-divergence"], "llama-perplexity --kl-divergence"))
+        vs_own[f"llama.cpp {kind}"] = parse_kld(run(common + ["-m", files[kind], "--kl-divergence-base", own["f32"],
+                                                              "--kl-divergence"], "llama-perplexity --kl-divergence"))
     n_pos = n_chunk * (n_ctx - 1 - first)
     src = "--text " + os.path.basename(text) if a.text else "the default text"
     same = {None: "", True: ", equal to the HF tokenizer's", False: ", NOT equal to the HF tokenizer's"}[same_tok]
     print(f"error vs HF fp32 — {n_chunk} chunks of {n_ctx} tokens of {src} (llama.cpp's tokenization{same}), "
           f"positions {first}..{n_ctx - 2} of each ({n_pos} in all)")
-    print(f"  {'':<22} {'mean KLD':>11} {'same top-1':>11}   {'exact mean KLD':>14} {'exact top-1':>11} {'rel L2':>9}")
+    print(f"  {'':<16} {'llama-perplexity':>22}   {'16-bit log-probs':>22}   {'exact (float64)':>29}")
+    print(f"  {'':<16} {'mean KLD':>10} {'same top':>11}   {'mean KLD':>10} {'same top':>11}   "
+          f"{'mean KLD':>10} {'same top':>10} {'rel L2':>7}")
     for k, r in res.items():
-        ex = (f"   {r['exact_mean_kld']:14.3g} {100 * r['exact_top1']:10.2f}% {r['rel_l2']:9.2g}"
+        ex = (f"   {r['exact_mean_kld']:10.3g} {100 * r['exact_top1']:9.2f}% {r['rel_l2']:7.2g}"
               if "exact_mean_kld" in r else "")
-        print(f"  {k:<22} {r['mean_kld']:11.3g} {100 * r['top1_agreement']:10.2f}%{ex}")
-    print("  (mean KLD / same top-1: llama-perplexity's formula, base log-probs in 16 bits; exact: float64)")
-    if own:
+        print(f"  {k:<16} {r['tool_mean_kld']:10.3g} {100 * r['tool_top1']:10.2f}%   {r['mean_kld']:10.3g} "
+              f"{100 * r['top1_agreement']:10.2f}%{ex}")
+    print("  llama-perplexity: its --kl-divergence against HF fp32 written as its base file (6 decimals; for gpt2kern"
+          "\n  the same formula); 16-bit log-probs: KL(HF fp32 || each engine's log-probs as llama-perplexity stores"
+          "\n  them), the same rounding for every engine; exact: gpt2kern's logits in float64")
+    if vs_own:
         print("llama.cpp against its own f32 (its usual --kl-divergence protocol, same ids)")
-        for k, r in own.items():
-            print(f"  {k:<22} {r['mean_kld']:11.3g} {100 * r['top1_agreement']:10.2f}%")
-    return dict(vs_hf_fp32=res, llama_vs_own_f32=own, text=text if a.text else DEFAULT_TEXT, chunks=n_chunk,
+        for k, r in vs_own.items():
+            print(f"  {k:<16} {r['mean_kld']:10.3g} {100 * r['top1_agreement']:10.2f}%")
+    return dict(vs_hf_fp32=res, llama_vs_own_f32=vs_own, text=text if a.text else DEFAULT_TEXT, chunks=n_chunk,
                 n_ctx=n_ctx, positions=n_pos, tokens_equal_hf_tokenizer=same_tok, add_bos=add_bos)
 
 
