@@ -132,7 +132,8 @@ class WeightFormat:
         """fp16 / bf16 / int8 in layout 'kn' (the CUDA storage): [n_in, n_out] in the dtype, int8 scales
         [n_in / group, n_out]; the same rounding as the panels (element for element), in column chunks."""
         data = torch.empty(self.data_shape, dtype=_DTYPES[self.dtype], device=w.device)
-        scales = torch.empty(self.scales_shape, dtype=torch.float32, device=w.device) if self.dtype == "int8" else None
+        scales = (torch.empty(self.scales_shape, dtype=torch.float32, device=w.device) if self.dtype == "int8"
+                  else None)
         step = 8192  # columns per chunk: temporaries of a few tens of MiB at most
         for n0 in range(0, self.n_out, step):
             n1 = min(self.n_out, n0 + step)
