@@ -2,9 +2,13 @@
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
 decode kernels against each other (decode attention v1/v2, decode GEMV v1/v2: a table and the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every variant pair), with the kernels launched per decode token (graph nodes).
+(without the graph, and with it for every variant pair), with the kernels launched per decode token (graph nodes);
+and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
+fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
+weights).
 Timing: gpt2kern.bench's Bench.time (interleaved with its baseline, synchronized, median of >= 5), as on the CPU.
-Exit 1 when any decoder's greedy tokens differ from HF's, or a variant's result is off its float64 reference.
+Exit 1 when any decoder's greedy tokens differ from HF's, or a variant's or weight mode's result is off its float64
+reference.
 
     python bench/gpu_bench.py [--json FILE] [--quick] [--skip-e2e]
 """
@@ -124,6 +128,41 @@ def variants(quick):
     return rows, winners
 
 
+LOWP_TOL = 1e-4  # max |conv1d - float64 of the stored weights| / max |reference| that still counts as a result
+
+
+def lowp(quick):
+    """conv1d with fp32 / fp16 / bf16 / int8 weights ([in, out] on CUDA) at decode rows (the GEMV) and prefill rows
+    (the tiled GEMM), interleaved per shape; one row per shape and mode."""
+    from gpt2kern.weights import WeightFormat, int8_group
+    b = Bench(device="cuda", reps=7)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    print(f"  {'shape':<26} {'mode':<5} {'us':>9} {'x fp32':>7} {'GB/s':>7} {'rel err':>9}", flush=True)
+    for M in ((1, 512) if quick else (1, 8, 32, 128, 512)):
+        for K, N in ((768, 2304), (768, 3072), (3072, 768), (768, 50257)):
+            x = torch.randn(M, K, generator=g).cuda()
+            w = (torch.randn(K, N, generator=g) * 0.05).cuda()
+            bias = torch.randn(N, generator=g).cuda()
+            stored, fns = {}, {}
+            for mode in ("fp32", "fp16", "bf16", "int8"):
+                fmt = WeightFormat("kn", mode, K, N, int8_group(K) if mode == "int8" else 0)
+                d, sc = fmt.make(w)
+                stored[mode] = (fmt, d, sc)
+                fns[mode] = lambda d=d, sc=sc: ops.conv1d(x, d, bias, scales=sc)
+            t = b.time(fns)
+            for mode, (fmt, d, sc) in stored.items():
+                ref = x.double() @ fmt.unpack(d, sc) + bias.double()
+                err = ((fns[mode]().double() - ref).abs().max() / ref.abs().max()).item()
+                r = dict(kernel="conv1d_weights", mode=mode, shape=f"M={M} K={K} N={N}", us=t[mode] * 1e6,
+                         speedup_vs_fp32=t["fp32"] / t[mode], weight_GBps=fmt.nbytes / t[mode] / 1e9, rel_err=err)
+                rows.append(r)
+                flag = "" if err <= LOWP_TOL else "   OFF REFERENCE"
+                print(f"  {r['shape']:<26} {mode:<5} {r['us']:9.1f} {r['speedup_vs_fp32']:7.2f} "
+                      f"{r['weight_GBps']:7.0f} {err:9.2g}{flag}", flush=True)
+    return rows
+
+
 def end_to_end(dev, quick):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     cpu_model, _ = gpt2kern.load("random:distilgpt2")
@@ -202,6 +241,11 @@ def main(argv=None):
     if a.json:  # partial results survive a timeout in the end-to-end part
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
+    print("weight modes: conv1d fp32 / fp16 / bf16 / int8 (median per call, interleaved per shape):", flush=True)
+    res["weight_modes"] = lowp(a.quick)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
     print("decode kernel variants (median per call, interleaved):", flush=True)
     res["variants"], res["variant_winners"] = variants(a.quick)
     if a.json:
@@ -231,6 +275,8 @@ def failures(res) -> list:
                 failed.append(f"{k}: the greedy tokens of {', '.join(bad) or 'no decoder'} differ from HF's")
     failed += [f"{r['kernel']} {r['variant']} {r['shape']}: max|err| {r['max_abs_err']:.2g} > {VARIANT_TOL}"
                for r in res.get("variants", []) if r["variant"] in ("v1", "v2") and r["max_abs_err"] > VARIANT_TOL]
+    failed += [f"conv1d {r['mode']} weights {r['shape']}: relative error {r['rel_err']:.2g} > {LOWP_TOL}"
+               for r in res.get("weight_modes", []) if r["rel_err"] > LOWP_TOL]
     return failed
 
 

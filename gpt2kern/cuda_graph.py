@@ -21,7 +21,8 @@ far, not with max_len; key_mask hides the padding), then advances the cursor. pr
 with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
 follows HF generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites
 (clone it to keep it). Everything runs under torch.cuda.device(model's device), whichever device is current.
-Weights are the layer records of weights.py (the optimized model's packs, or a private pack), taken at
+Weights are the layer records of weights.py (the optimized model's packs, or a private pack in the mode `weights`
+asks for: fp16, bf16 and int8 run the same step over their [in, out] CUDA copies, csrc/cuda/matmul_lowp.cu), taken at
 construction, after guard.why_not(..., "cuda_graph") agreed to stand in for the model (hooks, wrappers such as LoRA
 and patched forwards are refused): build the decoder after the weights are final. use_graph=False runs the same
 step eagerly (for comparison and debugging).
@@ -31,7 +32,7 @@ Numbered kernel variants of the step (bench/gpu_bench.py times them; the default
   attention=2  flash-decoding: the keys split over blocks, partial softmaxes merged by a second kernel
   gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
   gemv=2       matmul_nk on [out, in] copies of the block and lm_head weights (one warp per output column, no
-               finish kernel); the copies double the weights' memory (prefill keeps variant 1)
+               finish kernel); the copies double the weights' memory (prefill keeps variant 1); fp32 weights only
 launches_per_token: the captured step's graph nodes by type (kernel, memcpy, memset, other, total).
 Bad token ids: the embedding kernel checks them on the device (NaN rows); generate() checks once at its end.
 """
@@ -49,12 +50,12 @@ VARIANTS = (1, 2)
 
 class CudaGraphDecoder:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
-                 attention: int = 1, gemv: int = 1):
+                 attention: int = 1, gemv: int = 1, weights: str | None = None):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
         if attention not in VARIANTS or gemv not in VARIANTS:
             raise ValueError(f"attention and gemv must be one of {VARIANTS}, got {attention} and {gemv}")
-        st = state_of(model)  # the optimized model's packs, or a private pack (the model untouched)
+        st = state_of(model, weights)  # the optimized model's packs, or a private pack (the model untouched)
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
             raise ValueError(f"CudaGraphDecoder cannot stand in for this model's forward: {why}")
@@ -64,6 +65,8 @@ class CudaGraphDecoder:
         if gemv == 2 and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
             raise ValueError(f"gemv=2 takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
         W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
+        if gemv == 2 and W.mode != "fp32":
+            raise ValueError(f"gemv=2 reads fp32 [out, in] copies; weights={W.mode!r} takes gemv=1")
         self.model, self.device, self.W = model, st.device, W
         self.B, self.Tmax = int(batch_size), int(max_len)
         self.E, self.H = cfg.n_embd, W.n_head
@@ -82,8 +85,8 @@ class CudaGraphDecoder:
             # gemv=2: [out, in] copies for the step's matmuls, one tuple per layer, then lm_head
             self._nk = None
             if gemv == 2:
-                def nk(lin):
-                    return lin.weight.t().contiguous(), lin.bias
+                def nk(lin):  # (an fp32 'kn' Linear: data is [in, out])
+                    return lin.data.t().contiguous(), lin.bias
                 self._nk = [tuple(nk(lin) for lin in (x.c_attn, x.attn_proj, x.c_fc, x.mlp_proj)) for x in W.layers]
                 self._nk_head = nk(W.lm_head)
         self.length = 0  # slots written (host-side count: no sync needed to know it)

@@ -183,9 +183,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         attention_mask = input_ids != pad_given  # HF's generate infers the mask from a pad id this way too
     input_ids, mask = _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed)
     pad_token_id = pad_given if pad_given is not None else (eos[0] if eos else 0)
-    if weights not in (None, "fp32") and model.lm_head.weight.device.type != "cpu":
-        raise ValueError(f"weights={weights!r} runs on CPU only so far; this model is on "
-                         f"{model.lm_head.weight.device} (use weights='fp32')")
+    if weights not in (None, "fp32") and model.lm_head.weight.device.type not in guard._kernel_devices():
+        raise ValueError(f"weights={weights!r} runs on {' or '.join(d.upper() for d in guard._kernel_devices())} "
+                         f"only; this model is on {model.lm_head.weight.device} (use weights='fp32')")
     st = state_of(model, weights)
     why = guard.why_not(st, "generate", model=model)
     _local.fallback = why
@@ -221,7 +221,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         else:  # CUDA: the decode step replayed from a CUDA graph (gpt2kern/cuda_graph.py)
             from .cuda_graph import CudaGraphDecoder
 
-            dec = CudaGraphDecoder(model, B, T + max_new_tokens)
+            dec = CudaGraphDecoder(model, B, T + max_new_tokens, weights=weights)
             input_ids, mask = input_ids.to(dev), mask.to(dev)
 
             def first():

@@ -112,8 +112,7 @@ class State:
         weights = body = None
         if (config_reason is None and self.device is not None and self.device.type in guard._kernel_devices()
                 and all(p.dtype == torch.float32 for p in params)):
-            mode = self.mode if self.device.type == "cpu" else "fp32"  # CUDA: fp32 only so far (optimize says so)
-            weights = pack(self.transformer, self.lm_head, self.pack, mode)
+            weights = pack(self.transformer, self.lm_head, self.pack, self.mode)  # CUDA: 'kn' in the mode's dtype
             body = weights.body() if self.device.type == "cpu" else None
         self.weights, self.body = weights, body
 
@@ -447,7 +446,10 @@ def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = 
     HF's own tensors in place, so optimize() adds no copy of them; `pack=True` (opt-in) keeps a packed fp32 copy,
     a few percent faster in prefill (bench/RESULTS.md). 'fp16', 'bf16' and 'int8' keep a packed copy in that dtype
     (1/2, 1/2 and ~1/4 of the fp32 bytes; activations and sums stay fp32): decode reads fewer bytes per token, at
-    a measured error (README, "Weight modes"). Reduced modes run on CPU; a CUDA model takes 'fp32'.
+    a measured error (README, "Weight modes"). On CUDA the reduced modes keep an [in, out] copy in that dtype
+    (int8 with its group scales) read by the CUDA kernels (csrc/cuda/matmul_lowp.cu); `pack` applies to CPU only.
+    A reduced mode needs gpt2kern's kernels on the model's device (CPU, or CUDA in a CUDA build): elsewhere it is
+    refused, since HF's fp32 forward would run instead.
     """
     from .weights import check_mode
 
@@ -456,9 +458,9 @@ def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = 
         raise TypeError(f"pack must be True or False, got {pack!r}")
     transformer, lm_head = _body_and_head(model)
     devs = {p.device.type for p in transformer.parameters()}
-    if weights != "fp32" and devs - {"cpu"}:
-        raise ValueError(f"weights={weights!r} runs on CPU only so far; this model is on {', '.join(sorted(devs))} "
-                         f"(use weights='fp32' there)")
+    if weights != "fp32" and devs - set(guard._kernel_devices()):
+        raise ValueError(f"weights={weights!r} runs on {' or '.join(d.upper() for d in guard._kernel_devices())} "
+                         f"only; this model is on {', '.join(sorted(devs))} (use weights='fp32' there)")
     if freeze:
         model.requires_grad_(False)
     if getattr(transformer, "_gpt2kern", None) is not None:

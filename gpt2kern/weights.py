@@ -2,8 +2,9 @@
 
     WeightFormat(layout, dtype, n_in, n_out, group)   how one matmul weight is stored: HF's own fp32 tensor read
                                           in place ('kn' [in, out] / 'nk' [out, in]) or packed panels in fp32,
-                                          fp16, bf16 or int8 (+ scales); the op, engine, fakes and bench read it
-    Linear(data, scales, bias, fmt)       one Conv1D (or the lm_head) in its format; on CUDA HF's [in, out] fp32
+                                          fp16, bf16 or int8 (+ scales); on CUDA 'kn' in any of the four dtypes;
+                                          the op, engine, fakes and bench read it
+    Linear(data, scales, bias, fmt)       one Conv1D (or the lm_head) in its format; on CUDA [in, out] ('kn')
     Norm(weight, bias, eps)               one LayerNorm
     Layer(ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj, scale)
     Weights(layers, wte, wpe, ln_f, lm_head, n_head, mode)   the whole body (+ the head), from pack()
@@ -49,10 +50,13 @@ class WeightFormat:
     """How one matmul weight (n_in -> n_out) is stored — the one description the matmul op, the C++ engine, the
     fakes and the bench's byte count read (csrc/cpu/kernel_table.h's Layout and WType):
 
-        layout 'panels'  [ceil(n_out / PANEL), n_in, PANEL] in the mode's dtype, made by optimize()
-               'kn'      HF Conv1D's own [n_in, n_out] fp32 weight, read in place
-               'nk'      an [n_out, n_in] fp32 weight read in place (the lm_head over the tied wte)
-        dtype  'fp32' | 'fp16' | 'bf16' | 'int8' (int8: + fp32 scales [panels, n_in / group, PANEL])
+        layout 'panels'  [ceil(n_out / PANEL), n_in, PANEL] in the mode's dtype, made by optimize() (CPU)
+               'kn'      [n_in, n_out]: fp32 is HF Conv1D's own weight, read in place (CPU and CUDA); fp16, bf16
+                         and int8 are the CUDA storage of the reduced modes (a copy in that orientation, which the
+                         CUDA kernels read: the CPU kernels read 'kn' in fp32 only and refuse the others by name)
+               'nk'      an [n_out, n_in] fp32 weight read in place (the lm_head over the tied wte; CPU)
+        dtype  'fp32' | 'fp16' | 'bf16' | 'int8'; int8 is symmetric with fp32 scales, one per `group` consecutive
+               inputs and output column: [panels, n_in / group, PANEL] for 'panels', [n_in / group, n_out] for 'kn'
     """
     layout: str
     dtype: str
@@ -64,8 +68,9 @@ class WeightFormat:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         check_mode(self.dtype)
-        if self.layout != "panels" and self.dtype != "fp32":
-            raise ValueError(f"layout {self.layout!r} reads HF's fp32 weight in place; {self.dtype} is packed")
+        if self.layout == "nk" and self.dtype != "fp32":
+            raise ValueError(f"layout 'nk' reads an fp32 weight in place; {self.dtype} is stored as 'panels' (CPU) "
+                             f"or 'kn' (CUDA)")
         if self.dtype == "int8" and not (self.group >= 1 and self.n_in % self.group == 0):
             raise ValueError(f"int8 group must divide n_in={self.n_in}, got {self.group}")
 
@@ -80,7 +85,11 @@ class WeightFormat:
 
     @property
     def scales_shape(self) -> tuple | None:
-        return (self.panels, self.n_in // self.group, ops.PANEL) if self.dtype == "int8" else None
+        if self.dtype != "int8":
+            return None
+        if self.layout == "kn":
+            return (self.n_in // self.group, self.n_out)
+        return (self.panels, self.n_in // self.group, ops.PANEL)
 
     @property
     def nbytes(self) -> int:
@@ -89,16 +98,19 @@ class WeightFormat:
         return n + (math.prod(self.scales_shape) * 4 if self.scales_shape else 0)
 
     def make(self, w_in_out: torch.Tensor):
-        """(data, scales) in this format from an [n_in, n_out] float32 weight (a view is fine). fp16/bf16 round to
-        nearest even; int8 is symmetric: scale = max|w| / 127 per group and column, q = round(w / scale)."""
+        """(data, scales) in this format from an [n_in, n_out] float32 weight (a view is fine), on the weight's
+        device. fp16/bf16 round to nearest even; int8 is symmetric: scale = max|w| / 127 per group and column,
+        q = round(w / scale). fp32 'kn' / 'nk' are the weight itself (a view)."""
         w = w_in_out.detach()
-        if self.layout == "kn":
+        if self.layout == "kn" and self.dtype == "fp32":
             return w, None
         if self.layout == "nk":
             return w.t(), None
         if not torch.isfinite(w).all():
             raise ValueError(f"cannot store a {self.n_in} -> {self.n_out} weight as {self.dtype}: it holds NaN or "
                              f"inf values")
+        if self.layout == "kn":
+            return self._make_kn(w)
         # panel by panel in chunks, into the final tensors: the temporaries stay a few MiB even for the lm_head
         data = torch.empty(self.data_shape, dtype=_DTYPES[self.dtype])
         scales = torch.empty(self.scales_shape, dtype=torch.float32) if self.dtype == "int8" else None
@@ -116,10 +128,33 @@ class WeightFormat:
             data[p0:p1] = wp.to(data.dtype).view(self.n_in, p1 - p0, ops.PANEL).transpose(0, 1)
         return data, scales
 
+    def _make_kn(self, w: torch.Tensor):
+        """fp16 / bf16 / int8 in layout 'kn' (the CUDA storage): [n_in, n_out] in the dtype, int8 scales
+        [n_in / group, n_out]; the same rounding as the panels (element for element), in column chunks."""
+        data = torch.empty(self.data_shape, dtype=_DTYPES[self.dtype], device=w.device)
+        scales = (torch.empty(self.scales_shape, dtype=torch.float32, device=w.device) if self.dtype == "int8"
+                  else None)
+        step = 8192  # columns per chunk: temporaries of a few tens of MiB at most
+        for n0 in range(0, self.n_out, step):
+            n1 = min(self.n_out, n0 + step)
+            wc = w[:, n0:n1].float()
+            if self.dtype == "int8":
+                g = wc.reshape(self.n_in // self.group, self.group, n1 - n0)
+                amax = g.abs().amax(dim=1)  # [K / G, cols]
+                sc = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+                data[:, n0:n1] = torch.round(g / sc[:, None, :]).clamp_(-127, 127).to(torch.int8).view(self.n_in, -1)
+                scales[:, n0:n1] = sc
+            else:
+                data[:, n0:n1] = wc.to(data.dtype)
+        return data, scales
+
     def unpack(self, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """The [n_in, n_out] float64 weight this storage represents (tests' reference: exact, from the stored values)."""
         if self.layout == "kn":
-            return data.double()
+            w = data.double()
+            if scales is not None:
+                w = w * scales.double().repeat_interleave(self.group, dim=0)
+            return w
         if self.layout == "nk":
             return data.t().double()
         w = data.double()
@@ -156,13 +191,14 @@ class Linear:
            layout: str | None = None) -> "Linear":
         """From an [in, out] weight (HF Conv1D's layout). fp32: HF's tensor read in place ('kn'; 'nk' where the
         caller passes the transpose of an [out, in] tensor), or a packed copy when `packed`; other modes: packed in
-        that dtype. On CUDA: the contiguous fp32 [in, out] tensor ('kn')."""
+        that dtype. On CUDA, always layout 'kn': fp32 the contiguous [in, out] tensor, other modes an [in, out] copy
+        in that dtype (int8: + scales [in / group, out]) on the same GPU (`packed` and `layout` do not apply)."""
         w = weight_in_out.detach()
         n_in, n_out = w.shape
         if w.is_cuda:
-            if mode != "fp32":
-                raise ValueError(f"weights={mode!r} runs on CPU only so far; CUDA runs 'fp32'")
-            return cls(w.contiguous(), None, None if bias is None else bias.detach(), WeightFormat("kn", "fp32", n_in, n_out))
+            fmt = WeightFormat("kn", mode, n_in, n_out, int8_group(n_in) if mode == "int8" else 0)
+            data, scales = fmt.make(w.contiguous() if mode == "fp32" else w)
+            return cls(data, scales, None if bias is None else bias.detach(), fmt)
         if mode != "fp32" or packed:
             layout = "panels"
         layout = layout or "kn"

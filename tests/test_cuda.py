@@ -364,3 +364,85 @@ def test_cuda_graph_decoder_on_a_device_that_is_not_current(distil):
         ours = dec.generate(ids, 10)
     hf = ref.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(ours[:, : hf.shape[1]], hf)
+
+
+# ---------------------------------------------------------------- reduced weight modes on CUDA (#16's CUDA twins)
+
+LOWP = ["fp16", "bf16", "int8"]
+
+
+@pytest.fixture(scope="module", params=LOWP)
+def cuda_mode_pair(request, distil):
+    """(mode, the CPU model optimized in that mode, the CUDA model optimized in that mode)."""
+    mode = request.param
+    cpu = gpt2kern.optimize(copy.deepcopy(distil), weights=mode)
+    gpu = gpt2kern.optimize(copy.deepcopy(distil).cuda(), weights=mode)
+    return mode, cpu, gpu
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_weight_modes_store_the_mode(cuda_pair, cuda_mode_pair):
+    from gpt2kern.model import state_of
+    from gpt2kern.weights import _DTYPES
+    mode, _, gpu = cuda_mode_pair
+    W = state_of(gpu).weights
+    assert W.mode == mode
+    for lin in [W.lm_head] + [x for L in W.layers for x in (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)]:
+        assert lin.fmt.layout == "kn" and lin.data.is_cuda and lin.data.dtype == _DTYPES[mode]
+        assert (lin.scales is not None) == (mode == "int8") and (lin.scales is None or lin.scales.is_cuda)
+    fp32 = state_of(cuda_pair[1]).weights.nbytes
+    assert W.nbytes <= fp32 * (0.5 if mode != "int8" else 0.27)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_weight_modes_error_within_tolerance(distil, cuda_mode_pair):
+    """The mode's error vs HF fp32 within accuracy.TOLERANCE (T=512 teacher-forced), and the CUDA kernels' logits
+    equal the CPU kernels' over the same stored weights (the quantizer is the same on both) to LOGITS_ATOL."""
+    from gpt2kern import accuracy
+    mode, cpu, gpu = cuda_mode_pair
+    ids = torch.randint(0, distil.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    want = distil(ids).logits
+    got = gpu(ids.cuda()).logits
+    assert gpt2kern.fallback_reason(gpu) is None
+    res = dict(mode=mode, **accuracy.logit_error(want, got.cpu()))
+    bad = [(k, v, lim) for k, v, lim, ok in accuracy.within(res) if not ok]
+    assert not bad, f"{mode} on CUDA: {bad}"
+    err = (cpu(ids).logits - got.cpu()).abs().max().item()
+    assert err <= LOGITS_ATOL, f"{mode}: CUDA vs CPU kernels on the same stored weights: max |dlogits| {err:.3g}"
+    for B, T in [(1, 1), (3, 17)]:  # decode (GEMV) and short prefill rows
+        x = torch.randint(0, distil.config.vocab_size, (B, T))
+        err = (cpu(x).logits - gpu(x.cuda()).logits.cpu()).abs().max().item()
+        assert err <= LOGITS_ATOL, f"{mode} B={B} T={T}: max |dlogits| {err:.3g}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph", [True, False])
+@torch.no_grad()
+def test_cuda_graph_decoder_weight_modes(cuda_mode_pair, graph):
+    """CudaGraphDecoder over the optimized model's reduced-mode records: the tokens of HF generate on the same
+    optimized model (the gpt2kern walk over the same weights), and gpt2kern.generate's (the decoder again, and a
+    plain CUDA model with weights=mode: a private pack of the same values)."""
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    mode, _, gpu = cuda_mode_pair
+    B, T, n = 2, 9, 24
+    ids = torch.randint(0, gpu.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    dec = CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, use_graph=graph)
+    assert dec.W.mode == mode
+    ours = dec.generate(ids, n, attention_mask=mask)
+    hf = gpu.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert gpt2kern.fallback_reason(gpu) is None
+    eos = gpu.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    assert _until_eos(hf, T, eos) == _until_eos(ours[:, : hf.shape[1]], T, eos)
+    kw = dict(max_new_tokens=n, attention_mask=mask, eos_token_id=[])
+    a = gpt2kern.generate(gpu, ids, **kw)
+    plain = copy.deepcopy(gpu)
+    gpt2kern.restore(plain)
+    b = gpt2kern.generate(plain, ids, weights=mode, **kw)
+    assert torch.equal(a.cpu(), ours.cpu()) and torch.equal(b.cpu(), a.cpu())
+    with pytest.raises(ValueError, match="gemv=2 reads fp32"):
+        CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=2)

@@ -72,3 +72,8 @@ def test_gpu_bench_fails_on_any_decoder_or_variant_off_reference():
     off = dict(row, max_abs_err=1e-2)
     assert len(gpu_bench.failures(dict(variants=[off]))) == 1
     assert gpu_bench.failures(dict(variants=[dict(off, variant="torch")])) == []  # context rows are not judged
+    lowp = dict(kernel="conv1d_weights", mode="int8", shape="M=1 K=768 N=2304", us=1.0, speedup_vs_fp32=3.0,
+                weight_GBps=1e3, rel_err=1e-7)
+    assert gpu_bench.failures(dict(weight_modes=[lowp])) == []
+    f = gpu_bench.failures(dict(weight_modes=[lowp, dict(lowp, mode="bf16", rel_err=1e-3)]))
+    assert len(f) == 1 and "bf16" in f[0]

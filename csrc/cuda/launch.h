@@ -52,6 +52,18 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
                    int num_sms, cudaStream_t stream);
 
+// The same Conv1D with W [K, N] (row stride ldw) stored in reduced precision (matmul_lowp.cu): fp16, bf16, or int8
+// with fp32 scales [K / group, N] (row stride lds): w(k, n) = W[k, n] · scales[k / group, n]. Activations and sums
+// fp32. M <= kGemvMaxRows: the GEMV (half2 / bfloat162 / char4 loads widened in registers), split over K when
+// splits > 1, with `workspace` of splits·M·N floats (gemv_lowp_splits() says how many); larger M: tiled GEMM
+// widening W tiles to fp32 in shared memory. group and scales are ignored for fp16 / bf16.
+enum class LowpType : int { F16 = 0, BF16 = 1, I8 = 2 };
+int gemv_lowp_splits(LowpType t, int64_t M, int64_t K, int64_t N, int64_t group, int num_sms);
+cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int64_t K, const void* W, int64_t ldw,
+                        int64_t N, const float* scales, int64_t lds, int64_t group, const float* bias, int epi,
+                        const float* R, int64_t ldr, float* C, int splits, float* workspace, int num_sms,
+                        cudaStream_t stream);
+
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
 // (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.)
 // variant 1: one block of 4 warps per (batch, head) and query rows (any Tq). variant 2: flash-decoding, one query

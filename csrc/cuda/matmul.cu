@@ -15,19 +15,12 @@
 //    dozen blocks for N = 768.) When N/32 blocks cannot fill the GPU, K is split over
 //    gridDim.y blocks writing partials to a workspace that a second kernel sums (in split order: deterministic)
 //    and finishes with the epilogue.
+// The same Conv1D over fp16, bf16 or int8 weights: matmul_lowp.cu.
 #include "common.cuh"
-#include "gelu.cuh"
 #include "launch.h"
+#include "matmul_epilogue.cuh"
 
 namespace gk::cuda {
-
-__device__ __forceinline__ float epilogue(float acc, int epi, const float* bias, int64_t n, const float* R,
-                                          int64_t ldr, int64_t m) {
-  float y = bias ? acc + bias[n] : acc;
-  if (epi == 1) y = gelu_new_f(y);
-  else if (epi == 2) y = y + R[m * ldr + n];
-  return y;
-}
 
 // ---------------------------------------------------------------- prefill: tiled SGEMM
 

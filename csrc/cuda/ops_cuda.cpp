@@ -132,22 +132,64 @@ at::Tensor pack(const at::Tensor& weight) {
   return at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous)).copy_(weight);
 }
 
+// conv1d on CUDA reads layout 'kn' ([in, out], HF's orientation) only, in float32 (matmul.cu) or, for the reduced
+// weight modes (gpt2kern.weights.WeightFormat 'kn' on CUDA), float16 / bfloat16 / int8 (matmul_lowp.cu); int8
+// with float32 scales [in / group, out], one per group of `group` consecutive inputs and output column.
+namespace {
+
+bool is_lowp(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kChar; }
+
+// The int8 weight's scales [K / group, N] (rows contiguous) and their group; errors name the argument.
+std::tuple<at::Tensor, int64_t> checked_scales(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& scales, int64_t K, int64_t N) {
+  if (weight.scalar_type() != at::kChar) {
+    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.conv1d: weight is ", weight.scalar_type(),
+                      " and has scales, but only int8 weights take them");
+    return {at::Tensor(), 0};
+  }
+  TORCH_CHECK_VALUE(scales.has_value(), "gpt2kern.conv1d: weight is int8 and needs its scales (float32 [", K,
+                    " / group, ", N, "])");
+  const at::Tensor& s = *scales;
+  GK_CHECK_FLOAT(s, "conv1d", "scales");
+  GK_CHECK_SAME_DEVICE(x, s, "conv1d", "scales");
+  const int64_t groups = s.dim() == 2 ? s.size(0) : 0;
+  TORCH_CHECK_VALUE(s.dim() == 2 && s.size(1) == N && groups >= 1 && K % groups == 0, "gpt2kern.conv1d: scales must "
+                    "be [", K, " / group, ", N, "] (in layout 'kn' on CUDA: one scale per group of inputs and output "
+                    "column) with the group dividing ", K, ", got ", s.sizes());
+  return {s.stride(1) == 1 || N <= 1 ? s : s.contiguous(), groups > 0 ? K / groups : 0};
+}
+
+cuda::LowpType lowp_type(at::ScalarType t) {
+  return t == at::kHalf ? cuda::LowpType::F16 : t == at::kBFloat16 ? cuda::LowpType::BF16 : cuda::LowpType::I8;
+}
+
+}  // namespace
+
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
                   c10::string_view layout, const std::optional<at::Tensor>& scales) {
   const int epi = parse_epilogue(epilogue);
-  check_conv1d_inputs(x, weight);
-  // the CUDA kernels read HF's [in, out] fp32 layout only (the reduced-precision formats are CPU-side so far)
+  const bool lowp = is_lowp(weight.scalar_type());
+  if (lowp) {  // the shared checks but weight's dtype (check_conv1d_inputs wants float32)
+    GK_CHECK_FLOAT(x, "conv1d", "x");
+    TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.conv1d: x must have at least 1 dim");
+    GK_CHECK_SAME_DEVICE(x, weight, "conv1d", "weight");
+  } else {
+    check_conv1d_inputs(x, weight);  // float32 (anything else fails here, by name)
+  }
+  // the CUDA kernels read the [in, out] layout: HF's fp32 weight, or the reduced modes' copy in that orientation
   TORCH_CHECK_VALUE(layout == "kn", "gpt2kern.conv1d: on CUDA the weight layout must be 'kn' ([in, out]), got '",
                     std::string(layout), "'");
-  TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.conv1d: on CUDA the weight is float32 and takes no scales");
   const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(weight.dim() == 2, "gpt2kern.conv1d: on CUDA the weight must be [", K,
                     ", out] (HF's Conv1D layout, which pack keeps on CUDA), got ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(0) == K, "gpt2kern.conv1d: weight must be [", K, ", out], got ", weight.sizes());
   const int64_t N = weight.size(1);
+  auto [S, group] = checked_scales(x, weight, scales, K, N);
   TORCH_CHECK_VALUE(out_features < 0 || out_features == N, "gpt2kern.conv1d: out_features=", out_features,
                     " but weight has ", N, " columns");
+  TORCH_CHECK_VALUE(!lowp || K < (int64_t(1) << 31), "gpt2kern.conv1d: a ", weight.scalar_type(),
+                    " weight on CUDA needs in < 2^31, got ", K);
   c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -166,13 +208,27 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t M = A.size(0), ldw = row_stride(W);
   at::Tensor rr;
   if (epi == 2) rr = as_rows(*residual, N);
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* pr = rr.defined() ? rr.data_ptr<float>() : nullptr;
+  const int64_t ldr = rr.defined() ? row_stride(rr) : 0;
+  if (lowp) {
+    const cuda::LowpType t = lowp_type(W.scalar_type());
+    const int splits = cuda::gemv_lowp_splits(t, M, K, N, group, num_sms());
+    at::Tensor ws;
+    if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
+    GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul_lowp(t, A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr(), ldw,
+                                                     N, S.defined() ? S.data_ptr<float>() : nullptr,
+                                                     S.defined() ? row_stride(S) : 0, group, pb, epi, pr, ldr,
+                                                     y.data_ptr<float>(), splits,
+                                                     ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(),
+                                                     stream()));
+    return y;
+  }
   const int splits = cuda::gemv_splits(M, K, N, num_sms());
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
   GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N,
-                                              b.defined() ? b.data_ptr<float>() : nullptr, epi,
-                                              rr.defined() ? rr.data_ptr<float>() : nullptr,
-                                              rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(), splits,
+                                              pb, epi, pr, ldr, y.data_ptr<float>(), splits,
                                               ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(), stream()));
   return y;
 }
