@@ -374,22 +374,20 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
 
 def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
     """The weight modes side by side (CPU): speed (decode B=1 and B=8, prefill with last-position logits, each vs
-    fp32 in the same interleaved rounds), what optimize() added (tensor bytes and RSS) and the error against HF's
+    fp32 in the same interleaved rounds), the bytes a token streams and the copy optimize() holds beside HF's
+    parameters (the RSS figure is the fp32 run's, measured first: per-mode RSS deltas in one process are the
+    allocator's noise), and the error against HF's
     fp32 logits (gpt2kern/accuracy.py: relative L2, mean KLD, top-1 and greedy agreement)."""
     from . import accuracy
 
     names = list(dict.fromkeys(["fp32", *names]))  # fp32 first: every ratio is against it
     V = ref.config.vocab_size
     g = torch.Generator().manual_seed(2)
-    models, added = {}, {}
-    for n in names:
-        r0 = rss_bytes()
-        models[n] = gpt2kern.optimize(copy.deepcopy(ref), weights=n)
-        added[n] = rss_bytes() - r0
+    models = {n: gpt2kern.optimize(copy.deepcopy(ref), weights=n) for n in names}
     T = min(128 if quick else 512, ref.config.n_positions)
     ids = torch.randint(0, V, (1, T), generator=g)
-    rows = {n: dict(mode=n, weight_MiB=models[n].transformer._gpt2kern.weights.nbytes / 2**20,
-                    rss_added_MiB=added[n] / 2**20) for n in names}
+    W = {n: m.transformer._gpt2kern.weights for n, m in models.items()}
+    rows = {n: dict(mode=n, weight_MiB=W[n].nbytes / 2**20, added_MiB=W[n].added_bytes / 2**20) for n in names}
     for B in (1,) if quick else (1, 8):
         prompt = torch.randint(0, V, (B, 16), generator=g)
         t = b.time({n: (lambda m=m: gpt2kern.generate(m, prompt, max_new_tokens=new_tokens, eos_token_id=[]))

@@ -286,6 +286,13 @@ class Weights:
     mode: str = "fp32"
 
     @property
+    def added_bytes(self) -> int:
+        """Bytes of weight copies these records hold beside HF's parameters (0 in fp32 read in place)."""
+        lins = [lin for L in self.layers for lin in (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)]
+        return sum(lin.fmt.nbytes for lin in lins + ([self.lm_head] if self.lm_head is not None else [])
+                   if lin.fmt.layout == "panels")
+
+    @property
     def nbytes(self) -> int:
         """Bytes of matmul weights one decode step streams (the lm_head included)."""
         lins = [lin for L in self.layers for lin in (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)]

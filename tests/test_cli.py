@@ -405,7 +405,7 @@ def test_generate_weights_and_bad_values(cli_run):
     assert res["weights"] == "int8" and res["fast_path"] and len(res["compare_hf"]["hf_new_ids"]) == 5
     code, out, err = cli_run("generate", "1", "--ids", "-m", "random:tiny", "--weights", "q4")
     assert_one_line_error(code, err, "--weights")
-    code, out, err = cli_run("generate", "1", "--ids", "-m", "random:tiny", "--weights", "fp16", "--device", "cuda")
-    assert_one_line_error(code, err, "CPU only")
+    code, out, err = cli_run("parity", "-m", "random:tiny", "--weights", "fp16", "--device", "cuda")
+    assert_one_line_error(code, err, "measures the CPU path")
     code, out, err = cli_run("bench", "--weights", "fp8")
     assert_one_line_error(code, err, "--weights must be 'all' or a comma list")
