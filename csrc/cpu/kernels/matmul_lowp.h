@@ -11,6 +11,40 @@
 namespace gk {
 namespace GK_ISA {
 
+// s[r] += Σ_{k in [k0, k1)} A[r][k] · deq(Bp[k]) (unscaled). With ≤ 2 rows on 32 registers, even and odd k go
+// to separate sums (added at the end) so twice the loads are in flight (matmul.h's GEMV note); more rows give
+// enough independent chains by themselves.
+template <int MR, WType W>
+GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, const void* Bp, int64_t k0,
+                               int64_t k1) {
+  int64_t k = k0;
+  if constexpr (MR <= 2 && GK_VREGS >= 32) {
+    vf s1[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) s1[r][v] = vf{};
+    for (; k + 2 <= k1; k += 2) {
+      vf b0[NV], b1[NV];
+      for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
+      for (int v = 0; v < NV; ++v) b1[v] = load_w<W>(Bp, (k + 1) * kPanel + v * VL);
+      for (int r = 0; r < MR; ++r) {
+        const vf a0 = bcast(A[r * lda + k]), a1 = bcast(A[r * lda + k + 1]);
+        for (int v = 0; v < NV; ++v) s[r][v] += a0 * b0[v];
+        for (int v = 0; v < NV; ++v) s1[r][v] += a1 * b1[v];
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) s[r][v] += s1[r][v];
+  }
+  for (; k < k1; ++k) {
+    vf b0[NV];
+    for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
+    for (int r = 0; r < MR; ++r) {
+      const vf a0 = bcast(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) s[r][v] += a0 * b0[v];
+    }
+  }
+}
+
 template <int MR, WType W>
 GK_INLINE void lowp_tile(const float* A, int64_t lda, int64_t K, const void* Bp, const float* scales, int64_t G,
                          float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
@@ -18,40 +52,19 @@ GK_INLINE void lowp_tile(const float* A, int64_t lda, int64_t K, const void* Bp,
   vf acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
-  for (int64_t g0 = 0; g0 < K; g0 += G) {
-    const int64_t g1 = g0 + G < K ? g0 + G : K;
-    // even and odd k in separate sums: with so few rows, twice the loads in flight (matmul.h's GEMV note)
-    vf s0[MR][NV], s1[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) s0[r][v] = s1[r][v] = vf{};
-    int64_t k = g0;
-    for (; k + 2 <= g1; k += 2) {
-      vf b0[NV], b1[NV];
-      for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
-      for (int v = 0; v < NV; ++v) b1[v] = load_w<W>(Bp, (k + 1) * kPanel + v * VL);
-      for (int r = 0; r < MR; ++r) {
-        const vf a0 = bcast(A[r * lda + k]), a1 = bcast(A[r * lda + k + 1]);
-        for (int v = 0; v < NV; ++v) s0[r][v] += a0 * b0[v];
-        for (int v = 0; v < NV; ++v) s1[r][v] += a1 * b1[v];
-      }
-    }
-    for (; k < g1; ++k) {
-      vf b0[NV];
-      for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
-      for (int r = 0; r < MR; ++r) {
-        const vf a0 = bcast(A[r * lda + k]);
-        for (int v = 0; v < NV; ++v) s0[r][v] += a0 * b0[v];
-      }
-    }
-    if (scales) {
+  if constexpr (W != WType::I8) {
+    lowp_accumulate<MR, W>(acc, A, lda, Bp, 0, K);
+  } else {  // per group of G: the unscaled group sum, then one multiply by the group's scales
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+      vf s[MR][NV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) s[r][v] = vf{};
+      lowp_accumulate<MR, W>(s, A, lda, Bp, g0, g0 + G < K ? g0 + G : K);
       const float* sg = scales + (g0 / G) * kPanel;
       for (int v = 0; v < NV; ++v) {
         const vf sc = load(sg + v * VL);
-        for (int r = 0; r < MR; ++r) acc[r][v] += (s0[r][v] + s1[r][v]) * sc;
+        for (int r = 0; r < MR; ++r) acc[r][v] += s[r][v] * sc;
       }
-    } else {
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v] += s0[r][v] + s1[r][v];
     }
   }
   finish_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr);
@@ -61,7 +74,7 @@ template <int MR, WType W>
 GK_INLINE void lowp_rows(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* scales,
                          int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
                          const float* R, int64_t ldr) {
-  // rows in tiles of up to 4: B loads are shared by a tile's rows, and 4 × 2 × NV sums stay in registers
+  // rows in tiles of MR: each widened weight vector is shared by a tile's rows
   if constexpr (MR > 0) {
     for (; M >= MR; M -= MR, A += MR * lda, C += MR * ldc, R = R ? R + MR * ldr : R)
       lowp_tile<MR, W>(A, lda, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
@@ -76,11 +89,13 @@ static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K,
   bias = bias ? bias + n0 : nullptr;
   R = R ? R + n0 : nullptr;
   const int64_t G = scales ? group : K;
-  constexpr int T = GK_VREGS >= 32 ? 4 : 2;
+  // rows per tile, as many as the registers hold: 32 registers: 8 rows × 2 sums (int8: 6 × 2 sums + 6 × 2 group
+  // sums); 16 registers (AVX2: 4 vectors per panel row): 2 rows, int8 1 (its group sums double the need)
+  constexpr int T = GK_VREGS >= 32 ? 8 : 2, T8 = GK_VREGS >= 32 ? 6 : 1;
   switch (w) {
     case WType::F16: lowp_rows<T, WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
     case WType::BF16: lowp_rows<T, WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
-    case WType::I8: lowp_rows<T, WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr); break;
+    case WType::I8: lowp_rows<T8, WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr); break;
     case WType::F32: lowp_rows<T, WType::F32>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
   }
 }
