@@ -18,11 +18,11 @@ SHAPES = [(1, 768, 2304), (2, 3072, 768), (8, 768, 3072), (16, 64, 100), (17, 76
 
 
 def x_as_read(x, mode):
-    """x as the kernel multiplies it: bf16 weights in prefill (M > 16 rows) on a CPU with AVX512_BF16 round x to bf16
-    too (VDPBF16PS; test_bf16_dot_* below), every other case keeps x in fp32."""
+    """x as the kernel multiplies it: bf16 and int8 (even group) weights in prefill (M > 16 rows) on a CPU with
+    AVX512_BF16 round x to bf16 too (VDPBF16PS; test_bf16_dot_* below), every other case keeps x in fp32."""
     from gpt2kern import _C
 
-    return x.bfloat16().float() if mode == "bf16" and x.shape[0] > 16 and _C.bf16_dot() else x
+    return x.bfloat16().float() if mode in ("bf16", "int8") and x.shape[0] > 16 and _C.bf16_dot() else x
 
 
 def stored(w, mode, group=None):
@@ -164,7 +164,8 @@ def _bf16_dot_available():
 @pytest.mark.parametrize("M,K,N", [(17, 768, 2304), (130, 3072, 768), (40, 768, 50257), (33, 65, 97), (20, 7, 40),
                                    (1100, 64, 100)])
 @pytest.mark.parametrize("epi", ["none", "gelu_new", "residual"])
-def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi):
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi, mode):
     """AVX512_BF16 prefill: x is rounded to bf16 too (its own error, reported by the bench beside the weights'),
     so the kernel is held to a float64 product of exactly the two rounded operands; odd K pads a zero pair."""
     from gpt2kern import _C
@@ -176,10 +177,13 @@ def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi):
         torch.manual_seed(M + K)
         x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)
         w, b, r = torch.randn(K, N) * 0.05, torch.randn(N), torch.randn(M, N)
-        fmt, d, s = stored(w, "bf16")
+        # int8: group 64, or the whole K where 64 does not divide it (odd K: an odd group, which the dot-product
+        # path cannot pair: that case widens and keeps x in fp32)
+        fmt, d, s = stored(w, mode, group=64 if K % 64 == 0 else K)
+        rounded = mode == "bf16" or fmt.group % 2 == 0
         res = r if epi == "residual" else None
-        y = ops.conv1d(x, d, b, epi, res, out_features=N, layout="panels")
-        pre, terms = ref_mm(x.bfloat16().float(), fmt.unpack(d, s), b)
+        y = ops.conv1d(x, d, b, epi, res, out_features=N, layout="panels", scales=s)
+        pre, terms = ref_mm(x.bfloat16().float() if rounded else x, fmt.unpack(d, s), b)
         if epi == "gelu_new":
             assert_parity(y, ref_gelu(pre), 1.13 * terms + gelu_terms(pre), K, "bf16 dot + gelu")
         elif epi == "residual":
@@ -190,7 +194,7 @@ def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi):
         _C.set_bf16_dot(False)
         try:
             assert not _C.bf16_dot()
-            y2 = ops.conv1d(x, d, b, epi, res, out_features=N, layout="panels")
+            y2 = ops.conv1d(x, d, b, epi, res, out_features=N, layout="panels", scales=s)
         finally:
             _C.set_bf16_dot(True)
         pre2, terms2 = ref_mm(x, fmt.unpack(d, s), b)

@@ -74,7 +74,8 @@ struct KernelTable {
   float (*fma_probe)(int64_t iters);
 };
 
-// bf16 weights × activations rounded to bf16, fp32 sums, with AVX512_BF16's VDPBF16PS (isa_avx512bf16.cpp)
+// bf16 (and int8) weights × activations rounded to bf16, fp32 sums, with AVX512_BF16's VDPBF16PS
+// (isa_avx512bf16.cpp)
 struct Bf16DotKernels {
   // C[m, n0 + j] (+)= Σ_k A[m][k] · B[k][j] over a K block of kc (even) columns: A bf16 rows, B pairs [kc/2][32][2]
   void (*matmul_panel)(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, float* C,
@@ -82,6 +83,11 @@ struct Bf16DotKernels {
                        int64_t ldr, int part);
   void (*pairs)(const uint16_t* panel, int64_t K, int64_t k0, int64_t kc, uint16_t* dst);
   void (*to_bf16)(const float* A, int64_t lda, int64_t M, int64_t K, uint16_t* dst, int64_t ldd);
+  // int8 weights (exact in bf16) with group scales: sc = the K block's first group of this panel's scales
+  void (*matmul_panel_q)(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, const float* sc,
+                         int64_t group, float* C, int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi,
+                         const float* R, int64_t ldr, int part);
+  void (*pairs_i8)(const int8_t* panel, int64_t k0, int64_t kc, uint16_t* dst);
   int mr_max;
 };
 // The bf16 dot-product kernels when the avx512 table is active and the CPU has AVX512_BF16 and they are enabled

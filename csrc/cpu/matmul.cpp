@@ -200,12 +200,18 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   const int64_t ngroups = W.scales ? K / W.group : 0;
   auto panel_data = [&](int64_t p) { return static_cast<const char*>(W.w) + (size_t)(p * K * kPanel) * esz; };
   auto panel_scales = [&](int64_t p) { return W.scales ? W.scales + p * ngroups * kPanel : nullptr; };
-  const Bf16DotKernels* bd =
-      W.layout == Layout::Panels && W.type == WType::BF16 && M > kLowpDirectRows ? bf16_dot() : nullptr;
+  // bf16 weights, and int8 weights with an even group (their codes are exact in bf16), in prefill on a CPU with
+  // AVX512_BF16: x rounded to bf16 once per call (rows of Kp, an even length), each K block of a group of panels
+  // interleaved into pairs in a per-thread buffer, VDPBF16PS tiles (int8: group sums scaled once per group)
+  const bool q8 = W.type == WType::I8 && W.group % 2 == 0;
+  const Bf16DotKernels* bd = W.layout == Layout::Panels && (W.type == WType::BF16 || q8) && M > kLowpDirectRows
+                                 ? bf16_dot()
+                                 : nullptr;
   if (bd) {
-    // bf16 weights, prefill, on a CPU with AVX512_BF16: x rounded to bf16 once per call (rows of Kp, an even
-    // length), each K block of a group of panels interleaved into pairs in a per-thread buffer, VDPBF16PS tiles
-    const int64_t Kp = (K + 1) / 2 * 2, KCb = std::min<int64_t>(Kp, 768);
+    const int64_t Kp = (K + 1) / 2 * 2;
+    // int8: K blocks of whole groups (the group divides K)
+    const int64_t KCb = q8 ? std::max<int64_t>(W.group, std::min<int64_t>(K, 768) / W.group * W.group)
+                           : std::min<int64_t>(Kp, 768);
     thread_local std::vector<uint16_t> a16;  // the calling thread's; workers read it
     if ((int64_t)a16.size() < M * Kp) a16.resize(M * Kp);
     uint16_t* xa = a16.data();
@@ -219,14 +225,26 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
         for (int64_t k0 = 0; k0 < K; k0 += KCb) {
           const int64_t kc = std::min(KCb, K - k0), kcp = (kc + 1) / 2 * 2;
           const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
-          for (int64_t p = g0; p < g1; ++p)
-            bd->pairs(reinterpret_cast<const uint16_t*>(panel_data(p)), K, k0, kc, b16.data() + (p - g0) * kcp * kPanel);
+          for (int64_t p = g0; p < g1; ++p) {
+            uint16_t* dst = b16.data() + (p - g0) * kcp * kPanel;
+            if (q8)
+              bd->pairs_i8(reinterpret_cast<const int8_t*>(panel_data(p)), k0, kc, dst);
+            else
+              bd->pairs(reinterpret_cast<const uint16_t*>(panel_data(p)), K, k0, kc, dst);
+          }
           for (int64_t m0 = 0; m0 < M; m0 += MC) {
             const int64_t mc = std::min(MC, M - m0);
-            for (int64_t p = g0; p < g1; ++p)
-              bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, b16.data() + (p - g0) * kcp * kPanel, C + m0 * N, N,
-                               p * kPanel, (int)std::min<int64_t>(kPanel, N - p * kPanel), bias, epi,
-                               R ? R + m0 * ldr : nullptr, ldr, part);
+            for (int64_t p = g0; p < g1; ++p) {
+              const uint16_t* bp = b16.data() + (p - g0) * kcp * kPanel;
+              const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+              if (q8)
+                bd->matmul_panel_q(xa + m0 * Kp + k0, Kp, mc, kc, bp, panel_scales(p) + k0 / W.group * kPanel,
+                                   W.group, C + m0 * N, N, p * kPanel, ncols, bias, epi, R ? R + m0 * ldr : nullptr,
+                                   ldr, part);
+              else
+                bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, bp, C + m0 * N, N, p * kPanel, ncols, bias, epi,
+                                 R ? R + m0 * ldr : nullptr, ldr, part);
+            }
           }
         }
       }
