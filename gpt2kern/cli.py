@@ -300,8 +300,6 @@ def generate(
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
     device = Device(device).value
     weights = Weights(weights).value
-    if weights != "fp32" and device != "cpu":
-        raise CliError(f"--weights {weights} runs on the CPU only so far (use --weights fp32 with --device {device})")
     prompt = " ".join(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
     s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)

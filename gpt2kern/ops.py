@@ -76,8 +76,8 @@ def gelu_new(x):
 
 
 def pack(weight):
-    """Repack a Conv1D weight [in, out] into the layout conv1d reads at run time: on CPU panels
-    [ceil(out/32), in, 32]; on CUDA a contiguous copy of [in, out] (the CUDA kernels read that layout directly)."""
+    """A packed fp32 copy of a Conv1D weight [in, out]: on CPU panels [ceil(out/32), in, 32] (conv1d's
+    layout='panels'; optimize(pack=True) keeps these); on CUDA a contiguous copy of [in, out] (layout 'kn')."""
     return _pack(_tensor(weight, "weight"))
 
 
