@@ -1,6 +1,7 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-decode kernels against each other (decode attention v1/v2, decode GEMV v1/v2: a table and the winner per shape),
+kernels against each other (decode attention v1/v2, decode GEMV v1/v2, prefill GEMM v1/v2: a table and the winner
+per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every variant pair), with the kernels launched per decode token (graph nodes);
 and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
@@ -70,7 +71,8 @@ def _winners(rows, kernel):
 
 
 def variants(quick):
-    """Each decode kernel's numbered variants at decode shapes, vs a float64 reference; rows and winners."""
+    """Each kernel's numbered variants (decode attention and GEMV at decode shapes, the GEMM at prefill shapes) vs a
+    float64 reference; rows and winners."""
     b = Bench(device="cuda", reps=7)
     dev = torch.device("cuda")
     rows, winners = [], []
@@ -113,7 +115,24 @@ def variants(quick):
                 err = (f().double() - ref).abs().max().item()
                 mm.append(dict(kernel="decode_gemv", variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
                                max_abs_err=err))
-    for kernel, rs in (("decode_attention", att), ("decode_gemv", mm)):
+    # prefill GEMM: v1 conv1d's tiles (64x64, or 128x128 when they fill the GPU), v2 double-buffered 128x128 tiles
+    # with split-K where the tiles cannot fill the SMs (ops.matmul_prefill)
+    pf = []
+    for M in ((128, 1024) if quick else (128, 512, 1024)):
+        for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
+            x = torch.randn(M, K, generator=g).to(dev)
+            w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
+            bias = torch.randn(N, generator=g).to(dev)
+            ref = x.double() @ w.double() + bias.double()
+            fns = {f"v{i}": (lambda i=i: ops.matmul_prefill(x, w, bias, "none", None, i)) for i in (1, 2)}
+            fns["torch"] = lambda: torch.addmm(bias, x, w)
+            t = b.time(fns)
+            for name, f in fns.items():
+                err = (f().double() - ref).abs().max().item()
+                pf.append(dict(kernel="prefill_gemm", variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
+                               max_abs_err=err))
+            del ref
+    for kernel, rs in (("decode_attention", att), ("decode_gemv", mm), ("prefill_gemm", pf)):
         print(f"  {kernel}:", flush=True)
         for r in rs:
             flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
@@ -186,13 +205,19 @@ def end_to_end(dev, quick):
         for B in (1, 32):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
-            # every decoder: no graph (variants 1), and the graph with each (attention, gemv) variant pair
+            # every decoder: no graph (variants 1), the graph with each (attention, gemv) variant pair (kv_write v1:
+            # two index_copy_ per layer), and kv_write v2
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False)}
             for a in (1, 2):
                 for gv in (1, 2):
                     name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
                     decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv)
                     launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
+            # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels
+            for a, gv in ((1, 1), (2, 2)):
+                name = f"decoder_cuda_graph_attn{a}_gemv{gv}_kvwrite2"
+                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv, kv_write=2)
+                launches[f"B={B} attention v{a} gemv v{gv} kv_write v2"] = decs[name].launches_per_token
             gens = {"hf": lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
                     "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)}
             for name, d in decs.items():
@@ -246,7 +271,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-    print("decode kernel variants (median per call, interleaved):", flush=True)
+    print("numbered kernel variants (median per call, interleaved):", flush=True)
     res["variants"], res["variant_winners"] = variants(a.quick)
     if a.json:
         with open(a.json, "w") as f:

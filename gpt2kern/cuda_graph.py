@@ -15,7 +15,7 @@ State, all preallocated in __init__ on the model's device (static shapes: batch_
   cursor            [2 + B] int64                 [slot, kv_len = slot + 1, pos of each row]: views slot [1],
                                                   kv_len [1], pos [B, 1]; one add_(1) advances all three
   ids               [B, 1] int64                  the next token
-A step (the captured graph) writes the new token's K/V into `slot` (index_copy_, as HF's StaticCache) and attends
+A step (the captured graph) writes the new token's K/V into `slot` (kv_write below) and attends
 over the first kv_len slots only (decode_attention reads kv_len on the device: the work grows with the tokens so
 far, not with max_len; key_mask hides the padding), then advances the cursor. prefill() runs the prompt eagerly
 with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
@@ -33,6 +33,8 @@ Numbered kernel variants of the step (bench/gpu_bench.py times them; the default
   gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
   gemv=2       matmul_nk on [out, in] copies of the block and lm_head weights (one warp per output column, no
                finish kernel); the copies double the weights' memory (prefill keeps variant 1); fp32 weights only
+  kv_write=1   the step's K/V cache writes: two index_copy_ per layer (as HF's StaticCache)
+  kv_write=2   one ops.kv_write kernel per layer writes K and V from c_attn's output at the device-side slot
 launches_per_token: the captured step's graph nodes by type (kernel, memcpy, memset, other, total).
 Bad token ids: the embedding kernel checks them on the device (NaN rows); generate() checks once at its end.
 """
@@ -50,11 +52,13 @@ VARIANTS = (1, 2)
 
 class CudaGraphDecoder:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
-                 attention: int = 1, gemv: int = 1, weights: str | None = None):
+                 attention: int = 1, gemv: int = 1, weights: str | None = None, kv_write: int = 1):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
         if attention not in VARIANTS or gemv not in VARIANTS:
             raise ValueError(f"attention and gemv must be one of {VARIANTS}, got {attention} and {gemv}")
+        if kv_write not in VARIANTS:
+            raise ValueError(f"kv_write must be one of {VARIANTS}, got {kv_write!r}")
         st = state_of(model, weights)  # the optimized model's packs, or a private pack (the model untouched)
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
@@ -72,7 +76,7 @@ class CudaGraphDecoder:
         self.E, self.H = cfg.n_embd, W.n_head
         self.D = self.E // self.H
         self.V = W.lm_head.n_out
-        self.attention_variant, self.gemv_variant = attention, gemv
+        self.attention_variant, self.gemv_variant, self.kv_write_variant = attention, gemv, kv_write
         dev = self.device
         L, B, H, D = len(W.layers), self.B, self.H, self.D
         with torch.cuda.device(dev):
@@ -125,7 +129,8 @@ class CudaGraphDecoder:
     # ------------------------------------------------------------ the body, shared by prefill and step
 
     def _layers(self, h, write, attend, mm):
-        """The GPT-2 blocks on gpt2kern ops; write(i, k, v) stores K/V, attend(i, q) returns [B, T, H, D],
+        """The GPT-2 blocks on gpt2kern ops; write(i, k, v, qkv) stores K/V (views of c_attn's output qkv),
+        attend(i, q) returns [B, T, H, D],
         mm(i, j, x, epilogue) is layer i's j-th matmul (c_attn, attn_proj, c_fc, mlp_proj)."""
         B, T, _ = h.shape
         E, H, D = self.E, self.H, self.D
@@ -135,7 +140,7 @@ class CudaGraphDecoder:
         for i, L in enumerate(layers):
             qkv = mm(i, 0, x, "none")
             q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
-            write(i, k, v)
+            write(i, k, v, qkv)
             a = mm(i, 1, attend(i, q).view(B, T, E), "none")
             h, x = ops.add_layer_norm(a, h, L.ln_2.weight, L.ln_2.bias, L.ln_2.eps)
             m = mm(i, 3, mm(i, 2, x, "gelu_new"), "none")
@@ -154,9 +159,12 @@ class CudaGraphDecoder:
     def _step_body(self):
         h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
-        def write(i, k, v):
-            self.k_cache[i].index_copy_(2, self.slot, k)
-            self.v_cache[i].index_copy_(2, self.slot, v)
+        def write(i, k, v, qkv):
+            if self.kv_write_variant == 2:  # one kernel writes both, at the slot read on the device
+                ops.kv_write(qkv, self.k_cache[i], self.v_cache[i], self.slot)
+            else:
+                self.k_cache[i].index_copy_(2, self.slot, k)
+                self.v_cache[i].index_copy_(2, self.slot, v)
 
         def attend(i, q):  # over slots [0, kv_len) only: kv_len is read on the device
             return ops.decode_attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, self.kv_len,
@@ -189,7 +197,7 @@ class CudaGraphDecoder:
             self.key_mask[:, :T] = mask
             km = None if attention_mask is None else self.key_mask[:, :T]
 
-            def write(i, k, v):
+            def write(i, k, v, qkv):
                 self.k_cache[i, :, :, :T].copy_(k)
                 self.v_cache[i, :, :, :T].copy_(v)
 

@@ -21,6 +21,7 @@ _layer_norm, _add_layer_norm, _gelu_new, _pack, _conv1d, _attention, _embedding 
     getattr(_ops, n).default for n in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention",
                                        "embedding"))
 _decode_attention, _matmul_nk = _ops.decode_attention.default, _ops.matmul_nk.default  # CUDA only
+_matmul_prefill, _kv_write = _ops.matmul_prefill.default, _ops.kv_write.default  # CUDA only
 GEMV_MAX_ROWS = 32  # matmul_nk's row limit (kGemvMaxRows, csrc/cuda/launch.h)
 PANEL = _C.PANEL  # columns per packed weight panel (defined once: csrc/cpu/kernel_table.h's kPanel)
 EPILOGUES = ("none", "gelu_new", "residual")
@@ -160,6 +161,24 @@ def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
     return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual)
 
 
+def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, variant: int = 1, splits: int = 0):
+    """CUDA prefill GEMM by numbered variant: epilogue(x @ weight + bias) with weight [in, out] (HF's Conv1D layout).
+    variant 1: conv1d's kernels (64x64 tiles, 128x128 when they fill the GPU); 2: double-buffered 128x128 tiles with
+    split-K when there are fewer tiles than SMs (splits 0: automatic; > 0 forces the count, variant 2 only)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    return _matmul_prefill(_on_cuda("matmul_prefill", x), _tensor(weight, "weight"), bias, epilogue, residual,
+                           int(variant), int(splits))
+
+
+def kv_write(qkv, k_cache, v_cache, slot) -> None:
+    """CUDA: write one token's K and V per row from c_attn's output qkv [B, 3E] (or [B, 1, 3E]) into slot `slot`
+    (int64 [1] on the GPU, read there: capturable) of k_cache, v_cache [B, H, Tmax, D], in one kernel. A slot
+    outside [0, Tmax) writes nothing."""
+    _kv_write(_on_cuda("kv_write", qkv), _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache"),
+              _tensor(slot, "slot"))
+
+
 def graph_node_counts(graph: "torch.cuda.CUDAGraph") -> dict:
     """The nodes of a CUDA graph being captured, by type (kernel, memcpy, memset, other, total): call it from a
     capture-end hook (graph.register_capture_end_hook), where the template graph is alive."""
@@ -226,3 +245,13 @@ def _(q, k, v, key_mask, kv_len, scale, variant=1):
 @torch.library.register_fake("gpt2kern::matmul_nk")
 def _(x, weight, bias=None, epilogue="none", residual=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("gpt2kern::matmul_prefill")
+def _(x, weight, bias=None, epilogue="none", residual=None, variant=1, splits=0):
+    return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("gpt2kern::kv_write")
+def _(qkv, k_cache, v_cache, slot):
+    return None

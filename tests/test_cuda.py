@@ -36,7 +36,8 @@ def test_cuda_kernels_were_built():
     # torch is a CUDA build, nvcc exists and the CUDA kernels were wanted, so setup.py must have compiled csrc/cuda:
     # a CUDA compile problem or a silently CPU-only build fails here, GPU or not.
     assert ops.has_cuda(), "gpt2kern._C was built without its CUDA kernels although torch has CUDA and nvcc exists"
-    for op in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention", "embedding"):
+    for op in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention", "embedding",
+               "decode_attention", "matmul_nk", "matmul_prefill", "kv_write"):
         assert "CUDA: registered" in torch._C._dispatch_dump(f"gpt2kern::{op}"), op
 
 
@@ -300,9 +301,83 @@ def test_matmul_nk_argument_errors():
         ops.matmul_nk(x[:2], torch.randn(4, 8))
 
 
+# distilgpt2's prefill GEMMs (c_attn, attn c_proj, c_fc, mlp c_proj) and its lm_head, at prompt lengths 128…1024
+PREFILL_BLOCK_KN = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+PREFILL_SHAPES = ([(M, K, N) for M in (128, 512, 1024) for K, N in PREFILL_BLOCK_KN]
+                  + [(128, 768, 50257), (512, 768, 50257)])
+
+
+def _prefill_ref(M, K, N, epilogue):
+    from test_gelu import gelu_terms, ref_gelu
+    torch.manual_seed(M * 31 + K * 7 + N)
+    x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
+    res = torch.randn(M, N) if epilogue == "residual" else None
+    ref, terms = ref_mm(x, w, b)
+    if epilogue == "gelu_new":
+        ref, terms = ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
+    elif epilogue == "residual":
+        ref, terms = ref + res.double(), terms + res.double().abs()
+    return x, w, b, res, ref, terms
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("M,K,N", PREFILL_SHAPES)
+@pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
+def test_matmul_prefill_variants(variant, M, K, N, epilogue):
+    # variant 2 splits K at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's
+    if N == 50257 and epilogue != "none":
+        pytest.skip("the lm_head has no epilogue in the model; its none case covers its shape")
+    x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
+    y = ops.matmul_prefill(x.cuda(), w.cuda(), b.cuda(), epilogue, None if res is None else res.cuda(), variant)
+    assert_parity(y, ref, terms, K, f"matmul_prefill v{variant} {M}x{K}x{N} {epilogue}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("M,K,N,splits", [(128, 768, 768, 1), (128, 768, 768, 3), (128, 768, 768, 7),
+                                          (200, 37, 100, 1), (200, 37, 100, 4), (129, 40, 260, 8),
+                                          (33, 3072, 130, 16), (1, 16, 4, 2)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
+def test_matmul_prefill_v2_forced_splits(M, K, N, splits, epilogue):
+    # forced split counts: none, non-dividing, more splits than K tiles (empty splits write zeros: K=40 is 5 tiles
+    # of 8 for 8 splits), odd M / K / N (the scalar load path: K % 4 != 0 or N % 4 != 0), strided x
+    x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
+    xs = torch.zeros(M, K + 3)
+    xs[:, :K] = x
+    xc = xs.cuda()[:, :K]  # row stride K + 3: unaligned rows, the scalar path
+    r = None if res is None else res.cuda()
+    y = ops.matmul_prefill(xc, w.cuda(), b.cuda(), epilogue, r, 2, splits)
+    assert_parity(y, ref, terms, K, f"matmul_prefill v2 {M}x{K}x{N} splits={splits} {epilogue}")
+    y2 = ops.matmul_prefill(x.cuda(), w.cuda(), b.cuda(), epilogue, r, 2, splits)
+    assert_parity(y2, ref, terms, K, f"matmul_prefill v2 contiguous {M}x{K}x{N} splits={splits} {epilogue}")
+    # deterministic: the partials are summed in split order, so a second run is bitwise the same
+    assert torch.equal(y2, ops.matmul_prefill(x.cuda(), w.cuda(), b.cuda(), epilogue, r, 2, splits))
+
+
+@needs_cuda
+def test_matmul_prefill_argument_errors():
+    x, w = torch.randn(130, 8, device="cuda"), torch.randn(8, 4, device="cuda")
+    with pytest.raises(ValueError, match="variant must be 1 or 2"):
+        ops.matmul_prefill(x, w, variant=3)
+    with pytest.raises(ValueError, match="splits must be 0"):
+        ops.matmul_prefill(x, w, variant=2, splits=-1)
+    with pytest.raises(ValueError, match="splits is variant 2's"):
+        ops.matmul_prefill(x, w, variant=1, splits=2)
+    with pytest.raises(ValueError, match=r"weight must be \[8, out\]"):
+        ops.matmul_prefill(x, torch.randn(4, 8, device="cuda"), variant=2)
+    with pytest.raises(ValueError, match="residual"):
+        ops.matmul_prefill(x, w, None, "residual", variant=2)
+    with pytest.raises(ValueError, match="bias"):
+        ops.matmul_prefill(x, w, torch.randn(5, device="cuda"), variant=2)
+
+
 def test_decode_variant_ops_refuse_cpu_tensors():
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.matmul_nk(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        ops.matmul_prefill(torch.randn(130, 8), torch.randn(8, 4), variant=2)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        ops.kv_write(torch.randn(1, 24), torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), torch.tensor([0]))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         q = torch.randn(1, 1, 1, 8)
         ops.decode_attention(q, q, q, None, torch.tensor([1]), 1.0)
@@ -343,8 +418,71 @@ def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
 
 
 @needs_cuda
+@pytest.mark.parametrize("B,H,Tmax,D,slot", [(1, 12, 40, 64, 0), (3, 4, 9, 8, 8), (2, 2, 5, 3, 2)])
+def test_kv_write_matches_index_copy(B, H, Tmax, D, slot):
+    torch.manual_seed(B * H + slot)
+    E = H * D
+    qkv = torch.randn(B, 1, 3 * E, device="cuda")
+    kc, vc = torch.randn(2, B, H, Tmax, D, device="cuda").unbind(0)  # strided views, as the decoder's layer caches
+    want_k, want_v = kc.clone(), vc.clone()
+    _, k, v = (s.view(B, 1, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
+    idx = torch.tensor([slot], device="cuda")
+    want_k.index_copy_(2, idx, k)
+    want_v.index_copy_(2, idx, v)
+    ops.kv_write(qkv, kc, vc, idx)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    # a slot outside [0, Tmax) writes nothing
+    before_k, before_v = kc.clone(), vc.clone()
+    for bad in (Tmax, -1):
+        ops.kv_write(qkv.view(B, 3 * E), kc, vc, torch.tensor([bad], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+@needs_cuda
+def test_kv_write_argument_errors():
+    qkv, c = torch.randn(2, 1, 24, device="cuda"), torch.zeros(2, 2, 5, 4, device="cuda")
+    s = torch.tensor([0], device="cuda")
+    with pytest.raises(ValueError, match=r"qkv must be \[2, 24\]"):
+        ops.kv_write(qkv[:, :, :12], c, c.clone(), s)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        ops.kv_write(qkv, c, c[:, :, :4], s)
+    with pytest.raises(TypeError, match="slot must be"):
+        ops.kv_write(qkv, c, c.clone(), s.int())
+    with pytest.raises(ValueError, match="slot is on cpu"):
+        ops.kv_write(qkv, c, c.clone(), s.cpu())
+
+
+@needs_cuda
+@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 2)])
+@torch.no_grad()
+def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, attention, gemv):
+    """kv_write=2 (one kernel per layer): the same tokens as kv_write=1 and as HF generate, and fewer launches."""
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    ref, _ = cuda_pair
+    B, T, n = 2, 7, 20
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = dict(batch_size=B, max_len=T + n + 5, attention=attention, gemv=gemv)
+    fused, unfused = CudaGraphDecoder(ref, kv_write=2, **kw), CudaGraphDecoder(ref, kv_write=1, **kw)
+    hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    eos = ref.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    a = fused.generate(ids, n, attention_mask=mask)
+    assert torch.equal(a, unfused.generate(ids, n, attention_mask=mask))
+    assert _until_eos(hf, T, eos) == _until_eos(a[:, : hf.shape[1]], T, eos)
+    assert torch.equal(fused.k_cache, unfused.k_cache) and torch.equal(fused.v_cache, unfused.v_cache)
+    n_layer = len(fused.W.layers)
+    assert fused.launches_per_token["total"] <= unfused.launches_per_token["total"] - n_layer, (
+        fused.launches_per_token, unfused.launches_per_token)
+
+
+@needs_cuda
 def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
     from gpt2kern.cuda_graph import CudaGraphDecoder
+    with pytest.raises(ValueError, match="kv_write must be one of"):
+        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=3)
     with pytest.raises(ValueError, match="attention and gemv must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, attention=3)
     with pytest.raises(ValueError, match="gemv=2 takes batch_size <= 32"):

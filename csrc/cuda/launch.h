@@ -52,6 +52,15 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
                    int num_sms, cudaStream_t stream);
 
+// Prefill GEMM variant 2, the same Conv1D (contiguous C [M, N], W [K, N] with row stride ldw): 128×128 tiles with
+// the next K tile prefetched into a second shared buffer, K split over `splits` blocks when splits > 1 (then
+// `workspace` of splits·M·N floats, summed in split order by a finish kernel that applies the epilogue).
+// gemm_v2_splits() says how many splits fill num_sms SMs (1: no workspace). Any M; fp32 FMAs only.
+int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms);
+cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                      const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
+                      float* workspace, cudaStream_t stream);
+
 // The same Conv1D with W [K, N] (row stride ldw) stored in reduced precision (matmul_lowp.cu): fp16, bf16, or int8
 // with fp32 scales [K / group, N] (row stride lds): w(k, n) = W[k, n] · scales[k / group, n]. Activations and sums
 // fp32. M <= kGemvMaxRows: the GEMV (half2 / bfloat162 / char4 loads widened in registers), split over K when

@@ -141,6 +141,102 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_kernel(const float* _
   }
 }
 
+// ---------------------------------------------------------------- prefill variant 2: double-buffered 128×128, split-K
+//
+// What: gemm128_kernel's scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread read as float4 from
+// shared memory) with two shared buffers: each thread issues the global loads of K tile t+1 into registers before
+// the 512 FMAs of tile t and stores them into the other buffer after them, so the load latency hides behind the
+// math and there is one __syncthreads per K tile instead of two. float4 global loads when the pointers, strides, K
+// and N allow (VEC), bounds-checked scalar loads otherwise (any shape and row stride).
+// Why split-K: at prefill shapes (M = 128…1024 for distilgpt2) 128×128 tiles give 6–144 blocks, fewer than the SMs
+// of an H100 for most of the block's GEMMs. Then K is split over gridDim.z blocks (gemm_v2_splits), each writing
+// its fp32 partial sum to a workspace [splits, M, N]; splitk_finish_kernel adds the partials in split order (the
+// same order every run: deterministic) and applies the epilogue. With one split the epilogue is fused here.
+// fp32 FMAs on CUDA cores only (no TF32): parity with the float64 reference is the contract.
+template <bool VEC>
+__global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
+    const float* __restrict__ A, int64_t lda, int64_t M, int64_t K, const float* __restrict__ W, int64_t ldw,
+    int64_t N, const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr,
+    float* __restrict__ C, int64_t kchunk, float* __restrict__ ws) {
+  __shared__ __align__(16) float As[2][BK2][BM2 + kPad2];  // A tiles transposed: As[buf][k][m]
+  __shared__ __align__(16) float Ws[2][BK2][BN2 + kPad2];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t m0 = (int64_t)blockIdx.y * BM2, n0 = (int64_t)blockIdx.x * BN2;
+  const int64_t kb = (int64_t)blockIdx.z * kchunk, ke = kb + kchunk < K ? kb + kchunk : K;  // this split's K range
+  // what this thread stages per K tile: A row am, k's ak..ak+3; W row wk, columns wn..wn+3
+  const int am = tid / 2, ak = (tid % 2) * 4, wk = tid / 32, wn = (tid % 32) * 4;
+  float ra[4], rw[4];
+  auto load = [&](int64_t k0) {  // global -> registers; zeros outside [M, N] and outside this split's K range
+    const int64_t gm = m0 + am, gk = k0 + ak, gkw = k0 + wk, gn = n0 + wn;
+    if constexpr (VEC) {  // K % 4 == 0 and ke is K or a multiple of 8: a float4 is wholly in or out
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f), w = a;
+      if (gm < M && gk < ke) a = *reinterpret_cast<const float4*>(A + gm * lda + gk);
+      if (gkw < ke && gn < N) w = *reinterpret_cast<const float4*>(W + gkw * ldw + gn);
+      ra[0] = a.x, ra[1] = a.y, ra[2] = a.z, ra[3] = a.w;
+      rw[0] = w.x, rw[1] = w.y, rw[2] = w.z, rw[3] = w.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        ra[i] = (gm < M && gk + i < ke) ? A[gm * lda + gk + i] : 0.f;
+        rw[i] = (gkw < ke && gn + i < N) ? W[gkw * ldw + gn + i] : 0.f;
+      }
+    }
+  };
+  auto store = [&](int buf) {  // registers -> shared buffer buf (A transposed; 32 distinct banks per store)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) As[buf][ak + i][am] = ra[i];
+    *reinterpret_cast<float4*>(&Ws[buf][wk][wn]) = make_float4(rw[0], rw[1], rw[2], rw[3]);
+  };
+
+  float acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+  const int64_t ntiles = ke > kb ? (ke - kb + BK2 - 1) / BK2 : 0;  // an empty split (kb >= K) writes zeros
+  if (ntiles > 0) {
+    load(kb);
+    store(0);
+  }
+  __syncthreads();
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int cur = (int)(t & 1);
+    const bool more = t + 1 < ntiles;
+    if (more) load(kb + (t + 1) * BK2);  // in flight during the FMAs below
+#pragma unroll
+    for (int kk = 0; kk < BK2; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&Ws[cur][kk][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&Ws[cur][kk][64 + tx * 4]);
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
+    }
+    // the other buffer was last read in step t - 1, which every thread finished before the barrier of step t - 1
+    if (more) store(cur ^ 1);
+    __syncthreads();
+  }
+  const bool split = gridDim.z > 1;
+  float* part = split ? ws + (int64_t)blockIdx.z * M * N : nullptr;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+      if (n >= N) continue;
+      if (split) part[m * N + n] = acc[i][j];
+      else C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- decode: GEMV, split-K when N is narrow
 
 constexpr int kGemvWarps = 8;
@@ -326,6 +422,50 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
   }
   dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM));
   gemm_kernel<<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C);
+  return cudaGetLastError();
+}
+
+
+// ---------------------------------------------------------------- prefill GEMM variant 2: launcher
+
+int64_t gemm_v2_kchunk(int64_t K, int splits) {  // each split's K range, a whole number of K tiles
+  const int64_t c = (K + splits - 1) / splits;
+  return (c + BK2 - 1) / BK2 * BK2;
+}
+
+int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
+  const int64_t tiles = ((N + BN2 - 1) / BN2) * ((M + BM2 - 1) / BM2);
+  if (tiles <= 0 || tiles >= num_sms) return 1;
+  int64_t s = (num_sms + tiles - 1) / tiles;        // about one wave of blocks
+  const int64_t max_by_k = K / 128 > 1 ? K / 128 : 1;  // at least 16 K tiles per split
+  if (s > max_by_k) s = max_by_k;
+  if (s > 16) s = 16;
+  if (s <= 1) return 1;
+  const int64_t c = gemm_v2_kchunk(K, (int)s);
+  return (int)((K + c - 1) / c);  // no split left empty after rounding the chunk up
+}
+
+cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                      const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
+                      float* workspace, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaGetLastError();
+  const int64_t gx = (N + BN2 - 1) / BN2, gy = (M + BM2 - 1) / BM2;
+  if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||
+      (splits > 1 && (workspace == nullptr || M > 0x7fffffff)))
+    return cudaErrorInvalidValue;
+  const int64_t kchunk = gemm_v2_kchunk(K, splits);
+  const bool vec = K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
+  const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
+  if (vec)
+    gemm128_db_kernel<true><<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk,
+                                                               workspace);
+  else
+    gemm128_db_kernel<false><<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C,
+                                                                kchunk, workspace);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(workspace, splits, (int)M, N, bias, epi, R, ldr,
+                                                                   C);
   return cudaGetLastError();
 }
 

@@ -353,6 +353,47 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   return y;
 }
 
+// matmul_prefill: conv1d's Conv1D (fp32 weight [K, N] in HF's layout) by a numbered prefill GEMM variant, for the
+// bench and the tests to time and check each one. variant 1: conv1d's own kernels (64×64 tiles, or 128×128 when
+// they fill the GPU; the GEMV at M <= kGemvMaxRows). variant 2: double-buffered 128×128 tiles with split-K when
+// there are fewer tiles than SMs; splits 0 picks the count (gemm_v2_splits), > 0 forces it (variant 2 only).
+at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t variant,
+                          int64_t splits) {
+  TORCH_CHECK_VALUE(variant == 1 || variant == 2, "gpt2kern.matmul_prefill: variant must be 1 or 2, got ", variant);
+  TORCH_CHECK_VALUE(splits >= 0 && splits <= 64, "gpt2kern.matmul_prefill: splits must be 0 (automatic) to 64, got ",
+                    splits);
+  TORCH_CHECK_VALUE(variant == 2 || splits == 0, "gpt2kern.matmul_prefill: splits is variant 2's; variant 1 takes "
+                    "splits=0, got ", splits);
+  if (variant == 1) return conv1d(x, weight, bias, epilogue, residual, -1, "kn", std::nullopt);
+  const int epi = parse_epilogue(epilogue);
+  check_conv1d_inputs(x, weight);  // float32 x and weight on one device, by name
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == K, "gpt2kern.matmul_prefill: weight must be [", K,
+                    ", out] (HF's Conv1D layout), got ", weight.sizes());
+  const int64_t N = weight.size(1);
+  c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  check_conv1d_extras(x, bias, epi, epilogue, residual, N, out_shape);
+  TORCH_CHECK_VALUE(K > 0, "gpt2kern.matmul_prefill: x must have a non-empty last dim");
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
+  at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr = epi == 2 ? as_rows(*residual, N) : at::Tensor();
+  const int64_t M = A.size(0);
+  const int s = splits > 0 ? (int)splits : cuda::gemm_v2_splits(M, K, N, num_sms());
+  at::Tensor ws;
+  if (s > 1) ws = at::empty({(int64_t)s * M * N}, x.options());
+  GK_CUDA_CHECK_LAUNCH("matmul_prefill",
+                       cuda::matmul_v2(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
+                                       b.defined() ? b.data_ptr<float>() : nullptr, epi,
+                                       rr.defined() ? rr.data_ptr<float>() : nullptr, rr.defined() ? row_stride(rr) : 0,
+                                       y.data_ptr<float>(), s, ws.defined() ? ws.data_ptr<float>() : nullptr,
+                                       stream()));
+  return y;
+}
+
 // Nodes of a captured CUDA graph (a cudaGraph_t as an integer, e.g. torch.cuda.CUDAGraph.raw_cuda_graph() in a
 // capture-end hook) by type: what one replay launches.
 std::map<std::string, int64_t> graph_node_counts(uintptr_t graph_handle) {
@@ -384,4 +425,5 @@ TORCH_LIBRARY_IMPL(gpt2kern, CUDA, m) {
   m.impl("embedding", &gk::cuda_ops::embedding);
   m.impl("decode_attention", &gk::cuda_ops::decode_attention);
   m.impl("matmul_nk", &gk::cuda_ops::matmul_nk);
+  m.impl("matmul_prefill", &gk::cuda_ops::matmul_prefill);
 }
