@@ -3,7 +3,8 @@ shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases
 kernels against each other (decode attention v1/v2, decode GEMV v1/v2, prefill GEMM v1/v2: a table and the winner
 per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every variant pair), with the kernels launched per decode token (graph nodes);
+(without the graph, and with it for every variant pair, and with the K/V cache writes fused: kv_write=2), with the
+kernels launched per decode token (graph nodes);
 and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
 weights).
