@@ -3,8 +3,8 @@
     python bench/weights_memory.py [ISA]
 
 fp32 in place (the default: HF's own tensors), fp32 with pack=True (a packed copy), fp16, bf16 and int8; HF eager
-as the baseline. RSS deltas are the process's resident memory after gc (glibc may keep freed pages: a lower bound
-of nothing, an upper bound of what the copy costs). ISA: avx512 | avx2 | generic (default: the best here).
+as the baseline. RSS deltas are the process's resident memory after gc; glibc may keep the quantizer's freed
+temporaries, so a delta can exceed the copy's own bytes. ISA: avx512 | avx2 | generic (default: the best here).
 """
 import torch, time, copy, gpt2kern, sys, os, gc
 from gpt2kern import ops

@@ -51,6 +51,9 @@ int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
                    int num_sms, cudaStream_t stream);
+// Sums the [splits, M, N] partials of a split-K matmul in split order (deterministic) and applies the epilogue.
+cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
+                          const float* R, int64_t ldr, float* C, cudaStream_t stream);
 
 // Prefill GEMM variant 2, the same Conv1D (contiguous C [M, N], W [K, N] with row stride ldw): 128×128 tiles with
 // the next K tile prefetched into a second shared buffer, K split over `splits` blocks when splits > 1 (then

@@ -2,12 +2,8 @@
 //
 // Reference: C[m, n] = epi(Σ_k A[m, k] · W[k, n] + b[n]), fp32 accumulation. W is HF's Conv1D layout [K, N], row
 // stride ldw (pack on CUDA keeps that layout: both kernels below read W rows coalesced).
-//  - Prefill (M > kGemvMaxRows): a classic shared-memory tiled SGEMM. A 64×64 output tile per 256-thread block,
-//    K in steps of 16 staged through shared memory (A transposed, so a thread's 4 rows are broadcast reads), 4×4
-//    outputs per thread at a 16-element stride (conflict-free shared reads, coalesced stores). Bounds-checked
-//    loads (zeros outside), so any M, K, N and row stride work. When 128×128 tiles alone fill the GPU (the
-//    lm_head over a prompt, big models), the same scheme with 128×128 tiles, K steps of 8 and 8×8 outputs per
-//    thread read as float4 from shared memory: 4 shared loads per 64 FMAs instead of 8 per 16.
+//  - Prefill (M > kGemvMaxRows): the shared-memory tiled SGEMMs of gemm_tiles.cuh (64×64 tiles, or 128×128 when
+//    those alone fill the GPU: the lm_head over a prompt, big models), the same kernel text as the reduced modes.
 //  - Decode (M <= kGemvMaxRows = 32, i.e. up to batch 32): a GEMV that streams W once at bandwidth. A block owns
 //    32 columns (lane = column, each W row read is one 128-byte transaction) and all M rows (accumulators in
 //    registers, x read as broadcasts); its 8 warps take interleaved k, 4 W rows in flight each, and sum their
@@ -18,132 +14,23 @@
 // The same Conv1D over fp16, bf16 or int8 weights: matmul_lowp.cu.
 #include "common.cuh"
 #include "launch.h"
+#include "gemm_tiles.cuh"
 #include "matmul_epilogue.cuh"
 
 namespace gk::cuda {
 
-// ---------------------------------------------------------------- prefill: tiled SGEMM
+// ---------------------------------------------------------------- prefill: the tiled SGEMMs of gemm_tiles.cuh
+// (one kernel text with the reduced weight modes; here W is fp32)
 
-constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4, kGemmThreads = 256;
-static_assert((BM / TM) * (BN / TN) == kGemmThreads, "one thread per 4x4 sub-tile");
-
-__global__ __launch_bounds__(kGemmThreads) void gemm_kernel(const float* __restrict__ A, int64_t lda, int64_t M,
-                                                            int64_t K, const float* __restrict__ W, int64_t ldw,
-                                                            int64_t N, const float* __restrict__ bias, int epi,
-                                                            const float* __restrict__ R, int64_t ldr,
-                                                            float* __restrict__ C) {
-  __shared__ float As[BK][BM + 1];  // A tile transposed: As[k][m]
-  __shared__ float Ws[BK][BN];
-  const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
-  const int64_t m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
-  float acc[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-
-  for (int64_t k0 = 0; k0 < K; k0 += BK) {
-#pragma unroll
-    for (int e = 0; e < BM * BK / kGemmThreads; ++e) {
-      const int idx = tid + e * kGemmThreads, mm = idx / BK, kk = idx % BK;
-      const int64_t gm = m0 + mm, gk = k0 + kk;
-      As[kk][mm] = (gm < M && gk < K) ? A[gm * lda + gk] : 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < BK * BN / kGemmThreads; ++e) {
-      const int idx = tid + e * kGemmThreads, kk = idx / BN, nn = idx % BN;
-      const int64_t gk = k0 + kk, gn = n0 + nn;
-      Ws[kk][nn] = (gk < K && gn < N) ? W[gk * ldw + gn] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      float a[TM], w[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + i * (BM / TM)];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) w[j] = Ws[kk][tx + j * (BN / TN)];
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
-    }
-    __syncthreads();  // the tiles are overwritten next step
-  }
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int64_t m = m0 + ty + i * (BM / TM);
-    if (m >= M) continue;
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-      const int64_t n = n0 + tx + j * (BN / TN);
-      if (n < N) C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
-    }
-  }
-}
-
-constexpr int BM2 = 128, BN2 = 128, BK2 = 8, kPad2 = 4;  // pitch 132 floats keeps float4 rows 16-byte aligned
-
-__global__ __launch_bounds__(kGemmThreads, 2) void gemm128_kernel(const float* __restrict__ A, int64_t lda, int64_t M,
-                                                               int64_t K, const float* __restrict__ W, int64_t ldw,
-                                                               int64_t N, const float* __restrict__ bias, int epi,
-                                                               const float* __restrict__ R, int64_t ldr,
-                                                               float* __restrict__ C) {
-  __shared__ __align__(16) float As[BK2][BM2 + kPad2];  // A tile transposed: As[k][m]
-  __shared__ __align__(16) float Ws[BK2][BN2 + kPad2];
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t m0 = (int64_t)blockIdx.y * BM2, n0 = (int64_t)blockIdx.x * BN2;
-  // thread (ty, tx) owns rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise with tx
-  float acc[8][8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-
-  for (int64_t k0 = 0; k0 < K; k0 += BK2) {
-#pragma unroll
-    for (int e = 0; e < BM2 * BK2 / kGemmThreads; ++e) {
-      const int idx = tid + e * kGemmThreads, mm = idx / BK2, kk = idx % BK2;
-      const int64_t gm = m0 + mm, gk = k0 + kk;
-      As[kk][mm] = (gm < M && gk < K) ? A[gm * lda + gk] : 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < BK2 * BN2 / kGemmThreads; ++e) {
-      const int idx = tid + e * kGemmThreads, kk = idx / BN2, nn = idx % BN2;
-      const int64_t gk = k0 + kk, gn = n0 + nn;
-      Ws[kk][nn] = (gk < K && gn < N) ? W[gk * ldw + gn] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK2; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&As[kk][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Ws[kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Ws[kk][64 + tx * 4]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
-    if (m >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int64_t n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
-      if (n < N) C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
-    }
-  }
-}
+using tiles::BK2;
+using tiles::BM2;
+using tiles::BN2;
+using tiles::kGemmThreads;
+using tiles::kPad2;
 
 // ---------------------------------------------------------------- prefill variant 2: double-buffered 128×128, split-K
 //
-// What: gemm128_kernel's scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread read as float4 from
+// What: gemm_tiles.cuh's gemm128_tile_kernel scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread read as float4 from
 // shared memory) with two shared buffers: each thread issues the global loads of K tile t+1 into registers before
 // the 512 FMAs of tile t and stores them into the other buffer after them, so the load latency hides behind the
 // math and there is one __syncthreads per K tile instead of two. float4 global loads when the pointers, strides, K
@@ -306,6 +193,12 @@ __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, i
   C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
 }
 
+cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
+                          const float* R, int64_t ldr, float* C, cudaStream_t stream) {
+  splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(ws, splits, (int)M, N, bias, epi, R, ldr, C);
+  return cudaGetLastError();
+}
+
 // ---------------------------------------------------------------- decode variant 2: W stored [N, K]
 //
 // One warp per output column n: its lanes stream W's row n (contiguous, float4 when VEC) and every x row (L1/L2
@@ -410,19 +303,9 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
                                                                       ldr, C, splits, workspace);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
-    splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(workspace, splits, (int)M, N, bias, epi, R,
-                                                                     ldr, C);
-    return cudaGetLastError();
+    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
   }
-  const int64_t gx2 = (N + BN2 - 1) / BN2, gy2 = (M + BM2 - 1) / BM2;
-  if (gx2 * gy2 >= num_sms) {
-    gemm128_kernel<<<dim3((unsigned)gx2, (unsigned)gy2), kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias,
-                                                                                  epi, R, ldr, C);
-    return cudaGetLastError();
-  }
-  dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM));
-  gemm_kernel<<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C);
-  return cudaGetLastError();
+  return tiles::launch_gemm<float>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, num_sms, stream);
 }
 
 
@@ -464,9 +347,7 @@ cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const f
                                                                 kchunk, workspace);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(workspace, splits, (int)M, N, bias, epi, R, ldr,
-                                                                   C);
-  return cudaGetLastError();
+  return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
 }
 
 }  // namespace gk::cuda

@@ -42,21 +42,38 @@ GK_INLINE void finish_tile(vf (&acc)[MR][NV], float* C, int64_t ldc, int ncols, 
   }
 }
 
+// A tile's sums at the start of a K block: zero for the first, else the partial sums an earlier block left in C.
 template <int MR>
-GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, int64_t ldb, float* C,
-                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
-                           int part) {
-  vf acc[MR][NV];
-  if (part & kKFirst) {
-    for (int r = 0; r < MR; ++r)
+GK_INLINE void start_tile(vf (&acc)[MR][NV], const float* C, int64_t ldc, int ncols, int part) {
+  for (int r = 0; r < MR; ++r) {
+    if (part & kKFirst) {
       for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
-  } else {  // continue the partial sums an earlier K block left in C
-    for (int r = 0; r < MR; ++r) {
+    } else {
       float in[kPanel] = {};
       for (int j = 0; j < ncols; ++j) in[j] = C[r * ldc + j];
       for (int v = 0; v < NV; ++v) acc[r][v] = load(in + v * VL);
     }
   }
+}
+
+// ... and at its end: partial sums back to C (no bias, no epilogue yet), or finish_tile after the last block.
+template <int MR>
+GK_INLINE void end_tile(vf (&acc)[MR][NV], float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
+                        const float* R, int64_t ldr, int part) {
+  if (part & kKLast) return finish_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr);
+  for (int r = 0; r < MR; ++r) {
+    float out[kPanel];
+    for (int v = 0; v < NV; ++v) store(out + v * VL, acc[r][v]);
+    for (int j = 0; j < ncols; ++j) C[r * ldc + j] = out[j];
+  }
+}
+
+template <int MR>
+GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, int64_t ldb, float* C,
+                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                           int part) {
+  vf acc[MR][NV];
+  start_tile<MR>(acc, C, ldc, ncols, part);
   int64_t k = 0;
   if constexpr (MR <= 2) {
     // GEMV (decode): with so few rows the FMA latency chain, not bandwidth, would bound the loop; even and odd k
@@ -85,15 +102,7 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
-  if (!(part & kKLast)) {  // partial sums only: no bias, no epilogue yet
-    for (int r = 0; r < MR; ++r) {
-      float out[kPanel];
-      for (int v = 0; v < NV; ++v) store(out + v * VL, acc[r][v]);
-      for (int j = 0; j < ncols; ++j) C[r * ldc + j] = out[j];
-    }
-    return;
-  }
-  finish_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr);
+  end_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr, part);
 }
 
 template <int MR>
