@@ -13,9 +13,10 @@
 
 namespace gk::cpu {
 
-// Up to this many rows, reduced-precision panels are widened in registers (read once per tile of rows); more rows
-// widen each K block once into an fp32 buffer and run the fp32 kernel (FMA-bound: the widening is amortized).
-constexpr int64_t kLowpDirectRows = 16;
+// Up to this many rows (decode), weights that are not fp32 panels are read straight from their storage, once per
+// tile of rows: reduced-precision panels widened in registers, wte's [N, K] rows as dot products. More rows
+// (prefill) convert each K block once into an fp32 (or bf16-pair) buffer and run the FMA-bound kernels over it.
+constexpr int64_t kDecodeRows = 16;
 
 static int64_t num_panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
@@ -128,7 +129,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
   const bool copy_a = M > 2 * t.mr_max && (lda * 4) % 4096 == 0;
   const int64_t lda_buf = KC + 16;
-  if (W.layout == Layout::NK && M <= kLowpDirectRows) {
+  if (W.layout == Layout::NK && M <= kDecodeRows) {
     // [N, K] (the lm_head over wte), decode: blocks of NB rows of W (about 128 KiB, so a block stays in L2 while every row
     // block of x passes over it), taken from the shared counter; bias and epilogue on each block's columns after
     const int64_t NB = std::max<int64_t>(8, (32768 / std::max<int64_t>(K, 1)) / 8 * 8);
@@ -204,7 +205,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   // AVX512_BF16: x rounded to bf16 once per call (rows of Kp, an even length), each K block of a group of panels
   // interleaved into pairs in a per-thread buffer, VDPBF16PS tiles (int8: group sums scaled once per group)
   const bool q8 = W.type == WType::I8 && W.group % 2 == 0;
-  const Bf16DotKernels* bd = W.layout == Layout::Panels && (W.type == WType::BF16 || q8) && M > kLowpDirectRows
+  const Bf16DotKernels* bd = W.layout == Layout::Panels && (W.type == WType::BF16 || q8) && M > kDecodeRows
                                  ? bf16_dot()
                                  : nullptr;
   if (bd) {
@@ -251,7 +252,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
     });
     return;
   }
-  if (W.layout == Layout::Panels && !packed_f32 && M <= kLowpDirectRows) {
+  if (W.layout == Layout::Panels && !packed_f32 && M <= kDecodeRows) {
     // reduced-precision decode: each panel widened in registers, read once, whole K
     parallel_chunks(P, std::max<int64_t>(1, grain), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
