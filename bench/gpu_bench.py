@@ -1,9 +1,9 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode attention v1/v2, decode GEMV v1/v2, prefill GEMM v1/v2: a table and the winner
-per shape),
+kernels against each other (decode attention v1/v2, decode GEMV v1/v2/v3, prefill GEMM v1/v2: a table and the
+winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every variant pair, and with the K/V cache writes fused: kv_write=2), with the
+(without the graph, and with it for every variant pair, and with the K/V cache writes fused: kv_write=2 and 3), with the
 kernels launched per decode token (graph nodes);
 and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
@@ -58,6 +58,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
+NUMBERED = ("v1", "v2", "v3")  # gpt2kern's numbered variants (torch's and the old whole-cache attention are context)
 
 
 def _winners(rows, kernel):
@@ -100,7 +101,8 @@ def variants(quick):
                 err = (f().double() - ref).abs().max().item()
                 att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
                                 us=t[name] * 1e6, max_abs_err=err))
-    # decode GEMV: v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K]
+    # decode GEMV: v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x
+    # staged in shared memory (ops.matmul_decode)
     mm = []
     for M in ((1, 32) if quick else (1, 8, 32)):
         for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
@@ -110,7 +112,7 @@ def variants(quick):
             wt = w.t().contiguous()
             ref = x.double() @ w.double() + bias.double()
             fns = {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
-                   "torch": lambda: torch.addmm(bias, x, w)}
+                   "v3": lambda: ops.matmul_decode(x, w, bias, variant=3), "torch": lambda: torch.addmm(bias, x, w)}
             t = b.time(fns)
             for name, f in fns.items():
                 err = (f().double() - ref).abs().max().item()
@@ -140,7 +142,7 @@ def variants(quick):
             print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
                   flush=True)
         # the winner among gpt2kern's numbered variants (torch's addmm and the old whole-cache attention are context)
-        ws = _winners([r for r in rs if r["variant"] in ("v1", "v2")], kernel)
+        ws = _winners([r for r in rs if r["variant"] in NUMBERED], kernel)
         for w in ws:
             print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
         rows += rs
@@ -207,18 +209,20 @@ def end_to_end(dev, quick):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
             # every decoder: no graph (variants 1), the graph with each (attention, gemv) variant pair (kv_write v1:
-            # two index_copy_ per layer), and kv_write v2
+            # two index_copy_ per layer), and kv_write v2 and v3
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False)}
             for a in (1, 2):
-                for gv in (1, 2):
+                for gv in (1, 2, 3):
                     name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
                     decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv)
                     launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
-            # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels
-            for a, gv in ((1, 1), (2, 2)):
-                name = f"decoder_cuda_graph_attn{a}_gemv{gv}_kvwrite2"
-                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv, kv_write=2)
-                launches[f"B={B} attention v{a} gemv v{gv} kv_write v2"] = decs[name].launches_per_token
+            # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels;
+            # folded into c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1 and v3
+            for kw_, a, gv in ((2, 1, 1), (2, 2, 2), (3, 1, 1), (3, 2, 3)):
+                name = f"decoder_cuda_graph_attn{a}_gemv{gv}_kvwrite{kw_}"
+                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
+                                              kv_write=kw_)
+                launches[f"B={B} attention v{a} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token
             gens = {"hf": lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
                     "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)}
             for name, d in decs.items():
@@ -300,7 +304,7 @@ def failures(res) -> list:
             if bad or not v["tokens_equal_hf_by_decoder"]:
                 failed.append(f"{k}: the greedy tokens of {', '.join(bad) or 'no decoder'} differ from HF's")
     failed += [f"{r['kernel']} {r['variant']} {r['shape']}: max|err| {r['max_abs_err']:.2g} > {VARIANT_TOL}"
-               for r in res.get("variants", []) if r["variant"] in ("v1", "v2") and r["max_abs_err"] > VARIANT_TOL]
+               for r in res.get("variants", []) if r["variant"] in NUMBERED and r["max_abs_err"] > VARIANT_TOL]
     failed += [f"conv1d {r['mode']} weights {r['shape']}: relative error {r['rel_err']:.2g} > {LOWP_TOL}"
                for r in res.get("weight_modes", []) if r["rel_err"] > LOWP_TOL]
     return failed

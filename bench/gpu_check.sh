@@ -5,7 +5,8 @@
 #   1. gpu_assert  a usable CUDA GPU (torch.cuda.is_available() and a kernel runs), else stop at once
 #   2. build       the extension in place for this GPU's arch; it must have its CUDA kernels
 #   3. cuda_tests  every CUDA test (-k cuda); a skipped test fails the check (allowed: "needs 2 GPUs" on one GPU)
-#   4. memcheck, racecheck, initcheck: compute-sanitizer on a small subset of the CUDA tests
+#   4. memcheck, racecheck, initcheck: compute-sanitizer on a small subset of the CUDA tests (the *_decode steps:
+#                  the decode-step kernels of tests/test_cuda.py at small shapes)
 #   5. gpu_bench   bench/gpu_bench.py: kernels and their numbered variants vs torch, launches per decode token,
 #                  prefill/decode vs HF eager; it exits non-zero when a decoder's tokens differ from HF's
 # Each step runs under `timeout`; logs and JSON go to $OUT (default bench/out/), a short table comes last.
@@ -20,8 +21,8 @@ ROOT=$PWD
 
 BUDGET=${GPU_CHECK_BUDGET_S:-520}  # seconds for everything: a 15-minute window less machine start and transfers
 # step limits in seconds, in run order; they must add up to no more than BUDGET
-STEP_NAMES=(gpu_assert build cuda_tests memcheck racecheck initcheck gpu_bench)
-STEP_LIMITS=(20 170 120 50 35 25 100)
+STEP_NAMES=(gpu_assert build cuda_tests memcheck memcheck_decode racecheck racecheck_decode initcheck gpu_bench)
+STEP_LIMITS=(20 145 120 50 15 35 15 20 100)
 # skip reasons (pytest -rs) that do not fail the check: tests that need more GPUs than one machine has
 ALLOWED_SKIP='needs 2 GPUs'
 
@@ -148,10 +149,19 @@ sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...: a report (exit 99), another f
   step "$name" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 \
     python -m pytest -q -x "$@"
 }
+# the decode-step kernels of tests/test_cuda.py at one small shape each: the staged GEMV (8 and 32 register rows,
+# two x tiles: the shared buffer's reuse), its K/V store (epilogue and split-K finish), the cursor-advancing embedding
+DECODE_SMALL=("tests/test_cuda.py::test_matmul_decode_variants[none-17-300-50]"
+              "tests/test_cuda.py::test_matmul_decode_variants[residual-5-37-100]"
+              "tests/test_cuda.py::test_matmul_decode_stores_kv_as_kv_write[3-4-9-8-8-fp32-3]"
+              "tests/test_cuda.py::test_matmul_decode_stores_kv_as_kv_write[32-12-6-64-5-fp32-3]"
+              "tests/test_cuda.py::test_embedding_step_advances_the_cursor")
 if [ -n "$SAN" ]; then
   sanitize memcheck memcheck tests/test_attention.py tests/test_matmul.py tests/test_layernorm.py \
     tests/test_gelu.py tests/test_embedding.py -k "$SMALL"
+  sanitize memcheck_decode memcheck "${DECODE_SMALL[@]}"
   sanitize racecheck racecheck tests/test_attention.py tests/test_matmul.py -k "$SMALL"
+  sanitize racecheck_decode racecheck "${DECODE_SMALL[@]:0:4}"
   sanitize initcheck initcheck tests/test_layernorm.py tests/test_attention.py -k "$SMALL"
 else
   FAILED+=(sanitizer)

@@ -13,11 +13,13 @@ State, all preallocated in __init__ on the model's device (static shapes: batch_
   k_cache, v_cache  [n_layer, B, H, max_len, D]  slot j of row b holds that row's j-th token (prompt included)
   key_mask          [B, max_len] bool             False for the prompt's padding; True elsewhere
   cursor            [2 + B] int64                 [slot, kv_len = slot + 1, pos of each row]: views slot [1],
-                                                  kv_len [1], pos [B, 1]; one add_(1) advances all three
+                                                  kv_len [1], pos [B, 1]; every step advances all three by one
   ids               [B, 1] int64                  the next token
 A step (the captured graph) writes the new token's K/V into `slot` (kv_write below) and attends
 over the first kv_len slots only (decode_attention reads kv_len on the device: the work grows with the tokens so
-far, not with max_len; key_mask hides the padding), then advances the cursor. prefill() runs the prompt eagerly
+far, not with max_len; key_mask hides the padding). kv_write 1 and 2 advance the cursor after the step (one
+add_(1)); kv_write=3 before it, in the embedding kernel (the cursor then holds the last token's slot and positions
+between steps). prefill() runs the prompt eagerly
 with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
 follows HF generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites
 (clone it to keep it). Everything runs under torch.cuda.device(model's device), whichever device is current.
@@ -33,8 +35,13 @@ Numbered kernel variants of the step (bench/gpu_bench.py times them; the default
   gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
   gemv=2       matmul_nk on [out, in] copies of the block and lm_head weights (one warp per output column, no
                finish kernel); the copies double the weights' memory (prefill keeps variant 1); fp32 weights only
+  gemv=3       variant 1's kernel with x staged in shared memory, read as float4 (ops.matmul_decode variant 3; for
+               M = 9…32 rows, where variant 1's x loads outnumber its FMAs); bitwise variant 1; fp32 weights only
   kv_write=1   the step's K/V cache writes: two index_copy_ per layer (as HF's StaticCache)
   kv_write=2   one ops.kv_write kernel per layer writes K and V from c_attn's output at the device-side slot
+  kv_write=3   no bookkeeping launch at all: c_attn's GEMV stores K and V at the slot as it writes them
+               (ops.matmul_decode with the caches: in its epilogue or its split-K finish kernel), and the embedding
+               kernel advances the cursor (ops.embedding_step); gemv 1 or 3, every weight mode
 launches_per_token: the captured step's graph nodes by type (kernel, memcpy, memset, other, total).
 Bad token ids: the embedding kernel checks them on the device (NaN rows); generate() checks once at its end.
 """
@@ -47,7 +54,7 @@ from .generate import hf_position_ids
 from .model import state_of
 
 
-VARIANTS = (1, 2)
+VARIANTS = {"attention": (1, 2), "gemv": (1, 2, 3), "kv_write": (1, 2, 3)}
 
 
 class CudaGraphDecoder:
@@ -55,10 +62,11 @@ class CudaGraphDecoder:
                  attention: int = 1, gemv: int = 1, weights: str | None = None, kv_write: int = 1):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
-        if attention not in VARIANTS or gemv not in VARIANTS:
-            raise ValueError(f"attention and gemv must be one of {VARIANTS}, got {attention} and {gemv}")
-        if kv_write not in VARIANTS:
-            raise ValueError(f"kv_write must be one of {VARIANTS}, got {kv_write!r}")
+        for name, v in (("attention", attention), ("gemv", gemv), ("kv_write", kv_write)):
+            if v not in VARIANTS[name]:
+                raise ValueError(f"{name} must be one of {VARIANTS[name]}, got {v!r}")
+        if kv_write == 3 and gemv == 2:
+            raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1 or 3); gemv=2 takes kv_write 1 or 2")
         st = state_of(model, weights)  # the optimized model's packs, or a private pack (the model untouched)
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
@@ -69,8 +77,8 @@ class CudaGraphDecoder:
         if gemv == 2 and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
             raise ValueError(f"gemv=2 takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
         W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
-        if gemv == 2 and W.mode != "fp32":
-            raise ValueError(f"gemv=2 reads fp32 [out, in] copies; weights={W.mode!r} takes gemv=1")
+        if gemv in (2, 3) and W.mode != "fp32":
+            raise ValueError(f"gemv={gemv} reads fp32 weights; weights={W.mode!r} takes gemv=1")
         self.model, self.device, self.W = model, st.device, W
         self.B, self.Tmax = int(batch_size), int(max_len)
         self.E, self.H = cfg.n_embd, W.n_head
@@ -156,10 +164,25 @@ class CudaGraphDecoder:
         w, b = self._nk[i][j]
         return ops.matmul_nk(x, w, b, epilogue)
 
+    def _gemv(self, lin, x, epilogue="none", **caches):  # gemv 1 or 3 through ops.matmul_decode
+        return ops.matmul_decode(x, lin.data, lin.bias, epilogue, None, lin.scales, self.gemv_variant, **caches)
+
+    def _mm_decode(self, i, j, x, epilogue):
+        L = self.W.layers[i]
+        lin = (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)[j]
+        if j == 0 and self.kv_write_variant == 3:  # c_attn stores K/V at the slot as it writes them
+            return self._gemv(lin, x, k_cache=self.k_cache[i], v_cache=self.v_cache[i], slot=self.slot)
+        return self._gemv(lin, x, epilogue)
+
     def _step_body(self):
-        h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
+        if self.kv_write_variant == 3:  # the embedding kernel advances slot, kv_len and the positions first
+            h = ops.embedding_step(self.ids, self.W.wte, self.W.wpe, self.cursor)
+        else:
+            h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
         def write(i, k, v, qkv):
+            if self.kv_write_variant == 3:  # done by c_attn's GEMV (_mm_decode)
+                return
             if self.kv_write_variant == 2:  # one kernel writes both, at the slot read on the device
                 ops.kv_write(qkv, self.k_cache[i], self.v_cache[i], self.slot)
             else:
@@ -173,10 +196,14 @@ class CudaGraphDecoder:
         if self.gemv_variant == 2:
             x = self._layers(h, write, attend, self._mm_v2)
             logits = ops.matmul_nk(x, *self._nk_head).view(self.B, self.V)
+        elif self.gemv_variant == 3 or self.kv_write_variant == 3:
+            x = self._layers(h, write, attend, self._mm_decode)
+            logits = self._gemv(self.W.lm_head, x).view(self.B, self.V)
         else:
             x = self._layers(h, write, attend, self._mm_v1)
             logits = self.W.lm_head(x).view(self.B, self.V)
-        self.cursor.add_(1)  # slot, kv_len and every row's position
+        if self.kv_write_variant != 3:
+            self.cursor.add_(1)  # slot, kv_len and every row's position
         return logits
 
     # ------------------------------------------------------------ public
@@ -207,9 +234,12 @@ class CudaGraphDecoder:
 
             x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend, self._mm_v1)
             logits = self.W.lm_head(x[:, -1:]).view(B, self.V)
-            self.pos.copy_(pos[:, -1:] + 1)
-            self.slot.fill_(T)
-            self.kv_len.fill_(T + 1)  # during the next step: slots [0, T] hold keys
+            # during the next step the new token sits at slot T, position last + 1, and slots [0, T] hold keys;
+            # kv_write=3's embedding kernel advances the cursor at the step's start, so it holds one less till then
+            ahead = 0 if self.kv_write_variant == 3 else 1
+            self.pos.copy_(pos[:, -1:] + ahead)
+            self.slot.fill_(T - 1 + ahead)
+            self.kv_len.fill_(T + ahead)
         self.length = T
         return logits
 

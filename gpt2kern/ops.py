@@ -22,6 +22,7 @@ _layer_norm, _add_layer_norm, _gelu_new, _pack, _conv1d, _attention, _embedding 
                                        "embedding"))
 _decode_attention, _matmul_nk = _ops.decode_attention.default, _ops.matmul_nk.default  # CUDA only
 _matmul_prefill, _kv_write = _ops.matmul_prefill.default, _ops.kv_write.default  # CUDA only
+_matmul_decode, _embedding_step = _ops.matmul_decode.default, _ops.embedding_step.default  # CUDA only
 GEMV_MAX_ROWS = 32  # matmul_nk's row limit (kGemvMaxRows, csrc/cuda/launch.h)
 PANEL = _C.PANEL  # columns per packed weight panel (defined once: csrc/cpu/kernel_table.h's kPanel)
 EPILOGUES = ("none", "gelu_new", "residual")
@@ -179,6 +180,30 @@ def kv_write(qkv, k_cache, v_cache, slot) -> None:
               _tensor(slot, "slot"))
 
 
+def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None, variant: int = 1,
+                  k_cache=None, v_cache=None, slot=None):
+    """CUDA decode GEMV by numbered variant: epilogue(x @ weight + bias) with weight [in, out] in any CUDA weight mode
+    (float32, float16, bfloat16, or int8 with its scales [in / group, out]), x of at most GEMV_MAX_ROWS rows.
+    variant 1: conv1d's split-K GEMV; 3: the same kernel with x staged in shared memory (float32 weights; bitwise
+    variant 1's result). Variant 2 is matmul_nk ([out, in] weights).
+    With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on the GPU, read there: capturable), the GEMV also
+    stores each row's K and V (columns [E, 2E) and [2E, 3E) of c_attn's output, E = H*D) at that slot of its cache
+    as it writes them: the K/V write folded into c_attn (CudaGraphDecoder kv_write=3). A slot outside [0, Tmax)
+    stores nothing."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    return _matmul_decode(_on_cuda("matmul_decode", x), _tensor(weight, "weight"), bias, epilogue, residual, scales,
+                          int(variant), k_cache, v_cache, slot)
+
+
+def embedding_step(input_ids, wte, wpe, cursor):
+    """CUDA decode-step embedding that advances the decoder's cursor (int64 [2 + B] on the GPU: slot, kv_len, then each
+    row's position) in the same kernel: row b of input_ids [B, 1] is embedded at position cursor[2 + b] + 1, which
+    is stored back, and slot and kv_len grow by one. -> [B, 1, n_embd]. Ids are checked on the GPU as embedding's."""
+    return _embedding_step(_on_cuda("embedding_step", input_ids), _tensor(wte, "wte"), _tensor(wpe, "wpe"),
+                           _tensor(cursor, "cursor"))
+
+
 def graph_node_counts(graph: "torch.cuda.CUDAGraph") -> dict:
     """The nodes of a CUDA graph being captured, by type (kernel, memcpy, memset, other, total): call it from a
     capture-end hook (graph.register_capture_end_hook), where the template graph is alive."""
@@ -250,6 +275,17 @@ def _(x, weight, bias=None, epilogue="none", residual=None):
 @torch.library.register_fake("gpt2kern::matmul_prefill")
 def _(x, weight, bias=None, epilogue="none", residual=None, variant=1, splits=0):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("gpt2kern::matmul_decode")
+def _(x, weight, bias=None, epilogue="none", residual=None, scales=None, variant=1, k_cache=None, v_cache=None,
+      slot=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+@torch.library.register_fake("gpt2kern::embedding_step")
+def _(input_ids, wte, wpe, cursor):
+    return wte.new_empty((input_ids.shape[0], 1, wte.shape[1]))
 
 
 @torch.library.register_fake("gpt2kern::kv_write")

@@ -37,9 +37,19 @@ def test_cuda_kernels_were_built():
     # a CUDA compile problem or a silently CPU-only build fails here, GPU or not.
     assert ops.has_cuda(), "gpt2kern._C was built without its CUDA kernels although torch has CUDA and nvcc exists"
     for op in ("layer_norm", "add_layer_norm", "gelu_new", "pack", "conv1d", "attention", "embedding",
-               "decode_attention", "matmul_nk", "matmul_prefill", "kv_write"):
+               "decode_attention", "matmul_nk", "matmul_prefill", "kv_write", "matmul_decode", "embedding_step"):
         assert "CUDA: registered" in torch._C._dispatch_dump(f"gpt2kern::{op}"), op
 
+
+
+def epilogue_ref(ref, terms, epilogue, res):
+    """The float64 reference (and its |terms|) of a matmul after the fused epilogue."""
+    from test_gelu import gelu_terms, ref_gelu
+    if epilogue == "gelu_new":
+        return ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
+    if epilogue == "residual":
+        return ref + res.double(), terms + res.double().abs()
+    return ref, terms
 
 
 # ---------------------------------------------------------------- kernel cases only the CUDA kernels branch on
@@ -80,16 +90,11 @@ def test_attention_cuda_mask_and_bias_together():
 def test_conv1d_cuda_paths(M, K, N, epilogue):
     # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else tiled GEMM, 64x64 or (when the grid
     # fills the GPU) 128x128; ragged edges of every tiling
-    from test_gelu import gelu_terms, ref_gelu
     torch.manual_seed(M + N)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
     y = ops.conv1d(x.cuda(), ops.pack(w.cuda()), b.cuda(), epilogue, None if res is None else res.cuda(), N)
-    ref, terms = ref_mm(x, w, b)
-    if epilogue == "gelu_new":
-        ref, terms = ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
-    elif epilogue == "residual":
-        ref, terms = ref + res.double(), terms + res.double().abs()
+    ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
     assert_parity(y, ref, terms, K, f"cuda conv1d {M}x{K}x{N} {epilogue}")
 
 
@@ -273,16 +278,11 @@ def test_decode_attention_argument_errors():
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_matmul_nk_variant(M, K, N, epilogue):
     # float4 path (K % 4 == 0) and scalar path; 1, 8 and 32 register rows
-    from test_gelu import gelu_terms, ref_gelu
     torch.manual_seed(M * K + N)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
     y = ops.matmul_nk(x.cuda(), w.t().contiguous().cuda(), b.cuda(), epilogue, None if res is None else res.cuda())
-    ref, terms = ref_mm(x, w, b)
-    if epilogue == "gelu_new":
-        ref, terms = ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
-    elif epilogue == "residual":
-        ref, terms = ref + res.double(), terms + res.double().abs()
+    ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
     assert_parity(y, ref, terms, K, f"matmul_nk {M}x{K}x{N} {epilogue}")
 
 
@@ -301,6 +301,127 @@ def test_matmul_nk_argument_errors():
         ops.matmul_nk(x[:2], torch.randn(4, 8))
 
 
+# decode GEMV variant 3 (x staged in shared memory) and the c_attn K/V store of matmul_decode (kv_write=3)
+
+@needs_cuda
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (8, 3072, 768), (9, 768, 768), (17, 300, 50), (32, 768, 2304),
+                                   (32, 3072, 768), (32, 768, 50257), (5, 37, 100), (32, 1030, 7), (4, 9, 1)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
+def test_matmul_decode_variants(M, K, N, epilogue):
+    """Variant 3 is variant 1 with x moved to shared memory and the same summation order: bitwise equal to it (and
+    variant 1 bitwise conv1d), and within the float64 budget; 8 and 32 register rows, ragged x tiles (K past one
+    256-row tile, K smaller than the warps), split and unsplit K, a strided x and an outlier channel."""
+    torch.manual_seed(M * K + N)
+    x = torch.randn(M, K + 3)[:, 1:K + 1]  # rows lda = K + 3 apart, not 16-byte aligned
+    x[:, 0] = 3000.0  # trained GPT-2's residual outlier
+    w, b = torch.randn(K, N) * 0.05, torch.randn(N)
+    res = torch.randn(M, N) if epilogue == "residual" else None
+    xc, wc, bc, rc = x.cuda(), w.cuda(), b.cuda(), None if res is None else res.cuda()
+    y1 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=1)
+    y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=3)
+    assert torch.equal(y1, ops.conv1d(xc, wc, bc, epilogue, rc))
+    assert torch.equal(y3, y1), f"variant 3 differs from variant 1 by {(y3 - y1).abs().max().item():.3g}"
+    ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
+    assert_parity(y3, ref, terms, K, f"matmul_decode v3 {M}x{K}x{N} {epilogue}")
+
+
+def _kv_case(B, H, Tmax, D, mode, seed):
+    """x [B, 1, K], c_attn-shaped weight [K, 3E] in `mode` (its Linear), and strided layer caches, as the decoder's."""
+    from gpt2kern.weights import Linear
+    torch.manual_seed(seed)
+    E, K = H * D, 40 + 8 * seed
+    lin = Linear.of((torch.randn(K, 3 * E) * 0.1).cuda(), torch.randn(3 * E).cuda(), mode)
+    kc, vc = torch.randn(2, B, H, Tmax, D, device="cuda").unbind(0)
+    return torch.randn(B, 1, K, device="cuda"), lin, kc, vc
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode,variant", [("fp32", 1), ("fp32", 3), ("fp16", 1), ("bf16", 1), ("int8", 1)])
+@pytest.mark.parametrize("B,H,Tmax,D,slot", [(1, 12, 40, 64, 0), (3, 4, 9, 8, 8), (2, 2, 5, 3, 2), (32, 12, 6, 64, 5)])
+def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, slot):
+    """With the caches, matmul_decode returns conv1d's qkv and leaves the caches as kv_write (= two index_copy_)
+    would, in every weight mode (variant 3 reads fp32 only): through the GEMV's own epilogue and through its split-K
+    finish kernel (E = 768: N = 2304 splits K on any GPU with more than 36 SMs); a slot outside [0, Tmax) stores
+    nothing."""
+    x, lin, kc, vc = _kv_case(B, H, Tmax, D, mode, slot)
+    want = ops.conv1d(x, lin.data, lin.bias, "none", None, -1, "kn", lin.scales)
+    want_k, want_v = kc.clone(), vc.clone()
+    idx = torch.tensor([slot], device="cuda")
+    ops.kv_write(want, want_k, want_v, idx)
+    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc, slot=idx)
+    assert torch.equal(y, want)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    before_k, before_v = kc.clone(), vc.clone()
+    for bad in (Tmax, -1):
+        ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc,
+                          slot=torch.tensor([bad], device="cuda"))
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+@needs_cuda
+def test_matmul_decode_argument_errors():
+    x, w = torch.randn(2, 8, device="cuda"), torch.randn(8, 12, device="cuda")
+    c, s = torch.zeros(2, 2, 5, 2, device="cuda"), torch.tensor([0], device="cuda")
+    with pytest.raises(ValueError, match="variant must be 1 .* or 3"):
+        ops.matmul_decode(x, w, variant=2)
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        ops.matmul_decode(torch.randn(33, 8, device="cuda"), w)
+    with pytest.raises(ValueError, match="variant 3 reads float32 weights"):
+        ops.matmul_decode(x, w.half(), variant=3)
+    with pytest.raises(ValueError, match="go together"):
+        ops.matmul_decode(x, w, k_cache=c, slot=s)
+    with pytest.raises(ValueError, match="one row per cache row"):
+        ops.matmul_decode(x[:1], w, k_cache=c, v_cache=c.clone(), slot=s)
+    with pytest.raises(ValueError, match=r"weight must be \[8, 12\] \(q, k, v columns\)"):
+        ops.matmul_decode(x, w[:, :9], k_cache=c, v_cache=c.clone(), slot=s)
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        ops.matmul_decode(x, w, k_cache=c, v_cache=c[:, :, :4], slot=s)
+    with pytest.raises(TypeError, match="slot must be"):
+        ops.matmul_decode(x, w, k_cache=c, v_cache=c.clone(), slot=s.int())
+    with pytest.raises(ValueError, match="slot is on cpu"):
+        ops.matmul_decode(x, w, k_cache=c, v_cache=c.clone(), slot=s.cpu())
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        ops.matmul_decode(torch.randn(2, 0, device="cuda"), w[:0])
+
+
+@needs_cuda
+def test_embedding_step_advances_the_cursor():
+    torch.manual_seed(0)
+    V, P, n = 50, 20, 16
+    wte, wpe = torch.randn(V, n, device="cuda"), torch.randn(P, n, device="cuda")
+    ids = torch.tensor([[4], [49], [0]], device="cuda")  # B = 3 rows
+    cursor = torch.tensor([6, 7, 6, 2, 0], device="cuda")  # slot, kv_len, the rows' last positions
+    h = ops.embedding_step(ids, wte, wpe, cursor)
+    assert torch.equal(cursor, torch.tensor([7, 8, 7, 3, 1], device="cuda"))
+    assert torch.equal(h, ops.embedding(ids, wte, wpe, cursor[2:, None]))  # the new positions
+    # a position past the table: NaN row, IndexError on the next check; the other rows are still right
+    cursor = torch.tensor([0, 1, 3, P - 1, 4], device="cuda")
+    h = ops.embedding_step(ids, wte, wpe, cursor)
+    assert h[1].isnan().all() and h[0].isfinite().all() and h[2].isfinite().all()
+    with pytest.raises(IndexError, match="position_ids contains 20"):
+        ops.check_cuda_errors()
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, 1\]"):
+        ops.embedding_step(ids.view(1, 3), wte, wpe, cursor[:3])
+    with pytest.raises(ValueError, match=r"cursor must be a contiguous int64 \[2 \+ B\] = \[5\]"):
+        ops.embedding_step(ids, wte, wpe, cursor[:4])
+    with pytest.raises(TypeError, match="cursor must be"):
+        ops.embedding_step(ids, wte, wpe, cursor.int())
+    with pytest.raises(ValueError, match="cursor is on cpu"):
+        ops.embedding_step(ids, wte, wpe, cursor.cpu())
+
+
+@needs_cuda
+def test_decode_op_opcheck():
+    x, lin, kc, vc = _kv_case(2, 2, 5, 4, "fp32", 1)
+    s = torch.tensor([1], device="cuda")
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 3))
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 1, kc, vc, s))
+    wte, wpe = torch.randn(9, 4, device="cuda"), torch.randn(7, 4, device="cuda")
+    torch.library.opcheck(torch.ops.gpt2kern.embedding_step,
+                          (torch.tensor([[1], [2]], device="cuda"), wte, wpe, torch.zeros(4, dtype=torch.long,
+                                                                                         device="cuda")))
+
+
 # distilgpt2's prefill GEMMs (c_attn, attn c_proj, c_fc, mlp c_proj) and its lm_head, at prompt lengths 128…1024
 PREFILL_BLOCK_KN = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 PREFILL_SHAPES = ([(M, K, N) for M in (128, 512, 1024) for K, N in PREFILL_BLOCK_KN]
@@ -308,15 +429,11 @@ PREFILL_SHAPES = ([(M, K, N) for M in (128, 512, 1024) for K, N in PREFILL_BLOCK
 
 
 def _prefill_ref(M, K, N, epilogue):
-    from test_gelu import gelu_terms, ref_gelu
     torch.manual_seed(M * 31 + K * 7 + N)
     x, w, b = torch.randn(M, K).cuda(), (torch.randn(K, N) * 0.05).cuda(), torch.randn(N).cuda()
     res = torch.randn(M, N).cuda() if epilogue == "residual" else None
-    ref, terms = ref_mm(x, w, b)  # float64 on the GPU: the lm_head's at M = 512 would take seconds on the CPU
-    if epilogue == "gelu_new":
-        ref, terms = ref_gelu(ref), 1.13 * terms + gelu_terms(ref)
-    elif epilogue == "residual":
-        ref, terms = ref + res.double(), terms + res.double().abs()
+    # float64 on the GPU: the lm_head's at M = 512 would take seconds on the CPU
+    ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
     return x, w, b, res, ref, terms
 
 
@@ -379,10 +496,27 @@ def test_decode_variant_ops_refuse_cpu_tensors():
     with pytest.raises(ValueError, match="CUDA tensors only"):
         q = torch.randn(1, 1, 1, 8)
         ops.decode_attention(q, q, q, None, torch.tensor([1]), 1.0)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        ops.matmul_decode(torch.randn(1, 8), torch.randn(8, 4), variant=3)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        ops.embedding_step(torch.zeros(1, 1, dtype=torch.long), torch.randn(5, 4), torch.randn(3, 4),
+                           torch.zeros(3, dtype=torch.long))
+
+
+def test_decode_variant_ops_fakes():
+    """The fake (meta) implementations of the CUDA-only decode ops give the CUDA ops' shapes (torch.compile, meta)."""
+    m = dict(device="meta")
+    y = torch.ops.gpt2kern.matmul_decode(torch.empty(3, 1, 8, **m), torch.empty(8, 24, **m), None, "none", None, None,
+                                         3, torch.empty(3, 2, 5, 4, **m), torch.empty(3, 2, 5, 4, **m),
+                                         torch.empty(1, dtype=torch.long, **m))
+    assert y.shape == (3, 1, 24) and y.device.type == "meta"
+    h = torch.ops.gpt2kern.embedding_step(torch.empty(3, 1, dtype=torch.long, **m), torch.empty(50, 16, **m),
+                                          torch.empty(20, 16, **m), torch.empty(5, dtype=torch.long, **m))
+    assert h.shape == (3, 1, 16) and h.dtype == torch.float32
 
 
 @needs_cuda
-@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3)])
 @torch.no_grad()
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
@@ -452,18 +586,20 @@ def test_kv_write_argument_errors():
 
 
 @needs_cuda
-@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("kv_write,attention,gemv,graph", [(2, 1, 1, True), (2, 2, 2, True), (3, 1, 1, True),
+                                                           (3, 2, 3, True), (3, 1, 3, False)])
 @torch.no_grad()
-def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, attention, gemv):
-    """kv_write=2 (one kernel per layer): the same tokens as kv_write=1 and as HF generate, and fewer launches."""
+def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_write, attention, gemv, graph):
+    """kv_write=2 (one kernel per layer) and 3 (stored by c_attn's GEMV, the cursor advanced by the embedding
+    kernel): the same tokens, caches and cursor as kv_write=1 and HF generate's tokens, and fewer launches."""
     from gpt2kern.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
     B, T, n = 2, 7, 20
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    kw = dict(batch_size=B, max_len=T + n + 5, attention=attention, gemv=gemv)
-    fused, unfused = CudaGraphDecoder(ref, kv_write=2, **kw), CudaGraphDecoder(ref, kv_write=1, **kw)
+    kw = dict(batch_size=B, max_len=T + n + 5, attention=attention, gemv=gemv, use_graph=graph)
+    fused, unfused = CudaGraphDecoder(ref, kv_write=kv_write, **kw), CudaGraphDecoder(ref, kv_write=1, **kw)
     hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     eos = ref.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
@@ -471,18 +607,28 @@ def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, att
     assert torch.equal(a, unfused.generate(ids, n, attention_mask=mask))
     assert _until_eos(hf, T, eos) == _until_eos(a[:, : hf.shape[1]], T, eos)
     assert torch.equal(fused.k_cache, unfused.k_cache) and torch.equal(fused.v_cache, unfused.v_cache)
-    n_layer = len(fused.W.layers)
-    assert fused.launches_per_token["total"] <= unfused.launches_per_token["total"] - n_layer, (
-        fused.launches_per_token, unfused.launches_per_token)
+    if kv_write == 3:  # the cursor runs one step behind between steps (advanced at the next step's start)
+        assert torch.equal(fused.cursor + 1, unfused.cursor)
+    else:
+        assert torch.equal(fused.cursor, unfused.cursor)
+    if graph:
+        n_layer = len(fused.W.layers)
+        fewer = n_layer if kv_write == 2 else 2 * n_layer + 1  # kv_write=3: no write kernel, no cursor add
+        assert fused.launches_per_token["total"] <= unfused.launches_per_token["total"] - fewer, (
+            fused.launches_per_token, unfused.launches_per_token)
 
 
 @needs_cuda
 def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     with pytest.raises(ValueError, match="kv_write must be one of"):
-        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=3)
-    with pytest.raises(ValueError, match="attention and gemv must be one of"):
+        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=4)
+    with pytest.raises(ValueError, match="attention must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, attention=3)
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=0)
+    with pytest.raises(ValueError, match="gemv=2 takes kv_write 1 or 2"):
+        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=2, kv_write=3)
     with pytest.raises(ValueError, match="gemv=2 takes batch_size <= 32"):
         CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, gemv=2)
 
@@ -580,5 +726,10 @@ def test_cuda_graph_decoder_weight_modes(cuda_mode_pair, graph):
     gpt2kern.restore(plain)
     b = gpt2kern.generate(plain, ids, weights=mode, **kw)
     assert torch.equal(a.cpu(), ours.cpu()) and torch.equal(b.cpu(), a.cpu())
-    with pytest.raises(ValueError, match="gemv=2 reads fp32"):
-        CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=2)
+    for gemv in (2, 3):
+        with pytest.raises(ValueError, match=f"gemv={gemv} reads fp32"):
+            CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=gemv)
+    # kv_write=3 (K/V stored by the reduced-mode GEMV itself): the same tokens and caches
+    fused = CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, use_graph=graph, kv_write=3)
+    assert torch.equal(fused.generate(ids, n, attention_mask=mask), ours)
+    assert torch.equal(fused.k_cache, dec.k_cache) and torch.equal(fused.v_cache, dec.v_cache)

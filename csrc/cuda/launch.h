@@ -35,6 +35,13 @@ struct EmbeddingError {
 cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte, int64_t vocab,
                       const float* wpe, int64_t n_pos, float* out, int64_t rows, int64_t n, EmbeddingError* err,
                       cudaStream_t stream);
+// The decode step's embedding that also advances the decoder's cursor (CudaGraphDecoder kv_write=3), one token per
+// row: cursor is [2 + rows] int64 on the device, [slot, kv_len, pos of each row]. Row b is embedded at position
+// pos[b] + 1, which it stores back; slot and kv_len each grow by one. Nothing else reads the cursor during this
+// kernel (each block owns its row's position), so the step needs no separate add launch.
+cudaError_t embedding_step(const int64_t* ids, int64_t* cursor, const float* wte, int64_t vocab, const float* wpe,
+                           int64_t n_pos, float* out, int64_t rows, int64_t n, EmbeddingError* err,
+                           cudaStream_t stream);
 
 // Decode GEMV variant 2 (nn.Linear layout): C[m, n] = epi(Σ_k A[m, k]·Wt[n, k] + bias[n]) for m < M <= kGemvMaxRows;
 // Wt is [N, K] with row stride ldw. One warp per output column, float4 loads where K, the strides and pointers
@@ -42,18 +49,35 @@ cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt,
 cudaError_t matmul_nk(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, int64_t ldw, int64_t N,
                       const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream);
 
+// The decode step's K/V cache write folded into c_attn's GEMV (CudaGraphDecoder kv_write=3): besides C[m, n], the
+// final value of a column n in [E, 3E) is stored at slot *slot of row m's cache: n - E = h·D + d → k[m, h, slot, d],
+// n - 2E likewise → v. k, v are [B, H, Tmax, D] with strides sb, sh, st (d contiguous); the slot is read on the
+// device (capturable); a slot outside [0, Tmax) stores nothing. k == nullptr: no cache store (every other call).
+struct KvOut {
+  float* k = nullptr;
+  float* v = nullptr;
+  const int64_t* slot = nullptr;
+  int64_t E = 0, D = 1, sb = 0, sh = 0, st = 0, Tmax = 0;
+};
+
 // Conv1D: C[m, n] = epi(Σ_k A[m, k]·W[k, n] + bias[n]) for m < M, n < N.
 //   epi: 0 none, 1 gelu_new, 2 + R[m, n].  C is contiguous [M, N]; W is [K, N] with row stride ldw.
 // M <= kGemvMaxRows takes the GEMV kernel, larger M a tiled GEMM (128x128 tiles when they fill num_sms SMs); it splits K over `splits` blocks when splits > 1, and then needs
 // `workspace` of splits·M·N floats (gemv_splits() says how many; 1 means no workspace).
 constexpr int kGemvMaxRows = 32;
 int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
+// `kv` (M <= kGemvMaxRows only) also stores K/V into a cache, see KvOut.
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   int num_sms, cudaStream_t stream);
+                   int num_sms, cudaStream_t stream, const KvOut& kv = KvOut{});
+// Decode GEMV variant 3: variant 1's kernel (the same splits, workspace and summation order: bitwise its result)
+// with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound variant 1).
+cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
+                        float* workspace, cudaStream_t stream, const KvOut& kv = KvOut{});
 // Sums the [splits, M, N] partials of a split-K matmul in split order (deterministic) and applies the epilogue.
 cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
-                          const float* R, int64_t ldr, float* C, cudaStream_t stream);
+                          const float* R, int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv = KvOut{});
 
 // Prefill GEMM variant 2, the same Conv1D (contiguous C [M, N], W [K, N] with row stride ldw): 128×128 tiles with
 // the next K tile prefetched into a second shared buffer, K split over `splits` blocks when splits > 1 (then
@@ -74,7 +98,7 @@ int gemv_lowp_splits(LowpType t, int64_t M, int64_t K, int64_t N, int64_t group,
 cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int64_t K, const void* W, int64_t ldw,
                         int64_t N, const float* scales, int64_t lds, int64_t group, const float* bias, int epi,
                         const float* R, int64_t ldr, float* C, int splits, float* workspace, int num_sms,
-                        cudaStream_t stream);
+                        cudaStream_t stream, const KvOut& kv = KvOut{});
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
 // (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.)

@@ -134,7 +134,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
                                                                int64_t N, const float* __restrict__ bias, int epi,
                                                                const float* __restrict__ R, int64_t ldr,
                                                                float* __restrict__ C, int splits,
-                                                               float* __restrict__ ws) {
+                                                               float* __restrict__ ws, KvOut kv) {
   __shared__ float red[kGemvWarps][MR][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n = (int64_t)blockIdx.x * 32 + lane;
@@ -176,7 +176,98 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
       float s = 0.f;
 #pragma unroll
       for (int w = 0; w < kGemvWarps; ++w) s += red[w][r][lane];
-      if (splits == 1) C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
+      if (splits == 1) store_out(C, N, r, n, epilogue(s, epi, bias, n, R, ldr, r), kv);
+      else ws[((int64_t)blockIdx.y * M + r) * N + n] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- decode variant 3: variant 1, x in shared memory
+//
+// What: gemv_kernel exactly (a lane per column, warps on interleaved k with 4 W rows in flight, the same split-K,
+// the warps' partials summed in the same order: bitwise variant 1's result) except where x comes from. The block
+// copies its K range of x into shared memory tile by tile, transposed to xs[k][r] (the MR rows of a k adjacent),
+// and reads each k's rows as MR/4 float4 broadcasts.
+// Why: variant 1 reads x from global memory once per FMA (M = 32: 33 load instructions per W row and warp for 32
+// FMAs), so at M = 9…32 the load/store unit, not HBM, bounds it; from shared memory one float4 feeds 4 FMAs.
+// One 32 KiB buffer holds the x tile during the k loop and the warps' partials after it.
+constexpr int kStagedFloats = 8192;
+
+template <int MR>
+__global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
+    const float* __restrict__ A, int64_t lda, int M, int64_t K, const float* __restrict__ W, int64_t ldw, int64_t N,
+    const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr, float* __restrict__ C,
+    int splits, float* __restrict__ ws, KvOut kv) {
+  static_assert(MR % 4 == 0 && kGemvWarps * MR * 32 <= kStagedFloats, "the partials must fit the buffer");
+  constexpr int KT = kStagedFloats / MR, G = MR / 4, S = kGemvWarps;  // KT: k's per x tile (256 at MR = 32)
+  static_assert(KT % S == 0, "tiles must keep each warp's k sequence");
+  __shared__ __align__(16) float buf[kStagedFloats];
+  const float4* xs = reinterpret_cast<const float4*>(buf);  // xs[kk * G + g] = rows 4g..4g+3 of tile k kk
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t n = (int64_t)blockIdx.x * 32 + lane;
+  const bool col_ok = n < N;
+  const float* wcol = W + (col_ok ? n : N - 1);  // lanes past N read a valid column and discard it
+  const int64_t kchunk = (K + splits - 1) / splits;
+  const int64_t kb = (int64_t)blockIdx.y * kchunk, ke = kb + kchunk < K ? kb + kchunk : K;
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
+
+  for (int64_t k0 = kb; k0 < ke; k0 += KT) {
+    const int kt = (int)(ke - k0 < KT ? ke - k0 : KT);
+    __syncthreads();  // every warp is done with the previous tile
+    for (int i = threadIdx.x; i < KT * MR; i += kGemvWarps * 32) {  // consecutive threads, consecutive words
+      const int kk = i / MR, r = i % MR;
+      buf[i] = (r < M && kk < kt) ? A[r * lda + k0 + kk] : 0.f;
+    }
+    __syncthreads();
+    int kk = warp;
+    for (; kk + 3 * S < kt; kk += 4 * S) {  // 4 weight rows in flight per warp, as in variant 1
+      const int64_t k = k0 + kk;
+      const float w0 = wcol[k * ldw], w1 = wcol[(k + S) * ldw], w2 = wcol[(k + 2 * S) * ldw],
+                  w3 = wcol[(k + 3 * S) * ldw];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (4 * g < M) {
+          const float4 a0 = xs[kk * G + g], a1 = xs[(kk + S) * G + g], a2 = xs[(kk + 2 * S) * G + g],
+                       a3 = xs[(kk + 3 * S) * G + g];  // the same address in every lane: broadcasts
+          const float r0[4] = {a0.x, a0.y, a0.z, a0.w}, r1[4] = {a1.x, a1.y, a1.z, a1.w},
+                      r2[4] = {a2.x, a2.y, a2.z, a2.w}, r3[4] = {a3.x, a3.y, a3.z, a3.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // variant 1's order per row: k, k + S, k + 2S, k + 3S
+            float& c = acc[4 * g + j];
+            c = fmaf(r0[j], w0, c);
+            c = fmaf(r1[j], w1, c);
+            c = fmaf(r2[j], w2, c);
+            c = fmaf(r3[j], w3, c);
+          }
+        }
+      }
+    }
+    for (; kk < kt; kk += S) {
+      const float w0 = wcol[(k0 + kk) * ldw];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (4 * g < M) {
+          const float4 a = xs[kk * G + g];
+          acc[4 * g] = fmaf(a.x, w0, acc[4 * g]);
+          acc[4 * g + 1] = fmaf(a.y, w0, acc[4 * g + 1]);
+          acc[4 * g + 2] = fmaf(a.z, w0, acc[4 * g + 2]);
+          acc[4 * g + 3] = fmaf(a.w, w0, acc[4 * g + 3]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // the last tile is dead: the buffer takes the partials, red[warp][r][lane]
+#pragma unroll
+  for (int r = 0; r < MR; ++r) buf[(warp * MR + r) * 32 + lane] = acc[r];
+  __syncthreads();
+  if (col_ok) {
+    for (int r = warp; r < M; r += kGemvWarps) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kGemvWarps; ++w) s += buf[(w * MR + r) * 32 + lane];
+      if (splits == 1) store_out(C, N, r, n, epilogue(s, epi, bias, n, R, ldr, r), kv);
       else ws[((int64_t)blockIdx.y * M + r) * N + n] = s;
     }
   }
@@ -184,18 +275,18 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
 
 __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, int M, int64_t N,
                                      const float* __restrict__ bias, int epi, const float* __restrict__ R,
-                                     int64_t ldr, float* __restrict__ C) {
+                                     int64_t ldr, float* __restrict__ C, KvOut kv) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (int64_t)M * N) return;
   const int64_t r = idx / N, n = idx % N;
   float s = 0.f;
   for (int sp = 0; sp < splits; ++sp) s += ws[((int64_t)sp * M + r) * N + n];
-  C[r * N + n] = epilogue(s, epi, bias, n, R, ldr, r);
+  store_out(C, N, r, n, epilogue(s, epi, bias, n, R, ldr, r), kv);
 }
 
 cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
-                          const float* R, int64_t ldr, float* C, cudaStream_t stream) {
-  splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(ws, splits, (int)M, N, bias, epi, R, ldr, C);
+                          const float* R, int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv) {
+  splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(ws, splits, (int)M, N, bias, epi, R, ldr, C, kv);
   return cudaGetLastError();
 }
 
@@ -288,24 +379,47 @@ int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   return s < 1 ? 1 : (int)s;
 }
 
+static bool gemv_args_ok(int64_t M, int64_t N, int splits, const float* workspace) {
+  return M <= kGemvMaxRows && splits >= 1 && splits <= 65535 && (splits == 1 || workspace != nullptr) &&
+         (N + 31) / 32 <= 0x7fffffff;
+}
+
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   int num_sms, cudaStream_t stream) {
+                   int num_sms, cudaStream_t stream, const KvOut& kv) {
   if (M == 0 || N == 0) return cudaGetLastError();
   if (M <= kGemvMaxRows) {
-    if (splits < 1 || (splits > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
+    if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
     if (M <= 8)
       gemv_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-                                                           splits, workspace);
+                                                           splits, workspace, kv);
     else
       gemv_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
-                                                                      ldr, C, splits, workspace);
+                                                                      ldr, C, splits, workspace, kv);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
-    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
+    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
   }
+  if (kv.k != nullptr) return cudaErrorInvalidValue;  // the cache store is the decode GEMV's
   return tiles::launch_gemm<float>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, num_sms, stream);
+}
+
+cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
+                        float* workspace, cudaStream_t stream, const KvOut& kv) {
+  if (M == 0 || N == 0) return cudaGetLastError();
+  if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
+  dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
+  if (M <= 8)
+    gemv_staged_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
+                                                                splits, workspace, kv);
+  else
+    gemv_staged_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi,
+                                                                           R, ldr, C, splits, workspace, kv);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
 }
 
 

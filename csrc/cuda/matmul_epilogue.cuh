@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "gelu.cuh"
+#include "launch.h"
 
 namespace gk::cuda {
 
@@ -15,6 +16,17 @@ __device__ __forceinline__ float epilogue(float acc, int epi, const float* bias,
   if (epi == 1) y = gelu_new_f(y);
   else if (epi == 2) y = y + R[m * ldr + n];
   return y;
+}
+
+// C[m, n] = y (C contiguous [M, N]), and for a KvOut (c_attn's GEMV at decode) y also goes to row m's K or V cache.
+__device__ __forceinline__ void store_out(float* C, int64_t N, int64_t m, int64_t n, float y, const KvOut& kv) {
+  C[m * N + n] = y;
+  if (kv.k == nullptr || n < kv.E || n >= 3 * kv.E) return;
+  const int64_t s = *kv.slot;
+  if (s < 0 || s >= kv.Tmax) return;
+  const bool is_v = n >= 2 * kv.E;
+  const int64_t e = n - (is_v ? 2 * kv.E : kv.E);
+  (is_v ? kv.v : kv.k)[m * kv.sb + (e / kv.D) * kv.sh + s * kv.st + e % kv.D] = y;
 }
 
 }  // namespace gk::cuda

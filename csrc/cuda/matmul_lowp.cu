@@ -56,7 +56,8 @@ template <class WT, int MR>
 __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const WT* __restrict__ W, int64_t ldw, int64_t N,
     const float* __restrict__ S, int64_t lds, int64_t G, int64_t C, bool vec, const float* __restrict__ bias,
-    int epi, const float* __restrict__ R, int64_t ldr, float* __restrict__ out, int splits, float* __restrict__ ws) {
+    int epi, const float* __restrict__ R, int64_t ldr, float* __restrict__ out, int splits, float* __restrict__ ws,
+    KvOut kv) {
   constexpr bool kScaled = std::is_same_v<WT, int8_t>;
   constexpr int V = Widen<WT>::kVec, COLS = 32 * V;
   __shared__ float red[kLpWarps][MR][COLS];
@@ -139,7 +140,7 @@ __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kLpWarps; ++w) s += red[w][r][col];  // in warp order: deterministic
-    if (splits == 1) out[m * N + nn] = epilogue(s, epi, bias, nn, R, ldr, m);
+    if (splits == 1) store_out(out, N, m, nn, epilogue(s, epi, bias, nn, R, ldr, m), kv);
     else ws[((int64_t)blockIdx.y * M + m) * N + nn] = s;
   }
 }
@@ -161,7 +162,8 @@ int rows_per_block(int64_t M) { return M == 1 ? 1 : kLpRows; }
 template <class WT>
 cudaError_t launch(const float* A, int64_t lda, int64_t M, int64_t K, const void* Wv, int64_t ldw, int64_t N,
                    const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R, int64_t ldr,
-                   float* out, int splits, float* workspace, int num_sms, cudaStream_t stream, int64_t C) {
+                   float* out, int splits, float* workspace, int num_sms, cudaStream_t stream, int64_t C,
+                   const KvOut& kv) {
   const WT* W = static_cast<const WT*>(Wv);
   if (M <= kGemvMaxRows) {
     constexpr int COLS = 32 * Widen<WT>::kVec;
@@ -170,15 +172,16 @@ cudaError_t launch(const float* A, int64_t lda, int64_t M, int64_t K, const void
     dim3 grid((unsigned)((N + COLS - 1) / COLS), (unsigned)splits, (unsigned)((M + mr - 1) / mr));
     if (mr == 1)
       gemv_lowp_kernel<WT, 1><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
-                                                                   bias, epi, R, ldr, out, splits, workspace);
+                                                                   bias, epi, R, ldr, out, splits, workspace, kv);
     else
       gemv_lowp_kernel<WT, kLpRows><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C,
                                                                          vec, bias, epi, R, ldr, out, splits,
-                                                                         workspace);
+                                                                         workspace, kv);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
-    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, out, stream);
+    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, out, stream, kv);
   }
+  if (kv.k != nullptr) return cudaErrorInvalidValue;  // the cache store is the decode GEMV's
   return tiles::launch_gemm<WT>(A, lda, M, K, W, ldw, N, S, lds, G, bias, epi, R, ldr, out, num_sms, stream);
 }
 
@@ -199,7 +202,7 @@ int gemv_lowp_splits(LowpType t, int64_t M, int64_t K, int64_t N, int64_t group,
 cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int64_t K, const void* W, int64_t ldw,
                         int64_t N, const float* scales, int64_t lds, int64_t group, const float* bias, int epi,
                         const float* R, int64_t ldr, float* C, int splits, float* workspace, int num_sms,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const KvOut& kv) {
   if (M == 0 || N == 0 || K == 0) return cudaGetLastError();  // (the glue handles K == 0: bias only)
   if (M <= kGemvMaxRows && (splits < 1 || splits > 65535 || (splits > 1 && workspace == nullptr)))
     return cudaErrorInvalidValue;
@@ -208,13 +211,13 @@ cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int6
   switch (t) {
     case LowpType::F16:
       return launch<__half>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, splits, workspace, num_sms,
-                            stream, ch);
+                            stream, ch, kv);
     case LowpType::BF16:
       return launch<__nv_bfloat16>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, splits, workspace,
-                                   num_sms, stream, ch);
+                                   num_sms, stream, ch, kv);
     case LowpType::I8:
       return launch<int8_t>(A, lda, M, K, W, ldw, N, scales, lds, group, bias, epi, R, ldr, C, splits, workspace,
-                            num_sms, stream, ch);
+                            num_sms, stream, ch, kv);
   }
   return cudaErrorInvalidValue;
 }

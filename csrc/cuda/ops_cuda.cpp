@@ -165,9 +165,12 @@ cuda::LowpType lowp_type(at::ScalarType t) {
 
 }  // namespace
 
-at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
-                  c10::string_view layout, const std::optional<at::Tensor>& scales) {
+// conv1d's body, shared with matmul_decode: `variant` 1 runs conv1d's kernels, 3 the staged GEMV (float32, M <=
+// kGemvMaxRows: matmul_decode checks); `kv` the c_attn cache store (decode GEMV only: matmul_decode checks).
+static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              c10::string_view epilogue, const std::optional<at::Tensor>& residual,
+                              int64_t out_features, c10::string_view layout, const std::optional<at::Tensor>& scales,
+                              int variant, const cuda::KvOut& kv) {
   const int epi = parse_epilogue(epilogue);
   const bool lowp = is_lowp(weight.scalar_type());
   if (lowp) {  // the shared checks but weight's dtype (check_conv1d_inputs wants float32)
@@ -221,16 +224,78 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
                                                      S.defined() ? row_stride(S) : 0, group, pb, epi, pr, ldr,
                                                      y.data_ptr<float>(), splits,
                                                      ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(),
-                                                     stream()));
+                                                     stream(), kv));
     return y;
   }
   const int splits = cuda::gemv_splits(M, K, N, num_sms());
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
-  GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N,
-                                              pb, epi, pr, ldr, y.data_ptr<float>(), splits,
-                                              ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(), stream()));
+  float* pws = ws.defined() ? ws.data_ptr<float>() : nullptr;
+  if (variant == 3)
+    GK_CUDA_CHECK_LAUNCH("matmul_decode", cuda::gemv_staged(A.data_ptr<float>(), row_stride(A), M, K,
+                                                            W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
+                                                            y.data_ptr<float>(), splits, pws, stream(), kv));
+  else
+    GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw,
+                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, num_sms(),
+                                                stream(), kv));
   return y;
+}
+
+at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
+                  c10::string_view layout, const std::optional<at::Tensor>& scales) {
+  return conv1d_impl(x, weight, bias, epilogue, residual, out_features, layout, scales, 1, cuda::KvOut{});
+}
+
+// matmul_decode: conv1d at decode (x of at most kGemvMaxRows rows; weight [K, N] in any CUDA weight mode, scales for
+// int8) by a numbered GEMV variant: 1, conv1d's split-K GEMV; 3, the same with x staged in shared memory (float32
+// weights; variant 2 is matmul_nk, on [N, K] weights). With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on
+// the device) it also stores K/V as it goes (CudaGraphDecoder kv_write=3): weight has N = 3E columns (E = H·D, q k
+// v), x has B rows, and columns [E, 2E) of row b go to k_cache[b, :, slot], [2E, 3E) to v_cache[b, :, slot]; a slot
+// outside [0, Tmax) stores nothing. Argument errors of the shared checks name conv1d.
+at::Tensor matmul_decode(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         c10::string_view epilogue, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& scales, int64_t variant,
+                         const std::optional<at::Tensor>& k_cache, const std::optional<at::Tensor>& v_cache,
+                         const std::optional<at::Tensor>& slot) {
+  const char* op = "matmul_decode";
+  TORCH_CHECK_VALUE(variant == 1 || variant == 3, "gpt2kern.matmul_decode: variant must be 1 (split-K GEMV) or 3 "
+                    "(x staged in shared memory); variant 2 is matmul_nk ([out, in] weights); got ", variant);
+  GK_CHECK_FLOAT(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "gpt2kern.matmul_decode: x must have a non-empty last dim, got "
+                    "shape ", x.sizes());
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_decode: x must have at most ", cuda::kGemvMaxRows,
+                    " rows (a decode GEMV), got ", M);
+  TORCH_CHECK_VALUE(variant == 1 || weight.scalar_type() == at::kFloat, "gpt2kern.matmul_decode: variant 3 reads "
+                    "float32 weights, got ", weight.scalar_type(), " (variant 1 takes every weight mode)");
+  cuda::KvOut kv;
+  if (k_cache || v_cache || slot) {
+    TORCH_CHECK_VALUE(k_cache && v_cache && slot, "gpt2kern.matmul_decode: k_cache, v_cache and slot go together "
+                      "(all three or none)");
+    const at::Tensor &k = *k_cache, &v = *v_cache, &s = *slot;
+    GK_CHECK_FLOAT(k, op, "k_cache");
+    GK_CHECK_FLOAT(v, op, "v_cache");
+    GK_CHECK_DTYPE(s, at::kLong, op, "slot");
+    GK_CHECK_SAME_DEVICE(x, k, op, "k_cache");
+    GK_CHECK_SAME_DEVICE(x, v, op, "v_cache");
+    GK_CHECK_SAME_DEVICE(x, s, op, "slot");
+    TORCH_CHECK_VALUE(k.dim() == 4, "gpt2kern.matmul_decode: k_cache must be [B, H, Tmax, D], got ", k.sizes());
+    TORCH_CHECK_VALUE(v.sizes() == k.sizes() && v.strides() == k.strides(), "gpt2kern.matmul_decode: v_cache must "
+                      "have k_cache's shape ", k.sizes(), " and strides ", k.strides(), ", got ", v.sizes(), " and ",
+                      v.strides());
+    TORCH_CHECK_VALUE(k.stride(3) == 1 || k.size(3) <= 1, "gpt2kern.matmul_decode: k_cache's last dim must be "
+                      "contiguous, got strides ", k.strides());
+    const int64_t B = k.size(0), H = k.size(1), D = k.size(3), E = H * D;
+    TORCH_CHECK_VALUE(M == B, "gpt2kern.matmul_decode: x must have one row per cache row (", B, "), got ", M);
+    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * E, "gpt2kern.matmul_decode: with caches ",
+                      k.sizes(), " weight must be [", K, ", ", 3 * E, "] (q, k, v columns), got ", weight.sizes());
+    TORCH_CHECK_VALUE(s.numel() == 1, "gpt2kern.matmul_decode: slot must hold one index, got shape ", s.sizes());
+    kv = cuda::KvOut{k.data_ptr<float>(), v.data_ptr<float>(), s.data_ptr<int64_t>(), E, D > 0 ? D : 1,
+                     k.stride(0), k.stride(1), k.stride(2), k.size(2)};
+  }
+  return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, (int)variant, kv);
 }
 
 
@@ -269,6 +334,35 @@ at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const a
                                                     tt.defined() ? tt.data_ptr<int64_t>() : nullptr,
                                                     e.data_ptr<float>(), V, p.data_ptr<float>(), P,
                                                     out.data_ptr<float>(), B * T, n, rec, stream()));
+  return out;
+}
+
+// embedding_step: the decode step's embedding of input_ids [B, 1] that advances the decoder's cursor, int64 [2 + B]
+// contiguous on the device ([slot, kv_len, position of each row]): row b is embedded at position cursor[2 + b] + 1,
+// which is stored back, and slot and kv_len grow by one, all in one kernel (CudaGraphDecoder kv_write=3).
+at::Tensor embedding_step(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
+                          const at::Tensor& cursor) {
+  const char* op = "embedding_step";
+  check_embedding_tables(input_ids, wte, wpe);
+  const int64_t B = input_ids.size(0), n = wte.size(1);
+  TORCH_CHECK_VALUE(input_ids.size(1) == 1, "gpt2kern.embedding_step: input_ids must be [B, 1] (one token per row), "
+                    "got ", input_ids.sizes());
+  GK_CHECK_DTYPE(cursor, at::kLong, op, "cursor");
+  GK_CHECK_SAME_DEVICE(wte, cursor, op, "cursor");
+  TORCH_CHECK_VALUE(cursor.dim() == 1 && cursor.size(0) == 2 + B && cursor.is_contiguous(), "gpt2kern.embedding_step: "
+                    "cursor must be a contiguous int64 [2 + B] = [", 2 + B, "] (slot, kv_len, then each row's "
+                    "position), got shape ", cursor.sizes(), " and strides ", cursor.strides());
+  c10::cuda::CUDAGuard guard(wte.device());
+  at::Tensor ids = embedding_ids(input_ids, wte, B, 1, "input_ids");
+  check_embedding_errors();  // a bad id of an earlier, finished call
+  at::Tensor out = at::empty({B, 1, n}, wte.options());
+  if (B == 0) return out;
+  cuda::EmbeddingError* rec = embedding_error_record();
+  embedding_record_exists = true;
+  at::Tensor e = wte.contiguous(), p = wpe.contiguous();
+  GK_CUDA_CHECK_LAUNCH(op, cuda::embedding_step(ids.data_ptr<int64_t>(), cursor.data_ptr<int64_t>(),
+                                                e.data_ptr<float>(), e.size(0), p.data_ptr<float>(), p.size(0),
+                                                out.data_ptr<float>(), B, n, rec, stream()));
   return out;
 }
 
@@ -425,5 +519,7 @@ TORCH_LIBRARY_IMPL(gpt2kern, CUDA, m) {
   m.impl("embedding", &gk::cuda_ops::embedding);
   m.impl("decode_attention", &gk::cuda_ops::decode_attention);
   m.impl("matmul_nk", &gk::cuda_ops::matmul_nk);
+  m.impl("matmul_decode", &gk::cuda_ops::matmul_decode);
+  m.impl("embedding_step", &gk::cuda_ops::embedding_step);
   m.impl("matmul_prefill", &gk::cuda_ops::matmul_prefill);
 }
