@@ -74,8 +74,10 @@ class CudaGraphDecoder:
         cfg = model.config
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={cfg.n_positions}], got {max_len}")
-        if gemv == 2 and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
-            raise ValueError(f"gemv=2 takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
+        gemv_only = [f"{n}={v}" for n, v, only in (("gemv", gemv, gemv in (2, 3)), ("kv_write", kv_write, kv_write == 3))
+                     if only]  # every step matmul is then a decode GEMV, whose kernels take at most 32 rows
+        if gemv_only and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
+            raise ValueError(f"{' and '.join(gemv_only)} takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
         W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
         if gemv in (2, 3) and W.mode != "fp32":
             raise ValueError(f"gemv={gemv} reads fp32 weights; weights={W.mode!r} takes gemv=1")

@@ -305,18 +305,20 @@ def test_matmul_nk_argument_errors():
 
 @needs_cuda
 @pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (8, 3072, 768), (9, 768, 768), (17, 300, 50), (32, 768, 2304),
-                                   (32, 3072, 768), (32, 768, 50257), (5, 37, 100), (32, 1030, 7), (4, 9, 1)])
+                                   (32, 3072, 768), (32, 768, 50257), (5, 37, 100), (32, 1030, 7), (4, 5, 1),
+                                   (17, 600, 8448), (5, 1100, 8448)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_matmul_decode_variants(M, K, N, epilogue):
     """Variant 3 is variant 1 with x moved to shared memory and the same summation order: bitwise equal to it (and
-    variant 1 bitwise conv1d), and within the float64 budget; 8 and 32 register rows, ragged x tiles (K past one
-    256-row tile, K smaller than the warps), split and unsplit K, a strided x and an outlier channel."""
+    variant 1 bitwise conv1d), and within the float64 budget; 8 and 32 register rows, blocks over several x tiles
+    (N = 8448: one split on <= 132 SMs, so K = 600 is 3 tiles of 256 at 32 rows, K = 1100 2 tiles of 1024 at 8),
+    ragged tiles, K smaller than the warps, split and unsplit K, x rows not 16-byte aligned, an outlier channel."""
     torch.manual_seed(M * K + N)
-    x = torch.randn(M, K + 3)[:, 1:K + 1]  # rows lda = K + 3 apart, not 16-byte aligned
-    x[:, 0] = 3000.0  # trained GPT-2's residual outlier
-    w, b = torch.randn(K, N) * 0.05, torch.randn(N)
+    xc = torch.randn(M, K + 3, device="cuda")[:, 1:K + 1]  # rows lda = K + 3 apart, not 16-byte aligned
+    xc[:, 0] = 3000.0  # trained GPT-2's residual outlier
+    x, w, b = xc.cpu(), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
-    xc, wc, bc, rc = x.cuda(), w.cuda(), b.cuda(), None if res is None else res.cuda()
+    wc, bc, rc = w.cuda(), b.cuda(), None if res is None else res.cuda()
     y1 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=1)
     y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=3)
     assert torch.equal(y1, ops.conv1d(xc, wc, bc, epilogue, rc))
@@ -325,11 +327,12 @@ def test_matmul_decode_variants(M, K, N, epilogue):
     assert_parity(y3, ref, terms, K, f"matmul_decode v3 {M}x{K}x{N} {epilogue}")
 
 
-def _kv_case(B, H, Tmax, D, mode, seed):
-    """x [B, 1, K], c_attn-shaped weight [K, 3E] in `mode` (its Linear), and strided layer caches, as the decoder's."""
+def _kv_case(B, H, Tmax, D, K, mode, seed):
+    """x [B, 1, K], c_attn-shaped weight [K, 3E] in `mode` (its Linear), and one layer's caches (a slice of the
+    decoder-style [layers, B, H, Tmax, D] cache)."""
     from gpt2kern.weights import Linear
     torch.manual_seed(seed)
-    E, K = H * D, 40 + 8 * seed
+    E = H * D
     lin = Linear.of((torch.randn(K, 3 * E) * 0.1).cuda(), torch.randn(3 * E).cuda(), mode)
     kc, vc = torch.randn(2, B, H, Tmax, D, device="cuda").unbind(0)
     return torch.randn(B, 1, K, device="cuda"), lin, kc, vc
@@ -337,13 +340,14 @@ def _kv_case(B, H, Tmax, D, mode, seed):
 
 @needs_cuda
 @pytest.mark.parametrize("mode,variant", [("fp32", 1), ("fp32", 3), ("fp16", 1), ("bf16", 1), ("int8", 1)])
-@pytest.mark.parametrize("B,H,Tmax,D,slot", [(1, 12, 40, 64, 0), (3, 4, 9, 8, 8), (2, 2, 5, 3, 2), (32, 12, 6, 64, 5)])
-def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, slot):
+@pytest.mark.parametrize("B,H,Tmax,D,K,slot", [(1, 12, 40, 64, 80, 0), (3, 4, 9, 8, 384, 8), (2, 2, 5, 3, 392, 2),
+                                               (32, 12, 6, 64, 80, 5), (32, 12, 6, 64, 768, 3)])
+def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, K, slot):
     """With the caches, matmul_decode returns conv1d's qkv and leaves the caches as kv_write (= two index_copy_)
-    would, in every weight mode (variant 3 reads fp32 only): through the GEMV's own epilogue and through its split-K
-    finish kernel (E = 768: N = 2304 splits K on any GPU with more than 36 SMs); a slot outside [0, Tmax) stores
-    nothing."""
-    x, lin, kc, vc = _kv_case(B, H, Tmax, D, mode, slot)
+    would, in every weight mode (variant 3 reads fp32 only): through the GEMV's own epilogue (K = 80: one split)
+    and through its split-K finish kernel (K >= 384: 2 or more splits in every mode where N leaves SMs idle: all
+    but E = 768 on a GPU with fewer than 36 SMs); a slot outside [0, Tmax) stores nothing."""
+    x, lin, kc, vc = _kv_case(B, H, Tmax, D, K, mode, slot)
     want = ops.conv1d(x, lin.data, lin.bias, "none", None, -1, "kn", lin.scales)
     want_k, want_v = kc.clone(), vc.clone()
     idx = torch.tensor([slot], device="cuda")
@@ -412,7 +416,7 @@ def test_embedding_step_advances_the_cursor():
 
 @needs_cuda
 def test_decode_op_opcheck():
-    x, lin, kc, vc = _kv_case(2, 2, 5, 4, "fp32", 1)
+    x, lin, kc, vc = _kv_case(2, 2, 5, 4, 48, "fp32", 1)
     s = torch.tensor([1], device="cuda")
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 3))
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 1, kc, vc, s))
@@ -629,8 +633,10 @@ def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=0)
     with pytest.raises(ValueError, match="gemv=2 takes kv_write 1 or 2"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=2, kv_write=3)
-    with pytest.raises(ValueError, match="gemv=2 takes batch_size <= 32"):
-        CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, gemv=2)
+    for kw, what in ((dict(gemv=2), "gemv=2"), (dict(gemv=3), "gemv=3"), (dict(kv_write=3), "kv_write=3"),
+                     (dict(gemv=3, kv_write=3), "gemv=3 and kv_write=3")):
+        with pytest.raises(ValueError, match=f"{what} takes batch_size <= 32"):
+            CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, use_graph=False, **kw)
 
 
 @pytest.mark.skipif(not (ops.has_cuda() and torch.cuda.is_available() and torch.cuda.device_count() >= 2),

@@ -216,9 +216,9 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
   for (int64_t k0 = kb; k0 < ke; k0 += KT) {
     const int kt = (int)(ke - k0 < KT ? ke - k0 : KT);
     __syncthreads();  // every warp is done with the previous tile
-    for (int i = threadIdx.x; i < KT * MR; i += kGemvWarps * 32) {  // consecutive threads, consecutive words
+    for (int i = threadIdx.x; i < kt * MR; i += kGemvWarps * 32) {  // consecutive threads, consecutive words
       const int kk = i / MR, r = i % MR;
-      buf[i] = (r < M && kk < kt) ? A[r * lda + k0 + kk] : 0.f;
+      buf[i] = r < M ? A[r * lda + k0 + kk] : 0.f;  // (rows past M: zeros, read and discarded)
     }
     __syncthreads();
     int kk = warp;
