@@ -1,7 +1,7 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode attention v1/v2, decode GEMV v1/v2/v3, prefill GEMM v1/v2: a table and the
-winner per shape),
+kernels against each other (decode attention v1/v2, decode GEMV v1/v2/v3/v4, prefill GEMM v1/v2: a table and
+the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every variant pair, and with the K/V cache writes fused: kv_write=2 and 3), with the
 kernels launched per decode token (graph nodes);
@@ -58,7 +58,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
-NUMBERED = ("v1", "v2", "v3")  # gpt2kern's numbered variants (torch's and the old whole-cache attention are context)
+NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's numbered variants (torch's and the old whole-cache attention are context)
 
 
 def _winners(rows, kernel):
@@ -102,7 +102,7 @@ def variants(quick):
                 att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
                                 us=t[name] * 1e6, max_abs_err=err))
     # decode GEMV: v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x
-    # staged in shared memory (ops.matmul_decode)
+    # staged in shared memory, v4 v3 with the split-K partials summed by each column group's last block (ops.matmul_decode)
     mm = []
     for M in ((1, 32) if quick else (1, 8, 32)):
         for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
@@ -110,9 +110,12 @@ def variants(quick):
             w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
             bias = torch.randn(N, generator=g).to(dev)
             wt = w.t().contiguous()
+            counters = torch.zeros((N + 31) // 32, dtype=torch.int32, device=dev)
             ref = x.double() @ w.double() + bias.double()
             fns = {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
-                   "v3": lambda: ops.matmul_decode(x, w, bias, variant=3), "torch": lambda: torch.addmm(bias, x, w)}
+                   "v3": lambda: ops.matmul_decode(x, w, bias, variant=3),
+                   "v4": lambda: ops.matmul_decode(x, w, bias, variant=4, counters=counters),
+                   "torch": lambda: torch.addmm(bias, x, w)}
             t = b.time(fns)
             for name, f in fns.items():
                 err = (f().double() - ref).abs().max().item()
@@ -212,13 +215,13 @@ def end_to_end(dev, quick):
             # two index_copy_ per layer), and kv_write v2 and v3
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False)}
             for a in (1, 2):
-                for gv in (1, 2, 3):
+                for gv in (1, 2, 3, 4):
                     name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
                     decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv)
                     launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
             # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels;
-            # folded into c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1 and v3
-            for kw_, a, gv in ((2, 1, 1), (2, 2, 2), (3, 1, 1), (3, 2, 3)):
+            # folded into c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1, v3, v4
+            for kw_, a, gv in ((2, 1, 1), (2, 2, 2), (3, 1, 1), (3, 2, 3), (3, 2, 4)):
                 name = f"decoder_cuda_graph_attn{a}_gemv{gv}_kvwrite{kw_}"
                 decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
                                               kv_write=kw_)

@@ -37,11 +37,13 @@ Numbered kernel variants of the step (bench/gpu_bench.py times them; the default
                finish kernel); the copies double the weights' memory (prefill keeps variant 1); fp32 weights only
   gemv=3       variant 1's kernel with x staged in shared memory, read as float4 (ops.matmul_decode variant 3; for
                M = 9…32 rows, where variant 1's x loads outnumber its FMAs); bitwise variant 1; fp32 weights only
+  gemv=4       variant 3 without finish kernels: the last block of each 32 columns sums the split-K partials (a
+               counter per column group, owned by the decoder, back to zero after each GEMV); bitwise variant 1
   kv_write=1   the step's K/V cache writes: two index_copy_ per layer (as HF's StaticCache)
   kv_write=2   one ops.kv_write kernel per layer writes K and V from c_attn's output at the device-side slot
   kv_write=3   no bookkeeping launch at all: c_attn's GEMV stores K and V at the slot as it writes them
                (ops.matmul_decode with the caches: in its epilogue or its split-K finish kernel), and the embedding
-               kernel advances the cursor (ops.embedding_step); gemv 1 or 3, every weight mode
+               kernel advances the cursor (ops.embedding_step); gemv 1, 3 or 4, every weight mode
 launches_per_token: the captured step's graph nodes by type (kernel, memcpy, memset, other, total).
 Bad token ids: the embedding kernel checks them on the device (NaN rows); generate() checks once at its end.
 """
@@ -54,7 +56,7 @@ from .generate import hf_position_ids
 from .model import state_of
 
 
-VARIANTS = {"attention": (1, 2), "gemv": (1, 2, 3), "kv_write": (1, 2, 3)}
+VARIANTS = {"attention": (1, 2), "gemv": (1, 2, 3, 4), "kv_write": (1, 2, 3)}
 
 
 class CudaGraphDecoder:
@@ -66,7 +68,8 @@ class CudaGraphDecoder:
             if v not in VARIANTS[name]:
                 raise ValueError(f"{name} must be one of {VARIANTS[name]}, got {v!r}")
         if kv_write == 3 and gemv == 2:
-            raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1 or 3); gemv=2 takes kv_write 1 or 2")
+            raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1, 3 or 4); gemv=2 takes kv_write 1 "
+                             "or 2")
         st = state_of(model, weights)  # the optimized model's packs, or a private pack (the model untouched)
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
@@ -74,12 +77,12 @@ class CudaGraphDecoder:
         cfg = model.config
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={cfg.n_positions}], got {max_len}")
-        gemv_only = [f"{n}={v}" for n, v, only in (("gemv", gemv, gemv in (2, 3)), ("kv_write", kv_write, kv_write == 3))
+        gemv_only = [f"{n}={v}" for n, v, only in (("gemv", gemv, gemv > 1), ("kv_write", kv_write, kv_write == 3))
                      if only]  # every step matmul is then a decode GEMV, whose kernels take at most 32 rows
         if gemv_only and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
             raise ValueError(f"{' and '.join(gemv_only)} takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
         W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
-        if gemv in (2, 3) and W.mode != "fp32":
+        if gemv > 1 and W.mode != "fp32":
             raise ValueError(f"gemv={gemv} reads fp32 weights; weights={W.mode!r} takes gemv=1")
         self.model, self.device, self.W = model, st.device, W
         self.B, self.Tmax = int(batch_size), int(max_len)
@@ -103,6 +106,11 @@ class CudaGraphDecoder:
                     return lin.data.t().contiguous(), lin.bias
                 self._nk = [tuple(nk(lin) for lin in (x.c_attn, x.attn_proj, x.c_fc, x.mlp_proj)) for x in W.layers]
                 self._nk_head = nk(W.lm_head)
+            # gemv=4: one split-K ticket counter per 32 output columns, shared by the step's GEMVs (they run one
+            # after another); each GEMV leaves its counters at zero
+            widest = max([W.lm_head.n_out] + [x.n_out for L in W.layers for x in (L.c_attn, L.attn_proj, L.c_fc,
+                                                                                   L.mlp_proj)])
+            self._counters = torch.zeros((widest + 31) // 32, dtype=torch.int32, device=dev) if gemv == 4 else None
         self.length = 0  # slots written (host-side count: no sync needed to know it)
         self.graph = None
         self.logits = None
@@ -166,8 +174,9 @@ class CudaGraphDecoder:
         w, b = self._nk[i][j]
         return ops.matmul_nk(x, w, b, epilogue)
 
-    def _gemv(self, lin, x, epilogue="none", **caches):  # gemv 1 or 3 through ops.matmul_decode
-        return ops.matmul_decode(x, lin.data, lin.bias, epilogue, None, lin.scales, self.gemv_variant, **caches)
+    def _gemv(self, lin, x, epilogue="none", **caches):  # gemv 1, 3 or 4 through ops.matmul_decode
+        return ops.matmul_decode(x, lin.data, lin.bias, epilogue, None, lin.scales, self.gemv_variant,
+                                 counters=self._counters, **caches)
 
     def _mm_decode(self, i, j, x, epilogue):
         L = self.W.layers[i]
@@ -198,7 +207,7 @@ class CudaGraphDecoder:
         if self.gemv_variant == 2:
             x = self._layers(h, write, attend, self._mm_v2)
             logits = ops.matmul_nk(x, *self._nk_head).view(self.B, self.V)
-        elif self.gemv_variant == 3 or self.kv_write_variant == 3:
+        elif self.gemv_variant in (3, 4) or self.kv_write_variant == 3:
             x = self._layers(h, write, attend, self._mm_decode)
             logits = self._gemv(self.W.lm_head, x).view(self.B, self.V)
         else:

@@ -181,11 +181,13 @@ def kv_write(qkv, k_cache, v_cache, slot) -> None:
 
 
 def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None, variant: int = 1,
-                  k_cache=None, v_cache=None, slot=None):
+                  k_cache=None, v_cache=None, slot=None, counters=None):
     """CUDA decode GEMV by numbered variant: epilogue(x @ weight + bias) with weight [in, out] in any CUDA weight mode
     (float32, float16, bfloat16, or int8 with its scales [in / group, out]), x of at most GEMV_MAX_ROWS rows.
-    variant 1: conv1d's split-K GEMV; 3: the same kernel with x staged in shared memory (float32 weights; bitwise
-    variant 1's result). Variant 2 is matmul_nk ([out, in] weights).
+    variant 1: conv1d's split-K GEMV; 3: the same kernel with x staged in shared memory; 4: variant 3 whose last
+    block per 32 columns sums the split-K partials (no finish kernel launched), with `counters` (int32 zeros on the
+    GPU, at least ceil(out / 32); every call leaves them zero; one GEMV at a time may use them). 3 and 4 take float32
+    weights and give variant 1's result bitwise. Variant 2 is matmul_nk ([out, in] weights).
     With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on the GPU, read there: capturable), the GEMV also
     stores each row's K and V (columns [E, 2E) and [2E, 3E) of c_attn's output, E = H*D) at that slot of its cache
     as it writes them: the K/V write folded into c_attn (CudaGraphDecoder kv_write=3). A slot outside [0, Tmax)
@@ -193,7 +195,7 @@ def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, s
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_decode(_on_cuda("matmul_decode", x), _tensor(weight, "weight"), bias, epilogue, residual, scales,
-                          int(variant), k_cache, v_cache, slot)
+                          int(variant), k_cache, v_cache, slot, counters)
 
 
 def embedding_step(input_ids, wte, wpe, cursor):
@@ -279,7 +281,7 @@ def _(x, weight, bias=None, epilogue="none", residual=None, variant=1, splits=0)
 
 @torch.library.register_fake("gpt2kern::matmul_decode")
 def _(x, weight, bias=None, epilogue="none", residual=None, scales=None, variant=1, k_cache=None, v_cache=None,
-      slot=None):
+      slot=None, counters=None):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 

@@ -323,6 +323,11 @@ def test_matmul_decode_variants(M, K, N, epilogue):
     y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=3)
     assert torch.equal(y1, ops.conv1d(xc, wc, bc, epilogue, rc))
     assert torch.equal(y3, y1), f"variant 3 differs from variant 1 by {(y3 - y1).abs().max().item():.3g}"
+    counters = torch.zeros((N + 31) // 32 + 5, dtype=torch.int32, device="cuda")
+    for _ in range(2):  # the counters come back to zero: a second call (a graph replay) sums the same way
+        y4 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=4, counters=counters)
+        assert torch.equal(y4, y1), f"variant 4 differs from variant 1 by {(y4 - y1).abs().max().item():.3g}"
+        assert not counters.any()
     ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
     assert_parity(y3, ref, terms, K, f"matmul_decode v3 {M}x{K}x{N} {epilogue}")
 
@@ -339,12 +344,13 @@ def _kv_case(B, H, Tmax, D, K, mode, seed):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode,variant", [("fp32", 1), ("fp32", 3), ("fp16", 1), ("bf16", 1), ("int8", 1)])
+@pytest.mark.parametrize("mode,variant", [("fp32", 1), ("fp32", 3), ("fp32", 4), ("fp16", 1), ("bf16", 1),
+                                          ("int8", 1)])
 @pytest.mark.parametrize("B,H,Tmax,D,K,slot", [(1, 12, 40, 64, 80, 0), (3, 4, 9, 8, 384, 8), (2, 2, 5, 3, 392, 2),
                                                (32, 12, 6, 64, 80, 5), (32, 12, 6, 64, 768, 3)])
 def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, K, slot):
     """With the caches, matmul_decode returns conv1d's qkv and leaves the caches as kv_write (= two index_copy_)
-    would, in every weight mode (variant 3 reads fp32 only): through the GEMV's own epilogue (K = 80: one split)
+    would, in every weight mode (variants 3 and 4 read fp32 only): through the GEMV's own epilogue (K = 80: one split)
     and through its split-K finish kernel (K >= 384: 2 or more splits in every mode where N leaves SMs idle: all
     but E = 768 on a GPU with fewer than 36 SMs); a slot outside [0, Tmax) stores nothing."""
     x, lin, kc, vc = _kv_case(B, H, Tmax, D, K, mode, slot)
@@ -352,13 +358,15 @@ def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, K, sl
     want_k, want_v = kc.clone(), vc.clone()
     idx = torch.tensor([slot], device="cuda")
     ops.kv_write(want, want_k, want_v, idx)
-    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc, slot=idx)
+    counters = torch.zeros(lin.n_out, dtype=torch.int32, device="cuda") if variant == 4 else None
+    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc, slot=idx,
+                          counters=counters)
     assert torch.equal(y, want)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     before_k, before_v = kc.clone(), vc.clone()
     for bad in (Tmax, -1):
         ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc,
-                          slot=torch.tensor([bad], device="cuda"))
+                          slot=torch.tensor([bad], device="cuda"), counters=counters)
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
 
 
@@ -366,8 +374,19 @@ def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, K, sl
 def test_matmul_decode_argument_errors():
     x, w = torch.randn(2, 8, device="cuda"), torch.randn(8, 12, device="cuda")
     c, s = torch.zeros(2, 2, 5, 2, device="cuda"), torch.tensor([0], device="cuda")
-    with pytest.raises(ValueError, match="variant must be 1 .* or 3"):
+    cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="variant must be 1 .*, 3 .* or 4"):
         ops.matmul_decode(x, w, variant=2)
+    with pytest.raises(ValueError, match="variant 4 needs them.*variant 4 without counters"):
+        ops.matmul_decode(x, w, variant=4)
+    with pytest.raises(ValueError, match="got variant 3 with counters"):
+        ops.matmul_decode(x, w, variant=3, counters=cnt)
+    with pytest.raises(ValueError, match="variant 4 reads float32 weights"):
+        ops.matmul_decode(x, w.half(), variant=4, counters=cnt)
+    with pytest.raises(ValueError, match="at least 2 zeros"):
+        ops.matmul_decode(x, torch.randn(8, 33, device="cuda"), variant=4, counters=cnt)
+    with pytest.raises(TypeError, match="counters must be"):
+        ops.matmul_decode(x, w, variant=4, counters=cnt.long())
     with pytest.raises(ValueError, match="at most 32 rows"):
         ops.matmul_decode(torch.randn(33, 8, device="cuda"), w)
     with pytest.raises(ValueError, match="variant 3 reads float32 weights"):
@@ -419,6 +438,9 @@ def test_decode_op_opcheck():
     x, lin, kc, vc = _kv_case(2, 2, 5, 4, 48, "fp32", 1)
     s = torch.tensor([1], device="cuda")
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 3))
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode,
+                          (x, lin.data, lin.bias, "gelu_new", None, None, 4, None, None, None,
+                           torch.zeros(2, dtype=torch.int32, device="cuda")))
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 1, kc, vc, s))
     wte, wpe = torch.randn(9, 4, device="cuda"), torch.randn(7, 4, device="cuda")
     torch.library.opcheck(torch.ops.gpt2kern.embedding_step,
@@ -520,7 +542,7 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3)])
+@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4)])
 @torch.no_grad()
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
@@ -591,7 +613,7 @@ def test_kv_write_argument_errors():
 
 @needs_cuda
 @pytest.mark.parametrize("kv_write,attention,gemv,graph", [(2, 1, 1, True), (2, 2, 2, True), (3, 1, 1, True),
-                                                           (3, 2, 3, True), (3, 1, 3, False)])
+                                                           (3, 2, 3, True), (3, 1, 3, False), (3, 2, 4, True)])
 @torch.no_grad()
 def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_write, attention, gemv, graph):
     """kv_write=2 (one kernel per layer) and 3 (stored by c_attn's GEMV, the cursor advanced by the embedding
@@ -633,8 +655,8 @@ def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=0)
     with pytest.raises(ValueError, match="gemv=2 takes kv_write 1 or 2"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=2, kv_write=3)
-    for kw, what in ((dict(gemv=2), "gemv=2"), (dict(gemv=3), "gemv=3"), (dict(kv_write=3), "kv_write=3"),
-                     (dict(gemv=3, kv_write=3), "gemv=3 and kv_write=3")):
+    for kw, what in ((dict(gemv=2), "gemv=2"), (dict(gemv=3), "gemv=3"), (dict(gemv=4), "gemv=4"),
+                     (dict(kv_write=3), "kv_write=3"), (dict(gemv=3, kv_write=3), "gemv=3 and kv_write=3")):
         with pytest.raises(ValueError, match=f"{what} takes batch_size <= 32"):
             CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, use_graph=False, **kw)
 
@@ -732,7 +754,7 @@ def test_cuda_graph_decoder_weight_modes(cuda_mode_pair, graph):
     gpt2kern.restore(plain)
     b = gpt2kern.generate(plain, ids, weights=mode, **kw)
     assert torch.equal(a.cpu(), ours.cpu()) and torch.equal(b.cpu(), a.cpu())
-    for gemv in (2, 3):
+    for gemv in (2, 3, 4):
         with pytest.raises(ValueError, match=f"gemv={gemv} reads fp32"):
             CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=gemv)
     # kv_write=3 (K/V stored by the reduced-mode GEMV itself): the same tokens and caches

@@ -72,9 +72,12 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
                    int num_sms, cudaStream_t stream, const KvOut& kv = KvOut{});
 // Decode GEMV variant 3: variant 1's kernel (the same splits, workspace and summation order: bitwise its result)
 // with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound variant 1).
+// Variant 4 = variant 3 with `counters` (zeros, one per 32 columns, left zero again): the last block of each
+// column group sums the split-K partials itself (same order), so no finish kernel is launched.
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                         const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
-                        float* workspace, cudaStream_t stream, const KvOut& kv = KvOut{});
+                        float* workspace, cudaStream_t stream, const KvOut& kv = KvOut{},
+                        unsigned* counters = nullptr);
 // Sums the [splits, M, N] partials of a split-K matmul in split order (deterministic) and applies the epilogue.
 cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
                           const float* R, int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv = KvOut{});

@@ -193,11 +193,17 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
 // One 32 KiB buffer holds the x tile during the k loop and the warps' partials after it.
 constexpr int kStagedFloats = 8192;
 
+//
+// Variant 4 (counters != nullptr, split K): no finish kernel. Each block adds a ticket to its column group's
+// counter after writing its partials; the last of the group's `splits` blocks sums the group's partials in split
+// order (the finish kernel's order: still bitwise variant 1) and stores them, then puts the counter back to 0 for
+// the next call (a graph replay). The counters belong to one caller that runs its GEMVs one after another (the
+// decoder's step): two GEMVs in flight on the same counters would mix their tickets.
 template <int MR>
 __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const float* __restrict__ W, int64_t ldw, int64_t N,
     const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr, float* __restrict__ C,
-    int splits, float* __restrict__ ws, KvOut kv) {
+    int splits, float* __restrict__ ws, KvOut kv, unsigned* __restrict__ counters) {
   static_assert(MR % 4 == 0 && kGemvWarps * MR * 32 <= kStagedFloats, "the partials must fit the buffer");
   constexpr int KT = kStagedFloats / MR, G = MR / 4, S = kGemvWarps;  // KT: k's per x tile (256 at MR = 32)
   static_assert(KT % S == 0, "tiles must keep each warp's k sequence");
@@ -271,6 +277,24 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
       else ws[((int64_t)blockIdx.y * M + r) * N + n] = s;
     }
   }
+  if (splits == 1 || counters == nullptr) return;  // (variant 3: splitk_finish_kernel sums the partials)
+  __shared__ bool last;
+  __threadfence();  // this block's partials reach L2 before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (unsigned)(splits - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the group's other partials, published before their tickets, are read after ours
+  const int64_t nb = (int64_t)blockIdx.x * 32;
+  for (int idx = threadIdx.x; idx < M * 32; idx += kGemvWarps * 32) {
+    const int r = idx / 32;
+    const int64_t nn = nb + idx % 32;
+    if (nn >= N) continue;
+    float s = 0.f;
+    for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((int64_t)sp * M + r) * N + nn);  // L2: not a stale L1 line
+    store_out(C, N, r, nn, epilogue(s, epi, bias, nn, R, ldr, r), kv);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // every ticket of this call is in: ready for the next one
 }
 
 __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, int M, int64_t N,
@@ -407,18 +431,19 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
 
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                         const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
-                        float* workspace, cudaStream_t stream, const KvOut& kv) {
+                        float* workspace, cudaStream_t stream, const KvOut& kv, unsigned* counters) {
   if (M == 0 || N == 0) return cudaGetLastError();
   if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
   dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
   if (M <= 8)
     gemv_staged_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-                                                                splits, workspace, kv);
+                                                                splits, workspace, kv, counters);
   else
     gemv_staged_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi,
-                                                                           R, ldr, C, splits, workspace, kv);
+                                                                           R, ldr, C, splits, workspace, kv,
+                                                                           counters);
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || splits == 1) return err;
+  if (err != cudaSuccess || splits == 1 || counters != nullptr) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
 }
 
