@@ -12,7 +12,9 @@ Timing: gpt2kern.bench's Bench.time (interleaved with its baseline, synchronized
 Exit 1 when any decoder's greedy tokens differ from HF's, or a variant's or weight mode's result is off its float64
 reference.
 
-    python bench/gpu_bench.py [--json FILE] [--quick] [--skip-e2e]
+    python bench/gpu_bench.py [--json FILE] [--quick] [--skip-e2e] [--variants-out FILE]
+With --variants-out, the fastest decoder variants with HF's tokens per batch size are written as
+gpt2kern/cuda_variants.json plus this GPU's entry (commit that file to make them CudaGraphDecoder's defaults).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 
 import torch
 
@@ -58,7 +61,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
-NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's numbered variants (torch's and the old whole-cache attention are context)
+NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's variants (torch's and the old whole-cache attention: context)
 
 
 def _winners(rows, kernel):
@@ -102,7 +105,8 @@ def variants(quick):
                 att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
                                 us=t[name] * 1e6, max_abs_err=err))
     # decode GEMV: v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x
-    # staged in shared memory, v4 v3 with the split-K partials summed by each column group's last block (ops.matmul_decode)
+    # staged in shared memory, v4 v3 with the split-K partials summed by each column group's last block
+    # (ops.matmul_decode)
     mm = []
     for M in ((1, 32) if quick else (1, 8, 32)):
         for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
@@ -213,11 +217,14 @@ def end_to_end(dev, quick):
             kw = dict(do_sample=False, pad_token_id=0)
             # every decoder: no graph (variants 1), the graph with each (attention, gemv) variant pair (kv_write v1:
             # two index_copy_ per layer), and kv_write v2 and v3
-            decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False)}
+            v1 = dict(attention=1, gemv=1, kv_write=1)  # explicit: the table's defaults must not change the rows
+            decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False,
+                                                         **v1)}
             for a in (1, 2):
                 for gv in (1, 2, 3, 4):
                     name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
-                    decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv)
+                    decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
+                                                  kv_write=1)
                     launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
             # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels;
             # folded into c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1, v3, v4
@@ -242,6 +249,7 @@ def end_to_end(dev, quick):
                 eq[name] = all(_cut(a, T, eos) == _cut(o, T, eos) for a, o in zip(hf.tolist(), ours.tolist()))
             row["tokens_equal_hf_by_decoder"] = eq
             row["tokens_equal_hf"] = all(eq.values())
+            row["decoder_variants"] = {name: d.variants for name, d in decs.items() if d.graph is not None}
             decs.clear()  # free the static caches before the next batch size
             for k in list(row):
                 if k.endswith("ms_per_step") and k != "hf_ms_per_step":
@@ -256,9 +264,38 @@ def end_to_end(dev, quick):
     return out, launches
 
 
+def pick_defaults(e2e: dict) -> dict:
+    """Per measured batch size, the variants of the fastest CUDA-graph decoder whose greedy tokens equal HF's:
+    {"1": {"attention": a, "gemv": g, "kv_write": k}, "32": ...} (cuda_graph.default_variants reads them)."""
+    by_batch = {}
+    for key, row in e2e.items():
+        if not (key.startswith("decode_B") and isinstance(row, dict)):
+            continue
+        ok = row.get("tokens_equal_hf_by_decoder", {})
+        cands = [(row[f"{n}_ms_per_step"], n) for n in row.get("decoder_variants", {})
+                 if ok.get(n) and f"{n}_ms_per_step" in row]
+        if cands:
+            by_batch[key[len("decode_B"):]] = dict(row["decoder_variants"][min(cands)[1]])
+    return by_batch
+
+
+def write_variant_table(path: str, gpu: str, by_batch: dict, how: str) -> dict:
+    """The packaged gpt2kern/cuda_variants.json with this GPU's entry (re)placed, written to `path`."""
+    from gpt2kern import cuda_graph
+    with open(cuda_graph.TABLE) as f:
+        table = json.load(f)
+    table["gpus"][gpu] = dict(measured=how, by_batch=by_batch)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", default=None)
+    p.add_argument("--variants-out", default=None,
+                   help="write gpt2kern/cuda_variants.json with this GPU's measured decoder defaults here")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     a = p.parse_args(argv)
@@ -287,6 +324,14 @@ def main(argv=None):
     if not a.skip_e2e:
         print("end to end:", flush=True)
         res["e2e"], res["launches_per_token"] = end_to_end(dev, a.quick)
+        res["decoder_defaults"] = pick_defaults(res["e2e"])
+        print(f"  decoder defaults (fastest with HF's tokens, per batch size): {res['decoder_defaults']}", flush=True)
+        if a.variants_out and res["decoder_defaults"]:
+            how = (f"{time.strftime('%Y-%m-%d')} bench/gpu_bench.py{' --quick' if a.quick else ''}, "
+                   f"torch {torch.__version__}")
+            write_variant_table(a.variants_out, res["device"], res["decoder_defaults"], how)
+            print(f"  wrote {a.variants_out}: copy it to gpt2kern/cuda_variants.json to make these the defaults",
+                  flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -170,7 +170,7 @@ else
 fi
 
 # 5. the benchmark (non-zero when a decoder's tokens differ from HF's)
-step gpu_bench python bench/gpu_bench.py --quick --json "$OUT/gpu_bench.json"
+step gpu_bench python bench/gpu_bench.py --quick --json "$OUT/gpu_bench.json" --variants-out "$OUT/cuda_variants.json"
 
 python - "$OUT" <<'EOF' >"$OUT/summary.txt" 2>&1 || true
 import json, os, sys
@@ -188,6 +188,8 @@ if ks:
           f"slowest: {worst['kernel']} M={worst['M']} {worst['speedup']:.2f}x")
 for w in r.get("variant_winners", []):
     print(f"  winner {w['kernel']:<18} {w['shape']:<28} {w['winner']}  ({w['times_us']})")
+for B, v in r.get("decoder_defaults", {}).items():
+    print(f"  decoder defaults at B={B}: {v}  (in {out}/cuda_variants.json: copy to gpt2kern/ and commit)")
 for k, v in r.get("launches_per_token", {}).items():
     print(f"  kernels per decode token ({k}): {v}")
 e = r.get("e2e", {})

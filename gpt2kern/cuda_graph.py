@@ -29,7 +29,9 @@ construction, after guard.why_not(..., "cuda_graph") agreed to stand in for the 
 and patched forwards are refused): build the decoder after the weights are final. use_graph=False runs the same
 step eagerly (for comparison and debugging).
 
-Numbered kernel variants of the step (bench/gpu_bench.py times them; the defaults stay 1 until a GPU run picks):
+Numbered kernel variants of the step (bench/gpu_bench.py times them). A variant not given comes from
+gpt2kern/cuda_variants.json: the fastest decoder with HF's tokens that gpu_bench measured on this GPU model at the
+nearest batch size (default_variants); variants 1 on a GPU not in it. dec.variants says which ran.
   attention=1  decode_attention variant 1: one block of 4 warps per (row, head), the keys split over its warps
   attention=2  flash-decoding: the keys split over blocks, partial softmaxes merged by a second kernel
   gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
@@ -49,6 +51,9 @@ Bad token ids: the embedding kernel checks them on the device (NaN rows); genera
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from . import guard, ops
@@ -57,23 +62,60 @@ from .model import state_of
 
 
 VARIANTS = {"attention": (1, 2), "gemv": (1, 2, 3, 4), "kv_write": (1, 2, 3)}
+TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
+
+
+def variant_table(path: str | None = None) -> dict:
+    """The measured defaults (TABLE unless `path`): {gpu name: {"by_batch": {"B": {"attention": a, "gemv": g,
+    "kv_write": k}}, "measured": how}}."""
+    with open(path or TABLE) as f:
+        return json.load(f)["gpus"]
+
+
+def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict | None = None,
+                     table: dict | None = None) -> dict:
+    """The decoder's variants: those `given` (not None), the rest from the table's entry for this GPU at the largest
+    measured batch size <= batch_size (else the smallest), else 1. A measured choice that this call cannot run is
+    stepped back (gemv 2-4 read fp32 weights and at most 32 rows; kv_write=3 needs at most 32 rows and not gemv=2:
+    then kv_write=2); a given one is kept (the constructor refuses it with the reason)."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    by_batch = (variant_table() if table is None else table).get(gpu, {}).get("by_batch", {})
+    v = dict(attention=1, gemv=1, kv_write=1)
+    if by_batch:
+        sizes = sorted(int(b) for b in by_batch)
+        at = max((b for b in sizes if b <= batch_size), default=sizes[0])
+        got = {k: by_batch[str(at)].get(k) for k in v}
+        if all(got[k] in VARIANTS[k] for k in v):  # (a table from a newer gpt2kern may name unknown variants)
+            v = got
+    v.update(given)
+    narrow = 1 <= batch_size <= ops.GEMV_MAX_ROWS
+    if "gemv" not in given and v["gemv"] > 1 and (mode != "fp32" or not narrow):
+        v["gemv"] = 1
+    if "kv_write" not in given and v["kv_write"] == 3 and (v["gemv"] == 2 or not narrow):
+        v["kv_write"] = 2
+    return v
 
 
 class CudaGraphDecoder:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
-                 attention: int = 1, gemv: int = 1, weights: str | None = None, kv_write: int = 1):
+                 attention: int | None = None, gemv: int | None = None, weights: str | None = None,
+                 kv_write: int | None = None):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
-        for name, v in (("attention", attention), ("gemv", gemv), ("kv_write", kv_write)):
-            if v not in VARIANTS[name]:
+        given = dict(attention=attention, gemv=gemv, kv_write=kv_write)
+        for name, v in given.items():
+            if v is not None and v not in VARIANTS[name]:
                 raise ValueError(f"{name} must be one of {VARIANTS[name]}, got {v!r}")
-        if kv_write == 3 and gemv == 2:
-            raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1, 3 or 4); gemv=2 takes kv_write 1 "
-                             "or 2")
         st = state_of(model, weights)  # the optimized model's packs, or a private pack (the model untouched)
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
             raise ValueError(f"CudaGraphDecoder cannot stand in for this model's forward: {why}")
+        self.variants = default_variants(torch.cuda.get_device_name(st.device), int(batch_size), st.weights.mode,
+                                         given)
+        attention, gemv, kv_write = (self.variants[k] for k in ("attention", "gemv", "kv_write"))
+        if kv_write == 3 and gemv == 2:
+            raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1, 3 or 4); gemv=2 takes kv_write 1 "
+                             "or 2")
         cfg = model.config
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={cfg.n_positions}], got {max_len}")

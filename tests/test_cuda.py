@@ -645,6 +645,32 @@ def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_
 
 
 @needs_cuda
+@torch.no_grad()
+def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair, tmp_path, monkeypatch):
+    """Variants not given come from gpt2kern/cuda_variants.json's entry for this GPU (gpu_bench writes it); given
+    ones win; the same tokens as HF whichever were picked."""
+    import json
+
+    from gpt2kern import cuda_graph
+    from gpt2kern.cuda_graph import CudaGraphDecoder
+    ref, _ = cuda_pair
+    table = dict(gpus={torch.cuda.get_device_name(): dict(by_batch={"1": dict(attention=2, gemv=4, kv_write=3)})})
+    path = tmp_path / "cuda_variants.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(cuda_graph, "TABLE", str(path))
+    B, T, n = 2, 7, 12
+    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n)
+    assert dec.variants == dict(attention=2, gemv=4, kv_write=3)
+    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=1).variants == dict(attention=2, gemv=1,
+                                                                                         kv_write=3)
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
+    hf = ref.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    eos = ref.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    assert _until_eos(hf, T, eos) == _until_eos(dec.generate(ids, n)[:, : hf.shape[1]], T, eos)
+
+
+@needs_cuda
 def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     with pytest.raises(ValueError, match="kv_write must be one of"):
