@@ -150,9 +150,11 @@ class CudaGraphDecoder:
                 self._nk_head = nk(W.lm_head)
             # gemv=4: one split-K ticket counter per 32 output columns, shared by the step's GEMVs (they run one
             # after another); each GEMV leaves its counters at zero
-            widest = max([W.lm_head.n_out] + [x.n_out for L in W.layers for x in (L.c_attn, L.attn_proj, L.c_fc,
-                                                                                   L.mlp_proj)])
-            self._counters = torch.zeros((widest + 31) // 32, dtype=torch.int32, device=dev) if gemv == 4 else None
+            self._counters = None
+            if gemv == 4:
+                widest = max([W.lm_head.n_out] + [x.n_out for L in W.layers
+                                                  for x in (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)])
+                self._counters = torch.zeros((widest + 31) // 32, dtype=torch.int32, device=dev)
         self.length = 0  # slots written (host-side count: no sync needed to know it)
         self.graph = None
         self.logits = None

@@ -435,7 +435,7 @@ def test_embedding_step_advances_the_cursor():
 
 @needs_cuda
 def test_decode_op_opcheck():
-    x, lin, kc, vc = _kv_case(2, 2, 5, 4, 48, "fp32", 1)
+    x, lin, kc, vc = _kv_case(2, 2, 5, 4, 384, "fp32", 1)  # K = 384: split K (variant 4's own sum)
     s = torch.tensor([1], device="cuda")
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 3))
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode,
@@ -542,7 +542,7 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4)])
+@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4), (2, 4)])
 @torch.no_grad()
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold

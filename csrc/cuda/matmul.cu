@@ -194,11 +194,12 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
 constexpr int kStagedFloats = 8192;
 
 //
-// Variant 4 (counters != nullptr, split K): no finish kernel. Each block adds a ticket to its column group's
+// Variant 4 (counters != nullptr, split K): no finish kernel. Each block takes a ticket from its column group's
 // counter after writing its partials; the last of the group's `splits` blocks sums the group's partials in split
-// order (the finish kernel's order: still bitwise variant 1) and stores them, then puts the counter back to 0 for
-// the next call (a graph replay). The counters belong to one caller that runs its GEMVs one after another (the
-// decoder's step): two GEMVs in flight on the same counters would mix their tickets.
+// order (the finish kernel's order: still bitwise variant 1) and stores them. atomicInc wraps the counter to 0 at
+// the last ticket, so every call leaves it at 0 for the next one (a graph replay) with no reset store. The counters
+// must start at 0 (torch.zeros) and belong to one caller that runs its GEMVs one after another (the decoder's
+// step): two GEMVs in flight on the same counters would mix their tickets.
 template <int MR>
 __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const float* __restrict__ W, int64_t ldw, int64_t N,
@@ -281,7 +282,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
   __shared__ bool last;
   __threadfence();  // this block's partials reach L2 before its ticket
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (unsigned)(splits - 1);
+  if (threadIdx.x == 0) last = atomicInc(&counters[blockIdx.x], (unsigned)(splits - 1)) == (unsigned)(splits - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();  // the group's other partials, published before their tickets, are read after ours
@@ -294,7 +295,6 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
     for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((int64_t)sp * M + r) * N + nn);  // L2: not a stale L1 line
     store_out(C, N, r, nn, epilogue(s, epi, bias, nn, R, ldr, r), kv);
   }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // every ticket of this call is in: ready for the next one
 }
 
 __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, int M, int64_t N,

@@ -165,8 +165,9 @@ cuda::LowpType lowp_type(at::ScalarType t) {
 
 }  // namespace
 
-// conv1d's body, shared with matmul_decode: `variant` 1 runs conv1d's kernels, 3 the staged GEMV (float32, M <=
-// kGemvMaxRows: matmul_decode checks); `kv` the c_attn cache store (decode GEMV only: matmul_decode checks).
+// conv1d's body, shared with matmul_decode: `variant` 1 runs conv1d's kernels, 3 the staged GEMV, 4 the staged GEMV
+// summing its split-K partials itself with `counters` (3, 4: float32, M <= kGemvMaxRows: matmul_decode checks);
+// `kv` the c_attn cache store (decode GEMV only: matmul_decode checks).
 static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               c10::string_view epilogue, const std::optional<at::Tensor>& residual,
                               int64_t out_features, c10::string_view layout, const std::optional<at::Tensor>& scales,
