@@ -87,3 +87,6 @@ def test_installs_carry_the_tokenizer(tmp_path):
     for f in ("vocab.json", "merges.txt", "LICENSE"):
         assert (tmp_path / "gpt2kern" / "tokenizer" / f).stat().st_size == (Path(TOKENIZER_DIR) / f).stat().st_size
     assert (tmp_path / "gpt2kern" / "cli.py").is_file()
+    # (and the CUDA decoder's measured default variants, package data too)
+    built = tmp_path / "gpt2kern" / "cuda_variants.json"
+    assert built.read_text() == (ROOT / "gpt2kern" / "cuda_variants.json").read_text()
