@@ -292,7 +292,8 @@ def write_variant_table(path: str, gpu: str, by_batch: dict, how: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description="CUDA benchmark: gpt2kern's CUDA kernels, their numbered variants and "
+                                "the CUDA-graph decoders vs torch and HF eager (bench/gpu_check.sh runs it).")
     p.add_argument("--json", default=None)
     p.add_argument("--variants-out", default=None,
                    help="write gpt2kern/cuda_variants.json with this GPU's measured decoder defaults here")
