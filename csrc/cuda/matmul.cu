@@ -11,7 +11,10 @@
 //    dozen blocks for N = 768.) When N/32 blocks cannot fill the GPU, K is split over
 //    gridDim.y blocks writing partials to a workspace that a second kernel sums (in split order: deterministic)
 //    and finishes with the epilogue.
-// The same Conv1D over fp16, bf16 or int8 weights: matmul_lowp.cu.
+// Numbered variants of both (bench/gpu_bench.py times them): prefill 2, a double-buffered 128×128 tile with split-K;
+// decode 2, W stored [N, K] with a warp per column; decode 3, x staged in shared memory; decode 4, 3 with the split-K
+// sum done by each column group's last block. Decode kernels can also store c_attn's K/V into the decode cache
+// (KvOut, launch.h). The same Conv1D over fp16, bf16 or int8 weights: matmul_lowp.cu.
 #include "common.cuh"
 #include "launch.h"
 #include "gemm_tiles.cuh"
@@ -182,7 +185,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
   }
 }
 
-// ---------------------------------------------------------------- decode variant 3: variant 1, x in shared memory
+// ---------------------------------------------------------------- decode variants 3, 4: variant 1, x in shared memory
 //
 // What: gemv_kernel exactly (a lane per column, warps on interleaved k with 4 W rows in flight, the same split-K,
 // the warps' partials summed in the same order: bitwise variant 1's result) except where x comes from. The block
@@ -191,8 +194,6 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
 // Why: variant 1 reads x from global memory once per FMA (M = 32: 33 load instructions per W row and warp for 32
 // FMAs), so at M = 9…32 the load/store unit, not HBM, bounds it; from shared memory one float4 feeds 4 FMAs.
 // One 32 KiB buffer holds the x tile during the k loop and the warps' partials after it.
-constexpr int kStagedFloats = 8192;
-
 //
 // Variant 4 (counters != nullptr, split K): no finish kernel. Each block takes a ticket from its column group's
 // counter after writing its partials; the last of the group's `splits` blocks sums the group's partials in split
@@ -200,6 +201,8 @@ constexpr int kStagedFloats = 8192;
 // the last ticket, so every call leaves it at 0 for the next one (a graph replay) with no reset store. The counters
 // must start at 0 (torch.zeros) and belong to one caller that runs its GEMVs one after another (the decoder's
 // step): two GEMVs in flight on the same counters would mix their tickets.
+constexpr int kStagedFloats = 8192;
+
 template <int MR>
 __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const float* __restrict__ W, int64_t ldw, int64_t N,
