@@ -104,44 +104,39 @@ def variants(quick):
                 err = (f().double() - ref).abs().max().item()
                 att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
                                 us=t[name] * 1e6, max_abs_err=err))
-    # decode GEMV: v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x
-    # staged in shared memory, v4 v3 with the split-K partials summed by each column group's last block
-    # (ops.matmul_decode)
-    mm = []
-    for M in ((1, 32) if quick else (1, 8, 32)):
-        for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
-            x = torch.randn(M, K, generator=g).to(dev)
-            w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
-            bias = torch.randn(N, generator=g).to(dev)
-            wt = w.t().contiguous()
-            counters = torch.zeros((N + 31) // 32, dtype=torch.int32, device=dev)
-            ref = x.double() @ w.double() + bias.double()
-            fns = {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
-                   "v3": lambda: ops.matmul_decode(x, w, bias, variant=3),
-                   "v4": lambda: ops.matmul_decode(x, w, bias, variant=4, counters=counters),
-                   "torch": lambda: torch.addmm(bias, x, w)}
-            t = b.time(fns)
-            for name, f in fns.items():
-                err = (f().double() - ref).abs().max().item()
-                mm.append(dict(kernel="decode_gemv", variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
-                               max_abs_err=err))
+    def matmuls(kernel, Ms, variants_of):
+        """variants_of(x, w, bias) -> {name: fn} timed against torch's addmm at distilgpt2's matmul shapes."""
+        rows = []
+        for M in Ms:
+            for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
+                x = torch.randn(M, K, generator=g).to(dev)
+                w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
+                bias = torch.randn(N, generator=g).to(dev)
+                ref = x.double() @ w.double() + bias.double()
+                fns = {**variants_of(x, w, bias), "torch": lambda x=x, w=w, bias=bias: torch.addmm(bias, x, w)}
+                t = b.time(fns)
+                for name, f in fns.items():
+                    err = (f().double() - ref).abs().max().item()
+                    rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
+                                     max_abs_err=err))
+                del ref
+        return rows
+
+    def gemv_variants(x, w, bias):
+        # v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x staged in
+        # shared memory, v4 v3 with the split-K partials summed by each column group's last block
+        wt = w.t().contiguous()
+        counters = torch.zeros((w.shape[1] + 31) // 32, dtype=torch.int32, device=dev)
+        return {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
+                "v3": lambda: ops.matmul_decode(x, w, bias, variant=3),
+                "v4": lambda: ops.matmul_decode(x, w, bias, variant=4, counters=counters)}
+
+    mm = matmuls("decode_gemv", (1, 32) if quick else (1, 8, 32), gemv_variants)
     # prefill GEMM: v1 conv1d's tiles (64x64, or 128x128 when they fill the GPU), v2 double-buffered 128x128 tiles
     # with split-K where the tiles cannot fill the SMs (ops.matmul_prefill)
-    pf = []
-    for M in ((128, 1024) if quick else (128, 512, 1024)):
-        for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
-            x = torch.randn(M, K, generator=g).to(dev)
-            w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
-            bias = torch.randn(N, generator=g).to(dev)
-            ref = x.double() @ w.double() + bias.double()
-            fns = {f"v{i}": (lambda i=i: ops.matmul_prefill(x, w, bias, "none", None, i)) for i in (1, 2)}
-            fns["torch"] = lambda: torch.addmm(bias, x, w)
-            t = b.time(fns)
-            for name, f in fns.items():
-                err = (f().double() - ref).abs().max().item()
-                pf.append(dict(kernel="prefill_gemm", variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
-                               max_abs_err=err))
-            del ref
+    pf = matmuls("prefill_gemm", (128, 1024) if quick else (128, 512, 1024),
+                 lambda x, w, bias: {f"v{i}": (lambda i=i: ops.matmul_prefill(x, w, bias, "none", None, i))
+                                     for i in (1, 2)})
     for kernel, rs in (("decode_attention", att), ("decode_gemv", mm), ("prefill_gemm", pf)):
         print(f"  {kernel}:", flush=True)
         for r in rs:

@@ -172,6 +172,25 @@ __global__ __launch_bounds__(kGemmThreads) void gemm_tile_kernel(const float* __
 
 constexpr int BM2 = 128, BN2 = 128, BK2 = 8, kPad2 = 4;  // pitch 132 floats keeps float4 rows 16-byte aligned
 
+// The 128×128 tile's thread layout (this kernel and matmul.cu's double-buffered variant 2): thread (ty, tx) owns
+// rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise with tx; tile128_off gives accumulator i's offset.
+__device__ __forceinline__ int tile128_off(int t, int i) { return i < 4 ? t * 4 + i : 64 + t * 4 + (i - 4); }
+
+// One k of the tile: as_k, ws_k are row k of the shared A (transposed) and W tiles.
+__device__ __forceinline__ void tile128_fma(const float* as_k, const float* ws_k, int tx, int ty,
+                                            float (&acc)[8][8]) {
+  const float4 a0 = *reinterpret_cast<const float4*>(as_k + ty * 4);
+  const float4 a1 = *reinterpret_cast<const float4*>(as_k + 64 + ty * 4);
+  const float4 b0 = *reinterpret_cast<const float4*>(ws_k + tx * 4);
+  const float4 b1 = *reinterpret_cast<const float4*>(ws_k + 64 + tx * 4);
+  const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
+}
+
 template <class WT>
 __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_tile_kernel(
     const float* __restrict__ A, int64_t lda, int64_t M, int64_t K, const WT* __restrict__ W, int64_t ldw, int64_t N,
@@ -183,7 +202,7 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_tile_kernel(
   const int64_t m0 = (int64_t)blockIdx.y * BM2, n0 = (int64_t)blockIdx.x * BN2;
   WTile<WT, BK2, BN2> wt;
   wt.init(tid, G);
-  // thread (ty, tx) owns rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise with tx
+  // thread (ty, tx) owns the tile128_off rows and columns
   float acc[8][8];
 #pragma unroll
   for (int i = 0; i < 8; ++i)
@@ -200,27 +219,16 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_tile_kernel(
     wt.template load<BN2 + kPad2>(Ws, tid, k0, K, n0, N, W, ldw, S, lds, G);
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < BK2; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&As[kk][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Ws[kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Ws[kk][64 + tx * 4]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
-    }
+    for (int kk = 0; kk < BK2; ++kk) tile128_fma(As[kk], Ws[kk], tx, ty, acc);
     __syncthreads();
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+    const int64_t m = m0 + tile128_off(ty, i);
     if (m >= M) continue;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+      const int64_t n = n0 + tile128_off(tx, j);
       if (n < N) out[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
     }
   }

@@ -59,6 +59,9 @@ struct KvOut {
   const int64_t* slot = nullptr;
   int64_t E = 0, D = 1, sb = 0, sh = 0, st = 0, Tmax = 0;
 };
+// The same store on its own (CudaGraphDecoder kv_write=2, kv_cache.cu): columns [E, 3E) of c_attn's output qkv
+// (B rows, ldq apart) into kv's caches, both in one kernel.
+cudaError_t kv_write(const float* qkv, int64_t ldq, int64_t B, const KvOut& kv, cudaStream_t stream);
 
 // Conv1D: C[m, n] = epi(Σ_k A[m, k]·W[k, n] + bias[n]) for m < M, n < N.
 //   epi: 0 none, 1 gelu_new, 2 + R[m, n].  C is contiguous [M, N]; W is [K, N] with row stride ldw.

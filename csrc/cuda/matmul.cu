@@ -30,6 +30,8 @@ using tiles::BM2;
 using tiles::BN2;
 using tiles::kGemmThreads;
 using tiles::kPad2;
+using tiles::tile128_fma;
+using tiles::tile128_off;
 
 // ---------------------------------------------------------------- prefill variant 2: double-buffered 128×128, split-K
 //
@@ -95,18 +97,7 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
     const bool more = t + 1 < ntiles;
     if (more) load(kb + (t + 1) * BK2);  // in flight during the FMAs below
 #pragma unroll
-    for (int kk = 0; kk < BK2; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Ws[cur][kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Ws[cur][kk][64 + tx * 4]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], w[j], acc[i][j]);
-    }
+    for (int kk = 0; kk < BK2; ++kk) tile128_fma(As[cur][kk], Ws[cur][kk], tx, ty, acc);
     // the other buffer was last read in step t - 1, which every thread finished before the barrier of step t - 1
     if (more) store(cur ^ 1);
     __syncthreads();
@@ -115,11 +106,11 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
   float* part = split ? ws + (int64_t)blockIdx.z * M * N : nullptr;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int64_t m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+    const int64_t m = m0 + tile128_off(ty, i);
     if (m >= M) continue;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t n = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+      const int64_t n = n0 + tile128_off(tx, j);
       if (n >= N) continue;
       if (split) part[m * N + n] = acc[i][j];
       else C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
@@ -131,6 +122,50 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
 
 constexpr int kGemvWarps = 8;
 
+// Shared by the GEMV variants 1, 3 and 4 (a lane per column, 32 columns per block, K split over gridDim.y):
+// this thread's column and this block's K range [kb, ke).
+struct GemvSlice {
+  int64_t n, kb, ke;
+  bool col_ok;
+  const float* wcol;  // column n of W; lanes past N read column N - 1 and discard it
+};
+
+__device__ __forceinline__ GemvSlice gemv_slice(const float* W, int64_t K, int64_t N, int splits) {
+  GemvSlice g;
+  g.n = (int64_t)blockIdx.x * 32 + threadIdx.x % 32;
+  g.col_ok = g.n < N;
+  g.wcol = W + (g.col_ok ? g.n : N - 1);
+  const int64_t kchunk = (K + splits - 1) / splits;
+  g.kb = (int64_t)blockIdx.y * kchunk;
+  g.ke = g.kb + kchunk < K ? g.kb + kchunk : K;
+  return g;
+}
+
+// The warps' partials red[w][r][lane] (shared, MR rows per warp) summed in warp order: row r's result when K is not
+// split, else this split's partial in ws[split][r][n].
+template <int MR>
+__device__ __forceinline__ void gemv_block_out(const float* red, const GemvSlice& g, int M, int splits,
+                                               const float* bias, int epi, const float* R, int64_t ldr, float* C,
+                                               int64_t N, float* ws, const KvOut& kv) {
+  if (!g.col_ok) return;
+  const int lane = threadIdx.x % 32;
+  for (int r = threadIdx.x / 32; r < M; r += kGemvWarps) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) s += red[(w * MR + r) * 32 + lane];
+    if (splits == 1) store_out(C, N, r, g.n, epilogue(s, epi, bias, g.n, R, ldr, r), kv);
+    else ws[((int64_t)blockIdx.y * M + r) * N + g.n] = s;
+  }
+}
+
+// Σ over the splits of (r, n)'s partials, in split order (deterministic); L2 loads: other blocks wrote them.
+__device__ __forceinline__ float splitk_sum(const float* ws, int splits, int64_t M, int64_t N, int64_t r,
+                                            int64_t n) {
+  float s = 0.f;
+  for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((int64_t)sp * M + r) * N + n);
+  return s;
+}
+
 template <int MR>  // rows held in registers: M <= MR
 __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __restrict__ A, int64_t lda, int M,
                                                                int64_t K, const float* __restrict__ W, int64_t ldw,
@@ -140,17 +175,15 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
                                                                float* __restrict__ ws, KvOut kv) {
   __shared__ float red[kGemvWarps][MR][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t n = (int64_t)blockIdx.x * 32 + lane;
-  const bool col_ok = n < N;
-  const float* wcol = W + (col_ok ? n : N - 1);  // lanes past N read a valid column and discard it
-  const int64_t kchunk = (K + splits - 1) / splits;
-  const int64_t kb = (int64_t)blockIdx.y * kchunk, ke = kb + kchunk < K ? kb + kchunk : K;
+  const GemvSlice g = gemv_slice(W, K, N, splits);
+  const float* wcol = g.wcol;
+  const int64_t ke = g.ke;
   float acc[MR];
 #pragma unroll
   for (int r = 0; r < MR; ++r) acc[r] = 0.f;
 
   constexpr int S = kGemvWarps;
-  int64_t k = kb + warp;
+  int64_t k = g.kb + warp;
   for (; k + 3 * S < ke; k += 4 * S) {  // 4 weight rows in flight per warp
     const float w0 = wcol[k * ldw], w1 = wcol[(k + S) * ldw], w2 = wcol[(k + 2 * S) * ldw],
                 w3 = wcol[(k + 3 * S) * ldw];
@@ -174,15 +207,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
 #pragma unroll
   for (int r = 0; r < MR; ++r) red[warp][r][lane] = acc[r];
   __syncthreads();
-  if (col_ok) {
-    for (int r = warp; r < M; r += kGemvWarps) {  // row r's total, summed over the warps in order
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < kGemvWarps; ++w) s += red[w][r][lane];
-      if (splits == 1) store_out(C, N, r, n, epilogue(s, epi, bias, n, R, ldr, r), kv);
-      else ws[((int64_t)blockIdx.y * M + r) * N + n] = s;
-    }
-  }
+  gemv_block_out<MR>(&red[0][0][0], g, M, splits, bias, epi, R, ldr, C, N, ws, kv);
 }
 
 // ---------------------------------------------------------------- decode variants 3, 4: variant 1, x in shared memory
@@ -214,11 +239,9 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
   __shared__ __align__(16) float buf[kStagedFloats];
   const float4* xs = reinterpret_cast<const float4*>(buf);  // xs[kk * G + g] = rows 4g..4g+3 of tile k kk
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t n = (int64_t)blockIdx.x * 32 + lane;
-  const bool col_ok = n < N;
-  const float* wcol = W + (col_ok ? n : N - 1);  // lanes past N read a valid column and discard it
-  const int64_t kchunk = (K + splits - 1) / splits;
-  const int64_t kb = (int64_t)blockIdx.y * kchunk, ke = kb + kchunk < K ? kb + kchunk : K;
+  const GemvSlice sl = gemv_slice(W, K, N, splits);
+  const float* wcol = sl.wcol;
+  const int64_t kb = sl.kb, ke = sl.ke;
   float acc[MR];
 #pragma unroll
   for (int r = 0; r < MR; ++r) acc[r] = 0.f;
@@ -272,15 +295,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
 #pragma unroll
   for (int r = 0; r < MR; ++r) buf[(warp * MR + r) * 32 + lane] = acc[r];
   __syncthreads();
-  if (col_ok) {
-    for (int r = warp; r < M; r += kGemvWarps) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < kGemvWarps; ++w) s += buf[(w * MR + r) * 32 + lane];
-      if (splits == 1) store_out(C, N, r, n, epilogue(s, epi, bias, n, R, ldr, r), kv);
-      else ws[((int64_t)blockIdx.y * M + r) * N + n] = s;
-    }
-  }
+  gemv_block_out<MR>(buf, sl, M, splits, bias, epi, R, ldr, C, N, ws, kv);
   if (splits == 1 || counters == nullptr) return;  // (variant 3: splitk_finish_kernel sums the partials)
   __shared__ bool last;
   __threadfence();  // this block's partials reach L2 before its ticket
@@ -293,10 +308,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
   for (int idx = threadIdx.x; idx < M * 32; idx += kGemvWarps * 32) {
     const int r = idx / 32;
     const int64_t nn = nb + idx % 32;
-    if (nn >= N) continue;
-    float s = 0.f;
-    for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((int64_t)sp * M + r) * N + nn);  // L2: not a stale L1 line
-    store_out(C, N, r, nn, epilogue(s, epi, bias, nn, R, ldr, r), kv);
+    if (nn < N) store_out(C, N, r, nn, epilogue(splitk_sum(ws, splits, M, N, r, nn), epi, bias, nn, R, ldr, r), kv);
   }
 }
 
@@ -306,9 +318,7 @@ __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, i
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (int64_t)M * N) return;
   const int64_t r = idx / N, n = idx % N;
-  float s = 0.f;
-  for (int sp = 0; sp < splits; ++sp) s += ws[((int64_t)sp * M + r) * N + n];
-  store_out(C, N, r, n, epilogue(s, epi, bias, n, R, ldr, r), kv);
+  store_out(C, N, r, n, epilogue(splitk_sum(ws, splits, M, N, r, n), epi, bias, n, R, ldr, r), kv);
 }
 
 cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,

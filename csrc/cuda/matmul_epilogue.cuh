@@ -18,15 +18,20 @@ __device__ __forceinline__ float epilogue(float acc, int epi, const float* bias,
   return y;
 }
 
-// C[m, n] = y (C contiguous [M, N]), and for a KvOut (c_attn's GEMV at decode) y also goes to row m's K or V cache.
-__device__ __forceinline__ void store_out(float* C, int64_t N, int64_t m, int64_t n, float y, const KvOut& kv) {
-  C[m * N + n] = y;
+// Column n of c_attn's output row m, if it is a K or V column, into row m's cache at the slot (KvOut, launch.h).
+__device__ __forceinline__ void kv_store(const KvOut& kv, int64_t m, int64_t n, float y) {
   if (kv.k == nullptr || n < kv.E || n >= 3 * kv.E) return;
   const int64_t s = *kv.slot;
   if (s < 0 || s >= kv.Tmax) return;
   const bool is_v = n >= 2 * kv.E;
   const int64_t e = n - (is_v ? 2 * kv.E : kv.E);
   (is_v ? kv.v : kv.k)[m * kv.sb + (e / kv.D) * kv.sh + s * kv.st + e % kv.D] = y;
+}
+
+// C[m, n] = y (C contiguous [M, N]), and for a KvOut (c_attn's GEMV at decode) y also goes to row m's K or V cache.
+__device__ __forceinline__ void store_out(float* C, int64_t N, int64_t m, int64_t n, float y, const KvOut& kv) {
+  C[m * N + n] = y;
+  kv_store(kv, m, n, y);
 }
 
 }  // namespace gk::cuda

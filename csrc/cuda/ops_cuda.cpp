@@ -165,6 +165,46 @@ cuda::LowpType lowp_type(at::ScalarType t) {
 
 }  // namespace
 
+// The decode step's K/V caches k_cache, v_cache [B, H, Tmax, D] (one shape and strides, D contiguous) and slot
+// (int64, one index), on like's device, as the kernels' KvOut; errors name op's arguments (kv_write, matmul_decode).
+static cuda::KvOut checked_kv(const char* op, const at::Tensor& like, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& slot) {
+  GK_CHECK_FLOAT(k, op, "k_cache");
+  GK_CHECK_FLOAT(v, op, "v_cache");
+  GK_CHECK_DTYPE(slot, at::kLong, op, "slot");
+  GK_CHECK_SAME_DEVICE(like, k, op, "k_cache");
+  GK_CHECK_SAME_DEVICE(like, v, op, "v_cache");
+  GK_CHECK_SAME_DEVICE(like, slot, op, "slot");
+  TORCH_CHECK_VALUE(k.dim() == 4, "gpt2kern.", op, ": k_cache must be [B, H, Tmax, D], got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes() && v.strides() == k.strides(), "gpt2kern.", op, ": v_cache must have "
+                    "k_cache's shape ", k.sizes(), " and strides ", k.strides(), ", got ", v.sizes(), " and ",
+                    v.strides());
+  TORCH_CHECK_VALUE(k.stride(3) == 1 || k.size(3) <= 1, "gpt2kern.", op, ": k_cache's last dim must be contiguous, "
+                    "got strides ", k.strides());
+  TORCH_CHECK_VALUE(slot.numel() == 1, "gpt2kern.", op, ": slot must hold one index, got shape ", slot.sizes());
+  const int64_t D = k.size(3);
+  return cuda::KvOut{k.data_ptr<float>(), v.data_ptr<float>(), slot.data_ptr<int64_t>(), k.size(1) * D,
+                     D > 0 ? D : 1, k.stride(0), k.stride(1), k.stride(2), k.size(2)};
+}
+
+// kv_write(qkv, k_cache, v_cache, slot): k_cache[b, h, slot] = K of qkv's row b, head h (likewise V), for qkv
+// [B, 3E] or [B, 1, 3E] (c_attn's output for one token per row) and caches [B, H, Tmax, D] with E = H·D; slot int64
+// [1] on the device (read there: capturable). One kernel writes both caches.
+void kv_write(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot) {
+  GK_CHECK_FLOAT(qkv, "kv_write", "qkv");
+  TORCH_CHECK_VALUE(qkv.is_cuda(), "gpt2kern.kv_write: qkv must be a CUDA tensor, got ", qkv.device());
+  const cuda::KvOut kv = checked_kv("kv_write", qkv, k_cache, v_cache, slot);
+  const int64_t B = k_cache.size(0), E = kv.E;
+  const bool shape_ok = (qkv.dim() == 2 || (qkv.dim() == 3 && qkv.size(1) == 1)) && qkv.size(0) == B &&
+                        qkv.size(-1) == 3 * E;
+  TORCH_CHECK_VALUE(shape_ok, "gpt2kern.kv_write: qkv must be [", B, ", ", 3 * E, "] or [", B, ", 1, ", 3 * E,
+                    "] (one token per cache row), got ", qkv.sizes());
+  TORCH_CHECK_VALUE(qkv.stride(-1) == 1 || qkv.size(-1) <= 1, "gpt2kern.kv_write: qkv's last dim must be contiguous, "
+                    "got strides ", qkv.strides());
+  c10::cuda::CUDAGuard guard(qkv.device());
+  GK_CUDA_CHECK_LAUNCH("kv_write", cuda::kv_write(qkv.data_ptr<float>(), qkv.stride(0), B, kv, stream()));
+}
+
 // conv1d's body, shared with matmul_decode: `variant` 1 runs conv1d's kernels, 3 the staged GEMV, 4 the staged GEMV
 // summing its split-K partials itself with `counters` (3, 4: float32, M <= kGemvMaxRows: matmul_decode checks);
 // `kv` the c_attn cache store (decode GEMV only: matmul_decode checks).
@@ -292,26 +332,12 @@ at::Tensor matmul_decode(const at::Tensor& x, const at::Tensor& weight, const st
   if (k_cache || v_cache || slot) {
     TORCH_CHECK_VALUE(k_cache && v_cache && slot, "gpt2kern.matmul_decode: k_cache, v_cache and slot go together "
                       "(all three or none)");
-    const at::Tensor &k = *k_cache, &v = *v_cache, &s = *slot;
-    GK_CHECK_FLOAT(k, op, "k_cache");
-    GK_CHECK_FLOAT(v, op, "v_cache");
-    GK_CHECK_DTYPE(s, at::kLong, op, "slot");
-    GK_CHECK_SAME_DEVICE(x, k, op, "k_cache");
-    GK_CHECK_SAME_DEVICE(x, v, op, "v_cache");
-    GK_CHECK_SAME_DEVICE(x, s, op, "slot");
-    TORCH_CHECK_VALUE(k.dim() == 4, "gpt2kern.matmul_decode: k_cache must be [B, H, Tmax, D], got ", k.sizes());
-    TORCH_CHECK_VALUE(v.sizes() == k.sizes() && v.strides() == k.strides(), "gpt2kern.matmul_decode: v_cache must "
-                      "have k_cache's shape ", k.sizes(), " and strides ", k.strides(), ", got ", v.sizes(), " and ",
-                      v.strides());
-    TORCH_CHECK_VALUE(k.stride(3) == 1 || k.size(3) <= 1, "gpt2kern.matmul_decode: k_cache's last dim must be "
-                      "contiguous, got strides ", k.strides());
-    const int64_t B = k.size(0), H = k.size(1), D = k.size(3), E = H * D;
+    kv = checked_kv(op, x, *k_cache, *v_cache, *slot);
+    const int64_t B = k_cache->size(0);
     TORCH_CHECK_VALUE(M == B, "gpt2kern.matmul_decode: x must have one row per cache row (", B, "), got ", M);
-    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * E, "gpt2kern.matmul_decode: with caches ",
-                      k.sizes(), " weight must be [", K, ", ", 3 * E, "] (q, k, v columns), got ", weight.sizes());
-    TORCH_CHECK_VALUE(s.numel() == 1, "gpt2kern.matmul_decode: slot must hold one index, got shape ", s.sizes());
-    kv = cuda::KvOut{k.data_ptr<float>(), v.data_ptr<float>(), s.data_ptr<int64_t>(), E, D > 0 ? D : 1,
-                     k.stride(0), k.stride(1), k.stride(2), k.size(2)};
+    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * kv.E, "gpt2kern.matmul_decode: with caches ",
+                      k_cache->sizes(), " weight must be [", K, ", ", 3 * kv.E, "] (q, k, v columns), got ",
+                      weight.sizes());
   }
   return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, (int)variant, kv, pc);
 }
@@ -540,4 +566,5 @@ TORCH_LIBRARY_IMPL(gpt2kern, CUDA, m) {
   m.impl("matmul_decode", &gk::cuda_ops::matmul_decode);
   m.impl("embedding_step", &gk::cuda_ops::embedding_step);
   m.impl("matmul_prefill", &gk::cuda_ops::matmul_prefill);
+  m.impl("kv_write", &gk::cuda_ops::kv_write);
 }
