@@ -12,14 +12,14 @@
 State, all preallocated in __init__ on the model's device (static shapes: batch_size and max_len are fixed):
   k_cache, v_cache  [n_layer, B, H, max_len, D]  slot j of row b holds that row's j-th token (prompt included)
   key_mask          [B, max_len] bool             False for the prompt's padding; True elsewhere
-  cursor            [2 + B] int64                 [slot, kv_len = slot + 1, pos of each row]: views slot [1],
-                                                  kv_len [1], pos [B, 1]; every step advances all three by one
+  cursor            [2 + B] int64                 [slot, kv_len = slot + 1, pos of each row] of the last token
+                                                  written: views slot [1], kv_len [1], pos [B, 1]; a step first
+                                                  advances all three by one (to the new token's)
   ids               [B, 1] int64                  the next token
 A step (the captured graph) writes the new token's K/V into `slot` (kv_write below) and attends
 over the first kv_len slots only (decode_attention reads kv_len on the device: the work grows with the tokens so
-far, not with max_len; key_mask hides the padding). kv_write 1 and 2 advance the cursor after the step (one
-add_(1)); kv_write=3 before it, in the embedding kernel (the cursor then holds the last token's slot and positions
-between steps). prefill() runs the prompt eagerly
+far, not with max_len; key_mask hides the padding). The cursor advances at the step's start: one add_(1), or
+(kv_write=3) inside the embedding kernel. prefill() runs the prompt eagerly
 with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
 follows HF generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites
 (clone it to keep it). Everything runs under torch.cuda.device(model's device), whichever device is current.
@@ -230,9 +230,11 @@ class CudaGraphDecoder:
         return self._gemv(lin, x, epilogue)
 
     def _step_body(self):
-        if self.kv_write_variant == 3:  # the embedding kernel advances slot, kv_len and the positions first
+        # the new token's slot, kv_len and positions: the cursor advanced by one first
+        if self.kv_write_variant == 3:  # inside the embedding kernel
             h = ops.embedding_step(self.ids, self.W.wte, self.W.wpe, self.cursor)
         else:
+            self.cursor.add_(1)
             h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
         def write(i, k, v, qkv):
@@ -257,8 +259,6 @@ class CudaGraphDecoder:
         else:
             x = self._layers(h, write, attend, self._mm_v1)
             logits = self.W.lm_head(x).view(self.B, self.V)
-        if self.kv_write_variant != 3:
-            self.cursor.add_(1)  # slot, kv_len and every row's position
         return logits
 
     # ------------------------------------------------------------ public
@@ -289,12 +289,10 @@ class CudaGraphDecoder:
 
             x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend, self._mm_v1)
             logits = self.W.lm_head(x[:, -1:]).view(B, self.V)
-            # during the next step the new token sits at slot T, position last + 1, and slots [0, T] hold keys;
-            # kv_write=3's embedding kernel advances the cursor at the step's start, so it holds one less till then
-            ahead = 0 if self.kv_write_variant == 3 else 1
-            self.pos.copy_(pos[:, -1:] + ahead)
-            self.slot.fill_(T - 1 + ahead)
-            self.kv_len.fill_(T + ahead)
+            # the last token written: slot T - 1, kv_len T, each row's last position (a step advances them first)
+            self.pos.copy_(pos[:, -1:])
+            self.slot.fill_(T - 1)
+            self.kv_len.fill_(T)
         self.length = T
         return logits
 
