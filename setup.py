@@ -17,6 +17,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "buildtools"))  # pip's build backend does not put ROOT on sys.path
+import libstdcxx  # noqa: E402
 
 
 def _find_cuda_home():
@@ -100,7 +102,7 @@ def extension_setup_args() -> dict:
     cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
     if os.environ.get("GPT2KERN_DEBUG") == "1":
         cxx = ["-O1", "-g", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp", *libstdcxx.LINK_ARGS]
     if SANITIZE:  # vptr off: torch's own libraries are not instrumented, their RTTI would give false reports
         san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
         cxx = ["-O1", "-g1", "-fopenmp", "-ffp-contract=fast", "-fno-omit-frame-pointer"] + san
@@ -128,8 +130,33 @@ def extension_setup_args() -> dict:
     return dict(
         ext_modules=[Ext("gpt2kern._C", sources, extra_compile_args=extra, extra_link_args=link,
                          include_dirs=include_dirs)],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": build_ext_class(cpp_extension.BuildExtension)},
     )
+
+
+def build_ext_class(base):
+    """torch's build_ext with ninja, checked for the shared libstdc++ (buildtools/libstdcxx.py): the C++ driver,
+    which also links, is probed before anything is compiled, and each built extension after linking; a failure
+    removes the file and stops with one line."""
+
+    class BuildExt(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, use_ninja=True, **kwargs)
+
+        def build_extensions(self):
+            driver = list(self.compiler.compiler_cxx)
+            why = libstdcxx.probe(driver)
+            if why:
+                raise SystemExit(libstdcxx.refusal(driver, why))
+            super().build_extensions()
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                why = libstdcxx.problem(path)
+                if why:
+                    os.remove(path)
+                    raise SystemExit(libstdcxx.refusal(driver, why))
+
+    return BuildExt
 
 
 # GPT2KERN_NO_EXT=1: no torch import at all (scripts/env.sh's editable install of an already built tree)
