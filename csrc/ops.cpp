@@ -51,7 +51,7 @@ void bind_engine(pybind11::module_& m);  // engine.cpp
 #ifdef GPT2KERN_CUDA
 namespace gk::cuda_ops {  // ops_cuda.cpp
 void check_embedding_errors();
-std::map<std::string, int64_t> graph_node_counts(uintptr_t graph_handle);
+std::map<std::string, int64_t> capture_node_counts();
 }  // namespace gk::cuda_ops
 #endif
 
@@ -126,8 +126,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #ifdef GPT2KERN_CUDA
   mod.def("check_embedding_errors", &gk::cuda_ops::check_embedding_errors,
           "IndexError for a bad id that a finished CUDA embedding call found (no sync).");
-  mod.def("graph_node_counts", &gk::cuda_ops::graph_node_counts,
-          "Nodes of a captured cudaGraph_t (as an int) by type: kernel, memcpy, memset, other, total.");
+  mod.def("capture_node_counts", &gk::cuda_ops::capture_node_counts,
+          "Nodes of the graph the current CUDA stream is capturing, by type: kernel, memcpy, memset, other, total.");
 #endif
   mod.def("has_cuda", [] {
 #ifdef GPT2KERN_CUDA

@@ -173,12 +173,9 @@ class CudaGraphDecoder:
                 self._step_body()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-
-        def count(g):  # the template graph is alive only inside this hook
-            self.launches_per_token = ops.graph_node_counts(g)
-        self.graph.register_capture_end_hook(count)
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.logits = self._step_body()
+            self.launches_per_token = ops.capture_node_counts()  # from the capture: any torch reaches it
 
     def reset(self):
         """Forget the sequence: empty cache (key_mask all True: no padding), slot, length and positions 0."""

@@ -206,12 +206,13 @@ def embedding_step(input_ids, wte, wpe, cursor):
                            _tensor(cursor, "cursor"))
 
 
-def graph_node_counts(graph: "torch.cuda.CUDAGraph") -> dict:
-    """The nodes of a CUDA graph being captured, by type (kernel, memcpy, memset, other, total): call it from a
-    capture-end hook (graph.register_capture_end_hook), where the template graph is alive."""
+def capture_node_counts() -> dict:
+    """The nodes captured so far into the CUDA graph the current stream is capturing, by type (kernel, memcpy,
+    memset, other, total): call it last inside `with torch.cuda.graph(g):` to count what one replay launches.
+    ValueError outside a capture."""
     if not has_cuda():
         raise RuntimeError("gpt2kern was built without its CUDA kernels")
-    return dict(_C.graph_node_counts(graph.raw_cuda_graph()))
+    return dict(_C.capture_node_counts())
 
 
 # ---- fake implementations: shapes and dtypes only, for meta tensors and torch.compile ----

@@ -532,11 +532,19 @@ at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const s
   return y;
 }
 
-// Nodes of a captured CUDA graph (a cudaGraph_t as an integer, e.g. torch.cuda.CUDAGraph.raw_cuda_graph() in a
-// capture-end hook) by type: what one replay launches.
-std::map<std::string, int64_t> graph_node_counts(uintptr_t graph_handle) {
-  cudaGraph_t g = reinterpret_cast<cudaGraph_t>(graph_handle);
-  TORCH_CHECK_VALUE(g != nullptr, "gpt2kern.graph_node_counts: graph is null");
+// Nodes of the CUDA graph the current stream is capturing, by type: what one replay of it launches. Read from the
+// capture itself (CUDA allows queries on a graph under capture), so no torch API is needed to reach the graph.
+std::map<std::string, int64_t> capture_node_counts() {
+  cudaStream_t s = stream();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t g = nullptr;
+#if CUDART_VERSION >= 13000
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(s, &status, nullptr, &g));
+#else
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo_v2(s, &status, nullptr, &g));
+#endif
+  TORCH_CHECK_VALUE(status == cudaStreamCaptureStatusActive && g != nullptr,
+                    "gpt2kern.capture_node_counts: the current CUDA stream is not capturing a graph");
   size_t n = 0;
   C10_CUDA_CHECK(cudaGraphGetNodes(g, nullptr, &n));
   std::vector<cudaGraphNode_t> nodes(n);
