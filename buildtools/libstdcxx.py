@@ -62,8 +62,8 @@ def probe(driver: list[str], link_args: list[str] = LINK_ARGS) -> str | None:
         return problem(out)
 
 
-def _suggestion(driver: list[str]) -> str:
-    """CXX=... (and CC=...) for a compiler here that links the shared libstdc++, or a description of one."""
+def alternative(driver: list[str]) -> str | None:
+    """`CXX=... CC=...` for another compiler here that links the shared libstdc++ (None when there is none)."""
     mine = os.path.realpath(shutil.which(driver[0]) or driver[0])
     seen = {mine}
     for name in ("/usr/bin/g++", shutil.which("g++"), "/usr/bin/c++", shutil.which("c++")):
@@ -74,10 +74,25 @@ def _suggestion(driver: list[str]) -> str:
         if probe([path]) is None:
             cc = os.path.join(os.path.dirname(path), "gcc" if os.path.basename(path) == "g++" else "cc")
             return f"CXX={path}" + (f" CC={cc}" if os.path.exists(cc) else "")
-    return "CXX=<a g++ that links the shared libstdc++>"
+    return None
 
 
 def refusal(driver: list[str], why: str) -> str:
     """The one line setup.py stops with."""
     return (f"gpt2kern build: the C++ compiler `{' '.join(driver)}` links a private libstdc++ into _C.so ({why}), "
-            f"so its error messages would crash or be cut short; build with {_suggestion(driver)}")
+            f"so its error messages would crash or be cut short; build with "
+            f"{alternative(driver) or 'CXX=<a g++ that links the shared libstdc++>'}")
+
+
+if __name__ == "__main__":
+    # python buildtools/libstdcxx.py DRIVER...: exit 0 when setup.py can build with it; else the reason on stderr
+    # and, where one exists, the `CXX=... CC=...` to use instead on stdout (exit 1; exit 2 when there is none)
+    import sys
+
+    why = probe(sys.argv[1:])
+    if why:
+        print(f"{' '.join(sys.argv[1:])}: {why}", file=sys.stderr)
+        other = alternative(sys.argv[1:])
+        if other:
+            print(other)
+        sys.exit(1 if other else 2)

@@ -62,6 +62,9 @@ needs_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="CUDA test: no GPU here (torch.cuda.is_available() is False)" if ops.has_cuda()
     else "CUDA test: gpt2kern._C was built without its CUDA kernels")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]  # for @pytest.mark.parametrize("dev", DEVICES)
+# tests of what happens without a GPU: they skip where one is visible, with a reason gpu_check.sh allows (these are
+# not CUDA tests that failed to run)
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a test of the no-GPU path: this machine has a GPU")
 
 
 @pytest.fixture(params=[*ops.supported_isas(), pytest.param("cuda", marks=needs_cuda)])

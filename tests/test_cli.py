@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import no_gpu
 
 import gpt2kern
 from gpt2kern import cli, steps
@@ -241,7 +242,7 @@ def test_errors_are_one_line_exit_2(cli_run, args, needle):
     assert_one_line_error(code, err, needle)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@no_gpu
 def test_device_cuda_without_gpu(cli_run):
     code, _, err = cli_run("generate", "1", "-m", "random:tiny", "--device", "cuda")
     assert_one_line_error(code, err, "no CUDA GPU")

@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
 
@@ -15,11 +16,30 @@ def run(*args, **env):
 
 def test_fails_fast_without_a_gpu(tmp_path):
     # CUDA_VISIBLE_DEVICES="" hides every GPU, so this runs the same on a GPU machine
-    r = run(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    r = run(OUT=str(out), GPU_CHECK_LOGS=str(logs), CUDA_VISIBLE_DEVICES="")
     assert r.returncode != 0
     assert "gpu_check: FAILED" in r.stderr and "no usable CUDA GPU" in r.stderr, r.stderr
     assert "torch.cuda.is_available() is False" in r.stderr or "CPU-only build" in r.stderr, r.stderr
-    assert not (tmp_path / "build.log").exists()  # nothing was built or tested after the failed assert
+    assert (logs / "gpu_assert.log").exists()
+    assert not (logs / "build.log").exists()  # nothing was built or tested after the failed assert
+    # what a device machine returns: the logs packed into one file, $OUT holding no loose logs
+    with tarfile.open(out / "gpu_check_logs.tar.gz") as t:
+        assert {"./env.log", "./gpu_assert.log"} <= set(t.getnames())
+    assert not list(out.glob("*.log"))
+
+
+def test_a_compiler_setup_py_would_refuse_is_replaced(tmp_path):
+    # a g++ whose every -lstdc++ names the static archive: setup.py's fix cannot help, so the check builds with
+    # the compiler buildtools/libstdcxx.py finds instead (the GPU image's CXX was of this kind, less stubborn)
+    cxx = tmp_path / "g++-hopeless"
+    cxx.write_text('#!/bin/sh\nargs=""; for a in "$@"; do [ "$a" = -lstdc++ ] && a=-l:libstdc++.a; '
+                   'args="$args $a"; done\nexec g++ $args -static-libstdc++\n')
+    cxx.chmod(0o755)
+    logs = tmp_path / "logs"
+    r = run(OUT=str(tmp_path / "out"), GPU_CHECK_LOGS=str(logs), CUDA_VISIBLE_DEVICES="", CXX=str(cxx))
+    assert f"gpu_check: {cxx} links a private libstdc++ even with setup.py's fix; using CXX=" in r.stderr, r.stderr
+    assert "defines" in (logs / "env.log").read_text()
 
 
 def budgets():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import no_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def decision(r):
     return next((line for line in r.stderr.splitlines() if line.startswith("gpt2kern build:")), r.stderr)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+@no_gpu
 def test_no_gpu_builds_cpu_kernels_only():
     r = setup_py("--name")
     assert r.returncode == 0 and r.stdout.strip() == "gpt2kern", r.stderr
