@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from . import guard, ops
 from .weights import Weights, attn_scale, pack
 
-# transformers renamed past_key_values -> cache (5.2x); speak whichever this version speaks.
+# transformers renamed past_key_values -> cache (5.24); speak whichever this version speaks.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 _CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPastAndCrossAttentions)}
                 else "past_key_values")
@@ -325,8 +325,9 @@ def _walk(st: State, ids, cache, attention_mask, position_ids, token_type_ids, w
     if past is None and (attention_mask is None or attention_mask.dim() != 4):  # as HF builds it (see _masks)
         from transformers.masking_utils import create_causal_mask
 
-        attention_mask = create_causal_mask(config=t.config, inputs_embeds=h, attention_mask=attention_mask,
-                                            cache=cache, position_ids=position_ids, allow_is_causal_skip=False)
+        # the cache by position: its keyword is past_key_values before transformers 5.24 and cache after
+        attention_mask = create_causal_mask(t.config, h, attention_mask, cache, position_ids=position_ids,
+                                            allow_is_causal_skip=False)
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
     hidden = [h] if want_hidden else None
     x = ops.layer_norm(h, W.layers[0].ln_1.weight, W.layers[0].ln_1.bias, W.layers[0].ln_1.eps)

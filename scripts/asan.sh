@@ -12,7 +12,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SRC="$ROOT/build/asan/src"
 mkdir -p "$SRC"
 # copy only what changed (cp -u keeps ninja's view of mtimes), drop any normal build of _C that came along
-for p in setup.py pyproject.toml csrc gpt2kern tests; do cp -ru --preserve=timestamps "$ROOT/$p" "$SRC/"; done
+for p in setup.py pyproject.toml buildtools csrc gpt2kern tests; do cp -ru --preserve=timestamps "$ROOT/$p" "$SRC/"; done
 rm -f "$SRC"/gpt2kern/_C*.so
 cd "$SRC"
 start=$(date +%s)

@@ -2,7 +2,7 @@
 # Sets up the environment, doing only what is missing or out of date, one line per stage:
 #   1 .venv in the repository   2 torch   3 numpy, ninja and the project's dependencies (numpy before the build:
 #   torch warns without it)   4 the extension, built in place by ninja (compiler progress as [n/m] lines; skipped
-#   when gpt2kern/_C*.so is newer than every file in csrc/ and setup.py and was built with the same settings)
+#   when gpt2kern/_C*.so is newer than every file in csrc/, setup.py and buildtools/ and was built with the same settings)
 #   5 the package itself, editable, without building the extension a second time (GPT2KERN_NO_EXT=1).
 # Sourced by scripts/test.sh and scripts/bench.sh; the full output of pip and the compiler goes to build/env.log.
 # TORCH_SPEC chooses the torch to install. The CUDA kernels are built when a GPU is visible or GPT2KERN_CUDA=1
@@ -87,8 +87,8 @@ KEY=$(build_key)
 so_id() { stat -c 'so=%Y %s' "$1" 2>/dev/null || echo "so=none"; }
 if [ -n "$SO" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY
 $(so_id "$SO")" ] \
-   && [ -z "$(find csrc setup.py -type f -newer "$SO" | head -n 1)" ]; then
-  say "[4/5] build: up to date ($SO is newer than csrc/ and setup.py)"
+   && [ -z "$(find csrc setup.py buildtools -type f -newer "$SO" ! -path '*/__pycache__/*' | head -n 1)" ]; then
+  say "[4/5] build: up to date ($SO is newer than csrc/, setup.py and buildtools/)"
 else
   say "[4/5] building the extension (ninja; a few minutes from scratch on 2 cores, seconds after a small change)"
   t=$(date +%s)

@@ -260,7 +260,8 @@ def test_hfs_warnings_are_the_same(cls, caplog):
         assert a == b
     with torch.no_grad():
         w = _warnings_and_logs(lambda: calls[0](copy.deepcopy(opt)), caplog)
-    assert any("past_key_values" in m and "deprecated" in m for m in w)
+    if gpt2kern.model._CACHE_ARG == "cache":  # transformers >= 5.24 deprecates the old name
+        assert any("past_key_values" in m and "deprecated" in m for m in w)
     assert gpt2kern.fallback_reason(opt) is None
 
 
