@@ -234,10 +234,10 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
                     " but weight has ", N, " columns");
   TORCH_CHECK_VALUE(!lowp || K < (int64_t(1) << 31), "gpt2kern.conv1d: a ", weight.scalar_type(),
                     " weight on CUDA needs in < 2^31, got ", K);
-  c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   check_conv1d_extras(x, bias, epi, epilogue, residual, N, out_shape);
+  c10::cuda::CUDAGuard guard(x.device());  // after every device check: x may be the CPU tensor of a mixed call
   at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
@@ -361,12 +361,12 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
 at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe,
                      const at::Tensor& position_ids, const std::optional<at::Tensor>& token_type_ids) {
   check_embedding_tables(input_ids, wte, wpe);
-  c10::cuda::CUDAGuard guard(wte.device());
   const int64_t B = input_ids.size(0), T = input_ids.size(1), n = wte.size(1);
   at::Tensor ids = embedding_ids(input_ids, wte, B, T, "input_ids");
   at::Tensor pos = embedding_ids(position_ids, wte, B, T, "position_ids");
   at::Tensor tt;
   if (token_type_ids) tt = embedding_ids(*token_type_ids, wte, B, T, "token_type_ids");
+  c10::cuda::CUDAGuard guard(wte.device());  // after the ids' device checks: the tables may be the CPU tensors
   const int64_t V = wte.size(0), P = wpe.size(0);
   check_embedding_errors();  // a bad id of an earlier, finished call
   at::Tensor out = at::empty({B, T, n}, wte.options());
@@ -396,8 +396,8 @@ at::Tensor embedding_step(const at::Tensor& input_ids, const at::Tensor& wte, co
   TORCH_CHECK_VALUE(cursor.dim() == 1 && cursor.size(0) == 2 + B && cursor.is_contiguous(), "gpt2kern.embedding_step: "
                     "cursor must be a contiguous int64 [2 + B] = [", 2 + B, "] (slot, kv_len, then each row's "
                     "position), got shape ", cursor.sizes(), " and strides ", cursor.strides());
-  c10::cuda::CUDAGuard guard(wte.device());
   at::Tensor ids = embedding_ids(input_ids, wte, B, 1, "input_ids");
+  c10::cuda::CUDAGuard guard(wte.device());  // after the ids' device check: the tables may be the CPU tensors
   check_embedding_errors();  // a bad id of an earlier, finished call
   at::Tensor out = at::empty({B, 1, n}, wte.options());
   if (B == 0) return out;
@@ -510,11 +510,11 @@ at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const s
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == K, "gpt2kern.matmul_prefill: weight must be [", K,
                     ", out] (HF's Conv1D layout), got ", weight.sizes());
   const int64_t N = weight.size(1);
-  c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   check_conv1d_extras(x, bias, epi, epilogue, residual, N, out_shape);
   TORCH_CHECK_VALUE(K > 0, "gpt2kern.matmul_prefill: x must have a non-empty last dim");
+  c10::cuda::CUDAGuard guard(x.device());  // after every device check, as conv1d's
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
