@@ -207,11 +207,28 @@ def status(msg: str):
 
 @contextlib.contextmanager
 def progress(total: int, description: str):
-    """A progress bar on stderr; yields advance(n=1). Transient, and silent when stderr is not a terminal."""
+    """Progress on stderr; yields advance(n=1, done=None), done naming a section that just ended. On a terminal a
+    transient bar (showing the last section); elsewhere (a log, CI, a pipe) one line per section with its time, so a
+    long run is never silent."""
+    import time
+
+    t0 = last = time.perf_counter()
+    count = 0
     if not err_console.is_terminal:
-        yield lambda n=1: None
+        def line(n=1, done=None):
+            nonlocal count, last
+            count += n
+            if done:
+                now = time.perf_counter()
+                err_console.print(f"{description}: {done} ({now - last:.1f} s; {count}/{total}, "
+                                  f"{now - t0:.0f} s in all)", markup=False, highlight=False)
+                last = now
+        yield line
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as p:
         task = p.add_task(description, total=total)
-        yield lambda n=1: p.advance(task, n)
+
+        def bar(n=1, done=None):
+            p.update(task, advance=n, description=f"{description}: {done}" if done else None)
+        yield bar

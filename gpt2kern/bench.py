@@ -1,16 +1,20 @@
-"""gpt2kern bench — every kernel against its torch equivalent, and the model end to end against HF eager, in one run.
+"""gpt2kern bench — every kernel against its torch equivalent, and the model end to end against HF, in one run.
 
-What one run measures, in order (a progress bar on stderr; a table per section on stdout; --json / --plot files):
+What one run measures, in order (progress on stderr: a bar on a terminal, else a line per section with its time; a
+table per section on stdout; --json / --plot files):
   roofline inputs   read bandwidth (torch sum over 256 MB) and fp32 FMA peak (gpt2kern's own FMA probe)
   kernels           decode shapes (M = 1, 8: rows of a batch) and prefill shapes (M = 128, 512, 1024 tokens) of
                     the model's config: ours vs torch, ratio (> 1: we are faster), GFLOP/s, % of roofline
   end to end        prefill B=1 (all-position logits, like HF) and greedy decode (16-token prompt) with
-                    gpt2kern.generate, with HF's generate on the optimized model, and at batch 8, vs HF eager
+                    gpt2kern.generate, with HF's generate on the optimized model, and at batch 8, vs HF as
+                    from_pretrained gives it (sdpa attention) and vs HF eager where that differs
   drop-in           what the drop-in costs and offers: the guard's per-call check, a plain `model(ids)` with grad
                     enabled (HF's path: the kernels have no backward) vs the same call under no_grad, and
                     torch.compile of the optimized model (prefill, and HF's generate with a static cache and a
                     compiled forward, decode) next to the uncompiled one (CPU only; not with --quick)
   parity            max |Δlogits| vs HF eager, greedy tokens identical
+  machine load      other processes' CPU use just before and during the run, and the spread of repeated timings:
+                    a warning when either says the figures cannot be trusted (MachineLoad)
 Every timing is interleaved with its baseline (ours, theirs, ours, ...), after a warm-up, median of --reps.
 % of roofline = the time the roofline allows (max(bytes ÷ bandwidth, FLOPs ÷ peak)) ÷ the measured time;
 rows whose data fit in cache can pass 100 % of the DRAM roofline.
@@ -49,6 +53,7 @@ class Bench:
     device: str = "cpu"
     reps: int = 7
     rows: list = field(default_factory=list)
+    spreads: list = field(default_factory=list)  # per timed fn: (max - min) / median of its samples
 
     def sync(self):
         if self.device == "cuda":
@@ -75,7 +80,75 @@ class Bench:
                     f()
                 self.sync()
                 times[k].append((time.perf_counter() - t0) / n)
+        for v in times.values():
+            self.spreads.append((max(v) - min(v)) / statistics.median(v))
         return {k: statistics.median(v) for k, v in times.items()}
+
+
+class MachineLoad:
+    """What else the machine does while we measure: the CPU time other processes take, from /proc/stat's busy
+    time less this process's own (and its children's: --contend's busy process is part of the run), in CPUs.
+    A shared machine makes every ratio move with it, so the bench says so instead of printing nonsense."""
+
+    BUSY_CPUS = 0.25  # other processes' average CPU use above which the figures are not to be trusted
+    SPREAD = 0.15  # the same for the median spread of repeated timings, (max - min) / median
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = self._now()
+
+    @staticmethod
+    def _now():
+        import os
+
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+        except (OSError, ValueError, IndexError):
+            busy = None  # not Linux: unknown
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def others(self) -> float | None:
+        """Other processes' average CPU use since construction (CPUs; None where /proc/stat is missing)."""
+        t, busy, own = self._now()
+        if busy is None or self.busy0 is None or t - self.t0 < 0.1:
+            return None
+        return max(0.0, ((busy - self.busy0) - (own - self.own0)) / (t - self.t0))
+
+    @classmethod
+    def sample(cls, seconds: float = 0.5) -> float | None:
+        """Other processes' CPU use over the next `seconds`, this process idle."""
+        m = cls()
+        time.sleep(seconds)
+        return m.others()
+
+    @classmethod
+    def verdict(cls, before: float | None, during: float | None, spread: float | None) -> dict:
+        """The load figures and, where they say the timings cannot be trusted, a warning in one sentence."""
+        busy = max((x for x in (before, during) if x is not None), default=0.0)
+        noisy = spread is not None and spread > cls.SPREAD
+        out = dict(other_cpus_before=before, other_cpus_during=during, median_spread=spread,
+                   trusted=busy <= cls.BUSY_CPUS and not noisy)
+        if not out["trusted"]:
+            why = []
+            if busy > cls.BUSY_CPUS:
+                when = "during" if during is not None and during >= busy else "just before"
+                why.append(f"other processes used {busy:.1f} of {_cpu_count()} CPUs {when} the run")
+            if noisy:
+                why.append(f"repeated timings spread {100 * spread:.0f} % (median)")
+            out["warning"] = ("this machine was busy: " + "; ".join(why) + ". Ratios and roofline fractions may be "
+                              "off by that much: rerun on a quiet machine.")
+        return out
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def read_bandwidth(b: Bench, tries: int = 3) -> float:
@@ -181,13 +254,22 @@ def rss_bytes() -> int:
 def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, quick=False, advance=None,
         model=None, contend=False, weights=("fp32",)):
     """All measurements as a dict (what --json writes). advance(n) is called as work completes."""
-    advance = advance or (lambda n=1: None)
+    advance = advance or (lambda n=1, done=None: None)
+    load_before = MachineLoad.sample() if device == "cpu" else None
+    load = MachineLoad()
     b = Bench(device=device, reps=reps)
     ref = model if model is not None else gpt2kern.load(model_name)[0]
     ref = copy.deepcopy(ref).to(device).eval()
     ref.generation_config.eos_token_id = None  # fixed-length decodes: both sides generate every token
     ref.generation_config.pad_token_id = 0
     opt = copy.deepcopy(ref)
+    # The speed baseline is what a user gets by default (from_pretrained's attention: sdpa where the class has
+    # it); HF eager, the parity reference, is a second column where it differs.
+    hf, hf_attn = ref, ref.config._attn_implementation
+    if getattr(type(ref), "_supports_sdpa", False) and hf_attn != "sdpa":
+        hf = copy.deepcopy(ref)
+        hf.set_attn_implementation("sdpa")
+    default_attn = hf.config._attn_implementation
     rss0 = rss_bytes()
     gpt2kern.optimize(opt)
     rss_added = rss_bytes() - rss0
@@ -195,21 +277,23 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out = dict(model=model_name, device=device, threads=torch.get_num_threads(), isa=ops.isa(), reps=reps,
                torch=torch.__version__, cpu=_cpu_name(), date=time.strftime("%Y-%m-%d %H:%M"),
                gpu=torch.cuda.get_device_name() if device == "cuda" else None, rss_added_MiB=rss_added / 2**20,
-               weights_MiB=sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20)
+               weights_MiB=sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20,
+               hf_attn=default_attn, hf_second_attn=hf_attn if hf is not ref else None)
     bw = read_bandwidth(b)
     peak = fma_peak(b)
     out.update(read_bandwidth_GBps=bw / 1e9, fma_peak_GFLOPs=peak / 1e9)
-    advance()
+    advance(done="roofline inputs")
 
     kernel_ms, prefill_ts = sizes(cfg.n_positions, quick)
     kernels = []
     for M in kernel_ms:
-        for name, ours, theirs, flops, nbytes in kernel_cases(cfg, M, device):
+        cases = kernel_cases(cfg, M, device)
+        for i, (name, ours, theirs, flops, nbytes) in enumerate(cases):
             t = b.time({"ours": ours, "torch": theirs})
             kernels.append(dict(kernel=name, M=M, ours_ms=t["ours"] * 1e3, torch_ms=t["torch"] * 1e3,
                                 ratio=t["torch"] / t["ours"],
                                 gflops=flops / t["ours"] / 1e9 if flops else None, flops=flops, bytes=nbytes))
-            advance()
+            advance(done=f"kernels M={M}" if i == len(cases) - 1 else None)
     out["kernels"] = kernels
 
     e2e, parity = [], {}
@@ -220,14 +304,17 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     with torch.no_grad():
         for T in prefill_ts:
             ids = torch.randint(0, V, (1, T), generator=g).to(device)
-            t = b.time({"ours": lambda: opt(ids, use_cache=False), "hf": lambda: ref(ids, use_cache=False)},
-                       reps=max(5, reps // 2))
+            fns = {"ours": lambda: opt(ids, use_cache=False), "hf": lambda: hf(ids, use_cache=False)}
+            if hf is not ref:
+                fns["hf_eager"] = lambda: ref(ids, use_cache=False)
+            t = b.time(fns, reps=max(5, reps // 2))
             flops = 2 * T * (block_params + V * E) + L * 4 * E * T * T // 2
             e2e.append(dict(measure=f"prefill B=1 T={T} (all logits)", ours_ms=t["ours"] * 1e3, hf_ms=t["hf"] * 1e3,
-                            ratio=t["hf"] / t["ours"], roofline_pct=100 * flops / peak / t["ours"]))
+                            ratio=t["hf"] / t["ours"], roofline_pct=100 * flops / peak / t["ours"],
+                            **_eager_cols(t, t["ours"])))
             if T == prefill_ts[0]:
                 parity[f"max |dlogits| prefill T={T}"] = (opt(ids).logits - ref(ids).logits).abs().max().item()
-            advance()
+            advance(done=f"prefill T={T}")
         weight_bytes = (block_params + V * E) * 4  # read once per decode step (lm_head = wte)
         # decode is bandwidth-bound and this machine's bandwidth moves from minute to minute: its roofline is the
         # read bandwidth measured in the same interleaved rounds as the decodes (a 256 MB sum between them)
@@ -238,7 +325,9 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
             kw = dict(max_new_tokens=new_tokens, do_sample=False)
             res = {}
             fns = {"engine": lambda: res.__setitem__("engine", gpt2kern.generate(opt, prompt, eos_token_id=[], **kw)),
-                   "hf": lambda: res.__setitem__("hf", ref.generate(prompt, **kw))}
+                   "hf": lambda: res.__setitem__("hf", hf.generate(prompt, **kw))}
+            if hf is not ref:
+                fns["hf_eager"] = lambda: res.__setitem__("hf_eager", ref.generate(prompt, **kw))
             if B == 1:
                 fns["opt.generate"] = lambda: res.__setitem__("opt", opt.generate(prompt, **kw))
             fns["bandwidth"] = lambda: big.sum()
@@ -252,10 +341,11 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
                 ms = t[key] * 1e3 / new_tokens
                 e2e.append(dict(measure=decode_measure(B, label), ours_ms=ms, hf_ms=hf_ms, ratio=hf_ms / ms,
                                 tokens_per_s=B * 1e3 / ms, read_bandwidth_GBps=bw_here / 1e9,
-                                roofline_pct=100 * weight_bytes / bw_here / (ms / 1e3)))
-            same = int((res["engine"][:, 16:] == res["hf"][:, 16:]).sum())
+                                roofline_pct=100 * weight_bytes / bw_here / (ms / 1e3),
+                                **_eager_cols(t, t[key], per=new_tokens)))
+            same = int((res["engine"][:, 16:] == res.get("hf_eager", res["hf"])[:, 16:]).sum())
             parity[f"greedy tokens identical B={B}"] = f"{same}/{B * new_tokens}"
-            advance()
+            advance(done=f"decode B={B}")
     for k in kernels:
         k["roofline_pct"] = roofline_pct(k["ours_ms"] / 1e3, k["flops"], k["bytes"], bw, peak)
     out["end_to_end"] = e2e
@@ -267,8 +357,17 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
         out["modes"] = modes(b, ref, weights, quick, new_tokens, advance)
     if contend:
         out["contend"] = contention(b, opt, new_tokens)
-        advance()
+        advance(done="decode with a busy core")
+    out["machine_load"] = MachineLoad.verdict(load_before, load.others() if device == "cpu" else None,
+                                              statistics.median(b.spreads) if b.spreads else None)
     return out
+
+
+def _eager_cols(t: dict, ours: float, per: int = 1) -> dict:
+    """HF eager's column of an end-to-end row, where the default baseline is another attention."""
+    if "hf_eager" not in t:
+        return {}
+    return dict(hf_eager_ms=t["hf_eager"] * 1e3 / per, ratio_eager=t["hf_eager"] / ours)
 
 
 def busy_process():
@@ -341,7 +440,7 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     t.update(t_ng)
     row(f"plain model(ids), grad enabled, T={T} (HF's path)", t, "plain", "no_grad", "the same under no_grad")
     row(f"plain model(ids), grad enabled, T={T} (HF's path)", t, "plain", "hf", "HF eager, grad enabled")
-    advance()
+    advance(done="drop-in" if quick or b.device != "cpu" else None)
     if quick or b.device != "cpu":
         return rows
     torch._dynamo.reset()
@@ -369,7 +468,7 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     per = {k: (t[(k, 40)] - t[(k, 8)]) / 32 for k in gens}
     row("HF generate, static cache, compiled forward: ms per decode step", per, "compiled", "eager",
         "the same, uncompiled forward")
-    advance()
+    advance(done="drop-in")
     return rows
 
 
@@ -396,17 +495,17 @@ def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
         for n in names:
             rows[n][f"decode_B{B}_ms"] = t[n] * 1e3 / new_tokens
             rows[n][f"decode_B{B}_vs_fp32"] = t["fp32"] / t[n]
-    advance()
+    advance(done="weight modes: decode")
     with torch.no_grad():
         t = b.time({n: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for n, m in models.items()},
                    reps=max(5, b.reps // 2))
     for n in names:
         rows[n][f"prefill_T{T}_last_ms"] = t[n] * 1e3
         rows[n][f"prefill_T{T}_vs_fp32"] = t["fp32"] / t[n]
-    advance()
+    advance(done="weight modes: prefill")
     for n in names:
         rows[n].update(accuracy.measure(ref, n, T=T, n_greedy=0 if quick else 128, model=models[n]))
-    advance()
+    advance(done="weight modes: error")
     return list(rows.values())
 
 

@@ -704,7 +704,7 @@ def bench(
     weights: Annotated[str, typer.Option("--weights", help="Also compare weight modes: all, or a comma list of "
                                                            "fp32, fp16, bf16, int8 (speed and error, CPU).")] = "fp32",
 ):
-    """Kernels vs torch and end to end vs HF eager, with roofline fractions (see gpt2kern/bench.py)."""
+    """Kernels vs torch and end to end vs HF (sdpa, and eager), with roofline fractions (see gpt2kern/bench.py)."""
     device = Device(device).value
     modes = ["fp32", "fp16", "bf16", "int8"] if weights == "all" else [w.strip() for w in weights.split(",")]
     bad = [w for w in modes if w not in ("fp32", "fp16", "bf16", "int8")]
@@ -729,8 +729,12 @@ def bench(
     name, m, _ = _ui.load_model(model, device)
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
+    _ui.flush_notices()  # what the figures are of (e.g. random weights) before minutes of measuring
     with _ui.progress(B.steps(quick, m.config.n_positions, contend, modes), "bench") as advance:
         res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend, weights=modes)
+    load = res["machine_load"]
+    if not load["trusted"]:
+        console.print(f"warning: {load['warning']}", style="bold yellow", markup=False)
     if json_file:
         with _ui.expected_errors("--json"), open(json_file, "w") as f:
             json.dump(res, f, indent=1)
@@ -747,12 +751,16 @@ def bench(
                 [(k["kernel"], k["M"], f"{k['ours_ms']:.4f}", f"{k['torch_ms']:.4f}", f"{k['ratio']:.2f}",
                   f"{k['gflops']:.1f}" if k["gflops"] else "", f"{k['roofline_pct']:.0f}") for k in res["kernels"]],
                 title="kernels vs torch (ratio > 1: gpt2kern faster)")
-    print_table(["end to end", ("ours ms", "right"), ("HF eager ms", "right"), ("ratio", "right"),
-                 ("% roofline", "right")],
-                [(e["measure"], f"{e['ours_ms']:.2f}", f"{e['hf_ms']:.2f}", f"{e['ratio']:.2f}",
-                  f"{e['roofline_pct']:.0f}") for e in res["end_to_end"]],
-                title="end to end vs HF eager",
-                caption=f"decode roofline: {res['decode_floor_ms']:.2f} ms/token to read every weight once at the "
+    hf_attn, eager = res["hf_attn"], res["hf_second_attn"]
+    print_table(["end to end", ("ours ms", "right"), (f"HF {hf_attn} ms", "right"), ("ratio", "right")]
+                + ([(f"HF {eager} ms", "right"), ("ratio", "right")] if eager else []) + [("% roofline", "right")],
+                [(e["measure"], f"{e['ours_ms']:.2f}", f"{e['hf_ms']:.2f}", f"{e['ratio']:.2f}")
+                 + ((f"{e['hf_eager_ms']:.2f}", f"{e['ratio_eager']:.2f}") if eager else ())
+                 + (f"{e['roofline_pct']:.0f}",) for e in res["end_to_end"]],
+                title=f"end to end vs HF ({hf_attn} attention, as from_pretrained gives it"
+                      + (f"; and {eager}, the parity reference)" if eager else ")"),
+                caption=f"ratio: HF's time ÷ ours (> 1: gpt2kern faster); decode roofline: "
+                        f"{res['decode_floor_ms']:.2f} ms/token to read every weight once at the "
                         f"{res['decode_read_bandwidth_GBps']:.1f} GB/s measured between the decodes; prefill "
                         f"roofline: FLOPs at the FMA peak")
     print_table(["drop-in", ("ms", "right"), "vs", ("its ms", "right"), ("ratio", "right")],
@@ -784,8 +792,15 @@ def bench(
                           "speed vs fp32 (same rounds); error vs HF fp32, teacher-forced",
                     caption="MiB/tok: weight bytes a token streams; +MiB: the copy optimize() holds beside HF's "
                             "parameters")
-    console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
-                                         for k, v in res["parity"].items()), markup=False)
+    console.print("parity (vs HF eager): " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                                       for k, v in res["parity"].items()), markup=False)
+    before, during = load["other_cpus_before"], load["other_cpus_during"]
+    console.print("machine load: " + (f"other processes used {before:.2f} CPUs before and {during:.2f} during the run; "
+                                      if before is not None and during is not None else "")
+                  + (f"repeated timings spread {100 * load['median_spread']:.0f} % (median)"
+                     if load["median_spread"] is not None else ""), markup=False)
+    if not load["trusted"]:
+        console.print(f"warning: {load['warning']}", style="bold yellow", markup=False)
     return 0
 
 

@@ -1,5 +1,6 @@
 """gpt2kern bench: one quick real run (every section, JSON and plot written), and its argument errors."""
 import json
+import time
 
 import pytest
 
@@ -23,7 +24,19 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     assert res["parity"]["greedy tokens identical B=1"] == "4/4"
     assert res["parity"]["max |dlogits| prefill T=128"] < 1e-4
     assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
-    assert "kernels vs torch" in out and "end to end vs HF eager" in out and "roofline" in out
+    assert "kernels vs torch" in out and "end to end vs HF (sdpa attention" in out and "roofline" in out
+    # the default baseline is HF as from_pretrained gives it (sdpa); eager, the parity reference, beside it
+    assert res["hf_attn"] == "sdpa" and res["hf_second_attn"] == "eager"
+    assert all(e["hf_eager_ms"] > 0 and e["ratio_eager"] > 0 for e in res["end_to_end"])
+    assert "HF sdpa ms" in out and "HF eager ms" in out
+    # off a terminal: a line per section with its time
+    for section in ("roofline inputs", "kernels M=1", "kernels M=128", "prefill T=128", "decode B=1", "drop-in",
+                    "weight modes: error", "decode with a busy core"):
+        assert f"bench: {section} (" in err, err
+    load = res["machine_load"]
+    assert load["other_cpus_before"] is not None and load["other_cpus_during"] is not None
+    assert 0 <= load["median_spread"] and "machine load: other processes used" in out
+    assert load["trusted"] == ("warning" not in load) and (("warning: this machine was busy" in out) != load["trusted"])
     dropin = [r["measure"] for r in res["dropin"]]
     assert any("guard.why_not" in m for m in dropin) and any("grad enabled" in m for m in dropin)
     assert [r["measure"].split(",")[1].strip() for r in res["contend"]][0] == "quiet"
@@ -71,3 +84,25 @@ def test_decode_rows_say_per_step_when_batched():
     assert bench.decode_measure(1, "gpt2kern.generate").endswith("ms/token")
     b8 = bench.decode_measure(8, "gpt2kern.generate")
     assert "ms/step (8 tokens)" in b8 and "ms/token" not in b8
+
+
+def test_a_busy_cpu_is_measured_and_makes_a_warning():
+    from gpt2kern import bench
+
+    hog, _ = bench.busy_process()
+    try:
+        time.sleep(0.3)
+        others = bench.MachineLoad.sample(1.0)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert others is not None and others > 0.6  # one process spinning on a CPU
+    v = bench.MachineLoad.verdict(0.0, others, 0.02)
+    assert not v["trusted"] and f"other processes used {others:.1f} of" in v["warning"] and "during" in v["warning"]
+    v = bench.MachineLoad.verdict(others, 0.1, 0.02)
+    assert not v["trusted"] and "just before the run" in v["warning"]
+    v = bench.MachineLoad.verdict(0.05, 0.1, 0.40)
+    assert not v["trusted"] and "repeated timings spread 40 % (median)" in v["warning"]
+    v = bench.MachineLoad.verdict(0.05, 0.1, 0.03)
+    assert v["trusted"] and "warning" not in v
+
