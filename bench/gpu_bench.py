@@ -1,10 +1,9 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode attention v1/v2, decode GEMV v1/v2/v3/v4, prefill GEMM v1/v2: a table and
-the winner per shape),
+kernels against each other (decode GEMV v1/v2/v3/v4, prefill GEMM v1/v2: a table and the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every variant pair, and with the K/V cache writes fused: kv_write=2 and 3), with the
-kernels launched per decode token (graph nodes);
+(without the graph, and with it for every gemv variant, and with the K/V cache writes fused: kv_write=2 and 3), with
+the kernels launched per decode token (graph nodes);
 and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
 weights).
@@ -61,7 +60,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
-NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's variants (torch's and the old whole-cache attention: context)
+NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's variants (torch's: context)
 
 
 def _winners(rows, kernel):
@@ -76,34 +75,13 @@ def _winners(rows, kernel):
 
 
 def variants(quick):
-    """Each kernel's numbered variants (decode attention and GEMV at decode shapes, the GEMM at prefill shapes) vs a
-    float64 reference; rows and winners."""
+    """Each kernel's numbered variants (the decode GEMV at decode shapes, the GEMM at prefill shapes) vs a float64
+    reference; rows and winners."""
     b = Bench(device="cuda", reps=7)
     dev = torch.device("cuda")
     rows, winners = [], []
     g = torch.Generator(device="cpu").manual_seed(0)
-    # decode attention: one query row per (batch row, head) over the first n slots of a 1024-slot static cache
-    H, D, Tmax = 12, 64, 1024
-    att = []
-    for B in (1, 32):
-        k = torch.randn(B, H, Tmax, D, generator=g).to(dev)
-        v = torch.randn(B, H, Tmax, D, generator=g).to(dev)
-        q = torch.randn(B, H, 1, D, generator=g).to(dev)
-        mask = torch.ones(B, Tmax, dtype=torch.bool, device=dev)
-        for n in ((128, 1024) if quick else (64, 256, 1024)):
-            kv_len = torch.tensor([n], device=dev)
-            s = (q.double() @ k[:, :, :n].double().transpose(-1, -2)) * D ** -0.5
-            ref = (torch.softmax(s, -1) @ v[:, :, :n].double()).transpose(1, 2)
-            fns = {f"v{i}": (lambda i=i: ops.decode_attention(q, k, v, mask, kv_len, D ** -0.5, i)) for i in (1, 2)}
-            # before this issue: attention over the whole static cache, unwritten slots masked
-            m_old = mask.clone()
-            m_old[:, n:] = False
-            fns["v0 whole cache"] = lambda m_old=m_old: ops.attention(q, k, v, m_old, None, D ** -0.5, 0, False)
-            t = b.time(fns)
-            for name, f in fns.items():
-                err = (f().double() - ref).abs().max().item()
-                att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
-                                us=t[name] * 1e6, max_abs_err=err))
+
     def matmuls(kernel, Ms, variants_of):
         """variants_of(x, w, bias) -> {name: fn} timed against torch's addmm at distilgpt2's matmul shapes."""
         rows = []
@@ -137,13 +115,13 @@ def variants(quick):
     pf = matmuls("prefill_gemm", (128, 1024) if quick else (128, 512, 1024),
                  lambda x, w, bias: {f"v{i}": (lambda i=i: ops.matmul_prefill(x, w, bias, "none", None, i))
                                      for i in (1, 2)})
-    for kernel, rs in (("decode_attention", att), ("decode_gemv", mm), ("prefill_gemm", pf)):
+    for kernel, rs in (("decode_gemv", mm), ("prefill_gemm", pf)):
         print(f"  {kernel}:", flush=True)
         for r in rs:
             flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
             print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
                   flush=True)
-        # the winner among gpt2kern's numbered variants (torch's addmm and the old whole-cache attention are context)
+        # the winner among gpt2kern's numbered variants (torch's addmm is context)
         ws = _winners([r for r in rs if r["variant"] in NUMBERED], kernel)
         for w in ws:
             print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
@@ -210,24 +188,21 @@ def end_to_end(dev, quick):
         for B in (1, 32):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
-            # every decoder: no graph (variants 1), the graph with each (attention, gemv) variant pair (kv_write v1:
-            # two index_copy_ per layer), and kv_write v2 and v3
-            v1 = dict(attention=1, gemv=1, kv_write=1)  # explicit: the table's defaults must not change the rows
+            # every decoder: no graph (variants 1), the graph with each gemv variant (kv_write v1: two index_copy_
+            # per layer), and kv_write v2 and v3
+            v1 = dict(gemv=1, kv_write=1)  # explicit: the table's defaults must not change the rows
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False,
                                                          **v1)}
-            for a in (1, 2):
-                for gv in (1, 2, 3, 4):
-                    name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
-                    decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
-                                                  kv_write=1)
-                    launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
-            # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels;
-            # folded into c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1, v3, v4
-            for kw_, a, gv in ((2, 1, 1), (2, 2, 2), (3, 1, 1), (3, 2, 3), (3, 2, 4)):
-                name = f"decoder_cuda_graph_attn{a}_gemv{gv}_kvwrite{kw_}"
-                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
-                                              kv_write=kw_)
-                launches[f"B={B} attention v{a} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token
+            for gv in (1, 2, 3, 4):
+                name = "decoder_cuda_graph" + ("" if gv == 1 else f"_gemv{gv}")
+                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=1)
+                launches[f"B={B} gemv v{gv}"] = decs[name].launches_per_token
+            # the K/V cache writes fused into one kernel per layer (kv_write=2), with gemv v1 and v2; folded into
+            # c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1, v3, v4
+            for kw_, gv in ((2, 1), (2, 2), (3, 1), (3, 3), (3, 4)):
+                name = f"decoder_cuda_graph_gemv{gv}_kvwrite{kw_}"
+                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=kw_)
+                launches[f"B={B} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token
             gens = {"hf": lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
                     "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)}
             for name, d in decs.items():
@@ -261,7 +236,7 @@ def end_to_end(dev, quick):
 
 def pick_defaults(e2e: dict) -> dict:
     """Per measured batch size, the variants of the fastest CUDA-graph decoder whose greedy tokens equal HF's:
-    {"1": {"attention": a, "gemv": g, "kv_write": k}, "32": ...} (cuda_graph.default_variants reads them)."""
+    {"1": {"gemv": g, "kv_write": k}, "32": ...} (cuda_graph.default_variants reads them)."""
     by_batch = {}
     for key, row in e2e.items():
         if not (key.startswith("decode_B") and isinstance(row, dict)):

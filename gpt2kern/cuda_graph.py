@@ -17,8 +17,8 @@ State, all preallocated in __init__ on the model's device (static shapes: batch_
                                                   advances all three by one (to the new token's)
   ids               [B, 1] int64                  the next token
 A step (the captured graph) writes the new token's K/V into `slot` (kv_write below) and attends
-over the first kv_len slots only (decode_attention reads kv_len on the device: the work grows with the tokens so
-far, not with max_len; key_mask hides the padding). The cursor advances at the step's start: one add_(1), or
+over the first kv_len slots only (decode_attention, flash-decoding, reads kv_len on the device: the work grows
+with the tokens so far, not with max_len; key_mask hides the padding). The cursor advances at the step's start: one add_(1), or
 (kv_write=3) inside the embedding kernel. prefill() runs the prompt eagerly
 with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
 follows HF generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites
@@ -32,8 +32,6 @@ step eagerly (for comparison and debugging).
 Numbered kernel variants of the step (bench/gpu_bench.py times them). A variant not given comes from
 gpt2kern/cuda_variants.json: the fastest decoder with HF's tokens that gpu_bench measured on this GPU model at the
 nearest batch size (default_variants); variants 1 on a GPU not in it. dec.variants says which ran.
-  attention=1  decode_attention variant 1: one block of 4 warps per (row, head), the keys split over its warps
-  attention=2  flash-decoding: the keys split over blocks, partial softmaxes merged by a second kernel
   gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
   gemv=2       matmul_nk on [out, in] copies of the block and lm_head weights (one warp per output column, no
                finish kernel); the copies double the weights' memory (prefill keeps variant 1); fp32 weights only
@@ -61,13 +59,13 @@ from .generate import hf_position_ids
 from .model import state_of
 
 
-VARIANTS = {"attention": (1, 2), "gemv": (1, 2, 3, 4), "kv_write": (1, 2, 3)}
+VARIANTS = {"gemv": (1, 2, 3, 4), "kv_write": (1, 2, 3)}
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
 
 
 def variant_table(path: str | None = None) -> dict:
-    """The measured defaults (TABLE unless `path`): {gpu name: {"by_batch": {"B": {"attention": a, "gemv": g,
-    "kv_write": k}}, "measured": how}}."""
+    """The measured defaults (TABLE unless `path`): {gpu name: {"by_batch": {"B": {"gemv": g, "kv_write": k}},
+    "measured": how}}."""
     with open(path or TABLE) as f:
         return json.load(f)["gpus"]
 
@@ -80,7 +78,7 @@ def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict 
     then kv_write=2); a given one is kept (the constructor refuses it with the reason)."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     by_batch = (variant_table() if table is None else table).get(gpu, {}).get("by_batch", {})
-    v = dict(attention=1, gemv=1, kv_write=1)
+    v = dict(gemv=1, kv_write=1)
     if by_batch:
         sizes = sorted(int(b) for b in by_batch)
         at = max((b for b in sizes if b <= batch_size), default=sizes[0])
@@ -98,11 +96,10 @@ def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict 
 
 class CudaGraphDecoder:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
-                 attention: int | None = None, gemv: int | None = None, weights: str | None = None,
-                 kv_write: int | None = None):
+                 gemv: int | None = None, weights: str | None = None, kv_write: int | None = None):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
-        given = dict(attention=attention, gemv=gemv, kv_write=kv_write)
+        given = dict(gemv=gemv, kv_write=kv_write)
         for name, v in given.items():
             if v is not None and v not in VARIANTS[name]:
                 raise ValueError(f"{name} must be one of {VARIANTS[name]}, got {v!r}")
@@ -112,7 +109,7 @@ class CudaGraphDecoder:
             raise ValueError(f"CudaGraphDecoder cannot stand in for this model's forward: {why}")
         self.variants = default_variants(torch.cuda.get_device_name(st.device), int(batch_size), st.weights.mode,
                                          given)
-        attention, gemv, kv_write = (self.variants[k] for k in ("attention", "gemv", "kv_write"))
+        gemv, kv_write = self.variants["gemv"], self.variants["kv_write"]
         if kv_write == 3 and gemv == 2:
             raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1, 3 or 4); gemv=2 takes kv_write 1 "
                              "or 2")
@@ -131,7 +128,7 @@ class CudaGraphDecoder:
         self.E, self.H = cfg.n_embd, W.n_head
         self.D = self.E // self.H
         self.V = W.lm_head.n_out
-        self.attention_variant, self.gemv_variant, self.kv_write_variant = attention, gemv, kv_write
+        self.gemv_variant, self.kv_write_variant = gemv, kv_write
         dev = self.device
         L, B, H, D = len(W.layers), self.B, self.H, self.D
         with torch.cuda.device(dev):
@@ -248,7 +245,7 @@ class CudaGraphDecoder:
 
         def attend(i, q):  # over slots [0, kv_len) only: kv_len is read on the device
             return ops.decode_attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, self.kv_len,
-                                        self.W.layers[i].scale, self.attention_variant)
+                                        self.W.layers[i].scale)
 
         if self.gemv_variant == 2:
             x = self._layers(h, write, attend, self._mm_v2)

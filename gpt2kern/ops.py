@@ -139,19 +139,20 @@ def check_cuda_errors(synchronize: bool = True) -> None:
 def _on_cuda(op, x):
     if not (isinstance(x, torch.Tensor) and x.device.type == "cuda"):
         dev = x.device if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"gpt2kern.{op} runs on CUDA tensors only (a decode-step kernel variant), got {dev}")
+        raise ValueError(f"gpt2kern.{op} runs on CUDA tensors only (a CUDA-only op), got {dev}")
     if not has_cuda():
         raise RuntimeError(f"gpt2kern.{op}: gpt2kern was built without its CUDA kernels")
     return x
 
 
-def decode_attention(q, k, v, key_mask, kv_len, scale: float, variant: int = 1):
+def decode_attention(q, k, v, key_mask, kv_len, scale: float):
     """CUDA decode attention over a static cache: q [B, H, Tq, D] against the first kv_len[b] keys of k, v
     [B, H, Tmax, D] (kv_len int64 [1] or [B] on the GPU, read there: capturable in a CUDA graph, and the work grows
     with kv_len, not Tmax), key_mask [B, L] bool as in attention; no causal limit inside the Tq rows. -> [B, Tq, H, D].
-    variant 1: one block per (row, head) (any Tq); 2: flash-decoding, keys split over blocks (Tq = 1, D % 4 == 0)."""
+    Flash-decoding (keys split over blocks) where it applies: Tq = 1, D % 4 == 0, 16-byte aligned key rows; the
+    general attention kernel (one block per row and head) otherwise."""
     return _decode_attention(_on_cuda("decode_attention", q), _tensor(k, "k"), _tensor(v, "v"), key_mask,
-                             _tensor(kv_len, "kv_len"), float(scale), int(variant))
+                             _tensor(kv_len, "kv_len"), float(scale))
 
 
 def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
@@ -264,7 +265,7 @@ def _(input_ids, wte, wpe, position_ids, token_type_ids):
 
 
 @torch.library.register_fake("gpt2kern::decode_attention")
-def _(q, k, v, key_mask, kv_len, scale, variant=1):
+def _(q, k, v, key_mask, kv_len, scale):
     b, h, t, d = q.shape
     return q.new_empty((b, t, h, d))
 

@@ -226,34 +226,35 @@ def test_cuda_graph_decoder_rejects_cpu_models(tiny):
         CudaGraphDecoder(tiny, batch_size=1, max_len=8)
 
 
-# ---------------------------------------------------------------- numbered decode variants
+# ---------------------------------------------------------------- the decode step's kernels and their variants
 
 @needs_cuda
-@pytest.mark.parametrize("variant", [1, 2])
-@pytest.mark.parametrize("B,H,Tmax,D,n,per_row", [
-    (1, 12, 1024, 64, 1, False), (1, 12, 1024, 64, 700, False), (32, 12, 300, 64, 129, True),
-    (3, 5, 70, 20, 33, True), (2, 2, 96, 128, 96, False), (2, 3, 40, 32, 0, False), (2, 3, 40, 32, 99, False)])
-def test_decode_attention_variants(variant, B, H, Tmax, D, n, per_row):
+@pytest.mark.parametrize("B,H,Tq,Tmax,D,n,per_row,kpad", [
+    (1, 12, 1, 1024, 64, 1, False, 0), (1, 12, 1, 1024, 64, 700, False, 0), (32, 12, 1, 300, 64, 129, True, 0),
+    (3, 5, 1, 70, 20, 33, True, 0), (2, 2, 1, 96, 128, 96, False, 0), (2, 3, 1, 40, 32, 0, False, 0),
+    (2, 3, 1, 40, 32, 99, False, 0),
+    # flash-decoding does not apply, the general kernel runs: D % 4 != 0, several query rows, unaligned key rows
+    (3, 5, 1, 70, 18, 33, True, 0), (2, 4, 3, 50, 64, 41, True, 0), (2, 4, 1, 50, 64, 41, False, 1)])
+def test_decode_attention(B, H, Tq, Tmax, D, n, per_row, kpad):
     """Keys past kv_len are never read (NaN there, key_mask True): the result is attention over the first kv_len
-    keys (clamped to the cache; 0 keys: zeros), per row when kv_len is [B]; padding via key_mask."""
-    if variant == 2 and D % 4:
-        with pytest.raises(ValueError, match="variant 2 needs"):
-            ops.decode_attention(*(t.cuda() for t in qkv(B, H, 1, Tmax, D)), None, torch.tensor([1], device="cuda"),
-                                 1.0, 2)
-        return
-    q, k, v = qkv(B, H, 1, Tmax, D, 9)
+    keys (clamped to the cache; 0 keys: zeros), per row when kv_len is [B]; padding via key_mask. Flash-decoding
+    where it applies and the general kernel elsewhere give that result."""
+    q, k, v = qkv(B, H, Tq, Tmax, D, 9)
     lens = [max(0, min(n - 3 * b, Tmax)) if per_row else min(n, Tmax) for b in range(B)]
     mask = torch.ones(B, Tmax, dtype=torch.bool)
     mask[-1, :2] = False  # left padding in the last row
     for b, m in enumerate(lens):
         k[b, :, m:] = float("nan")
         v[b, :, m:] = float("nan")
+    kc = k.cuda()
+    if kpad:  # key rows D + kpad floats apart: not 16-byte aligned
+        kc = torch.zeros(B, H, Tmax, D + kpad, device="cuda")[..., :D].copy_(kc)
     kv_len = torch.tensor(lens if per_row else [n])
-    out = ops.decode_attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), kv_len.cuda(), D ** -0.5, variant).cpu()
+    out = ops.decode_attention(q.cuda(), kc, v.cuda(), mask.cuda(), kv_len.cuda(), D ** -0.5).cpu()
     for b, m in enumerate(lens):
         ref, terms = ref_attention(q[b:b + 1], k[b:b + 1, :, :m], v[b:b + 1, :, :m], key_mask=mask[b:b + 1],
                                    scale=D ** -0.5, causal=False)
-        assert_parity(out[b:b + 1], ref, terms, max(m, D), f"decode_attention v{variant} row {b}")
+        assert_parity(out[b:b + 1], ref, terms, max(m, D), f"decode_attention row {b}")
 
 
 @needs_cuda
@@ -265,11 +266,9 @@ def test_decode_attention_argument_errors():
         ops.decode_attention(q, k, v, None, torch.tensor([1, 2, 3], device="cuda"), 1.0)
     with pytest.raises(ValueError, match="kv_len is on cpu"):
         ops.decode_attention(q, k, v, None, torch.tensor([1]), 1.0)
-    with pytest.raises(ValueError, match="variant must be 1 or 2"):
-        ops.decode_attention(q, k, v, None, torch.tensor([1], device="cuda"), 1.0, 3)
-    with pytest.raises(ValueError, match="variant 2 needs"):
-        q2 = torch.randn(2, 2, 2, 8, device="cuda")
-        ops.decode_attention(q2, k, v, None, torch.tensor([1], device="cuda"), 1.0, 2)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        q2 = torch.randn(1, 1, 1, 132, device="cuda")
+        ops.decode_attention(q2, q2, q2, None, torch.tensor([1], device="cuda"), 1.0)
 
 
 @needs_cuda
@@ -542,10 +541,10 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4), (2, 4)])
+@pytest.mark.parametrize("gemv", [1, 2, 3, 4])
 @torch.no_grad()
-def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
-    """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
+def test_cuda_graph_decoder_variants_match_hf(cuda_pair, gemv):
+    """Every gemv variant: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
     NaN here, and key_mask does not hide them: only kv_len does); the graph's launches are counted."""
     from gpt2kern.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
@@ -553,7 +552,7 @@ def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n + 30, attention=attention, gemv=gemv)
+    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n + 30, gemv=gemv)
     c = dec.launches_per_token
     assert c["kernel"] > 0 and c["total"] == c["kernel"] + c["memcpy"] + c["memset"] + c["other"]
     hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -612,10 +611,10 @@ def test_kv_write_argument_errors():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kv_write,attention,gemv,graph", [(2, 1, 1, True), (2, 2, 2, True), (3, 1, 1, True),
-                                                           (3, 2, 3, True), (3, 1, 3, False), (3, 2, 4, True)])
+@pytest.mark.parametrize("kv_write,gemv,graph", [(2, 1, True), (2, 2, True), (3, 1, True), (3, 3, True),
+                                                 (3, 3, False), (3, 4, True)])
 @torch.no_grad()
-def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_write, attention, gemv, graph):
+def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_write, gemv, graph):
     """kv_write=2 (one kernel per layer) and 3 (stored by c_attn's GEMV, the cursor advanced by the embedding
     kernel): the same tokens, caches and cursor as kv_write=1 and HF generate's tokens, and fewer launches."""
     from gpt2kern.cuda_graph import CudaGraphDecoder
@@ -624,7 +623,7 @@ def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    kw = dict(batch_size=B, max_len=T + n + 5, attention=attention, gemv=gemv, use_graph=graph)
+    kw = dict(batch_size=B, max_len=T + n + 5, gemv=gemv, use_graph=graph)
     fused, unfused = CudaGraphDecoder(ref, kv_write=kv_write, **kw), CudaGraphDecoder(ref, kv_write=1, **kw)
     hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     eos = ref.generation_config.eos_token_id
@@ -651,15 +650,14 @@ def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair,
     from gpt2kern import cuda_graph
     from gpt2kern.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
-    table = dict(gpus={torch.cuda.get_device_name(): dict(by_batch={"1": dict(attention=2, gemv=4, kv_write=3)})})
+    table = dict(gpus={torch.cuda.get_device_name(): dict(by_batch={"1": dict(gemv=4, kv_write=3)})})
     path = tmp_path / "cuda_variants.json"
     path.write_text(json.dumps(table))
     monkeypatch.setattr(cuda_graph, "TABLE", str(path))
     B, T, n = 2, 7, 12
     dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n)
-    assert dec.variants == dict(attention=2, gemv=4, kv_write=3)
-    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=1).variants == dict(attention=2, gemv=1,
-                                                                                         kv_write=3)
+    assert dec.variants == dict(gemv=4, kv_write=3)
+    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=1).variants == dict(gemv=1, kv_write=3)
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     hf = ref.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
     eos = ref.generation_config.eos_token_id
@@ -672,8 +670,6 @@ def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     with pytest.raises(ValueError, match="kv_write must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=4)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, attention=3)
     with pytest.raises(ValueError, match="gemv must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=0)
     with pytest.raises(ValueError, match="gemv=2 takes kv_write 1 or 2"):

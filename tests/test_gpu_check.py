@@ -61,7 +61,7 @@ def test_gpu_bench_fails_on_any_decoder_or_variant_off_reference():
     finally:
         sys.path.pop(0)
     ok = dict(tokens_equal_hf_by_decoder={"decoder_no_graph": True, "decoder_cuda_graph": True,
-                                          "decoder_cuda_graph_attn2_gemv2": True})
+                                          "decoder_cuda_graph_gemv2": True})
     row = dict(kernel="decode_gemv", variant="v2", shape="M=1", us=1.0, max_abs_err=1e-6)
     assert gpu_bench.failures(dict(e2e={"decode_B1": ok}, variants=[row])) == []
     for name in ok["tokens_equal_hf_by_decoder"]:  # every decoder path counts, not only the default graph
@@ -86,35 +86,37 @@ def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table
     finally:
         sys.path.pop(0)
     from gpt2kern import cuda_graph
-    v = lambda a, g, k: dict(attention=a, gemv=g, kv_write=k)  # noqa: E731
+    v = lambda g, k: dict(gemv=g, kv_write=k)  # noqa: E731
     b1 = dict(decoder_no_graph_ms_per_step=0.9, decoder_cuda_graph_ms_per_step=0.5, fast_ms_per_step=0.2,
               faster_ms_per_step=0.1, hf_ms_per_step=8.0,
               tokens_equal_hf_by_decoder=dict(decoder_no_graph=True, decoder_cuda_graph=True, fast=True, faster=False),
-              decoder_variants=dict(decoder_cuda_graph=v(1, 1, 1), fast=v(2, 4, 3), faster=v(2, 2, 2)))
+              decoder_variants=dict(decoder_cuda_graph=v(1, 1), fast=v(4, 3), faster=v(2, 2)))
     b32 = dict(decoder_cuda_graph_ms_per_step=0.7, fast_ms_per_step=0.8,
                tokens_equal_hf_by_decoder=dict(decoder_cuda_graph=True, fast=True),
-               decoder_variants=dict(decoder_cuda_graph=v(1, 1, 1), fast=v(2, 4, 3)))
+               decoder_variants=dict(decoder_cuda_graph=v(1, 1), fast=v(4, 3)))
     # "faster" has other tokens than HF: never a default; the no-graph decoder is not a candidate
     picked = gpu_bench.pick_defaults(dict(prefill_T512={}, decode_B1=b1, decode_B32=b32))
-    assert picked == {"1": v(2, 4, 3), "32": v(1, 1, 1)}
+    assert picked == {"1": v(4, 3), "32": v(1, 1)}
     assert gpu_bench.pick_defaults(dict(decode_B1=dict(b1, tokens_equal_hf_by_decoder={}))) == {}
     out = tmp_path / "cuda_variants.json"
     table = gpu_bench.write_variant_table(str(out), "Some GPU", picked, "today")
     assert cuda_graph.variant_table(str(out)) == table["gpus"] and table["gpus"]["Some GPU"]["by_batch"] == picked
     # and the decoder's chooser reads it: nearest measured batch size at or below, stepped back where it cannot run
     t = table["gpus"]
-    assert cuda_graph.default_variants("Some GPU", 1, table=t) == v(2, 4, 3)
-    assert cuda_graph.default_variants("Some GPU", 8, table=t) == v(2, 4, 3)
-    assert cuda_graph.default_variants("Some GPU", 32, table=t) == v(1, 1, 1)
-    assert cuda_graph.default_variants("Another GPU", 1, table=t) == v(1, 1, 1)
-    assert cuda_graph.default_variants("Some GPU", 4, "int8", table=t) == v(2, 1, 3)  # gemv 2-4 read fp32 only
-    assert cuda_graph.default_variants("Some GPU", 4, given=dict(gemv=2), table=t) == v(2, 2, 2)  # kv_write 3 no
-    assert cuda_graph.default_variants("Some GPU", 4, given=dict(gemv=2, kv_write=3), table=t) == v(2, 2, 3)  # kept
-    wide = {"Some GPU": dict(by_batch={"64": v(2, 3, 3)})}
-    assert cuda_graph.default_variants("Some GPU", 64, table=wide) == v(2, 1, 2)  # > 32 rows: no GEMV-only variant
-    assert cuda_graph.default_variants("Some GPU", 1, table=wide) == v(2, 3, 3)  # below every size: the smallest
-    newer = {"Some GPU": dict(by_batch={"1": v(9, 1, 1)})}
-    assert cuda_graph.default_variants("Some GPU", 1, table=newer) == v(1, 1, 1)  # an unknown variant: all 1
+    assert cuda_graph.default_variants("Some GPU", 1, table=t) == v(4, 3)
+    assert cuda_graph.default_variants("Some GPU", 8, table=t) == v(4, 3)
+    assert cuda_graph.default_variants("Some GPU", 32, table=t) == v(1, 1)
+    assert cuda_graph.default_variants("Another GPU", 1, table=t) == v(1, 1)
+    assert cuda_graph.default_variants("Some GPU", 4, "int8", table=t) == v(1, 3)  # gemv 2-4 read fp32 only
+    assert cuda_graph.default_variants("Some GPU", 4, given=dict(gemv=2), table=t) == v(2, 2)  # kv_write 3 no
+    assert cuda_graph.default_variants("Some GPU", 4, given=dict(gemv=2, kv_write=3), table=t) == v(2, 3)  # kept
+    wide = {"Some GPU": dict(by_batch={"64": v(3, 3)})}
+    assert cuda_graph.default_variants("Some GPU", 64, table=wide) == v(1, 2)  # > 32 rows: no GEMV-only variant
+    assert cuda_graph.default_variants("Some GPU", 1, table=wide) == v(3, 3)  # below every size: the smallest
+    newer = {"Some GPU": dict(by_batch={"1": v(9, 1)})}
+    assert cuda_graph.default_variants("Some GPU", 1, table=newer) == v(1, 1)  # an unknown variant: all 1
+    older = {"Some GPU": dict(by_batch={"1": dict(attention=2, **v(4, 3))})}  # a choice that went: not read
+    assert cuda_graph.default_variants("Some GPU", 1, table=older) == v(4, 3)
 
 
 def test_the_packaged_variant_table_names_known_variants():

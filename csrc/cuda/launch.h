@@ -107,14 +107,15 @@ cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int6
                         cudaStream_t stream, const KvOut& kv = KvOut{});
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
-// (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.)
-// variant 1: one block of 4 warps per (batch, head) and query rows (any Tq). variant 2: flash-decoding, one query
-// row, keys split over `splits` blocks (attention_v2_splits) with a workspace of B·H·splits·(D + 2) floats, for
-// attention_v2_ok arguments only. a.kv_len (device) bounds the keys in both.
+// (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.) One block of 4 warps per (batch, head) and
+// query rows, any Tq; a.kv_len (device), when set, bounds the keys.
 constexpr int kAttnMaxHeadDim = 128;
-bool attention_v2_ok(const AttnArgs& a);
-int attention_v2_splits(const AttnArgs& a, int num_sms);
-cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream, int variant = 1, int splits = 0,
-                      float* workspace = nullptr);
+cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
+// Flash-decoding, the decode step's attention where flash_decoding_ok (one query row, D % 4 == 0, 16-byte aligned
+// key rows): the keys of each (batch, head) split over `splits` blocks (flash_decoding_splits), a workspace of
+// B·H·splits·(D + 2) floats, the partials merged in split order. a.kv_len (device) bounds the keys.
+bool flash_decoding_ok(const AttnArgs& a);
+int flash_decoding_splits(const AttnArgs& a, int num_sms);
+cudaError_t flash_decoding(const AttnArgs& a, int splits, float* workspace, cudaStream_t stream);
 
 }  // namespace gk::cuda

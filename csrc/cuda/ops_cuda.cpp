@@ -412,13 +412,12 @@ at::Tensor embedding_step(const at::Tensor& input_ids, const at::Tensor& wte, co
 
 // decode_attention: non-causal attention of q [B, H, Tq, D] over the first kv_len[b] keys of a static cache k, v
 // [B, H, Tmax, D] (key_mask as in attention), kv_len int64 [1] or [B] on the device: capturable, and the work follows
-// the length. variant 1 (any Tq) or 2 (flash-decoding: Tq == 1, D % 4 == 0, 16-byte aligned key rows).
+// the length. Flash-decoding wherever it applies (Tq == 1, D % 4 == 0, 16-byte aligned key rows: the decode step;
+// it beat the general kernel at every measured shape), the general attention kernel for everything else.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& key_mask, const at::Tensor& kv_len, double scale,
-                            int64_t variant) {
+                            const std::optional<at::Tensor>& key_mask, const at::Tensor& kv_len, double scale) {
   check_attention_args(q, k, v, key_mask, std::nullopt, 0, false);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
-  TORCH_CHECK_VALUE(variant == 1 || variant == 2, "gpt2kern.decode_attention: variant must be 1 or 2, got ", variant);
   TORCH_CHECK_VALUE(D <= cuda::kAttnMaxHeadDim, "gpt2kern.decode_attention: head dims up to ", cuda::kAttnMaxHeadDim,
                     ", got ", D);
   TORCH_CHECK_VALUE(B <= 65535 && H <= 65535, "gpt2kern.decode_attention: batch and heads must be <= 65535");
@@ -432,16 +431,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   c.a.kv_len = len.data_ptr<int64_t>();
   c.a.kv_len_sb = len.size(0) == 1 ? 0 : 1;
   if (c.out.numel() == 0) return c.out;
-  if (variant == 1) {
-    GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream(), 1));
+  if (!cuda::flash_decoding_ok(c.a)) {
+    GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream()));
     return c.out;
   }
-  TORCH_CHECK_VALUE(cuda::attention_v2_ok(c.a), "gpt2kern.decode_attention: variant 2 needs one query row, a head "
-                    "dim that is a multiple of 4 and 16-byte aligned key rows; got q ", q.sizes(), ", k strides ",
-                    k.strides());
-  const int splits = cuda::attention_v2_splits(c.a, num_sms());
+  const int splits = cuda::flash_decoding_splits(c.a, num_sms());
   at::Tensor ws = at::empty({B * H * splits * (D + 2)}, q.options());
-  GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream(), 2, splits, ws.data_ptr<float>()));
+  GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::flash_decoding(c.a, splits, ws.data_ptr<float>(), stream()));
   return c.out;
 }
 
