@@ -1,6 +1,6 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode GEMV v1/v2/v3/v4, prefill GEMM v1/v2: a table and the winner per shape),
+kernels against each other (decode GEMV v1/v2/v3/v4: a table and the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every gemv variant, and with the K/V cache writes fused: kv_write=2 and 3), with
 the kernels launched per decode token (graph nodes);
@@ -75,8 +75,8 @@ def _winners(rows, kernel):
 
 
 def variants(quick):
-    """Each kernel's numbered variants (the decode GEMV at decode shapes, the GEMM at prefill shapes) vs a float64
-    reference; rows and winners."""
+    """The decode GEMV's numbered variants at decode shapes vs a float64 reference (torch's addmm as context); rows
+    and winners."""
     b = Bench(device="cuda", reps=7)
     dev = torch.device("cuda")
     rows, winners = [], []
@@ -110,12 +110,7 @@ def variants(quick):
                 "v4": lambda: ops.matmul_decode(x, w, bias, variant=4, counters=counters)}
 
     mm = matmuls("decode_gemv", (1, 32) if quick else (1, 8, 32), gemv_variants)
-    # prefill GEMM: v1 conv1d's tiles (64x64, or 128x128 when they fill the GPU), v2 double-buffered 128x128 tiles
-    # with split-K where the tiles cannot fill the SMs (ops.matmul_prefill)
-    pf = matmuls("prefill_gemm", (128, 1024) if quick else (128, 512, 1024),
-                 lambda x, w, bias: {f"v{i}": (lambda i=i: ops.matmul_prefill(x, w, bias, "none", None, i))
-                                     for i in (1, 2)})
-    for kernel, rs in (("decode_gemv", mm), ("prefill_gemm", pf)):
+    for kernel, rs in (("decode_gemv", mm),):
         print(f"  {kernel}:", flush=True)
         for r in rs:
             flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"

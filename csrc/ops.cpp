@@ -26,7 +26,7 @@ TORCH_LIBRARY(gpt2kern, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor kv_len, float scale) -> Tensor");
   m.def("matmul_nk(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None) -> Tensor");
   m.def("matmul_prefill(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "int variant=1, int splits=0) -> Tensor");
+        "int splits=0) -> Tensor");
   m.def("kv_write(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot) -> ()");
   m.def("matmul_decode(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
         "Tensor? scales=None, int variant=1, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, "

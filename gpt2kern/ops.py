@@ -163,14 +163,14 @@ def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
     return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual)
 
 
-def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, variant: int = 1, splits: int = 0):
-    """CUDA prefill GEMM by numbered variant: epilogue(x @ weight + bias) with weight [in, out] (HF's Conv1D layout).
-    variant 1: conv1d's kernels (64x64 tiles, 128x128 when they fill the GPU); 2: double-buffered 128x128 tiles with
-    split-K when there are fewer tiles than SMs (splits 0: automatic; > 0 forces the count, variant 2 only)."""
+def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, splits: int = 0):
+    """CUDA: conv1d's fp32 prefill GEMM at any number of rows, epilogue(x @ weight + bias) with weight [in, out]
+    (HF's Conv1D layout): double-buffered 128x128 tiles with deterministic split-K when there are fewer tiles than
+    SMs. splits 0: conv1d's own count (bitwise conv1d for more than GEMV_MAX_ROWS rows); 1 to 64 forces it."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_prefill(_on_cuda("matmul_prefill", x), _tensor(weight, "weight"), bias, epilogue, residual,
-                           int(variant), int(splits))
+                           int(splits))
 
 
 def kv_write(qkv, k_cache, v_cache, slot) -> None:
@@ -276,7 +276,7 @@ def _(x, weight, bias=None, epilogue="none", residual=None):
 
 
 @torch.library.register_fake("gpt2kern::matmul_prefill")
-def _(x, weight, bias=None, epilogue="none", residual=None, variant=1, splits=0):
+def _(x, weight, bias=None, epilogue="none", residual=None, splits=0):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 

@@ -88,8 +88,8 @@ def test_attention_cuda_mask_and_bias_together():
                                    (512, 768, 2304), (300, 64, 20000), (1030, 37, 4100)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_conv1d_cuda_paths(M, K, N, epilogue):
-    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else tiled GEMM, 64x64 or (when the grid
-    # fills the GPU) 128x128; ragged edges of every tiling
+    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else the double-buffered 128x128 GEMM, split-K
+    # when its tiles leave SMs idle; ragged edges of every tiling
     torch.manual_seed(M + N)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
@@ -463,15 +463,15 @@ def _prefill_ref(M, K, N, epilogue):
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", [1, 2])
 @pytest.mark.parametrize("M,K,N,epilogue", [(M, K, N, e) for M, K, N in PREFILL_SHAPES
                                             for e in (("none",) if N == 50257 else ("none", "gelu_new", "residual"))])
-def test_matmul_prefill_variants(variant, M, K, N, epilogue):
-    # variant 2 splits K at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's (which has no
-    # epilogue in the model)
+def test_matmul_prefill(M, K, N, epilogue):
+    # K split at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's (which has no epilogue in
+    # the model); conv1d's prefill is this GEMM with this split count: bitwise the same
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
-    y = ops.matmul_prefill(x, w, b, epilogue, res, variant)
-    assert_parity(y, ref, terms, K, f"matmul_prefill v{variant} {M}x{K}x{N} {epilogue}")
+    y = ops.matmul_prefill(x, w, b, epilogue, res)
+    assert_parity(y, ref, terms, K, f"matmul_prefill {M}x{K}x{N} {epilogue}")
+    assert torch.equal(y, ops.conv1d(x, w, b, epilogue, res))
 
 
 @needs_cuda
@@ -479,43 +479,42 @@ def test_matmul_prefill_variants(variant, M, K, N, epilogue):
                                           (200, 37, 100, 1), (200, 37, 100, 4), (129, 40, 260, 8),
                                           (33, 3072, 130, 16), (1, 16, 4, 2)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
-def test_matmul_prefill_v2_forced_splits(M, K, N, splits, epilogue):
+def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue):
     # forced split counts: none, non-dividing, more splits than K tiles (empty splits write zeros: K=40 is 5 tiles
     # of 8 for 8 splits), odd M / K / N (the scalar load path: K % 4 != 0 or N % 4 != 0), strided x
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
     xs = torch.zeros(M, K + 3, device="cuda")
     xs[:, :K] = x
     xc = xs[:, :K]  # row stride K + 3: unaligned rows, the scalar path
-    y = ops.matmul_prefill(xc, w, b, epilogue, res, 2, splits)
-    assert_parity(y, ref, terms, K, f"matmul_prefill v2 {M}x{K}x{N} splits={splits} {epilogue}")
-    y2 = ops.matmul_prefill(x, w, b, epilogue, res, 2, splits)
-    assert_parity(y2, ref, terms, K, f"matmul_prefill v2 contiguous {M}x{K}x{N} splits={splits} {epilogue}")
+    y = ops.matmul_prefill(xc, w, b, epilogue, res, splits)
+    assert_parity(y, ref, terms, K, f"matmul_prefill {M}x{K}x{N} splits={splits} {epilogue}")
+    y2 = ops.matmul_prefill(x, w, b, epilogue, res, splits)
+    assert_parity(y2, ref, terms, K, f"matmul_prefill contiguous {M}x{K}x{N} splits={splits} {epilogue}")
     # deterministic: the partials are summed in split order, so a second run is bitwise the same
-    assert torch.equal(y2, ops.matmul_prefill(x, w, b, epilogue, res, 2, splits))
+    assert torch.equal(y2, ops.matmul_prefill(x, w, b, epilogue, res, splits))
 
 
 @needs_cuda
 def test_matmul_prefill_argument_errors():
     x, w = torch.randn(130, 8, device="cuda"), torch.randn(8, 4, device="cuda")
-    with pytest.raises(ValueError, match="variant must be 1 or 2"):
-        ops.matmul_prefill(x, w, variant=3)
-    with pytest.raises(ValueError, match="splits must be 0"):
-        ops.matmul_prefill(x, w, variant=2, splits=-1)
-    with pytest.raises(ValueError, match="splits is variant 2's"):
-        ops.matmul_prefill(x, w, variant=1, splits=2)
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="splits must be 0"):
+            ops.matmul_prefill(x, w, splits=bad)
     with pytest.raises(ValueError, match=r"weight must be \[8, out\]"):
-        ops.matmul_prefill(x, torch.randn(4, 8, device="cuda"), variant=2)
+        ops.matmul_prefill(x, torch.randn(4, 8, device="cuda"))
     with pytest.raises(ValueError, match="residual"):
-        ops.matmul_prefill(x, w, None, "residual", variant=2)
+        ops.matmul_prefill(x, w, None, "residual")
     with pytest.raises(ValueError, match="bias"):
-        ops.matmul_prefill(x, w, torch.randn(5, device="cuda"), variant=2)
+        ops.matmul_prefill(x, w, torch.randn(5, device="cuda"))
+    with pytest.raises(TypeError, match="weight must be Float"):
+        ops.matmul_prefill(x, w.half())
 
 
 def test_decode_variant_ops_refuse_cpu_tensors():
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.matmul_nk(torch.randn(1, 8), torch.randn(4, 8))
     with pytest.raises(ValueError, match="CUDA tensors only"):
-        ops.matmul_prefill(torch.randn(130, 8), torch.randn(8, 4), variant=2)
+        ops.matmul_prefill(torch.randn(130, 8), torch.randn(8, 4))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.kv_write(torch.randn(1, 24), torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), torch.tensor([0]))
     with pytest.raises(ValueError, match="CUDA tensors only"):

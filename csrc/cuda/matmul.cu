@@ -2,8 +2,8 @@
 //
 // Reference: C[m, n] = epi(Σ_k A[m, k] · W[k, n] + b[n]), fp32 accumulation. W is HF's Conv1D layout [K, N], row
 // stride ldw (pack on CUDA keeps that layout: both kernels below read W rows coalesced).
-//  - Prefill (M > kGemvMaxRows): the shared-memory tiled SGEMMs of gemm_tiles.cuh (64×64 tiles, or 128×128 when
-//    those alone fill the GPU: the lm_head over a prompt, big models), the same kernel text as the reduced modes.
+//  - Prefill (M > kGemvMaxRows): a shared-memory tiled SGEMM, 128×128 tiles double-buffered, K split over blocks
+//    (deterministic) when the tiles alone cannot fill the GPU (gemm_splits).
 //  - Decode (M <= kGemvMaxRows = 32, i.e. up to batch 32): a GEMV that streams W once at bandwidth. A block owns
 //    32 columns (lane = column, each W row read is one 128-byte transaction) and all M rows (accumulators in
 //    registers, x read as broadcasts); its 8 warps take interleaved k, 4 W rows in flight each, and sum their
@@ -11,10 +11,10 @@
 //    dozen blocks for N = 768.) When N/32 blocks cannot fill the GPU, K is split over
 //    gridDim.y blocks writing partials to a workspace that a second kernel sums (in split order: deterministic)
 //    and finishes with the epilogue.
-// Numbered variants of both (bench/gpu_bench.py times them): prefill 2, a double-buffered 128×128 tile with split-K;
-// decode 2, W stored [N, K] with a warp per column; decode 3, x staged in shared memory; decode 4, 3 with the split-K
-// sum done by each column group's last block. Decode kernels can also store c_attn's K/V into the decode cache
-// (KvOut, launch.h). The same Conv1D over fp16, bf16 or int8 weights: matmul_lowp.cu.
+// Numbered variants of the decode GEMV (bench/gpu_bench.py times them): 2, W stored [N, K] with a warp per column;
+// 3, x staged in shared memory; 4, 3 with the split-K sum done by each column group's last block. Decode kernels can
+// also store c_attn's K/V into the decode cache (KvOut, launch.h). The same Conv1D over fp16, bf16 or int8 weights:
+// matmul_lowp.cu.
 #include "common.cuh"
 #include "launch.h"
 #include "gemm_tiles.cuh"
@@ -22,8 +22,8 @@
 
 namespace gk::cuda {
 
-// ---------------------------------------------------------------- prefill: the tiled SGEMMs of gemm_tiles.cuh
-// (one kernel text with the reduced weight modes; here W is fp32)
+// ---------------------------------------------------------------- prefill: double-buffered 128×128, split-K
+// (the 128×128 tile's constants, thread layout and k step: gemm_tiles.cuh, shared with the reduced weight modes)
 
 using tiles::BK2;
 using tiles::BM2;
@@ -33,17 +33,16 @@ using tiles::kPad2;
 using tiles::tile128_fma;
 using tiles::tile128_off;
 
-// ---------------------------------------------------------------- prefill variant 2: double-buffered 128×128, split-K
-//
-// What: gemm_tiles.cuh's gemm128_tile_kernel scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread read as float4 from
-// shared memory) with two shared buffers: each thread issues the global loads of K tile t+1 into registers before
-// the 512 FMAs of tile t and stores them into the other buffer after them, so the load latency hides behind the
-// math and there is one __syncthreads per K tile instead of two. float4 global loads when the pointers, strides, K
+// What: gemm_tiles.cuh's gemm128_tile_kernel scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread
+// read as float4 from shared memory) with two shared buffers: each thread issues the global loads of K tile t+1
+// into registers before the 512 FMAs of tile t and stores them into the other buffer after them, so the load
+// latency hides behind the math and there is one __syncthreads per K tile instead of two. float4 global loads when the pointers, strides, K
 // and N allow (VEC), bounds-checked scalar loads otherwise (any shape and row stride).
 // Why split-K: at prefill shapes (M = 128…1024 for distilgpt2) 128×128 tiles give 6–144 blocks, fewer than the SMs
-// of an H100 for most of the block's GEMMs. Then K is split over gridDim.z blocks (gemm_v2_splits), each writing
+// of an H100 for most of the block's GEMMs. Then K is split over gridDim.z blocks (gemm_splits), each writing
 // its fp32 partial sum to a workspace [splits, M, N]; splitk_finish_kernel adds the partials in split order (the
-// same order every run: deterministic) and applies the epilogue. With one split the epilogue is fused here.
+// same order every run: deterministic) and applies the epilogue. With one split the epilogue is fused here. It beat
+// gemm_tiles.cuh's single-buffered 64×64 / 128×128 tiles (the reduced modes' prefill) at every measured shape.
 // fp32 FMAs on CUDA cores only (no TF32): parity with the float64 reference is the contract.
 template <bool VEC>
 __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
@@ -423,7 +422,7 @@ static bool gemv_args_ok(int64_t M, int64_t N, int splits, const float* workspac
 
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   int num_sms, cudaStream_t stream, const KvOut& kv) {
+                   cudaStream_t stream, const KvOut& kv) {
   if (M == 0 || N == 0) return cudaGetLastError();
   if (M <= kGemvMaxRows) {
     if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
@@ -439,7 +438,7 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
   }
   if (kv.k != nullptr) return cudaErrorInvalidValue;  // the cache store is the decode GEMV's
-  return tiles::launch_gemm<float>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, num_sms, stream);
+  return gemm(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace, stream);
 }
 
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
@@ -461,14 +460,14 @@ cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const
 }
 
 
-// ---------------------------------------------------------------- prefill GEMM variant 2: launcher
+// ---------------------------------------------------------------- prefill GEMM: launcher
 
-int64_t gemm_v2_kchunk(int64_t K, int splits) {  // each split's K range, a whole number of K tiles
+static int64_t gemm_kchunk(int64_t K, int splits) {  // each split's K range, a whole number of K tiles
   const int64_t c = (K + splits - 1) / splits;
   return (c + BK2 - 1) / BK2 * BK2;
 }
 
-int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
+int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   const int64_t tiles = ((N + BN2 - 1) / BN2) * ((M + BM2 - 1) / BM2);
   if (tiles <= 0 || tiles >= num_sms) return 1;
   int64_t s = (num_sms + tiles - 1) / tiles;        // about one wave of blocks
@@ -476,11 +475,11 @@ int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   if (s > max_by_k) s = max_by_k;
   if (s > 16) s = 16;
   if (s <= 1) return 1;
-  const int64_t c = gemm_v2_kchunk(K, (int)s);
+  const int64_t c = gemm_kchunk(K, (int)s);
   return (int)((K + c - 1) / c);  // no split left empty after rounding the chunk up
 }
 
-cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                       const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
                       float* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaGetLastError();
@@ -488,7 +487,7 @@ cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const f
   if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||
       (splits > 1 && (workspace == nullptr || M > 0x7fffffff)))
     return cudaErrorInvalidValue;
-  const int64_t kchunk = gemm_v2_kchunk(K, splits);
+  const int64_t kchunk = gemm_kchunk(K, splits);
   const bool vec = K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
   const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
   if (vec)

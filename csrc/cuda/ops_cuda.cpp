@@ -268,7 +268,8 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
                                                      stream(), kv));
     return y;
   }
-  const int splits = cuda::gemv_splits(M, K, N, num_sms());
+  const int splits = M <= cuda::kGemvMaxRows ? cuda::gemv_splits(M, K, N, num_sms())  // the decode GEMV
+                                             : cuda::gemm_splits(M, K, N, num_sms());  // the prefill GEMM
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
   float* pws = ws.defined() ? ws.data_ptr<float>() : nullptr;
@@ -279,8 +280,7 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
                                                             variant == 4 ? counters : nullptr));
   else
     GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw,
-                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, num_sms(),
-                                                stream(), kv));
+                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream(), kv));
   return y;
 }
 
@@ -487,19 +487,12 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   return y;
 }
 
-// matmul_prefill: conv1d's Conv1D (fp32 weight [K, N] in HF's layout) by a numbered prefill GEMM variant, for the
-// bench and the tests to time and check each one. variant 1: conv1d's own kernels (64×64 tiles, or 128×128 when
-// they fill the GPU; the GEMV at M <= kGemvMaxRows). variant 2: double-buffered 128×128 tiles with split-K when
-// there are fewer tiles than SMs; splits 0 picks the count (gemm_v2_splits), > 0 forces it (variant 2 only).
+// matmul_prefill: conv1d's Conv1D (fp32 weight [K, N] in HF's layout) through its prefill GEMM at any M, with the
+// split-K count forced (splits > 0) or conv1d's own (0: gemm_splits), for the tests to reach every split count.
 at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t variant,
-                          int64_t splits) {
-  TORCH_CHECK_VALUE(variant == 1 || variant == 2, "gpt2kern.matmul_prefill: variant must be 1 or 2, got ", variant);
+                          c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t splits) {
   TORCH_CHECK_VALUE(splits >= 0 && splits <= 64, "gpt2kern.matmul_prefill: splits must be 0 (automatic) to 64, got ",
                     splits);
-  TORCH_CHECK_VALUE(variant == 2 || splits == 0, "gpt2kern.matmul_prefill: splits is variant 2's; variant 1 takes "
-                    "splits=0, got ", splits);
-  if (variant == 1) return conv1d(x, weight, bias, epilogue, residual, -1, "kn", std::nullopt);
   const int epi = parse_epilogue(epilogue);
   check_conv1d_inputs(x, weight);  // float32 x and weight on one device, by name
   const int64_t K = x.size(-1);
@@ -516,15 +509,14 @@ at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const s
   at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
   at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr = epi == 2 ? as_rows(*residual, N) : at::Tensor();
   const int64_t M = A.size(0);
-  const int s = splits > 0 ? (int)splits : cuda::gemm_v2_splits(M, K, N, num_sms());
+  const int s = splits > 0 ? (int)splits : cuda::gemm_splits(M, K, N, num_sms());
   at::Tensor ws;
   if (s > 1) ws = at::empty({(int64_t)s * M * N}, x.options());
   GK_CUDA_CHECK_LAUNCH("matmul_prefill",
-                       cuda::matmul_v2(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
-                                       b.defined() ? b.data_ptr<float>() : nullptr, epi,
-                                       rr.defined() ? rr.data_ptr<float>() : nullptr, rr.defined() ? row_stride(rr) : 0,
-                                       y.data_ptr<float>(), s, ws.defined() ? ws.data_ptr<float>() : nullptr,
-                                       stream()));
+                       cuda::gemm(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
+                                  b.defined() ? b.data_ptr<float>() : nullptr, epi,
+                                  rr.defined() ? rr.data_ptr<float>() : nullptr, rr.defined() ? row_stride(rr) : 0,
+                                  y.data_ptr<float>(), s, ws.defined() ? ws.data_ptr<float>() : nullptr, stream()));
   return y;
 }
 
