@@ -1,9 +1,9 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode GEMV v1/v2/v3/v4: a table and the winner per shape),
+kernels against each other (decode GEMV v2/v3/v4: a table and the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every gemv variant, and with the K/V cache writes fused: kv_write=2 and 3), with
-the kernels launched per decode token (graph nodes);
+(without the graph, and with it for every gemv and kv_write variant pair), with the kernels launched per decode token
+(graph nodes);
 and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
 weights).
@@ -60,7 +60,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
-NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's variants (torch's: context)
+NUMBERED = ("v2", "v3", "v4")  # gpt2kern's variants (torch's: context)
 
 
 def _winners(rows, kernel):
@@ -101,13 +101,12 @@ def variants(quick):
         return rows
 
     def gemv_variants(x, w, bias):
-        # v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x staged in
-        # shared memory, v4 v3 with the split-K partials summed by each column group's last block
+        # v2 matmul_nk on [N, K]; v3 conv1d's split-K GEMV on [K, N] with x staged in shared memory; v4 v3 with the
+        # split-K partials summed by each column group's last block
         wt = w.t().contiguous()
         counters = torch.zeros((w.shape[1] + 31) // 32, dtype=torch.int32, device=dev)
-        return {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
-                "v3": lambda: ops.matmul_decode(x, w, bias, variant=3),
-                "v4": lambda: ops.matmul_decode(x, w, bias, variant=4, counters=counters)}
+        return {"v2": lambda: ops.matmul_nk(x, wt, bias), "v3": lambda: ops.matmul_decode(x, w, bias),
+                "v4": lambda: ops.matmul_decode(x, w, bias, counters=counters)}
 
     mm = matmuls("decode_gemv", (1, 32) if quick else (1, 8, 32), gemv_variants)
     for kernel, rs in (("decode_gemv", mm),):
@@ -183,18 +182,12 @@ def end_to_end(dev, quick):
         for B in (1, 32):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
-            # every decoder: no graph (variants 1), the graph with each gemv variant (kv_write v1: two index_copy_
-            # per layer), and kv_write v2 and v3
-            v1 = dict(gemv=1, kv_write=1)  # explicit: the table's defaults must not change the rows
+            # the same step without the graph (explicit variants: the table's defaults must not change the rows), and
+            # the graph with every gemv and kv_write pair that can run (kv_write 3 needs an [in, out] GEMV: not gemv 2)
+            eager = dict(gemv=2, kv_write=2) if B == 1 else dict(gemv=3, kv_write=3)
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False,
-                                                         **v1)}
-            for gv in (1, 2, 3, 4):
-                name = "decoder_cuda_graph" + ("" if gv == 1 else f"_gemv{gv}")
-                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=1)
-                launches[f"B={B} gemv v{gv}"] = decs[name].launches_per_token
-            # the K/V cache writes fused into one kernel per layer (kv_write=2), with gemv v1 and v2; folded into
-            # c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1, v3, v4
-            for kw_, gv in ((2, 1), (2, 2), (3, 1), (3, 3), (3, 4)):
+                                                         **eager)}
+            for gv, kw_ in ((gv, kw_) for gv in (2, 3, 4) for kw_ in (1, 2, 3) if (gv, kw_) != (2, 3)):
                 name = f"decoder_cuda_graph_gemv{gv}_kvwrite{kw_}"
                 decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=kw_)
                 launches[f"B={B} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token

@@ -29,8 +29,8 @@ TORCH_LIBRARY(gpt2kern, m) {
         "int splits=0) -> Tensor");
   m.def("kv_write(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot) -> ()");
   m.def("matmul_decode(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "Tensor? scales=None, int variant=1, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, "
-        "Tensor? slot=None, Tensor(c!)? counters=None) -> Tensor");
+        "Tensor? scales=None, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, Tensor? slot=None, "
+        "Tensor(c!)? counters=None) -> Tensor");
   m.def("embedding_step(Tensor input_ids, Tensor wte, Tensor wpe, Tensor(a!) cursor) -> Tensor");
 }
 

@@ -156,8 +156,8 @@ def decode_attention(q, k, v, key_mask, kv_len, scale: float):
 
 
 def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
-    """CUDA decode GEMV, variant 2: epilogue(x @ weight.T + bias) with weight [out, in] (nn.Linear's layout), x of at
-    most GEMV_MAX_ROWS rows; one warp per output column, no split-K (conv1d is variant 1)."""
+    """CUDA decode GEMV, variant 2 (CudaGraphDecoder gemv=2): epilogue(x @ weight.T + bias) with weight [out, in]
+    (nn.Linear's layout), x of at most GEMV_MAX_ROWS rows; one warp per output column, no split-K."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual)
@@ -181,14 +181,14 @@ def kv_write(qkv, k_cache, v_cache, slot) -> None:
               _tensor(slot, "slot"))
 
 
-def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None, variant: int = 1,
-                  k_cache=None, v_cache=None, slot=None, counters=None):
-    """CUDA decode GEMV by numbered variant: epilogue(x @ weight + bias) with weight [in, out] in any CUDA weight mode
-    (float32, float16, bfloat16, or int8 with its scales [in / group, out]), x of at most GEMV_MAX_ROWS rows.
-    variant 1: conv1d's split-K GEMV; 3: the same kernel with x staged in shared memory; 4: variant 3 whose last
-    block per 32 columns sums the split-K partials (no finish kernel launched), with `counters` (int32 zeros on the
-    GPU, at least ceil(out / 32); every call leaves them zero; one GEMV at a time may use them). 3 and 4 take float32
-    weights and give variant 1's result bitwise. Variant 2 is matmul_nk ([out, in] weights).
+def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None, k_cache=None,
+                  v_cache=None, slot=None, counters=None):
+    """CUDA decode GEMV, the CUDA-graph decoder's: epilogue(x @ weight + bias) with weight [in, out] in any CUDA
+    weight mode, x of at most GEMV_MAX_ROWS rows. float32 weights: x staged in shared memory (decoder gemv=3),
+    bitwise conv1d's result; with `counters` (int32 zeros on the GPU, at least ceil(out / 32); every call leaves them
+    zero; one GEMV at a time may use them) the last block per 32 columns sums the split-K partials, so no finish
+    kernel is launched (gemv=4), still bitwise conv1d's. float16, bfloat16, or int8 weights with their scales
+    [in / group, out]: conv1d's GEMV, their only one (no counters).
     With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on the GPU, read there: capturable), the GEMV also
     stores each row's K and V (columns [E, 2E) and [2E, 3E) of c_attn's output, E = H*D) at that slot of its cache
     as it writes them: the K/V write folded into c_attn (CudaGraphDecoder kv_write=3). A slot outside [0, Tmax)
@@ -196,7 +196,7 @@ def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, s
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_decode(_on_cuda("matmul_decode", x), _tensor(weight, "weight"), bias, epilogue, residual, scales,
-                          int(variant), k_cache, v_cache, slot, counters)
+                          k_cache, v_cache, slot, counters)
 
 
 def embedding_step(input_ids, wte, wpe, cursor):
@@ -281,8 +281,8 @@ def _(x, weight, bias=None, epilogue="none", residual=None, splits=0):
 
 
 @torch.library.register_fake("gpt2kern::matmul_decode")
-def _(x, weight, bias=None, epilogue="none", residual=None, scales=None, variant=1, k_cache=None, v_cache=None,
-      slot=None, counters=None):
+def _(x, weight, bias=None, epilogue="none", residual=None, scales=None, k_cache=None, v_cache=None, slot=None,
+      counters=None):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 

@@ -300,7 +300,7 @@ def test_matmul_nk_argument_errors():
         ops.matmul_nk(x[:2], torch.randn(4, 8))
 
 
-# decode GEMV variant 3 (x staged in shared memory) and the c_attn K/V store of matmul_decode (kv_write=3)
+# decode GEMV variants 3 (x staged in shared memory) and 4, the c_attn K/V store of matmul_decode (kv_write=3)
 
 @needs_cuda
 @pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (8, 3072, 768), (9, 768, 768), (17, 300, 50), (32, 768, 2304),
@@ -308,8 +308,8 @@ def test_matmul_nk_argument_errors():
                                    (17, 600, 8448), (5, 1100, 8448)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_matmul_decode_variants(M, K, N, epilogue):
-    """Variant 3 is variant 1 with x moved to shared memory and the same summation order: bitwise equal to it (and
-    variant 1 bitwise conv1d), and within the float64 budget; 8 and 32 register rows, blocks over several x tiles
+    """Variant 3 is conv1d's GEMV with x moved to shared memory and the same summation order: bitwise equal to it,
+    and so is variant 4, and within the float64 budget; 8 and 32 register rows, blocks over several x tiles
     (N = 8448: one split on <= 132 SMs, so K = 600 is 3 tiles of 256 at 32 rows, K = 1100 2 tiles of 1024 at 8),
     ragged tiles, K smaller than the warps, split and unsplit K, x rows not 16-byte aligned, an outlier channel."""
     torch.manual_seed(M * K + N)
@@ -318,14 +318,13 @@ def test_matmul_decode_variants(M, K, N, epilogue):
     x, w, b = xc.cpu(), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
     wc, bc, rc = w.cuda(), b.cuda(), None if res is None else res.cuda()
-    y1 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=1)
-    y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=3)
-    assert torch.equal(y1, ops.conv1d(xc, wc, bc, epilogue, rc))
-    assert torch.equal(y3, y1), f"variant 3 differs from variant 1 by {(y3 - y1).abs().max().item():.3g}"
+    y1 = ops.conv1d(xc, wc, bc, epilogue, rc)
+    y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc)
+    assert torch.equal(y3, y1), f"variant 3 differs from conv1d by {(y3 - y1).abs().max().item():.3g}"
     counters = torch.zeros((N + 31) // 32 + 5, dtype=torch.int32, device="cuda")
     for _ in range(2):  # the counters come back to zero: a second call (a graph replay) sums the same way
-        y4 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=4, counters=counters)
-        assert torch.equal(y4, y1), f"variant 4 differs from variant 1 by {(y4 - y1).abs().max().item():.3g}"
+        y4 = ops.matmul_decode(xc, wc, bc, epilogue, rc, counters=counters)
+        assert torch.equal(y4, y1), f"variant 4 differs from conv1d by {(y4 - y1).abs().max().item():.3g}"
         assert not counters.any()
     ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
     assert_parity(y3, ref, terms, K, f"matmul_decode v3 {M}x{K}x{N} {epilogue}")
@@ -343,28 +342,30 @@ def _kv_case(B, H, Tmax, D, K, mode, seed):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode,variant", [("fp32", 1), ("fp32", 3), ("fp32", 4), ("fp16", 1), ("bf16", 1),
-                                          ("int8", 1)])
+@pytest.mark.parametrize("mode,variant", [pytest.param("fp32", 3, id="fp32-3"), pytest.param("fp32", 4, id="fp32-4"),
+                                          pytest.param("fp16", None, id="fp16"), pytest.param("bf16", None, id="bf16"),
+                                          pytest.param("int8", None, id="int8")])
 @pytest.mark.parametrize("B,H,Tmax,D,K,slot", [(1, 12, 40, 64, 80, 0), (3, 4, 9, 8, 384, 8), (2, 2, 5, 3, 392, 2),
                                                (32, 12, 6, 64, 80, 5), (32, 12, 6, 64, 768, 3)])
 def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, K, slot):
     """With the caches, matmul_decode returns conv1d's qkv and leaves the caches as kv_write (= two index_copy_)
-    would, in every weight mode (variants 3 and 4 read fp32 only): through the GEMV's own epilogue (K = 80: one split)
-    and through its split-K finish kernel (K >= 384: 2 or more splits in every mode where N leaves SMs idle: all
-    but E = 768 on a GPU with fewer than 36 SMs); a slot outside [0, Tmax) stores nothing."""
+    would, in every weight mode (fp32: variant 3, or 4 with counters; the reduced modes: their one GEMV): through the
+    GEMV's own epilogue (K = 80: one split) and through its split-K finish kernel or variant 4's in-kernel sum
+    (K >= 384: 2 or more splits in every mode where N leaves SMs idle: all but E = 768 on a GPU with fewer than 36
+    SMs); a slot outside [0, Tmax) stores nothing."""
     x, lin, kc, vc = _kv_case(B, H, Tmax, D, K, mode, slot)
     want = ops.conv1d(x, lin.data, lin.bias, "none", None, -1, "kn", lin.scales)
     want_k, want_v = kc.clone(), vc.clone()
     idx = torch.tensor([slot], device="cuda")
     ops.kv_write(want, want_k, want_v, idx)
     counters = torch.zeros(lin.n_out, dtype=torch.int32, device="cuda") if variant == 4 else None
-    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc, slot=idx,
+    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, k_cache=kc, v_cache=vc, slot=idx,
                           counters=counters)
     assert torch.equal(y, want)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     before_k, before_v = kc.clone(), vc.clone()
     for bad in (Tmax, -1):
-        ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc,
+        ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, k_cache=kc, v_cache=vc,
                           slot=torch.tensor([bad], device="cuda"), counters=counters)
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
 
@@ -374,22 +375,18 @@ def test_matmul_decode_argument_errors():
     x, w = torch.randn(2, 8, device="cuda"), torch.randn(8, 12, device="cuda")
     c, s = torch.zeros(2, 2, 5, 2, device="cuda"), torch.tensor([0], device="cuda")
     cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
-    with pytest.raises(ValueError, match="variant must be 1 .*, 3 .* or 4"):
-        ops.matmul_decode(x, w, variant=2)
-    with pytest.raises(ValueError, match="variant 4 needs them.*variant 4 without counters"):
-        ops.matmul_decode(x, w, variant=4)
-    with pytest.raises(ValueError, match="got variant 3 with counters"):
-        ops.matmul_decode(x, w, variant=3, counters=cnt)
-    with pytest.raises(ValueError, match="variant 4 reads float32 weights"):
-        ops.matmul_decode(x, w.half(), variant=4, counters=cnt)
+    with pytest.raises(ValueError, match="counters go with float32 weights .*Half weights have one GEMV"):
+        ops.matmul_decode(x, w.half(), counters=cnt)
     with pytest.raises(ValueError, match="at least 2 zeros"):
-        ops.matmul_decode(x, torch.randn(8, 33, device="cuda"), variant=4, counters=cnt)
+        ops.matmul_decode(x, torch.randn(8, 33, device="cuda"), counters=cnt)
     with pytest.raises(TypeError, match="counters must be"):
-        ops.matmul_decode(x, w, variant=4, counters=cnt.long())
+        ops.matmul_decode(x, w, counters=cnt.long())
+    with pytest.raises(ValueError, match="counters is on cpu"):
+        ops.matmul_decode(x, w, counters=cnt.cpu())
     with pytest.raises(ValueError, match="at most 32 rows"):
         ops.matmul_decode(torch.randn(33, 8, device="cuda"), w)
-    with pytest.raises(ValueError, match="variant 3 reads float32 weights"):
-        ops.matmul_decode(x, w.half(), variant=3)
+    with pytest.raises(TypeError, match="weight must be Float"):  # neither float32 nor a reduced mode
+        ops.matmul_decode(x, w.double())
     with pytest.raises(ValueError, match="go together"):
         ops.matmul_decode(x, w, k_cache=c, slot=s)
     with pytest.raises(ValueError, match="one row per cache row"):
@@ -436,11 +433,14 @@ def test_embedding_step_advances_the_cursor():
 def test_decode_op_opcheck():
     x, lin, kc, vc = _kv_case(2, 2, 5, 4, 384, "fp32", 1)  # K = 384: split K (variant 4's own sum)
     s = torch.tensor([1], device="cuda")
-    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 3))
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None))
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode,
-                          (x, lin.data, lin.bias, "gelu_new", None, None, 4, None, None, None,
+                          (x, lin.data, lin.bias, "gelu_new", None, None, None, None, None,
                            torch.zeros(2, dtype=torch.int32, device="cuda")))
-    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 1, kc, vc, s))
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, kc, vc, s))
+    x8, lin8, kc8, vc8 = _kv_case(2, 2, 5, 4, 384, "int8", 1)
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode,
+                          (x8, lin8.data, lin8.bias, "none", None, lin8.scales, kc8, vc8, s))
     wte, wpe = torch.randn(9, 4, device="cuda"), torch.randn(7, 4, device="cuda")
     torch.library.opcheck(torch.ops.gpt2kern.embedding_step,
                           (torch.tensor([[1], [2]], device="cuda"), wte, wpe, torch.zeros(4, dtype=torch.long,
@@ -521,7 +521,7 @@ def test_decode_variant_ops_refuse_cpu_tensors():
         q = torch.randn(1, 1, 1, 8)
         ops.decode_attention(q, q, q, None, torch.tensor([1]), 1.0)
     with pytest.raises(ValueError, match="CUDA tensors only"):
-        ops.matmul_decode(torch.randn(1, 8), torch.randn(8, 4), variant=3)
+        ops.matmul_decode(torch.randn(1, 8), torch.randn(8, 4))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.embedding_step(torch.zeros(1, 1, dtype=torch.long), torch.randn(5, 4), torch.randn(3, 4),
                            torch.zeros(3, dtype=torch.long))
@@ -531,7 +531,7 @@ def test_decode_variant_ops_fakes():
     """The fake (meta) implementations of the CUDA-only decode ops give the CUDA ops' shapes (torch.compile, meta)."""
     m = dict(device="meta")
     y = torch.ops.gpt2kern.matmul_decode(torch.empty(3, 1, 8, **m), torch.empty(8, 24, **m), None, "none", None, None,
-                                         3, torch.empty(3, 2, 5, 4, **m), torch.empty(3, 2, 5, 4, **m),
+                                         torch.empty(3, 2, 5, 4, **m), torch.empty(3, 2, 5, 4, **m),
                                          torch.empty(1, dtype=torch.long, **m))
     assert y.shape == (3, 1, 24) and y.device.type == "meta"
     h = torch.ops.gpt2kern.embedding_step(torch.empty(3, 1, dtype=torch.long, **m), torch.empty(50, 16, **m),
@@ -540,7 +540,7 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("gemv", [1, 2, 3, 4])
+@pytest.mark.parametrize("gemv", [2, 3, 4])
 @torch.no_grad()
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, gemv):
     """Every gemv variant: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
@@ -610,8 +610,8 @@ def test_kv_write_argument_errors():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kv_write,gemv,graph", [(2, 1, True), (2, 2, True), (3, 1, True), (3, 3, True),
-                                                 (3, 3, False), (3, 4, True)])
+@pytest.mark.parametrize("kv_write,gemv,graph", [(2, 2, True), (2, 3, True), (3, 3, True), (3, 3, False),
+                                                 (3, 4, True)])
 @torch.no_grad()
 def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_write, gemv, graph):
     """kv_write=2 (one kernel per layer) and 3 (stored by c_attn's GEMV, the cursor advanced by the embedding
@@ -656,7 +656,7 @@ def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair,
     B, T, n = 2, 7, 12
     dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n)
     assert dec.variants == dict(gemv=4, kv_write=3)
-    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=1).variants == dict(gemv=1, kv_write=3)
+    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=3).variants == dict(gemv=3, kv_write=3)
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     hf = ref.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
     eos = ref.generation_config.eos_token_id
@@ -669,14 +669,18 @@ def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     with pytest.raises(ValueError, match="kv_write must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=4)
-    with pytest.raises(ValueError, match="gemv must be one of"):
-        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=0)
+    for bad in (0, 1):  # gemv=1 (conv1d's GEMV) is no choice: the decoder runs it only where 2-4 cannot run
+        with pytest.raises(ValueError, match="gemv must be one of"):
+            CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=bad)
     with pytest.raises(ValueError, match="gemv=2 takes kv_write 1 or 2"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=2, kv_write=3)
     for kw, what in ((dict(gemv=2), "gemv=2"), (dict(gemv=3), "gemv=3"), (dict(gemv=4), "gemv=4"),
-                     (dict(kv_write=3), "kv_write=3"), (dict(gemv=3, kv_write=3), "gemv=3 and kv_write=3")):
+                     (dict(kv_write=3), "kv_write=3"), (dict(gemv=3, kv_write=3), "gemv=3 .*; kv_write=3")):
         with pytest.raises(ValueError, match=f"{what} takes batch_size <= 32"):
             CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, use_graph=False, **kw)
+    # chosen, not given: over 32 rows conv1d's path (the prefill GEMM) and one K/V write kernel per layer
+    assert CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, use_graph=False).variants == dict(gemv=None,
+                                                                                                    kv_write=2)
 
 
 @pytest.mark.skipif(not (ops.has_cuda() and torch.cuda.is_available() and torch.cuda.device_count() >= 2),

@@ -70,14 +70,14 @@ cudaError_t kv_write(const float* qkv, int64_t ldq, int64_t B, const KvOut& kv, 
 // gemm_splits() for the GEMM (1 means no workspace).
 constexpr int kGemvMaxRows = 32;
 int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
-// `kv` (M <= kGemvMaxRows only) also stores K/V into a cache, see KvOut.
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   cudaStream_t stream, const KvOut& kv = KvOut{});
-// Decode GEMV variant 3: variant 1's kernel (the same splits, workspace and summation order: bitwise its result)
-// with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound variant 1).
+                   cudaStream_t stream);
+// Decode GEMV variant 3: matmul's GEMV kernel (the same splits, workspace and summation order: bitwise its result)
+// with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound the GEMV).
 // Variant 4 = variant 3 with `counters` (zeros, one per 32 columns, left zero again): the last block of each
-// column group sums the split-K partials itself (same order), so no finish kernel is launched.
+// column group sums the split-K partials itself (same order), so no finish kernel is launched. `kv` also stores
+// K/V into a cache, see KvOut.
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                         const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
                         float* workspace, cudaStream_t stream, const KvOut& kv = KvOut{},

@@ -205,13 +205,18 @@ void kv_write(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor
   GK_CUDA_CHECK_LAUNCH("kv_write", cuda::kv_write(qkv.data_ptr<float>(), qkv.stride(0), B, kv, stream()));
 }
 
-// conv1d's body, shared with matmul_decode: `variant` 1 runs conv1d's kernels, 3 the staged GEMV, 4 the staged GEMV
-// summing its split-K partials itself with `counters` (3, 4: float32, M <= kGemvMaxRows: matmul_decode checks);
-// `kv` the c_attn cache store (decode GEMV only: matmul_decode checks).
+// matmul_decode's part of a call (M <= kGemvMaxRows, checked there): the c_attn cache store and variant 4's counters.
+struct DecodeGemv {
+  cuda::KvOut kv;
+  unsigned* counters = nullptr;
+};
+
+// conv1d's body, shared with matmul_decode (`dec`): float32 weights then take the staged GEMV (variant 3; 4 with
+// counters), reduced-mode weights their one GEMV, both with the cache store.
 static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               c10::string_view epilogue, const std::optional<at::Tensor>& residual,
                               int64_t out_features, c10::string_view layout, const std::optional<at::Tensor>& scales,
-                              int variant, const cuda::KvOut& kv, unsigned* counters = nullptr) {
+                              const DecodeGemv* dec = nullptr) {
   const int epi = parse_epilogue(epilogue);
   const bool lowp = is_lowp(weight.scalar_type());
   if (lowp) {  // the shared checks but weight's dtype (check_conv1d_inputs wants float32)
@@ -265,7 +270,7 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
                                                      S.defined() ? row_stride(S) : 0, group, pb, epi, pr, ldr,
                                                      y.data_ptr<float>(), splits,
                                                      ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(),
-                                                     stream(), kv));
+                                                     stream(), dec ? dec->kv : cuda::KvOut{}));
     return y;
   }
   const int splits = M <= cuda::kGemvMaxRows ? cuda::gemv_splits(M, K, N, num_sms())  // the decode GEMV
@@ -273,73 +278,67 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
   float* pws = ws.defined() ? ws.data_ptr<float>() : nullptr;
-  if (variant >= 3)
+  if (dec)
     GK_CUDA_CHECK_LAUNCH("matmul_decode", cuda::gemv_staged(A.data_ptr<float>(), row_stride(A), M, K,
                                                             W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
-                                                            y.data_ptr<float>(), splits, pws, stream(), kv,
-                                                            variant == 4 ? counters : nullptr));
+                                                            y.data_ptr<float>(), splits, pws, stream(), dec->kv,
+                                                            dec->counters));
   else
     GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw,
-                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream(), kv));
+                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream()));
   return y;
 }
 
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
                   c10::string_view layout, const std::optional<at::Tensor>& scales) {
-  return conv1d_impl(x, weight, bias, epilogue, residual, out_features, layout, scales, 1, cuda::KvOut{});
+  return conv1d_impl(x, weight, bias, epilogue, residual, out_features, layout, scales);
 }
 
 // matmul_decode: conv1d at decode (x of at most kGemvMaxRows rows; weight [K, N] in any CUDA weight mode, scales for
-// int8) by a numbered GEMV variant: 1, conv1d's split-K GEMV; 3, the same with x staged in shared memory; 4,
-// variant 3 summing its split-K partials in the kernel (no finish kernel), with `counters`: int32 zeros, at least
-// ceil(N / 32), on x's device, which each call leaves zero and which no other GEMV may use meanwhile (3 and 4: float32
-// weights; variant 2 is matmul_nk, on [N, K] weights). With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on
-// the device) it also stores K/V as it goes (CudaGraphDecoder kv_write=3): weight has N = 3E columns (E = H·D, q k
-// v), x has B rows, and columns [E, 2E) of row b go to k_cache[b, :, slot], [2E, 3E) to v_cache[b, :, slot]; a slot
-// outside [0, Tmax) stores nothing. Argument errors of the shared checks name conv1d.
+// int8), the CUDA-graph decoder's GEMV. float32 weights: the staged GEMV (variant 3: x in shared memory, bitwise
+// conv1d's GEMV), with `counters` summing its split-K partials in the kernel (variant 4: no finish kernel; int32
+// zeros, at least ceil(N / 32), on x's device, which each call leaves zero and which no other GEMV may use
+// meanwhile). fp16 / bf16 / int8 weights: conv1d's GEMV, their only one. With k_cache, v_cache [B, H, Tmax, D] and
+// slot (int64 [1] on the device) it also stores K/V as it goes (CudaGraphDecoder kv_write=3): weight has N = 3E
+// columns (E = H·D, q k v), x has B rows, and columns [E, 2E) of row b go to k_cache[b, :, slot], [2E, 3E) to
+// v_cache[b, :, slot]; a slot outside [0, Tmax) stores nothing. Argument errors of the shared checks name conv1d.
 at::Tensor matmul_decode(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          c10::string_view epilogue, const std::optional<at::Tensor>& residual,
-                         const std::optional<at::Tensor>& scales, int64_t variant,
-                         const std::optional<at::Tensor>& k_cache, const std::optional<at::Tensor>& v_cache,
-                         const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& counters) {
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& k_cache,
+                         const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slot,
+                         const std::optional<at::Tensor>& counters) {
   const char* op = "matmul_decode";
-  TORCH_CHECK_VALUE(variant == 1 || variant == 3 || variant == 4, "gpt2kern.matmul_decode: variant must be 1 "
-                    "(split-K GEMV), 3 (x staged in shared memory) or 4 (3 without a finish kernel); variant 2 is "
-                    "matmul_nk ([out, in] weights); got ", variant);
   GK_CHECK_FLOAT(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "gpt2kern.matmul_decode: x must have a non-empty last dim, got "
                     "shape ", x.sizes());
   const int64_t K = x.size(-1), M = x.numel() / K;
   TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_decode: x must have at most ", cuda::kGemvMaxRows,
                     " rows (a decode GEMV), got ", M);
-  TORCH_CHECK_VALUE(variant == 1 || weight.scalar_type() == at::kFloat, "gpt2kern.matmul_decode: variant ", variant,
-                    " reads float32 weights, got ", weight.scalar_type(), " (variant 1 takes every weight mode)");
-  TORCH_CHECK_VALUE((variant == 4) == counters.has_value(), "gpt2kern.matmul_decode: counters go with variant 4 "
-                    "(and variant 4 needs them), got variant ", variant, counters ? " with" : " without", " counters");
-  unsigned* pc = nullptr;
+  DecodeGemv dec;
   if (counters) {
     const at::Tensor& c = *counters;
+    TORCH_CHECK_VALUE(!is_lowp(weight.scalar_type()), "gpt2kern.matmul_decode: counters go with float32 weights "
+                      "(variant 4); ", weight.scalar_type(), " weights have one GEMV and take none");
     GK_CHECK_DTYPE(c, at::kInt, op, "counters");
     GK_CHECK_SAME_DEVICE(x, c, op, "counters");
     const int64_t groups = weight.dim() == 2 ? (weight.size(1) + 31) / 32 : 0;
     TORCH_CHECK_VALUE(c.is_contiguous() && c.numel() >= groups, "gpt2kern.matmul_decode: counters must be a "
                       "contiguous int32 tensor of at least ", groups, " zeros (one per 32 output columns), got shape ",
                       c.sizes(), " and strides ", c.strides());
-    pc = reinterpret_cast<unsigned*>(c.data_ptr<int32_t>());
+    dec.counters = reinterpret_cast<unsigned*>(c.data_ptr<int32_t>());
   }
-  cuda::KvOut kv;
   if (k_cache || v_cache || slot) {
     TORCH_CHECK_VALUE(k_cache && v_cache && slot, "gpt2kern.matmul_decode: k_cache, v_cache and slot go together "
                       "(all three or none)");
-    kv = checked_kv(op, x, *k_cache, *v_cache, *slot);
+    dec.kv = checked_kv(op, x, *k_cache, *v_cache, *slot);
     const int64_t B = k_cache->size(0);
     TORCH_CHECK_VALUE(M == B, "gpt2kern.matmul_decode: x must have one row per cache row (", B, "), got ", M);
-    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * kv.E, "gpt2kern.matmul_decode: with caches ",
-                      k_cache->sizes(), " weight must be [", K, ", ", 3 * kv.E, "] (q, k, v columns), got ",
+    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * dec.kv.E, "gpt2kern.matmul_decode: with caches ",
+                      k_cache->sizes(), " weight must be [", K, ", ", 3 * dec.kv.E, "] (q, k, v columns), got ",
                       weight.sizes());
   }
-  return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, (int)variant, kv, pc);
+  return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, &dec);
 }
 
 
