@@ -42,7 +42,6 @@ cannot run a call, and the chooser steps those back.
                counter per column group, owned by the decoder, back to zero after each GEMV); bitwise conv1d
   gemv=None    (chosen, never given) conv1d's own path: the fp16 / bf16 / int8 weight modes' GEMV, or over 32 rows
                the prefill GEMM
-  kv_write=1   the step's K/V cache writes: two index_copy_ per layer (as HF's StaticCache)
   kv_write=2   one ops.kv_write kernel per layer writes K and V from c_attn's output at the device-side slot
   kv_write=3   no bookkeeping launch at all: c_attn's GEMV stores K and V at the slot as it writes them
                (ops.matmul_decode with the caches: in its epilogue or its split-K finish kernel), and the embedding
@@ -63,7 +62,7 @@ from .generate import hf_position_ids
 from .model import state_of
 
 
-VARIANTS = {"gemv": (2, 3, 4), "kv_write": (1, 2, 3)}
+VARIANTS = {"gemv": (2, 3, 4), "kv_write": (2, 3)}
 # a GPU not in the table: the sets that won on the GPU measured, for small batches and from 32 rows on
 UNLISTED = {"1": dict(gemv=2, kv_write=2), "32": dict(gemv=3, kv_write=3)}
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
@@ -100,7 +99,7 @@ def refusals(v: dict, batch_size: int, mode: str = "fp32") -> dict:
         why["gemv"] = f"gemv={g} {rows}"
     if k == 3 and g == 2:
         why["kv_write"] = ("kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the reduced weight modes'); "
-                           "gemv=2 takes kv_write 1 or 2")
+                           "gemv=2 takes kv_write=2")
     elif k == 3 and not narrow:
         why["kv_write"] = f"kv_write=3 {rows}"
     return why
@@ -256,13 +255,9 @@ class CudaGraphDecoder:
             h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
         def write(i, k, v, qkv):
-            if self.kv_write_variant == 3:  # done by c_attn's GEMV (_mm_decode)
-                return
             if self.kv_write_variant == 2:  # one kernel writes both, at the slot read on the device
                 ops.kv_write(qkv, self.k_cache[i], self.v_cache[i], self.slot)
-            else:
-                self.k_cache[i].index_copy_(2, self.slot, k)
-                self.v_cache[i].index_copy_(2, self.slot, v)
+            # (kv_write=3: c_attn's GEMV stored them, _mm_decode)
 
         def attend(i, q):  # over slots [0, kv_len) only: kv_len is read on the device
             return ops.decode_attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, self.kv_len,
