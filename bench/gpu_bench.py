@@ -1,10 +1,10 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
-shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode GEMV v2/v3/v4: a table and the winner per shape),
+shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the decode GEMV's numbered
+variants against each other (v2/v3/v4: a table and the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every gemv and kv_write variant pair), with the kernels launched per decode token
 (graph nodes);
-and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
+and the reduced weight modes' conv1d (fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
 weights).
 Timing: gpt2kern.bench's Bench.time (interleaved with its baseline, synchronized, median of >= 5), as on the CPU.
@@ -75,52 +75,39 @@ def _winners(rows, kernel):
 
 
 def variants(quick):
-    """The decode GEMV's numbered variants at decode shapes vs a float64 reference (torch's addmm as context); rows
-    and winners."""
+    """The decode GEMV's numbered variants at distilgpt2's matmul shapes vs a float64 reference, timed with torch's
+    addmm as context; rows and the winner per shape."""
     b = Bench(device="cuda", reps=7)
     dev = torch.device("cuda")
-    rows, winners = [], []
     g = torch.Generator(device="cpu").manual_seed(0)
-
-    def matmuls(kernel, Ms, variants_of):
-        """variants_of(x, w, bias) -> {name: fn} timed against torch's addmm at distilgpt2's matmul shapes."""
-        rows = []
-        for M in Ms:
-            for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
-                x = torch.randn(M, K, generator=g).to(dev)
-                w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
-                bias = torch.randn(N, generator=g).to(dev)
-                ref = x.double() @ w.double() + bias.double()
-                fns = {**variants_of(x, w, bias), "torch": lambda x=x, w=w, bias=bias: torch.addmm(bias, x, w)}
-                t = b.time(fns)
-                for name, f in fns.items():
-                    err = (f().double() - ref).abs().max().item()
-                    rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
-                                     max_abs_err=err))
-                del ref
-        return rows
-
-    def gemv_variants(x, w, bias):
-        # v2 matmul_nk on [N, K]; v3 conv1d's split-K GEMV on [K, N] with x staged in shared memory; v4 v3 with the
-        # split-K partials summed by each column group's last block
-        wt = w.t().contiguous()
-        counters = torch.zeros((w.shape[1] + 31) // 32, dtype=torch.int32, device=dev)
-        return {"v2": lambda: ops.matmul_nk(x, wt, bias), "v3": lambda: ops.matmul_decode(x, w, bias),
-                "v4": lambda: ops.matmul_decode(x, w, bias, counters=counters)}
-
-    mm = matmuls("decode_gemv", (1, 32) if quick else (1, 8, 32), gemv_variants)
-    for kernel, rs in (("decode_gemv", mm),):
-        print(f"  {kernel}:", flush=True)
-        for r in rs:
-            flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
-            print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
-                  flush=True)
-        # the winner among gpt2kern's numbered variants (torch's addmm is context)
-        ws = _winners([r for r in rs if r["variant"] in NUMBERED], kernel)
-        for w in ws:
-            print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
-        rows += rs
-        winners += ws
+    kernel, rows = "decode_gemv", []
+    for M in (1, 32) if quick else (1, 8, 32):
+        for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
+            x = torch.randn(M, K, generator=g).to(dev)
+            w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
+            wt = w.t().contiguous()
+            bias = torch.randn(N, generator=g).to(dev)
+            counters = torch.zeros((N + 31) // 32, dtype=torch.int32, device=dev)
+            ref = x.double() @ w.double() + bias.double()
+            # v2 matmul_nk on [N, K]; v3 conv1d's split-K GEMV on [K, N] with x staged in shared memory; v4 v3 with
+            # the split-K partials summed by each column group's last block
+            fns = {"v2": lambda: ops.matmul_nk(x, wt, bias), "v3": lambda: ops.matmul_decode(x, w, bias),
+                   "v4": lambda: ops.matmul_decode(x, w, bias, counters=counters),
+                   "torch": lambda: torch.addmm(bias, x, w)}
+            t = b.time(fns)
+            for name, f in fns.items():
+                err = (f().double() - ref).abs().max().item()
+                rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
+                                 max_abs_err=err))
+            del ref
+    print(f"  {kernel}:", flush=True)
+    for r in rows:
+        flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
+        print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
+              flush=True)
+    winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)  # (torch's addmm is context)
+    for w in winners:
+        print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
     return rows, winners
 
 
