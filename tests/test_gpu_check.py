@@ -133,3 +133,16 @@ def test_the_packaged_variant_table_names_known_variants():
             assert int(b) >= 1 and set(v) == set(cuda_graph.VARIANTS), (gpu, b, v)
             assert all(v[k] in cuda_graph.VARIANTS[k] for k in v), (gpu, b, v)
             assert not cuda_graph.refusals(v, int(b)), (gpu, b, v)  # fp32 at its own batch size runs it as measured
+
+
+def test_the_sanitizer_steps_name_tests_that_exist():
+    """gpu_check.sh's *_decode steps name tests of tests/test_cuda.py by id: each must still be collected (here,
+    where it skips), or the step would fail on the GPU machine for a renamed parametrization."""
+    import re
+    text = SCRIPT.read_text()
+    block = text[text.index("DECODE_SMALL=("):]
+    ids = re.findall(r'"(tests/[^"]+)"', block[:block.index(")\n")])
+    assert len(ids) >= 5
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *ids],
+                       capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=120)
+    assert r.returncode == 0 and f"{len(ids)} tests collected" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
