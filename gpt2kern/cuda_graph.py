@@ -63,7 +63,7 @@ from .model import state_of
 
 
 VARIANTS = {"gemv": (2, 3, 4), "kv_write": (2, 3)}
-# a GPU not in the table: the sets that won on the GPU measured, for small batches and from 32 rows on
+# a GPU not in the table: the first GPU measured's winning sets (H200: B=1 below 32 rows, B=32 from 32 on)
 UNLISTED = {"1": dict(gemv=2, kv_write=2), "32": dict(gemv=3, kv_write=3)}
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
 
