@@ -1,11 +1,10 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
-shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the numbered variants of the
-kernels against each other (decode attention v1/v2, decode GEMV v1/v2/v3/v4, prefill GEMM v1/v2: a table and
-the winner per shape),
+shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the decode GEMV's numbered
+variants against each other (v2/v3/v4: a table and the winner per shape),
 and end to end vs HF eager: prefill T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every variant pair, and with the K/V cache writes fused: kv_write=2 and 3), with the
-kernels launched per decode token (graph nodes);
-and the reduced weight modes' conv1d (#16: fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
+(without the graph, and with it for every gemv and kv_write variant pair), with the kernels launched per decode token
+(graph nodes);
+and the reduced weight modes' conv1d (fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
 weights).
 Timing: gpt2kern.bench's Bench.time (interleaved with its baseline, synchronized, median of >= 5), as on the CPU.
@@ -61,7 +60,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
-NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's variants (torch's and the old whole-cache attention: context)
+NUMBERED = ("v2", "v3", "v4")  # gpt2kern's variants (torch's: context)
 
 
 def _winners(rows, kernel):
@@ -76,79 +75,39 @@ def _winners(rows, kernel):
 
 
 def variants(quick):
-    """Each kernel's numbered variants (decode attention and GEMV at decode shapes, the GEMM at prefill shapes) vs a
-    float64 reference; rows and winners."""
+    """The decode GEMV's numbered variants at distilgpt2's matmul shapes vs a float64 reference, timed with torch's
+    addmm as context; rows and the winner per shape."""
     b = Bench(device="cuda", reps=7)
     dev = torch.device("cuda")
-    rows, winners = [], []
     g = torch.Generator(device="cpu").manual_seed(0)
-    # decode attention: one query row per (batch row, head) over the first n slots of a 1024-slot static cache
-    H, D, Tmax = 12, 64, 1024
-    att = []
-    for B in (1, 32):
-        k = torch.randn(B, H, Tmax, D, generator=g).to(dev)
-        v = torch.randn(B, H, Tmax, D, generator=g).to(dev)
-        q = torch.randn(B, H, 1, D, generator=g).to(dev)
-        mask = torch.ones(B, Tmax, dtype=torch.bool, device=dev)
-        for n in ((128, 1024) if quick else (64, 256, 1024)):
-            kv_len = torch.tensor([n], device=dev)
-            s = (q.double() @ k[:, :, :n].double().transpose(-1, -2)) * D ** -0.5
-            ref = (torch.softmax(s, -1) @ v[:, :, :n].double()).transpose(1, 2)
-            fns = {f"v{i}": (lambda i=i: ops.decode_attention(q, k, v, mask, kv_len, D ** -0.5, i)) for i in (1, 2)}
-            # before this issue: attention over the whole static cache, unwritten slots masked
-            m_old = mask.clone()
-            m_old[:, n:] = False
-            fns["v0 whole cache"] = lambda m_old=m_old: ops.attention(q, k, v, m_old, None, D ** -0.5, 0, False)
+    kernel, rows = "decode_gemv", []
+    for M in (1, 32) if quick else (1, 8, 32):
+        for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
+            x = torch.randn(M, K, generator=g).to(dev)
+            w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
+            wt = w.t().contiguous()
+            bias = torch.randn(N, generator=g).to(dev)
+            counters = torch.zeros((N + 31) // 32, dtype=torch.int32, device=dev)
+            ref = x.double() @ w.double() + bias.double()
+            # v2 matmul_nk on [N, K]; v3 conv1d's split-K GEMV on [K, N] with x staged in shared memory; v4 v3 with
+            # the split-K partials summed by each column group's last block
+            fns = {"v2": lambda: ops.matmul_nk(x, wt, bias), "v3": lambda: ops.matmul_decode(x, w, bias),
+                   "v4": lambda: ops.matmul_decode(x, w, bias, counters=counters),
+                   "torch": lambda: torch.addmm(bias, x, w)}
             t = b.time(fns)
             for name, f in fns.items():
                 err = (f().double() - ref).abs().max().item()
-                att.append(dict(kernel="decode_attention", variant=name, shape=f"B={B} H={H} D={D} kv={n}/{Tmax}",
-                                us=t[name] * 1e6, max_abs_err=err))
-    def matmuls(kernel, Ms, variants_of):
-        """variants_of(x, w, bias) -> {name: fn} timed against torch's addmm at distilgpt2's matmul shapes."""
-        rows = []
-        for M in Ms:
-            for K, N in ((768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)):
-                x = torch.randn(M, K, generator=g).to(dev)
-                w = (torch.randn(K, N, generator=g) * 0.05).to(dev)
-                bias = torch.randn(N, generator=g).to(dev)
-                ref = x.double() @ w.double() + bias.double()
-                fns = {**variants_of(x, w, bias), "torch": lambda x=x, w=w, bias=bias: torch.addmm(bias, x, w)}
-                t = b.time(fns)
-                for name, f in fns.items():
-                    err = (f().double() - ref).abs().max().item()
-                    rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
-                                     max_abs_err=err))
-                del ref
-        return rows
-
-    def gemv_variants(x, w, bias):
-        # v1 conv1d on [K, N] (split-K + finish where N is narrow), v2 matmul_nk on [N, K], v3 v1 with x staged in
-        # shared memory, v4 v3 with the split-K partials summed by each column group's last block
-        wt = w.t().contiguous()
-        counters = torch.zeros((w.shape[1] + 31) // 32, dtype=torch.int32, device=dev)
-        return {"v1": lambda: ops.conv1d(x, w, bias), "v2": lambda: ops.matmul_nk(x, wt, bias),
-                "v3": lambda: ops.matmul_decode(x, w, bias, variant=3),
-                "v4": lambda: ops.matmul_decode(x, w, bias, variant=4, counters=counters)}
-
-    mm = matmuls("decode_gemv", (1, 32) if quick else (1, 8, 32), gemv_variants)
-    # prefill GEMM: v1 conv1d's tiles (64x64, or 128x128 when they fill the GPU), v2 double-buffered 128x128 tiles
-    # with split-K where the tiles cannot fill the SMs (ops.matmul_prefill)
-    pf = matmuls("prefill_gemm", (128, 1024) if quick else (128, 512, 1024),
-                 lambda x, w, bias: {f"v{i}": (lambda i=i: ops.matmul_prefill(x, w, bias, "none", None, i))
-                                     for i in (1, 2)})
-    for kernel, rs in (("decode_attention", att), ("decode_gemv", mm), ("prefill_gemm", pf)):
-        print(f"  {kernel}:", flush=True)
-        for r in rs:
-            flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
-            print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
-                  flush=True)
-        # the winner among gpt2kern's numbered variants (torch's addmm and the old whole-cache attention are context)
-        ws = _winners([r for r in rs if r["variant"] in NUMBERED], kernel)
-        for w in ws:
-            print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
-        rows += rs
-        winners += ws
+                rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
+                                 max_abs_err=err))
+            del ref
+    print(f"  {kernel}:", flush=True)
+    for r in rows:
+        flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
+        print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
+              flush=True)
+    winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)  # (torch's addmm is context)
+    for w in winners:
+        print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
     return rows, winners
 
 
@@ -210,24 +169,15 @@ def end_to_end(dev, quick):
         for B in (1, 32):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
-            # every decoder: no graph (variants 1), the graph with each (attention, gemv) variant pair (kv_write v1:
-            # two index_copy_ per layer), and kv_write v2 and v3
-            v1 = dict(attention=1, gemv=1, kv_write=1)  # explicit: the table's defaults must not change the rows
+            # the same step without the graph (explicit variants: the table's defaults must not change the rows), and
+            # the graph with every gemv and kv_write pair that can run (kv_write 3 needs an [in, out] GEMV: not gemv 2)
+            eager = dict(gemv=2, kv_write=2) if B == 1 else dict(gemv=3, kv_write=3)
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False,
-                                                         **v1)}
-            for a in (1, 2):
-                for gv in (1, 2, 3, 4):
-                    name = "decoder_cuda_graph" + ("" if (a, gv) == (1, 1) else f"_attn{a}_gemv{gv}")
-                    decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
-                                                  kv_write=1)
-                    launches[f"B={B} attention v{a} gemv v{gv}"] = decs[name].launches_per_token
-            # the K/V cache writes fused into one kernel per layer (kv_write=2), with the default and the v2 kernels;
-            # folded into c_attn's GEMV with the cursor advanced by the embedding (kv_write=3), gemv v1, v3, v4
-            for kw_, a, gv in ((2, 1, 1), (2, 2, 2), (3, 1, 1), (3, 2, 3), (3, 2, 4)):
-                name = f"decoder_cuda_graph_attn{a}_gemv{gv}_kvwrite{kw_}"
-                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, attention=a, gemv=gv,
-                                              kv_write=kw_)
-                launches[f"B={B} attention v{a} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token
+                                                         **eager)}
+            for gv, kw_ in ((gv, kw_) for gv in (2, 3, 4) for kw_ in (2, 3) if (gv, kw_) != (2, 3)):
+                name = f"decoder_cuda_graph_gemv{gv}_kvwrite{kw_}"
+                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=kw_)
+                launches[f"B={B} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token
             gens = {"hf": lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
                     "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)}
             for name, d in decs.items():
@@ -261,7 +211,7 @@ def end_to_end(dev, quick):
 
 def pick_defaults(e2e: dict) -> dict:
     """Per measured batch size, the variants of the fastest CUDA-graph decoder whose greedy tokens equal HF's:
-    {"1": {"attention": a, "gemv": g, "kv_write": k}, "32": ...} (cuda_graph.default_variants reads them)."""
+    {"1": {"gemv": g, "kv_write": k}, "32": ...} (cuda_graph.default_variants reads them)."""
     by_batch = {}
     for key, row in e2e.items():
         if not (key.startswith("decode_B") and isinstance(row, dict)):

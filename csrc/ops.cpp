@@ -22,16 +22,15 @@ TORCH_LIBRARY(gpt2kern, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, int q_offset, "
         "bool causal) -> Tensor");
   m.def("embedding(Tensor input_ids, Tensor wte, Tensor wpe, Tensor position_ids, Tensor? token_type_ids) -> Tensor");
-  // CUDA only (csrc/cuda/ops_cuda.cpp): the decode step's numbered kernel variants
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor kv_len, float scale, int variant=1) "
-        "-> Tensor");
+  // CUDA only (csrc/cuda/ops_cuda.cpp): the decode step's kernels and variants, the prefill GEMM with forced split-K
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor kv_len, float scale) -> Tensor");
   m.def("matmul_nk(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None) -> Tensor");
   m.def("matmul_prefill(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "int variant=1, int splits=0) -> Tensor");
+        "int splits=0) -> Tensor");
   m.def("kv_write(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot) -> ()");
   m.def("matmul_decode(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "Tensor? scales=None, int variant=1, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, "
-        "Tensor? slot=None, Tensor(c!)? counters=None) -> Tensor");
+        "Tensor? scales=None, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, Tensor? slot=None, "
+        "Tensor(c!)? counters=None) -> Tensor");
   m.def("embedding_step(Tensor input_ids, Tensor wte, Tensor wpe, Tensor(a!) cursor) -> Tensor");
 }
 

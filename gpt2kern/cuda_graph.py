@@ -16,36 +16,37 @@ State, all preallocated in __init__ on the model's device (static shapes: batch_
                                                   written: views slot [1], kv_len [1], pos [B, 1]; a step first
                                                   advances all three by one (to the new token's)
   ids               [B, 1] int64                  the next token
-A step (the captured graph) writes the new token's K/V into `slot` (kv_write below) and attends
-over the first kv_len slots only (decode_attention reads kv_len on the device: the work grows with the tokens so
+A step (the captured graph) writes the new token's K/V into `slot` (kv_write below) and attends over the first
+kv_len slots only (decode_attention, flash-decoding, reads kv_len on the device: the work grows with the tokens so
 far, not with max_len; key_mask hides the padding). The cursor advances at the step's start: one add_(1), or
-(kv_write=3) inside the embedding kernel. prefill() runs the prompt eagerly
-with the same ops (causal attention over slots [0, T)), resets the state and fills slots [0, T). Left padding
-follows HF generate (generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites
-(clone it to keep it). Everything runs under torch.cuda.device(model's device), whichever device is current.
+(kv_write=3) inside the embedding kernel. prefill() runs the prompt eagerly with the same ops (causal attention
+over slots [0, T)), resets the state and fills slots [0, T). Left padding follows HF generate
+(generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites (clone it to keep it).
+Everything runs under torch.cuda.device(model's device), whichever device is current.
 Weights are the layer records of weights.py (the optimized model's packs, or a private pack in the mode `weights`
 asks for: fp16, bf16 and int8 run the same step over their [in, out] CUDA copies, csrc/cuda/matmul_lowp.cu), taken at
 construction, after guard.why_not(..., "cuda_graph") agreed to stand in for the model (hooks, wrappers such as LoRA
 and patched forwards are refused): build the decoder after the weights are final. use_graph=False runs the same
 step eagerly (for comparison and debugging).
 
-Numbered kernel variants of the step (bench/gpu_bench.py times them). A variant not given comes from
-gpt2kern/cuda_variants.json: the fastest decoder with HF's tokens that gpu_bench measured on this GPU model at the
-nearest batch size (default_variants); variants 1 on a GPU not in it. dec.variants says which ran.
-  attention=1  decode_attention variant 1: one block of 4 warps per (row, head), the keys split over its warps
-  attention=2  flash-decoding: the keys split over blocks, partial softmaxes merged by a second kernel
-  gemv=1       conv1d on the [in, out] weights: split-K GEMV + finish kernel where N is narrow
+Kernel variants of the step: those that won a measurement somewhere (bench/gpu_bench.py times them; the step's
+attention is always flash-decoding). A variant not given comes from gpt2kern/cuda_variants.json: the fastest decoder
+with HF's tokens that gpu_bench measured on this GPU model at the nearest batch size (default_variants); on a GPU
+not in it, the sets that won on the GPU measured (UNLISTED). dec.variants says which ran; refusals() says which
+cannot run a call, and the chooser steps those back.
   gemv=2       matmul_nk on [out, in] copies of the block and lm_head weights (one warp per output column, no
-               finish kernel); the copies double the weights' memory (prefill keeps variant 1); fp32 weights only
-  gemv=3       variant 1's kernel with x staged in shared memory, read as float4 (ops.matmul_decode variant 3; for
-               M = 9…32 rows, where variant 1's x loads outnumber its FMAs); bitwise variant 1; fp32 weights only
-  gemv=4       variant 3 without finish kernels: the last block of each 32 columns sums the split-K partials (a
-               counter per column group, owned by the decoder, back to zero after each GEMV); bitwise variant 1
-  kv_write=1   the step's K/V cache writes: two index_copy_ per layer (as HF's StaticCache)
+               finish kernel); the copies double the weights' memory (prefill keeps conv1d); fp32 weights only
+  gemv=3       ops.matmul_decode: conv1d's split-K GEMV with x staged in shared memory, read as float4 (for
+               M = 9…32 rows, where its x loads outnumber its FMAs); bitwise conv1d; fp32 weights only
+  gemv=4       gemv 3 without finish kernels: the last block of each 32 columns sums the split-K partials (a
+               counter per column group, owned by the decoder, back to zero after each GEMV); bitwise conv1d
+  gemv=None    (chosen, never given) conv1d's own path: the fp16 / bf16 / int8 weight modes' GEMV, or over 32 rows
+               the prefill GEMM
   kv_write=2   one ops.kv_write kernel per layer writes K and V from c_attn's output at the device-side slot
   kv_write=3   no bookkeeping launch at all: c_attn's GEMV stores K and V at the slot as it writes them
                (ops.matmul_decode with the caches: in its epilogue or its split-K finish kernel), and the embedding
-               kernel advances the cursor (ops.embedding_step); gemv 1, 3 or 4, every weight mode
+               kernel advances the cursor (ops.embedding_step); gemv 3 or 4, or the reduced modes' GEMV
+gemv 2-4 and kv_write=3 run decode GEMVs, which take at most GEMV_MAX_ROWS = 32 rows.
 launches_per_token: the captured step's graph nodes by type (kernel, memcpy, memset, other, total).
 Bad token ids: the embedding kernel checks them on the device (NaN rows); generate() checks once at its end.
 """
@@ -61,48 +62,71 @@ from .generate import hf_position_ids
 from .model import state_of
 
 
-VARIANTS = {"attention": (1, 2), "gemv": (1, 2, 3, 4), "kv_write": (1, 2, 3)}
+VARIANTS = {"gemv": (2, 3, 4), "kv_write": (2, 3)}
+# a GPU not in the table: the first GPU measured's winning sets (H200: B=1 below 32 rows, B=32 from 32 on)
+UNLISTED = {"1": dict(gemv=2, kv_write=2), "32": dict(gemv=3, kv_write=3)}
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
 
 
 def variant_table(path: str | None = None) -> dict:
-    """The measured defaults (TABLE unless `path`): {gpu name: {"by_batch": {"B": {"attention": a, "gemv": g,
-    "kv_write": k}}, "measured": how}}."""
+    """The measured defaults (TABLE unless `path`): {gpu name: {"by_batch": {"B": {"gemv": g, "kv_write": k}},
+    "measured": how}}."""
     with open(path or TABLE) as f:
         return json.load(f)["gpus"]
+
+
+def _measured(by_batch: dict, batch_size: int) -> dict | None:
+    """by_batch's variants at the largest measured batch size <= batch_size (else the smallest); None when there are
+    none or they name a variant this gpt2kern does not have (a table from a newer one). Other keys are not read."""
+    if not by_batch:
+        return None
+    sizes = sorted(int(b) for b in by_batch)
+    at = max((b for b in sizes if b <= batch_size), default=sizes[0])
+    got = {k: by_batch[str(at)].get(k) for k in VARIANTS}
+    return got if all(got[k] in VARIANTS[k] for k in VARIANTS) else None
+
+
+def refusals(v: dict, batch_size: int, mode: str = "fp32") -> dict:
+    """Why the variants `v` cannot run a decoder of batch_size rows over `mode` weights: {name: reason}, empty when
+    they can. gemv None (conv1d's own path) runs everywhere. The one statement of which variants combine."""
+    why = {}
+    narrow = 1 <= batch_size <= ops.GEMV_MAX_ROWS
+    rows = f"takes batch_size <= {ops.GEMV_MAX_ROWS} (a decode GEMV's rows), got {batch_size}"
+    g, k = v["gemv"], v["kv_write"]
+    if g is not None and mode != "fp32":
+        why["gemv"] = f"gemv={g} reads fp32 weights; weights={mode!r} run conv1d's GEMV (leave gemv unset)"
+    elif g is not None and not narrow:
+        why["gemv"] = f"gemv={g} {rows}"
+    if k == 3 and g == 2:
+        why["kv_write"] = ("kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the reduced weight modes'); "
+                           "gemv=2 takes kv_write=2")
+    elif k == 3 and not narrow:
+        why["kv_write"] = f"kv_write=3 {rows}"
+    return why
 
 
 def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict | None = None,
                      table: dict | None = None) -> dict:
     """The decoder's variants: those `given` (not None), the rest from the table's entry for this GPU at the largest
-    measured batch size <= batch_size (else the smallest), else 1. A measured choice that this call cannot run is
-    stepped back (gemv 2-4 read fp32 weights and at most 32 rows; kv_write=3 needs at most 32 rows and not gemv=2:
-    then kv_write=2); a given one is kept (the constructor refuses it with the reason)."""
+    measured batch size <= batch_size (else the smallest), or UNLISTED's when the GPU has none. A chosen variant that
+    this call cannot run (refusals) is stepped back: gemv to None (conv1d's path), kv_write=3 to 2; a given one is
+    kept (the constructor refuses it with the reason)."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     by_batch = (variant_table() if table is None else table).get(gpu, {}).get("by_batch", {})
-    v = dict(attention=1, gemv=1, kv_write=1)
-    if by_batch:
-        sizes = sorted(int(b) for b in by_batch)
-        at = max((b for b in sizes if b <= batch_size), default=sizes[0])
-        got = {k: by_batch[str(at)].get(k) for k in v}
-        if all(got[k] in VARIANTS[k] for k in v):  # (a table from a newer gpt2kern may name unknown variants)
-            v = got
-    v.update(given)
-    narrow = 1 <= batch_size <= ops.GEMV_MAX_ROWS
-    if "gemv" not in given and v["gemv"] > 1 and (mode != "fp32" or not narrow):
-        v["gemv"] = 1
-    if "kv_write" not in given and v["kv_write"] == 3 and (v["gemv"] == 2 or not narrow):
+    v = {**(_measured(by_batch, batch_size) or _measured(UNLISTED, batch_size)), **given}
+    if "gemv" not in given and "gemv" in refusals(v, batch_size, mode):
+        v["gemv"] = None
+    if "kv_write" not in given and "kv_write" in refusals(v, batch_size, mode):
         v["kv_write"] = 2
     return v
 
 
 class CudaGraphDecoder:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
-                 attention: int | None = None, gemv: int | None = None, weights: str | None = None,
-                 kv_write: int | None = None):
+                 gemv: int | None = None, weights: str | None = None, kv_write: int | None = None):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
-        given = dict(attention=attention, gemv=gemv, kv_write=kv_write)
+        given = dict(gemv=gemv, kv_write=kv_write)
         for name, v in given.items():
             if v is not None and v not in VARIANTS[name]:
                 raise ValueError(f"{name} must be one of {VARIANTS[name]}, got {v!r}")
@@ -112,26 +136,20 @@ class CudaGraphDecoder:
             raise ValueError(f"CudaGraphDecoder cannot stand in for this model's forward: {why}")
         self.variants = default_variants(torch.cuda.get_device_name(st.device), int(batch_size), st.weights.mode,
                                          given)
-        attention, gemv, kv_write = (self.variants[k] for k in ("attention", "gemv", "kv_write"))
-        if kv_write == 3 and gemv == 2:
-            raise ValueError("kv_write=3 stores K/V from the [in, out] GEMV (gemv 1, 3 or 4); gemv=2 takes kv_write 1 "
-                             "or 2")
+        why = refusals(self.variants, int(batch_size), st.weights.mode)
+        if why:
+            raise ValueError("; ".join(why.values()))
+        gemv, kv_write = self.variants["gemv"], self.variants["kv_write"]
         cfg = model.config
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={cfg.n_positions}], got {max_len}")
-        gemv_only = [f"{n}={v}" for n, v, only in (("gemv", gemv, gemv > 1), ("kv_write", kv_write, kv_write == 3))
-                     if only]  # every step matmul is then a decode GEMV, whose kernels take at most 32 rows
-        if gemv_only and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
-            raise ValueError(f"{' and '.join(gemv_only)} takes batch_size <= {ops.GEMV_MAX_ROWS}, got {batch_size}")
         W = st.weights  # weights.Weights: the same layer records the CPU walk and engine read
-        if gemv > 1 and W.mode != "fp32":
-            raise ValueError(f"gemv={gemv} reads fp32 weights; weights={W.mode!r} takes gemv=1")
         self.model, self.device, self.W = model, st.device, W
         self.B, self.Tmax = int(batch_size), int(max_len)
         self.E, self.H = cfg.n_embd, W.n_head
         self.D = self.E // self.H
         self.V = W.lm_head.n_out
-        self.attention_variant, self.gemv_variant, self.kv_write_variant = attention, gemv, kv_write
+        self.gemv_variant, self.kv_write_variant = gemv, kv_write
         dev = self.device
         L, B, H, D = len(W.layers), self.B, self.H, self.D
         with torch.cuda.device(dev):
@@ -207,17 +225,16 @@ class CudaGraphDecoder:
             h, x = ops.add_layer_norm(m, h, ln.weight, ln.bias, ln.eps)
         return x
 
-    def _mm_v1(self, i, j, x, epilogue):
+    def _mm_conv1d(self, i, j, x, epilogue):
         L = self.W.layers[i]
         return (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)[j](x, epilogue)
 
-    def _mm_v2(self, i, j, x, epilogue):
+    def _mm_nk(self, i, j, x, epilogue):
         w, b = self._nk[i][j]
         return ops.matmul_nk(x, w, b, epilogue)
 
-    def _gemv(self, lin, x, epilogue="none", **caches):  # gemv 1, 3 or 4 through ops.matmul_decode
-        return ops.matmul_decode(x, lin.data, lin.bias, epilogue, None, lin.scales, self.gemv_variant,
-                                 counters=self._counters, **caches)
+    def _gemv(self, lin, x, epilogue="none", **caches):  # gemv 3 or 4 (counters), or a reduced mode's GEMV
+        return ops.matmul_decode(x, lin.data, lin.bias, epilogue, None, lin.scales, counters=self._counters, **caches)
 
     def _mm_decode(self, i, j, x, epilogue):
         L = self.W.layers[i]
@@ -235,26 +252,22 @@ class CudaGraphDecoder:
             h = ops.embedding(self.ids, self.W.wte, self.W.wpe, self.pos)
 
         def write(i, k, v, qkv):
-            if self.kv_write_variant == 3:  # done by c_attn's GEMV (_mm_decode)
-                return
             if self.kv_write_variant == 2:  # one kernel writes both, at the slot read on the device
                 ops.kv_write(qkv, self.k_cache[i], self.v_cache[i], self.slot)
-            else:
-                self.k_cache[i].index_copy_(2, self.slot, k)
-                self.v_cache[i].index_copy_(2, self.slot, v)
+            # (kv_write=3: c_attn's GEMV stored them, _mm_decode)
 
         def attend(i, q):  # over slots [0, kv_len) only: kv_len is read on the device
             return ops.decode_attention(q, self.k_cache[i], self.v_cache[i], self.key_mask, self.kv_len,
-                                        self.W.layers[i].scale, self.attention_variant)
+                                        self.W.layers[i].scale)
 
         if self.gemv_variant == 2:
-            x = self._layers(h, write, attend, self._mm_v2)
+            x = self._layers(h, write, attend, self._mm_nk)
             logits = ops.matmul_nk(x, *self._nk_head).view(self.B, self.V)
         elif self.gemv_variant in (3, 4) or self.kv_write_variant == 3:
             x = self._layers(h, write, attend, self._mm_decode)
             logits = self._gemv(self.W.lm_head, x).view(self.B, self.V)
-        else:
-            x = self._layers(h, write, attend, self._mm_v1)
+        else:  # gemv None: conv1d's own path
+            x = self._layers(h, write, attend, self._mm_conv1d)
             logits = self.W.lm_head(x).view(self.B, self.V)
         return logits
 
@@ -284,7 +297,7 @@ class CudaGraphDecoder:
                 return ops.attention(q, self.k_cache[i, :, :, :T], self.v_cache[i, :, :, :T], km, None,
                                      self.W.layers[i].scale, 0, True)
 
-            x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend, self._mm_v1)
+            x = self._layers(ops.embedding(ids, self.W.wte, self.W.wpe, pos), write, attend, self._mm_conv1d)
             logits = self.W.lm_head(x[:, -1:]).view(B, self.V)
             # the last token written: slot T - 1, kv_len T, each row's last position (a step advances them first)
             self.pos.copy_(pos[:, -1:])

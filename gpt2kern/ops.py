@@ -139,37 +139,38 @@ def check_cuda_errors(synchronize: bool = True) -> None:
 def _on_cuda(op, x):
     if not (isinstance(x, torch.Tensor) and x.device.type == "cuda"):
         dev = x.device if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"gpt2kern.{op} runs on CUDA tensors only (a decode-step kernel variant), got {dev}")
+        raise ValueError(f"gpt2kern.{op} runs on CUDA tensors only (a CUDA-only op), got {dev}")
     if not has_cuda():
         raise RuntimeError(f"gpt2kern.{op}: gpt2kern was built without its CUDA kernels")
     return x
 
 
-def decode_attention(q, k, v, key_mask, kv_len, scale: float, variant: int = 1):
+def decode_attention(q, k, v, key_mask, kv_len, scale: float):
     """CUDA decode attention over a static cache: q [B, H, Tq, D] against the first kv_len[b] keys of k, v
     [B, H, Tmax, D] (kv_len int64 [1] or [B] on the GPU, read there: capturable in a CUDA graph, and the work grows
     with kv_len, not Tmax), key_mask [B, L] bool as in attention; no causal limit inside the Tq rows. -> [B, Tq, H, D].
-    variant 1: one block per (row, head) (any Tq); 2: flash-decoding, keys split over blocks (Tq = 1, D % 4 == 0)."""
+    Flash-decoding (keys split over blocks) where it applies: Tq = 1, D % 4 == 0, 16-byte aligned key rows; the
+    general attention kernel (one block per row and head) otherwise."""
     return _decode_attention(_on_cuda("decode_attention", q), _tensor(k, "k"), _tensor(v, "v"), key_mask,
-                             _tensor(kv_len, "kv_len"), float(scale), int(variant))
+                             _tensor(kv_len, "kv_len"), float(scale))
 
 
 def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
-    """CUDA decode GEMV, variant 2: epilogue(x @ weight.T + bias) with weight [out, in] (nn.Linear's layout), x of at
-    most GEMV_MAX_ROWS rows; one warp per output column, no split-K (conv1d is variant 1)."""
+    """CUDA decode GEMV, variant 2 (CudaGraphDecoder gemv=2): epilogue(x @ weight.T + bias) with weight [out, in]
+    (nn.Linear's layout), x of at most GEMV_MAX_ROWS rows; one warp per output column, no split-K."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual)
 
 
-def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, variant: int = 1, splits: int = 0):
-    """CUDA prefill GEMM by numbered variant: epilogue(x @ weight + bias) with weight [in, out] (HF's Conv1D layout).
-    variant 1: conv1d's kernels (64x64 tiles, 128x128 when they fill the GPU); 2: double-buffered 128x128 tiles with
-    split-K when there are fewer tiles than SMs (splits 0: automatic; > 0 forces the count, variant 2 only)."""
+def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, splits: int = 0):
+    """CUDA: conv1d's fp32 prefill GEMM at any number of rows, epilogue(x @ weight + bias) with weight [in, out]
+    (HF's Conv1D layout): double-buffered 128x128 tiles with deterministic split-K when there are fewer tiles than
+    SMs. splits 0: conv1d's own count (bitwise conv1d for more than GEMV_MAX_ROWS rows); 1 to 64 forces it."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_prefill(_on_cuda("matmul_prefill", x), _tensor(weight, "weight"), bias, epilogue, residual,
-                           int(variant), int(splits))
+                           int(splits))
 
 
 def kv_write(qkv, k_cache, v_cache, slot) -> None:
@@ -180,14 +181,14 @@ def kv_write(qkv, k_cache, v_cache, slot) -> None:
               _tensor(slot, "slot"))
 
 
-def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None, variant: int = 1,
-                  k_cache=None, v_cache=None, slot=None, counters=None):
-    """CUDA decode GEMV by numbered variant: epilogue(x @ weight + bias) with weight [in, out] in any CUDA weight mode
-    (float32, float16, bfloat16, or int8 with its scales [in / group, out]), x of at most GEMV_MAX_ROWS rows.
-    variant 1: conv1d's split-K GEMV; 3: the same kernel with x staged in shared memory; 4: variant 3 whose last
-    block per 32 columns sums the split-K partials (no finish kernel launched), with `counters` (int32 zeros on the
-    GPU, at least ceil(out / 32); every call leaves them zero; one GEMV at a time may use them). 3 and 4 take float32
-    weights and give variant 1's result bitwise. Variant 2 is matmul_nk ([out, in] weights).
+def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None, k_cache=None,
+                  v_cache=None, slot=None, counters=None):
+    """CUDA decode GEMV, the CUDA-graph decoder's: epilogue(x @ weight + bias) with weight [in, out] in any CUDA
+    weight mode, x of at most GEMV_MAX_ROWS rows. float32 weights: x staged in shared memory (decoder gemv=3),
+    bitwise conv1d's result; with `counters` (int32 zeros on the GPU, at least ceil(out / 32); every call leaves them
+    zero; one GEMV at a time may use them) the last block per 32 columns sums the split-K partials, so no finish
+    kernel is launched (gemv=4), still bitwise conv1d's. float16, bfloat16, or int8 weights with their scales
+    [in / group, out]: conv1d's GEMV, their only one (no counters).
     With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on the GPU, read there: capturable), the GEMV also
     stores each row's K and V (columns [E, 2E) and [2E, 3E) of c_attn's output, E = H*D) at that slot of its cache
     as it writes them: the K/V write folded into c_attn (CudaGraphDecoder kv_write=3). A slot outside [0, Tmax)
@@ -195,7 +196,7 @@ def matmul_decode(x, weight, bias=None, epilogue: str = "none", residual=None, s
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_decode(_on_cuda("matmul_decode", x), _tensor(weight, "weight"), bias, epilogue, residual, scales,
-                          int(variant), k_cache, v_cache, slot, counters)
+                          k_cache, v_cache, slot, counters)
 
 
 def embedding_step(input_ids, wte, wpe, cursor):
@@ -265,7 +266,7 @@ def _(input_ids, wte, wpe, position_ids, token_type_ids):
 
 
 @torch.library.register_fake("gpt2kern::decode_attention")
-def _(q, k, v, key_mask, kv_len, scale, variant=1):
+def _(q, k, v, key_mask, kv_len, scale):
     b, h, t, d = q.shape
     return q.new_empty((b, t, h, d))
 
@@ -276,13 +277,13 @@ def _(x, weight, bias=None, epilogue="none", residual=None):
 
 
 @torch.library.register_fake("gpt2kern::matmul_prefill")
-def _(x, weight, bias=None, epilogue="none", residual=None, variant=1, splits=0):
+def _(x, weight, bias=None, epilogue="none", residual=None, splits=0):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 
 @torch.library.register_fake("gpt2kern::matmul_decode")
-def _(x, weight, bias=None, epilogue="none", residual=None, scales=None, variant=1, k_cache=None, v_cache=None,
-      slot=None, counters=None):
+def _(x, weight, bias=None, epilogue="none", residual=None, scales=None, k_cache=None, v_cache=None, slot=None,
+      counters=None):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 

@@ -88,8 +88,8 @@ def test_attention_cuda_mask_and_bias_together():
                                    (512, 768, 2304), (300, 64, 20000), (1030, 37, 4100)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_conv1d_cuda_paths(M, K, N, epilogue):
-    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else tiled GEMM, 64x64 or (when the grid
-    # fills the GPU) 128x128; ragged edges of every tiling
+    # M <= 32: GEMV (8 or 32 register rows; split-K when N is narrow); else the double-buffered 128x128 GEMM, split-K
+    # when its tiles leave SMs idle; ragged edges of every tiling
     torch.manual_seed(M + N)
     x, w, b = torch.randn(M, K), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
@@ -226,34 +226,35 @@ def test_cuda_graph_decoder_rejects_cpu_models(tiny):
         CudaGraphDecoder(tiny, batch_size=1, max_len=8)
 
 
-# ---------------------------------------------------------------- numbered decode variants
+# ---------------------------------------------------------------- the decode step's kernels and their variants
 
 @needs_cuda
-@pytest.mark.parametrize("variant", [1, 2])
-@pytest.mark.parametrize("B,H,Tmax,D,n,per_row", [
-    (1, 12, 1024, 64, 1, False), (1, 12, 1024, 64, 700, False), (32, 12, 300, 64, 129, True),
-    (3, 5, 70, 20, 33, True), (2, 2, 96, 128, 96, False), (2, 3, 40, 32, 0, False), (2, 3, 40, 32, 99, False)])
-def test_decode_attention_variants(variant, B, H, Tmax, D, n, per_row):
+@pytest.mark.parametrize("B,H,Tq,Tmax,D,n,per_row,kpad", [
+    (1, 12, 1, 1024, 64, 1, False, 0), (1, 12, 1, 1024, 64, 700, False, 0), (32, 12, 1, 300, 64, 129, True, 0),
+    (3, 5, 1, 70, 20, 33, True, 0), (2, 2, 1, 96, 128, 96, False, 0), (2, 3, 1, 40, 32, 0, False, 0),
+    (2, 3, 1, 40, 32, 99, False, 0),
+    # flash-decoding does not apply, the general kernel runs: D % 4 != 0, several query rows, unaligned key rows
+    (3, 5, 1, 70, 18, 33, True, 0), (2, 4, 3, 50, 64, 41, True, 0), (2, 4, 1, 50, 64, 41, False, 1)])
+def test_decode_attention(B, H, Tq, Tmax, D, n, per_row, kpad):
     """Keys past kv_len are never read (NaN there, key_mask True): the result is attention over the first kv_len
-    keys (clamped to the cache; 0 keys: zeros), per row when kv_len is [B]; padding via key_mask."""
-    if variant == 2 and D % 4:
-        with pytest.raises(ValueError, match="variant 2 needs"):
-            ops.decode_attention(*(t.cuda() for t in qkv(B, H, 1, Tmax, D)), None, torch.tensor([1], device="cuda"),
-                                 1.0, 2)
-        return
-    q, k, v = qkv(B, H, 1, Tmax, D, 9)
+    keys (clamped to the cache; 0 keys: zeros), per row when kv_len is [B]; padding via key_mask. Flash-decoding
+    where it applies and the general kernel elsewhere give that result."""
+    q, k, v = qkv(B, H, Tq, Tmax, D, 9)
     lens = [max(0, min(n - 3 * b, Tmax)) if per_row else min(n, Tmax) for b in range(B)]
     mask = torch.ones(B, Tmax, dtype=torch.bool)
     mask[-1, :2] = False  # left padding in the last row
     for b, m in enumerate(lens):
         k[b, :, m:] = float("nan")
         v[b, :, m:] = float("nan")
+    kc = k.cuda()
+    if kpad:  # key rows D + kpad floats apart: not 16-byte aligned
+        kc = torch.zeros(B, H, Tmax, D + kpad, device="cuda")[..., :D].copy_(kc)
     kv_len = torch.tensor(lens if per_row else [n])
-    out = ops.decode_attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), kv_len.cuda(), D ** -0.5, variant).cpu()
+    out = ops.decode_attention(q.cuda(), kc, v.cuda(), mask.cuda(), kv_len.cuda(), D ** -0.5).cpu()
     for b, m in enumerate(lens):
         ref, terms = ref_attention(q[b:b + 1], k[b:b + 1, :, :m], v[b:b + 1, :, :m], key_mask=mask[b:b + 1],
                                    scale=D ** -0.5, causal=False)
-        assert_parity(out[b:b + 1], ref, terms, max(m, D), f"decode_attention v{variant} row {b}")
+        assert_parity(out[b:b + 1], ref, terms, max(m, D), f"decode_attention row {b}")
 
 
 @needs_cuda
@@ -265,11 +266,9 @@ def test_decode_attention_argument_errors():
         ops.decode_attention(q, k, v, None, torch.tensor([1, 2, 3], device="cuda"), 1.0)
     with pytest.raises(ValueError, match="kv_len is on cpu"):
         ops.decode_attention(q, k, v, None, torch.tensor([1]), 1.0)
-    with pytest.raises(ValueError, match="variant must be 1 or 2"):
-        ops.decode_attention(q, k, v, None, torch.tensor([1], device="cuda"), 1.0, 3)
-    with pytest.raises(ValueError, match="variant 2 needs"):
-        q2 = torch.randn(2, 2, 2, 8, device="cuda")
-        ops.decode_attention(q2, k, v, None, torch.tensor([1], device="cuda"), 1.0, 2)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        q2 = torch.randn(1, 1, 1, 132, device="cuda")
+        ops.decode_attention(q2, q2, q2, None, torch.tensor([1], device="cuda"), 1.0)
 
 
 @needs_cuda
@@ -301,7 +300,7 @@ def test_matmul_nk_argument_errors():
         ops.matmul_nk(x[:2], torch.randn(4, 8))
 
 
-# decode GEMV variant 3 (x staged in shared memory) and the c_attn K/V store of matmul_decode (kv_write=3)
+# decode GEMV variants 3 (x staged in shared memory) and 4, the c_attn K/V store of matmul_decode (kv_write=3)
 
 @needs_cuda
 @pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (8, 3072, 768), (9, 768, 768), (17, 300, 50), (32, 768, 2304),
@@ -309,8 +308,8 @@ def test_matmul_nk_argument_errors():
                                    (17, 600, 8448), (5, 1100, 8448)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
 def test_matmul_decode_variants(M, K, N, epilogue):
-    """Variant 3 is variant 1 with x moved to shared memory and the same summation order: bitwise equal to it (and
-    variant 1 bitwise conv1d), and within the float64 budget; 8 and 32 register rows, blocks over several x tiles
+    """Variant 3 is conv1d's GEMV with x moved to shared memory and the same summation order: bitwise equal to it,
+    and so is variant 4, and within the float64 budget; 8 and 32 register rows, blocks over several x tiles
     (N = 8448: one split on <= 132 SMs, so K = 600 is 3 tiles of 256 at 32 rows, K = 1100 2 tiles of 1024 at 8),
     ragged tiles, K smaller than the warps, split and unsplit K, x rows not 16-byte aligned, an outlier channel."""
     torch.manual_seed(M * K + N)
@@ -319,14 +318,13 @@ def test_matmul_decode_variants(M, K, N, epilogue):
     x, w, b = xc.cpu(), torch.randn(K, N) * 0.05, torch.randn(N)
     res = torch.randn(M, N) if epilogue == "residual" else None
     wc, bc, rc = w.cuda(), b.cuda(), None if res is None else res.cuda()
-    y1 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=1)
-    y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=3)
-    assert torch.equal(y1, ops.conv1d(xc, wc, bc, epilogue, rc))
-    assert torch.equal(y3, y1), f"variant 3 differs from variant 1 by {(y3 - y1).abs().max().item():.3g}"
+    y1 = ops.conv1d(xc, wc, bc, epilogue, rc)
+    y3 = ops.matmul_decode(xc, wc, bc, epilogue, rc)
+    assert torch.equal(y3, y1), f"variant 3 differs from conv1d by {(y3 - y1).abs().max().item():.3g}"
     counters = torch.zeros((N + 31) // 32 + 5, dtype=torch.int32, device="cuda")
     for _ in range(2):  # the counters come back to zero: a second call (a graph replay) sums the same way
-        y4 = ops.matmul_decode(xc, wc, bc, epilogue, rc, variant=4, counters=counters)
-        assert torch.equal(y4, y1), f"variant 4 differs from variant 1 by {(y4 - y1).abs().max().item():.3g}"
+        y4 = ops.matmul_decode(xc, wc, bc, epilogue, rc, counters=counters)
+        assert torch.equal(y4, y1), f"variant 4 differs from conv1d by {(y4 - y1).abs().max().item():.3g}"
         assert not counters.any()
     ref, terms = epilogue_ref(*ref_mm(x, w, b), epilogue, res)
     assert_parity(y3, ref, terms, K, f"matmul_decode v3 {M}x{K}x{N} {epilogue}")
@@ -344,28 +342,30 @@ def _kv_case(B, H, Tmax, D, K, mode, seed):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode,variant", [("fp32", 1), ("fp32", 3), ("fp32", 4), ("fp16", 1), ("bf16", 1),
-                                          ("int8", 1)])
+@pytest.mark.parametrize("mode,variant", [pytest.param("fp32", 3, id="fp32-3"), pytest.param("fp32", 4, id="fp32-4"),
+                                          pytest.param("fp16", None, id="fp16"), pytest.param("bf16", None, id="bf16"),
+                                          pytest.param("int8", None, id="int8")])
 @pytest.mark.parametrize("B,H,Tmax,D,K,slot", [(1, 12, 40, 64, 80, 0), (3, 4, 9, 8, 384, 8), (2, 2, 5, 3, 392, 2),
                                                (32, 12, 6, 64, 80, 5), (32, 12, 6, 64, 768, 3)])
 def test_matmul_decode_stores_kv_as_kv_write(mode, variant, B, H, Tmax, D, K, slot):
     """With the caches, matmul_decode returns conv1d's qkv and leaves the caches as kv_write (= two index_copy_)
-    would, in every weight mode (variants 3 and 4 read fp32 only): through the GEMV's own epilogue (K = 80: one split)
-    and through its split-K finish kernel (K >= 384: 2 or more splits in every mode where N leaves SMs idle: all
-    but E = 768 on a GPU with fewer than 36 SMs); a slot outside [0, Tmax) stores nothing."""
+    would, in every weight mode (fp32: variant 3, or 4 with counters; the reduced modes: their one GEMV): through the
+    GEMV's own epilogue (K = 80: one split) and through its split-K finish kernel or variant 4's in-kernel sum
+    (K >= 384: 2 or more splits in every mode where N leaves SMs idle: all but E = 768 on a GPU with fewer than 36
+    SMs); a slot outside [0, Tmax) stores nothing."""
     x, lin, kc, vc = _kv_case(B, H, Tmax, D, K, mode, slot)
     want = ops.conv1d(x, lin.data, lin.bias, "none", None, -1, "kn", lin.scales)
     want_k, want_v = kc.clone(), vc.clone()
     idx = torch.tensor([slot], device="cuda")
     ops.kv_write(want, want_k, want_v, idx)
     counters = torch.zeros(lin.n_out, dtype=torch.int32, device="cuda") if variant == 4 else None
-    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc, slot=idx,
+    y = ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, k_cache=kc, v_cache=vc, slot=idx,
                           counters=counters)
     assert torch.equal(y, want)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     before_k, before_v = kc.clone(), vc.clone()
     for bad in (Tmax, -1):
-        ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, variant=variant, k_cache=kc, v_cache=vc,
+        ops.matmul_decode(x, lin.data, lin.bias, scales=lin.scales, k_cache=kc, v_cache=vc,
                           slot=torch.tensor([bad], device="cuda"), counters=counters)
     assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
 
@@ -375,22 +375,18 @@ def test_matmul_decode_argument_errors():
     x, w = torch.randn(2, 8, device="cuda"), torch.randn(8, 12, device="cuda")
     c, s = torch.zeros(2, 2, 5, 2, device="cuda"), torch.tensor([0], device="cuda")
     cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
-    with pytest.raises(ValueError, match="variant must be 1 .*, 3 .* or 4"):
-        ops.matmul_decode(x, w, variant=2)
-    with pytest.raises(ValueError, match="variant 4 needs them.*variant 4 without counters"):
-        ops.matmul_decode(x, w, variant=4)
-    with pytest.raises(ValueError, match="got variant 3 with counters"):
-        ops.matmul_decode(x, w, variant=3, counters=cnt)
-    with pytest.raises(ValueError, match="variant 4 reads float32 weights"):
-        ops.matmul_decode(x, w.half(), variant=4, counters=cnt)
+    with pytest.raises(ValueError, match="counters go with float32 weights .*Half weights have one GEMV"):
+        ops.matmul_decode(x, w.half(), counters=cnt)
     with pytest.raises(ValueError, match="at least 2 zeros"):
-        ops.matmul_decode(x, torch.randn(8, 33, device="cuda"), variant=4, counters=cnt)
+        ops.matmul_decode(x, torch.randn(8, 33, device="cuda"), counters=cnt)
     with pytest.raises(TypeError, match="counters must be"):
-        ops.matmul_decode(x, w, variant=4, counters=cnt.long())
+        ops.matmul_decode(x, w, counters=cnt.long())
+    with pytest.raises(ValueError, match="counters is on cpu"):
+        ops.matmul_decode(x, w, counters=cnt.cpu())
     with pytest.raises(ValueError, match="at most 32 rows"):
         ops.matmul_decode(torch.randn(33, 8, device="cuda"), w)
-    with pytest.raises(ValueError, match="variant 3 reads float32 weights"):
-        ops.matmul_decode(x, w.half(), variant=3)
+    with pytest.raises(TypeError, match="weight must be Float"):  # neither float32 nor a reduced mode
+        ops.matmul_decode(x, w.double())
     with pytest.raises(ValueError, match="go together"):
         ops.matmul_decode(x, w, k_cache=c, slot=s)
     with pytest.raises(ValueError, match="one row per cache row"):
@@ -437,11 +433,14 @@ def test_embedding_step_advances_the_cursor():
 def test_decode_op_opcheck():
     x, lin, kc, vc = _kv_case(2, 2, 5, 4, 384, "fp32", 1)  # K = 384: split K (variant 4's own sum)
     s = torch.tensor([1], device="cuda")
-    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 3))
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None))
     torch.library.opcheck(torch.ops.gpt2kern.matmul_decode,
-                          (x, lin.data, lin.bias, "gelu_new", None, None, 4, None, None, None,
+                          (x, lin.data, lin.bias, "gelu_new", None, None, None, None, None,
                            torch.zeros(2, dtype=torch.int32, device="cuda")))
-    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, 1, kc, vc, s))
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode, (x, lin.data, lin.bias, "none", None, None, kc, vc, s))
+    x8, lin8, kc8, vc8 = _kv_case(2, 2, 5, 4, 384, "int8", 1)
+    torch.library.opcheck(torch.ops.gpt2kern.matmul_decode,
+                          (x8, lin8.data, lin8.bias, "none", None, lin8.scales, kc8, vc8, s))
     wte, wpe = torch.randn(9, 4, device="cuda"), torch.randn(7, 4, device="cuda")
     torch.library.opcheck(torch.ops.gpt2kern.embedding_step,
                           (torch.tensor([[1], [2]], device="cuda"), wte, wpe, torch.zeros(4, dtype=torch.long,
@@ -464,15 +463,15 @@ def _prefill_ref(M, K, N, epilogue):
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", [1, 2])
 @pytest.mark.parametrize("M,K,N,epilogue", [(M, K, N, e) for M, K, N in PREFILL_SHAPES
                                             for e in (("none",) if N == 50257 else ("none", "gelu_new", "residual"))])
-def test_matmul_prefill_variants(variant, M, K, N, epilogue):
-    # variant 2 splits K at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's (which has no
-    # epilogue in the model)
+def test_matmul_prefill(M, K, N, epilogue):
+    # K split at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's (which has no epilogue in
+    # the model); conv1d's prefill is this GEMM with this split count: bitwise the same
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
-    y = ops.matmul_prefill(x, w, b, epilogue, res, variant)
-    assert_parity(y, ref, terms, K, f"matmul_prefill v{variant} {M}x{K}x{N} {epilogue}")
+    y = ops.matmul_prefill(x, w, b, epilogue, res)
+    assert_parity(y, ref, terms, K, f"matmul_prefill {M}x{K}x{N} {epilogue}")
+    assert torch.equal(y, ops.conv1d(x, w, b, epilogue, res))
 
 
 @needs_cuda
@@ -480,50 +479,49 @@ def test_matmul_prefill_variants(variant, M, K, N, epilogue):
                                           (200, 37, 100, 1), (200, 37, 100, 4), (129, 40, 260, 8),
                                           (33, 3072, 130, 16), (1, 16, 4, 2)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
-def test_matmul_prefill_v2_forced_splits(M, K, N, splits, epilogue):
+def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue):
     # forced split counts: none, non-dividing, more splits than K tiles (empty splits write zeros: K=40 is 5 tiles
     # of 8 for 8 splits), odd M / K / N (the scalar load path: K % 4 != 0 or N % 4 != 0), strided x
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
     xs = torch.zeros(M, K + 3, device="cuda")
     xs[:, :K] = x
     xc = xs[:, :K]  # row stride K + 3: unaligned rows, the scalar path
-    y = ops.matmul_prefill(xc, w, b, epilogue, res, 2, splits)
-    assert_parity(y, ref, terms, K, f"matmul_prefill v2 {M}x{K}x{N} splits={splits} {epilogue}")
-    y2 = ops.matmul_prefill(x, w, b, epilogue, res, 2, splits)
-    assert_parity(y2, ref, terms, K, f"matmul_prefill v2 contiguous {M}x{K}x{N} splits={splits} {epilogue}")
+    y = ops.matmul_prefill(xc, w, b, epilogue, res, splits)
+    assert_parity(y, ref, terms, K, f"matmul_prefill {M}x{K}x{N} splits={splits} {epilogue}")
+    y2 = ops.matmul_prefill(x, w, b, epilogue, res, splits)
+    assert_parity(y2, ref, terms, K, f"matmul_prefill contiguous {M}x{K}x{N} splits={splits} {epilogue}")
     # deterministic: the partials are summed in split order, so a second run is bitwise the same
-    assert torch.equal(y2, ops.matmul_prefill(x, w, b, epilogue, res, 2, splits))
+    assert torch.equal(y2, ops.matmul_prefill(x, w, b, epilogue, res, splits))
 
 
 @needs_cuda
 def test_matmul_prefill_argument_errors():
     x, w = torch.randn(130, 8, device="cuda"), torch.randn(8, 4, device="cuda")
-    with pytest.raises(ValueError, match="variant must be 1 or 2"):
-        ops.matmul_prefill(x, w, variant=3)
-    with pytest.raises(ValueError, match="splits must be 0"):
-        ops.matmul_prefill(x, w, variant=2, splits=-1)
-    with pytest.raises(ValueError, match="splits is variant 2's"):
-        ops.matmul_prefill(x, w, variant=1, splits=2)
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="splits must be 0"):
+            ops.matmul_prefill(x, w, splits=bad)
     with pytest.raises(ValueError, match=r"weight must be \[8, out\]"):
-        ops.matmul_prefill(x, torch.randn(4, 8, device="cuda"), variant=2)
+        ops.matmul_prefill(x, torch.randn(4, 8, device="cuda"))
     with pytest.raises(ValueError, match="residual"):
-        ops.matmul_prefill(x, w, None, "residual", variant=2)
+        ops.matmul_prefill(x, w, None, "residual")
     with pytest.raises(ValueError, match="bias"):
-        ops.matmul_prefill(x, w, torch.randn(5, device="cuda"), variant=2)
+        ops.matmul_prefill(x, w, torch.randn(5, device="cuda"))
+    with pytest.raises(TypeError, match="weight must be Float"):
+        ops.matmul_prefill(x, w.half())
 
 
 def test_decode_variant_ops_refuse_cpu_tensors():
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.matmul_nk(torch.randn(1, 8), torch.randn(4, 8))
     with pytest.raises(ValueError, match="CUDA tensors only"):
-        ops.matmul_prefill(torch.randn(130, 8), torch.randn(8, 4), variant=2)
+        ops.matmul_prefill(torch.randn(130, 8), torch.randn(8, 4))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.kv_write(torch.randn(1, 24), torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), torch.tensor([0]))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         q = torch.randn(1, 1, 1, 8)
         ops.decode_attention(q, q, q, None, torch.tensor([1]), 1.0)
     with pytest.raises(ValueError, match="CUDA tensors only"):
-        ops.matmul_decode(torch.randn(1, 8), torch.randn(8, 4), variant=3)
+        ops.matmul_decode(torch.randn(1, 8), torch.randn(8, 4))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         ops.embedding_step(torch.zeros(1, 1, dtype=torch.long), torch.randn(5, 4), torch.randn(3, 4),
                            torch.zeros(3, dtype=torch.long))
@@ -533,7 +531,7 @@ def test_decode_variant_ops_fakes():
     """The fake (meta) implementations of the CUDA-only decode ops give the CUDA ops' shapes (torch.compile, meta)."""
     m = dict(device="meta")
     y = torch.ops.gpt2kern.matmul_decode(torch.empty(3, 1, 8, **m), torch.empty(8, 24, **m), None, "none", None, None,
-                                         3, torch.empty(3, 2, 5, 4, **m), torch.empty(3, 2, 5, 4, **m),
+                                         torch.empty(3, 2, 5, 4, **m), torch.empty(3, 2, 5, 4, **m),
                                          torch.empty(1, dtype=torch.long, **m))
     assert y.shape == (3, 1, 24) and y.device.type == "meta"
     h = torch.ops.gpt2kern.embedding_step(torch.empty(3, 1, dtype=torch.long, **m), torch.empty(50, 16, **m),
@@ -542,9 +540,9 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("attention,gemv", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4), (2, 4)])
+@pytest.mark.parametrize("gemv,kv_write", [(2, 2), (3, 2), (4, 2), (3, 3), (4, 3)])
 @torch.no_grad()
-def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
+def test_cuda_graph_decoder_variants_match_hf(cuda_pair, gemv, kv_write):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
     NaN here, and key_mask does not hide them: only kv_len does); the graph's launches are counted."""
     from gpt2kern.cuda_graph import CudaGraphDecoder
@@ -553,7 +551,7 @@ def test_cuda_graph_decoder_variants_match_hf(cuda_pair, attention, gemv):
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n + 30, attention=attention, gemv=gemv)
+    dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n + 30, gemv=gemv, kv_write=kv_write)
     c = dec.launches_per_token
     assert c["kernel"] > 0 and c["total"] == c["kernel"] + c["memcpy"] + c["memset"] + c["other"]
     hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -612,20 +610,19 @@ def test_kv_write_argument_errors():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kv_write,attention,gemv,graph", [(2, 1, 1, True), (2, 2, 2, True), (3, 1, 1, True),
-                                                           (3, 2, 3, True), (3, 1, 3, False), (3, 2, 4, True)])
+@pytest.mark.parametrize("gemv,graph", [(3, True), (3, False), (4, True)])
 @torch.no_grad()
-def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_write, attention, gemv, graph):
-    """kv_write=2 (one kernel per layer) and 3 (stored by c_attn's GEMV, the cursor advanced by the embedding
-    kernel): the same tokens, caches and cursor as kv_write=1 and HF generate's tokens, and fewer launches."""
+def test_cuda_graph_decoder_kv_write_3_matches_kv_write_2_and_hf(cuda_pair, gemv, graph):
+    """kv_write=3 (K/V stored by c_attn's GEMV, the cursor advanced by the embedding kernel): the same tokens, caches
+    and cursor as kv_write=2 (one K/V kernel per layer) and HF generate's tokens, and fewer launches."""
     from gpt2kern.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
     B, T, n = 2, 7, 20
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    kw = dict(batch_size=B, max_len=T + n + 5, attention=attention, gemv=gemv, use_graph=graph)
-    fused, unfused = CudaGraphDecoder(ref, kv_write=kv_write, **kw), CudaGraphDecoder(ref, kv_write=1, **kw)
+    kw = dict(batch_size=B, max_len=T + n + 5, gemv=gemv, use_graph=graph)
+    fused, unfused = CudaGraphDecoder(ref, kv_write=3, **kw), CudaGraphDecoder(ref, kv_write=2, **kw)
     hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     eos = ref.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
@@ -634,9 +631,8 @@ def test_cuda_graph_decoder_kv_write_fused_matches_unfused_and_hf(cuda_pair, kv_
     assert _until_eos(hf, T, eos) == _until_eos(a[:, : hf.shape[1]], T, eos)
     assert torch.equal(fused.k_cache, unfused.k_cache) and torch.equal(fused.v_cache, unfused.v_cache)
     assert torch.equal(fused.cursor, unfused.cursor)
-    if graph:
-        n_layer = len(fused.W.layers)
-        fewer = n_layer if kv_write == 2 else 2 * n_layer + 1  # kv_write=3: no write kernel, no cursor add
+    if graph:  # no K/V kernel per layer, no cursor add
+        fewer = len(fused.W.layers) + 1
         assert fused.launches_per_token["total"] <= unfused.launches_per_token["total"] - fewer, (
             fused.launches_per_token, unfused.launches_per_token)
 
@@ -651,15 +647,14 @@ def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair,
     from gpt2kern import cuda_graph
     from gpt2kern.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
-    table = dict(gpus={torch.cuda.get_device_name(): dict(by_batch={"1": dict(attention=2, gemv=4, kv_write=3)})})
+    table = dict(gpus={torch.cuda.get_device_name(): dict(by_batch={"1": dict(gemv=4, kv_write=3)})})
     path = tmp_path / "cuda_variants.json"
     path.write_text(json.dumps(table))
     monkeypatch.setattr(cuda_graph, "TABLE", str(path))
     B, T, n = 2, 7, 12
     dec = CudaGraphDecoder(ref, batch_size=B, max_len=T + n)
-    assert dec.variants == dict(attention=2, gemv=4, kv_write=3)
-    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=1).variants == dict(attention=2, gemv=1,
-                                                                                         kv_write=3)
+    assert dec.variants == dict(gemv=4, kv_write=3)
+    assert CudaGraphDecoder(ref, batch_size=B, max_len=T + n, gemv=3).variants == dict(gemv=3, kv_write=3)
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
     hf = ref.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
     eos = ref.generation_config.eos_token_id
@@ -672,16 +667,20 @@ def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
     from gpt2kern.cuda_graph import CudaGraphDecoder
     with pytest.raises(ValueError, match="kv_write must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=4)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, attention=3)
-    with pytest.raises(ValueError, match="gemv must be one of"):
-        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=0)
-    with pytest.raises(ValueError, match="gemv=2 takes kv_write 1 or 2"):
+    for bad in (0, 1):  # gemv=1 (conv1d's GEMV) is no choice: the decoder runs it only where 2-4 cannot run
+        with pytest.raises(ValueError, match="gemv must be one of"):
+            CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=bad)
+    with pytest.raises(ValueError, match="kv_write must be one of"):  # the index_copy_ writes are no choice
+        CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=1)
+    with pytest.raises(ValueError, match="gemv=2 takes kv_write=2"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, gemv=2, kv_write=3)
     for kw, what in ((dict(gemv=2), "gemv=2"), (dict(gemv=3), "gemv=3"), (dict(gemv=4), "gemv=4"),
-                     (dict(kv_write=3), "kv_write=3"), (dict(gemv=3, kv_write=3), "gemv=3 and kv_write=3")):
+                     (dict(kv_write=3), "kv_write=3"), (dict(gemv=3, kv_write=3), "gemv=3 .*; kv_write=3")):
         with pytest.raises(ValueError, match=f"{what} takes batch_size <= 32"):
             CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, use_graph=False, **kw)
+    # chosen, not given: over 32 rows conv1d's path (the prefill GEMM) and one K/V write kernel per layer
+    assert CudaGraphDecoder(cuda_pair[0], batch_size=33, max_len=8, use_graph=False).variants == dict(gemv=None,
+                                                                                                    kv_write=2)
 
 
 @pytest.mark.skipif(not (ops.has_cuda() and torch.cuda.is_available() and torch.cuda.device_count() >= 2),

@@ -17,6 +17,8 @@
 // Prefill (enough rows to fill the GPU): each warp takes its own 8 rows and all of their keys. Decode and short
 // prompts: the 4 warps share the same rows and split the keys (chunk c goes to warp c mod 4); their partial
 // (m, l, acc) are merged in shared memory in warp order at the end — flash-decoding inside one block.
+// The decode step (decode_attention: one query row) takes the flash-decoding kernels at the end of this file, which
+// split the keys over blocks, wherever they apply (flash_decoding_ok), and this kernel otherwise.
 #include <cmath>
 
 #include "common.cuh"
@@ -216,7 +218,7 @@ static cudaError_t launch_attention(const AttnArgs& a, int num_sms, cudaStream_t
   const int S = (blocks_s1 >= num_sms && a.Tq >= kAttnWarps * rpw) ? 1 : kAttnWarps;
   const int rows_per_block = (kAttnWarps / S) * rpw;
   const size_t smem = attention_smem_bytes((int)a.D);
-  if (smem > 48 * 1024) {  // the opt-in for this variant's largest D, always the same: no race between host threads
+  if (smem > 48 * 1024) {  // the opt-in for this NPL's largest D, always the same: no race between host threads
     cudaError_t err = cudaFuncSetAttribute(attention_kernel<NPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)attention_smem_bytes(32 * NPL));
     if (err != cudaSuccess) return err;
@@ -226,24 +228,24 @@ static cudaError_t launch_attention(const AttnArgs& a, int num_sms, cudaStream_t
   return cudaGetLastError();
 }
 
-// ---------------------------------------------------------------- variant 2: flash-decoding (one query row)
+// ---------------------------------------------------------------- flash-decoding (one query row)
 //
 // The keys of each (batch, head) are split over `splits` blocks (grid (splits, H, B)), so B·H small still fills the
 // GPU; each block's 4 warps take chunks of 32 keys in turn. Lane j scores key j of a chunk with the whole key row
 // loaded first (up to 16 float4 per lane in flight, q broadcast from shared memory), then the same online softmax and
-// P·V (lanes over the head dim) as variant 1. The block's warps merge in shared memory and write one partial
-// (m, l, acc[D]) per split; attention_v2_merge_kernel merges the splits in split order (deterministic) and writes
+// P·V (lanes over the head dim) as attention_kernel. The block's warps merge in shared memory and write one partial
+// (m, l, acc[D]) per split; flash_decoding_merge_kernel merges the splits in split order (deterministic) and writes
 // out. The split length follows the keys visible now (kv_len read on the device), so the cost follows the tokens
-// so far. Needs D % 4 == 0 and 16-byte aligned key rows (attention_v2_ok).
-constexpr int kV2Warps = 4;
-constexpr int kV2Vec = 16;  // float4 of a key row loaded at once by a lane (64 floats)
+// so far. Needs D % 4 == 0 and 16-byte aligned key rows (flash_decoding_ok).
+constexpr int kFdWarps = 4;
+constexpr int kFdVec = 16;  // float4 of a key row loaded at once by a lane (64 floats)
 
 template <int NPL>
-__global__ __launch_bounds__(kV2Warps * 32) void attention_v2_split_kernel(const AttnArgs a, int splits,
+__global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(const AttnArgs a, int splits,
                                                                            float* __restrict__ ws) {
   constexpr int DMAX = 32 * NPL;
   __shared__ __align__(16) float Qs[DMAX];
-  __shared__ float part[kV2Warps][DMAX + 2];
+  __shared__ float part[kFdWarps][DMAX + 2];
   const float NEG_INF = -INFINITY;
   const int D = (int)a.D, D4 = D / 4;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -264,19 +266,19 @@ __global__ __launch_bounds__(kV2Warps * 32) void attention_v2_split_kernel(const
   float m = NEG_INF, l = 0.f, acc[NPL];
 #pragma unroll
   for (int e = 0; e < NPL; ++e) acc[e] = 0.f;
-  for (int64_t j0 = j_begin + (int64_t)warp * KC; j0 < j_end; j0 += (int64_t)kV2Warps * KC) {
+  for (int64_t j0 = j_begin + (int64_t)warp * KC; j0 < j_end; j0 += (int64_t)kFdWarps * KC) {
     const int kc = j_end - j0 < KC ? (int)(j_end - j0) : KC;
     const int64_t j = j0 + (lane < kc ? lane : 0);  // lanes past the chunk score key j0 and drop it
     const float4* kr = reinterpret_cast<const float4*>(k + j * a.sk_t);
     const float4* q4 = reinterpret_cast<const float4*>(Qs);
     float dot = 0.f;
-    for (int c0 = 0; c0 < D4; c0 += kV2Vec) {
-      float4 kv[kV2Vec];
+    for (int c0 = 0; c0 < D4; c0 += kFdVec) {
+      float4 kv[kFdVec];
 #pragma unroll
-      for (int c = 0; c < kV2Vec; ++c)  // every load of the piece issued before the first use
+      for (int c = 0; c < kFdVec; ++c)  // every load of the piece issued before the first use
         if (c0 + c < D4) kv[c] = __ldg(kr + c0 + c);
 #pragma unroll
-      for (int c = 0; c < kV2Vec; ++c)
+      for (int c = 0; c < kFdVec; ++c)
         if (c0 + c < D4) {
           const float4 qq = q4[c0 + c];
           dot = fmaf(qq.x, kv[c].x, dot);
@@ -286,7 +288,7 @@ __global__ __launch_bounds__(kV2Warps * 32) void attention_v2_split_kernel(const
         }
     }
     float s = NEG_INF;
-    if (lane < kc) {  // a masked key scores −inf + bias, as in variant 1
+    if (lane < kc) {  // a masked key scores −inf + bias, as in attention_kernel
       s = (km == nullptr || km[j]) ? dot * a.scale : NEG_INF;
       if (bias) s += bias[j];
     }
@@ -317,20 +319,20 @@ __global__ __launch_bounds__(kV2Warps * 32) void attention_v2_split_kernel(const
   __syncthreads();
   if (warp != 0) return;
   float mm = NEG_INF;
-  for (int w = 0; w < kV2Warps; ++w) mm = fmaxf(mm, part[w][0]);
+  for (int w = 0; w < kFdWarps; ++w) mm = fmaxf(mm, part[w][0]);
   float* out = ws + ((b * a.H + h) * splits + sp) * (D + 2);
   float ll = 0.f;
-  for (int w = 0; w < kV2Warps; ++w) ll += part[w][1] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
+  for (int w = 0; w < kFdWarps; ++w) ll += part[w][1] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
   if (lane == 0) { out[0] = mm; out[1] = ll; }
   for (int d = lane; d < D; d += 32) {
     float o = 0.f;
-    for (int w = 0; w < kV2Warps; ++w) o += part[w][2 + d] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
+    for (int w = 0; w < kFdWarps; ++w) o += part[w][2 + d] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
     out[2 + d] = o;
   }
 }
 
 // One warp per (batch, head): the splits' partials, in split order, into out[b, 0, h, :].
-__global__ void attention_v2_merge_kernel(const float* __restrict__ ws, int splits, int64_t H, int D,
+__global__ void flash_decoding_merge_kernel(const float* __restrict__ ws, int splits, int64_t H, int D,
                                           float* __restrict__ out) {
   const int64_t h = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, b = blockIdx.y;
   const int lane = threadIdx.x % 32;
@@ -351,12 +353,12 @@ __global__ void attention_v2_merge_kernel(const float* __restrict__ ws, int spli
   }
 }
 
-bool attention_v2_ok(const AttnArgs& a) {
+bool flash_decoding_ok(const AttnArgs& a) {
   return a.Tq == 1 && a.D % 4 == 0 && a.D <= kAttnMaxHeadDim && a.sk_t % 4 == 0 && a.sk_h % 4 == 0 &&
          a.sk_b % 4 == 0 && aligned16(a.k);
 }
 
-int attention_v2_splits(const AttnArgs& a, int num_sms) {
+int flash_decoding_splits(const AttnArgs& a, int num_sms) {
   const int64_t bh = a.B * a.H > 0 ? a.B * a.H : 1;
   int64_t s = (2 * (int64_t)num_sms + bh - 1) / bh;  // about two blocks per SM
   const int64_t chunks = (a.Tkv + KC - 1) / KC;      // no more splits than 32-key chunks in the cache
@@ -366,28 +368,29 @@ int attention_v2_splits(const AttnArgs& a, int num_sms) {
 }
 
 template <int NPL>
-static cudaError_t launch_v2(const AttnArgs& a, int splits, float* ws, cudaStream_t stream) {
-  attention_v2_split_kernel<NPL><<<dim3((unsigned)splits, (unsigned)a.H, (unsigned)a.B), kV2Warps * 32, 0, stream>>>(
-      a, splits, ws);
+static cudaError_t launch_flash_decoding(const AttnArgs& a, int splits, float* ws, cudaStream_t stream) {
+  const dim3 grid((unsigned)splits, (unsigned)a.H, (unsigned)a.B);
+  flash_decoding_split_kernel<NPL><<<grid, kFdWarps * 32, 0, stream>>>(a, splits, ws);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   constexpr int per_block = 4;  // warps (one (b, h) each) per merge block
-  attention_v2_merge_kernel<<<dim3(blocks_for(a.H, per_block), (unsigned)a.B), per_block * 32, 0, stream>>>(
+  flash_decoding_merge_kernel<<<dim3(blocks_for(a.H, per_block), (unsigned)a.B), per_block * 32, 0, stream>>>(
       ws, splits, a.H, (int)a.D, a.out);
   return cudaGetLastError();
 }
 
-cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream, int variant, int splits,
-                      float* workspace) {
+cudaError_t flash_decoding(const AttnArgs& a, int splits, float* workspace, cudaStream_t stream) {
+  if (a.B == 0 || a.H == 0 || a.Tq == 0 || a.D == 0) return cudaGetLastError();
+  if (!flash_decoding_ok(a) || a.B > 65535 || a.H > 65535 || splits < 1 || workspace == nullptr)
+    return cudaErrorInvalidValue;
+  if (a.D <= 32) return launch_flash_decoding<1>(a, splits, workspace, stream);
+  if (a.D <= 64) return launch_flash_decoding<2>(a, splits, workspace, stream);
+  return launch_flash_decoding<4>(a, splits, workspace, stream);
+}
+
+cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream) {
   if (a.B == 0 || a.H == 0 || a.Tq == 0 || a.D == 0) return cudaGetLastError();
   if (a.D > kAttnMaxHeadDim || a.B > 65535 || a.H > 65535) return cudaErrorInvalidValue;
-  if (variant == 2) {
-    if (!attention_v2_ok(a) || splits < 1 || workspace == nullptr) return cudaErrorInvalidValue;
-    if (a.D <= 32) return launch_v2<1>(a, splits, workspace, stream);
-    if (a.D <= 64) return launch_v2<2>(a, splits, workspace, stream);
-    return launch_v2<4>(a, splits, workspace, stream);
-  }
-  if (variant != 1) return cudaErrorInvalidValue;
   if (a.D <= 32) return launch_attention<1>(a, num_sms, stream);
   if (a.D <= 64) return launch_attention<2>(a, num_sms, stream);
   return launch_attention<4>(a, num_sms, stream);

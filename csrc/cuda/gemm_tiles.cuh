@@ -1,6 +1,7 @@
-// gemm_tiles.cuh — the tiled prefill SGEMM of Conv1D (y = x @ W + b, epilogue fused), over W stored as fp32 or widened
-// from fp16 / bf16 / int8 as each tile is stored into shared memory: one kernel text for matmul.cu (WT = float)
-// and matmul_lowp.cu (the reduced weight modes), so the inner loop is the same fp32 one for every weight type.
+// gemm_tiles.cuh — the tiled prefill SGEMM of Conv1D (y = x @ W + b, epilogue fused) over W stored in a reduced
+// weight mode (matmul_lowp.cu), widened from fp16 / bf16 / int8 to fp32 as each tile is stored into shared memory,
+// so the inner loop is the same fp32 one for every weight type. matmul.cu's fp32 GEMM shares the 128×128 tile's
+// constants, thread layout and k step (tile128_off, tile128_fma).
 //  - a 64×64 output tile per 256-thread block, K in steps of 16 staged through shared memory (A transposed, so a
 //    thread's 4 rows are broadcast reads), 4×4 outputs per thread at a 16-element stride (conflict-free shared
 //    reads, coalesced stores); bounds-checked loads (zeros outside), so any M, K, N and row stride work;
@@ -25,11 +26,6 @@ constexpr int kGemmThreads = 256;
 
 template <class WT>
 struct Widen;
-
-template <>
-struct Widen<float> {
-  __device__ static float one(const float* p) { return __ldg(p); }
-};
 
 template <>
 struct Widen<__half> {
@@ -172,7 +168,7 @@ __global__ __launch_bounds__(kGemmThreads) void gemm_tile_kernel(const float* __
 
 constexpr int BM2 = 128, BN2 = 128, BK2 = 8, kPad2 = 4;  // pitch 132 floats keeps float4 rows 16-byte aligned
 
-// The 128×128 tile's thread layout (this kernel and matmul.cu's double-buffered variant 2): thread (ty, tx) owns
+// The 128×128 tile's thread layout (this kernel and matmul.cu's double-buffered GEMM): thread (ty, tx) owns
 // rows ty*4 + {0..3} and 64 + ty*4 + {0..3}, columns likewise with tx; tile128_off gives accumulator i's offset.
 __device__ __forceinline__ int tile128_off(int t, int i) { return i < 4 ? t * 4 + i : 64 + t * 4 + (i - 4); }
 

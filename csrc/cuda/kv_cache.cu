@@ -3,8 +3,8 @@
 // What: the new token's K and V, columns [E, 2E) and [2E, 3E) of the c_attn output qkv [B, 3E], go to slot `slot`
 // of the layer's static caches k, v [B, H, Tmax, D]; the slot is read on the device (the decoder's cursor), so the
 // same captured graph node serves every step.
-// Why: the decode step is launch-latency bound; kv_write=1 writes the caches with two index_copy_ per layer (K,
-// then V). One thread per (row, K or V column) writes both caches, halving the cache writes' launches per token.
+// Why: the decode step is launch-latency bound; one thread per (row, K or V column) writes both caches in one launch
+// per layer (two index_copy_, K then V, would take two).
 // The store itself is kv_store (matmul_epilogue.cuh), the one kv_write=3's GEMVs make as they write qkv: a slot
 // outside [0, Tmax) writes nothing (out-of-bounds stores would corrupt other memory; the decoder checks the length
 // on the host before a step, so it never asks for one).

@@ -65,18 +65,19 @@ cudaError_t kv_write(const float* qkv, int64_t ldq, int64_t B, const KvOut& kv, 
 
 // Conv1D: C[m, n] = epi(Σ_k A[m, k]·W[k, n] + bias[n]) for m < M, n < N.
 //   epi: 0 none, 1 gelu_new, 2 + R[m, n].  C is contiguous [M, N]; W is [K, N] with row stride ldw.
-// M <= kGemvMaxRows takes the GEMV kernel, larger M a tiled GEMM (128x128 tiles when they fill num_sms SMs); it splits K over `splits` blocks when splits > 1, and then needs
-// `workspace` of splits·M·N floats (gemv_splits() says how many; 1 means no workspace).
+// M <= kGemvMaxRows takes the GEMV kernel, larger M the prefill GEMM (`gemm` below). Either splits K over `splits`
+// blocks when splits > 1, and then needs `workspace` of splits·M·N floats: gemv_splits() says how many for the GEMV,
+// gemm_splits() for the GEMM (1 means no workspace).
 constexpr int kGemvMaxRows = 32;
 int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
-// `kv` (M <= kGemvMaxRows only) also stores K/V into a cache, see KvOut.
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   int num_sms, cudaStream_t stream, const KvOut& kv = KvOut{});
-// Decode GEMV variant 3: variant 1's kernel (the same splits, workspace and summation order: bitwise its result)
-// with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound variant 1).
+                   cudaStream_t stream);
+// Decode GEMV variant 3: matmul's GEMV kernel (the same splits, workspace and summation order: bitwise its result)
+// with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound the GEMV).
 // Variant 4 = variant 3 with `counters` (zeros, one per 32 columns, left zero again): the last block of each
-// column group sums the split-K partials itself (same order), so no finish kernel is launched.
+// column group sums the split-K partials itself (same order), so no finish kernel is launched. `kv` also stores
+// K/V into a cache, see KvOut.
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                         const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
                         float* workspace, cudaStream_t stream, const KvOut& kv = KvOut{},
@@ -85,14 +86,14 @@ cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const
 cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
                           const float* R, int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv = KvOut{});
 
-// Prefill GEMM variant 2, the same Conv1D (contiguous C [M, N], W [K, N] with row stride ldw): 128×128 tiles with
+// The prefill GEMM, the same Conv1D at any M (contiguous C [M, N], W [K, N] with row stride ldw): 128×128 tiles with
 // the next K tile prefetched into a second shared buffer, K split over `splits` blocks when splits > 1 (then
 // `workspace` of splits·M·N floats, summed in split order by a finish kernel that applies the epilogue).
-// gemm_v2_splits() says how many splits fill num_sms SMs (1: no workspace). Any M; fp32 FMAs only.
-int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms);
-cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                      const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
-                      float* workspace, cudaStream_t stream);
+// gemm_splits() says how many splits fill num_sms SMs (1: no workspace). fp32 FMAs only.
+int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms);
+cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                 const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
+                 cudaStream_t stream);
 
 // The same Conv1D with W [K, N] (row stride ldw) stored in reduced precision (matmul_lowp.cu): fp16, bf16, or int8
 // with fp32 scales [K / group, N] (row stride lds): w(k, n) = W[k, n] · scales[k / group, n]. Activations and sums
@@ -107,14 +108,15 @@ cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int6
                         cudaStream_t stream, const KvOut& kv = KvOut{});
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
-// (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.)
-// variant 1: one block of 4 warps per (batch, head) and query rows (any Tq). variant 2: flash-decoding, one query
-// row, keys split over `splits` blocks (attention_v2_splits) with a workspace of B·H·splits·(D + 2) floats, for
-// attention_v2_ok arguments only. a.kv_len (device) bounds the keys in both.
+// (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.) One block of 4 warps per (batch, head) and
+// query rows, any Tq; a.kv_len (device), when set, bounds the keys.
 constexpr int kAttnMaxHeadDim = 128;
-bool attention_v2_ok(const AttnArgs& a);
-int attention_v2_splits(const AttnArgs& a, int num_sms);
-cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream, int variant = 1, int splits = 0,
-                      float* workspace = nullptr);
+cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
+// Flash-decoding, the decode step's attention where flash_decoding_ok (one query row, D % 4 == 0, 16-byte aligned
+// key rows): the keys of each (batch, head) split over `splits` blocks (flash_decoding_splits), a workspace of
+// B·H·splits·(D + 2) floats, the partials merged in split order. a.kv_len (device) bounds the keys.
+bool flash_decoding_ok(const AttnArgs& a);
+int flash_decoding_splits(const AttnArgs& a, int num_sms);
+cudaError_t flash_decoding(const AttnArgs& a, int splits, float* workspace, cudaStream_t stream);
 
 }  // namespace gk::cuda

@@ -2,8 +2,8 @@
 //
 // Reference: C[m, n] = epi(Σ_k A[m, k] · W[k, n] + b[n]), fp32 accumulation. W is HF's Conv1D layout [K, N], row
 // stride ldw (pack on CUDA keeps that layout: both kernels below read W rows coalesced).
-//  - Prefill (M > kGemvMaxRows): the shared-memory tiled SGEMMs of gemm_tiles.cuh (64×64 tiles, or 128×128 when
-//    those alone fill the GPU: the lm_head over a prompt, big models), the same kernel text as the reduced modes.
+//  - Prefill (M > kGemvMaxRows): a shared-memory tiled SGEMM, 128×128 tiles double-buffered, K split over blocks
+//    (deterministic) when the tiles alone cannot fill the GPU (gemm_splits).
 //  - Decode (M <= kGemvMaxRows = 32, i.e. up to batch 32): a GEMV that streams W once at bandwidth. A block owns
 //    32 columns (lane = column, each W row read is one 128-byte transaction) and all M rows (accumulators in
 //    registers, x read as broadcasts); its 8 warps take interleaved k, 4 W rows in flight each, and sum their
@@ -11,10 +11,10 @@
 //    dozen blocks for N = 768.) When N/32 blocks cannot fill the GPU, K is split over
 //    gridDim.y blocks writing partials to a workspace that a second kernel sums (in split order: deterministic)
 //    and finishes with the epilogue.
-// Numbered variants of both (bench/gpu_bench.py times them): prefill 2, a double-buffered 128×128 tile with split-K;
-// decode 2, W stored [N, K] with a warp per column; decode 3, x staged in shared memory; decode 4, 3 with the split-K
-// sum done by each column group's last block. Decode kernels can also store c_attn's K/V into the decode cache
-// (KvOut, launch.h). The same Conv1D over fp16, bf16 or int8 weights: matmul_lowp.cu.
+// Numbered variants of the decode GEMV (bench/gpu_bench.py times them): 2, W stored [N, K] with a warp per column;
+// 3, x staged in shared memory; 4, 3 with the split-K sum done by each column group's last block. Decode kernels can
+// also store c_attn's K/V into the decode cache (KvOut, launch.h). The same Conv1D over fp16, bf16 or int8 weights:
+// matmul_lowp.cu.
 #include "common.cuh"
 #include "launch.h"
 #include "gemm_tiles.cuh"
@@ -22,8 +22,8 @@
 
 namespace gk::cuda {
 
-// ---------------------------------------------------------------- prefill: the tiled SGEMMs of gemm_tiles.cuh
-// (one kernel text with the reduced weight modes; here W is fp32)
+// ---------------------------------------------------------------- prefill: double-buffered 128×128, split-K
+// (the 128×128 tile's constants, thread layout and k step: gemm_tiles.cuh, shared with the reduced weight modes)
 
 using tiles::BK2;
 using tiles::BM2;
@@ -33,17 +33,16 @@ using tiles::kPad2;
 using tiles::tile128_fma;
 using tiles::tile128_off;
 
-// ---------------------------------------------------------------- prefill variant 2: double-buffered 128×128, split-K
-//
-// What: gemm_tiles.cuh's gemm128_tile_kernel scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread read as float4 from
-// shared memory) with two shared buffers: each thread issues the global loads of K tile t+1 into registers before
-// the 512 FMAs of tile t and stores them into the other buffer after them, so the load latency hides behind the
-// math and there is one __syncthreads per K tile instead of two. float4 global loads when the pointers, strides, K
-// and N allow (VEC), bounds-checked scalar loads otherwise (any shape and row stride).
+// What: gemm_tiles.cuh's gemm128_tile_kernel scheme (128×128 output tile, K steps of 8, 8×8 outputs per thread
+// read as float4 from shared memory) with two shared buffers: each thread issues the global loads of K tile t+1
+// into registers before the 512 FMAs of tile t and stores them into the other buffer after them, so the load
+// latency hides behind the math and there is one __syncthreads per K tile instead of two. float4 global loads when
+// the pointers, strides, K and N allow (VEC), bounds-checked scalar loads otherwise (any shape and row stride).
 // Why split-K: at prefill shapes (M = 128…1024 for distilgpt2) 128×128 tiles give 6–144 blocks, fewer than the SMs
-// of an H100 for most of the block's GEMMs. Then K is split over gridDim.z blocks (gemm_v2_splits), each writing
+// of an H100 for most of the block's GEMMs. Then K is split over gridDim.z blocks (gemm_splits), each writing
 // its fp32 partial sum to a workspace [splits, M, N]; splitk_finish_kernel adds the partials in split order (the
-// same order every run: deterministic) and applies the epilogue. With one split the epilogue is fused here.
+// same order every run: deterministic) and applies the epilogue. With one split the epilogue is fused here. It beat
+// gemm_tiles.cuh's single-buffered 64×64 / 128×128 tiles (the reduced modes' prefill) at every measured shape.
 // fp32 FMAs on CUDA cores only (no TF32): parity with the float64 reference is the contract.
 template <bool VEC>
 __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
@@ -122,7 +121,8 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
 
 constexpr int kGemvWarps = 8;
 
-// Shared by the GEMV variants 1, 3 and 4 (a lane per column, 32 columns per block, K split over gridDim.y):
+// Shared by conv1d's GEMV and the staged variants 3 and 4 (a lane per column, 32 columns per block, K split over
+// gridDim.y):
 // this thread's column and this block's K range [kb, ke).
 struct GemvSlice {
   int64_t n, kb, ke;
@@ -172,7 +172,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
                                                                int64_t N, const float* __restrict__ bias, int epi,
                                                                const float* __restrict__ R, int64_t ldr,
                                                                float* __restrict__ C, int splits,
-                                                               float* __restrict__ ws, KvOut kv) {
+                                                               float* __restrict__ ws) {
   __shared__ float red[kGemvWarps][MR][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const GemvSlice g = gemv_slice(W, K, N, splits);
@@ -207,22 +207,22 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
 #pragma unroll
   for (int r = 0; r < MR; ++r) red[warp][r][lane] = acc[r];
   __syncthreads();
-  gemv_block_out<MR>(&red[0][0][0], g, M, splits, bias, epi, R, ldr, C, N, ws, kv);
+  gemv_block_out<MR>(&red[0][0][0], g, M, splits, bias, epi, R, ldr, C, N, ws, KvOut{});
 }
 
-// ---------------------------------------------------------------- decode variants 3, 4: variant 1, x in shared memory
+// ---------------------------------------------------------------- decode variants 3, 4: x in shared memory
 //
 // What: gemv_kernel exactly (a lane per column, warps on interleaved k with 4 W rows in flight, the same split-K,
-// the warps' partials summed in the same order: bitwise variant 1's result) except where x comes from. The block
+// the warps' partials summed in the same order: bitwise gemv_kernel's result) except where x comes from. The block
 // copies its K range of x into shared memory tile by tile, transposed to xs[k][r] (the MR rows of a k adjacent),
 // and reads each k's rows as MR/4 float4 broadcasts.
-// Why: variant 1 reads x from global memory once per FMA (M = 32: 33 load instructions per W row and warp for 32
+// Why: gemv_kernel reads x from global memory once per FMA (M = 32: 33 load instructions per W row and warp for 32
 // FMAs), so at M = 9…32 the load/store unit, not HBM, bounds it; from shared memory one float4 feeds 4 FMAs.
 // One 32 KiB buffer holds the x tile during the k loop and the warps' partials after it.
 //
 // Variant 4 (counters != nullptr, split K): no finish kernel. Each block takes a ticket from its column group's
 // counter after writing its partials; the last of the group's `splits` blocks sums the group's partials in split
-// order (the finish kernel's order: still bitwise variant 1) and stores them. atomicInc wraps the counter to 0 at
+// order (the finish kernel's order: still bitwise gemv_kernel) and stores them. atomicInc wraps the counter to 0 at
 // the last ticket, so every call leaves it at 0 for the next one (a graph replay) with no reset store. The counters
 // must start at 0 (torch.zeros) and belong to one caller that runs its GEMVs one after another (the decoder's
 // step): two GEMVs in flight on the same counters would mix their tickets.
@@ -255,7 +255,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
     }
     __syncthreads();
     int kk = warp;
-    for (; kk + 3 * S < kt; kk += 4 * S) {  // 4 weight rows in flight per warp, as in variant 1
+    for (; kk + 3 * S < kt; kk += 4 * S) {  // 4 weight rows in flight per warp, as in gemv_kernel
       const int64_t k = k0 + kk;
       const float w0 = wcol[k * ldw], w1 = wcol[(k + S) * ldw], w2 = wcol[(k + 2 * S) * ldw],
                   w3 = wcol[(k + 3 * S) * ldw];
@@ -267,7 +267,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
           const float r0[4] = {a0.x, a0.y, a0.z, a0.w}, r1[4] = {a1.x, a1.y, a1.z, a1.w},
                       r2[4] = {a2.x, a2.y, a2.z, a2.w}, r3[4] = {a3.x, a3.y, a3.z, a3.w};
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {  // variant 1's order per row: k, k + S, k + 2S, k + 3S
+          for (int j = 0; j < 4; ++j) {  // gemv_kernel's order per row: k, k + S, k + 2S, k + 3S
             float& c = acc[4 * g + j];
             c = fmaf(r0[j], w0, c);
             c = fmaf(r1[j], w1, c);
@@ -423,23 +423,22 @@ static bool gemv_args_ok(int64_t M, int64_t N, int splits, const float* workspac
 
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   int num_sms, cudaStream_t stream, const KvOut& kv) {
+                   cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaGetLastError();
   if (M <= kGemvMaxRows) {
     if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
     if (M <= 8)
       gemv_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-                                                           splits, workspace, kv);
+                                                           splits, workspace);
     else
       gemv_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
-                                                                      ldr, C, splits, workspace, kv);
+                                                                      ldr, C, splits, workspace);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
-    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
+    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
   }
-  if (kv.k != nullptr) return cudaErrorInvalidValue;  // the cache store is the decode GEMV's
-  return tiles::launch_gemm<float>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, num_sms, stream);
+  return gemm(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace, stream);
 }
 
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
@@ -461,14 +460,14 @@ cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const
 }
 
 
-// ---------------------------------------------------------------- prefill GEMM variant 2: launcher
+// ---------------------------------------------------------------- prefill GEMM: launcher
 
-int64_t gemm_v2_kchunk(int64_t K, int splits) {  // each split's K range, a whole number of K tiles
+static int64_t gemm_kchunk(int64_t K, int splits) {  // each split's K range, a whole number of K tiles
   const int64_t c = (K + splits - 1) / splits;
   return (c + BK2 - 1) / BK2 * BK2;
 }
 
-int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
+int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   const int64_t tiles = ((N + BN2 - 1) / BN2) * ((M + BM2 - 1) / BM2);
   if (tiles <= 0 || tiles >= num_sms) return 1;
   int64_t s = (num_sms + tiles - 1) / tiles;        // about one wave of blocks
@@ -476,11 +475,11 @@ int gemm_v2_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   if (s > max_by_k) s = max_by_k;
   if (s > 16) s = 16;
   if (s <= 1) return 1;
-  const int64_t c = gemm_v2_kchunk(K, (int)s);
+  const int64_t c = gemm_kchunk(K, (int)s);
   return (int)((K + c - 1) / c);  // no split left empty after rounding the chunk up
 }
 
-cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                       const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
                       float* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaGetLastError();
@@ -488,7 +487,7 @@ cudaError_t matmul_v2(const float* A, int64_t lda, int64_t M, int64_t K, const f
   if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||
       (splits > 1 && (workspace == nullptr || M > 0x7fffffff)))
     return cudaErrorInvalidValue;
-  const int64_t kchunk = gemm_v2_kchunk(K, splits);
+  const int64_t kchunk = gemm_kchunk(K, splits);
   const bool vec = K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
   const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
   if (vec)

@@ -18,8 +18,8 @@
 //    per weight). The warps' partials are summed in shared memory in a fixed order. When the column blocks cannot
 //    fill the GPU, K is split over grid.y blocks writing partials to a workspace that a second kernel sums in split
 //    order (deterministic) and finishes with the epilogue.
-//  - Prefill (M > kGemvMaxRows): the tiled SGEMMs of gemm_tiles.cuh (shared with the fp32 path), the W tile
-//    widened to fp32 (int8: fl(q · s)) as it is stored into shared memory.
+//  - Prefill (M > kGemvMaxRows): the tiled SGEMMs of gemm_tiles.cuh (64×64 tiles, 128×128 when those alone fill
+//    the GPU), the W tile widened to fp32 (int8: fl(q · s)) as it is stored into shared memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

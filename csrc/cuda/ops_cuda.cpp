@@ -205,13 +205,18 @@ void kv_write(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor
   GK_CUDA_CHECK_LAUNCH("kv_write", cuda::kv_write(qkv.data_ptr<float>(), qkv.stride(0), B, kv, stream()));
 }
 
-// conv1d's body, shared with matmul_decode: `variant` 1 runs conv1d's kernels, 3 the staged GEMV, 4 the staged GEMV
-// summing its split-K partials itself with `counters` (3, 4: float32, M <= kGemvMaxRows: matmul_decode checks);
-// `kv` the c_attn cache store (decode GEMV only: matmul_decode checks).
+// matmul_decode's part of a call (M <= kGemvMaxRows, checked there): the c_attn cache store and variant 4's counters.
+struct DecodeGemv {
+  cuda::KvOut kv;
+  unsigned* counters = nullptr;
+};
+
+// conv1d's body, shared with matmul_decode (`dec`): float32 weights then take the staged GEMV (variant 3; 4 with
+// counters), reduced-mode weights their one GEMV, both with the cache store.
 static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               c10::string_view epilogue, const std::optional<at::Tensor>& residual,
                               int64_t out_features, c10::string_view layout, const std::optional<at::Tensor>& scales,
-                              int variant, const cuda::KvOut& kv, unsigned* counters = nullptr) {
+                              const DecodeGemv* dec = nullptr) {
   const int epi = parse_epilogue(epilogue);
   const bool lowp = is_lowp(weight.scalar_type());
   if (lowp) {  // the shared checks but weight's dtype (check_conv1d_inputs wants float32)
@@ -265,81 +270,75 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
                                                      S.defined() ? row_stride(S) : 0, group, pb, epi, pr, ldr,
                                                      y.data_ptr<float>(), splits,
                                                      ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(),
-                                                     stream(), kv));
+                                                     stream(), dec ? dec->kv : cuda::KvOut{}));
     return y;
   }
-  const int splits = cuda::gemv_splits(M, K, N, num_sms());
+  const int splits = M <= cuda::kGemvMaxRows ? cuda::gemv_splits(M, K, N, num_sms())  // the decode GEMV
+                                             : cuda::gemm_splits(M, K, N, num_sms());  // the prefill GEMM
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
   float* pws = ws.defined() ? ws.data_ptr<float>() : nullptr;
-  if (variant >= 3)
+  if (dec)
     GK_CUDA_CHECK_LAUNCH("matmul_decode", cuda::gemv_staged(A.data_ptr<float>(), row_stride(A), M, K,
                                                             W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
-                                                            y.data_ptr<float>(), splits, pws, stream(), kv,
-                                                            variant == 4 ? counters : nullptr));
+                                                            y.data_ptr<float>(), splits, pws, stream(), dec->kv,
+                                                            dec->counters));
   else
     GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw,
-                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, num_sms(),
-                                                stream(), kv));
+                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream()));
   return y;
 }
 
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
                   c10::string_view layout, const std::optional<at::Tensor>& scales) {
-  return conv1d_impl(x, weight, bias, epilogue, residual, out_features, layout, scales, 1, cuda::KvOut{});
+  return conv1d_impl(x, weight, bias, epilogue, residual, out_features, layout, scales);
 }
 
 // matmul_decode: conv1d at decode (x of at most kGemvMaxRows rows; weight [K, N] in any CUDA weight mode, scales for
-// int8) by a numbered GEMV variant: 1, conv1d's split-K GEMV; 3, the same with x staged in shared memory; 4,
-// variant 3 summing its split-K partials in the kernel (no finish kernel), with `counters`: int32 zeros, at least
-// ceil(N / 32), on x's device, which each call leaves zero and which no other GEMV may use meanwhile (3 and 4: float32
-// weights; variant 2 is matmul_nk, on [N, K] weights). With k_cache, v_cache [B, H, Tmax, D] and slot (int64 [1] on
-// the device) it also stores K/V as it goes (CudaGraphDecoder kv_write=3): weight has N = 3E columns (E = H·D, q k
-// v), x has B rows, and columns [E, 2E) of row b go to k_cache[b, :, slot], [2E, 3E) to v_cache[b, :, slot]; a slot
-// outside [0, Tmax) stores nothing. Argument errors of the shared checks name conv1d.
+// int8), the CUDA-graph decoder's GEMV. float32 weights: the staged GEMV (variant 3: x in shared memory, bitwise
+// conv1d's GEMV), with `counters` summing its split-K partials in the kernel (variant 4: no finish kernel; int32
+// zeros, at least ceil(N / 32), on x's device, which each call leaves zero and which no other GEMV may use
+// meanwhile). fp16 / bf16 / int8 weights: conv1d's GEMV, their only one. With k_cache, v_cache [B, H, Tmax, D] and
+// slot (int64 [1] on the device) it also stores K/V as it goes (CudaGraphDecoder kv_write=3): weight has N = 3E
+// columns (E = H·D, q k v), x has B rows, and columns [E, 2E) of row b go to k_cache[b, :, slot], [2E, 3E) to
+// v_cache[b, :, slot]; a slot outside [0, Tmax) stores nothing. Argument errors of the shared checks name conv1d.
 at::Tensor matmul_decode(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          c10::string_view epilogue, const std::optional<at::Tensor>& residual,
-                         const std::optional<at::Tensor>& scales, int64_t variant,
-                         const std::optional<at::Tensor>& k_cache, const std::optional<at::Tensor>& v_cache,
-                         const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& counters) {
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& k_cache,
+                         const std::optional<at::Tensor>& v_cache, const std::optional<at::Tensor>& slot,
+                         const std::optional<at::Tensor>& counters) {
   const char* op = "matmul_decode";
-  TORCH_CHECK_VALUE(variant == 1 || variant == 3 || variant == 4, "gpt2kern.matmul_decode: variant must be 1 "
-                    "(split-K GEMV), 3 (x staged in shared memory) or 4 (3 without a finish kernel); variant 2 is "
-                    "matmul_nk ([out, in] weights); got ", variant);
   GK_CHECK_FLOAT(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "gpt2kern.matmul_decode: x must have a non-empty last dim, got "
                     "shape ", x.sizes());
   const int64_t K = x.size(-1), M = x.numel() / K;
   TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_decode: x must have at most ", cuda::kGemvMaxRows,
                     " rows (a decode GEMV), got ", M);
-  TORCH_CHECK_VALUE(variant == 1 || weight.scalar_type() == at::kFloat, "gpt2kern.matmul_decode: variant ", variant,
-                    " reads float32 weights, got ", weight.scalar_type(), " (variant 1 takes every weight mode)");
-  TORCH_CHECK_VALUE((variant == 4) == counters.has_value(), "gpt2kern.matmul_decode: counters go with variant 4 "
-                    "(and variant 4 needs them), got variant ", variant, counters ? " with" : " without", " counters");
-  unsigned* pc = nullptr;
+  DecodeGemv dec;
   if (counters) {
     const at::Tensor& c = *counters;
+    TORCH_CHECK_VALUE(!is_lowp(weight.scalar_type()), "gpt2kern.matmul_decode: counters go with float32 weights "
+                      "(variant 4); ", weight.scalar_type(), " weights have one GEMV and take none");
     GK_CHECK_DTYPE(c, at::kInt, op, "counters");
     GK_CHECK_SAME_DEVICE(x, c, op, "counters");
     const int64_t groups = weight.dim() == 2 ? (weight.size(1) + 31) / 32 : 0;
     TORCH_CHECK_VALUE(c.is_contiguous() && c.numel() >= groups, "gpt2kern.matmul_decode: counters must be a "
                       "contiguous int32 tensor of at least ", groups, " zeros (one per 32 output columns), got shape ",
                       c.sizes(), " and strides ", c.strides());
-    pc = reinterpret_cast<unsigned*>(c.data_ptr<int32_t>());
+    dec.counters = reinterpret_cast<unsigned*>(c.data_ptr<int32_t>());
   }
-  cuda::KvOut kv;
   if (k_cache || v_cache || slot) {
     TORCH_CHECK_VALUE(k_cache && v_cache && slot, "gpt2kern.matmul_decode: k_cache, v_cache and slot go together "
                       "(all three or none)");
-    kv = checked_kv(op, x, *k_cache, *v_cache, *slot);
+    dec.kv = checked_kv(op, x, *k_cache, *v_cache, *slot);
     const int64_t B = k_cache->size(0);
     TORCH_CHECK_VALUE(M == B, "gpt2kern.matmul_decode: x must have one row per cache row (", B, "), got ", M);
-    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * kv.E, "gpt2kern.matmul_decode: with caches ",
-                      k_cache->sizes(), " weight must be [", K, ", ", 3 * kv.E, "] (q, k, v columns), got ",
+    TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 3 * dec.kv.E, "gpt2kern.matmul_decode: with caches ",
+                      k_cache->sizes(), " weight must be [", K, ", ", 3 * dec.kv.E, "] (q, k, v columns), got ",
                       weight.sizes());
   }
-  return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, (int)variant, kv, pc);
+  return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, &dec);
 }
 
 
@@ -412,13 +411,12 @@ at::Tensor embedding_step(const at::Tensor& input_ids, const at::Tensor& wte, co
 
 // decode_attention: non-causal attention of q [B, H, Tq, D] over the first kv_len[b] keys of a static cache k, v
 // [B, H, Tmax, D] (key_mask as in attention), kv_len int64 [1] or [B] on the device: capturable, and the work follows
-// the length. variant 1 (any Tq) or 2 (flash-decoding: Tq == 1, D % 4 == 0, 16-byte aligned key rows).
+// the length. Flash-decoding wherever it applies (Tq == 1, D % 4 == 0, 16-byte aligned key rows: the decode step;
+// it beat the general kernel at every measured shape), the general attention kernel for everything else.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& key_mask, const at::Tensor& kv_len, double scale,
-                            int64_t variant) {
+                            const std::optional<at::Tensor>& key_mask, const at::Tensor& kv_len, double scale) {
   check_attention_args(q, k, v, key_mask, std::nullopt, 0, false);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
-  TORCH_CHECK_VALUE(variant == 1 || variant == 2, "gpt2kern.decode_attention: variant must be 1 or 2, got ", variant);
   TORCH_CHECK_VALUE(D <= cuda::kAttnMaxHeadDim, "gpt2kern.decode_attention: head dims up to ", cuda::kAttnMaxHeadDim,
                     ", got ", D);
   TORCH_CHECK_VALUE(B <= 65535 && H <= 65535, "gpt2kern.decode_attention: batch and heads must be <= 65535");
@@ -432,16 +430,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   c.a.kv_len = len.data_ptr<int64_t>();
   c.a.kv_len_sb = len.size(0) == 1 ? 0 : 1;
   if (c.out.numel() == 0) return c.out;
-  if (variant == 1) {
-    GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream(), 1));
+  if (!cuda::flash_decoding_ok(c.a)) {
+    GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream()));
     return c.out;
   }
-  TORCH_CHECK_VALUE(cuda::attention_v2_ok(c.a), "gpt2kern.decode_attention: variant 2 needs one query row, a head "
-                    "dim that is a multiple of 4 and 16-byte aligned key rows; got q ", q.sizes(), ", k strides ",
-                    k.strides());
-  const int splits = cuda::attention_v2_splits(c.a, num_sms());
+  const int splits = cuda::flash_decoding_splits(c.a, num_sms());
   at::Tensor ws = at::empty({B * H * splits * (D + 2)}, q.options());
-  GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::attention(c.a, num_sms(), stream(), 2, splits, ws.data_ptr<float>()));
+  GK_CUDA_CHECK_LAUNCH("decode_attention", cuda::flash_decoding(c.a, splits, ws.data_ptr<float>(), stream()));
   return c.out;
 }
 
@@ -491,19 +486,12 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   return y;
 }
 
-// matmul_prefill: conv1d's Conv1D (fp32 weight [K, N] in HF's layout) by a numbered prefill GEMM variant, for the
-// bench and the tests to time and check each one. variant 1: conv1d's own kernels (64×64 tiles, or 128×128 when
-// they fill the GPU; the GEMV at M <= kGemvMaxRows). variant 2: double-buffered 128×128 tiles with split-K when
-// there are fewer tiles than SMs; splits 0 picks the count (gemm_v2_splits), > 0 forces it (variant 2 only).
+// matmul_prefill: conv1d's Conv1D (fp32 weight [K, N] in HF's layout) through its prefill GEMM at any M, with the
+// split-K count forced (splits > 0) or conv1d's own (0: gemm_splits), for the tests to reach every split count.
 at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t variant,
-                          int64_t splits) {
-  TORCH_CHECK_VALUE(variant == 1 || variant == 2, "gpt2kern.matmul_prefill: variant must be 1 or 2, got ", variant);
+                          c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t splits) {
   TORCH_CHECK_VALUE(splits >= 0 && splits <= 64, "gpt2kern.matmul_prefill: splits must be 0 (automatic) to 64, got ",
                     splits);
-  TORCH_CHECK_VALUE(variant == 2 || splits == 0, "gpt2kern.matmul_prefill: splits is variant 2's; variant 1 takes "
-                    "splits=0, got ", splits);
-  if (variant == 1) return conv1d(x, weight, bias, epilogue, residual, -1, "kn", std::nullopt);
   const int epi = parse_epilogue(epilogue);
   check_conv1d_inputs(x, weight);  // float32 x and weight on one device, by name
   const int64_t K = x.size(-1);
@@ -520,15 +508,14 @@ at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const s
   at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
   at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr = epi == 2 ? as_rows(*residual, N) : at::Tensor();
   const int64_t M = A.size(0);
-  const int s = splits > 0 ? (int)splits : cuda::gemm_v2_splits(M, K, N, num_sms());
+  const int s = splits > 0 ? (int)splits : cuda::gemm_splits(M, K, N, num_sms());
   at::Tensor ws;
   if (s > 1) ws = at::empty({(int64_t)s * M * N}, x.options());
   GK_CUDA_CHECK_LAUNCH("matmul_prefill",
-                       cuda::matmul_v2(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
-                                       b.defined() ? b.data_ptr<float>() : nullptr, epi,
-                                       rr.defined() ? rr.data_ptr<float>() : nullptr, rr.defined() ? row_stride(rr) : 0,
-                                       y.data_ptr<float>(), s, ws.defined() ? ws.data_ptr<float>() : nullptr,
-                                       stream()));
+                       cuda::gemm(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
+                                  b.defined() ? b.data_ptr<float>() : nullptr, epi,
+                                  rr.defined() ? rr.data_ptr<float>() : nullptr, rr.defined() ? row_stride(rr) : 0,
+                                  y.data_ptr<float>(), s, ws.defined() ? ws.data_ptr<float>() : nullptr, stream()));
   return y;
 }
 
