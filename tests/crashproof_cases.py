@@ -2,7 +2,7 @@
 
 Each case is (name, call, expect): expect is (exception types, regex the message must match), or OK for calls
 whose inputs are odd but legal (empty tensors, mixed devices): those may return or raise a clear exception, but
-must never crash. `python tests/crashproof_cases.py [--device cuda] START` runs the cases from index START,
+must never crash; or RETURNS for calls that must return (any exception fails the case). `python tests/crashproof_cases.py [--device cuda] START` runs the cases from index START,
 printing `CASE i name` before each call and `RESULT i <outcome>` after, so a crash names the case that caused it.
 
 Two lists. The CPU list: every op, the ISA switch, the optimized model, the C++ body and engine, generate, load.
@@ -26,6 +26,7 @@ import sys
 import torch
 
 OK = "ok"
+RETURNS = "returns"  # the call must return: any exception fails the case
 TE, VE, IE, RE = TypeError, ValueError, IndexError, RuntimeError
 BIG = 2**62
 GPU = "cuda:0"  # how the CUDA cases' device prints in a message
@@ -621,7 +622,7 @@ def _cuda_cases(case, dev):
     qd, kd, vd, L1 = randn(2, 2, 1, 8), randn(2, 2, 8, 8), randn(2, 2, 8, 8), tensor([3])
     da = ops.decode_attention
     case("decode_attention q on cpu", lambda: da(qd.cpu(), kd, vd, None, L1, 1.0),
-         (VE, r"decode_attention runs on CUDA tensors only \(a decode-step kernel variant\), got cpu"))
+         (VE, r"decode_attention runs on CUDA tensors only \(a CUDA-only op\), got cpu"))
     case("decode_attention q not a tensor", lambda: da("q", kd, vd, None, L1, 1.0), (VE, "CUDA tensors only.*got str"))
     case("decode_attention k on cpu", lambda: da(qd, kd.cpu(), vd, None, L1, 1.0), away("k"))
     case("decode_attention v float64", lambda: da(qd, kd, vd.double(), None, L1, 1.0),
@@ -651,32 +652,39 @@ def _cuda_cases(case, dev):
     case("decode_attention kv_len on cpu", lambda: da(qd, kd, vd, None, L1.cpu(), 1.0), away("kv_len"))
     case("decode_attention kv_len not a tensor", lambda: da(qd, kd, vd, None, 3, 1.0),
          (TE, "kv_len must be a torch.Tensor, got int"))
-    for variant in (0, 3, -1):
-        case(f"decode_attention variant {variant}", lambda variant=variant: da(qd, kd, vd, None, L1, 1.0, variant),
-             (VE, f"variant must be 1 or 2, got {variant}"))
-    case("decode_attention variant 2, two query rows", lambda: da(randn(2, 2, 2, 8), kd, vd, None, L1, 1.0, 2),
-         (VE, r"variant 2 needs one query row, .*; got q \[2, 2, 2, 8\], k strides \[128, 64, 8, 1\]"))
-    case("decode_attention variant 2, head dim 6", lambda: da(randn(2, 2, 1, 6), randn(2, 2, 8, 6),
-                                                             randn(2, 2, 8, 6), None, L1, 1.0, 2),
-         (VE, r"variant 2 needs .*; got q \[2, 2, 1, 6\], k strides \[96, 48, 6, 1\]"))
-    case("decode_attention variant 2, unaligned keys", lambda: da(qd, randn(2 * 2 * 8 * 8 + 1)[1:].view(2, 2, 8, 8),
-                                                                 vd, None, L1, 1.0, 2),
-         (VE, r"variant 2 needs .*; got q \[2, 2, 1, 8\], k strides \[128, 64, 8, 1\]"))
+    # the variant argument is gone (flash-decoding where it applies, the general kernel otherwise): Python refuses it
+    case("decode_attention variant argument (removed)", lambda: da(qd, kd, vd, None, L1, 1.0, 2),
+         (TE, r"decode_attention\(\) takes 6 positional arguments but 7 were given"))
+    case("decode_attention variant keyword (removed)", lambda: da(qd, kd, vd, None, L1, 1.0, variant=2),
+         (TE, r"decode_attention\(\) got an unexpected keyword argument 'variant'"))
+    # where flash-decoding does not apply (Tq > 1, D % 4 != 0, key rows not 16-byte aligned) the general kernel runs:
+    # these must return (they were variant 2's refusals)
+    case("decode_attention two query rows (general kernel)", lambda: da(randn(2, 2, 2, 8), kd, vd, None, L1, 1.0),
+         RETURNS)
+    case("decode_attention head dim 6 (general kernel)", lambda: da(randn(2, 2, 1, 6), randn(2, 2, 8, 6),
+                                                                   randn(2, 2, 8, 6), None, L1, 1.0), RETURNS)
+    case("decode_attention unaligned keys (general kernel)",
+         lambda: da(qd, randn(2 * 2 * 8 * 8 + 1)[1:].view(2, 2, 8, 8), vd, None, L1, 1.0), RETURNS)
     case("decode_attention head dim 129", lambda: da(randn(1, 1, 1, 129), randn(1, 1, 4, 129), randn(1, 1, 4, 129),
                                                     None, L1, 1.0),
          (VE, "head dims up to 128, got 129"))
+    case("decode_attention head dim 129, two query rows",
+         lambda: da(randn(1, 1, 2, 129), randn(1, 1, 4, 129), randn(1, 1, 4, 129), None, L1, 1.0),
+         (VE, "head dims up to 128, got 129"))
     case("decode_attention batch 65536", lambda: da(*(zeros(65536, 1, 1, 1) for _ in range(3)), None, L1, 1.0),
          (VE, "batch and heads must be <= 65535"))
-    for variant in (1, 2):
+    # both kernels at the edges: q [2, 2, 1, 8] takes flash-decoding, two query rows [2, 2, 2, 8] the general one
+    qg = randn(2, 2, 2, 8)
+    for kernel, qk in (("flash", qd), ("general", qg)):
         for n in (100, -5, BIG, -2**63):  # past the cache (capped), below zero (no key: zeros)
-            case(f"decode_attention v{variant} kv_len {n}",
-                 lambda variant=variant, n=n: da(qd, kd, vd, None, tensor([n]), 1.0, variant), OK)
-        case(f"decode_attention v{variant} empty cache",
-             lambda variant=variant: da(qd, kd[:, :, :0], vd[:, :, :0], None, L1, 1.0, variant), OK)
-        case(f"decode_attention v{variant} empty batch",
-             lambda variant=variant: da(qd[:0], kd[:0], vd[:0], None, L1, 1.0, variant), OK)
-        case(f"decode_attention v{variant} key_mask all False",
-             lambda variant=variant: da(qd, kd, vd, zeros(2, 8, dtype=torch.bool), tensor([8, 8]), 1.0, variant), OK)
+            case(f"decode_attention {kernel} kv_len {n}",
+                 lambda qk=qk, n=n: da(qk, kd, vd, None, tensor([n]), 1.0), OK)
+        case(f"decode_attention {kernel} empty cache",
+             lambda qk=qk: da(qk, kd[:, :, :0], vd[:, :, :0], None, L1, 1.0), OK)
+        case(f"decode_attention {kernel} empty batch",
+             lambda qk=qk: da(qk[:0], kd[:0], vd[:0], None, L1, 1.0), OK)
+        case(f"decode_attention {kernel} key_mask all False",
+             lambda qk=qk: da(qk, kd, vd, zeros(2, 8, dtype=torch.bool), tensor([8, 8]), 1.0), OK)
 
     # ---- matmul_nk: x [2, 8] @ weight [4, 8].T
     xn, Wn = randn(2, 8), randn(4, 8)
@@ -712,39 +720,37 @@ def _cuda_cases(case, dev):
     # ---- matmul_prefill: x [130, 8] @ weight [8, 4]
     xp, Wp = randn(130, 8), randn(8, 4)
     mp = ops.matmul_prefill
-    case("matmul_prefill x on cpu", lambda: mp(xp.cpu(), Wp.cpu(), variant=2),
-         (VE, r"matmul_prefill runs on CUDA tensors only .*got cpu"))
-    for variant in (0, 3):
-        case(f"matmul_prefill variant {variant}", lambda variant=variant: mp(xp, Wp, variant=variant),
-             (VE, f"variant must be 1 or 2, got {variant}"))
-    for splits in (-1, 65):
-        case(f"matmul_prefill splits {splits}", lambda splits=splits: mp(xp, Wp, variant=2, splits=splits),
+    case("matmul_prefill x on cpu", lambda: mp(xp.cpu(), Wp.cpu()),
+         (VE, r"matmul_prefill runs on CUDA tensors only \(a CUDA-only op\), got cpu"))
+    # the variant argument is gone (one GEMM, the double-buffered split-K one): Python refuses the keyword
+    case("matmul_prefill variant keyword (removed)", lambda: mp(xp, Wp, variant=2),
+         (TE, r"matmul_prefill\(\) got an unexpected keyword argument 'variant'"))
+    case("matmul_prefill old positional variant, splits", lambda: mp(xp, Wp, None, "none", None, 2, 0),
+         (TE, r"matmul_prefill\(\) takes from 2 to 6 positional arguments but 7 were given"))
+    for splits in (-1, 65, BIG):
+        case(f"matmul_prefill splits {splits}", lambda splits=splits: mp(xp, Wp, splits=splits),
              (VE, rf"splits must be 0 \(automatic\) to 64, got {splits}"))
-    case("matmul_prefill splits with variant 1", lambda: mp(xp, Wp, variant=1, splits=2),
-         (VE, "splits is variant 2's; variant 1 takes splits=0, got 2"))
-    case("matmul_prefill v2 weight [out, in]", lambda: mp(xp, randn(4, 8), variant=2),
+    case("matmul_prefill weight [out, in]", lambda: mp(xp, randn(4, 8)),
          (VE, r"weight must be \[8, out\] \(HF's Conv1D layout\), got \[4, 8\]"))
-    case("matmul_prefill v2 weight 1-D", lambda: mp(xp, randn(8), variant=2),
+    case("matmul_prefill weight 1-D", lambda: mp(xp, randn(8)),
          (VE, r"weight must be \[8, out\] \(HF's Conv1D layout\), got \[8\]"))
-    case("matmul_prefill v2 x float64", lambda: mp(xp.double(), Wp, variant=2), (TE, "x must be Float, got Double"))
-    case("matmul_prefill v2 weight fp16", lambda: mp(xp, Wp.half(), variant=2), (TE, "weight must be Float, got Half"))
-    case("matmul_prefill v2 weight on cpu", lambda: mp(xp, Wp.cpu(), variant=2), away("weight"))
-    case("matmul_prefill v2 bias wrong size", lambda: mp(xp, Wp, randn(5), variant=2),
-         (VE, r"bias must be \[4\], got \[5\]"))
-    case("matmul_prefill v2 bias on cpu", lambda: mp(xp, Wp, torch.randn(4), variant=2), away("bias"))
-    case("matmul_prefill v2 residual missing", lambda: mp(xp, Wp, None, "residual", variant=2),
-         (VE, "needs a residual tensor"))
-    case("matmul_prefill v2 residual wrong shape", lambda: mp(xp, Wp, None, "residual", randn(130, 5), variant=2),
+    case("matmul_prefill x float64", lambda: mp(xp.double(), Wp), (TE, "x must be Float, got Double"))
+    case("matmul_prefill weight fp16", lambda: mp(xp, Wp.half()), (TE, "weight must be Float, got Half"))
+    case("matmul_prefill weight int8", lambda: mp(xp, Wp.to(i8)), (TE, "weight must be Float, got Char"))
+    case("matmul_prefill weight on cpu", lambda: mp(xp, Wp.cpu()), away("weight"))
+    case("matmul_prefill bias wrong size", lambda: mp(xp, Wp, randn(5)), (VE, r"bias must be \[4\], got \[5\]"))
+    case("matmul_prefill bias on cpu", lambda: mp(xp, Wp, torch.randn(4)), away("bias"))
+    case("matmul_prefill residual missing", lambda: mp(xp, Wp, None, "residual"), (VE, "needs a residual tensor"))
+    case("matmul_prefill residual wrong shape", lambda: mp(xp, Wp, None, "residual", randn(130, 5)),
          (VE, r"residual must have shape \[130, 4\], got \[130, 5\]"))
-    case("matmul_prefill v2 residual without epilogue", lambda: mp(xp, Wp, None, "none", randn(130, 4), variant=2),
+    case("matmul_prefill residual without epilogue", lambda: mp(xp, Wp, None, "none", randn(130, 4)),
          (VE, "a residual was given but epilogue is 'none'"))
-    case("matmul_prefill v2 empty K", lambda: mp(xp[:, :0], Wp[:0], variant=2),
-         (VE, "x must have a non-empty last dim"))
-    case("matmul_prefill v2 no rows", lambda: mp(xp[:0], Wp, variant=2), OK)
-    case("matmul_prefill v2 more splits than K tiles", lambda: mp(xp, Wp, variant=2, splits=64), OK)
-    case("matmul_prefill v1 weight fp16", lambda: mp(xp, Wp.half(), variant=1), OK)  # conv1d's fp16 GEMM
-    case("matmul_prefill v1 weight [out, in]", lambda: mp(xp, randn(4, 8), variant=1),
-         (VE, r"weight must be \[8, out\], got \[4, 8\]"))
+    case("matmul_prefill empty K", lambda: mp(xp[:, :0], Wp[:0]), (VE, "x must have a non-empty last dim"))
+    case("matmul_prefill no rows", lambda: mp(xp[:0], Wp), OK)
+    case("matmul_prefill more splits than K tiles", lambda: mp(xp, Wp, splits=64), OK)
+    for splits in (0, 1):  # conv1d's own count, and one forced; a decode-sized x (3 rows) too
+        case(f"matmul_prefill splits {splits}", lambda splits=splits: mp(xp, Wp, splits=splits), RETURNS)
+        case(f"matmul_prefill 3 rows, splits {splits}", lambda splits=splits: mp(xp[:3], Wp, splits=splits), RETURNS)
     case("matmul_prefill bad epilogue", lambda: mp(xp, Wp, None, "relu"), (VE, "epilogue must be one of"))
 
     # ---- kv_write: qkv [2, 1, 24] into caches [2, 2, 5, 4] (B 2, H 2, Tmax 5, D 4: E = 8)
@@ -796,29 +802,30 @@ def _cuda_cases(case, dev):
 
     case("matmul_decode x on cpu", lambda: md(xd.cpu(), Wd.cpu()),
          (VE, r"matmul_decode runs on CUDA tensors only .*got cpu"))
-    for variant in (2, 0, 5):
-        case(f"matmul_decode variant {variant}", lambda variant=variant: md(xd, Wd, variant=variant),
-             (VE, rf"variant must be 1 \(split-K GEMV\), 3 .* or 4 .*; variant 2 is matmul_nk .*; got {variant}"))
+    # no variant argument any more: float32 weights run the staged GEMV (decoder gemv=3), with counters gemv=4
+    case("matmul_decode variant keyword (removed)", lambda: md(xd, Wd, variant=3),
+         (TE, r"matmul_decode\(\) got an unexpected keyword argument 'variant'"))
+    # the old positional variant (after scales) now lands in k_cache: the op's schema refuses the int
+    case("matmul_decode old positional variant", lambda: md(xd, Wd, None, "none", None, None, 3),
+         (RE, r"Expected a value of type 'Optional\[Tensor\]' for argument 'k_cache' but instead found type 'int'"))
     case("matmul_decode x float64", lambda: md(xd.double(), Wd), (TE, "x must be Float, got Double"))
     case("matmul_decode x empty last dim", lambda: md(xd[:, :0], Wd[:0]),
          (VE, r"x must have a non-empty last dim, got shape \[2, 0\]"))
     case("matmul_decode x 0-d", lambda: md(tensor(1.0), Wd), (VE, r"x must have a non-empty last dim, got shape \[\]"))
     case("matmul_decode 33 rows", lambda: md(randn(33, 8), Wd), (VE, r"at most 32 rows \(a decode GEMV\), got 33"))
-    case("matmul_decode variant 3 fp16 weight", lambda: md(xd, Wd.half(), variant=3),
-         (VE, r"variant 3 reads float32 weights, got Half \(variant 1 takes every weight mode\)"))
-    case("matmul_decode variant 4 int8 weight", lambda: md(xd, Wd.to(i8), variant=4, counters=cnt),
-         (VE, "variant 4 reads float32 weights, got Char"))
-    case("matmul_decode variant 4 without counters", lambda: md(xd, Wd, variant=4),
-         (VE, r"counters go with variant 4 \(and variant 4 needs them\), got variant 4 without counters"))
-    case("matmul_decode variant 3 with counters", lambda: md(xd, Wd, variant=3, counters=cnt),
-         (VE, "got variant 3 with counters"))
-    case("matmul_decode counters int64", lambda: md(xd, Wd, variant=4, counters=cnt.long()),
+    # counters are the float32 GEMV's (gemv=4); a reduced-mode weight has one GEMV and is refused them by name
+    for wname, wdt, dtname in (("fp16", f16, "Half"), ("bf16", torch.bfloat16, "BFloat16"), ("int8", i8, "Char")):
+        sc = dict(scales=ones(2, 12)) if wdt == i8 else {}
+        case(f"matmul_decode {wname} weight with counters",
+             lambda wdt=wdt, sc=sc: md(xd, Wd.to(wdt), counters=cnt, **sc),
+             (VE, rf"counters go with float32 weights \(variant 4\); {dtname} weights have one GEMV and take none"))
+    case("matmul_decode counters int64", lambda: md(xd, Wd, counters=cnt.long()),
          (TE, "counters must be Int, got Long"))
-    case("matmul_decode counters on cpu", lambda: md(xd, Wd, variant=4, counters=cnt.cpu()), away("counters"))
-    case("matmul_decode counters too few", lambda: md(xd, randn(8, 33), variant=4, counters=cnt),
+    case("matmul_decode counters on cpu", lambda: md(xd, Wd, counters=cnt.cpu()), away("counters"))
+    case("matmul_decode counters too few", lambda: md(xd, randn(8, 33), counters=cnt),
          (VE, r"counters must be a contiguous int32 tensor of at least 2 zeros \(one per 32 output columns\), "
               r"got shape \[1\] and strides \[1\]"))
-    case("matmul_decode counters strided", lambda: md(xd, Wd, variant=4, counters=zeros(4, dtype=i32)[::2]),
+    case("matmul_decode counters strided", lambda: md(xd, Wd, counters=zeros(4, dtype=i32)[::2]),
          (VE, r"at least 1 zeros .*, got shape \[2\] and strides \[2\]"))
     case("matmul_decode caches without slot", lambda: md(xd, Wd, k_cache=cd, v_cache=cd.clone()),
          (VE, r"k_cache, v_cache and slot go together \(all three or none\)"))
@@ -856,14 +863,16 @@ def _cuda_cases(case, dev):
     case("matmul_decode residual wrong shape", lambda: md(xd, Wd, None, "residual", randn(2, 5)),
          (VE, r"residual must have shape \[2, 12\], got \[2, 5\]"))
     case("matmul_decode bad epilogue", lambda: md(xd, Wd, None, "relu"), (VE, "epilogue must be one of"))
-    for variant in (1, 3, 4):
-        counters = dict(counters=cnt) if variant == 4 else {}
+    # every GEMV it runs, with the K/V store: fp32 (gemv=3), fp32 with counters (gemv=4), and the reduced modes' one
+    for mode, wk in (("fp32", {}), ("fp32 counters", dict(counters=cnt)), ("fp16", dict(wdt=f16)),
+                     ("bf16", dict(wdt=torch.bfloat16)), ("int8", dict(wdt=i8, scales=ones(2, 12)))):
+        wk = dict(wk)
+        w_ = Wd.to(wk.pop("wdt", torch.float32))
         for slot in (5, -1, BIG):  # outside [0, Tmax): stores nothing
-            case(f"matmul_decode v{variant} slot {slot}",
-                 lambda variant=variant, slot=slot, counters=counters:
-                 md(xd, Wd, variant=variant, **caches(slot=tensor([slot])), **counters), OK)
-        case(f"matmul_decode v{variant} no rows", lambda variant=variant, counters=counters:
-             md(xd[:0], Wd, variant=variant, **counters), OK)
+            case(f"matmul_decode {mode} slot {slot}",
+                 lambda w_=w_, wk=wk, slot=slot: md(xd, w_, **caches(slot=tensor([slot])), **wk), OK)
+        case(f"matmul_decode {mode} with caches", lambda w_=w_, wk=wk: md(xd, w_, **caches(), **wk), RETURNS)
+        case(f"matmul_decode {mode} no rows", lambda w_=w_, wk=wk: md(xd[:0], w_, **wk), OK)
 
     # ---- embedding_step: ids [3, 1], tables 50 x 16 and 20 x 16, cursor [slot, kv_len, 3 positions]
     te, pe, ids3 = randn(50, 16), randn(20, 16), tensor([[4], [49], [0]])
@@ -983,15 +992,28 @@ def _cuda_model_cases(case, dev):
     case("cuda generate mask all padding", lambda: gen(t(), torch.zeros(1, 3, dtype=torch.long, device=dev)),
          (VE, r"attention_mask row\(s\) \[0\] have no valid token"))
     case("cuda generate unknown weights mode", lambda: gen(t(), weights="fp8"), (VE, "weights must be one of"))
-    for kw, msg in ((dict(attention=3), r"attention must be one of \(1, 2\), got 3"),
-                    (dict(gemv=0), r"gemv must be one of \(1, 2, 3, 4\), got 0"),
-                    (dict(kv_write=4), r"kv_write must be one of \(1, 2, 3\), got 4"),
-                    (dict(gemv=2, kv_write=3), "gemv=2 takes kv_write 1 or 2"),
+    # the constructor's checks: variants it does not have, then cuda_graph.refusals() (the one statement of which
+    # variants combine, joined by "; " when several apply), then max_len
+    rows = r"takes batch_size <= 32 \(a decode GEMV's rows\), got 33"
+    for kw, msg in ((dict(gemv=1), r"gemv must be one of \(2, 3, 4\), got 1"),  # conv1d's GEMV: no choice any more
+                    (dict(gemv=0), r"gemv must be one of \(2, 3, 4\), got 0"),
+                    (dict(kv_write=1), r"kv_write must be one of \(2, 3\), got 1"),  # the index_copy_ writes: gone
+                    (dict(kv_write=4), r"kv_write must be one of \(2, 3\), got 4"),
+                    (dict(gemv=2, kv_write=3), r"^kv_write=3 stores K/V from an \[in, out\] GEMV \(gemv 3 or 4, or "
+                                               r"the reduced weight modes'\); gemv=2 takes kv_write=2$"),
                     (dict(max_len=0), r"max_len must be in \[1, n_positions=512\], got 0"),
                     (dict(max_len=513), r"max_len must be in \[1, n_positions=512\], got 513"),
-                    (dict(batch_size=33, gemv=3), "gemv=3 takes batch_size <= 32, got 33"),
-                    (dict(gemv=3, weights="fp16"), "gemv=3 reads fp32 weights; weights='fp16' takes gemv=1")):
+                    (dict(batch_size=33, gemv=3), rf"^gemv=3 {rows}$"),
+                    (dict(batch_size=33, kv_write=3), rf"^kv_write=3 {rows}$"),
+                    (dict(batch_size=33, gemv=4, kv_write=3), rf"^gemv=4 {rows}; kv_write=3 {rows}$"),
+                    (dict(gemv=3, weights="fp16"),
+                     r"^gemv=3 reads fp32 weights; weights='fp16' run conv1d's GEMV \(leave gemv unset\)$"),
+                    (dict(gemv=2, kv_write=3, weights="int8"),
+                     r"^gemv=2 reads fp32 weights; weights='int8' run conv1d's GEMV \(leave gemv unset\); "
+                     r"kv_write=3 stores K/V .*; gemv=2 takes kv_write=2$")):
         case(f"cuda decoder {' '.join(f'{k}={v}' for k, v in kw.items())}", lambda kw=kw: dec(**kw), (VE, msg))
+    case("cuda decoder attention=2 (removed)", lambda: dec(attention=2),
+         (TE, r"__init__\(\) got an unexpected keyword argument 'attention'"))
     case("cuda decoder prefill wrong batch", lambda: dec().prefill(torch.zeros(2, 3, dtype=torch.long, device=dev)),
          (VE, r"input_ids must be \[1, T\] with 1 <= T < max_len=8, got \(2, 3\)"))
     case("cuda decoder prefill too long", lambda: dec().prefill(torch.zeros(1, 8, dtype=torch.long, device=dev)),
@@ -1003,10 +1025,14 @@ def _cuda_model_cases(case, dev):
          (IE, r"input_ids contains 99, outside the vocabulary \[0, 99\)"))
     case("cuda decoder step token id -1", lambda: steps(dec(), t(), -1),
          (IE, r"input_ids contains -1, outside the vocabulary \[0, 99\)"))
-    # the captured step: the cursor-advancing embedding kernel (kv_write=3) and the plain one (kv_write=1)
+    # the captured step: the cursor-advancing embedding kernel (kv_write=3) and the plain one (kv_write=2), and a
+    # reduced weight mode (conv1d's GEMV, gemv unset) with kv_write=3
     case("cuda decoder graph step token id = vocab", lambda: steps(dec(use_graph=True, kv_write=3, gemv=4), t(), 99),
          (IE, r"input_ids contains 99, outside the vocabulary \[0, 99\)"))
-    case("cuda decoder graph step token id -1", lambda: steps(dec(use_graph=True, kv_write=1), t(), -1),
+    case("cuda decoder graph step token id -1", lambda: steps(dec(use_graph=True, kv_write=2), t(), -1),
+         (IE, r"input_ids contains -1, outside the vocabulary \[0, 99\)"))
+    case("cuda decoder fp16 kv_write=3 graph step token id -1",
+         lambda: steps(dec(use_graph=True, kv_write=3, weights="fp16"), t(), -1),
          (IE, r"input_ids contains -1, outside the vocabulary \[0, 99\)"))
     case("cuda decoder generate token id = vocab", lambda: dec().generate(t(1, 99), 2),
          (IE, r"input_ids contains 99, outside the vocabulary \[0, 99\)"))
@@ -1021,6 +1047,8 @@ def _judge(e, expect):
         return f"FAIL {type(e).__name__} message cut short ({cut}): {msg!r}"
     if expect == OK:
         return f"ok raised {type(e).__name__}: {msg}"
+    if expect == RETURNS:
+        return f"FAIL raised {type(e).__name__} (expected it to return): {msg}"
     if not isinstance(e, expect[0]):
         return f"FAIL raised {type(e).__name__} (expected {expect[0]}): {msg}"
     if not re.search(expect[1], full.replace("\n", " ")):
@@ -1044,7 +1072,7 @@ def main(argv):
         except Exception as e:  # noqa: BLE001 - judged below
             outcome = _judge(e, expect)
         else:
-            outcome = "ok returned" if expect == OK else f"FAIL no exception (expected {expect[0]})"
+            outcome = "ok returned" if expect in (OK, RETURNS) else f"FAIL no exception (expected {expect[0]})"
         if device == "cuda":
             # an asynchronous fault of this case's kernels shows here, and a bad id nobody asked about (the case's
             # own checks have run): either fails this case; after a fault the CUDA context is lost, so the rest

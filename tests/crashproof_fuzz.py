@@ -2,8 +2,8 @@
 
 hypothesis draws one op call per example: shapes that fit or are a little off (a dimension one more or less, one
 too many or too few, empty), dtypes (mostly float32), devices (on CUDA, now and then a CPU tensor among the CUDA
-ones), optional arguments, epilogues, layouts, numbered variants, and ids, positions, slots and lengths in and out of
-range. Every call must either
+ones), optional arguments, epilogues, layouts, split counts, counters, unaligned views, and ids, positions, slots and
+lengths in and out of range. Every call must either
   - return, with all its tensors on one device and its outputs there; a bad id or position among the rows it
     computes must not pass unreported (on CUDA the check runs on the device: check_cuda_errors raises it); or
   - raise TypeError, ValueError or IndexError with a whole message (crashproof_cases.incomplete: not cut where it
@@ -179,14 +179,17 @@ def b_attention(d, decode=False):
     Tkv = d.dim(0, 8) if d.chance(10) else Tq + d.dim(0, 5)  # (causal queries need Tkv >= Tq)
     q = d.tensor("q", [B, H, Tq, D], d.dtype())
     k = d.tensor("k", d.near([B, H, Tkv, D]), d.dtype())
+    if decode and k.dtype == F32 and d.chance(12):  # key rows off 16-byte alignment: the general kernel, not flash
+        k = torch.cat([k.new_zeros(1), k.reshape(-1)])[1:].view(k.shape)
+        d.tensors[-1] = k
+        d.note(k_offset=1)
     v = d.tensor("v", d.near(list(k.shape)), d.dtype())
     key_mask = d.opt(37, lambda: d.tensor("key_mask", d.near([B, d.dim(0, 10)]), d.dtype(BOOL, (F32, I64))))
     scale = d.pick(1.0, 0.125, math.inf)
     if decode:
         L = d.tensor("kv_len", d.near([d.pick(1, B)]), d.dtype(I64, (I32, F32)), values=(-2, Tkv + 3))
-        variant = d.pick(1, 1, 2, 2, 2, 0, 3)
-        d.note(variant=variant)
-        return "decode_attention", lambda: ops.decode_attention(q, k, v, key_mask, L, scale, variant), False
+        # (no variant: flash-decoding where it applies, Tq = 1, D % 4 == 0 and aligned keys; the general kernel else)
+        return "decode_attention", lambda: ops.decode_attention(q, k, v, key_mask, L, scale), False
     bias = d.opt(25, lambda: d.tensor("bias", d.near([d.pick(B, 1), d.pick(H, 1), Tq, d.dim(0, 10)]), d.dtype()))
     causal = d.chance(62)
     q_offset = d.pick(0, Tkv - Tq, -1, d.dim(0, 8), 2**62, Tkv - Tq)
@@ -228,10 +231,9 @@ def b_matmul_prefill(d):
     bias = d.opt(50, lambda: d.tensor("bias", d.near([N]), d.dtype()))
     epi = epilogue(d)
     res = d.opt(90 if epi == "residual" else 5, lambda: d.tensor("residual", d.near([M, N]), d.dtype()))
-    variant = d.pick(1, 2, 2, 3)
-    splits = d.pick(0, 0, 1, 3, 64, -1, 65) if variant == 2 else d.pick(0, 0, 0, 2)
-    d.note(epilogue=epi, variant=variant, splits=splits)
-    return "matmul_prefill", lambda: ops.matmul_prefill(x, w, bias, epi, res, variant, splits), False
+    splits = d.pick(0, 0, 1, 3, 64, -1, 65)
+    d.note(epilogue=epi, splits=splits)
+    return "matmul_prefill", lambda: ops.matmul_prefill(x, w, bias, epi, res, splits), False
 
 
 def b_kv_write(d):
@@ -246,7 +248,6 @@ def b_kv_write(d):
 
 def b_matmul_decode(d):
     M, K = d.pick(0, 1, 2, 5, 9, 33), d.dim(0, 9, (40,))
-    variant = d.pick(1, 1, 3, 3, 4, 4, 2)
     wdt = d.pick(F32, F32, F32, F16, BF16, I8)
     caches = d.chance(37)
     if caches:  # c_attn with the K/V store: N = 3E
@@ -263,8 +264,8 @@ def b_matmul_decode(d):
     bias = d.opt(37, lambda: d.tensor("bias", d.near([N]), d.dtype()))
     epi = epilogue(d)
     res = d.opt(90 if epi == "residual" else 5, lambda: d.tensor("residual", d.near([M, N]), d.dtype()))
-    counters = None
-    if variant == 4 or d.chance(12):
+    counters = None  # float32 weights: the staged GEMV, with counters the one without a finish kernel; refused else
+    if d.chance(50):
         counters = d.tensor("counters", d.near([(N + 31) // 32]), d.dtype(I32, (I64,)), values=(0, 1))
     kw = {}
     if caches:
@@ -273,9 +274,8 @@ def b_matmul_decode(d):
         kw["slot"] = d.tensor("slot", d.near([1]), d.dtype(I64, (I32,)), values=(-2, Tmax + 2))
         if d.chance(12):  # one of the three left out
             del kw[d.pick("k_cache", "v_cache", "slot")]
-    d.note(variant=variant, epilogue=epi)
-    return "matmul_decode", lambda: ops.matmul_decode(x, w, bias, epi, res, scales, variant, counters=counters,
-                                                      **kw), False
+    d.note(epilogue=epi)
+    return "matmul_decode", lambda: ops.matmul_decode(x, w, bias, epi, res, scales, counters=counters, **kw), False
 
 
 def b_embedding_step(d):

@@ -115,8 +115,10 @@ def test_fuzz_bad_arguments():
 
 @needs_cuda
 def test_fuzz_bad_arguments_cuda():
-    """The same fuzz on CUDA, with CPU tensors now and then among the CUDA ones, the CUDA-only decode ops'
-    variants, counters, caches, slots and lengths, and bad ids checked on the device."""
+    """The same fuzz on CUDA, with CPU tensors now and then among the CUDA ones, the CUDA-only decode ops' split
+    counts, counters (refused with reduced-mode weights), caches, slots and lengths, both decode attention kernels
+    (flash-decoding and the general one: two query rows, odd head dims, unaligned keys), and bad ids checked on the
+    device."""
     _fuzz("cuda")
 
 
