@@ -45,6 +45,12 @@ def check_mode(weights: str) -> str:
     return weights
 
 
+def _div127(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 127 rounded once to float32 on every device: torch on CUDA divides by a scalar as a multiplication by
+    its reciprocal (off by an ulp at times), so the quotient is taken in float64, where that cannot change it."""
+    return (amax.double() / 127.0).float()
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
     """How one matmul weight (n_in -> n_out) is stored — the one description the matmul op, the C++ engine, the
@@ -122,7 +128,7 @@ class WeightFormat:
             if self.dtype == "int8":
                 g = wp.view(self.n_in // self.group, self.group, -1)
                 amax = g.abs().amax(dim=1)  # [K / G, cols]
-                sc = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+                sc = torch.where(amax > 0, _div127(amax), torch.ones_like(amax))
                 wp = torch.round(g / sc[:, None, :]).clamp_(-127, 127).to(torch.int8).view(self.n_in, -1)
                 scales[p0:p1] = sc.view(-1, p1 - p0, ops.PANEL).transpose(0, 1)
             data[p0:p1] = wp.to(data.dtype).view(self.n_in, p1 - p0, ops.PANEL).transpose(0, 1)
@@ -141,7 +147,7 @@ class WeightFormat:
             if self.dtype == "int8":
                 g = wc.reshape(self.n_in // self.group, self.group, n1 - n0)
                 amax = g.abs().amax(dim=1)  # [K / G, cols]
-                sc = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+                sc = torch.where(amax > 0, _div127(amax), torch.ones_like(amax))
                 data[:, n0:n1] = torch.round(g / sc[:, None, :]).clamp_(-127, 127).to(torch.int8).view(self.n_in, -1)
                 scales[:, n0:n1] = sc
             else:

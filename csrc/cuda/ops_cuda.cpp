@@ -470,7 +470,7 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
     GK_CHECK_FLOAT(*residual, op, "residual");
     GK_CHECK_SAME_DEVICE(x, *residual, op, "residual");
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.matmul_nk: residual must have "
-                      "shape ", out_shape, ", got ", residual->sizes());
+                      "shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
   }
   TORCH_CHECK_VALUE(K > 0, "gpt2kern.matmul_nk: x must have a non-empty last dim");
   c10::cuda::CUDAGuard guard(x.device());
