@@ -26,7 +26,7 @@ ROOT=$PWD
 BUDGET=${GPU_CHECK_BUDGET_S:-520}  # seconds for everything: a 15-minute window less machine start and transfers
 # step limits in seconds, in run order; they must add up to no more than BUDGET
 STEP_NAMES=(gpu_assert build cuda_tests memcheck memcheck_decode racecheck racecheck_decode initcheck gpu_bench)
-STEP_LIMITS=(20 90 165 50 20 35 20 20 100)
+STEP_LIMITS=(20 80 230 35 20 25 25 15 70)
 # skip reasons (pytest -rs) that do not fail the check: tests that need more GPUs than one machine has, and tests of
 # what happens without a GPU (tests/conftest.py's no_gpu)
 ALLOWED_SKIP='needs 2 GPUs|no-GPU path'
