@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from . import guard
-from .model import state_of
+from .model import state_of, tracing_open
 
 _local = threading.local()
 
@@ -188,6 +188,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                          f"only; this model is on {model.lm_head.weight.device} (use weights='fp32')")
     st = state_of(model, weights)
     why = guard.why_not(st, "generate", model=model)
+    if why is None and tracing_open(model):
+        raise ValueError("gpt2kern.tracing records the optimized forward's steps, and gpt2kern.generate's engine "
+                         "runs none (one C++ call per step): call model.generate(...) or model(ids) inside tracing")
     _local.fallback = why
     if why is not None:
         return hf_generate(model, input_ids, mask if attention_mask is not None else None, max_new_tokens,

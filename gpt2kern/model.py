@@ -182,6 +182,8 @@ def _gpt2model_forward(self, input_ids=None, cache=None, attention_mask=None, to
     if not compiling:  # (under torch.compile: decided at trace time, not recorded per call)
         st.fallback_reason, st.body_was_fast = why, why is None
     if why is not None:
+        if st.trace is not None and not compiling:
+            raise untraceable(why)
         args = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                     position_ids=position_ids, inputs_embeds=inputs_embeds,
                     encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
@@ -397,7 +399,10 @@ def _holds_our_views(st: State, layer) -> bool:
 
 def _lm_head_forward(self, hidden_states):
     st: State = self._gpt2kern
-    if guard.why_not(st, "lm_head", hidden=hidden_states) is not None:
+    why = guard.why_not(st, "lm_head", hidden=hidden_states)
+    if why is not None:
+        if st.trace is not None and not torch.compiler.is_compiling():
+            raise untraceable(why)
         return _hf_forward(self)(hidden_states)
     logits = st.weights.lm_head(hidden_states)
     if st.trace:
@@ -520,7 +525,12 @@ def fallback_reason(model) -> str | None:
 
 @contextlib.contextmanager
 def tracing(model):
-    """Record every named step of the optimized forward, in execution order: yields a list of (name, tensor)."""
+    """Record every named step of the optimized forward, in execution order: yields a list of (name, tensor).
+
+    Only the kernels' path has these steps. A call inside the block that the guard hands to HF's own code (a plain
+    `model(ids)` with grad enabled, training mode, output_attentions=True, ...: guard.CASES) raises ValueError
+    saying why instead of running, and so does gpt2kern.generate's engine, which has no per-step trace; a block
+    in which no forward of the model ran raises too. The list is never silently empty or incomplete."""
     st = _state_or_none(model)
     if st is None:
         raise ValueError("model is not optimized (call gpt2kern.optimize(model) first)")
@@ -530,3 +540,24 @@ def tracing(model):
         yield records
     finally:
         st.trace = None
+    if not records:
+        raise ValueError("gpt2kern.tracing recorded no steps: no forward of the optimized model ran inside the "
+                         "`with` block (call model(ids) or model.generate(...) in it)")
+
+
+def untraceable(why: str) -> ValueError:
+    """The error for a call that gpt2kern.tracing cannot record because the guard sends it to HF's path (`why`)."""
+    if why.startswith("autograd"):
+        fix = ("call it under torch.no_grad() or torch.inference_mode(), or optimize(model, freeze=True) "
+               "(model.generate needs neither: it runs under no_grad)")
+    elif why.startswith("training mode"):
+        fix = "call model.eval() first"
+    else:
+        fix = "HF's path has no such steps (the cases: python -m gpt2kern.guard)"
+    return ValueError(f"gpt2kern.tracing records the kernels' steps, but this call took HF's path ({why}): {fix}")
+
+
+def tracing_open(model) -> bool:
+    """Whether gpt2kern.tracing(model) is open (for entry points that run no traced forward)."""
+    st = _state_or_none(model)
+    return st is not None and st.trace is not None

@@ -19,12 +19,14 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { echo "env.sh: $*"; }
 # logged PATTERN CMD...: CMD's whole output to build/env.log; the lines matching PATTERN (an extended regex) are
-# printed (rewritten by the sed script in $SHOW, if set), indented; on failure, the end of the log. CMD's own exit
-# status counts (pipefail).
+# printed (rewritten by the sed script in $SHOW, if set), indented, cut at 150 bytes, each as soon as CMD prints it:
+# every stage of the pipe passes a line on when it has it (grep --line-buffered, sed -u; `cut` and mawk would hold
+# them back until CMD ends, tests/test_env_logged.py); on failure, the end of the log. CMD's own exit status counts
+# (pipefail).
 logged() {
   local pat=$1; shift
   if ! "$@" 2>&1 | tee -a "$ENV_LOG" | { grep --line-buffered -E "$pat" || true; } | sed -u -E "${SHOW:-}" \
-       | cut -c1-150 | sed -u 's/^/    /'
+       | LC_ALL=C sed -u -E 's/^(.{0,150}).*/    \1/'
   then
     say "FAILED: $* (the last lines of build/env.log:)"; tail -n 40 "$ENV_LOG"; return 1
   fi
