@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = _run(cmd, argv)
     finally:
-        _ui.flush_notices()  # after a failure, fail() has folded them into its line already
+        _ui.flush_notices()  # (after a failure, fail() has printed them before its line already)
     return rv
 
 

@@ -39,13 +39,17 @@ def cli_run(capsys, monkeypatch):
     return go
 
 
-def assert_one_line_error(code, err, *needles):
+def assert_one_line_error(code, err, *needles, notes=()):
+    """Exit 2 and one `error:` line holding the needles, the last line on stderr; before it exactly one `note:` line
+    per entry of `notes`, holding that text (none by default)."""
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 + len(notes) and lines[-1].startswith("error: "), err
     assert "Traceback" not in err
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in lines[-1], lines[-1]
+    for line, n in zip(lines, notes):
+        assert line.startswith("note: ") and n in line, err
 
 
 @pytest.fixture(scope="session")
@@ -332,8 +336,9 @@ def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
     assert code == 0, err
     assert err.strip().splitlines() == [err.strip()] and "using random:distilgpt2" in err
     assert "random:distilgpt2" in out and "same top-10: yes" in out
-    code, out, err = cli_run("trace", "The quick", "--ids")  # an error with the default model: still one line
-    assert_one_line_error(code, err, "--ids", "(note: distilgpt2 is not in the local Hugging Face cache")
+    code, out, err = cli_run("trace", "The quick", "--ids")  # an error with the default model: the note on its own
+    assert_one_line_error(code, err, "--ids", notes=["distilgpt2 is not in the local Hugging Face cache"])
+    assert "note" not in err.strip().splitlines()[-1] and len(err.strip().splitlines()[-1]) < 160
     code, out, err = cli_run("generate", "464 2068", "--ids", "-m", "random:distilgpt2", "-n", "3", "--json")
     assert code == 0 and json.loads(out)["fast_path"], err
     code, out, err = cli_run("trace", "The quick", "-m", "random:distilgpt2", "--layer", "wpe")  # text, offline
