@@ -87,16 +87,36 @@ PromptArg = Annotated[List[str], typer.Argument(
          "An empty prompt starts from <|endoftext|>.", show_default=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", "-t", metavar="N", help="CPU threads for torch and the kernels (torch.set_num_threads); default: "
-    "torch's, one per core. Fewer than the cores is faster when other programs keep some busy.",
-    show_default=False)]
+    "torch's, one per core. Fewer than the cores is faster when other programs keep some busy; more than the CPUs "
+    "is allowed, with a note (they take turns).", show_default=False)]
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+MAX_THREADS = 1024  # (or 4 per CPU, if more): beyond, OpenMP would start thousands of threads; refused
 
 
 def set_threads(threads: int | None) -> int:
     """--threads: torch.set_num_threads (the kernels split their work over at::get_num_threads()). Returns the
-    number of threads in use."""
+    number of threads in use. More threads than CPUs is kept as asked (an experiment may want it), with a note:
+    they take turns on the CPUs, and every kernel waits for its slowest thread."""
     if threads is not None:
         if threads < 1:
             raise CliError(f"--threads must be >= 1, got {threads}")
+        n = cpu_count()
+        if threads > max(MAX_THREADS, 4 * n):
+            raise CliError(f"--threads must be at most {max(MAX_THREADS, 4 * n)} (this machine has {n} CPU"
+                           f"{'s' if n > 1 else ''}), got {threads}")
+        if threads > n:
+            notice(f"--threads {threads} is more than the {n} CPU{'s' if n > 1 else ''} this process can run on: "
+                   f"kept as asked, but the threads take turns and each kernel waits for the slowest, usually "
+                   f"slower than --threads {n}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 
@@ -104,6 +124,34 @@ def set_threads(threads: int | None) -> int:
 # ---------------------------------------------------------------- prompts and tokens
 
 _IDS_RE = re.compile(r"\s*\d+(?:\s*[,\s]\s*\d+)*\s*,?\s*")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def prompt_text(prompt: str | list[str]) -> str:
+    """PROMPT's words joined with spaces; CliError when it is not valid UTF-8. Linux hands Python the bytes of argv
+    that do not decode as UTF-8 as lone surrogates (U+DC80..U+DCFF, 'surrogateescape'), which no tokenizer takes
+    and no terminal prints: the prompt is refused, naming the first such byte, rather than changed behind the
+    user's back."""
+    if not isinstance(prompt, str):
+        prompt = " ".join(prompt)
+    bad = _LONE_SURROGATE.search(prompt)
+    if bad:
+        c, at = ord(bad.group()), len(prompt[:bad.start()].encode("utf-8"))
+        what = (f"byte 0x{c - 0xDC00:02x} at offset {at}" if 0xDC80 <= c <= 0xDCFF
+                else f"a lone surrogate U+{c:04X} at offset {at}")
+        raise CliError(f"the prompt is not valid UTF-8 ({what}); give it as UTF-8 text (iconv -t UTF-8 converts "
+                       f"it)")
+    return prompt
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise CliError(f"--seed must be in -2**63..2**64-1 (what torch.manual_seed takes), got {seed}")
 
 
 def _example_ids(config) -> str:
@@ -115,8 +163,7 @@ def encode_prompt(prompt: str | list[str], tok, config, as_ids: bool = False) ->
 
     An empty (or all-blank) prompt starts from the bos token, <|endoftext|> for GPT-2 (its unconditional start),
     with a note saying so."""
-    if not isinstance(prompt, str):
-        prompt = " ".join(prompt)
+    prompt = prompt_text(prompt)
     if not prompt.strip():  # GPT-2's unconditional start
         bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
         if bos is None:
@@ -167,6 +214,9 @@ def eos_id(model, tok) -> int | None:
 
 # ---------------------------------------------------------------- generation
 
+MIN_TEMPERATURE = 1e-6  # below, sampling is greedy decoding, and logits / temperature overflow float32 sooner or later
+
+
 @dataclasses.dataclass
 class GenSettings:
     max_new_tokens: int = 50
@@ -183,6 +233,9 @@ class GenSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0 or math.isinf(self.temperature):  # also rejects NaN
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"--temperature must be > 0 and at least {MIN_TEMPERATURE:g} (sampling that cold is "
+                             f"greedy decoding: use --greedy), got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -300,9 +353,10 @@ def generate(
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
     device = Device(device).value
     weights = Weights(weights).value
-    prompt = " ".join(prompt)
+    prompt = prompt_text(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
     s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
+    check_seed(seed)
     with expected_errors():
         s.check()
     n_threads = set_threads(threads)
@@ -465,6 +519,7 @@ def trace(
 ):
     """Every named step of the fast forward in execution order: shape, a few values, max |Δ| vs HF, tolerance."""
     device = Device(device).value
+    prompt = prompt_text(prompt)
     set_threads(threads)
     import gpt2kern
     from . import steps as S
@@ -536,12 +591,14 @@ def _print_tensor(t: torch.Tensor, full: bool):
 
 # ---------------------------------------------------------------- parity
 
+MAX_PARITY_BATCH = 64
+
 @app.command()
 def parity(
     model: ModelOpt = None,
     device: DeviceOpt = Device.cpu,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Prompt length of the random-id test batch.")] = 32,
-    batch: Annotated[int, typer.Option(help="Batch size of the test batch.")] = 2,
+    batch: Annotated[int, typer.Option(help=f"Batch size of the test batch (1..{MAX_PARITY_BATCH}).")] = 2,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens to compare.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random test ids.")] = 0,
     threads: ThreadsOpt = None,
@@ -553,11 +610,14 @@ def parity(
     relative L2, mean KLD, top-1 agreement; greedy agreement of --new-tokens) against its documented tolerance."""
     device = Device(device).value
     weights = Weights(weights).value
+    check_seed(seed)
     if weights != "fp32":
         return _parity_mode(model, device, weights, new_tokens, seed, threads, json_)
     for opt, v in (("--seq-len", seq_len), ("--batch", batch), ("--new-tokens", new_tokens)):
         if v < 1:
             raise CliError(f"{opt} must be >= 1, got {v}")
+    if batch > MAX_PARITY_BATCH:  # HF's every step is kept for the comparison: memory grows with batch·seq_len
+        raise CliError(f"--batch must be at most {MAX_PARITY_BATCH}, got {batch}")
     set_threads(threads)
     import gpt2kern
     from . import steps as S
