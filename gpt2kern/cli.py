@@ -370,16 +370,19 @@ def generate(
         s.seed = random.randrange(2 ** 31)
         notice(f"--compare-hf with sampling: both runs use --seed {s.seed}")
     input_ids = input_ids.to(device)
-    gpt2kern.optimize(m, weights=weights)
+    with expected_errors():
+        gpt2kern.optimize(m, weights=weights)
     with torch.no_grad():
         m(input_ids[:, :1])  # warm-up: thread pools and allocations out of the timing
     why = gpt2kern.fallback_reason(m)
 
     printer = _TokenPrinter(tok, s.eos_token_id, echo=not json_)
     _ui.flush_notices()  # the input checks passed: say which model this is before streaming from it
-    if printer.echo:  # the prompt as given (an empty one: nothing, the note says where it starts)
-        sys.stdout.write("" if not prompt.strip() else prompt if (tok is not None and not ids)
-                         else " ".join(map(str, input_ids[0].tolist())))
+    if printer.echo:  # the prompt, in the form the continuation streams in (an empty one: nothing, a note says where
+        # it starts): text as given; ids as ids without a tokenizer, else as the text they read as (--ids: not ids
+        # run into text)
+        sys.stdout.write("" if not prompt.strip() else " ".join(map(str, input_ids[0].tolist())) if tok is None
+                         else tok.decode(input_ids[0].tolist()) if ids else prompt)
         sys.stdout.flush()
     interrupted = False
     t0 = time.perf_counter()
@@ -454,9 +457,12 @@ def next_token(
     ids: IdsOpt = False,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
+    weights: WeightsOpt = Weights.fp32,
 ):
     """The next-token distribution after PROMPT: token, id, probability (softmax of the logits), logit."""
     device = Device(device).value
+    weights = Weights(weights).value
+    prompt = prompt_text(prompt)
     if top_k < 1:
         raise CliError(f"--top-k must be >= 1, got {top_k}")
     n_threads = set_threads(threads)
@@ -466,7 +472,8 @@ def next_token(
     input_ids = encode_prompt(prompt, tok, m.config, ids).to(device)
     with torch.no_grad():
         ref = m(input_ids).logits[0, -1].double().cpu()  # HF's forward, for the agreement line
-        gpt2kern.optimize(m)
+        with expected_errors():
+            gpt2kern.optimize(m, weights=weights)
         logits = m(input_ids).logits[0, -1].double().cpu()
     why = gpt2kern.fallback_reason(m)
     probs = torch.softmax(logits, -1)
@@ -478,17 +485,20 @@ def next_token(
     res = dict(model=name, prompt_ids=input_ids[0].tolist(), top=rows,
                top_mass=float(top.values.sum()), max_abs_logit_diff_vs_hf=(logits - ref).abs().max().item(),
                same_top_k_as_hf=bool(torch.equal(top.indices, ref_top)), threads=n_threads, fast_path=why is None,
-               fallback_reason=why)
+               fallback_reason=why, weights=weights)
     if json_:
         emit_json(res)
         return 0
     print_table([("#", "right"), "token", ("id", "right"), ("probability", "right"), ("logit", "right")],
                 [(r["rank"], token_text(tok, r["id"]), r["id"], fmt_num(r["probability"], 4), f"{r['logit']:.3f}")
                  for r in rows],
-                title=f"next token after {input_ids.shape[1]} prompt tokens — {name}",
+                title=f"next token after {input_ids.shape[1]} prompt tokens — {name}"
+                      + ("" if weights == "fp32" else f", {weights} weights"),
                 caption=f"probability = softmax(logits); these {k} hold {res['top_mass'] * 100:.3g}% of the mass")
     console.print(f"vs HF: max |Δlogit| = {fmt_num(res['max_abs_logit_diff_vs_hf'])}, "
-                  f"same top-{k}: {'yes' if res['same_top_k_as_hf'] else 'NO'}")
+                  f"same top-{k}: {'yes' if res['same_top_k_as_hf'] else 'NO'}"
+                  + ("" if weights == "fp32" else f" (HF in fp32; {weights}'s expected error: gpt2kern parity "
+                                                  f"--weights {weights})"))
     if why is not None:
         notice(f"the fast path did not run ({why})")
     return 0

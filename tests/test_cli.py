@@ -240,6 +240,12 @@ def test_errors_from_the_console_script(args, needle):
     (["next", "1", "-m", "random:tiny", "--top-k", "0"], "--top-k must be >= 1"),
     (["parity", "-m", "random:tiny", "--seq-len", "600"], "n_positions=512"),
     (["generate"], "Missing argument"),
+    (["generate", "1", "-m", "random:tiny", "--temperature", "1e-300"], "at least 1e-06"),
+    (["generate", "1", "-m", "random:tiny", "--sample", "--seed", str(2 ** 64)], "--seed must be in"),
+    (["parity", "-m", "random:tiny", "--seed", str(-2 ** 63 - 1)], "--seed must be in"),
+    (["parity", "-m", "random:tiny", "--batch", "65"], "--batch must be at most 64"),
+    (["next", "1", "-m", "random:tiny", "--threads", str(10 ** 20)], "--threads must be at most"),
+    (["next", "1", "-m", "random:tiny", "--weights", "q4"], "--weights"),
 ])
 def test_errors_are_one_line_exit_2(cli_run, args, needle):
     code, out, err = cli_run(*args)
