@@ -172,7 +172,8 @@ def fmt_num(x: Any, digits: int = 4) -> str:
 def print_table(columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[Any]], title: str | None = None,
                 caption: str | None = None) -> None:
     """A rich table on stdout. columns: names, or (name, justify) with justify left/right/center."""
-    t = Table(title=title, caption=caption, show_lines=False, header_style="bold", title_justify="left")
+    t = Table(title=title, caption=caption, show_lines=False, header_style="bold", title_justify="left",
+              caption_justify="left")
     for c in columns:
         name, justify = (c, "left") if isinstance(c, str) else c
         t.add_column(name, justify=justify, overflow="fold")

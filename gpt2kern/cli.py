@@ -816,26 +816,42 @@ def bench(
                  ("GFLOP/s", "right"), ("% roofline", "right")],
                 [(k["kernel"], k["M"], f"{k['ours_ms']:.4f}", f"{k['torch_ms']:.4f}", f"{k['ratio']:.2f}",
                   f"{k['gflops']:.1f}" if k["gflops"] else "", f"{k['roofline_pct']:.0f}") for k in res["kernels"]],
-                title="kernels vs torch (ratio > 1: gpt2kern faster)")
+                title="kernels vs torch (ratio > 1: gpt2kern faster)",
+                caption="M: rows (tokens) per call — up to 8: a decode step at batch M (attention: one new token "
+                        "per sequence over a 512-token cache), more: a prefill of M tokens (causal attention over "
+                        "them); ours ms, torch ms: median time per call; ratio = torch ms ÷ ours ms; GFLOP/s: ours, "
+                        "on the rows that multiply (matmuls, attention); % roofline = the time the roofline allows "
+                        "(bytes at the read bandwidth or FLOPs at the FMA peak, whichever is longer) ÷ ours ms: rows "
+                        "whose data fit in cache can pass 100")
     print_table(["end to end", ("ours ms", "right"), ("HF eager ms", "right"), ("ratio", "right"),
                  ("% roofline", "right")],
                 [(e["measure"], f"{e['ours_ms']:.2f}", f"{e['hf_ms']:.2f}", f"{e['ratio']:.2f}",
                   f"{e['roofline_pct']:.0f}") for e in res["end_to_end"]],
                 title="end to end vs HF eager",
-                caption=f"decode roofline: {res['decode_floor_ms']:.2f} ms/token to read every weight once at the "
+                caption=f"ours ms, HF eager ms: median per prefill call, per decoded token (B=1) or per decode step "
+                        f"(B=8: 8 tokens); ratio = HF eager ms ÷ ours ms (> 1: gpt2kern faster); % roofline = the "
+                        f"roofline's time ÷ ours ms. Decode roofline: {res['decode_floor_ms']:.2f} ms/token to read "
+                        f"every weight once at the "
                         f"{res['decode_read_bandwidth_GBps']:.1f} GB/s measured between the decodes; prefill "
                         f"roofline: FLOPs at the FMA peak")
+    guard = next((r for r in res["dropin"] if r.get("share_pct") is not None), None)
     print_table(["drop-in", ("ms", "right"), "vs", ("its ms", "right"), ("ratio", "right")],
-                [(r["measure"], f"{r['ms']:.4f}", r["baseline"], f"{r['baseline_ms']:.4f}", f"{r['ratio']:.2f}")
-                 for r in res["dropin"]],
-                title="drop-in: the guard, calls that need autograd, torch.compile (ratio > 1: the row is faster)")
+                [(r["measure"], f"{r['ms']:.4f}", r["baseline"], f"{r['baseline_ms']:.4f}",
+                  "—" if r["ratio"] is None else f"{r['ratio']:.2f}") for r in res["dropin"]],
+                title="drop-in: the guard, calls that need autograd, torch.compile (ratio > 1: the row is faster)",
+                caption="ms: the row's median time per call; vs, its ms: what it is compared with, and that one's "
+                        "time; ratio = its ms ÷ ms" + (
+                            f". The guard is a cost, not a race (no ratio): {guard['ms'] * 1e3:.1f} µs per call, "
+                            f"{guard['share_pct']:.2g}% of the whole T=1 forward it guards" if guard else ""))
     if res.get("contend"):
         print_table(["--contend", ("threads", "right"), ("ms/token", "right"), ("1 thread ms/token", "right"),
                      ("ratio", "right")],
                     [(r["measure"], r["threads"], f"{r['ms']:.2f}", f"{r['one_thread_ms']:.2f}", f"{r['ratio']:.2f}")
                      for r in res["contend"]],
                     title="decode with a busy core (ratio <= 1: more threads never hurt)",
-                    caption=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
+                    caption=f"threads: the run's (--threads); ms/token at those threads, and at 1 thread in the same "
+                            f"interleaved rounds; ratio = ms/token ÷ 1 thread ms/token. OMP_WAIT_POLICY="
+                            f"{os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
     if res.get("modes"):
         md = res["modes"]
         T = next(k for k in md[0] if k.startswith("prefill_T") and k.endswith("_ms"))[len("prefill_T"):-len("_last_ms")]
@@ -853,7 +869,9 @@ def bench(
                     title="weight modes: decode B=1 ms/token, B=8 ms/step, prefill (last-position logits) ms; × = "
                           "speed vs fp32 (same rounds); error vs HF fp32, teacher-forced",
                     caption="MiB/tok: weight bytes a token streams; +MiB: the copy optimize() holds beside HF's "
-                            "parameters")
+                            "parameters; rel L2: ‖logits − HF's‖ ÷ ‖HF's‖; KLD: mean KL(HF ‖ mode) of the next-token "
+                            "distributions; top-1: positions whose most likely token is HF's"
+                            + ("; greedy: greedy tokens equal to HF fp32's" if "greedy_same" in md[0] else ""))
     console.print("parity: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in res["parity"].items()), markup=False)
     return 0
