@@ -2,7 +2,9 @@
 
 Every command (generate, next, trace, parity, and bench) uses these, so they all look and fail alike:
   * expected problems (bad option values, unknown model, missing dir, prompt too long, no GPU) raise `CliError`;
-    `gpt2kern.cli.main` prints it as ONE line `error: ...` on stderr and exits 2 — never a traceback;
+    `gpt2kern.cli.main` prints it as ONE line `error: ...` on stderr and exits 2 — never a traceback; it is the
+    last line there: the notes the command gathered before it failed (the default model, say) come first, one
+    `note: ...` line each;
   * tables are rich tables on stdout; notices and progress go to stderr, so stdout stays the result;
   * `--json` replaces the table (and streamed text) with one JSON document on stdout (`emit_json`).
 """
@@ -60,16 +62,16 @@ _notes: list[str] = []  # notices of this command, printed when it ends (see flu
 
 
 def fail(msg: str, code: int = EXIT_USAGE) -> int:
-    """Print `error: msg` (one line) on stderr, with the command's pending notices folded in; returns the exit
-    code to use."""
-    notes = f" (note: {'; '.join(_notes)})" if _notes else ""
-    _notes.clear()
-    err_console.print(f"error: {one_line(msg)}{notes}", markup=False, highlight=False, soft_wrap=True)
+    """Print `error: msg` (one line) on stderr, after the command's pending notices (a `note:` line each, so the
+    error line is the last line and holds the error alone); returns the exit code to use."""
+    flush_notices()
+    err_console.print(f"error: {one_line(msg)}", markup=False, highlight=False, soft_wrap=True)
     return code
 
 
 def notice(msg: str) -> None:
-    """A `note:` line on stderr, printed when the command ends, so that a failing command still says one line."""
+    """A `note:` line on stderr, printed when the command ends (before its `error:` line if it fails), or earlier
+    by flush_notices()."""
     _notes.append(msg)
 
 
@@ -170,7 +172,8 @@ def fmt_num(x: Any, digits: int = 4) -> str:
 def print_table(columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[Any]], title: str | None = None,
                 caption: str | None = None) -> None:
     """A rich table on stdout. columns: names, or (name, justify) with justify left/right/center."""
-    t = Table(title=title, caption=caption, show_lines=False, header_style="bold", title_justify="left")
+    t = Table(title=title, caption=caption, show_lines=False, header_style="bold", title_justify="left",
+              caption_justify="left")
     for c in columns:
         name, justify = (c, "left") if isinstance(c, str) else c
         t.add_column(name, justify=justify, overflow="fold")

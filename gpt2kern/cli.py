@@ -87,16 +87,36 @@ PromptArg = Annotated[List[str], typer.Argument(
          "An empty prompt starts from <|endoftext|>.", show_default=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", "-t", metavar="N", help="CPU threads for torch and the kernels (torch.set_num_threads); default: "
-    "torch's, one per core. Fewer than the cores is faster when other programs keep some busy.",
-    show_default=False)]
+    "torch's, one per core. Fewer than the cores is faster when other programs keep some busy; more than the CPUs "
+    "is allowed, with a note (they take turns).", show_default=False)]
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+MAX_THREADS = 1024  # (or 4 per CPU, if more): beyond, OpenMP would start thousands of threads; refused
 
 
 def set_threads(threads: int | None) -> int:
     """--threads: torch.set_num_threads (the kernels split their work over at::get_num_threads()). Returns the
-    number of threads in use."""
+    number of threads in use. More threads than CPUs is kept as asked (an experiment may want it), with a note:
+    they take turns on the CPUs, and every kernel waits for its slowest thread."""
     if threads is not None:
         if threads < 1:
             raise CliError(f"--threads must be >= 1, got {threads}")
+        n = cpu_count()
+        if threads > max(MAX_THREADS, 4 * n):
+            raise CliError(f"--threads must be at most {max(MAX_THREADS, 4 * n)} (this machine has {n} CPU"
+                           f"{'s' if n > 1 else ''}), got {threads}")
+        if threads > n:
+            notice(f"--threads {threads} is more than the {n} CPU{'s' if n > 1 else ''} this process can run on: "
+                   f"kept as asked, but the threads take turns and each kernel waits for the slowest, usually "
+                   f"slower than --threads {n}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 
@@ -104,6 +124,34 @@ def set_threads(threads: int | None) -> int:
 # ---------------------------------------------------------------- prompts and tokens
 
 _IDS_RE = re.compile(r"\s*\d+(?:\s*[,\s]\s*\d+)*\s*,?\s*")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def prompt_text(prompt: str | list[str]) -> str:
+    """PROMPT's words joined with spaces; CliError when it is not valid UTF-8. Linux hands Python the bytes of argv
+    that do not decode as UTF-8 as lone surrogates (U+DC80..U+DCFF, 'surrogateescape'), which no tokenizer takes
+    and no terminal prints: the prompt is refused, naming the first such byte, rather than changed behind the
+    user's back."""
+    if not isinstance(prompt, str):
+        prompt = " ".join(prompt)
+    bad = _LONE_SURROGATE.search(prompt)
+    if bad:
+        c, at = ord(bad.group()), len(prompt[:bad.start()].encode("utf-8"))
+        what = (f"byte 0x{c - 0xDC00:02x} at offset {at}" if 0xDC80 <= c <= 0xDCFF
+                else f"a lone surrogate U+{c:04X} at offset {at}")
+        raise CliError(f"the prompt is not valid UTF-8 ({what}); give it as UTF-8 text (iconv -t UTF-8 converts "
+                       f"it)")
+    return prompt
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise CliError(f"--seed must be in -2**63..2**64-1 (what torch.manual_seed takes), got {seed}")
 
 
 def _example_ids(config) -> str:
@@ -115,8 +163,7 @@ def encode_prompt(prompt: str | list[str], tok, config, as_ids: bool = False) ->
 
     An empty (or all-blank) prompt starts from the bos token, <|endoftext|> for GPT-2 (its unconditional start),
     with a note saying so."""
-    if not isinstance(prompt, str):
-        prompt = " ".join(prompt)
+    prompt = prompt_text(prompt)
     if not prompt.strip():  # GPT-2's unconditional start
         bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
         if bos is None:
@@ -167,6 +214,9 @@ def eos_id(model, tok) -> int | None:
 
 # ---------------------------------------------------------------- generation
 
+MIN_TEMPERATURE = 1e-6  # below, sampling is greedy decoding, and logits / temperature overflow float32 sooner or later
+
+
 @dataclasses.dataclass
 class GenSettings:
     max_new_tokens: int = 50
@@ -183,6 +233,9 @@ class GenSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0 or math.isinf(self.temperature):  # also rejects NaN
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"--temperature must be > 0 and at least {MIN_TEMPERATURE:g} (sampling that cold is "
+                             f"greedy decoding: use --greedy), got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -300,9 +353,10 @@ def generate(
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
     device = Device(device).value
     weights = Weights(weights).value
-    prompt = " ".join(prompt)
+    prompt = prompt_text(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
     s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
+    check_seed(seed)
     with expected_errors():
         s.check()
     n_threads = set_threads(threads)
@@ -316,16 +370,19 @@ def generate(
         s.seed = random.randrange(2 ** 31)
         notice(f"--compare-hf with sampling: both runs use --seed {s.seed}")
     input_ids = input_ids.to(device)
-    gpt2kern.optimize(m, weights=weights)
+    with expected_errors():
+        gpt2kern.optimize(m, weights=weights)
     with torch.no_grad():
         m(input_ids[:, :1])  # warm-up: thread pools and allocations out of the timing
     why = gpt2kern.fallback_reason(m)
 
     printer = _TokenPrinter(tok, s.eos_token_id, echo=not json_)
     _ui.flush_notices()  # the input checks passed: say which model this is before streaming from it
-    if printer.echo:  # the prompt as given (an empty one: nothing, the note says where it starts)
-        sys.stdout.write("" if not prompt.strip() else prompt if (tok is not None and not ids)
-                         else " ".join(map(str, input_ids[0].tolist())))
+    if printer.echo:  # the prompt, in the form the continuation streams in (an empty one: nothing, a note says where
+        # it starts): text as given; ids as ids without a tokenizer, else as the text they read as (--ids: not ids
+        # run into text)
+        sys.stdout.write("" if not prompt.strip() else " ".join(map(str, input_ids[0].tolist())) if tok is None
+                         else tok.decode(input_ids[0].tolist()) if ids else prompt)
         sys.stdout.flush()
     interrupted = False
     t0 = time.perf_counter()
@@ -400,9 +457,12 @@ def next_token(
     ids: IdsOpt = False,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
+    weights: WeightsOpt = Weights.fp32,
 ):
     """The next-token distribution after PROMPT: token, id, probability (softmax of the logits), logit."""
     device = Device(device).value
+    weights = Weights(weights).value
+    prompt = prompt_text(prompt)
     if top_k < 1:
         raise CliError(f"--top-k must be >= 1, got {top_k}")
     n_threads = set_threads(threads)
@@ -412,7 +472,8 @@ def next_token(
     input_ids = encode_prompt(prompt, tok, m.config, ids).to(device)
     with torch.no_grad():
         ref = m(input_ids).logits[0, -1].double().cpu()  # HF's forward, for the agreement line
-        gpt2kern.optimize(m)
+        with expected_errors():
+            gpt2kern.optimize(m, weights=weights)
         logits = m(input_ids).logits[0, -1].double().cpu()
     why = gpt2kern.fallback_reason(m)
     probs = torch.softmax(logits, -1)
@@ -424,17 +485,20 @@ def next_token(
     res = dict(model=name, prompt_ids=input_ids[0].tolist(), top=rows,
                top_mass=float(top.values.sum()), max_abs_logit_diff_vs_hf=(logits - ref).abs().max().item(),
                same_top_k_as_hf=bool(torch.equal(top.indices, ref_top)), threads=n_threads, fast_path=why is None,
-               fallback_reason=why)
+               fallback_reason=why, weights=weights)
     if json_:
         emit_json(res)
         return 0
     print_table([("#", "right"), "token", ("id", "right"), ("probability", "right"), ("logit", "right")],
                 [(r["rank"], token_text(tok, r["id"]), r["id"], fmt_num(r["probability"], 4), f"{r['logit']:.3f}")
                  for r in rows],
-                title=f"next token after {input_ids.shape[1]} prompt tokens — {name}",
+                title=f"next token after {input_ids.shape[1]} prompt tokens — {name}"
+                      + ("" if weights == "fp32" else f", {weights} weights"),
                 caption=f"probability = softmax(logits); these {k} hold {res['top_mass'] * 100:.3g}% of the mass")
     console.print(f"vs HF: max |Δlogit| = {fmt_num(res['max_abs_logit_diff_vs_hf'])}, "
-                  f"same top-{k}: {'yes' if res['same_top_k_as_hf'] else 'NO'}")
+                  f"same top-{k}: {'yes' if res['same_top_k_as_hf'] else 'NO'}"
+                  + ("" if weights == "fp32" else f" (HF in fp32; {weights}'s expected error: gpt2kern parity "
+                                                  f"--weights {weights})"))
     if why is not None:
         notice(f"the fast path did not run ({why})")
     return 0
@@ -465,6 +529,7 @@ def trace(
 ):
     """Every named step of the fast forward in execution order: shape, a few values, max |Δ| vs HF, tolerance."""
     device = Device(device).value
+    prompt = prompt_text(prompt)
     set_threads(threads)
     import gpt2kern
     from . import steps as S
@@ -536,12 +601,14 @@ def _print_tensor(t: torch.Tensor, full: bool):
 
 # ---------------------------------------------------------------- parity
 
+MAX_PARITY_BATCH = 64
+
 @app.command()
 def parity(
     model: ModelOpt = None,
     device: DeviceOpt = Device.cpu,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Prompt length of the random-id test batch.")] = 32,
-    batch: Annotated[int, typer.Option(help="Batch size of the test batch.")] = 2,
+    batch: Annotated[int, typer.Option(help=f"Batch size of the test batch (1..{MAX_PARITY_BATCH}).")] = 2,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens to compare.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random test ids.")] = 0,
     threads: ThreadsOpt = None,
@@ -553,11 +620,14 @@ def parity(
     relative L2, mean KLD, top-1 agreement; greedy agreement of --new-tokens) against its documented tolerance."""
     device = Device(device).value
     weights = Weights(weights).value
+    check_seed(seed)
     if weights != "fp32":
         return _parity_mode(model, device, weights, new_tokens, seed, threads, json_)
     for opt, v in (("--seq-len", seq_len), ("--batch", batch), ("--new-tokens", new_tokens)):
         if v < 1:
             raise CliError(f"{opt} must be >= 1, got {v}")
+    if batch > MAX_PARITY_BATCH:  # HF's every step is kept for the comparison: memory grows with batch·seq_len
+        raise CliError(f"--batch must be at most {MAX_PARITY_BATCH}, got {batch}")
     set_threads(threads)
     import gpt2kern
     from . import steps as S
@@ -750,7 +820,13 @@ def bench(
                  ("GFLOP/s", "right"), ("% roofline", "right")],
                 [(k["kernel"], k["M"], f"{k['ours_ms']:.4f}", f"{k['torch_ms']:.4f}", f"{k['ratio']:.2f}",
                   f"{k['gflops']:.1f}" if k["gflops"] else "", f"{k['roofline_pct']:.0f}") for k in res["kernels"]],
-                title="kernels vs torch (ratio > 1: gpt2kern faster)")
+                title="kernels vs torch (ratio > 1: gpt2kern faster)",
+                caption="M: rows (tokens) per call — up to 8: a decode step at batch M (attention: one new token "
+                        "per sequence over a 512-token cache), more: a prefill of M tokens (causal attention over "
+                        "them); ours ms, torch ms: median time per call; ratio = torch ms ÷ ours ms; GFLOP/s: ours, "
+                        "on the rows that multiply (matmuls, attention); % roofline = the time the roofline allows "
+                        "(bytes at the read bandwidth or FLOPs at the FMA peak, whichever is longer) ÷ ours ms: rows "
+                        "whose data fit in cache can pass 100")
     hf_attn, eager = res["hf_attn"], res["hf_second_attn"]
     print_table(["end to end", ("ours ms", "right"), (f"HF {hf_attn} ms", "right"), ("ratio", "right")]
                 + ([(f"HF {eager} ms", "right"), ("ratio", "right")] if eager else []) + [("% roofline", "right")],
@@ -759,21 +835,30 @@ def bench(
                  + (f"{e['roofline_pct']:.0f}",) for e in res["end_to_end"]],
                 title=f"end to end vs HF ({hf_attn} attention, as from_pretrained gives it"
                       + (f"; and {eager}, the parity reference)" if eager else ")"),
-                caption=f"ratio: HF's time ÷ ours (> 1: gpt2kern faster); decode roofline: "
-                        f"{res['decode_floor_ms']:.2f} ms/token to read every weight once at the "
+                caption=f"ours ms, HF ms: median per prefill call, per decoded token (B=1) or per decode step "
+                        f"(B=8: 8 tokens); each ratio = that HF column's ms ÷ ours ms (> 1: gpt2kern faster); "
+                        f"% roofline = the roofline's time ÷ ours ms. Decode roofline: {res['decode_floor_ms']:.2f} "
+                        f"ms/token to read every weight once at the "
                         f"{res['decode_read_bandwidth_GBps']:.1f} GB/s measured between the decodes; prefill "
                         f"roofline: FLOPs at the FMA peak")
+    guard = next((r for r in res["dropin"] if r.get("share_pct") is not None), None)
     print_table(["drop-in", ("ms", "right"), "vs", ("its ms", "right"), ("ratio", "right")],
-                [(r["measure"], f"{r['ms']:.4f}", r["baseline"], f"{r['baseline_ms']:.4f}", f"{r['ratio']:.2f}")
-                 for r in res["dropin"]],
-                title="drop-in: the guard, calls that need autograd, torch.compile (ratio > 1: the row is faster)")
+                [(r["measure"], f"{r['ms']:.4f}", r["baseline"], f"{r['baseline_ms']:.4f}",
+                  "—" if r["ratio"] is None else f"{r['ratio']:.2f}") for r in res["dropin"]],
+                title="drop-in: the guard, calls that need autograd, torch.compile (ratio > 1: the row is faster)",
+                caption="ms: the row's median time per call; vs, its ms: what it is compared with, and that one's "
+                        "time; ratio = its ms ÷ ms" + (
+                            f". The guard is a cost, not a race (no ratio): {guard['ms'] * 1e3:.1f} µs per call, "
+                            f"{guard['share_pct']:.2g}% of the whole T=1 forward it guards" if guard else ""))
     if res.get("contend"):
         print_table(["--contend", ("threads", "right"), ("ms/token", "right"), ("1 thread ms/token", "right"),
                      ("ratio", "right")],
                     [(r["measure"], r["threads"], f"{r['ms']:.2f}", f"{r['one_thread_ms']:.2f}", f"{r['ratio']:.2f}")
                      for r in res["contend"]],
                     title="decode with a busy core (ratio <= 1: more threads never hurt)",
-                    caption=f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
+                    caption=f"threads: the run's (--threads); ms/token at those threads, and at 1 thread in the same "
+                            f"interleaved rounds; ratio = ms/token ÷ 1 thread ms/token. OMP_WAIT_POLICY="
+                            f"{os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
     if res.get("modes"):
         md = res["modes"]
         T = next(k for k in md[0] if k.startswith("prefill_T") and k.endswith("_ms"))[len("prefill_T"):-len("_last_ms")]
@@ -791,7 +876,9 @@ def bench(
                     title="weight modes: decode B=1 ms/token, B=8 ms/step, prefill (last-position logits) ms; × = "
                           "speed vs fp32 (same rounds); error vs HF fp32, teacher-forced",
                     caption="MiB/tok: weight bytes a token streams; +MiB: the copy optimize() holds beside HF's "
-                            "parameters")
+                            "parameters; rel L2: ‖logits − HF's‖ ÷ ‖HF's‖; KLD: mean KL(HF ‖ mode) of the next-token "
+                            "distributions; top-1: positions whose most likely token is HF's"
+                            + ("; greedy: greedy tokens equal to HF fp32's" if "greedy_same" in md[0] else ""))
     console.print("parity (vs HF eager): " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                                        for k, v in res["parity"].items()), markup=False)
     before, during = load["other_cpus_before"], load["other_cpus_during"]
@@ -816,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = _run(cmd, argv)
     finally:
-        _ui.flush_notices()  # after a failure, fail() has folded them into its line already
+        _ui.flush_notices()  # (after a failure, fail() has printed them before its line already)
     return rv
 
 

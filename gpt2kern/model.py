@@ -410,18 +410,56 @@ def _lm_head_forward(self, hidden_states):
     return logits
 
 
+class _FromHF:
+    """An attribute of an _Installed instance read from HF's forward it replaced (see there); on the class itself,
+    `on_class`, so inspect.signature(_Installed) and help(_Installed) still describe the class."""
+
+    def __init__(self, get, on_class=None):
+        self.get, self.on_class = get, on_class
+
+    def __get__(self, obj, owner=None):
+        return self.on_class if obj is None else self.get(_hf_forward(obj.module))
+
+
 class _Installed:
     """The fast forward optimize() installs on a module instance. A class with __reduce__ rather than a bound method,
-    so an optimized model still pickles (torch.save) and loads: pickle would look a bound method up by its name."""
+    so an optimized model still pickles (torch.save) and loads: pickle would look a bound method up by its name.
+
+    It answers introspection as HF's forward it replaced (the instance's earlier forward, else its class's, bound):
+    inspect.signature(model.forward) is HF's — HF's Trainer keeps the dataset columns that are forward parameters,
+    test suites look for inputs_embeds there — and so are its docstring and name. Read when asked, not stored, so
+    pickle and deepcopy carry nothing new and a copy answers for its own module."""
+
+    __signature__ = _FromHF(inspect.signature)
+    __doc__ = _FromHF(lambda f: f.__doc__, on_class=__doc__)
+    __name__ = _FromHF(lambda f: f.__name__)
 
     def __init__(self, module, which: str):
         self.module, self.which = module, which
 
     def __call__(self, *args, **kwargs):
-        return (_forward if self.which == "body" else _lm_head_forward)(self.module, *args, **kwargs)
+        if self.which == "body":
+            return _forward(self.module, *args, **kwargs)
+        if len(args) == 1 and not kwargs:  # how HF's heads call it: lm_head(hidden_states)
+            return _lm_head_forward(self.module, *args)
+        return _lm_head_by_keyword(self.module, args, kwargs)
 
     def __reduce__(self):
         return _Installed, (self.module, self.which)
+
+
+def _lm_head_by_keyword(module, args, kwargs):
+    """lm_head called other than with one positional tensor: bound as HF's forward would bind it (nn.Linear's
+    `input=`), so a call HF accepts runs here too and one it refuses raises HF's own TypeError."""
+    hf = _hf_forward(module)
+    try:
+        bound = inspect.signature(hf).bind(*args, **kwargs)
+    except TypeError:
+        return hf(*args, **kwargs)
+    if len(bound.arguments) != 1 or bound.signature.parameters[next(iter(bound.arguments))].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return hf(*args, **kwargs)
+    return _lm_head_forward(module, *bound.arguments.values())
 
 
 def _hf_forward(module):

@@ -39,6 +39,13 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     assert load["trusted"] == ("warning" not in load) and (("warning: this machine was busy" in out) != load["trusted"])
     dropin = [r["measure"] for r in res["dropin"]]
     assert any("guard.why_not" in m for m in dropin) and any("grad enabled" in m for m in dropin)
+    guard = next(r for r in res["dropin"] if "guard.why_not" in r["measure"])  # a cost: a share, not a "speed-up"
+    assert guard["ratio"] is None and 0 < guard["share_pct"] < 100 and "shown as" not in guard["measure"]
+    assert all(r["ratio"] > 0 for r in res["dropin"] if r is not guard)
+    # every table explains its columns once, under it
+    for caption in ("M: rows (tokens) per call", "ratio = torch ms ÷ ours ms", "ratio = HF eager ms ÷ ours ms",
+                    "ratio = its ms ÷ ms", "µs per call", "ratio = ms/token ÷ 1 thread ms/token", "KLD: mean KL"):
+        assert caption in " ".join(out.split()), caption
     assert [r["measure"].split(",")[1].strip() for r in res["contend"]][0] == "quiet"
     assert res["rss_added_MiB"] < 0.05 * res["weights_MiB"] + 1  # fp32 reads HF's weights in place
     modes = {r["mode"]: r for r in res["modes"]}

@@ -39,13 +39,17 @@ def cli_run(capsys, monkeypatch):
     return go
 
 
-def assert_one_line_error(code, err, *needles):
+def assert_one_line_error(code, err, *needles, notes=()):
+    """Exit 2 and one `error:` line holding the needles, the last line on stderr; before it exactly one `note:` line
+    per entry of `notes`, holding that text (none by default)."""
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 + len(notes) and lines[-1].startswith("error: "), err
     assert "Traceback" not in err
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in lines[-1], lines[-1]
+    for line, n in zip(lines, notes):
+        assert line.startswith("note: ") and n in line, err
 
 
 @pytest.fixture(scope="session")
@@ -236,6 +240,12 @@ def test_errors_from_the_console_script(args, needle):
     (["next", "1", "-m", "random:tiny", "--top-k", "0"], "--top-k must be >= 1"),
     (["parity", "-m", "random:tiny", "--seq-len", "600"], "n_positions=512"),
     (["generate"], "Missing argument"),
+    (["generate", "1", "-m", "random:tiny", "--temperature", "1e-300"], "at least 1e-06"),
+    (["generate", "1", "-m", "random:tiny", "--sample", "--seed", str(2 ** 64)], "--seed must be in"),
+    (["parity", "-m", "random:tiny", "--seed", str(-2 ** 63 - 1)], "--seed must be in"),
+    (["parity", "-m", "random:tiny", "--batch", "65"], "--batch must be at most 64"),
+    (["next", "1", "-m", "random:tiny", "--threads", str(10 ** 20)], "--threads must be at most"),
+    (["next", "1", "-m", "random:tiny", "--weights", "q4"], "--weights"),
 ])
 def test_errors_are_one_line_exit_2(cli_run, args, needle):
     code, out, err = cli_run(*args)
@@ -332,8 +342,9 @@ def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
     assert code == 0, err
     assert err.strip().splitlines() == [err.strip()] and "using random:distilgpt2" in err
     assert "random:distilgpt2" in out and "same top-10: yes" in out
-    code, out, err = cli_run("trace", "The quick", "--ids")  # an error with the default model: still one line
-    assert_one_line_error(code, err, "--ids", "(note: distilgpt2 is not in the local Hugging Face cache")
+    code, out, err = cli_run("trace", "The quick", "--ids")  # an error with the default model: the note on its own
+    assert_one_line_error(code, err, "--ids", notes=["distilgpt2 is not in the local Hugging Face cache"])
+    assert "note" not in err.strip().splitlines()[-1] and len(err.strip().splitlines()[-1]) < 160
     code, out, err = cli_run("generate", "464 2068", "--ids", "-m", "random:distilgpt2", "-n", "3", "--json")
     assert code == 0 and json.loads(out)["fast_path"], err
     code, out, err = cli_run("trace", "The quick", "-m", "random:distilgpt2", "--layer", "wpe")  # text, offline
@@ -410,3 +421,67 @@ def test_generate_weights_and_bad_values(cli_run):
     assert_one_line_error(code, err, "measures the CPU path")
     code, out, err = cli_run("bench", "--weights", "fp8")
     assert_one_line_error(code, err, "--weights must be 'all' or a comma list")
+
+
+# ---------------------------------------------------------------- every input validated (issue: CLI inputs)
+
+@pytest.mark.parametrize("cmd", ["generate", "next", "trace"])
+def test_a_prompt_that_is_not_utf8_is_refused(cmd):
+    """Linux hands argv bytes that are not UTF-8 to Python as lone surrogates: one error line naming the byte, before
+    torch is imported (no model is loaded for it)."""
+    r = subprocess.run([sys.executable, "-m", "gpt2kern", cmd, b"caf\xe9 \xff\xfe", "-m", "random:distilgpt2"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert_one_line_error(r.returncode, r.stderr, "the prompt is not valid UTF-8 (byte 0xe9 at offset 3)",
+                          "UTF-8 text")
+    assert r.stdout == ""
+
+
+def test_a_lone_surrogate_in_process(cli_run):
+    code, _, err = cli_run("generate", "a\ud800b", "-m", "random:distilgpt2")
+    assert_one_line_error(code, err, "lone surrogate U+D800 at offset 1")
+    with pytest.raises(cli.CliError, match="byte 0xff at offset 3"):
+        cli.encode_prompt(["é", "\udcff"], None, gpt2kern.loading.random_config("tiny"))
+    code, out, err = cli_run("next", "café ☕", "-m", "random:distilgpt2", "--json")  # valid UTF-8 is text
+    assert code == 0 and len(json.loads(out)["prompt_ids"]) > 2, err
+
+
+def test_threads_beyond_the_cpus_are_kept_with_a_note(cli_run):
+    before = torch.get_num_threads()
+    n = cli.cpu_count() + 1
+    try:
+        code, out, err = cli_run("next", "1 2", "-m", "random:tiny", "--json", "-t", n)
+        assert code == 0 and json.loads(out)["threads"] == n, err
+        notes = err.strip().splitlines()
+        assert len(notes) == 1 and notes[0].startswith(f"note: --threads {n} is more than the {n - 1} CPU"), err
+        code, out, err = cli_run("next", "1 2", "-m", "random:tiny", "--json", "-t", n - 1)
+        assert code == 0 and "note" not in err, err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_next_takes_weights_like_generate(cli_run):
+    code, out, err = cli_run("next", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "--weights", "int8",
+                             "-k", "3", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["weights"] == "int8" and res["fast_path"] and len(res["top"]) == 3
+    assert 0 < res["max_abs_logit_diff_vs_hf"] < 1  # int8's error: measured, not zero
+    code, out, err = cli_run("next", "1 2", "-m", "random:tiny", "--weights", "fp16", "-k", "2")
+    assert code == 0 and "fp16 weights" in out and "HF in fp32" in out, err
+    code, out, err = cli_run("next", "1 2", "-m", "random:tiny", "--json")
+    assert json.loads(out)["weights"] == "fp32"
+
+
+def test_generate_ids_with_a_tokenizer_streams_one_text(cli_run):
+    """--ids on a model with a tokenizer: the continuation streams as text, so the prompt is echoed as the text its
+    ids read as ("The quick brown" + continuation), not as ids run into text ("464 2068 7586imil")."""
+    from gpt2kern.loading import gpt2_tokenizer
+
+    code, out, err = cli_run("generate", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "-n", "4", "--json")
+    new = json.loads(out)["new_ids"]
+    code, out, err = cli_run("generate", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "-n", "4")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first == "The quick brown" + gpt2_tokenizer().decode(new), first
+    code, out, err = cli_run("generate", "1 2", "-m", "random:tiny", "-n", "2")  # no tokenizer: ids, spaced
+    assert code == 0 and re.fullmatch(r"1 2 \d+ \d+", out.splitlines()[0]), out

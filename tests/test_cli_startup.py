@@ -44,6 +44,13 @@ def probe(*argv):
     (["parity", "--seq-len", "0"], 2),
     (["bench", "--reps", "3"], 2),
     (["generate", "x", "--device", "tpu"], 2),
+    (["generate", b"\xff\xfe"], 2),  # not UTF-8 (argv bytes): refused before any model is loaded
+    (["next", b"caf\xe9"], 2),
+    (["trace", b"\xed\xa0\x80"], 2),
+    (["generate", "x", "--threads", str(10 ** 6)], 2),
+    (["generate", "x", "--sample", "--seed", str(2 ** 64)], 2),
+    (["generate", "x", "--temperature", "1e-9"], 2),
+    (["parity", "--batch", "1000"], 2),
 ])
 def test_help_and_argument_errors_import_no_torch(argv, rc):
     res, r = probe(*argv)

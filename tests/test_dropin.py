@@ -1,7 +1,9 @@
 """Drop-in: every GPT-2 class transformers ships, optimized or not, gives the same answers; training code, autograd,
 torch.compile, HF's warnings and HF's compiled static-cache generate keep working after optimize()."""
 import copy
+import inspect
 import logging
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -388,3 +390,73 @@ def test_fp32_reads_hfs_weights_in_place_and_pack_true_is_the_opt_in():
         gpt2kern.optimize(m, pack="yes")
 
 
+
+
+# ---------------------------------------------------------------- HF's forward signature
+
+def _every_keyword(cls, m):
+    """A value for every named parameter of HF's forward of `cls` (KeyError for one this test does not know: a new
+    parameter in transformers must be added here, so that a call by it is checked too). inputs_embeds is left out:
+    it excludes input_ids (its own call below); cross-attention inputs are None (GPT-2 has no encoder here)."""
+    V = m.config.vocab_size
+    kw = batch(cls, V, "right")
+    ids = kw["input_ids"]
+    g = torch.Generator().manual_seed(2)
+    known = dict(kw, **labels_for(cls, kw, V), token_type_ids=torch.randint(0, V, ids.shape, generator=g),
+                 position_ids=torch.arange(ids.shape[-1])[None], use_cache=True, logits_to_keep=0,
+                 encoder_hidden_states=None, encoder_attention_mask=None)
+    known[gpt2kern.model._CACHE_ARG] = DynamicCache(config=m.config)
+    names = [n for n, p in inspect.signature(m.forward).parameters.items()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "inputs_embeds"]
+    return {n: known[n] for n in names}
+
+
+def _same_outcome(ref, opt, kw):
+    """HF's model and the optimized copy, called the same way, give the same outputs, or raise the same error."""
+    try:
+        with torch.no_grad():
+            a = outputs(ref(**copy.deepcopy(kw)))
+    except Exception as e:  # HF refuses the call: so must the optimized model, with HF's words
+        with pytest.raises(type(e)) as eb, torch.no_grad():
+            opt(**copy.deepcopy(kw))
+        assert str(eb.value) == str(e)
+        return False
+    with torch.no_grad():
+        b = outputs(opt(**copy.deepcopy(kw)))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4, msg=lambda s: f"{type(ref).__name__} {k}: {s}")
+    return True
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_hfs_forward_signature_is_kept_and_every_keyword_works(cls):
+    """After optimize(), inspect.signature of the model's forward — and of the body's and lm_head's, which optimize()
+    replaces — is HF's (HF's Trainer keeps only the dataset columns that are forward parameters; test suites look
+    for inputs_embeds there); a call naming every parameter gives HF's answer on the kernels; pickling, deepcopy
+    and torch.save keep all of it."""
+    ref = build(cls, "tiny")
+    parts = lambda m: {"forward": m, "transformer": m if cls is GPT2Model else m.transformer,  # noqa: E731
+                       "lm_head": getattr(m, "lm_head", None)}
+    want = {k: (inspect.signature(p.forward), p.forward.__doc__) for k, p in parts(ref).items() if p is not None}
+    opt = gpt2kern.optimize(copy.deepcopy(ref))
+    got = {k: (inspect.signature(p.forward), p.forward.__doc__) for k, p in parts(opt).items() if p is not None}
+    assert got == want
+    assert "inputs_embeds" in inspect.signature(opt.forward).parameters
+    for again in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert {k: inspect.signature(p.forward) for k, p in parts(again).items() if p is not None} == \
+            {k: s for k, (s, _) in want.items()}
+
+    kw = _every_keyword(cls, ref)
+    assert _same_outcome(ref, opt, kw)
+    with torch.no_grad():
+        opt(**copy.deepcopy(kw))
+    assert gpt2kern.fallback_reason(opt) is None  # the kernels served it
+    embeds = dict(kw)
+    embeds["inputs_embeds"] = ref.get_input_embeddings()(embeds.pop("input_ids"))
+    _same_outcome(ref, opt, embeds)  # (HF's path: the kernels read ids)
+    if hasattr(ref, "lm_head"):  # the lm_head by keyword, as nn.Linear takes it
+        h = torch.randn(2, 3, ref.config.n_embd)
+        torch.testing.assert_close(opt.lm_head(input=h), ref.lm_head(input=h), atol=1e-5, rtol=1e-5)
+        with pytest.raises(TypeError, match="hidden"):
+            opt.lm_head(hidden=h)
