@@ -25,7 +25,8 @@ fi
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('transformers') != '$FLOOR')" \
      2>/dev/null; then
   echo "floor.sh: installing transformers==$FLOOR into build/floor/venv (over .venv's packages)"
-  "$VENV/bin/python" -m pip install -q "transformers==$FLOOR"
+  "$VENV/bin/python" -m pip install -q "transformers==$FLOOR" > "$ROOT/build/floor/pip.log" 2>&1 \
+    || { tail -n 20 "$ROOT/build/floor/pip.log"; echo "floor.sh: FAILED: pip install transformers==$FLOOR"; exit 1; }
 fi
 "$VENV/bin/python" -c "import transformers as t; print('floor.sh: transformers', t.__version__, 'from', t.__file__)"
 if [ $# -eq 0 ]; then  # (not the in-place memory test: a minute, and no transformers API in it)
