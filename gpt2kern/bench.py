@@ -133,22 +133,15 @@ class MachineLoad:
         if not out["trusted"]:
             why = []
             if busy > cls.BUSY_CPUS:
+                from .cli import cpu_count  # (the command's own count: the affinity mask)
+
                 when = "during" if during is not None and during >= busy else "just before"
-                why.append(f"other processes used {busy:.1f} of {_cpu_count()} CPUs {when} the run")
+                why.append(f"other processes used {busy:.1f} of {cpu_count()} CPUs {when} the run")
             if noisy:
                 why.append(f"repeated timings spread {100 * spread:.0f} % (median)")
             out["warning"] = ("this machine was busy: " + "; ".join(why) + ". Ratios and roofline fractions may be "
                               "off by that much: rerun on a quiet machine.")
         return out
-
-
-def _cpu_count() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def read_bandwidth(b: Bench, tries: int = 3) -> float:
