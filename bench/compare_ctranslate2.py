@@ -13,7 +13,7 @@ CTranslate2's int8). Measured, interleaved, median of --reps, after a warm-up:
   min_length = max_length, gpt2kern.generate with eos off), ms per new token, and tokens identical to HF greedy;
 - prefill: all-position logits for one T-token prompt of random ids (CTranslate2 `forward_batch`, gpt2kern's
   optimized forward), and the error of each against HF eager fp32 on those ids, teacher-forced: max |Δlogits|,
-  mean KL(p_fp32 ‖ p) and top-1 agreement over every position (`gpt2kern.accuracy.logit_error`, the measures of
+  mean KL(p_fp32 ‖ p) and top-1 agreement over every position (`gpt2kern.cli.accuracy.logit_error`, the measures of
   llama.cpp's perplexity tool and of `gpt2kern bench --weights`).
 """
 import argparse
@@ -55,8 +55,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     import gpt2kern
     from gpt2kern import ops
-    from gpt2kern.accuracy import logit_error
-    from gpt2kern.bench import Bench  # interleaved rounds after a warm-up, median
+    from gpt2kern.cli.accuracy import logit_error
+    from gpt2kern.cli.bench import Bench  # interleaved rounds after a warm-up, median
     from transformers import GPT2Tokenizer
 
     torch.set_num_threads(a.threads)

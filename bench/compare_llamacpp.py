@@ -26,7 +26,7 @@ go through HF fp32 (the reference of gpt2kern's own error figures) into a base f
   modes get the same formula;
 - every engine's log-probs rounded as llama-perplexity stores them (llama.cpp's from its files above, gpt2kern's
   by the same rounding) against HF's exact ones, in float64 — the like-for-like column, finer than 1e-6;
-- gpt2kern's logits exactly (`gpt2kern.accuracy.logit_error`).
+- gpt2kern's logits exactly (`gpt2kern.cli.accuracy.logit_error`).
 llama.cpp's f16/q8_0 against its own f32 (its usual protocol) are reported too.
 """
 import argparse
@@ -271,7 +271,7 @@ def _error(a, files, model, tok, opts, tmp):
     import numpy as np
     import torch
 
-    from gpt2kern.accuracy import logit_error
+    from gpt2kern.cli.accuracy import logit_error
 
     text = a.text
     if not text:

@@ -1,5 +1,5 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
-shapes — the same kernel list as `gpt2kern bench` (gpt2kern.bench.kernel_cases) —, the decode GEMV's numbered
+shapes — the same kernel list as `gpt2kern bench` (gpt2kern.cli.bench.kernel_cases) —, the decode GEMV's numbered
 variants against each other (v2/v3/v4: a table and the winner per shape),
 and end to end vs HF as from_pretrained gives it (sdpa attention) and vs HF eager (the parity reference): prefill
 T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
@@ -14,7 +14,7 @@ reference.
 
     python bench/gpu_bench.py [--json FILE] [--quick] [--skip-e2e] [--variants-out FILE]
 With --variants-out, the fastest decoder variants with HF's tokens per batch size are written as
-gpt2kern/cuda_variants.json plus this GPU's entry (commit that file to make them CudaGraphDecoder's defaults).
+gpt2kern/decode/cuda_variants.json plus this GPU's entry (commit that file to make them CudaGraphDecoder's defaults).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import torch
 
 import gpt2kern
 from gpt2kern import ops
-from gpt2kern.bench import Bench, kernel_cases, sizes
+from gpt2kern.cli.bench import Bench, kernel_cases, sizes
 
 
 def kernels(b: Bench, quick):
-    cfg = gpt2kern.loading.random_config("distilgpt2")
+    cfg = gpt2kern.model.loading.random_config("distilgpt2")
     rows = []
     for M in sizes(cfg.n_positions, quick)[0]:
         for name, ours, theirs, flops, nbytes in kernel_cases(cfg, M, "cuda"):
@@ -118,7 +118,7 @@ LOWP_TOL = 1e-4  # max |conv1d - float64 of the stored weights| / max |reference
 def lowp(quick):
     """conv1d with fp32 / fp16 / bf16 / int8 weights ([in, out] on CUDA) at decode rows (the GEMV) and prefill rows
     (the tiled GEMM), interleaved per shape; one row per shape and mode."""
-    from gpt2kern.weights import WeightFormat, int8_group
+    from gpt2kern.kernels.weights import WeightFormat, int8_group
     b = Bench(device="cuda", reps=7)
     g = torch.Generator(device="cpu").manual_seed(0)
     rows = []
@@ -148,7 +148,7 @@ def lowp(quick):
 
 
 def end_to_end(dev, quick):
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     cpu_model, _ = gpt2kern.load("random:distilgpt2")
     ref = copy.deepcopy(cpu_model).to(dev).eval()  # HF eager: the parity reference
     opt = gpt2kern.optimize(copy.deepcopy(cpu_model).to(dev).eval())
@@ -233,8 +233,8 @@ def pick_defaults(e2e: dict) -> dict:
 
 
 def write_variant_table(path: str, gpu: str, by_batch: dict, how: str) -> dict:
-    """The packaged gpt2kern/cuda_variants.json with this GPU's entry (re)placed, written to `path`."""
-    from gpt2kern import cuda_graph
+    """The packaged gpt2kern/decode/cuda_variants.json with this GPU's entry (re)placed, written to `path`."""
+    from gpt2kern.decode import cuda_graph
     with open(cuda_graph.TABLE) as f:
         table = json.load(f)
     table["gpus"][gpu] = dict(measured=how, by_batch=by_batch)
@@ -249,7 +249,7 @@ def main(argv=None):
                                 "the CUDA-graph decoders vs torch and HF eager (bench/gpu_check.sh runs it).")
     p.add_argument("--json", default=None)
     p.add_argument("--variants-out", default=None,
-                   help="write gpt2kern/cuda_variants.json with this GPU's measured decoder defaults here")
+                   help="write gpt2kern/decode/cuda_variants.json with this GPU's measured decoder defaults here")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     a = p.parse_args(argv)
@@ -284,7 +284,7 @@ def main(argv=None):
             how = (f"{time.strftime('%Y-%m-%d')} bench/gpu_bench.py{' --quick' if a.quick else ''}, "
                    f"torch {torch.__version__}")
             write_variant_table(a.variants_out, res["device"], res["decoder_defaults"], how)
-            print(f"  wrote {a.variants_out}: copy it to gpt2kern/cuda_variants.json to make these the defaults",
+            print(f"  wrote {a.variants_out}: copy it to gpt2kern/decode/cuda_variants.json to make these the defaults",
                   flush=True)
     if a.json:
         with open(a.json, "w") as f:

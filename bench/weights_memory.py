@@ -8,7 +8,7 @@ temporaries, so a delta can exceed the copy's own bytes. ISA: avx512 | avx2 | ge
 """
 import torch, time, copy, gpt2kern, sys, os, gc
 from gpt2kern import ops
-from gpt2kern.bench import Bench
+from gpt2kern.cli.bench import Bench
 if len(sys.argv) > 1: ops.set_isa(sys.argv[1])
 ref, _ = gpt2kern.load("random:distilgpt2"); ref.eval()
 ref.generation_config.eos_token_id=None; ref.generation_config.pad_token_id=0

@@ -1,6 +1,6 @@
 """python -m gpt2kern ... — the same as the `gpt2kern` console script."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

@@ -5,4 +5,4 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 echo "bench.sh: gpt2kern bench $* (several minutes; a progress bar when stderr is a terminal)"
-python -m gpt2kern.bench "$@"
+python -m gpt2kern bench "$@"

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from generators import GENERATORS, footprint, jobs, rss_mb  # noqa: E402
 
 import gpt2kern  # noqa: E402
-from gpt2kern.model import _CACHE_ARG  # noqa: E402  (past_key_values, or cache in newer transformers)
+from gpt2kern.model.dropin import _CACHE_ARG  # noqa: E402  (past_key_values, or cache in newer transformers)
 
 
 def soak_generate(model, gen_name, calls, warmup, seed=0, max_new=24):

@@ -317,7 +317,7 @@ def _cpu_cases(case):
 
     import gpt2kern
     from gpt2kern import _C, ops
-    from gpt2kern.model import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
+    from gpt2kern.model.dropin import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
     from transformers.cache_utils import DynamicCache
 
     meta = dict(device="meta")
@@ -949,7 +949,7 @@ def _cuda_model_cases(case, dev):
         return gpt2kern.generate(model()[0], ids, mask, **{"max_new_tokens": 2, **kw})
 
     def dec(batch_size=1, max_len=8, use_graph=False, **kw):
-        from gpt2kern.cuda_graph import CudaGraphDecoder
+        from gpt2kern.decode.cuda_graph import CudaGraphDecoder
         return CudaGraphDecoder(model()[0], batch_size, max_len, use_graph=use_graph, **kw)
 
     def steps(d, prompt, *tokens):  # prefill, then one step per token, then the ids' check
@@ -965,7 +965,7 @@ def _cuda_model_cases(case, dev):
             c.update(torch.randn(batch, 2, 2, 16, device=dev), torch.randn(batch, 2, 2, 16, device=dev), i)
         return c
 
-    from gpt2kern.model import _CACHE_ARG as CACHE
+    from gpt2kern.model.dropin import _CACHE_ARG as CACHE
     case("cuda model token id = vocab", lambda: run(t(1, 99)),
          (IE, r"input_ids contains 99, outside the vocabulary \[0, 99\)"))
     case("cuda model token id -1", lambda: run(t(-1, 2)),

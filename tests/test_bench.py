@@ -74,7 +74,7 @@ def test_bench_argument_errors(cli_run, args, needle):  # noqa: F811
 
 
 def test_sizes_fit_the_models_context(tiny):
-    from gpt2kern import bench
+    from gpt2kern.cli import bench
 
     assert bench.sizes(1024) == ((1, 8, 128, 512, 1024), (128, 512, 1024))
     assert bench.sizes(512) == ((1, 8, 128, 512), (128, 512))
@@ -87,7 +87,7 @@ def test_sizes_fit_the_models_context(tiny):
 
 
 def test_decode_rows_say_per_step_when_batched():
-    from gpt2kern import bench
+    from gpt2kern.cli import bench
 
     assert bench.decode_measure(1, "gpt2kern.generate").endswith("ms/token")
     b8 = bench.decode_measure(8, "gpt2kern.generate")
@@ -95,7 +95,7 @@ def test_decode_rows_say_per_step_when_batched():
 
 
 def test_a_busy_cpu_is_measured_and_makes_a_warning():
-    from gpt2kern import bench
+    from gpt2kern.cli import bench
 
     hog, _ = bench.busy_process()
     try:

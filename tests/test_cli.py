@@ -15,7 +15,8 @@ import torch
 from conftest import no_gpu
 
 import gpt2kern
-from gpt2kern import cli, steps
+from gpt2kern.cli import main as cli
+from gpt2kern.model import steps
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COLUMNS="160", PYTHONUNBUFFERED="1")
@@ -95,7 +96,7 @@ def eos_model_dir(tmp_path_factory):
 def test_console_script_is_declared():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert meta["project"]["scripts"]["gpt2kern"] == "gpt2kern.cli:main"
+    assert meta["project"]["scripts"]["gpt2kern"] == "gpt2kern.cli.main:main"
     assert {"typer", "rich"} <= {re.split(r"[<>=\[ ]", d)[0] for d in meta["project"]["dependencies"]}
     assert cli.main(["--help"]) == 0
 
@@ -163,7 +164,7 @@ def test_next_table(text_model_dir):
 def test_trace_table_in_execution_order():
     r = run("trace", "1 2 3", "-m", "random:tiny")
     assert r.returncode == 0, r.stderr
-    names = steps.step_names(gpt2kern.loading.random_config("tiny"))
+    names = steps.step_names(gpt2kern.model.loading.random_config("tiny"))
     pos = [r.stdout.find(f" {n} ") for n in names]
     assert all(p > 0 for p in pos) and pos == sorted(pos), "steps missing or out of execution order"
 
@@ -318,7 +319,7 @@ def test_trace_json_and_hf_names(cli_run):
     assert code == 0, err
     r = json.loads(out)
     names = [s["name"] for s in r["steps"]]
-    assert names == steps.step_names(gpt2kern.loading.random_config("tiny"))
+    assert names == steps.step_names(gpt2kern.model.loading.random_config("tiny"))
     assert all(s["ok"] for s in r["steps"]) and all(len(s["head"]) == 3 for s in r["steps"])
     mlp = next(s for s in r["steps"] if s["name"] == "h.0.mlp.act")
     assert "gelu_new" in mlp["runs"]
@@ -335,7 +336,7 @@ def test_parity_failure_exits_1(cli_run, monkeypatch):
 
 
 def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
-    from gpt2kern import _ui
+    from gpt2kern.cli import ui as _ui
 
     monkeypatch.setattr(_ui, "cached_hub_model", lambda name="distilgpt2": False)
     code, out, err = cli_run("next", "464 2068 7586", "--ids")
@@ -352,7 +353,7 @@ def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
 
 
 def test_canonical_layer_names():
-    cfg = gpt2kern.loading.random_config("tiny")
+    cfg = gpt2kern.model.loading.random_config("tiny")
     assert steps.canonical_layer("transformer.h.1.ln_2", cfg) == "h.1.ln_2"
     assert steps.canonical_layer("h.0.attn.c_proj", cfg) == "h.0.attn"
     assert steps.canonical_layer("lm_head", cfg) == "lm_head"
@@ -397,7 +398,7 @@ def test_parity_exits_1_when_a_step_has_no_reference(cli_run, monkeypatch):
 # ---------------------------------------------------------------- weight modes
 
 def test_parity_weights_reports_the_modes_error_and_fails_beyond_its_tolerance(cli_run, monkeypatch):
-    from gpt2kern import accuracy
+    from gpt2kern.cli import accuracy
 
     code, out, err = cli_run("parity", "-m", "random:distilgpt2", "--weights", "bf16", "--new-tokens", "4", "--json")
     assert code == 0, out + err
@@ -440,7 +441,7 @@ def test_a_lone_surrogate_in_process(cli_run):
     code, _, err = cli_run("generate", "a\ud800b", "-m", "random:distilgpt2")
     assert_one_line_error(code, err, "lone surrogate U+D800 at offset 1")
     with pytest.raises(cli.CliError, match="byte 0xff at offset 3"):
-        cli.encode_prompt(["é", "\udcff"], None, gpt2kern.loading.random_config("tiny"))
+        cli.encode_prompt(["é", "\udcff"], None, gpt2kern.model.loading.random_config("tiny"))
     code, out, err = cli_run("next", "café ☕", "-m", "random:distilgpt2", "--json")  # valid UTF-8 is text
     assert code == 0 and len(json.loads(out)["prompt_ids"]) > 2, err
 
@@ -475,7 +476,7 @@ def test_next_takes_weights_like_generate(cli_run):
 def test_generate_ids_with_a_tokenizer_streams_one_text(cli_run):
     """--ids on a model with a tokenizer: the continuation streams as text, so the prompt is echoed as the text its
     ids read as ("The quick brown" + continuation), not as ids run into text ("464 2068 7586imil")."""
-    from gpt2kern.loading import gpt2_tokenizer
+    from gpt2kern.model.loading import gpt2_tokenizer
 
     code, out, err = cli_run("generate", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "-n", "4", "--json")
     new = json.loads(out)["new_ids"]

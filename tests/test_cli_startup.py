@@ -15,7 +15,7 @@ HEAVY = ("torch", "transformers", "numpy", "gpt2kern._C", "gpt2kern.model", "gpt
 
 PROBE = """
 import json, sys
-from gpt2kern import cli
+from gpt2kern.cli import main as cli
 rc = cli.main(sys.argv[1:])
 print(json.dumps(dict(rc=rc, heavy=[m for m in {heavy!r} if m in sys.modules])))
 """
@@ -79,14 +79,14 @@ def test_lazy_package_keeps_its_api():
 import sys, types
 import gpt2kern
 assert 'torch' not in sys.modules
-from gpt2kern.generate import last_fallback_reason   # the submodule first: gpt2kern.generate stays the function
-import gpt2kern.model
+from gpt2kern.decode.generate import last_fallback_reason   # the submodule first: gpt2kern.generate stays the function
+import gpt2kern.model.dropin, gpt2kern.model.loading, gpt2kern.model.steps
 assert callable(gpt2kern.generate) and not isinstance(gpt2kern.generate, types.ModuleType), gpt2kern.generate
 assert gpt2kern.generate is gpt2kern.generate.__globals__['generate']
 assert gpt2kern.generate_fallback_reason is last_fallback_reason
 from gpt2kern import ops, optimize, restore, load, tracing, fallback_reason, is_optimized, generate
 assert generate is gpt2kern.generate and ops.isa() in ('avx512', 'avx2', 'generic')
-assert gpt2kern.loading.random_config('tiny').vocab_size == 99 and gpt2kern.steps.ATOL > 0
+assert gpt2kern.model.loading.random_config('tiny').vocab_size == 99 and gpt2kern.model.steps.ATOL > 0
 assert set(gpt2kern.__all__) <= set(dir(gpt2kern))
 try:
     gpt2kern.no_such_name

@@ -194,7 +194,7 @@ def _until_eos(tokens, start, eos):
 @pytest.mark.parametrize("graph", [True, False])
 @torch.no_grad()
 def test_cuda_graph_decoder_matches_hf_generate(cuda_pair, graph):
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
     B, T, n = 3, 11, 40
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
@@ -221,7 +221,7 @@ def test_cuda_graph_decoder_matches_hf_generate(cuda_pair, graph):
 
 
 def test_cuda_graph_decoder_rejects_cpu_models(tiny):
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     with pytest.raises((ValueError, RuntimeError), match="CUDA"):
         CudaGraphDecoder(tiny, batch_size=1, max_len=8)
 
@@ -336,7 +336,7 @@ def test_matmul_decode_variants(M, K, N, epilogue):
 def _kv_case(B, H, Tmax, D, K, mode, seed):
     """x [B, 1, K], c_attn-shaped weight [K, 3E] in `mode` (its Linear), and one layer's caches (a slice of the
     decoder-style [layers, B, H, Tmax, D] cache)."""
-    from gpt2kern.weights import Linear
+    from gpt2kern.kernels.weights import Linear
     torch.manual_seed(seed)
     E = H * D
     lin = Linear.of((torch.randn(K, 3 * E) * 0.1).cuda(), torch.randn(3 * E).cuda(), mode)
@@ -548,7 +548,7 @@ def test_decode_variant_ops_fakes():
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, gemv, kv_write):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
     NaN here, and key_mask does not hide them: only kv_len does); the graph's launches are counted."""
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
     B, T, n = 2, 7, 20
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
@@ -618,7 +618,7 @@ def test_kv_write_argument_errors():
 def test_cuda_graph_decoder_kv_write_3_matches_kv_write_2_and_hf(cuda_pair, gemv, graph):
     """kv_write=3 (K/V stored by c_attn's GEMV, the cursor advanced by the embedding kernel): the same tokens, caches
     and cursor as kv_write=2 (one K/V kernel per layer) and HF generate's tokens, and fewer launches."""
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
     B, T, n = 2, 7, 20
     ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
@@ -643,12 +643,12 @@ def test_cuda_graph_decoder_kv_write_3_matches_kv_write_2_and_hf(cuda_pair, gemv
 @needs_cuda
 @torch.no_grad()
 def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair, tmp_path, monkeypatch):
-    """Variants not given come from gpt2kern/cuda_variants.json's entry for this GPU (gpu_bench writes it); given
+    """Variants not given come from gpt2kern/decode/cuda_variants.json's entry for this GPU (gpu_bench writes it); given
     ones win; the same tokens as HF whichever were picked."""
     import json
 
-    from gpt2kern import cuda_graph
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode import cuda_graph
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     ref, _ = cuda_pair
     table = dict(gpus={torch.cuda.get_device_name(): dict(by_batch={"1": dict(gemv=4, kv_write=3)})})
     path = tmp_path / "cuda_variants.json"
@@ -667,7 +667,7 @@ def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair,
 
 @needs_cuda
 def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     with pytest.raises(ValueError, match="kv_write must be one of"):
         CudaGraphDecoder(cuda_pair[0], batch_size=1, max_len=8, kv_write=4)
     for bad in (0, 1):  # gemv=1 (conv1d's GEMV) is no choice: the decoder runs it only where 2-4 cannot run
@@ -690,7 +690,7 @@ def test_cuda_graph_decoder_rejects_unknown_variants(cuda_pair):
                     reason="needs 2 GPUs (a model off the current device)")
 @torch.no_grad()
 def test_cuda_graph_decoder_on_a_device_that_is_not_current(distil):
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     ref = copy.deepcopy(distil).to("cuda:1")
     ids = torch.randint(0, distil.config.vocab_size, (1, 5), device="cuda:1")
     with torch.cuda.device(0):  # capture and replay must still happen on cuda:1
@@ -718,8 +718,8 @@ def cuda_mode_pair(request, distil):
 @needs_cuda
 @torch.no_grad()
 def test_cuda_weight_modes_store_the_mode(cuda_pair, cuda_mode_pair):
-    from gpt2kern.model import state_of
-    from gpt2kern.weights import _DTYPES
+    from gpt2kern.model.dropin import state_of
+    from gpt2kern.kernels.weights import _DTYPES
     mode, _, gpu = cuda_mode_pair
     W = state_of(gpu).weights
     assert W.mode == mode
@@ -735,7 +735,7 @@ def test_cuda_weight_modes_store_the_mode(cuda_pair, cuda_mode_pair):
 def test_cuda_weight_modes_error_within_tolerance(distil, cuda_mode_pair):
     """The mode's error vs HF fp32 within accuracy.TOLERANCE (T=512 teacher-forced), and the CUDA kernels' logits
     equal the CPU kernels' over the same stored weights (the quantizer is the same on both) to LOGITS_ATOL."""
-    from gpt2kern import accuracy
+    from gpt2kern.cli import accuracy
     mode, cpu, gpu = cuda_mode_pair
     ids = torch.randint(0, distil.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     want = distil(ids).logits
@@ -764,7 +764,7 @@ def test_cuda_graph_decoder_weight_modes(cuda_mode_pair, graph):
     """CudaGraphDecoder over the optimized model's reduced-mode records: the tokens of HF generate on the same
     optimized model (the gpt2kern walk over the same weights), and gpt2kern.generate's (the decoder again, and a
     plain CUDA model with weights=mode: a private pack of the same values)."""
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     mode, _, gpu = cuda_mode_pair
     B, T, n = 2, 9, 24
     ids = torch.randint(0, gpu.config.vocab_size, (B, T), device="cuda")

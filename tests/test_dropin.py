@@ -13,7 +13,8 @@ import torch
 from conftest import LOGITS_ATOL
 
 import gpt2kern
-from gpt2kern import guard, ops
+from gpt2kern import ops
+from gpt2kern.model import guard
 from transformers import (GPT2Config, GPT2DoubleHeadsModel, GPT2ForQuestionAnswering, GPT2ForSequenceClassification,
                           GPT2ForTokenClassification, GPT2LMHeadModel, GPT2Model)
 from transformers.cache_utils import DynamicCache
@@ -262,7 +263,7 @@ def test_hfs_warnings_are_the_same(cls, caplog):
         assert a == b
     with torch.no_grad():
         w = _warnings_and_logs(lambda: calls[0](copy.deepcopy(opt)), caplog)
-    if gpt2kern.model._CACHE_ARG == "cache":  # transformers >= 5.24 deprecates the old name
+    if gpt2kern.model.dropin._CACHE_ARG == "cache":  # transformers >= 5.24 deprecates the old name
         assert any("past_key_values" in m and "deprecated" in m for m in w)
     assert gpt2kern.fallback_reason(opt) is None
 
@@ -299,7 +300,7 @@ class LoraConv1D(torch.nn.Module):
 
 @pytest.mark.skipif(not ops.has_cuda(), reason="gpt2kern._C was built without its CUDA kernels")
 def test_cuda_graph_decoder_refuses_a_lora_wrapped_model():
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
 
     m = build(GPT2LMHeadModel, "tiny")
     m.transformer.h[0].attn.c_attn = LoraConv1D(m.transformer.h[0].attn.c_attn)
@@ -325,7 +326,7 @@ def test_every_entry_point_asks_the_one_guard(monkeypatch):
     gpt2kern.generate(m, ids, max_new_tokens=2)
     assert asked[:3] == ["forward", "lm_head", "generate"]
     if ops.has_cuda():
-        from gpt2kern.cuda_graph import CudaGraphDecoder
+        from gpt2kern.decode.cuda_graph import CudaGraphDecoder
 
         with pytest.raises(ValueError):
             CudaGraphDecoder(m, 1, 8)
@@ -333,7 +334,7 @@ def test_every_entry_point_asks_the_one_guard(monkeypatch):
 
 
 def test_readme_lists_the_guards_cases():
-    """The README's table is the guard's own CASES (python -m gpt2kern.guard prints it)."""
+    """The README's table is the guard's own CASES (python -m gpt2kern.model.guard prints it)."""
     assert guard.markdown_table() in (ROOT / "README.md").read_text()
 
 
@@ -405,7 +406,7 @@ def _every_keyword(cls, m):
     known = dict(kw, **labels_for(cls, kw, V), token_type_ids=torch.randint(0, V, ids.shape, generator=g),
                  position_ids=torch.arange(ids.shape[-1])[None], use_cache=True, logits_to_keep=0,
                  encoder_hidden_states=None, encoder_attention_mask=None)
-    known[gpt2kern.model._CACHE_ARG] = DynamicCache(config=m.config)
+    known[gpt2kern.model.dropin._CACHE_ARG] = DynamicCache(config=m.config)
     names = [n for n, p in inspect.signature(m.forward).parameters.items()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "inputs_embeds"]
     return {n: known[n] for n in names}

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import gpt2kern
-from gpt2kern.model import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
+from gpt2kern.model.dropin import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
 
 IDS = torch.randint(0, 98, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -416,7 +416,7 @@ def test_warm_generate_never_rechecks_the_model(tiny):
     """The per-call staleness check holds through HF's greedy and beam generate and gpt2kern.generate: no module
     walk after the first call (a walk per step would cost ~0.2 ms of every decode step)."""
     _, opt = ref_and_opt(tiny)
-    from gpt2kern import guard
+    from gpt2kern.model import guard
 
     opt.generate(IDS, max_new_tokens=3, do_sample=False, num_beams=2)
     walks = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpt2kern
-from gpt2kern.generate import last_fallback_reason
+from gpt2kern.decode.generate import last_fallback_reason
 
 
 def hf_generate(model, ids, mask=None, **kw):
@@ -185,7 +185,7 @@ def test_not_a_gpt2_lm_model_raises(tiny):
 
 
 def test_engine_checks_its_own_inputs(tiny):
-    from gpt2kern.model import state_of
+    from gpt2kern.model.dropin import state_of
     eng = state_of(tiny).weights.engine(1, 4, 2)
     ok = torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[True]])
     with pytest.raises(TypeError, match="ids"):

@@ -105,7 +105,7 @@ def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table
         import gpu_bench
     finally:
         sys.path.pop(0)
-    from gpt2kern import cuda_graph
+    from gpt2kern.decode import cuda_graph
     v = lambda g, k: dict(gemv=g, kv_write=k)  # noqa: E731
     b1 = dict(decoder_no_graph_ms_per_step=0.9, slow_ms_per_step=0.5, fast_ms_per_step=0.2,
               faster_ms_per_step=0.1, hf_ms_per_step=8.0,
@@ -146,7 +146,7 @@ def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table
 
 
 def test_the_packaged_variant_table_names_known_variants():
-    from gpt2kern import cuda_graph
+    from gpt2kern.decode import cuda_graph
     tables = dict(cuda_graph.variant_table(), unlisted=dict(by_batch=cuda_graph.UNLISTED))
     for gpu, entry in tables.items():
         for b, v in entry["by_batch"].items():

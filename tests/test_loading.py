@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import gpt2kern
-from gpt2kern.loading import OUTLIER_CHANNELS, random_config
+from gpt2kern.model.loading import OUTLIER_CHANNELS, random_config
 
 
 def test_random_configs_are_exact():

@@ -8,7 +8,7 @@ from conftest import assert_parity, plant_outliers
 from test_matmul import ref_mm
 
 from gpt2kern import ops
-from gpt2kern.weights import INT8_GROUP, WeightFormat
+from gpt2kern.kernels.weights import INT8_GROUP, WeightFormat
 
 LOWP = ["fp16", "bf16", "int8"]
 # decode rows (the in-register widening path: M <= 16) and prefill rows (widened into an fp32 buffer per K block),

@@ -10,7 +10,7 @@ from test_matmul import ref_mm
 from test_matmul_lowp import LOWP, stored
 
 from gpt2kern import ops
-from gpt2kern.weights import INT8_GROUP, WeightFormat, int8_group
+from gpt2kern.kernels.weights import INT8_GROUP, WeightFormat, int8_group
 
 
 # ---------------------------------------------------------------- layout 'kn' in fp16 / bf16 / int8: the CUDA storage

@@ -148,7 +148,7 @@ def test_masks_2d_and_4d(tiny, dev):
 def test_continue_from_past_key_values(distil, dev):
     ref, opt = pair(distil, dev)
     ids = torch.randint(0, 50257, (2, 12), device=dev)
-    name = gpt2kern.model._CACHE_ARG  # `cache` in transformers 5.2x, `past_key_values` before
+    name = gpt2kern.model.dropin._CACHE_ARG  # `cache` in transformers 5.2x, `past_key_values` before
     logits = []
     for model in (ref, opt):
         out1 = model(ids[:, :8], use_cache=True)
@@ -277,7 +277,7 @@ def test_body_step_equals_per_op_walk(distil):
     body = counting(opt)
     ids, mask = left_pad(prompts(3, [9, 4, 12], 50257, 8), 50256)
     out = opt(ids, attention_mask=mask, use_cache=True)
-    name = gpt2kern.model._CACHE_ARG
+    name = gpt2kern.model.dropin._CACHE_ARG
     c1 = getattr(out, name)
     c2 = copy.deepcopy(c1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -298,7 +298,7 @@ def test_body_step_after_crop_and_without_cache(tiny):
     """A cropped cache holds non-contiguous views; use_cache=False has no past at all."""
     ref, opt = pair(tiny)
     body = counting(opt)
-    name = gpt2kern.model._CACHE_ARG
+    name = gpt2kern.model.dropin._CACHE_ARG
     ids = torch.randint(0, 98, (2, 10), generator=torch.Generator().manual_seed(9))
     cache = getattr(opt(ids, use_cache=True), name)
     cache.crop(-3)  # keep 7
@@ -317,7 +317,7 @@ def test_body_grows_cache_in_place_and_never_rewrites_a_held_view(tiny):
     """Decode steps append to the body's own cache buffers in place (no copy of the past), but never write where a
     tensor someone may hold can see: after a crop, a reorder or a deepcopy, the past is copied to a new buffer."""
     ref, opt = pair(tiny)
-    name = gpt2kern.model._CACHE_ARG
+    name = gpt2kern.model.dropin._CACHE_ARG
     ids = torch.randint(0, 98, (2, 30), generator=torch.Generator().manual_seed(11))
     cache = getattr(opt(ids[:, :10], use_cache=True), name)
 
@@ -356,7 +356,7 @@ def test_body_step_mask_dtypes_and_positions(tiny, dtype):
     """HF's 2-D masks in any dtype it accepts, explicit or implied positions: the one-call step matches HF."""
     ref, opt = pair(tiny)
     body = counting(opt)
-    name = gpt2kern.model._CACHE_ARG
+    name = gpt2kern.model.dropin._CACHE_ARG
     ids, mask = left_pad(prompts(3, [6, 2, 9], 99, 12), 0)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = getattr(opt(ids, attention_mask=mask, position_ids=pos, use_cache=True), name)

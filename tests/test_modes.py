@@ -1,6 +1,6 @@
 """The weight modes on whole models: optimize(weights=...) and generate(weights=...) run the reduced formats on
 every path (the per-op forward, the C++ body under HF's generate, gpt2kern.generate's engine), their error stays
-within the documented tolerance (gpt2kern/accuracy.py), switching modes repacks, edited weights are requantized,
+within the documented tolerance (gpt2kern/cli/accuracy.py), switching modes repacks, edited weights are requantized,
 and fp32 stays exact."""
 import copy
 
@@ -9,7 +9,7 @@ import torch
 from conftest import LOGITS_ATOL
 
 import gpt2kern
-from gpt2kern import accuracy
+from gpt2kern.cli import accuracy
 
 MODES = ["fp16", "bf16", "int8"]
 

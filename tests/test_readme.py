@@ -16,7 +16,7 @@ python or bash block without `not run` must run: a bash block may hold only comm
 line (`. .venv/bin/activate`). The block holding the PATH line runs first, as written, in bash, from a directory whose
 `.venv` is the environment running this test, with that environment's bin/ taken off PATH: so the README's own line
 is what puts `gpt2kern` on PATH. The other `gpt2kern` lines then run in that shell's python, all in one process
-(gpt2kern.cli.main, which the console script calls: one torch import instead of one per line). PYTHONPATH is this
+(gpt2kern.cli.main.main, which the console script calls: one torch import instead of one per line). PYTHONPATH is this
 checkout, so this checkout is what runs (an editable install may point at another).
 """
 from __future__ import annotations
@@ -238,7 +238,7 @@ def test_python_block(block, tmp_path):
 
 RUNNER = r'''
 import contextlib, io, json, shlex, sys, time, traceback
-from gpt2kern.cli import main
+from gpt2kern.cli.main import main
 results = []
 for line in json.load(open(sys.argv[1])):
     out, err, t0 = io.StringIO(), io.StringIO(), time.monotonic()

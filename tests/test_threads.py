@@ -32,7 +32,7 @@ def test_results_are_the_same_at_any_thread_count(isa, threads, M):
 
 
 def test_engine_steps_at_a_thread_cap_give_the_same_logits(tiny, threads):
-    from gpt2kern.model import state_of
+    from gpt2kern.model.dropin import state_of
 
     torch.set_num_threads(2)
     W = state_of(tiny).weights
@@ -49,7 +49,7 @@ def test_engine_steps_at_a_thread_cap_give_the_same_logits(tiny, threads):
 
 
 def test_thread_chooser_takes_the_faster_and_tries_again(threads):
-    from gpt2kern.generate import ThreadChooser
+    from gpt2kern.decode.generate import ThreadChooser
 
     torch.set_num_threads(2)
     c = ThreadChooser(every=4)

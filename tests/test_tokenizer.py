@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import gpt2kern
-from gpt2kern.loading import GPT2_VOCAB_SIZE, TOKENIZER_DIR, gpt2_tokenizer
+from gpt2kern.model.loading import GPT2_VOCAB_SIZE, TOKENIZER_DIR, gpt2_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_random_models_have_it_and_tiny_has_none():
 def test_loads_offline_without_network_access(tmp_path):
     """In a subprocess with the Hub unreachable (a dead proxy, no HF cache): the tokenizer still loads, fast."""
     code = ("import time; t = time.perf_counter()\n"
-            "from gpt2kern.loading import gpt2_tokenizer\n"
+            "from gpt2kern.model.loading import gpt2_tokenizer\n"
             "tok = gpt2_tokenizer(); dt = time.perf_counter() - t\n"
             "assert tok('Hello world')['input_ids'] == [15496, 995]\n"
             "print(dt)\n")
@@ -86,7 +86,8 @@ def test_installs_carry_the_tokenizer(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     for f in ("vocab.json", "merges.txt", "LICENSE"):
         assert (tmp_path / "gpt2kern" / "tokenizer" / f).stat().st_size == (Path(TOKENIZER_DIR) / f).stat().st_size
-    assert (tmp_path / "gpt2kern" / "cli.py").is_file()
+    for f in ("cli/main.py", "kernels/ops.py", "model/dropin.py", "decode/generate.py"):  # every subpackage
+        assert (tmp_path / "gpt2kern" / f).is_file(), f
     # (and the CUDA decoder's measured default variants, package data too)
-    built = tmp_path / "gpt2kern" / "cuda_variants.json"
-    assert built.read_text() == (ROOT / "gpt2kern" / "cuda_variants.json").read_text()
+    built = tmp_path / "gpt2kern" / "decode" / "cuda_variants.json"
+    assert built.read_text() == (ROOT / "gpt2kern" / "decode" / "cuda_variants.json").read_text()

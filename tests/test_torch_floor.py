@@ -14,7 +14,8 @@ import torch
 from conftest import needs_cuda
 
 import gpt2kern
-from gpt2kern import cuda_graph, ops
+from gpt2kern import ops
+from gpt2kern.decode import cuda_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)

@@ -1,6 +1,6 @@
 """CUDA decode engine: GPT-2's decode step on gpt2kern's CUDA ops, captured once in a CUDA graph and replayed.
 
-    from gpt2kern.cuda_graph import CudaGraphDecoder
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     model = GPT2LMHeadModel(...).cuda().eval()            # float32; gpt2kern.optimize() is not needed
     dec = CudaGraphDecoder(model, batch_size=B, max_len=T + n)   # allocates the static cache, captures the graph
     tokens = dec.generate(ids, max_new_tokens=n, attention_mask=mask)   # greedy, [B, T + n], same as HF greedy
@@ -21,7 +21,7 @@ kv_len slots only (decode_attention, flash-decoding, reads kv_len on the device:
 far, not with max_len; key_mask hides the padding). The cursor advances at the step's start: one add_(1), or
 (kv_write=3) inside the embedding kernel. prefill() runs the prompt eagerly with the same ops (causal attention
 over slots [0, T)), resets the state and fills slots [0, T). Left padding follows HF generate
-(generate.hf_position_ids). Logits come back in a static buffer that the next step overwrites (clone it to keep it).
+(model.dropin.hf_position_ids). Logits come back in a static buffer that the next step overwrites (clone it to keep it).
 Everything runs under torch.cuda.device(model's device), whichever device is current.
 Weights are the layer records of weights.py (the optimized model's packs, or a private pack in the mode `weights`
 asks for: fp16, bf16 and int8 run the same step over their [in, out] CUDA copies, csrc/cuda/matmul_lowp.cu), taken at
@@ -30,7 +30,7 @@ and patched forwards are refused): build the decoder after the weights are final
 step eagerly (for comparison and debugging).
 
 Kernel variants of the step: those that won a measurement somewhere (bench/gpu_bench.py times them; the step's
-attention is always flash-decoding). A variant not given comes from gpt2kern/cuda_variants.json: the fastest decoder
+attention is always flash-decoding). A variant not given comes from gpt2kern/decode/cuda_variants.json: the fastest decoder
 with HF's tokens that gpu_bench measured on this GPU model at the nearest batch size (default_variants); on a GPU
 not in it, the sets that won on the GPU measured (UNLISTED). dec.variants says which ran; refusals() says which
 cannot run a call, and the chooser steps those back.
@@ -57,9 +57,9 @@ import os
 
 import torch
 
-from . import guard, ops
-from .generate import hf_position_ids
-from .model import state_of
+from ..kernels import ops
+from ..model import guard
+from ..model.dropin import hf_position_ids, state_of
 
 
 VARIANTS = {"gemv": (2, 3, 4), "kv_write": (2, 3)}

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
 import gpt2kern
-from gpt2kern import _C, ops
+from gpt2kern import _C
+from gpt2kern.kernels import ops
 
 DECODE_M, PREFILL_M = (1, 8), (128, 512, 1024)
 QUICK_DECODE_M, QUICK_PREFILL_M = (1,), (128,)
@@ -133,7 +134,7 @@ class MachineLoad:
         if not out["trusted"]:
             why = []
             if busy > cls.BUSY_CPUS:
-                from .cli import cpu_count  # (the command's own count: the affinity mask)
+                from .ui import cpu_count  # (the command's own count: the affinity mask)
 
                 when = "during" if during is not None and during >= busy else "just before"
                 why.append(f"other processes used {busy:.1f} of {cpu_count()} CPUs {when} the run")
@@ -160,7 +161,7 @@ def fma_peak(b: Bench) -> float:
 def kernel_cases(cfg, M: int, dev: str):
     """(name, ours, torch, flops, bytes) for every kernel at M rows of the model's shapes. The matmuls read the
     weights as optimize() does in fp32 (HF's own tensors, in place); their bytes come from the weight format."""
-    from .weights import WeightFormat
+    from ..kernels.weights import WeightFormat
 
     E, V, H = cfg.n_embd, cfg.vocab_size, cfg.n_head
     D = E // H
@@ -410,7 +411,7 @@ def contention(b: Bench, opt, new_tokens: int) -> list:
 def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     """Rows (measure, ms, baseline, baseline_ms, ratio = baseline / ms) on what optimize() costs and offers; the
     guard's row has ratio None and share_pct = 100·ms / baseline_ms instead."""
-    from . import guard
+    from ..model import guard
 
     V = ref.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -455,7 +456,7 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     gens = {"compiled": static, "eager": opt}
     # one cache length for both runs (a fresh 64-slot static cache per call): one compiled graph serves them all
     def run(m, n):
-        cache = {gpt2kern.model._CACHE_ARG: StaticCache(config=m.config, max_cache_len=64)}
+        cache = {gpt2kern.model.dropin._CACHE_ARG: StaticCache(config=m.config, max_cache_len=64)}
         return m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **cache)
     fns = {(k, n): (lambda m=m, n=n: run(m, n)) for k, m in gens.items() for n in (8, 40)}
     for f in fns.values():
@@ -473,7 +474,7 @@ def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
     fp32 in the same interleaved rounds), the bytes a token streams and the copy optimize() holds beside HF's
     parameters (the RSS figure is the fp32 run's, measured first: per-mode RSS deltas in one process are the
     allocator's noise), and the error against HF's
-    fp32 logits (gpt2kern/accuracy.py: relative L2, mean KLD, top-1 and greedy agreement)."""
+    fp32 logits (gpt2kern/cli/accuracy.py: relative L2, mean KLD, top-1 and greedy agreement)."""
     from . import accuracy
 
     names = list(dict.fromkeys(["fp32", *names]))  # fp32 first: every ratio is against it
@@ -548,15 +549,3 @@ def plot(res: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
-
-def main(argv=None) -> int:
-    """`python -m gpt2kern.bench ...` = `gpt2kern bench ...`."""
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

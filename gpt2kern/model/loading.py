@@ -24,7 +24,7 @@ RANDOM_CONFIGS = {
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, vocab_size=99, n_positions=512, bos_token_id=98, eos_token_id=98),
 }
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizer")
 GPT2_VOCAB_SIZE = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
 
 

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers torch.ops.gpt2kern)
+from .. import _C  # noqa: F401  (loads the library: registers torch.ops.gpt2kern)
 
 _ops = torch.ops.gpt2kern
 # each op's .default overload, looked up once: no overload resolution or namespace lookup per call (at decode
@@ -90,7 +90,7 @@ def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_feat
            layout: str = "kn", scales=None):
     """HF Conv1D: x @ W + bias, followed by the fused epilogue: 'none', 'gelu_new', or 'residual' (adds `residual`).
 
-    The weight's storage (gpt2kern.weights.WeightFormat): layout 'kn' = HF's [in, out] fp32; 'nk' = [out, in] fp32
+    The weight's storage (gpt2kern.kernels.weights.WeightFormat): layout 'kn' = HF's [in, out] fp32; 'nk' = [out, in] fp32
     (an nn.Linear / tied-embedding weight, read without a transposed copy); 'panels' = [ceil(out/32), in, 32]
     packed by pack() or WeightFormat.make, in float32, float16, bfloat16 or int8 (int8 with `scales`
     [panels, in / group, 32]); out_features gives `out` for panels. On CUDA: layout 'kn' only, in float32 or (the

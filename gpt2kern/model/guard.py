@@ -9,7 +9,7 @@ A reason (a string) means the whole call is handed to HF's own code; None means 
 has two parts. The model's part — module classes, patched forwards, hooks, training mode, config — is worked out
 again only when the model changed, which `Snapshot.changed()` notices in ~10 µs per call. The call's part —
 autograd, arguments, devices — is looked at on every call. `CASES` lists every case, and the README's "What runs
-where" table is generated from it (`python -m gpt2kern.guard`; a test keeps the two equal).
+where" table is generated from it (`python -m gpt2kern.model.guard`; a test keeps the two equal).
 
 Under torch.compile the snapshot is not consulted (dynamo guards the module state it traced); the call's part is
 traced like any Python and decided at compile time.
@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import _C
+from .. import _C
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ def _needs_grad(params) -> bool:
 
 
 def _kernel_devices():
-    from . import ops
+    from ..kernels import ops
 
     return ("cpu", "cuda") if ops.has_cuda() else ("cpu",)
 
@@ -281,8 +281,6 @@ def _engine_reason(st, model, entry: str) -> str | None:
         return "training mode (HF's generate would apply dropout)"
     if st.lm_head is not model.lm_head or st.transformer is not model.transformer:
         return "lm_head was replaced after optimize()"
-    from .model import installed_forward
-
     for name, m in (("the model", model), ("transformer", model.transformer), ("lm_head", model.lm_head)):
         if has_user_hooks(m):  # HF's generate calls these modules; the engine does not
             return f"forward hooks on {name}"
@@ -298,6 +296,18 @@ def _engine_reason(st, model, entry: str) -> str | None:
     if want and st.device.type != want:
         return f"CudaGraphDecoder needs a float32 model on CUDA, got one on {st.device}"
     return None
+
+
+class InstalledForward:
+    """Base of the forward optimize() installs on a module (model/dropin.py): what tells it apart from a forward a
+    user patched onto the instance, which the guard must refuse to skip."""
+
+    module = None
+
+
+def installed_forward(module, f) -> bool:
+    """Whether `f` (found in module.__dict__) is the forward optimize() installed there."""
+    return isinstance(f, InstalledForward) and f.module is module
 
 
 if __name__ == "__main__":  # the README's "What runs where" table

@@ -5,7 +5,7 @@
     gpt2kern trace PROMPT       every named step of the forward in execution order, each vs HF; --layer NAME
     gpt2kern parity             layer-by-layer and end-to-end parity vs HF eager; exit 1 over tolerance
 
-Also `python -m gpt2kern ...`. Expected problems exit 2 with one `error:` line on stderr (see _ui.py).
+Also `python -m gpt2kern ...`. Expected problems exit 2 with one `error:` line on stderr (see ui.py).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ try:  # typer >= 0.2x carries its own copy of click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from . import _ui
-from ._ui import CliError, console, emit_json, expected_errors, fmt_num, notice, print_table
+from . import ui
+from .ui import CliError, console, cpu_count, emit_json, expected_errors, fmt_num, notice, print_table
 
 
 class _LazyTorch:
@@ -89,14 +89,6 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", "-t", metavar="N", help="CPU threads for torch and the kernels (torch.set_num_threads); default: "
     "torch's, one per core. Fewer than the cores is faster when other programs keep some busy; more than the CPUs "
     "is allowed, with a note (they take turns).", show_default=False)]
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), else os.cpu_count()."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 MAX_THREADS = 1024  # (or 4 per CPU, if more): beyond, OpenMP would start thousands of threads; refused
@@ -264,7 +256,7 @@ def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int]
 def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
     """HF's own generate on HF's own forward (the reference for --compare-hf and parity): gpt2kern.generate's
     fallback, hf_generate, with the same settings (model not optimized)."""
-    from .generate import hf_generate
+    from ..decode.generate import hf_generate
 
     stream = (lambda t: on_token(int(t[0]))) if on_token is not None else None
     return hf_generate(model, ids, torch.ones_like(ids), s.max_new_tokens, do_sample=s.do_sample,
@@ -361,7 +353,7 @@ def generate(
         s.check()
     n_threads = set_threads(threads)
     import gpt2kern
-    name, m, tok = _ui.load_model(model, device)
+    name, m, tok = ui.load_model(model, device)
     input_ids = encode_prompt(prompt, tok, m.config, ids)
     with expected_errors():
         s.check(input_ids.shape[1], m.config.n_positions)
@@ -377,7 +369,7 @@ def generate(
     why = gpt2kern.fallback_reason(m)
 
     printer = _TokenPrinter(tok, s.eos_token_id, echo=not json_)
-    _ui.flush_notices()  # the input checks passed: say which model this is before streaming from it
+    ui.flush_notices()  # the input checks passed: say which model this is before streaming from it
     if printer.echo:  # the prompt, in the form the continuation streams in (an empty one: nothing, a note says where
         # it starts): text as given; ids as ids without a tokenizer, else as the text they read as (--ids: not ids
         # run into text)
@@ -402,8 +394,8 @@ def generate(
     if interrupted:
         if json_:
             emit_json(res)
-        _ui.err_console.print(f"interrupted after {n_new} tokens", markup=False)
-        return _ui.EXIT_INTERRUPTED
+        ui.err_console.print(f"interrupted after {n_new} tokens", markup=False)
+        return ui.EXIT_INTERRUPTED
 
     if compare_hf:
         gpt2kern.restore(m, unfreeze=False)
@@ -468,7 +460,7 @@ def next_token(
     n_threads = set_threads(threads)
     import gpt2kern
 
-    name, m, tok = _ui.load_model(model, device)
+    name, m, tok = ui.load_model(model, device)
     input_ids = encode_prompt(prompt, tok, m.config, ids).to(device)
     with torch.no_grad():
         ref = m(input_ids).logits[0, -1].double().cpu()  # HF's forward, for the agreement line
@@ -532,9 +524,9 @@ def trace(
     prompt = prompt_text(prompt)
     set_threads(threads)
     import gpt2kern
-    from . import steps as S
+    from ..model import steps as S
 
-    name, m, tok = _ui.load_model(model, device)
+    name, m, tok = ui.load_model(model, device)
     want = None
     if layer is not None:
         with expected_errors("--layer: "):
@@ -630,8 +622,8 @@ def parity(
         raise CliError(f"--batch must be at most {MAX_PARITY_BATCH}, got {batch}")
     set_threads(threads)
     import gpt2kern
-    from . import steps as S
-    name, m, _ = _ui.load_model(model, device)
+    from ..model import steps as S
+    name, m, _ = ui.load_model(model, device)
     cfg = m.config
     if seq_len > cfg.n_positions:
         raise CliError(f"--seq-len {seq_len} is longer than the model's context (n_positions={cfg.n_positions})")
@@ -642,7 +634,7 @@ def parity(
     if gs.max_new_tokens < 1:
         raise CliError("no room for generated tokens within n_positions")
     one = x[:1, :1]
-    with _ui.progress(4, "parity") as advance, torch.no_grad():
+    with ui.progress(4, "parity") as advance, torch.no_grad():
         hf = S.hf_steps(m, x)
         hf_one = m(one).logits
         advance()
@@ -660,7 +652,7 @@ def parity(
         ours_gen = _generate(m, prompt, gs)[0, prompt.shape[1]:].tolist()
         why_gen = gpt2kern.generate_fallback_reason()
         advance()
-    from .steps import ATOL
+    from ..model.steps import ATOL
     layer_rows = S.compare(hf, fast)
     fast_d = dict(fast)
     e2e = []
@@ -686,7 +678,7 @@ def parity(
                tolerance=dict(atol=S.ATOL, rtol=S.RTOL, logits_atol=ATOL), steps=layer_rows, end_to_end=e2e)
     if json_:
         emit_json(res)
-        return 0 if ok else _ui.EXIT_FAILED
+        return 0 if ok else ui.EXIT_FAILED
     mark = {True: "✓", False: "✗ FAIL", None: "—"}
     if layer_rows:
         print_table(["step", "shape", ("max |Δ|", "right"), ("max |HF|", "right"), ("tolerance", "right"),
@@ -707,7 +699,7 @@ def parity(
                (f"; worst step {worst['name']} at {worst['max_abs_diff'] / worst['tol'] * 100:.2g}% of its "
                 f"tolerance" if worst else ""))
     console.print(("parity OK: " if ok else "parity FAILED: ") + summary, markup=False)
-    return 0 if ok else _ui.EXIT_FAILED
+    return 0 if ok else ui.EXIT_FAILED
 
 
 def _prefix(a, b):
@@ -718,7 +710,7 @@ def _prefix(a, b):
 
 
 def _parity_mode(model, device, weights, new_tokens, seed, threads, json_):
-    """parity --weights MODE: the mode's measured error against its tolerance (gpt2kern/accuracy.py)."""
+    """parity --weights MODE: the mode's measured error against its tolerance (gpt2kern/cli/accuracy.py)."""
     if device != "cpu":
         raise CliError(f"parity --weights {weights} measures the CPU path (its CUDA twin: bench/gpu_bench.py)")
     if new_tokens < 1:
@@ -728,10 +720,10 @@ def _parity_mode(model, device, weights, new_tokens, seed, threads, json_):
 
     import gpt2kern
     from . import accuracy
-    name, m, _ = _ui.load_model(model, device)
+    name, m, _ = ui.load_model(model, device)
     T = min(512, m.config.n_positions)
     n = min(new_tokens, m.config.n_positions - 16)
-    with _ui.progress(1, "parity") as advance:
+    with ui.progress(1, "parity") as advance:
         opt = gpt2kern.optimize(copy.deepcopy(m), weights=weights)
         res = accuracy.measure(m, weights, T=T, n_greedy=n, seed=seed, model=opt)
         why = gpt2kern.fallback_reason(opt)
@@ -742,7 +734,7 @@ def _parity_mode(model, device, weights, new_tokens, seed, threads, json_):
     out = dict(model=name, device=device, weights=weights, ok=ok, measures=res, checks=rows)
     if json_:
         emit_json(out)
-        return 0 if ok else _ui.EXIT_FAILED
+        return 0 if ok else ui.EXIT_FAILED
     mark = {True: "✓", False: "✗ FAIL"}
     print_table(["measure (vs HF fp32)", ("value", "right"), ("tolerance", "right"), ("ok", "center")],
                 [(r["check"], f"{r['value']:.3g}" if isinstance(r["value"], float) else r["value"],
@@ -753,7 +745,7 @@ def _parity_mode(model, device, weights, new_tokens, seed, threads, json_):
                   f"{res['greedy_prefix']} in a row (informational: random weights give flat distributions)",
                   markup=False)
     console.print("✓ within the mode's tolerance" if ok else "✗ the mode's tolerance is exceeded", markup=False)
-    return 0 if ok else _ui.EXIT_FAILED
+    return 0 if ok else ui.EXIT_FAILED
 
 
 # ---------------------------------------------------------------- bench
@@ -774,7 +766,7 @@ def bench(
     weights: Annotated[str, typer.Option("--weights", help="Also compare weight modes: all, or a comma list of "
                                                            "fp32, fp16, bf16, int8 (speed and error, CPU).")] = "fp32",
 ):
-    """Kernels vs torch and end to end vs HF (sdpa, and eager), with roofline fractions (see gpt2kern/bench.py)."""
+    """Kernels vs torch and end to end vs HF (sdpa, and eager), with roofline fractions (see gpt2kern/cli/bench.py)."""
     device = Device(device).value
     modes = ["fp32", "fp16", "bf16", "int8"] if weights == "all" else [w.strip() for w in weights.split(",")]
     bad = [w for w in modes if w not in ("fp32", "fp16", "bf16", "int8")]
@@ -796,20 +788,20 @@ def bench(
             import matplotlib  # noqa: F401
         except ImportError:
             raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
-    name, m, _ = _ui.load_model(model, device)
+    name, m, _ = ui.load_model(model, device)
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
-    _ui.flush_notices()  # what the figures are of (e.g. random weights) before minutes of measuring
-    with _ui.progress(B.steps(quick, m.config.n_positions, contend, modes), "bench") as advance:
+    ui.flush_notices()  # what the figures are of (e.g. random weights) before minutes of measuring
+    with ui.progress(B.steps(quick, m.config.n_positions, contend, modes), "bench") as advance:
         res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend, weights=modes)
     load = res["machine_load"]
     if not load["trusted"]:
         console.print(f"warning: {load['warning']}", style="bold yellow", markup=False)
     if json_file:
-        with _ui.expected_errors("--json"), open(json_file, "w") as f:
+        with ui.expected_errors("--json"), open(json_file, "w") as f:
             json.dump(res, f, indent=1)
     if plot_file:
-        with _ui.expected_errors("--plot"):
+        with ui.expected_errors("--plot"):
             B.plot(res, plot_file)
     console.print(f"gpt2kern bench — {res['model']} on {res['device']} ({res['gpu'] or res['cpu']}), "
                   f"{res['threads']} threads, ISA {res['isa']}, torch {res['torch']}, {res['date']}", markup=False)
@@ -903,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = _run(cmd, argv)
     finally:
-        _ui.flush_notices()  # (after a failure, fail() has printed them before its line already)
+        ui.flush_notices()  # (after a failure, fail() has printed them before its line already)
     return rv
 
 
@@ -915,14 +907,14 @@ def _run(cmd, argv) -> int:
         return 0
     except _cx.UsageError as e:  # click's own: missing argument, no such option, bad choice -> one line too
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
-        return _ui.fail(f"{e.format_message()}{hint}")
+        return ui.fail(f"{e.format_message()}{hint}")
     except _cx.ClickException as e:
-        return _ui.fail(e.format_message())
+        return ui.fail(e.format_message())
     except CliError as e:
-        return _ui.fail(str(e))
+        return ui.fail(str(e))
     except (typer.Abort, KeyboardInterrupt):
-        _ui.err_console.print("interrupted", markup=False)
-        return _ui.EXIT_INTERRUPTED
+        ui.err_console.print("interrupted", markup=False)
+        return ui.EXIT_INTERRUPTED
     return rv if isinstance(rv, int) else 0
 
 

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .model import tracing
+from .dropin import tracing
 
 BLOCK_STEPS = ["ln_1", "attn.c_attn", "attn", "ln_2", "mlp.act", "mlp"]
 # per-step tolerance vs HF eager fp32: |Δ| <= ATOL + RTOL·max|ref| (same budget as tests/test_model_parity.py)
@@ -78,7 +78,7 @@ def canonical_layer(name: str, config) -> str:
 @torch.no_grad()
 def hf_steps(model, ids, **kw) -> dict[str, torch.Tensor]:
     """HF's output of each named module for one forward of `model` (which must not be optimized now)."""
-    from .model import is_optimized
+    from .dropin import is_optimized
 
     if is_optimized(model):
         raise ValueError("hf_steps needs HF's own forward: call it before gpt2kern.optimize or after restore")
@@ -101,7 +101,7 @@ def hf_steps(model, ids, **kw) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def fast_steps(model, ids, **kw) -> list[tuple[str, torch.Tensor]]:
     """The optimized forward's named steps in execution order; ValueError if the call fell back to HF."""
-    from .model import fallback_reason
+    from .dropin import fallback_reason
 
     with tracing(model) as steps:
         model(ids, use_cache=False, **kw)

@@ -2,7 +2,7 @@
 
 Every command (generate, next, trace, parity, and bench) uses these, so they all look and fail alike:
   * expected problems (bad option values, unknown model, missing dir, prompt too long, no GPU) raise `CliError`;
-    `gpt2kern.cli.main` prints it as ONE line `error: ...` on stderr and exits 2 — never a traceback; it is the
+    `gpt2kern.cli.main.main` prints it as ONE line `error: ...` on stderr and exits 2 — never a traceback; it is the
     last line there: the notes the command gathered before it failed (the default model, say) come first, one
     `note: ...` line each;
   * tables are rich tables on stdout; notices and progress go to stderr, so stdout stays the result;
@@ -235,3 +235,11 @@ def progress(total: int, description: str):
         def bar(n=1, done=None):
             p.update(task, advance=n, description=f"{description}: {done}" if done else None)
         yield bar
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

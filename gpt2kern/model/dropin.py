@@ -32,8 +32,9 @@ from transformers import GPT2Model, GPT2PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from . import guard, ops
-from .weights import Weights, attn_scale, pack
+from ..kernels import ops
+from . import guard
+from ..kernels.weights import Weights, attn_scale, pack
 
 # transformers renamed past_key_values -> cache (5.24); speak whichever this version speaks.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
@@ -115,6 +116,12 @@ class State:
             weights = pack(self.transformer, self.lm_head, self.pack, self.mode)  # CUDA: 'kn' in the mode's dtype
             body = weights.body() if self.device.type == "cpu" else None
         self.weights, self.body = weights, body
+
+
+def hf_position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """The position_ids HF's generate gives a left-padded prompt (generation/utils.py): cumsum of the mask - 1,
+    padding at 0. gpt2kern.generate's engine and the CUDA graph decoder take theirs from here."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _baked_in(t: GPT2Model):
@@ -421,7 +428,7 @@ class _FromHF:
         return self.on_class if obj is None else self.get(_hf_forward(obj.module))
 
 
-class _Installed:
+class _Installed(guard.InstalledForward):
     """The fast forward optimize() installs on a module instance. A class with __reduce__ rather than a bound method,
     so an optimized model still pickles (torch.save) and loads: pickle would look a bound method up by its name.
 
@@ -469,11 +476,6 @@ def _hf_forward(module):
     return f if f is not None else types.MethodType(type(module).forward, module)
 
 
-def installed_forward(module, f) -> bool:
-    """Whether `f` (found in module.__dict__) is the forward optimize() installed there."""
-    return isinstance(f, _Installed) and f.module is module
-
-
 # ---------------------------------------------------------------- public API
 
 def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = "fp32"):
@@ -495,7 +497,7 @@ def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = 
     A reduced mode needs gpt2kern's kernels on the model's device (CPU, or CUDA in a CUDA build): elsewhere it is
     refused, since HF's fp32 forward would run instead.
     """
-    from .weights import check_mode
+    from ..kernels.weights import check_mode
 
     check_mode(weights)
     if not isinstance(pack, bool):
@@ -591,7 +593,7 @@ def untraceable(why: str) -> ValueError:
     elif why.startswith("training mode"):
         fix = "call model.eval() first"
     else:
-        fix = "HF's path has no such steps (the cases: python -m gpt2kern.guard)"
+        fix = "HF's path has no such steps (the cases: python -m gpt2kern.model.guard)"
     return ValueError(f"gpt2kern.tracing records the kernels' steps, but this call took HF's path ({why}): {fix}")
 
 

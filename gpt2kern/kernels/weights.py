@@ -221,7 +221,7 @@ class Linear:
                           layout=self.fmt.layout, scales=self.scales)
 
     def to_c(self):
-        from . import _C
+        from .. import _C
 
         return _C.Weight(self.data, self.scales, self.fmt.layout)
 
@@ -269,7 +269,7 @@ class Layer:
 
     def to_c(self):
         """The same record for csrc/cpu/engine.cpp (CPU packs only)."""
-        from . import _C
+        from .. import _C
 
         c = lambda t: t.contiguous()  # noqa: E731
         return _C.LayerWeights(
@@ -311,14 +311,14 @@ class Weights:
 
     def body(self):
         """_C.Body over these packs: the whole body in one C++ call (CPU)."""
-        from . import _C
+        from .. import _C
 
         return _C.Body([L.to_c() for L in self.layers], self.wte, self.wpe, self.ln_f.weight, self.ln_f.bias,
                        self.n_head, self.eps)
 
     def engine(self, batch: int, max_len: int, max_rows: int):
         """_C.Engine (gpt2kern.generate's decoder) over these packs, with its KV cache for batch × max_len."""
-        from . import _C
+        from .. import _C
 
         if self.lm_head is None:
             raise ValueError("the decode engine needs the model's lm_head")

@@ -10,7 +10,7 @@ The seed's loop, with the model step in C++ (csrc/cpu/engine.cpp):
         logits = engine.forward(next)               one C++ call for all layers + lm_head on one token per row
 
 Greedy output equals HF's `model.generate(..., do_sample=False)`; sampling reproduces HF's token choices for the
-same seed (the same torch ops draw from the same generator). On CUDA the step is gpt2kern/cuda_graph.py's decoder
+same seed (the same torch ops draw from the same generator). On CUDA the step is gpt2kern/decode/cuda_graph.py's decoder
 (a CUDA graph replay). Models the engine cannot serve (guard.why_not(..., "generate"): not float32, an unsupported
 config, hooks, ...) are handed to HF's own `generate` with the same settings (`hf_generate`, also the CLI's
 reference); `gpt2kern.generate_fallback_reason()` says why.
@@ -23,8 +23,8 @@ import time
 import torch
 from transformers import GPT2LMHeadModel
 
-from . import guard
-from .model import state_of, tracing_open
+from ..model import guard
+from ..model.dropin import hf_position_ids, state_of, tracing_open
 
 _local = threading.local()
 
@@ -69,12 +69,6 @@ class ThreadChooser:
         if c != self.best:  # a try: the other choice lost (wait longer for the next) or won (switch)
             self.every = min(2 * self.every, 256) if best == self.best else self.first_every
         self.best = best
-
-
-def hf_position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """The position_ids HF's generate gives a left-padded prompt (generation/utils.py): cumsum of the mask - 1,
-    padding at 0. The engine and the CUDA graph decoder both take theirs from here."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _as_list(eos) -> list[int]:
@@ -171,7 +165,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
       Another mode than the optimized model's packs a private copy for generate; the model is left as it is.
     """
     if weights is not None:
-        from .weights import check_mode
+        from ..kernels.weights import check_mode
 
         check_mode(weights)
     gc = model.generation_config if isinstance(model, GPT2LMHeadModel) else None
@@ -221,7 +215,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                 chooser.record(threads, time.perf_counter() - t0)
                 next_pos.add_(1)
                 return logits
-        else:  # CUDA: the decode step replayed from a CUDA graph (gpt2kern/cuda_graph.py)
+        else:  # CUDA: the decode step replayed from a CUDA graph (gpt2kern/decode/cuda_graph.py)
             from .cuda_graph import CudaGraphDecoder
 
             dec = CudaGraphDecoder(model, B, T + max_new_tokens, weights=weights)

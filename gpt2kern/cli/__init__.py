@@ -1,0 +1,1 @@
+"""The `gpt2kern` command line and its benchmark."""
