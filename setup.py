@@ -34,7 +34,7 @@ def _find_cuda_home():
         cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for c in cands:
-        if os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")):
+        if all(os.path.isfile(os.path.join(c, *f)) for f in (("bin", "nvcc"), ("include", "cuda_runtime.h"))):
             return c
     return None
 

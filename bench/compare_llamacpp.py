@@ -171,8 +171,8 @@ def speed(a, files, model, opts, info):
                 times[m][k].append(f())
     res = {m: {k: 1e3 * statistics.median(v) for k, v in row.items()} for m, row in times.items()}
     names = ", ".join(os.path.basename(f) for f in files.values())
-    print(f"gpt2kern vs llama.cpp {commit.get('llama.cpp') or ''} ({names}), {a.model}, {a.threads} threads, gpt2kern ISA {info['isa']}, median of {a.rounds} interleaved rounds, "
-          f"{info['date']}")
+    print(f"gpt2kern vs llama.cpp {commit.get('llama.cpp') or ''} ({names}), {a.model}, {a.threads} threads, "
+          f"gpt2kern ISA {info['isa']}, median of {a.rounds} interleaved rounds, {info['date']}")
     print("prefill rows: last-position logits (llama-bench pp) unless marked; ratio > 1: the row is faster")
     for m, row in res.items():
         print(f"{m:<32} {'ms':>9}   vs llama.cpp same width   vs gpt2kern fp32")

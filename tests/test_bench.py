@@ -82,7 +82,7 @@ def test_sizes_fit_the_models_context(tiny):
     assert bench.sizes(64, quick=True) == ((1, 64), (64,))
     ms, _ = bench.sizes(tiny.config.n_positions)
     for M in ms:  # every row of a full run on a short-context model can be measured
-        for name, ours, theirs, _, _ in bench.kernel_cases(tiny.config, M, "cpu"):
+        for _name, ours, theirs, _, _ in bench.kernel_cases(tiny.config, M, "cpu"):
             ours(), theirs()
 
 

@@ -424,7 +424,7 @@ def test_generate_weights_and_bad_values(cli_run):
     assert_one_line_error(code, err, "--weights must be 'all' or a comma list")
 
 
-# ---------------------------------------------------------------- every input validated (issue: CLI inputs)
+# ---------------------------------------------------------------- every input validated
 
 @pytest.mark.parametrize("cmd", ["generate", "next", "trace"])
 def test_a_prompt_that_is_not_utf8_is_refused(cmd):

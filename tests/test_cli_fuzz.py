@@ -77,7 +77,7 @@ def argv(draw):
 @example([b"generate", b"\xff\xfe", b"-m", TEXT, b"-n", b"2"])  # the issue's: TextEncodeInput's traceback, exit 1
 @example([b"next", b"caf\xe9", b"-m", TEXT])
 @example([b"trace", b"\x80 1", b"-m", TEXT, b"--layer", b"wpe"])
-def test_every_subcommand_answers_or_says_one_error_line(text_model_dir, args):
+def test_every_subcommand_answers_or_says_one_error_line(text_model_dir, args):  # noqa: F811 (the fixture)
     args = [os.fsencode(text_model_dir) if a == TEXT else a for a in args]
     r = subprocess.run([sys.executable, "-m", "gpt2kern", *args], capture_output=True, env=ENV, cwd=ROOT,
                        timeout=300)

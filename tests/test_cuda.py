@@ -701,7 +701,7 @@ def test_cuda_graph_decoder_on_a_device_that_is_not_current(distil):
     assert torch.equal(ours[:, : hf.shape[1]], hf)
 
 
-# ---------------------------------------------------------------- reduced weight modes on CUDA (#16's CUDA twins)
+# ---------------------------------------------------------------- reduced weight modes on CUDA
 
 LOWP = ["fp16", "bf16", "int8"]
 

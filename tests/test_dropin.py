@@ -165,7 +165,8 @@ def test_a_training_step_after_optimize_equals_one_without(cls, mode):
         getattr(m, mode)()
         torch.manual_seed(3)  # the same dropout masks in training mode
         out = m(**kw)
-        loss = out.loss if out.loss is not None else sum(v.sum() for v in outputs(out).values() if v.is_floating_point())
+        loss = (out.loss if out.loss is not None
+                else sum(v.sum() for v in outputs(out).values() if v.is_floating_point()))
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
     assert gpt2kern.fallback_reason(opt) is not None  # HF's path, HF's gradients

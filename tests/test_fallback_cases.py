@@ -159,7 +159,8 @@ def test_wrapped_module_answer_is_hf(tiny, name):
                                             "(the kernels compute the original)"
     same(a, b)
     assert not torch.equal(a, tiny(IDS).logits)  # the wrapper does change the answer
-    assert torch.equal(gpt2kern.generate(opt, IDS, max_new_tokens=4), ref.generate(IDS, max_new_tokens=4, do_sample=False))
+    assert torch.equal(gpt2kern.generate(opt, IDS, max_new_tokens=4),
+                       ref.generate(IDS, max_new_tokens=4, do_sample=False))
     assert "is Wrapped" in gpt2kern.generate_fallback_reason()
 
 
@@ -209,7 +210,8 @@ def test_forward_hooks_inside_the_body_run(tiny, kind):
 
     with torch.no_grad():
         opt(IDS)
-        handles = [getattr(m.transformer.h[1].mlp, f"register_{kind}_hook")(hook(n)) for n, m in (("ref", ref), ("opt", opt))]
+        handles = [getattr(m.transformer.h[1].mlp, f"register_{kind}_hook")(hook(n))
+                   for n, m in (("ref", ref), ("opt", opt))]
         a, b = ref(IDS).logits, opt(IDS).logits
         assert gpt2kern.fallback_reason(opt) == "forward hooks on h.1.mlp"
         same(a, b)

@@ -1,4 +1,4 @@
-"""What a new user meets first (issue 14): text prompts on the offline default model, the empty prompt, --threads,
+"""What a new user meets first: text prompts on the offline default model, the empty prompt, --threads,
 and trace's tolerance column."""
 import json
 import subprocess

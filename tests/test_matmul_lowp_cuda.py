@@ -1,4 +1,4 @@
-"""The reduced-precision weight formats on CUDA (#16's CUDA twins): layout 'kn' ([in, out]) in fp16, bf16 or int8
+"""The reduced-precision weight formats on CUDA: layout 'kn' ([in, out]) in fp16, bf16 or int8
 (+ fp32 scales [in / group, out]), read by csrc/cuda/matmul_lowp.cu. The storage's properties run everywhere (the
 quantizer is the panels' one, element for element); each CUDA kernel path against a float64 reference computed from
 the *stored* weights, the epilogues, odd strides and alignment, int8 groups, bad input and opcheck skip without a

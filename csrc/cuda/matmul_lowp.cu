@@ -1,4 +1,4 @@
-// matmul_lowp.cu — Conv1D's y = x @ W + b on CUDA with W stored in reduced precision (issue #16's CUDA twins of
+// matmul_lowp.cu — Conv1D's y = x @ W + b on CUDA with W stored in reduced precision (the CUDA twins of
 // the CPU weight modes), with the epilogue (gelu_new or + residual) fused before the store.
 //
 // Why: a decode step streams every weight once, so its time is the weights' bytes; fp16 and bf16 halve them, int8

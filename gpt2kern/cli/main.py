@@ -420,8 +420,9 @@ def generate(
         return 0
     end = " (stopped at eos)" if printer.hit_eos else ""
     first = f", first token {res['first_token_s'] * 1e3:.0f} ms" if res["first_token_s"] is not None else ""
+    threads = f", {n_threads} thread" + ("s" if n_threads > 1 else "") if device == "cpu" else ""
     console.print(f"[dim]{n_new} tokens in {elapsed:.2f} s: {fmt_num(res['tokens_per_s'], 3)} tokens/s{first}{end}"
-                  f" — gpt2kern, {device}{f', {n_threads} thread' + ('s' if n_threads > 1 else '') if device == 'cpu' else ''}"
+                  f" — gpt2kern, {device}{threads}"
                   f"{'' if weights == 'fp32' else f', {weights} weights'}[/dim]")
     if why is not None:
         notice(f"the fast path did not run ({why}): these are HF's numbers")
@@ -858,7 +859,8 @@ def bench(
         print_table(["weights", ("MiB/tok", "right"), ("+MiB", "right"), ("B=1 ms", "right"), ("×", "right")]
                     + ([("B=8 ms", "right"), ("×", "right")] if has8 else [])
                     + [(f"T={T} ms", "right"), ("×", "right"), ("rel L2", "right"),
-                       ("KLD", "right"), ("top-1", "right")] + ([("greedy", "right")] if "greedy_same" in md[0] else []),
+                       ("KLD", "right"), ("top-1", "right")]
+                    + ([("greedy", "right")] if "greedy_same" in md[0] else []),
                     [(r["mode"], f"{r['weight_MiB']:.0f}", f"{r['added_MiB']:.0f}", f"{r['decode_B1_ms']:.2f}",
                       f"{r['decode_B1_vs_fp32']:.2f}")
                      + ((f"{r['decode_B8_ms']:.2f}", f"{r['decode_B8_vs_fp32']:.2f}") if has8 else ())

@@ -40,8 +40,8 @@ class ThreadChooser:
 
     A decode step is ~30 short parallel regions, each of which waits for every thread it started. When another
     process keeps a core busy, the thread on that core runs when the scheduler lets it, and 2 threads measured
-    2.3× slower than 1 (18.7 vs 8.1 ms/token on the 2-core dev machine). So the engine times its steps: a running
-    mean per choice, the faster choice taken, the other one tried again after `every` steps (a busy core can go
+    over twice as slow as 1 on the 2-core dev machine (bench/RESULTS.md). So the engine times its steps: a running mean
+    per choice, the faster choice taken, the other one tried again after `every` steps (a busy core can go
     quiet again; each try that loses doubles the wait, up to 256 steps, so a quiet machine pays < 1 % for the
     tries). The cap is per call and per calling thread (csrc/cpu/parallel.h): torch's setting is untouched."""
 

@@ -90,8 +90,8 @@ def conv1d(x, weight, bias=None, epilogue: str = "none", residual=None, out_feat
            layout: str = "kn", scales=None):
     """HF Conv1D: x @ W + bias, followed by the fused epilogue: 'none', 'gelu_new', or 'residual' (adds `residual`).
 
-    The weight's storage (gpt2kern.kernels.weights.WeightFormat): layout 'kn' = HF's [in, out] fp32; 'nk' = [out, in] fp32
-    (an nn.Linear / tied-embedding weight, read without a transposed copy); 'panels' = [ceil(out/32), in, 32]
+    The weight's storage (gpt2kern.kernels.weights.WeightFormat): layout 'kn' = HF's [in, out] fp32; 'nk' = [out, in]
+    fp32 (an nn.Linear / tied-embedding weight, read without a transposed copy); 'panels' = [ceil(out/32), in, 32]
     packed by pack() or WeightFormat.make, in float32, float16, bfloat16 or int8 (int8 with `scales`
     [panels, in / group, 32]); out_features gives `out` for panels. On CUDA: layout 'kn' only, in float32 or (the
     reduced weight modes' CUDA storage) float16, bfloat16 or int8 with `scales` [in / group, out]."""

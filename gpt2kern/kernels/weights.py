@@ -27,10 +27,8 @@ from . import ops
 MODES = ("fp32", "fp16", "bf16", "int8")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 LAYOUTS = ("panels", "kn", "nk")
-# int8: consecutive k that share one scale (per output column). Measured on random:distilgpt2 (T=512 teacher-forced
-# vs fp32; decode ms/token, Zen 5 AVX-512, 2 threads): group 32: mean KLD 1.03e-5, top-1 92.97 %, 2.27 ms;
-# 64: 1.29e-5, 92.19 %, 2.14 ms; 128: 1.49e-5, 90.43 %, 2.12 ms; per channel: 2.13e-5, 88.87 %, 2.19 ms. 64 keeps
-# most of 32's accuracy at 6 % fewer bytes (and one big weight spoils only its own group of 64, not a column).
+# int8: consecutive k that share one scale (per output column). 64 keeps most of group 32's accuracy for fewer
+# bytes, and one outlier weight spoils only its own group, not a column (bench/RESULTS.md, "int8 group size").
 INT8_GROUP = 64
 
 

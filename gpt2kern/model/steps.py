@@ -70,7 +70,8 @@ def canonical_layer(name: str, config) -> str:
                          f"use h.{m.group(1)}.mlp.act (gelu_new(c_fc(x)))")
     m = re.fullmatch(r"h\.(\d+)(\..*)?", n)
     if m and int(m.group(1)) >= config.n_layer:
-        raise ValueError(f"unknown layer {name!r}: the model has {config.n_layer} blocks, h.0 .. h.{config.n_layer - 1}")
+        raise ValueError(f"unknown layer {name!r}: the model has {config.n_layer} blocks, "
+                         f"h.0 .. h.{config.n_layer - 1}")
     raise ValueError(f"unknown layer {name!r}; steps are wte, wpe, h.N.{{{', '.join(BLOCK_STEPS)}}}, h.N, ln_f, "
                      f"lm_head with N in 0..{config.n_layer - 1}")
 
