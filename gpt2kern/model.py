@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from . import guard, ops
+from .body import blocks
 from .weights import Weights, attn_scale, pack
 
 # transformers renamed past_key_values -> cache (5.24); speak whichever this version speaks.
@@ -331,44 +332,27 @@ def _walk(st: State, ids, cache, attention_mask, position_ids, token_type_ids, w
         attention_mask = create_causal_mask(t.config, h, attention_mask, cache, position_ids=position_ids,
                                             allow_is_causal_skip=False)
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
-    hidden = [h] if want_hidden else None
-    x = ops.layer_norm(h, W.layers[0].ln_1.weight, W.layers[0].ln_1.bias, W.layers[0].ln_1.eps)
-    for i, L in enumerate(W.layers):
-        if trace:
-            trace(f"h.{i}.ln_1", x)
-        qkv = L.c_attn(x)
-        if trace:
-            trace(f"h.{i}.attn.c_attn", qkv)
-        q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
+
+    def attend(i, q, k, v, qkv):
         if cache is not None:
             try:
                 k, v = cache.update(k, v, i)
             except RuntimeError as e:  # torch.cat's message alone does not say what did not fit
                 raise ValueError(f"past_key_values does not fit this call (layer {i}: batch {B}, {H} heads of "
                                  f"size {D}): {e}") from e
-        a = ops.attention(q, k, v, key_mask, bias, L.scale, past or 0, causal)
-        a = L.attn_proj(a.view(B, T, E))
+        return ops.attention(q, k, v, key_mask, bias, W.layers[i].scale, past or 0, causal)
+
+    hidden = [h] if want_hidden else None
+    # HF's hidden states: the embedding, each block's output but the last, then ln_f's output
+    kept = {f"h.{i}" for i in range(len(W.layers) - 1)} | {"ln_f"}
+
+    def name(step, tensor):
         if trace:
-            trace(f"h.{i}.attn", a)
-        h, x = ops.add_layer_norm(a, h, L.ln_2.weight, L.ln_2.bias, L.ln_2.eps)
-        if trace:
-            trace(f"h.{i}.ln_2", x)
-        f = L.c_fc(x, "gelu_new")
-        if trace:
-            trace(f"h.{i}.mlp.act", f)  # c_fc and NewGELU run as one fused kernel
-        m = L.mlp_proj(f)
-        if trace:
-            trace(f"h.{i}.mlp", m)
-        nxt = W.layers[i + 1].ln_1 if i + 1 < len(W.layers) else W.ln_f
-        h, x = ops.add_layer_norm(m, h, nxt.weight, nxt.bias, nxt.eps)
-        if trace:
-            trace(f"h.{i}", h)
-        if want_hidden and i + 1 < len(W.layers):
-            hidden.append(h)
-    if trace:
-        trace("ln_f", x)
-    if want_hidden:
-        hidden.append(x)  # HF ties the last hidden state to ln_f's output
+            trace(step, tensor)
+        if want_hidden and step in kept:
+            hidden.append(tensor)
+
+    x = blocks(W, h, attend, name=name if trace or want_hidden else None)
     return x, hidden
 
 
