@@ -154,18 +154,24 @@ def _body_and_head(model) -> tuple[GPT2Model, nn.Module | None]:
 # ---------------------------------------------------------------- the forward
 
 def _hf_deprecations(fn):
-    """`fn` behind the same keyword deprecations HF's GPT2Model.forward carries (today: past_key_values -> cache):
-    HF's own deprecation wrapper, rebuilt around `fn`, so the same call gives the same warning word for word."""
+    """`fn` behind the keyword deprecations HF's GPT2Model.forward carries (today: past_key_values -> cache), made by
+    HF's own deprecate_kwarg with the arguments read from HF's wrapper, so the same call gives the same warning; `fn`
+    itself on a transformers without them."""
+    found = []
     f = GPT2Model.forward
     while f is not None:
-        code = getattr(f, "__code__", None)
-        if code is not None and "old_name" in code.co_freevars and "func" in code.co_freevars and f.__closure__:
-            cells = [types.CellType(fn) if name == "func" else cell
-                     for name, cell in zip(code.co_freevars, f.__closure__)]
-            wrapped = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, tuple(cells))
-            wrapped.__kwdefaults__, wrapped.__wrapped__ = f.__kwdefaults__, fn
-            return wrapped
+        if getattr(f, "__closure__", None) and "old_name" in f.__code__.co_freevars:  # deprecate_kwarg's wrapper
+            found.append(inspect.getclosurevars(f).nonlocals)
         f = getattr(f, "__wrapped__", None)
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    for a in reversed(found):  # innermost first, so the wrappers nest as HF's do
+        version = a["version_message"].rsplit(" ", 1)[-1]  # "... removed in version X" / "... from version X"
+        fn = deprecate_kwarg(a["old_name"], version, new_name=a["new_name"],
+                             warn_if_greater_or_equal_version=a["warn_if_greater_or_equal_version"],
+                             raise_if_greater_or_equal_version=a["raise_if_greater_or_equal_version"],
+                             raise_if_both_names=a["raise_if_both_names"],
+                             additional_message=a["additional_message"])(fn)
     return fn
 
 
