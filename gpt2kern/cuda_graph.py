@@ -33,7 +33,7 @@ from .model import state_of
 class Variant:
     """One kernel variant of the decode step: what it runs, and the rules refusals() and the step read."""
     what: str
-    matmul: str | None = None  # the step's matmuls: 'nk' (ops.matmul_nk), 'decode' (ops.matmul_decode), None: any
+    matmul: str | None = None  # the step's matmuls: 'nk' (matmul_nk), 'decode' (matmul_decode); None: step_matmul's
     fp32_only: bool = False  # reads fp32 weights: the reduced modes have conv1d's GEMV only
     decode_rows: bool = False  # runs decode GEMVs: at most ops.GEMV_MAX_ROWS rows
     counters: bool = False  # split-K ticket counters, one per 32 output columns

@@ -1,6 +1,6 @@
 """optimize(model): GPT-2's body on gpt2kern's kernels, installed in place on any Hugging Face GPT-2 class.
 
-The walk (`_walk`) reads like the model itself:
+The body (body.blocks; `_walk` runs it with HF's masks and Cache API) reads like the model itself:
 
     h = wte[ids] + wpe[pos]                                   embedding
     x = ln_1(h)                                               layer_norm
@@ -12,9 +12,9 @@ The walk (`_walk`) reads like the model itself:
                      h, x = h + m, next_ln(h + m)             add_layer_norm (next block's ln_1, or ln_f)
     logits = x @ wteᵀ                                         conv1d (lm_head)
 
-HF's decode steps (and calls without a cache) run the same walk in one C++ call instead (`_one_call`: no Python per
+HF's decode steps (and calls without a cache) run the same body in one C++ call instead (`_one_call`: no Python per
 layer). The model class's own forward stays HF's (signature, logits_to_keep, loss, pooling, heads, output types);
-only the GPT2Model body and a GPT-2 lm_head run here. The weights the walk reads are weights.py's records; whether a
+only the GPT2Model body and a GPT-2 lm_head run here. The weights the body reads are weights.py's records; whether a
 call may run here at all is guard.py's `why_not` — when it says no, the whole call runs HF's own code.
 """
 from __future__ import annotations
@@ -310,7 +310,8 @@ def _one_call(st: State, ids, cache, attention_mask, position_ids):
 
 
 def _walk(st: State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
-    """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
+    """HF's forward around body.blocks (positions, masks, HF's Cache API); returns (ln_f output, hidden states
+    per HF's output_hidden_states)."""
     t, W = st.transformer, st.weights  # one consistent set of packs for the whole call
     B, T = ids.shape
     E, H = t.config.n_embd, W.n_head
@@ -476,14 +477,14 @@ def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = 
     is. `freeze=True` (opt-in) sets requires_grad=False on every parameter, so a plain `model(ids)` without
     `torch.no_grad()` takes the fast path too. Weights are packed now and repacked automatically if they change.
 
-    `weights`: how the matmul weights are stored. 'fp32' (default, exact: HF's logits to ~1e-5, HF's tokens) reads
-    HF's own tensors in place, so optimize() adds no copy of them; `pack=True` (opt-in) keeps a packed fp32 copy,
-    a few percent faster in prefill (bench/RESULTS.md). 'fp16', 'bf16' and 'int8' keep a packed copy in that dtype
-    (1/2, 1/2 and ~1/4 of the fp32 bytes; activations and sums stay fp32): decode reads fewer bytes per token, at
-    a measured error (README, "Weight modes"). On CUDA the reduced modes keep an [in, out] copy in that dtype
-    (int8 with its group scales) read by the CUDA kernels (csrc/cuda/matmul_lowp.cu); `pack` applies to CPU only.
-    A reduced mode needs gpt2kern's kernels on the model's device (CPU, or CUDA in a CUDA build): elsewhere it is
-    refused, since HF's fp32 forward would run instead.
+    `weights`: how the matmul weights are stored. 'fp32' (default: HF's logits up to float32 rounding, HF's tokens)
+    reads HF's own tensors in place, so optimize() adds no copy of them; `pack=True` (opt-in) keeps a packed fp32
+    copy, faster in prefill (bench/RESULTS.md). 'fp16', 'bf16' and 'int8' keep a packed copy in that dtype (1/2, 1/2
+    and ~1/4 of the fp32 bytes; activations and sums stay fp32): decode reads fewer bytes per token, at a measured
+    error (README, "Weight modes"). On CUDA the reduced modes keep an [in, out] copy in that dtype (int8 with its
+    group scales) read by the CUDA kernels (csrc/cuda/matmul_lowp.cu); `pack` applies to CPU only. A reduced mode
+    needs gpt2kern's kernels on the model's device (CPU, or CUDA in a CUDA build): elsewhere it is refused, since
+    HF's fp32 forward would run instead.
     """
     from .weights import check_mode
 

@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 
-import gpt2kern
 from gpt2kern import cuda_graph, guard, ops
 from gpt2kern.weights import Linear
 
