@@ -27,6 +27,7 @@ import time
 import torch
 
 import gpt2kern
+import gpt2kern.model.loading
 from gpt2kern import ops
 from gpt2kern.cli.bench import Bench, kernel_cases, sizes
 
@@ -148,6 +149,7 @@ def lowp(quick):
 
 
 def end_to_end(dev, quick):
+    from gpt2kern.decode import cuda_graph
     from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     cpu_model, _ = gpt2kern.load("random:distilgpt2")
     ref = copy.deepcopy(cpu_model).to(dev).eval()  # HF eager: the parity reference
@@ -176,11 +178,12 @@ def end_to_end(dev, quick):
             prompt = torch.randint(0, V, (B, T), device=dev)
             kw = dict(do_sample=False, pad_token_id=0)
             # the same step without the graph (explicit variants: the table's defaults must not change the rows), and
-            # the graph with every gemv and kv_write pair that can run (kv_write 3 needs an [in, out] GEMV: not gemv 2)
+            # the graph with every gemv and kv_write pair that can run (cuda_graph.refusals: the decoder's rules)
             eager = dict(gemv=2, kv_write=2) if B == 1 else dict(gemv=3, kv_write=3)
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False,
                                                          **eager)}
-            for gv, kw_ in ((gv, kw_) for gv in (2, 3, 4) for kw_ in (2, 3) if (gv, kw_) != (2, 3)):
+            for gv, kw_ in ((gv, kw_) for gv in cuda_graph.VARIANTS["gemv"] for kw_ in cuda_graph.VARIANTS["kv_write"]
+                            if not cuda_graph.refusals(dict(gemv=gv, kv_write=kw_), B)):
                 name = f"decoder_cuda_graph_gemv{gv}_kvwrite{kw_}"
                 decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=kw_)
                 launches[f"B={B} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token

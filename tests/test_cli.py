@@ -15,6 +15,7 @@ import torch
 from conftest import no_gpu
 
 import gpt2kern
+import gpt2kern.model.loading
 from gpt2kern.cli import main as cli
 from gpt2kern.model import steps
 

@@ -13,6 +13,7 @@ import torch
 from conftest import LOGITS_ATOL
 
 import gpt2kern
+import gpt2kern.model.dropin
 from gpt2kern import ops
 from gpt2kern.model import guard
 from transformers import (GPT2Config, GPT2DoubleHeadsModel, GPT2ForQuestionAnswering, GPT2ForSequenceClassification,

@@ -7,6 +7,7 @@ import torch
 from conftest import DEVICES, LOGITS_ATOL, pair
 
 import gpt2kern
+import gpt2kern.model.dropin
 from transformers import GPT2LMHeadModel, GPT2Model
 
 

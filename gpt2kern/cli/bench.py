@@ -453,10 +453,12 @@ def dropin(b: Bench, ref, opt, T: int, quick: bool, advance) -> list:
     prompt = torch.randint(0, V, (1, 16), generator=g).to(b.device)
     from transformers import StaticCache
 
+    from ..model.dropin import _CACHE_ARG
+
     gens = {"compiled": static, "eager": opt}
     # one cache length for both runs (a fresh 64-slot static cache per call): one compiled graph serves them all
     def run(m, n):
-        cache = {gpt2kern.model.dropin._CACHE_ARG: StaticCache(config=m.config, max_cache_len=64)}
+        cache = {_CACHE_ARG: StaticCache(config=m.config, max_cache_len=64)}
         return m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **cache)
     fns = {(k, n): (lambda m=m, n=n: run(m, n)) for k, m in gens.items() for n in (8, 40)}
     for f in fns.values():

@@ -1,6 +1,6 @@
 """optimize(model): GPT-2's body on gpt2kern's kernels, installed in place on any Hugging Face GPT-2 class.
 
-The walk (`_walk`) reads like the model itself:
+The body (body.blocks; `_walk` runs it with HF's masks and Cache API) reads like the model itself:
 
     h = wte[ids] + wpe[pos]                                   embedding
     x = ln_1(h)                                               layer_norm
@@ -12,9 +12,9 @@ The walk (`_walk`) reads like the model itself:
                      h, x = h + m, next_ln(h + m)             add_layer_norm (next block's ln_1, or ln_f)
     logits = x @ wteᵀ                                         conv1d (lm_head)
 
-HF's decode steps (and calls without a cache) run the same walk in one C++ call instead (`_one_call`: no Python per
+HF's decode steps (and calls without a cache) run the same body in one C++ call instead (`_one_call`: no Python per
 layer). The model class's own forward stays HF's (signature, logits_to_keep, loss, pooling, heads, output types);
-only the GPT2Model body and a GPT-2 lm_head run here. The weights the walk reads are weights.py's records; whether a
+only the GPT2Model body and a GPT-2 lm_head run here. The weights the body reads are weights.py's records; whether a
 call may run here at all is guard.py's `why_not` — when it says no, the whole call runs HF's own code.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from ..kernels import ops
-from . import guard
 from ..kernels.weights import Weights, attn_scale, pack
+from . import guard
+from .body import blocks
 
 # transformers renamed past_key_values -> cache (5.24); speak whichever this version speaks.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
@@ -160,18 +161,24 @@ def _body_and_head(model) -> tuple[GPT2Model, nn.Module | None]:
 # ---------------------------------------------------------------- the forward
 
 def _hf_deprecations(fn):
-    """`fn` behind the same keyword deprecations HF's GPT2Model.forward carries (today: past_key_values -> cache):
-    HF's own deprecation wrapper, rebuilt around `fn`, so the same call gives the same warning word for word."""
+    """`fn` behind the keyword deprecations HF's GPT2Model.forward carries (today: past_key_values -> cache), made by
+    HF's own deprecate_kwarg with the arguments read from HF's wrapper, so the same call gives the same warning; `fn`
+    itself on a transformers without them."""
+    found = []
     f = GPT2Model.forward
     while f is not None:
-        code = getattr(f, "__code__", None)
-        if code is not None and "old_name" in code.co_freevars and "func" in code.co_freevars and f.__closure__:
-            cells = [types.CellType(fn) if name == "func" else cell
-                     for name, cell in zip(code.co_freevars, f.__closure__)]
-            wrapped = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, tuple(cells))
-            wrapped.__kwdefaults__, wrapped.__wrapped__ = f.__kwdefaults__, fn
-            return wrapped
+        if getattr(f, "__closure__", None) and "old_name" in f.__code__.co_freevars:  # deprecate_kwarg's wrapper
+            found.append(inspect.getclosurevars(f).nonlocals)
         f = getattr(f, "__wrapped__", None)
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    for a in reversed(found):  # innermost first, so the wrappers nest as HF's do
+        version = a["version_message"].rsplit(" ", 1)[-1]  # "... removed in version X" / "... from version X"
+        fn = deprecate_kwarg(a["old_name"], version, new_name=a["new_name"],
+                             warn_if_greater_or_equal_version=a["warn_if_greater_or_equal_version"],
+                             raise_if_greater_or_equal_version=a["raise_if_greater_or_equal_version"],
+                             raise_if_both_names=a["raise_if_both_names"],
+                             additional_message=a["additional_message"])(fn)
     return fn
 
 
@@ -310,7 +317,8 @@ def _one_call(st: State, ids, cache, attention_mask, position_ids):
 
 
 def _walk(st: State, ids, cache, attention_mask, position_ids, token_type_ids, want_hidden):
-    """The GPT-2 body on gpt2kern ops; returns (ln_f output, hidden states per HF's output_hidden_states)."""
+    """HF's forward around body.blocks (positions, masks, HF's Cache API); returns (ln_f output, hidden states
+    per HF's output_hidden_states)."""
     t, W = st.transformer, st.weights  # one consistent set of packs for the whole call
     B, T = ids.shape
     E, H = t.config.n_embd, W.n_head
@@ -338,44 +346,27 @@ def _walk(st: State, ids, cache, attention_mask, position_ids, token_type_ids, w
         attention_mask = create_causal_mask(t.config, h, attention_mask, cache, position_ids=position_ids,
                                             allow_is_causal_skip=False)
     key_mask, bias, causal = _masks(attention_mask, B, T, past)
-    hidden = [h] if want_hidden else None
-    x = ops.layer_norm(h, W.layers[0].ln_1.weight, W.layers[0].ln_1.bias, W.layers[0].ln_1.eps)
-    for i, L in enumerate(W.layers):
-        if trace:
-            trace(f"h.{i}.ln_1", x)
-        qkv = L.c_attn(x)
-        if trace:
-            trace(f"h.{i}.attn.c_attn", qkv)
-        q, k, v = (s.view(B, T, H, D).transpose(1, 2) for s in qkv.split(E, dim=2))
+
+    def attend(i, q, k, v, qkv):
         if cache is not None:
             try:
                 k, v = cache.update(k, v, i)
             except RuntimeError as e:  # torch.cat's message alone does not say what did not fit
                 raise ValueError(f"past_key_values does not fit this call (layer {i}: batch {B}, {H} heads of "
                                  f"size {D}): {e}") from e
-        a = ops.attention(q, k, v, key_mask, bias, L.scale, past or 0, causal)
-        a = L.attn_proj(a.view(B, T, E))
+        return ops.attention(q, k, v, key_mask, bias, W.layers[i].scale, past or 0, causal)
+
+    hidden = [h] if want_hidden else None
+    # HF's hidden states: the embedding, each block's output but the last, then ln_f's output
+    kept = {f"h.{i}" for i in range(len(W.layers) - 1)} | {"ln_f"}
+
+    def name(step, tensor):
         if trace:
-            trace(f"h.{i}.attn", a)
-        h, x = ops.add_layer_norm(a, h, L.ln_2.weight, L.ln_2.bias, L.ln_2.eps)
-        if trace:
-            trace(f"h.{i}.ln_2", x)
-        f = L.c_fc(x, "gelu_new")
-        if trace:
-            trace(f"h.{i}.mlp.act", f)  # c_fc and NewGELU run as one fused kernel
-        m = L.mlp_proj(f)
-        if trace:
-            trace(f"h.{i}.mlp", m)
-        nxt = W.layers[i + 1].ln_1 if i + 1 < len(W.layers) else W.ln_f
-        h, x = ops.add_layer_norm(m, h, nxt.weight, nxt.bias, nxt.eps)
-        if trace:
-            trace(f"h.{i}", h)
-        if want_hidden and i + 1 < len(W.layers):
-            hidden.append(h)
-    if trace:
-        trace("ln_f", x)
-    if want_hidden:
-        hidden.append(x)  # HF ties the last hidden state to ln_f's output
+            trace(step, tensor)
+        if want_hidden and step in kept:
+            hidden.append(tensor)
+
+    x = blocks(W, h, attend, name=name if trace or want_hidden else None)
     return x, hidden
 
 
@@ -488,14 +479,14 @@ def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = 
     is. `freeze=True` (opt-in) sets requires_grad=False on every parameter, so a plain `model(ids)` without
     `torch.no_grad()` takes the fast path too. Weights are packed now and repacked automatically if they change.
 
-    `weights`: how the matmul weights are stored. 'fp32' (default, exact: HF's logits to ~1e-5, HF's tokens) reads
-    HF's own tensors in place, so optimize() adds no copy of them; `pack=True` (opt-in) keeps a packed fp32 copy,
-    a few percent faster in prefill (bench/RESULTS.md). 'fp16', 'bf16' and 'int8' keep a packed copy in that dtype
-    (1/2, 1/2 and ~1/4 of the fp32 bytes; activations and sums stay fp32): decode reads fewer bytes per token, at
-    a measured error (README, "Weight modes"). On CUDA the reduced modes keep an [in, out] copy in that dtype
-    (int8 with its group scales) read by the CUDA kernels (csrc/cuda/matmul_lowp.cu); `pack` applies to CPU only.
-    A reduced mode needs gpt2kern's kernels on the model's device (CPU, or CUDA in a CUDA build): elsewhere it is
-    refused, since HF's fp32 forward would run instead.
+    `weights`: how the matmul weights are stored. 'fp32' (default: HF's logits up to float32 rounding, HF's tokens)
+    reads HF's own tensors in place, so optimize() adds no copy of them; `pack=True` (opt-in) keeps a packed fp32
+    copy, faster in prefill (bench/RESULTS.md). 'fp16', 'bf16' and 'int8' keep a packed copy in that dtype (1/2, 1/2
+    and ~1/4 of the fp32 bytes; activations and sums stay fp32): decode reads fewer bytes per token, at a measured
+    error (README, "Weight modes"). On CUDA the reduced modes keep an [in, out] copy in that dtype (int8 with its
+    group scales) read by the CUDA kernels (csrc/cuda/matmul_lowp.cu); `pack` applies to CPU only. A reduced mode
+    needs gpt2kern's kernels on the model's device (CPU, or CUDA in a CUDA build): elsewhere it is refused, since
+    HF's fp32 forward would run instead.
     """
     from ..kernels.weights import check_mode
 

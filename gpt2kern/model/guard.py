@@ -206,7 +206,7 @@ def _compiling() -> bool:
 def why_not(st, entry: str, *, input_ids=None, inputs_embeds=None, cache=None, encoder_hidden_states=None,
             output_attentions=None, output_hidden_states=None, hidden=None, model=None) -> str | None:
     """Why `entry` cannot run this call on the kernels (None when it can). `st` is the model's gpt2kern state
-    (model.py's State): this brings its packs and its model reason up to date first (outside torch.compile)."""
+    (dropin.py's State): this brings its packs and its model reason up to date first (outside torch.compile)."""
     if not _compiling():
         st.refresh()
     why = st.model_reason
