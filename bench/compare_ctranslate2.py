@@ -53,11 +53,12 @@ def main(argv=None):
     import warnings
 
     warnings.filterwarnings("ignore")
+    from transformers import GPT2Tokenizer
+
     import gpt2kern
     from gpt2kern import ops
     from gpt2kern.cli.accuracy import logit_error
     from gpt2kern.cli.bench import Bench  # interleaved rounds after a warm-up, median
-    from transformers import GPT2Tokenizer
 
     torch.set_num_threads(a.threads)
     ref, _ = gpt2kern.load(a.model)

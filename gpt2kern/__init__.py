@@ -14,7 +14,6 @@ The package, from the bottom up (each layer imports only the ones above it in th
 import importlib
 import importlib.util
 
-
 # public name -> (submodule, attribute in it; None: the submodule itself)
 _LAZY = {
     "ops": (".kernels.ops", None),

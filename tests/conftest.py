@@ -1,7 +1,6 @@
 """Shared test setup: tolerances (one place), the float64 parity check, ISA forcing, models."""
 import copy
 import math
-
 import os
 
 import pytest

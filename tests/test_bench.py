@@ -3,7 +3,6 @@ import json
 import time
 
 import pytest
-
 from test_cli import assert_one_line_error, cli_run  # noqa: F401  (fixture)
 
 

@@ -12,7 +12,6 @@ import sys
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
 from test_cli import ENV, ROOT, text_model_dir  # noqa: F401  (fixture)
 
 N_EXAMPLES = 20 if settings.default.max_examples <= 100 else 200

@@ -718,8 +718,8 @@ def cuda_mode_pair(request, distil):
 @needs_cuda
 @torch.no_grad()
 def test_cuda_weight_modes_store_the_mode(cuda_pair, cuda_mode_pair):
-    from gpt2kern.model.dropin import state_of
     from gpt2kern.kernels.weights import _DTYPES
+    from gpt2kern.model.dropin import state_of
     mode, _, gpu = cuda_mode_pair
     W = state_of(gpu).weights
     assert W.mode == mode

@@ -10,8 +10,8 @@ import torch
 
 from gpt2kern import ops
 from gpt2kern.decode import cuda_graph
-from gpt2kern.model import guard
 from gpt2kern.kernels.weights import Linear
+from gpt2kern.model import guard
 
 # Every cell of the rules: the step's matmul kernel where the variants run, else what refusals() names (gemv:fp32 =
 # gemv reads fp32 weights, gemv:rows / kv:rows = more rows than a decode GEMV takes, kv:gemv2 = kv_write 3 after

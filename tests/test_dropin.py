@@ -11,14 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LOGITS_ATOL
+from transformers import (
+    GPT2Config,
+    GPT2DoubleHeadsModel,
+    GPT2ForQuestionAnswering,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
+from transformers.cache_utils import DynamicCache
 
 import gpt2kern
 import gpt2kern.model.dropin
 from gpt2kern import ops
 from gpt2kern.model import guard
-from transformers import (GPT2Config, GPT2DoubleHeadsModel, GPT2ForQuestionAnswering, GPT2ForSequenceClassification,
-                          GPT2ForTokenClassification, GPT2LMHeadModel, GPT2Model)
-from transformers.cache_utils import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from test_cli import ENV, ROOT, assert_one_line_error, cli_run  # noqa: F401  (fixture)
 
 from gpt2kern.cli import main as cli
 from gpt2kern.cli.ui import CliError
 from gpt2kern.model.loading import gpt2_tokenizer, random_config
-from test_cli import ENV, ROOT, assert_one_line_error, cli_run  # noqa: F401  (fixture)
 
 QUICK = ["The", "quick", "brown"]
 

@@ -12,7 +12,6 @@ from test_matmul_lowp import LOWP, stored
 from gpt2kern import ops
 from gpt2kern.kernels.weights import INT8_GROUP, WeightFormat, int8_group
 
-
 # ---------------------------------------------------------------- layout 'kn' in fp16 / bf16 / int8: the CUDA storage
 
 def stored_kn(w, mode, group=None):

@@ -14,7 +14,6 @@ import copy
 
 import torch
 
-
 # The documented tolerance of each reduced mode (`gpt2kern parity --weights` fails beyond it): about 3-8x what
 # random:distilgpt2 measures (bench/RESULTS.md), so a kernel or quantizer bug fails while honest rounding passes.
 TOLERANCE = {

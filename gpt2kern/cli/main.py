@@ -10,8 +10,8 @@ Also `python -m gpt2kern ...`. Expected problems exit 2 with one `error:` line o
 from __future__ import annotations
 
 import dataclasses
-import json
 import enum
+import json
 import math
 import os
 import random
@@ -525,6 +525,7 @@ def trace(
     prompt = prompt_text(prompt)
     set_threads(threads)
     import gpt2kern
+
     from ..model import steps as S
 
     name, m, tok = ui.load_model(model, device)
@@ -623,6 +624,7 @@ def parity(
         raise CliError(f"--batch must be at most {MAX_PARITY_BATCH}, got {batch}")
     set_threads(threads)
     import gpt2kern
+
     from ..model import steps as S
     name, m, _ = ui.load_model(model, device)
     cfg = m.config
@@ -720,6 +722,7 @@ def _parity_mode(model, device, weights, new_tokens, seed, threads, json_):
     import copy
 
     import gpt2kern
+
     from . import accuracy
     name, m, _ = ui.load_model(model, device)
     T = min(512, m.config.n_positions)

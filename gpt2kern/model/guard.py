@@ -169,8 +169,8 @@ def model_reason(t, lm_head) -> str | None:
 class Snapshot:
     """What `changed()` compares per call, flat, so the check is a few list comparisons instead of a walk over the
     module tree on every decode step. Every submodule and parameter slot (a replaced module or Parameter), each slot
-    dict's size (an added one), the forward-hook dicts' sizes, each module's attribute count and public attributes (a hook
-    added, a forward patched on the instance, train()/eval(), eps or scaling reassigned), the forward of each
+    dict's size (an added one), the forward-hook dicts' sizes, each module's attribute count and public attributes
+    (a hook added, a forward patched on the instance, train()/eval(), eps or scaling reassigned), the forward of each
     module class (patched on the class), and each parameter's storage, version, device and dtype (.to(), in-place
     edits, load_state_dict; read in one C++ call). Take it before looking at the model: a change made while the
     model is read is then seen by the next call."""
