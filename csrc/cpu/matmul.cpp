@@ -47,6 +47,15 @@ Layout parse_layout(c10::string_view layout, const char* who) {
                     "'");
 }
 
+WType parse_dtype(c10::string_view dtype, const char* who) {
+  if (dtype == "fp32") return WType::F32;
+  if (dtype == "fp16") return WType::F16;
+  if (dtype == "bf16") return WType::BF16;
+  if (dtype == "int8") return WType::I8;
+  TORCH_CHECK_VALUE(false, "gpt2kern.", who, ": dtype must be 'fp32', 'fp16', 'bf16' or 'int8', got '",
+                    std::string(dtype), "'");
+}
+
 int64_t weight_out_features(const at::Tensor& data, Layout layout) {
   if (layout == Layout::Panels || data.dim() != 2) return -1;
   return layout == Layout::KN ? data.size(1) : data.size(0);

@@ -40,6 +40,8 @@ struct WeightRef {
   int64_t group;         // int8 only: consecutive k per scale
 };
 Layout parse_layout(c10::string_view layout, const char* who);
+// a format's dtype name ('fp32', 'fp16', 'bf16', 'int8', as gpt2kern.weights.WeightFormat spells it)
+WType parse_dtype(c10::string_view dtype, const char* who);
 // data (+ scales) as a K -> N weight stored in `layout`; the element type is data's dtype (float32, float16,
 // bfloat16, int8 + scales). Every mismatch is an error naming `who` and `name`.
 WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& scales, Layout layout, int64_t K,
