@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "cpu/kernel_table.h"
@@ -116,6 +117,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "Allow (True, the default) or forbid the AVX512_BF16 dot-product prefill of bf16 weights.");
   mod.def("bf16_dot", [] { return gk::bf16_dot() != nullptr; },
           "Whether bf16 weights' prefill runs on VDPBF16PS now (avx512 ISA, a CPU with AVX512_BF16, allowed).");
+  mod.def("matmul_strategy", [](const std::string& layout, const std::string& dtype, int64_t rows, int64_t group,
+                                std::optional<bool> bf16_dot) {
+    // the strategy run_matmul would take (tests state the table through it); bf16_dot None: whether the bf16
+    // dot-product kernels run now
+    const char* who = "matmul_strategy";
+    const gk::Layout lay = gk::cpu::parse_layout(layout, who);
+    const gk::WType type = gk::cpu::parse_dtype(dtype, who);
+    TORCH_CHECK_TYPE(lay == gk::Layout::Panels || type == gk::WType::F32, "gpt2kern.", who, ": layout '", layout,
+                     "' is read in place and must be fp32 on the CPU; other dtypes are packed ('panels')");
+    TORCH_CHECK_VALUE(rows >= 1, "gpt2kern.", who, ": rows must be >= 1, got ", rows);
+    TORCH_CHECK_VALUE(type != gk::WType::I8 || group >= 1, "gpt2kern.", who, ": int8 needs its group (>= 1), got ",
+                      group);
+    const bool bd = bf16_dot.has_value() ? *bf16_dot : gk::bf16_dot() != nullptr;
+    return std::string(gk::cpu::matmul_strategy_name(gk::cpu::choose_matmul(lay, type, rows, group, bd)));
+  }, pybind11::arg("layout"), pybind11::arg("dtype"), pybind11::arg("rows"), pybind11::arg("group") = 0,
+     pybind11::arg("bf16_dot") = pybind11::none(),
+     "Name of the strategy the CPU matmul takes for `rows` rows against a weight in (layout, dtype).");
   mod.def("supported_isas", [] {
     std::vector<std::string> out;
     for (const char* isa : {"avx512", "avx2", "generic"})
