@@ -68,8 +68,8 @@ struct Linear {
         layout(std::move(layout_)), dtype(std::move(dtype_)), name(std::move(name_)), n_in(n_in_), n_out(n_out_) {
     const char* who = "Linear";
     const std::string wname = name.empty() ? "weight" : name + " weight";
-    TORCH_CHECK_VALUE(n_in >= 0 && n_out >= 0, "gpt2kern.Linear: ", wname, " must have n_in, n_out >= 0, got ",
-                      n_in, " -> ", n_out);
+    TORCH_CHECK_VALUE(n_in >= 0 && n_out >= 0, "gpt2kern.Linear: ", wname, " must have n_in, n_out >= 0, got ", n_in,
+                      " -> ", n_out);
     const Layout lay = parse_layout(layout, who);
     const WType type = parse_dtype(dtype, who);
     TORCH_CHECK_VALUE(data.defined(), "gpt2kern.Linear: ", wname, " is missing");
@@ -118,7 +118,7 @@ struct KvView {
   int64_t Tkv;            // keys visible to the last query row
   const bool* key_mask;   // [B, mask_len] or null
   int64_t mask_len;
-  int64_t q_offset;       // position of the first new token in the cache
+  int64_t q_offset;  // position of the first new token in the cache
 };
 
 // The GPT-2 body (embedding → blocks → ln_f) on packed weights, shared by the decode engine (its own
@@ -190,13 +190,26 @@ class Stack {
       run_matmul(s.x, E, M, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, nullptr, 0, s.qkv);
       const KvView c = kv(l, s.qkv);
       AttnArgs args{};
-      args.q = s.qkv; args.sq_b = T * 3 * E; args.sq_h = D_; args.sq_t = 3 * E;
-      args.k = c.k; args.v = c.v;
-      args.sk_b = args.sv_b = c.s_b; args.sk_h = args.sv_h = c.s_h; args.sk_t = args.sv_t = c.s_t;
+      args.q = s.qkv;
+      args.sq_b = T * 3 * E;
+      args.sq_h = D_;
+      args.sq_t = 3 * E;
+      args.k = c.k;
+      args.v = c.v;
+      args.sk_b = args.sv_b = c.s_b;
+      args.sk_h = args.sv_h = c.s_h;
+      args.sk_t = args.sv_t = c.s_t;
       args.out = s.att;
-      args.B = B; args.H = H_; args.Tq = T; args.Tkv = c.Tkv; args.D = D_;
-      args.key_mask = c.key_mask; args.mask_len = c.mask_len;
-      args.scale = (float)L.scale; args.q_offset = c.q_offset; args.causal = true;
+      args.B = B;
+      args.H = H_;
+      args.Tq = T;
+      args.Tkv = c.Tkv;
+      args.D = D_;
+      args.key_mask = c.key_mask;
+      args.mask_len = c.mask_len;
+      args.scale = (float)L.scale;
+      args.q_offset = c.q_offset;
+      args.causal = true;
       run_attention(args);
       run_matmul(s.att, E, M, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, nullptr, 0, s.a);
       run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2.weight), f32(L.ln_2.bias), M, E, (float)L.ln_2.eps);
@@ -256,8 +269,9 @@ class Stack {
 // tokens). append[l] says layer l's past tensors are the very views this returned last time for that cache layer
 // (the caller tracks that), so no view anyone holds reaches past P: the new tokens are then written in place and
 // a longer view returned — no copy of the past and no new cache block per step (the step's small activations are
-// still allocated), where torch.cat copies everything and allocates a slightly larger block each step (which glibc serves with a fresh mmap, page faults and munmap).
-// Anything else (a cropped, reordered or user-made cache) is copied into a new buffer, as torch.cat would.
+// still allocated), where torch.cat copies everything and allocates a slightly larger block each step (which glibc
+// serves with a fresh mmap, page faults and munmap). Anything else (a cropped, reordered or user-made cache) is copied
+// into a new buffer, as torch.cat would.
 class Body {
  public:
   explicit Body(const Model& model) : st_(model, "Body") {}
@@ -267,28 +281,35 @@ class Body {
       const std::optional<std::vector<at::Tensor>>& past_k_, const std::optional<std::vector<at::Tensor>>& past_v_,
       const std::vector<bool>& append) const {
     const char* who = "Body.forward";
-    TORCH_CHECK_VALUE(past_k_.has_value() == past_v_.has_value(), "gpt2kern.Body.forward: past_k and past_v must "
+    TORCH_CHECK_VALUE(past_k_.has_value() == past_v_.has_value(),
+                      "gpt2kern.Body.forward: past_k and past_v must "
                       "both be None or both be lists");
     const bool keep = past_k_.has_value();  // a cache: return the grown keys/values
     static const std::vector<at::Tensor> none;
     const std::vector<at::Tensor>& past_k = keep ? *past_k_ : none;
     const std::vector<at::Tensor>& past_v = keep ? *past_v_ : none;
     GK_CHECK_DTYPE(ids, at::kLong, who, "ids");
-    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1, "gpt2kern.Body.forward: ids must be "
-                      "[B >= 1, T >= 1], got ", ids.sizes());
+    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1,
+                      "gpt2kern.Body.forward: ids must be "
+                      "[B >= 1, T >= 1], got ",
+                      ids.sizes());
     TORCH_CHECK_VALUE(ids.device().is_cpu(), "gpt2kern.Body.forward: ids must be a CPU tensor");
     if (pos_) {
       GK_CHECK_DTYPE(*pos_, at::kLong, who, "pos");
-      TORCH_CHECK_VALUE(pos_->sizes() == ids.sizes() && pos_->device().is_cpu(), "gpt2kern.Body.forward: pos must "
-                        "be a CPU tensor of ids' shape ", ids.sizes(), ", got ", pos_->sizes());
+      TORCH_CHECK_VALUE(pos_->sizes() == ids.sizes() && pos_->device().is_cpu(),
+                        "gpt2kern.Body.forward: pos must "
+                        "be a CPU tensor of ids' shape ",
+                        ids.sizes(), ", got ", pos_->sizes());
     }
     const int64_t B = ids.size(0), T = ids.size(1), M = B * T, E = st_.E_, H = st_.H_, D = st_.D_;
     const int64_t L = (int64_t)st_.layers_.size();
     TORCH_CHECK_VALUE(past_k.size() == past_v.size() && (past_k.empty() || (int64_t)past_k.size() == L),
                       "gpt2kern.Body.forward: past_k and past_v must both be empty or hold ", L, " layers, got ",
                       past_k.size(), " and ", past_v.size());
-    TORCH_CHECK_VALUE(append.empty() || append.size() == past_k.size(), "gpt2kern.Body.forward: append must be "
-                      "empty or have one entry per layer of past_k (", past_k.size(), "), got ", append.size());
+    TORCH_CHECK_VALUE(append.empty() || append.size() == past_k.size(),
+                      "gpt2kern.Body.forward: append must be "
+                      "empty or have one entry per layer of past_k (",
+                      past_k.size(), "), got ", append.size());
     int64_t P = 0;
     if (!past_k.empty()) P = past_k[0].dim() == 4 ? past_k[0].size(2) : -1;
     at::Tensor km;  // [B, mask_len] bool, or undefined when every position may be attended
@@ -297,8 +318,10 @@ class Body {
       const auto dt = m.scalar_type();
       TORCH_CHECK_TYPE(dt == at::kBool || dt == at::kLong || dt == at::kInt || dt == at::kFloat,
                        "gpt2kern.Body.forward: attention_mask must be bool, int64, int32 or float32, got ", dt);
-      TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.device().is_cpu(), "gpt2kern.Body.forward: "
-                        "attention_mask must be a CPU [batch ", B, ", kv_len] tensor, got ", m.sizes());
+      TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.device().is_cpu(),
+                        "gpt2kern.Body.forward: "
+                        "attention_mask must be a CPU [batch ",
+                        B, ", kv_len] tensor, got ", m.sizes());
       TORCH_CHECK_VALUE(m.size(1) >= P + T, "attention_mask covers ", m.size(1), " positions but past (", P,
                         ") + input (", T, ") = ", P + T);
       km = (dt == at::kBool ? m : m.ne(0)).contiguous();
@@ -309,8 +332,7 @@ class Body {
       for (const at::Tensor* t : {&past_k[l], &past_v[l]}) {
         GK_CHECK_FLOAT(*t, who, "past_k/past_v");
         TORCH_CHECK_VALUE(t->device().is_cpu(), "gpt2kern.Body.forward: past keys/values must be CPU tensors");
-        TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == P &&
-                              t->size(3) == D,
+        TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == P && t->size(3) == D,
                           "gpt2kern.Body.forward: past_key_values does not fit this call: layer ", l,
                           " holds keys/values of shape ", t->sizes(), ", expected [batch ", B, ", heads ", H, ", ", P,
                           ", head size ", D, "]");
@@ -375,8 +397,8 @@ class Engine {
                       " max_len=", max_len, " max_rows=", max_rows);
     TORCH_CHECK_VALUE(model.lm_head.has_value(), "gpt2kern.Engine: the decode engine needs the model's lm_head");
     lm_head_.emplace(*model.lm_head);
-    TORCH_CHECK_VALUE(lm_head_->n_in == st_.E_, "gpt2kern.Engine: lm_head must be a ", st_.E_,
-                      " -> vocab Linear, got ", lm_head_->n_in, " -> ", lm_head_->n_out);
+    TORCH_CHECK_VALUE(lm_head_->n_in == st_.E_, "gpt2kern.Engine: lm_head must be a ", st_.E_, " -> vocab Linear, got ",
+                      lm_head_->n_in, " -> ", lm_head_->n_out);
     V_ = lm_head_->n_out;
     const int64_t L = (int64_t)st_.layers_.size(), E = st_.E_, H = st_.H_, D = st_.D_;
     auto f = st_.wte_.options();
@@ -392,21 +414,21 @@ class Engine {
   // threads > 0: the kernels of this call use at most that many threads (generate's per-step choice, see
   // gpt2kern/generate.py's ThreadChooser); 0: torch's count.
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid, int64_t threads) {
-    TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ",
-                      threads);
+    TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ", threads);
     const ThreadCap cap(threads);
     GK_CHECK_DTYPE(ids, at::kLong, "Engine.forward", "ids");
     GK_CHECK_DTYPE(pos, at::kLong, "Engine.forward", "pos");
     GK_CHECK_DTYPE(valid, at::kBool, "Engine.forward", "valid");
-    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == B_ && ids.size(1) >= 1, "gpt2kern.Engine.forward: ids must "
-                      "be [", B_, ", T >= 1], got ", ids.sizes());
+    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == B_ && ids.size(1) >= 1,
+                      "gpt2kern.Engine.forward: ids must "
+                      "be [",
+                      B_, ", T >= 1], got ", ids.sizes());
     const int64_t T = ids.size(1), M = B_ * T, E = st_.E_, H = st_.H_, D = st_.D_;
     TORCH_CHECK_VALUE(pos.sizes() == ids.sizes() && valid.sizes() == ids.sizes(),
                       "gpt2kern.Engine.forward: pos and valid must have ids' shape ", ids.sizes());
-    TORCH_CHECK_VALUE(M <= max_rows_, "gpt2kern.Engine.forward: ", M, " rows exceed the engine's max_rows ",
-                      max_rows_);
-    TORCH_CHECK_VALUE(len_ + T <= Tmax_, "gpt2kern.Engine.forward: cache holds ", Tmax_, " tokens; ", len_,
-                      " used, ", T, " more requested");
+    TORCH_CHECK_VALUE(M <= max_rows_, "gpt2kern.Engine.forward: ", M, " rows exceed the engine's max_rows ", max_rows_);
+    TORCH_CHECK_VALUE(len_ + T <= Tmax_, "gpt2kern.Engine.forward: cache holds ", Tmax_, " tokens; ", len_, " used, ",
+                      T, " more requested");
     at::Tensor idc = ids.contiguous(), pc = pos.contiguous(), vc = valid.contiguous();
     st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Engine.forward");
     bool* km = key_mask_.data_ptr<bool>();
@@ -453,8 +475,8 @@ void bind_engine(pybind11::module_& m) {
   namespace py = pybind11;
   // keyword arguments only: every field by name
   py::class_<Linear>(m, "Linear", "One matmul in its weight format, checked when made (built by weights.Linear).")
-      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::string, std::string,
-                    int64_t, int64_t, int64_t, std::string>(),
+      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::string, std::string, int64_t,
+                    int64_t, int64_t, std::string>(),
            py::kw_only(), py::arg("data"), py::arg("scales"), py::arg("bias"), py::arg("layout"), py::arg("dtype"),
            py::arg("n_in"), py::arg("n_out"), py::arg("group") = 0, py::arg("name") = "")
       .def_readonly("data", &Linear::data)
@@ -473,16 +495,15 @@ void bind_engine(pybind11::module_& m) {
            py::arg("mlp_proj"), py::arg("scale"))
       .def_readonly("scale", &Layer::scale);
   py::class_<Model>(m, "Model", "The body's weights and the optional lm_head (built by weights.Weights).")
-      .def(py::init([](std::vector<Layer> layers, at::Tensor wte, at::Tensor wpe, Norm ln_f,
-                       std::optional<Linear> lm_head, int64_t n_head) {
-             return Model{std::move(layers), wte, wpe, ln_f, std::move(lm_head), n_head};
-           }),
+      .def(py::init(
+               [](std::vector<Layer> layers, at::Tensor wte, at::Tensor wpe, Norm ln_f, std::optional<Linear> lm_head,
+                  int64_t n_head) { return Model{std::move(layers), wte, wpe, ln_f, std::move(lm_head), n_head}; }),
            py::kw_only(), py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("ln_f"), py::arg("lm_head"),
            py::arg("n_head"))
       .def_property_readonly("n_layer", [](const Model& m) { return m.layers.size(); });
   py::class_<Engine>(m, "Engine", "GPT-2 decode engine: preallocated KV cache, one C++ call per step.")
-      .def(py::init<const Model&, int64_t, int64_t, int64_t>(), py::arg("model"), py::arg("batch"),
-           py::arg("max_len"), py::arg("max_rows"))
+      .def(py::init<const Model&, int64_t, int64_t, int64_t>(), py::arg("model"), py::arg("batch"), py::arg("max_len"),
+           py::arg("max_rows"))
       .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos"), py::arg("valid"), py::arg("threads") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("reset", &Engine::reset)

@@ -69,8 +69,7 @@ static size_t elem_size(WType t) { return t == WType::F32 ? 4 : t == WType::I8 ?
 WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& scales, Layout layout, int64_t K,
                      int64_t N, const char* who, const char* name) {
   TORCH_CHECK_VALUE(data.defined(), "gpt2kern.", who, ": ", name, " is missing");
-  TORCH_CHECK_VALUE(data.device().is_cpu(), "gpt2kern.", who, ": ", name, " must be a CPU tensor, got ",
-                    data.device());
+  TORCH_CHECK_VALUE(data.device().is_cpu(), "gpt2kern.", who, ": ", name, " must be a CPU tensor, got ", data.device());
   WType type;
   switch (data.scalar_type()) {
     case at::kFloat: type = WType::F32; break;
@@ -87,17 +86,17 @@ WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& sc
                      layout == Layout::KN ? "kn" : "nk", "') must be float32; other dtypes are packed ('panels')");
     const int64_t rows = layout == Layout::KN ? K : N, cols = layout == Layout::KN ? N : K;
     TORCH_CHECK_VALUE(data.dim() == 2 && data.size(0) == rows && data.size(1) == cols, "gpt2kern.", who, ": ", name,
-                      " in layout '", layout == Layout::KN ? "kn" : "nk", "' must be [", rows, ", ", cols,
-                      "], got ", data.sizes());
+                      " in layout '", layout == Layout::KN ? "kn" : "nk", "' must be [", rows, ", ", cols, "], got ",
+                      data.sizes());
     TORCH_CHECK_VALUE((data.stride(1) == 1 || cols <= 1) && (rows <= 1 || data.stride(0) >= cols), "gpt2kern.", who,
                       ": ", name, "'s rows must be contiguous (got strides ", data.strides(), ")");
     W.ld = rows > 1 ? data.stride(0) : cols;
   } else {
     const int64_t P = (N + kPanel - 1) / kPanel;
-    TORCH_CHECK_VALUE(data.dim() == 3 && data.size(0) == P && data.size(1) == K && data.size(2) == kPanel &&
-                          data.is_contiguous(),
-                      "gpt2kern.", who, ": ", name, " in layout 'panels' must be a contiguous [", P, ", ", K,
-                      ", ", kPanel, "] tensor for ", K, " -> ", N, ", got ", data.sizes());
+    TORCH_CHECK_VALUE(
+        data.dim() == 3 && data.size(0) == P && data.size(1) == K && data.size(2) == kPanel && data.is_contiguous(),
+        "gpt2kern.", who, ": ", name, " in layout 'panels' must be a contiguous [", P, ", ", K, ", ", kPanel,
+        "] tensor for ", K, " -> ", N, ", got ", data.sizes());
   }
   if (type == WType::I8) {
     TORCH_CHECK_VALUE(scales.has_value(), "gpt2kern.", who, ": ", name, " is int8 and needs its scales");
@@ -107,12 +106,13 @@ WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& sc
     const int64_t ng = s.dim() == 3 ? s.size(1) : 0;
     TORCH_CHECK_VALUE(s.device().is_cpu() && s.is_contiguous() && s.dim() == 3 && s.size(0) == P &&
                           s.size(2) == kPanel && ng >= 1 && K % ng == 0,
-                      "gpt2kern.", who, ": ", name, " scales must be a contiguous CPU [", P,
-                      ", groups, ", kPanel, "] tensor with groups dividing ", K, ", got ", s.sizes());
+                      "gpt2kern.", who, ": ", name, " scales must be a contiguous CPU [", P, ", groups, ", kPanel,
+                      "] tensor with groups dividing ", K, ", got ", s.sizes());
     W.scales = s.data_ptr<float>();
     W.group = K / ng;
   } else {
-    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.", who, ": ", name, " has scales, but only int8 weights take them");
+    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.", who, ": ", name,
+                      " has scales, but only int8 weights take them");
   }
   return W;
 }
@@ -198,8 +198,8 @@ void mm_nk_decode(const MatmulArgs& a) {
   const int64_t NB = std::max<int64_t>(8, (32768 / std::max<int64_t>(K, 1)) / 8 * 8);
   const int64_t nblk = (N + NB - 1) / NB;
   const float* w = static_cast<const float*>(a.W.w);
-  parallel_chunks(nblk, std::max<int64_t>(1, panel_grain(M, K, num_panels(N)) * kPanel / NB),
-                  [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, panel_grain(M, K, num_panels(N)) * kPanel / NB);
+  parallel_chunks(nblk, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * NB, nc = std::min(NB, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
@@ -272,14 +272,13 @@ void mm_bf16_dot_prefill(const MatmulArgs& a) {
   const bool q8 = a.W.type == WType::I8;
   const int64_t Kp = (K + 1) / 2 * 2;
   // int8: K blocks of whole groups (the group divides K)
-  const int64_t KCb = q8 ? std::max<int64_t>(group, std::min<int64_t>(K, 768) / group * group)
-                         : std::min<int64_t>(Kp, 768);
+  const int64_t KCb =
+      q8 ? std::max<int64_t>(group, std::min<int64_t>(K, 768) / group * group) : std::min<int64_t>(Kp, 768);
   thread_local std::vector<uint16_t> a16;  // the calling thread's; workers read it
   if ((int64_t)a16.size() < M * Kp) a16.resize(M * Kp);
   uint16_t* xa = a16.data();
-  parallel_chunks(M, 16, [&](int64_t m0, int64_t m1) {
-    bd->to_bf16(a.A + m0 * a.lda, a.lda, m1 - m0, K, xa + m0 * Kp, Kp);
-  });
+  parallel_chunks(M, 16,
+                  [&](int64_t m0, int64_t m1) { bd->to_bf16(a.A + m0 * a.lda, a.lda, m1 - m0, K, xa + m0 * Kp, Kp); });
   const int64_t SGb = std::max<int64_t>(1, (256 * 1024 / 2) / (KCb * kPanel));
   parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
     thread_local std::vector<uint16_t> b16;
@@ -306,8 +305,8 @@ void mm_bf16_dot_prefill(const MatmulArgs& a) {
               bd->matmul_panel_q(xa + m0 * Kp + k0, Kp, mc, kc, bp, panel_scales(a, p) + k0 / group * kPanel, group,
                                  a.C + m0 * N, N, p * kPanel, ncols, a.bias, a.epi, r, a.ldr, part);
             else
-              bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, bp, a.C + m0 * N, N, p * kPanel, ncols, a.bias, a.epi,
-                               r, a.ldr, part);
+              bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, bp, a.C + m0 * N, N, p * kPanel, ncols, a.bias, a.epi, r,
+                               a.ldr, part);
           }
         }
       }
@@ -320,9 +319,8 @@ void mm_lowp_decode(const MatmulArgs& a) {
   const int64_t P = num_panels(a.N);
   parallel_chunks(P, panel_grain(a.M, a.K, P), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      a.t.matmul_panel_lowp(a.A, a.lda, a.M, a.K, panel_data(a, p), a.W.type, panel_scales(a, p), a.W.group, a.C,
-                            a.N, p * kPanel, (int)std::min<int64_t>(kPanel, a.N - p * kPanel), a.bias, a.epi, a.R,
-                            a.ldr);
+      a.t.matmul_panel_lowp(a.A, a.lda, a.M, a.K, panel_data(a, p), a.W.type, panel_scales(a, p), a.W.group, a.C, a.N,
+                            p * kPanel, (int)std::min<int64_t>(kPanel, a.N - p * kPanel), a.bias, a.epi, a.R, a.ldr);
   });
 }
 
@@ -340,8 +338,7 @@ void mm_kn_decode_gemv(const MatmulArgs& a) {
   parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-      t.gemv_rows(a.A + k0, a.lda, M, kc, static_cast<const float*>(a.W.w) + k0 * a.W.ld, a.W.ld, N,
-                  pp + blk * M * N);
+      t.gemv_rows(a.A + k0, a.lda, M, kc, static_cast<const float*>(a.W.w) + k0 * a.W.ld, a.W.ld, N, pp + blk * M * N);
     }
   });
   for (int64_t blk = 1; blk < nb; ++blk)
@@ -372,8 +369,8 @@ void mm_panels_f32(const MatmulArgs& a) {
         const float* x = rows.get(m0, mc, k0, kc, la);
         for (int64_t p = p0; p < p1; ++p) {
           const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-          t.matmul_panel(x, la, mc, kc, static_cast<const float*>(a.W.w) + (p * K + k0) * kPanel, kPanel,
-                         a.C + m0 * N, N, p * kPanel, ncols, a.bias, a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr,
+          t.matmul_panel(x, la, mc, kc, static_cast<const float*>(a.W.w) + (p * K + k0) * kPanel, kPanel, a.C + m0 * N,
+                         N, p * kPanel, ncols, a.bias, a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr,
                          k_part(k0, kc, K));
         }
       }
@@ -484,12 +481,10 @@ static_assert(table_in_order() && sizeof(kMatmulStrategies) / sizeof(kMatmulStra
 MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group, bool bf16_dot) {
   const bool decode = M <= kDecodeRows;
   switch (layout) {
-    case Layout::NK:
-      return decode ? MatmulStrategy::NkDecode : MatmulStrategy::NkPrefill;
+    case Layout::NK: return decode ? MatmulStrategy::NkDecode : MatmulStrategy::NkPrefill;
     case Layout::KN:  // fp32 only (weight_ref)
       return M <= 2 ? MatmulStrategy::KnDecodeGemv : MatmulStrategy::ConvertPerBlock;
-    case Layout::Panels:
-      break;
+    case Layout::Panels: break;
   }
   if (type == WType::F32) return MatmulStrategy::PanelsF32;
   if (decode) return MatmulStrategy::LowpDecode;
@@ -521,8 +516,10 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t shape_n = weight_out_features(weight, lay);
   const int64_t N = out_features >= 0 ? out_features : shape_n;
   TORCH_CHECK_VALUE(N >= 0, "gpt2kern.conv1d: a weight in layout 'panels' needs out_features to give N");
-  TORCH_CHECK_VALUE(shape_n < 0 || shape_n == N, "gpt2kern.conv1d: out_features=", out_features, " but the weight "
-                    "has ", shape_n, " outputs");
+  TORCH_CHECK_VALUE(shape_n < 0 || shape_n == N, "gpt2kern.conv1d: out_features=", out_features,
+                    " but the weight "
+                    "has ",
+                    shape_n, " outputs");
   // in-place layouts with a non-unit column stride are copied (a view's price, not an error)
   at::Tensor wt = weight;
   if (lay == Layout::Panels)

@@ -35,9 +35,9 @@ struct WeightRef {
   const void* w;
   Layout layout;
   WType type;
-  int64_t ld;            // KN: row stride of [K, N]; NK: row stride of [N, K]; Panels: kPanel
-  const float* scales;   // int8 only: [panels][K / group][32]
-  int64_t group;         // int8 only: consecutive k per scale
+  int64_t ld;           // KN: row stride of [K, N]; NK: row stride of [N, K]; Panels: kPanel
+  const float* scales;  // int8 only: [panels][K / group][32]
+  int64_t group;        // int8 only: consecutive k per scale
 };
 Layout parse_layout(c10::string_view layout, const char* who);
 // a format's dtype name ('fp32', 'fp16', 'bf16', 'int8', as gpt2kern.weights.WeightFormat spells it)
