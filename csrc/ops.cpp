@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "cpu/kernel_table.h"
@@ -17,20 +18,24 @@ TORCH_LIBRARY(gpt2kern, m) {
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
   m.def("gelu_new(Tensor x) -> Tensor");
   m.def("pack(Tensor weight) -> Tensor");
-  m.def("conv1d(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "int out_features=-1, str layout='kn', Tensor? scales=None) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, int q_offset, "
-        "bool causal) -> Tensor");
+  m.def(
+      "conv1d(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
+      "int out_features=-1, str layout='kn', Tensor? scales=None) -> Tensor");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, float scale, int q_offset, "
+      "bool causal) -> Tensor");
   m.def("embedding(Tensor input_ids, Tensor wte, Tensor wpe, Tensor position_ids, Tensor? token_type_ids) -> Tensor");
   // CUDA only (csrc/cuda/ops_cuda.cpp): the decode step's kernels and variants, the prefill GEMM with forced split-K
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor kv_len, float scale) -> Tensor");
   m.def("matmul_nk(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None) -> Tensor");
-  m.def("matmul_prefill(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "int splits=0) -> Tensor");
+  m.def(
+      "matmul_prefill(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
+      "int splits=0) -> Tensor");
   m.def("kv_write(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot) -> ()");
-  m.def("matmul_decode(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
-        "Tensor? scales=None, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, Tensor? slot=None, "
-        "Tensor(c!)? counters=None) -> Tensor");
+  m.def(
+      "matmul_decode(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
+      "Tensor? scales=None, Tensor(a!)? k_cache=None, Tensor(b!)? v_cache=None, Tensor? slot=None, "
+      "Tensor(c!)? counters=None) -> Tensor");
   m.def("embedding_step(Tensor input_ids, Tensor wte, Tensor wpe, Tensor(a!) cursor) -> Tensor");
 }
 
@@ -57,65 +62,102 @@ std::map<std::string, int64_t> capture_node_counts();
 // Plain Python functions for the ISA dispatcher, and the decode engine class (not tensor ops).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   gk::cpu::bind_engine(mod);
-  mod.def("stamp", [](const std::vector<at::Tensor>& ts) {
-    // what optimize()'s packs depend on, per tensor: storage address, version counter (in-place edits), device,
-    // dtype — as bytes to compare whole. One call instead of ~300 Python attribute reads per forward.
-    struct Rec { const void* ptr; int64_t version; int32_t device, dtype; };
-    std::string out(ts.size() * sizeof(Rec), '\0');
-    for (size_t i = 0; i < ts.size(); ++i) {
-      const at::Tensor& t = ts[i];
-      const void* ptr = t.has_storage() ? t.storage().data() : nullptr;
-      if (ptr) ptr = static_cast<const char*>(ptr) + t.storage_offset() * t.element_size();
-      const int32_t dev = (int32_t)t.device().type() * 65536 + t.device().index() + 1;
-      const Rec r{ptr, (int64_t)t._version(), dev, (int32_t)t.scalar_type()};
-      std::memcpy(&out[i * sizeof(Rec)], &r, sizeof(Rec));
-    }
-    return pybind11::bytes(out);
-  }, "Identity of tensors' data (storage address, version, device, dtype), as bytes.");
-  mod.def("same_slots", [](const pybind11::list& sizes, const pybind11::list& slots) {
-    // optimize()'s structure check: every (dict, len) still has that len and every (dict, key, obj) still maps key
-    // to obj. In C++ because after a decode step every cache is cold and the same loop in Python is a noticeable share of the step.
-    auto ok = [](PyObject* t, Py_ssize_t n) {
-      return PyTuple_Check(t) && PyTuple_GET_SIZE(t) == n && PyDict_Check(PyTuple_GET_ITEM(t, 0));
-    };
-    for (const auto& it : sizes) {
-      PyObject* t = it.ptr();
-      if (!ok(t, 2) || !PyLong_Check(PyTuple_GET_ITEM(t, 1))) return false;
-      if (PyDict_Size(PyTuple_GET_ITEM(t, 0)) != PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1))) return false;
-    }
-    for (const auto& it : slots) {
-      PyObject* t = it.ptr();
-      if (!ok(t, 3)) return false;
-      if (PyDict_GetItem(PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1)) != PyTuple_GET_ITEM(t, 2)) return false;
-    }
-    return true;
-  }, "True if every (dict, len) and (dict, key, obj) in the lists still holds.");
+  mod.def(
+      "stamp",
+      [](const std::vector<at::Tensor>& ts) {
+        // what optimize()'s packs depend on, per tensor: storage address, version counter (in-place edits), device,
+        // dtype — as bytes to compare whole. One call instead of ~300 Python attribute reads per forward.
+        struct Rec {
+          const void* ptr;
+          int64_t version;
+          int32_t device, dtype;
+        };
+        std::string out(ts.size() * sizeof(Rec), '\0');
+        for (size_t i = 0; i < ts.size(); ++i) {
+          const at::Tensor& t = ts[i];
+          const void* ptr = t.has_storage() ? t.storage().data() : nullptr;
+          if (ptr) ptr = static_cast<const char*>(ptr) + t.storage_offset() * t.element_size();
+          const int32_t dev = (int32_t)t.device().type() * 65536 + t.device().index() + 1;
+          const Rec r{ptr, (int64_t)t._version(), dev, (int32_t)t.scalar_type()};
+          std::memcpy(&out[i * sizeof(Rec)], &r, sizeof(Rec));
+        }
+        return pybind11::bytes(out);
+      },
+      "Identity of tensors' data (storage address, version, device, dtype), as bytes.");
+  mod.def(
+      "same_slots",
+      [](const pybind11::list& sizes, const pybind11::list& slots) {
+        // optimize()'s structure check: every (dict, len) still has that len and every (dict, key, obj) still maps key
+        // to obj. In C++ because after a decode step every cache is cold and the same loop in Python is a noticeable
+        // share of the step.
+        auto ok = [](PyObject* t, Py_ssize_t n) {
+          return PyTuple_Check(t) && PyTuple_GET_SIZE(t) == n && PyDict_Check(PyTuple_GET_ITEM(t, 0));
+        };
+        for (const auto& it : sizes) {
+          PyObject* t = it.ptr();
+          if (!ok(t, 2) || !PyLong_Check(PyTuple_GET_ITEM(t, 1))) return false;
+          if (PyDict_Size(PyTuple_GET_ITEM(t, 0)) != PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1))) return false;
+        }
+        for (const auto& it : slots) {
+          PyObject* t = it.ptr();
+          if (!ok(t, 3)) return false;
+          if (PyDict_GetItem(PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1)) != PyTuple_GET_ITEM(t, 2)) return false;
+        }
+        return true;
+      },
+      "True if every (dict, len) and (dict, key, obj) in the lists still holds.");
   mod.attr("PANEL") = gk::kPanel;  // columns per packed weight panel: gpt2kern.ops.PANEL reads it from here
   mod.def("simd_lanes", [] { return gk::kernels().lanes; }, "floats per SIMD vector of the active ISA.");
   mod.def("isa", [] { return std::string(gk::kernels().name); }, "The ISA level the CPU kernels run at.");
-  mod.def("set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
-          "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");
-  mod.def("fma_peak_gflops", [](double seconds) {
-    // every thread runs the probe for about `seconds`; FLOPs = threads × iters × 12 chains × lanes × 2
-    const gk::KernelTable& t = gk::kernels();
-    const int64_t lanes = t.lanes;
-    const int nt = at::get_num_threads();
-    int64_t iters = 1 << 16;
-    for (;;) {
-      auto t0 = std::chrono::steady_clock::now();
-      std::atomic<float> sink{0.f};
-      at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) sink = sink + t.fma_probe(iters);
-      });
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (dt >= seconds || iters > (int64_t(1) << 40)) return nt * (double)iters * 12 * lanes * 2 / dt / 1e9;
-      iters *= 2;
-    }
-  }, "Measured fp32 FMA peak of the active ISA over all torch threads, GFLOP/s.");
-  mod.def("set_bf16_dot", [](bool on) { gk::set_bf16_dot(on); },
-          "Allow (True, the default) or forbid the AVX512_BF16 dot-product prefill of bf16 weights.");
-  mod.def("bf16_dot", [] { return gk::bf16_dot() != nullptr; },
-          "Whether bf16 weights' prefill runs on VDPBF16PS now (avx512 ISA, a CPU with AVX512_BF16, allowed).");
+  mod.def(
+      "set_isa", [](const std::string& isa) { return gk::set_isa(isa.c_str()); },
+      "Switch the CPU kernels to 'avx512', 'avx2' or 'generic'; False if this CPU cannot run it.");
+  mod.def(
+      "fma_peak_gflops",
+      [](double seconds) {
+        // every thread runs the probe for about `seconds`; FLOPs = threads × iters × 12 chains × lanes × 2
+        const gk::KernelTable& t = gk::kernels();
+        const int64_t lanes = t.lanes;
+        const int nt = at::get_num_threads();
+        int64_t iters = 1 << 16;
+        for (;;) {
+          auto t0 = std::chrono::steady_clock::now();
+          std::atomic<float> sink{0.f};
+          at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) sink = sink + t.fma_probe(iters);
+          });
+          const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          if (dt >= seconds || iters > (int64_t(1) << 40)) return nt * (double)iters * 12 * lanes * 2 / dt / 1e9;
+          iters *= 2;
+        }
+      },
+      "Measured fp32 FMA peak of the active ISA over all torch threads, GFLOP/s.");
+  mod.def(
+      "set_bf16_dot", [](bool on) { gk::set_bf16_dot(on); },
+      "Allow (True, the default) or forbid the AVX512_BF16 dot-product prefill of bf16 weights.");
+  mod.def(
+      "bf16_dot", [] { return gk::bf16_dot() != nullptr; },
+      "Whether bf16 weights' prefill runs on VDPBF16PS now (avx512 ISA, a CPU with AVX512_BF16, allowed).");
+  mod.def(
+      "matmul_strategy",
+      [](const std::string& layout, const std::string& dtype, int64_t rows, int64_t group,
+         std::optional<bool> bf16_dot) {
+        // the strategy run_matmul would take (tests state the table through it); bf16_dot None: whether the bf16
+        // dot-product kernels run now
+        const char* who = "matmul_strategy";
+        const gk::Layout lay = gk::cpu::parse_layout(layout, who);
+        const gk::WType type = gk::cpu::parse_dtype(dtype, who);
+        TORCH_CHECK_TYPE(lay == gk::Layout::Panels || type == gk::WType::F32, "gpt2kern.", who, ": layout '", layout,
+                         "' is read in place and must be fp32 on the CPU; other dtypes are packed ('panels')");
+        TORCH_CHECK_VALUE(rows >= 1, "gpt2kern.", who, ": rows must be >= 1, got ", rows);
+        TORCH_CHECK_VALUE(type != gk::WType::I8 || group >= 1, "gpt2kern.", who, ": int8 needs its group (>= 1), got ",
+                          group);
+        const bool bd = bf16_dot.has_value() ? *bf16_dot : gk::bf16_dot() != nullptr;
+        return std::string(gk::cpu::matmul_strategy_name(gk::cpu::choose_matmul(lay, type, rows, group, bd)));
+      },
+      pybind11::arg("layout"), pybind11::arg("dtype"), pybind11::arg("rows"), pybind11::arg("group") = 0,
+      pybind11::arg("bf16_dot") = pybind11::none(),
+      "Name of the strategy the CPU matmul takes for `rows` rows against a weight in (layout, dtype).");
   mod.def("supported_isas", [] {
     std::vector<std::string> out;
     for (const char* isa : {"avx512", "avx2", "generic"})
@@ -128,11 +170,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("capture_node_counts", &gk::cuda_ops::capture_node_counts,
           "Nodes of the graph the current CUDA stream is capturing, by type: kernel, memcpy, memset, other, total.");
 #endif
-  mod.def("has_cuda", [] {
+  mod.def(
+      "has_cuda",
+      [] {
 #ifdef GPT2KERN_CUDA
-    return true;
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  }, "Whether the CUDA kernels (csrc/cuda) were compiled in and registered for the CUDA dispatch key.");
+      },
+      "Whether the CUDA kernels (csrc/cuda) were compiled in and registered for the CUDA dispatch key.");
 }

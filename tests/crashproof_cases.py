@@ -420,62 +420,72 @@ def _cpu_cases(case):
          (VE, r"attention_mask must be a CPU \[batch 1, kv_len\] tensor, got \[5\]"))
     case("Body pos int32", lambda: body.forward(t, p3.int(), None, pk, pk), (TE, "pos must be Long"))
     lws = [L.to_c() for L in PK.layers]
-    lnf = (PK.ln_f.weight, PK.ln_f.bias)
     L0 = PK.layers[0]
-    c_args = dict(ln_1_weight=L0.ln_1.weight, ln_1_bias=L0.ln_1.bias, c_attn_weight=L0.c_attn.to_c(),
-                  c_attn_bias=L0.c_attn.bias, attn_proj_weight=L0.attn_proj.to_c(),
-                  attn_proj_bias=L0.attn_proj.bias, ln_2_weight=L0.ln_2.weight, ln_2_bias=L0.ln_2.bias,
-                  c_fc_weight=L0.c_fc.to_c(), c_fc_bias=L0.c_fc.bias, mlp_proj_weight=L0.mlp_proj.to_c(),
-                  mlp_proj_bias=L0.mlp_proj.bias, scale=L0.scale)
+    c_args = dict(ln_1=L0.ln_1.to_c(), c_attn=L0.c_attn.to_c("c_attn"), attn_proj=L0.attn_proj.to_c("attn.c_proj"),
+                  ln_2=L0.ln_2.to_c(), c_fc=L0.c_fc.to_c("c_fc"), mlp_proj=L0.mlp_proj.to_c("mlp.c_proj"),
+                  scale=L0.scale)
     hf_c_attn = m.transformer.h[0].attn.c_attn.weight.detach()
-    Wt = _C.Weight
+
+    def Wt(data, scales, layout, slot="c_attn", n_in=32, n_out=96, dtype=None):  # a Linear for `slot` over data
+        dtype = dtype or ("int8" if data is not None and data.dtype == torch.int8 else "fp32")
+        return _C.Linear(data=data, scales=scales, bias=getattr(L0, slot).bias,
+                         layout=layout, dtype=dtype, n_in=n_in, n_out=n_out, group=64 if dtype == "int8" else 0,
+                         name=slot)
+
     def layer_with(**kw):
-        return _C.LayerWeights(**{**c_args, **kw})
-    case("Body no layers", lambda: _C.Body([], PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "no layers"))
-    case("Body HF-layout weight, transposed", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(hf_c_attn.t().contiguous(), None, "kn"))] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
-        (VE, r"c_attn weight in layout 'kn' must be \[32, 96\], got \[96, 32\]"))
-    case("Body HF-layout weight, not contiguous", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(hf_c_attn.t().contiguous().t(), None, "kn"))] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
+        return _C.Layer(**{**c_args, **kw})
+
+    def model(layers=None, ln_f=None, n_head=None):
+        return _C.Model(layers=lws if layers is None else layers, wte=PK.wte, wpe=PK.wpe,
+                        ln_f=PK.ln_f.to_c() if ln_f is None else ln_f, lm_head=None,
+                        n_head=PK.n_head if n_head is None else n_head)
+
+    def body_with(**kw):
+        return _C.Body(model([layer_with(**kw)] + lws[1:]))
+
+    def norm_with(n, **kw):
+        return _C.Norm(**{"weight": n.weight, "bias": n.bias, "eps": n.eps, **kw})
+
+    case("Body no layers", lambda: _C.Body(model([])), (VE, "no layers"))
+    case("Body HF-layout weight, transposed", lambda: body_with(c_attn=Wt(hf_c_attn.t().contiguous(), None, "kn")),
+         (VE, r"c_attn weight in layout 'kn' must be \[32, 96\], got \[96, 32\]"))
+    case("Body HF-layout weight, not contiguous", lambda: body_with(
+        c_attn=Wt(hf_c_attn.t().contiguous().t(), None, "kn")),
         (VE, r"c_attn weight's rows must be contiguous \(got strides \[1, 32\]\)"))
-    case("Body HF-layout weight as nk", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "nk"))] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
-        (VE, r"c_attn weight in layout 'nk' must be \[96, 32\], got \[32, 96\]"))
-    case("Body HF-layout weight as panels", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "panels"))] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
-        (VE, r"c_attn weight in layout 'panels' must be a contiguous \[3, 32, 32\] "
-             r"tensor for 32 -> 96, got \[32, 96\]"))
-    case("Body weight bad layout name", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "KN"))] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "layout must be 'kn', 'nk' or 'panels'"))
-    case("Body int8 weight without scales", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(torch.zeros(3, 32, 32, dtype=torch.int8), None, "panels"))] + lws[1:],
-        PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (VE, "c_attn weight is int8 and needs its scales"))
-    case("Body HF-layout weight (read in place)", lambda: _C.Body(
-        [layer_with(c_attn_weight=Wt(hf_c_attn, None, "kn"))] + lws[1:], PK.wte, PK.wpe,
-        *lnf, PK.n_head, PK.eps), OK)
-    case("Body c_fc and mlp_proj weights swapped", lambda: _C.Body(
-        [layer_with(c_fc_weight=L0.mlp_proj.to_c(), mlp_proj_weight=L0.c_fc.to_c())] + lws[1:], PK.wte, PK.wpe, *lnf,
-        PK.n_head, PK.eps), (VE, r"c_fc weight in layout 'kn' must be \[32, 128\], got \[128, 32\]"))
-    case("Weight not a tensor", lambda: _C.Weight(None, None, "kn"), (TE, "incompatible"))
-    case("Body ln_1 bias is c_attn's bias", lambda: _C.Body([layer_with(ln_1_bias=L0.c_attn.bias)] + lws[1:],
-                                                            PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps),
+    case("Body HF-layout weight as nk", lambda: body_with(c_attn=Wt(hf_c_attn, None, "nk")),
+         (VE, r"c_attn weight in layout 'nk' must be \[96, 32\], got \[32, 96\]"))
+    case("Body HF-layout weight as panels", lambda: body_with(c_attn=Wt(hf_c_attn, None, "panels")),
+         (VE, r"c_attn weight in layout 'panels' must be a contiguous \[3, 32, 32\] "
+              r"tensor for 32 -> 96, got \[32, 96\]"))
+    case("Body weight bad layout name", lambda: body_with(c_attn=Wt(hf_c_attn, None, "KN")),
+         (VE, "layout must be 'kn', 'nk' or 'panels'"))
+    case("Body int8 weight without scales", lambda: body_with(
+        c_attn=Wt(torch.zeros(3, 32, 32, dtype=torch.int8), None, "panels")),
+        (VE, "c_attn weight is int8 and needs its scales"))
+    case("Body HF-layout weight (read in place)", lambda: body_with(c_attn=Wt(hf_c_attn, None, "kn")), OK)
+    case("Body c_fc and mlp_proj weights swapped", lambda: body_with(
+        c_fc=Wt(L0.mlp_proj.data, None, "kn", slot="c_fc", n_in=32, n_out=128)),
+        (VE, r"c_fc weight in layout 'kn' must be \[32, 128\], got \[128, 32\]"))
+    case("Weight not a tensor", lambda: Wt(None, None, "kn"), (TE, "incompatible"))
+    case("Body ln_1 bias is c_attn's bias", lambda: body_with(ln_1=norm_with(L0.ln_1, bias=L0.c_attn.bias)),
          (VE, r"ln_1.bias must be a vector of 32 elements, got shape \[96\]"))
-    case("Body ln_2 weight float64", lambda: _C.Body([layer_with(ln_2_weight=L0.ln_2.weight.double())] + lws[1:],
-                                                     PK.wte, PK.wpe, *lnf, PK.n_head, PK.eps), (TE, "Float"))
-    case("LayerWeights positional", lambda: _C.LayerWeights(*c_args.values()), (TE, "incompatible"))
-    case("LayerWeights missing field", lambda: _C.LayerWeights(**{k: v for k, v in c_args.items() if k != "scale"}),
+    case("Body ln_2 weight float64", lambda: body_with(ln_2=norm_with(L0.ln_2, weight=L0.ln_2.weight.double())),
+         (TE, "Float"))
+    case("Linear dtype is not its format's", lambda: Wt(hf_c_attn, None, "kn", dtype="bf16"),
+         (TE, r"c_attn weight is declared bf16 \(BFloat16\) but holds Float"))
+    case("Linear bad dtype name", lambda: Wt(hf_c_attn, None, "kn", dtype="float32"), (VE, "dtype must be 'fp32'"))
+    case("Body c_fc's Linear in the c_attn slot", lambda: body_with(c_attn=L0.c_fc.to_c("c_fc")),
+         (VE, "layer 0's c_attn must be a 32 -> 96 Linear, got 32 -> 128"))
+    case("Engine model without lm_head", lambda: _C.Engine(model(), 1, 8, 8), (VE, "needs the model's lm_head"))
+    case("LayerWeights positional", lambda: _C.Layer(*c_args.values()), (TE, "incompatible"))
+    case("LayerWeights missing field", lambda: _C.Layer(**{k: v for k, v in c_args.items() if k != "scale"}),
          (TE, "incompatible"))
     case("Layer record misassigned", lambda: dataclasses.replace(L0, c_fc=L0.mlp_proj),
          (VE, "Layer.c_fc must be a 32 -> 32 Linear with a bias, got 128 -> 32"))
     case("Layer record ln swapped for a Linear's bias", lambda: dataclasses.replace(
         L0, ln_2=dataclasses.replace(L0.ln_2, bias=L0.c_attn.bias)),
         (VE, r"Layer.ln_2 must hold \[32\] weight and bias, got \[32\], \[96\]"))
-    case("Body n_head 0", lambda: _C.Body(lws, PK.wte, PK.wpe, *lnf, 0, PK.eps),
+    case("Body n_head 0", lambda: _C.Body(model(n_head=0)),
          (VE, "n_embd 32 is not divisible by n_head 0"))
     eng = PK.engine(1, 8, 8)
     valid = torch.ones(1, 3, dtype=torch.bool)

@@ -4,14 +4,14 @@
 #pragma once
 #include <torch/types.h>
 
-#define GK_CHECK_DTYPE(t, dt, op, name)                                                                     \
-  TORCH_CHECK_TYPE((t).scalar_type() == (dt), "gpt2kern.", op, ": ", name, " must be ", c10::toString(dt), \
-                   ", got ", (t).scalar_type())
+#define GK_CHECK_DTYPE(t, dt, op, name)                                                                              \
+  TORCH_CHECK_TYPE((t).scalar_type() == (dt), "gpt2kern.", op, ": ", name, " must be ", c10::toString(dt), ", got ", \
+                   (t).scalar_type())
 #define GK_CHECK_FLOAT(t, op, name) GK_CHECK_DTYPE(t, at::kFloat, op, name)
 #define GK_CHECK_DIM(t, d, op, name) \
   TORCH_CHECK_VALUE((t).dim() == (d), "gpt2kern.", op, ": ", name, " must be ", d, "-D, got shape ", (t).sizes())
-#define GK_CHECK_SAME_DEVICE(a, b, op, name)                                                                \
-  TORCH_CHECK_VALUE((a).device() == (b).device(), "gpt2kern.", op, ": ", name, " is on ", (b).device(),   \
+#define GK_CHECK_SAME_DEVICE(a, b, op, name)                                                            \
+  TORCH_CHECK_VALUE((a).device() == (b).device(), "gpt2kern.", op, ": ", name, " is on ", (b).device(), \
                     " but the input is on ", (a).device())
 
 namespace gk {

@@ -24,8 +24,8 @@ void check_add_ln_args(const at::Tensor& x, const at::Tensor& residual, const at
   check_ln_args(x, weight, bias, "add_layer_norm");
   GK_CHECK_FLOAT(residual, "add_layer_norm", "residual");
   GK_CHECK_SAME_DEVICE(x, residual, "add_layer_norm", "residual");
-  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "gpt2kern.add_layer_norm: residual must have x's shape ",
-                    x.sizes(), ", got ", residual.sizes());
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "gpt2kern.add_layer_norm: residual must have x's shape ", x.sizes(),
+                    ", got ", residual.sizes());
 }
 
 int parse_epilogue(c10::string_view e) {
@@ -42,9 +42,8 @@ void check_conv1d_inputs(const at::Tensor& x, const at::Tensor& weight) {
   GK_CHECK_SAME_DEVICE(x, weight, "conv1d", "weight");
 }
 
-void check_conv1d_extras(const at::Tensor& x, const std::optional<at::Tensor>& bias, int epi,
-                         c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t N,
-                         at::IntArrayRef out_shape) {
+void check_conv1d_extras(const at::Tensor& x, const std::optional<at::Tensor>& bias, int epi, c10::string_view epilogue,
+                         const std::optional<at::Tensor>& residual, int64_t N, at::IntArrayRef out_shape) {
   if (bias) {
     GK_CHECK_FLOAT(*bias, "conv1d", "bias");
     GK_CHECK_SAME_DEVICE(x, *bias, "conv1d", "bias");
@@ -55,8 +54,8 @@ void check_conv1d_extras(const at::Tensor& x, const std::optional<at::Tensor>& b
     TORCH_CHECK_VALUE(residual.has_value(), "gpt2kern.conv1d: epilogue 'residual' needs a residual tensor");
     GK_CHECK_FLOAT(*residual, "conv1d", "residual");
     GK_CHECK_SAME_DEVICE(x, *residual, "conv1d", "residual");
-    TORCH_CHECK_VALUE(residual->sizes() == out_shape, "gpt2kern.conv1d: residual must have shape ", out_shape,
-                      ", got ", residual->sizes());
+    TORCH_CHECK_VALUE(residual->sizes() == out_shape, "gpt2kern.conv1d: residual must have shape ", out_shape, ", got ",
+                      residual->sizes());
   } else {
     TORCH_CHECK_VALUE(!residual.has_value(), "gpt2kern.conv1d: a residual was given but epilogue is '", epilogue,
                       "' (use epilogue='residual')");
@@ -76,8 +75,8 @@ void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   GK_CHECK_SAME_DEVICE(q, k, op, "k");
   GK_CHECK_SAME_DEVICE(q, v, op, "v");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tkv = k.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == D, "gpt2kern.attention: k must be [", B, ", ",
-                    H, ", Tkv, ", D, "], got ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == D, "gpt2kern.attention: k must be [", B, ", ", H,
+                    ", Tkv, ", D, "], got ", k.sizes());
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "gpt2kern.attention: v must have k's shape ", k.sizes(), ", got ",
                     v.sizes());
   TORCH_CHECK_VALUE(q_offset >= 0, "gpt2kern.attention: q_offset must be >= 0, got ", q_offset);
@@ -103,8 +102,8 @@ void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
 static at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 AttnCall attention_call(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                        const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
-                        double scale, int64_t q_offset, bool causal) {
+                        const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
+                        int64_t q_offset, bool causal) {
   const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), D = q_.size(3), Tkv = k_.size(2);
   AttnCall c{};
   c.out = at::empty({B, Tq, H, D}, q_.options());
@@ -112,13 +111,27 @@ AttnCall attention_call(const at::Tensor& q_, const at::Tensor& k_, const at::Te
   c.k = last_dim_contiguous(k_);
   c.v = last_dim_contiguous(v_);
   AttnArgs& a = c.a;
-  a.q = c.q.data_ptr<float>(); a.k = c.k.data_ptr<float>(); a.v = c.v.data_ptr<float>();
-  a.sq_b = c.q.stride(0); a.sq_h = c.q.stride(1); a.sq_t = c.q.stride(2);
-  a.sk_b = c.k.stride(0); a.sk_h = c.k.stride(1); a.sk_t = c.k.stride(2);
-  a.sv_b = c.v.stride(0); a.sv_h = c.v.stride(1); a.sv_t = c.v.stride(2);
+  a.q = c.q.data_ptr<float>();
+  a.k = c.k.data_ptr<float>();
+  a.v = c.v.data_ptr<float>();
+  a.sq_b = c.q.stride(0);
+  a.sq_h = c.q.stride(1);
+  a.sq_t = c.q.stride(2);
+  a.sk_b = c.k.stride(0);
+  a.sk_h = c.k.stride(1);
+  a.sk_t = c.k.stride(2);
+  a.sv_b = c.v.stride(0);
+  a.sv_h = c.v.stride(1);
+  a.sv_t = c.v.stride(2);
   a.out = c.out.data_ptr<float>();
-  a.B = B; a.H = H; a.Tq = Tq; a.Tkv = Tkv; a.D = D;
-  a.scale = (float)scale; a.q_offset = q_offset; a.causal = causal;
+  a.B = B;
+  a.H = H;
+  a.Tq = Tq;
+  a.Tkv = Tkv;
+  a.D = D;
+  a.scale = (float)scale;
+  a.q_offset = q_offset;
+  a.causal = causal;
   if (key_mask) {
     c.key_mask = key_mask->contiguous();
     a.key_mask = c.key_mask.data_ptr<bool>();
@@ -144,8 +157,8 @@ void check_embedding_tables(const at::Tensor& input_ids, const at::Tensor& wte, 
   GK_CHECK_DIM(wte, 2, "embedding", "wte");
   GK_CHECK_DIM(wpe, 2, "embedding", "wpe");
   GK_CHECK_SAME_DEVICE(wte, wpe, "embedding", "wpe");
-  TORCH_CHECK_VALUE(wte.size(1) == wpe.size(1), "gpt2kern.embedding: wte and wpe widths differ (", wte.size(1),
-                    " vs ", wpe.size(1), ")");
+  TORCH_CHECK_VALUE(wte.size(1) == wpe.size(1), "gpt2kern.embedding: wte and wpe widths differ (", wte.size(1), " vs ",
+                    wpe.size(1), ")");
 }
 
 at::Tensor embedding_ids(const at::Tensor& ids, const at::Tensor& wte, int64_t B, int64_t T, const char* name) {

@@ -21,9 +21,8 @@ int parse_epilogue(c10::string_view epilogue);
 // x, weight float32 on one device, x at least 1-D (weight's layout is the backend's business).
 void check_conv1d_inputs(const at::Tensor& x, const at::Tensor& weight);
 // bias [N] and the residual the epilogue needs (exactly when it is 'residual', of the output's shape out_shape).
-void check_conv1d_extras(const at::Tensor& x, const std::optional<at::Tensor>& bias, int epi,
-                         c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t N,
-                         at::IntArrayRef out_shape);
+void check_conv1d_extras(const at::Tensor& x, const std::optional<at::Tensor>& bias, int epi, c10::string_view epilogue,
+                         const std::optional<at::Tensor>& residual, int64_t N, at::IntArrayRef out_shape);
 
 // q [B, H, Tq, D], k and v [B, H, Tkv, D], key_mask bool [B, L], bias float [B|1, H|1, Tq, L]; q_offset >= 0 and,
 // when causal, Tq queries from q_offset need that many keys.
@@ -38,8 +37,8 @@ struct AttnCall {
   at::Tensor out, q, k, v, key_mask, bias;
 };
 AttnCall attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias,
-                        double scale, int64_t q_offset, bool causal);
+                        const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
+                        int64_t q_offset, bool causal);
 
 // wte [V, n] and wpe [P, n] float32 on one device, input_ids 2-D.
 void check_embedding_tables(const at::Tensor& input_ids, const at::Tensor& wte, const at::Tensor& wpe);

@@ -22,7 +22,9 @@ const KernelTable* kernels_for(const char* isa) {
                ? &kTable_avx512
                : nullptr;
   if (!std::strcmp(isa, "avx2"))
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? &kTable_avx2 : nullptr;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+               ? &kTable_avx2
+               : nullptr;
 #endif
   if (!std::strcmp(isa, "generic")) return &kTable_generic;
   return nullptr;

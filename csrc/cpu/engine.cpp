@@ -11,7 +11,11 @@
 //   torch.cat gives), so a decode step under model.generate is one call instead of ~150 dispatched ops.
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <optional>
+#include <string>
 #include <torch/extension.h>
+#include <utility>
+#include <vector>
 
 #include "../common/checks.h"
 #include "kernel_table.h"
@@ -24,32 +28,82 @@ namespace {
 
 const float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
-// One matmul weight in the one weight format (gpt2kern/weights.py's Linear.to_c): its storage, int8's scales, and
-// the layout name; weight_ref (matmul.cpp) reads and checks it.
-struct Weight {
+// The model record of gpt2kern/weights.py as C++ types (its to_c() methods build them, keyword arguments only, so
+// two same-shaped tensors cannot trade places unnoticed). Each Linear checks itself against its format when it is
+// made; Stack checks that the pieces fit one model.
+
+at::ScalarType scalar_type_of(WType t) {
+  switch (t) {
+    case WType::F32: return at::kFloat;
+    case WType::F16: return at::kHalf;
+    case WType::BF16: return at::kBFloat16;
+    case WType::I8: return at::kChar;
+  }
+  return at::kFloat;
+}
+
+void check_vec(const at::Tensor& t, int64_t n, const char* who, const std::string& name) {
+  TORCH_CHECK_VALUE(t.defined(), "gpt2kern.", who, ": ", name, " is missing");
+  GK_CHECK_FLOAT(t, who, name);
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "gpt2kern.", who, ": ", name,
+                    " must be a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == n, "gpt2kern.", who, ": ", name, " must be a vector of ", n,
+                    " elements, got shape ", t.sizes());
+}
+
+// One matmul (n_in -> n_out) in its weight format (gpt2kern/weights.py's Linear): storage, int8's scales, the
+// optional bias, and the checked reference the kernels read, made once here. name ("c_attn", ...) only labels
+// the errors.
+struct Linear {
   at::Tensor data;
   std::optional<at::Tensor> scales;
-  std::string layout;
-  WeightRef ref(int64_t k, int64_t n, const char* who, const char* name) const {
-    return weight_ref(data, scales, parse_layout(layout, who), k, n, who, name);
+  at::Tensor bias;  // undefined: none
+  std::string layout, dtype, name;
+  int64_t n_in, n_out;
+  WeightRef ref;
+
+  Linear(at::Tensor data_, std::optional<at::Tensor> scales_, std::optional<at::Tensor> bias_, std::string layout_,
+         std::string dtype_, int64_t n_in_, int64_t n_out_, int64_t group, std::string name_)
+      : data(std::move(data_)), scales(std::move(scales_)), bias(bias_ ? *bias_ : at::Tensor()),
+        layout(std::move(layout_)), dtype(std::move(dtype_)), name(std::move(name_)), n_in(n_in_), n_out(n_out_) {
+    const char* who = "Linear";
+    const std::string wname = name.empty() ? "weight" : name + " weight";
+    TORCH_CHECK_VALUE(n_in >= 0 && n_out >= 0, "gpt2kern.Linear: ", wname, " must have n_in, n_out >= 0, got ", n_in,
+                      " -> ", n_out);
+    const Layout lay = parse_layout(layout, who);
+    const WType type = parse_dtype(dtype, who);
+    TORCH_CHECK_VALUE(data.defined(), "gpt2kern.Linear: ", wname, " is missing");
+    TORCH_CHECK_TYPE(data.scalar_type() == scalar_type_of(type), "gpt2kern.Linear: ", wname, " is declared ", dtype,
+                     " (", scalar_type_of(type), ") but holds ", data.scalar_type());
+    ref = weight_ref(data, scales, lay, n_in, n_out, who, wname.c_str());
+    TORCH_CHECK_VALUE(type != WType::I8 || ref.group == group, "gpt2kern.Linear: ", wname, "'s scales hold groups of ",
+                      ref.group, " inputs, but its format says ", group);
+    if (bias.defined()) check_vec(bias, n_out, who, name.empty() ? "bias" : name + ".bias");
   }
 };
 
-// One block's weights, by name (gpt2kern/weights.py's Layer builds it with keyword arguments only, so two
-// same-shaped tensors cannot trade places unnoticed): LayerNorm vectors, matmul weights.
-struct LayerWeights {
-  at::Tensor ln_1_weight, ln_1_bias;
-  Weight c_attn_weight;
-  at::Tensor c_attn_bias;
-  Weight attn_proj_weight;
-  at::Tensor attn_proj_bias, ln_2_weight, ln_2_bias;
-  Weight c_fc_weight;
-  at::Tensor c_fc_bias;
-  Weight mlp_proj_weight;
-  at::Tensor mlp_proj_bias;
+// One LayerNorm (gpt2kern/weights.py's Norm), with its own eps.
+struct Norm {
+  at::Tensor weight, bias;
+  double eps;
+};
+
+// One block's weights, by name (gpt2kern/weights.py's Layer).
+struct Layer {
+  Norm ln_1;
+  Linear c_attn, attn_proj;
+  Norm ln_2;
+  Linear c_fc, mlp_proj;
   double scale;
-  // the four matmuls' checked references, filled by Stack
-  WeightRef c_attn, attn_proj, c_fc, mlp_proj;
+};
+
+// The whole body and, for the decode engine, the head (gpt2kern/weights.py's Weights).
+struct Model {
+  std::vector<Layer> layers;
+  at::Tensor wte, wpe;
+  Norm ln_f;
+  std::optional<Linear> lm_head;
+  int64_t n_head;
 };
 
 // Activation buffers of one forward over M = B·T rows (dense rows).
@@ -64,7 +118,7 @@ struct KvView {
   int64_t Tkv;            // keys visible to the last query row
   const bool* key_mask;   // [B, mask_len] or null
   int64_t mask_len;
-  int64_t q_offset;       // position of the first new token in the cache
+  int64_t q_offset;  // position of the first new token in the cache
 };
 
 // The GPT-2 body (embedding → blocks → ln_f) on packed weights, shared by the decode engine (its own
@@ -72,42 +126,40 @@ struct KvView {
 // same kernels in the same order as gpt2kern/model.py::_walk, so all three give the same numbers.
 class Stack {
  public:
-  Stack(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
-        int64_t n_head, double eps, const char* who)
-      : layers_(layers), wte_(wte.contiguous()), wpe_(wpe.contiguous()), lnf_w_(lnf_w.contiguous()),
-        lnf_b_(lnf_b.contiguous()), H_(n_head), eps_((float)eps) {
-    TORCH_CHECK_VALUE(!layers.empty(), "gpt2kern.", who, ": the model has no layers");
+  Stack(const Model& m, const char* who)
+      : layers_(m.layers), wte_(m.wte.contiguous()), wpe_(m.wpe.contiguous()), ln_f_(m.ln_f), H_(m.n_head) {
+    TORCH_CHECK_VALUE(!layers_.empty(), "gpt2kern.", who, ": the model has no layers");
     GK_CHECK_FLOAT(wte_, who, "wte");
     GK_CHECK_DIM(wte_, 2, who, "wte");
     GK_CHECK_FLOAT(wpe_, who, "wpe");
     E_ = wte_.size(1);
     TORCH_CHECK_VALUE(wpe_.dim() == 2 && wpe_.size(1) == E_, "gpt2kern.", who, ": wpe must be [n_positions, ", E_,
                       "], got ", wpe_.sizes());
-    TORCH_CHECK_VALUE(n_head > 0 && E_ % n_head == 0, "gpt2kern.", who, ": n_embd ", E_,
-                      " is not divisible by n_head ", n_head);
+    TORCH_CHECK_VALUE(H_ > 0 && E_ % H_ == 0, "gpt2kern.", who, ": n_embd ", E_, " is not divisible by n_head ", H_);
     D_ = E_ / H_;
-    F_ = layers[0].c_fc_bias.defined() ? layers[0].c_fc_bias.numel() : 0;
-    for (LayerWeights& L : layers_) {
-      check_vec(L.ln_1_weight, E_, who, "ln_1.weight"); check_vec(L.ln_1_bias, E_, who, "ln_1.bias");
-      check_vec(L.ln_2_weight, E_, who, "ln_2.weight"); check_vec(L.ln_2_bias, E_, who, "ln_2.bias");
-      check_vec(L.c_attn_bias, 3 * E_, who, "c_attn.bias"); check_vec(L.attn_proj_bias, E_, who, "attn.c_proj.bias");
-      check_vec(L.c_fc_bias, F_, who, "c_fc.bias"); check_vec(L.mlp_proj_bias, E_, who, "mlp.c_proj.bias");
-      L.c_attn = L.c_attn_weight.ref(E_, 3 * E_, who, "c_attn weight");
-      L.attn_proj = L.attn_proj_weight.ref(E_, E_, who, "attn.c_proj weight");
-      L.c_fc = L.c_fc_weight.ref(E_, F_, who, "c_fc weight");
-      L.mlp_proj = L.mlp_proj_weight.ref(F_, E_, who, "mlp.c_proj weight");
+    F_ = layers_[0].c_fc.n_out;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      check_norm(L.ln_1, who, "ln_1");
+      check_norm(L.ln_2, who, "ln_2");
+      check_linear(L.c_attn, E_, 3 * E_, who, l, "c_attn");
+      check_linear(L.attn_proj, E_, E_, who, l, "attn.c_proj");
+      check_linear(L.c_fc, E_, F_, who, l, "c_fc");
+      check_linear(L.mlp_proj, F_, E_, who, l, "mlp.c_proj");
     }
-    check_vec(lnf_w_, E_, who, "ln_f.weight");
-    check_vec(lnf_b_, E_, who, "ln_f.bias");
+    check_norm(ln_f_, who, "ln_f");
   }
 
-  static void check_vec(const at::Tensor& t, int64_t n, const char* who, const char* name) {
-    TORCH_CHECK_VALUE(t.defined(), "gpt2kern.", who, ": ", name, " is missing");
-    GK_CHECK_FLOAT(t, who, name);
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), "gpt2kern.", who, ": ", name,
-                      " must be a contiguous CPU tensor");
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == n, "gpt2kern.", who, ": ", name, " must be a vector of ", n,
-                      " elements, got shape ", t.sizes());
+  void check_norm(const Norm& n, const char* who, const std::string& name) const {
+    check_vec(n.weight, E_, who, name + ".weight");
+    check_vec(n.bias, E_, who, name + ".bias");
+  }
+
+  // A block's matmul in its slot: the slot's n_in -> n_out, with a bias (the Linear checked its own tensors).
+  static void check_linear(const Linear& lin, int64_t k, int64_t n, const char* who, size_t l, const char* slot) {
+    TORCH_CHECK_VALUE(lin.n_in == k && lin.n_out == n, "gpt2kern.", who, ": layer ", l, "'s ", slot, " must be a ", k,
+                      " -> ", n, " Linear, got ", lin.n_in, " -> ", lin.n_out);
+    TORCH_CHECK_VALUE(lin.bias.defined(), "gpt2kern.", who, ": layer ", l, "'s ", slot, " has no bias");
   }
 
   // ids / pos: M = B·T range-checked ids and positions, row-major [B, T].
@@ -131,40 +183,49 @@ class Stack {
     parallel_chunks(M, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
       kt.embedding_rows(ids + r0, pos + r0, nullptr, wte, wpe, s.h + r0 * E, r1 - r0, E);
     });
-    run_layer_norm(s.h, E, s.x, f32(layers_[0].ln_1_weight), f32(layers_[0].ln_1_bias), M, E, eps_);
+    const Norm& ln0 = layers_[0].ln_1;
+    run_layer_norm(s.h, E, s.x, f32(ln0.weight), f32(ln0.bias), M, E, (float)ln0.eps);
     for (size_t l = 0; l < layers_.size(); ++l) {
-      const LayerWeights& L = layers_[l];
-      run_matmul(s.x, E, M, E, L.c_attn, 3 * E, f32(L.c_attn_bias), Epilogue::None, nullptr, 0,
-                 s.qkv);
+      const Layer& L = layers_[l];
+      run_matmul(s.x, E, M, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, nullptr, 0, s.qkv);
       const KvView c = kv(l, s.qkv);
       AttnArgs args{};
-      args.q = s.qkv; args.sq_b = T * 3 * E; args.sq_h = D_; args.sq_t = 3 * E;
-      args.k = c.k; args.v = c.v;
-      args.sk_b = args.sv_b = c.s_b; args.sk_h = args.sv_h = c.s_h; args.sk_t = args.sv_t = c.s_t;
+      args.q = s.qkv;
+      args.sq_b = T * 3 * E;
+      args.sq_h = D_;
+      args.sq_t = 3 * E;
+      args.k = c.k;
+      args.v = c.v;
+      args.sk_b = args.sv_b = c.s_b;
+      args.sk_h = args.sv_h = c.s_h;
+      args.sk_t = args.sv_t = c.s_t;
       args.out = s.att;
-      args.B = B; args.H = H_; args.Tq = T; args.Tkv = c.Tkv; args.D = D_;
-      args.key_mask = c.key_mask; args.mask_len = c.mask_len;
-      args.scale = (float)L.scale; args.q_offset = c.q_offset; args.causal = true;
+      args.B = B;
+      args.H = H_;
+      args.Tq = T;
+      args.Tkv = c.Tkv;
+      args.D = D_;
+      args.key_mask = c.key_mask;
+      args.mask_len = c.mask_len;
+      args.scale = (float)L.scale;
+      args.q_offset = c.q_offset;
+      args.causal = true;
       run_attention(args);
-      run_matmul(s.att, E, M, E, L.attn_proj, E, f32(L.attn_proj_bias), Epilogue::None, nullptr,
-                 0, s.a);
-      run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2_weight), f32(L.ln_2_bias), M, E, eps_);
-      run_matmul(s.x, E, M, E, L.c_fc, F_, f32(L.c_fc_bias), Epilogue::GeluNew, nullptr, 0,
-                 s.fc);
-      run_matmul(s.fc, F_, M, F_, L.mlp_proj, E, f32(L.mlp_proj_bias), Epilogue::None, nullptr,
-                 0, s.a);
+      run_matmul(s.att, E, M, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, nullptr, 0, s.a);
+      run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2.weight), f32(L.ln_2.bias), M, E, (float)L.ln_2.eps);
+      run_matmul(s.x, E, M, E, L.c_fc.ref, F_, f32(L.c_fc.bias), Epilogue::GeluNew, nullptr, 0, s.fc);
+      run_matmul(s.fc, F_, M, F_, L.mlp_proj.ref, E, f32(L.mlp_proj.bias), Epilogue::None, nullptr, 0, s.a);
       const bool last = l + 1 == layers_.size();
-      const at::Tensor& nw = last ? lnf_w_ : layers_[l + 1].ln_1_weight;
-      const at::Tensor& nb = last ? lnf_b_ : layers_[l + 1].ln_1_bias;
+      const Norm& nx = last ? ln_f_ : layers_[l + 1].ln_1;
       if (last && last_only && T > 1) {  // only each row's last token reaches ln_f (and the head)
         for (int64_t b = 0; b < B; ++b) {
           const int64_t r = b * T + T - 1;
           std::copy(s.a + r * E, s.a + (r + 1) * E, s.a + b * E);
           std::copy(s.h + r * E, s.h + (r + 1) * E, s.h + b * E);
         }
-        run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nw), f32(nb), B, E, eps_);
+        run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nx.weight), f32(nx.bias), B, E, (float)nx.eps);
       } else {
-        run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nw), f32(nb), M, E, eps_);
+        run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nx.weight), f32(nx.bias), M, E, (float)nx.eps);
       }
     }
   }
@@ -188,10 +249,10 @@ class Stack {
     });
   }
 
-  std::vector<LayerWeights> layers_;
-  at::Tensor wte_, wpe_, lnf_w_, lnf_b_;
+  std::vector<Layer> layers_;
+  at::Tensor wte_, wpe_;
+  Norm ln_f_;
   int64_t H_;
-  float eps_;
   int64_t E_ = 0, D_ = 0, F_ = 0;
 };
 
@@ -208,41 +269,47 @@ class Stack {
 // tokens). append[l] says layer l's past tensors are the very views this returned last time for that cache layer
 // (the caller tracks that), so no view anyone holds reaches past P: the new tokens are then written in place and
 // a longer view returned — no copy of the past and no new cache block per step (the step's small activations are
-// still allocated), where torch.cat copies everything and allocates a slightly larger block each step (which glibc serves with a fresh mmap, page faults and munmap).
-// Anything else (a cropped, reordered or user-made cache) is copied into a new buffer, as torch.cat would.
+// still allocated), where torch.cat copies everything and allocates a slightly larger block each step (which glibc
+// serves with a fresh mmap, page faults and munmap). Anything else (a cropped, reordered or user-made cache) is copied
+// into a new buffer, as torch.cat would.
 class Body {
  public:
-  Body(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
-       int64_t n_head, double eps)
-      : st_(layers, wte, wpe, lnf_w, lnf_b, n_head, eps, "Body") {}
+  explicit Body(const Model& model) : st_(model, "Body") {}
 
   std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> forward(
       const at::Tensor& ids, const std::optional<at::Tensor>& pos_, const std::optional<at::Tensor>& attention_mask,
       const std::optional<std::vector<at::Tensor>>& past_k_, const std::optional<std::vector<at::Tensor>>& past_v_,
       const std::vector<bool>& append) const {
     const char* who = "Body.forward";
-    TORCH_CHECK_VALUE(past_k_.has_value() == past_v_.has_value(), "gpt2kern.Body.forward: past_k and past_v must "
+    TORCH_CHECK_VALUE(past_k_.has_value() == past_v_.has_value(),
+                      "gpt2kern.Body.forward: past_k and past_v must "
                       "both be None or both be lists");
     const bool keep = past_k_.has_value();  // a cache: return the grown keys/values
     static const std::vector<at::Tensor> none;
     const std::vector<at::Tensor>& past_k = keep ? *past_k_ : none;
     const std::vector<at::Tensor>& past_v = keep ? *past_v_ : none;
     GK_CHECK_DTYPE(ids, at::kLong, who, "ids");
-    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1, "gpt2kern.Body.forward: ids must be "
-                      "[B >= 1, T >= 1], got ", ids.sizes());
+    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) >= 1 && ids.size(1) >= 1,
+                      "gpt2kern.Body.forward: ids must be "
+                      "[B >= 1, T >= 1], got ",
+                      ids.sizes());
     TORCH_CHECK_VALUE(ids.device().is_cpu(), "gpt2kern.Body.forward: ids must be a CPU tensor");
     if (pos_) {
       GK_CHECK_DTYPE(*pos_, at::kLong, who, "pos");
-      TORCH_CHECK_VALUE(pos_->sizes() == ids.sizes() && pos_->device().is_cpu(), "gpt2kern.Body.forward: pos must "
-                        "be a CPU tensor of ids' shape ", ids.sizes(), ", got ", pos_->sizes());
+      TORCH_CHECK_VALUE(pos_->sizes() == ids.sizes() && pos_->device().is_cpu(),
+                        "gpt2kern.Body.forward: pos must "
+                        "be a CPU tensor of ids' shape ",
+                        ids.sizes(), ", got ", pos_->sizes());
     }
     const int64_t B = ids.size(0), T = ids.size(1), M = B * T, E = st_.E_, H = st_.H_, D = st_.D_;
     const int64_t L = (int64_t)st_.layers_.size();
     TORCH_CHECK_VALUE(past_k.size() == past_v.size() && (past_k.empty() || (int64_t)past_k.size() == L),
                       "gpt2kern.Body.forward: past_k and past_v must both be empty or hold ", L, " layers, got ",
                       past_k.size(), " and ", past_v.size());
-    TORCH_CHECK_VALUE(append.empty() || append.size() == past_k.size(), "gpt2kern.Body.forward: append must be "
-                      "empty or have one entry per layer of past_k (", past_k.size(), "), got ", append.size());
+    TORCH_CHECK_VALUE(append.empty() || append.size() == past_k.size(),
+                      "gpt2kern.Body.forward: append must be "
+                      "empty or have one entry per layer of past_k (",
+                      past_k.size(), "), got ", append.size());
     int64_t P = 0;
     if (!past_k.empty()) P = past_k[0].dim() == 4 ? past_k[0].size(2) : -1;
     at::Tensor km;  // [B, mask_len] bool, or undefined when every position may be attended
@@ -251,8 +318,10 @@ class Body {
       const auto dt = m.scalar_type();
       TORCH_CHECK_TYPE(dt == at::kBool || dt == at::kLong || dt == at::kInt || dt == at::kFloat,
                        "gpt2kern.Body.forward: attention_mask must be bool, int64, int32 or float32, got ", dt);
-      TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.device().is_cpu(), "gpt2kern.Body.forward: "
-                        "attention_mask must be a CPU [batch ", B, ", kv_len] tensor, got ", m.sizes());
+      TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.device().is_cpu(),
+                        "gpt2kern.Body.forward: "
+                        "attention_mask must be a CPU [batch ",
+                        B, ", kv_len] tensor, got ", m.sizes());
       TORCH_CHECK_VALUE(m.size(1) >= P + T, "attention_mask covers ", m.size(1), " positions but past (", P,
                         ") + input (", T, ") = ", P + T);
       km = (dt == at::kBool ? m : m.ne(0)).contiguous();
@@ -263,8 +332,7 @@ class Body {
       for (const at::Tensor* t : {&past_k[l], &past_v[l]}) {
         GK_CHECK_FLOAT(*t, who, "past_k/past_v");
         TORCH_CHECK_VALUE(t->device().is_cpu(), "gpt2kern.Body.forward: past keys/values must be CPU tensors");
-        TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == P &&
-                              t->size(3) == D,
+        TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == P && t->size(3) == D,
                           "gpt2kern.Body.forward: past_key_values does not fit this call: layer ", l,
                           " holds keys/values of shape ", t->sizes(), ", expected [batch ", B, ", heads ", H, ", ", P,
                           ", head size ", D, "]");
@@ -321,15 +389,17 @@ class Body {
 
 class Engine {
  public:
-  // lm_w: the [n_embd] -> [vocab] head in any weight format (in place over wte: layout 'nk'). batch / max_len fix the cache; max_rows bounds B·T of one forward.
-  Engine(const std::vector<LayerWeights>& layers, at::Tensor wte, at::Tensor wpe, at::Tensor lnf_w, at::Tensor lnf_b,
-         Weight lm_w, int64_t vocab, int64_t n_head, double eps, int64_t batch, int64_t max_len,
-         int64_t max_rows)
-      : st_(layers, wte, wpe, lnf_w, lnf_b, n_head, eps, "Engine"), lm_w_(lm_w), V_(vocab),
-        B_(batch), Tmax_(max_len), max_rows_(max_rows) {
+  // model.lm_head: the [n_embd] -> [vocab] head in any weight format (in place over wte: layout 'nk'). batch /
+  // max_len fix the cache; max_rows bounds B·T of one forward.
+  Engine(const Model& model, int64_t batch, int64_t max_len, int64_t max_rows)
+      : st_(model, "Engine"), B_(batch), Tmax_(max_len), max_rows_(max_rows) {
     TORCH_CHECK_VALUE(batch >= 1 && max_len >= 1 && max_rows >= batch, "gpt2kern.Engine: bad sizes batch=", batch,
                       " max_len=", max_len, " max_rows=", max_rows);
-    lm_ref_ = lm_w_.ref(st_.E_, V_, "Engine", "lm_head weight");
+    TORCH_CHECK_VALUE(model.lm_head.has_value(), "gpt2kern.Engine: the decode engine needs the model's lm_head");
+    lm_head_.emplace(*model.lm_head);
+    TORCH_CHECK_VALUE(lm_head_->n_in == st_.E_, "gpt2kern.Engine: lm_head must be a ", st_.E_, " -> vocab Linear, got ",
+                      lm_head_->n_in, " -> ", lm_head_->n_out);
+    V_ = lm_head_->n_out;
     const int64_t L = (int64_t)st_.layers_.size(), E = st_.E_, H = st_.H_, D = st_.D_;
     auto f = st_.wte_.options();
     k_ = at::zeros({L, B_, H, Tmax_, D}, f);
@@ -344,21 +414,21 @@ class Engine {
   // threads > 0: the kernels of this call use at most that many threads (generate's per-step choice, see
   // gpt2kern/generate.py's ThreadChooser); 0: torch's count.
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid, int64_t threads) {
-    TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ",
-                      threads);
+    TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ", threads);
     const ThreadCap cap(threads);
     GK_CHECK_DTYPE(ids, at::kLong, "Engine.forward", "ids");
     GK_CHECK_DTYPE(pos, at::kLong, "Engine.forward", "pos");
     GK_CHECK_DTYPE(valid, at::kBool, "Engine.forward", "valid");
-    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == B_ && ids.size(1) >= 1, "gpt2kern.Engine.forward: ids must "
-                      "be [", B_, ", T >= 1], got ", ids.sizes());
+    TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == B_ && ids.size(1) >= 1,
+                      "gpt2kern.Engine.forward: ids must "
+                      "be [",
+                      B_, ", T >= 1], got ", ids.sizes());
     const int64_t T = ids.size(1), M = B_ * T, E = st_.E_, H = st_.H_, D = st_.D_;
     TORCH_CHECK_VALUE(pos.sizes() == ids.sizes() && valid.sizes() == ids.sizes(),
                       "gpt2kern.Engine.forward: pos and valid must have ids' shape ", ids.sizes());
-    TORCH_CHECK_VALUE(M <= max_rows_, "gpt2kern.Engine.forward: ", M, " rows exceed the engine's max_rows ",
-                      max_rows_);
-    TORCH_CHECK_VALUE(len_ + T <= Tmax_, "gpt2kern.Engine.forward: cache holds ", Tmax_, " tokens; ", len_,
-                      " used, ", T, " more requested");
+    TORCH_CHECK_VALUE(M <= max_rows_, "gpt2kern.Engine.forward: ", M, " rows exceed the engine's max_rows ", max_rows_);
+    TORCH_CHECK_VALUE(len_ + T <= Tmax_, "gpt2kern.Engine.forward: cache holds ", Tmax_, " tokens; ", len_, " used, ",
+                      T, " more requested");
     at::Tensor idc = ids.contiguous(), pc = pos.contiguous(), vc = valid.contiguous();
     st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Engine.forward");
     bool* km = key_mask_.data_ptr<bool>();
@@ -377,8 +447,8 @@ class Engine {
       return KvView{k, v, sb, sh, D, len_ + T, km, Tmax_, len_};
     };
     st_.run(s, idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), B_, T, kv, /*last_only=*/true);
-    run_matmul(s.x, E, B_, E, lm_ref_, V_, nullptr, Epilogue::None, nullptr, 0,
-               logits_.data_ptr<float>());
+    run_matmul(s.x, E, B_, E, lm_head_->ref, V_, lm_head_->bias.defined() ? f32(lm_head_->bias) : nullptr,
+               Epilogue::None, nullptr, 0, logits_.data_ptr<float>());
     len_ += T;
     return logits_;
   }
@@ -392,9 +462,8 @@ class Engine {
 
  private:
   Stack st_;
-  Weight lm_w_;  // holds the tensors lm_ref_ points into
-  WeightRef lm_ref_;
-  int64_t V_;
+  std::optional<Linear> lm_head_;
+  int64_t V_ = 0;
   int64_t B_, Tmax_, max_rows_;
   int64_t len_ = 0;
   at::Tensor k_, v_, key_mask_, buf_, logits_;
@@ -404,32 +473,36 @@ class Engine {
 
 void bind_engine(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<Weight>(m, "Weight", "One matmul weight: storage, int8 scales, layout (built by weights.Linear).")
-      .def(py::init([](at::Tensor data, std::optional<at::Tensor> scales, std::string layout) {
-             return Weight{data, scales, layout};
-           }),
-           py::arg("data"), py::arg("scales"), py::arg("layout"))
-      .def_readonly("data", &Weight::data)
-      .def_readonly("layout", &Weight::layout);
-  py::class_<LayerWeights>(m, "LayerWeights", "One block's weights by name (built by gpt2kern.weights.Layer).")
-      .def(py::init([](at::Tensor ln_1_weight, at::Tensor ln_1_bias, Weight c_attn_weight, at::Tensor c_attn_bias,
-                       Weight attn_proj_weight, at::Tensor attn_proj_bias, at::Tensor ln_2_weight,
-                       at::Tensor ln_2_bias, Weight c_fc_weight, at::Tensor c_fc_bias, Weight mlp_proj_weight,
-                       at::Tensor mlp_proj_bias, double scale) {
-             return LayerWeights{ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_proj_weight,
-                                 attn_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_proj_weight,
-                                 mlp_proj_bias, scale, {}, {}, {}, {}};
-           }),
-           py::kw_only(), py::arg("ln_1_weight"), py::arg("ln_1_bias"), py::arg("c_attn_weight"),
-           py::arg("c_attn_bias"), py::arg("attn_proj_weight"), py::arg("attn_proj_bias"), py::arg("ln_2_weight"),
-           py::arg("ln_2_bias"), py::arg("c_fc_weight"), py::arg("c_fc_bias"), py::arg("mlp_proj_weight"),
-           py::arg("mlp_proj_bias"), py::arg("scale"))
-      .def_readonly("scale", &LayerWeights::scale);
+  // keyword arguments only: every field by name
+  py::class_<Linear>(m, "Linear", "One matmul in its weight format, checked when made (built by weights.Linear).")
+      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::string, std::string, int64_t,
+                    int64_t, int64_t, std::string>(),
+           py::kw_only(), py::arg("data"), py::arg("scales"), py::arg("bias"), py::arg("layout"), py::arg("dtype"),
+           py::arg("n_in"), py::arg("n_out"), py::arg("group") = 0, py::arg("name") = "")
+      .def_readonly("data", &Linear::data)
+      .def_readonly("layout", &Linear::layout)
+      .def_readonly("dtype", &Linear::dtype)
+      .def_readonly("n_in", &Linear::n_in)
+      .def_readonly("n_out", &Linear::n_out);
+  py::class_<Norm>(m, "Norm", "One LayerNorm: weight, bias, eps (built by weights.Norm).")
+      .def(py::init([](at::Tensor weight, at::Tensor bias, double eps) { return Norm{weight, bias, eps}; }),
+           py::kw_only(), py::arg("weight"), py::arg("bias"), py::arg("eps"))
+      .def_readonly("eps", &Norm::eps);
+  py::class_<Layer>(m, "Layer", "One block's weights by name (built by weights.Layer).")
+      .def(py::init([](Norm ln_1, Linear c_attn, Linear attn_proj, Norm ln_2, Linear c_fc, Linear mlp_proj,
+                       double scale) { return Layer{ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj, scale}; }),
+           py::kw_only(), py::arg("ln_1"), py::arg("c_attn"), py::arg("attn_proj"), py::arg("ln_2"), py::arg("c_fc"),
+           py::arg("mlp_proj"), py::arg("scale"))
+      .def_readonly("scale", &Layer::scale);
+  py::class_<Model>(m, "Model", "The body's weights and the optional lm_head (built by weights.Weights).")
+      .def(py::init(
+               [](std::vector<Layer> layers, at::Tensor wte, at::Tensor wpe, Norm ln_f, std::optional<Linear> lm_head,
+                  int64_t n_head) { return Model{std::move(layers), wte, wpe, ln_f, std::move(lm_head), n_head}; }),
+           py::kw_only(), py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("ln_f"), py::arg("lm_head"),
+           py::arg("n_head"))
+      .def_property_readonly("n_layer", [](const Model& m) { return m.layers.size(); });
   py::class_<Engine>(m, "Engine", "GPT-2 decode engine: preallocated KV cache, one C++ call per step.")
-      .def(py::init<const std::vector<LayerWeights>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, Weight,
-                    int64_t, int64_t, double, int64_t, int64_t, int64_t>(),
-           py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
-           py::arg("vocab"), py::arg("n_head"), py::arg("eps"), py::arg("batch"), py::arg("max_len"),
+      .def(py::init<const Model&, int64_t, int64_t, int64_t>(), py::arg("model"), py::arg("batch"), py::arg("max_len"),
            py::arg("max_rows"))
       .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos"), py::arg("valid"), py::arg("threads") = 0,
            py::call_guard<py::gil_scoped_release>())
@@ -437,10 +510,7 @@ void bind_engine(pybind11::module_& m) {
       .def_property_readonly("length", &Engine::length)
       .def_property_readonly("key_mask", &Engine::key_mask);
   py::class_<Body>(m, "Body", "GPT-2 body (embedding, blocks, ln_f) in one call, over DynamicCache-style past K/V.")
-      .def(py::init<const std::vector<LayerWeights>&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
-                    double>(),
-           py::arg("layers"), py::arg("wte"), py::arg("wpe"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("n_head"),
-           py::arg("eps"))
+      .def(py::init<const Model&>(), py::arg("model"))
       .def("forward", &Body::forward, py::arg("ids"), py::arg("pos"), py::arg("attention_mask"), py::arg("past_k"),
            py::arg("past_v"), py::arg("append") = std::vector<bool>(), py::call_guard<py::gil_scoped_release>());
 }

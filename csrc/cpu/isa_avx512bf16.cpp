@@ -13,8 +13,7 @@
 #include "kernels/matmul_bf16dot.h"
 
 namespace gk {
-extern const Bf16DotKernels kBf16Dot = {avx512bf16::bf16dot_panel, avx512bf16::bf16_pairs,
-                                        avx512bf16::to_bf16_rows,  avx512bf16::bf16dot_panel_q,
-                                        avx512bf16::int8_pairs,    GK_MR_MAX};
+extern const Bf16DotKernels kBf16Dot = {avx512bf16::bf16dot_panel,   avx512bf16::bf16_pairs, avx512bf16::to_bf16_rows,
+                                        avx512bf16::bf16dot_panel_q, avx512bf16::int8_pairs, GK_MR_MAX};
 }  // namespace gk
 #endif  // __x86_64__

@@ -34,7 +34,6 @@ enum class WType : int { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
 constexpr int kAttnKeyBlock = 32;
 constexpr int kAttnQueryBlock = 32;
 
-
 struct KernelTable {
   const char* name;
   // rows [0, rows) of x (row stride ld) -> y (row stride ld_y); y may alias nothing
@@ -45,27 +44,26 @@ struct KernelTable {
                               const float* w, const float* b, int64_t rows, int64_t n, float eps);
   void (*gelu_new)(const float* x, float* y, int64_t n);
   // out[row] = wte[ids[row]] + wpe[pos[row]] (+ wte[tt[row]]); ids already range-checked
-  void (*embedding_rows)(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte,
-                         const float* wpe, float* out, int64_t rows, int64_t n);
+  void (*embedding_rows)(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte, const float* wpe,
+                         float* out, int64_t rows, int64_t n);
   // one packed panel of columns [n0, n0 + ncols): C[m, n0 + j] = epi(A[m] · Bp[:, j] + bias) for m < M;
   // part = kKWhole, or which block (kKFirst / 0 / kKLast) of a K split across calls this is
   void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
-                       int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
-                       int64_t ldr, int part);
+                       int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                       int part);
   // decode GEMV (M <= 2) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n)
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
   // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it)
-  void (*matmul_nt)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                    float* C, int64_t ldc);
+  void (*matmul_nt)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N, float* C,
+                    int64_t ldc);
   // one reduced-precision panel (Panels layout, WType w; scales: int8's [K / group][32] for this panel, else null),
   // whole K, for few rows (decode): C[m, n0 + j] = epi(Σ_k A[m][k] · deq(Bp[k][j]) + bias) — widened in registers
   void (*matmul_panel_lowp)(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
                             const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
                             const float* bias, Epilogue epi, const float* R, int64_t ldr);
   // rows [k0, k0 + kc) of one reduced-precision panel widened (and scaled) into dst [kc][32] fp32: prefill's B block
-  void (*unpack_panel)(const void* Bp, WType w, const float* scales, int64_t group, int64_t k0, int64_t kc,
-                       float* dst);
+  void (*unpack_panel)(const void* Bp, WType w, const float* scales, int64_t group, int64_t k0, int64_t kc, float* dst);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
   void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);
   int mr_max;  // rows per matmul register tile
@@ -78,9 +76,8 @@ struct KernelTable {
 // (isa_avx512bf16.cpp)
 struct Bf16DotKernels {
   // C[m, n0 + j] (+)= Σ_k A[m][k] · B[k][j] over a K block of kc (even) columns: A bf16 rows, B pairs [kc/2][32][2]
-  void (*matmul_panel)(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, float* C,
-                       int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
-                       int64_t ldr, int part);
+  void (*matmul_panel)(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, float* C, int64_t ldc,
+                       int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr, int part);
   void (*pairs)(const uint16_t* panel, int64_t K, int64_t k0, int64_t kc, uint16_t* dst);
   void (*to_bf16)(const float* A, int64_t lda, int64_t M, int64_t K, uint16_t* dst, int64_t ldd);
   // int8 weights (exact in bf16) with group scales: sc = the K block's first group of this panel's scales
@@ -95,9 +92,9 @@ struct Bf16DotKernels {
 const Bf16DotKernels* bf16_dot();
 void set_bf16_dot(bool on);
 
-const KernelTable& kernels();             // the active table
+const KernelTable& kernels();                     // the active table
 const KernelTable* kernels_for(const char* isa);  // null if unknown or unsupported on this CPU
-bool set_isa(const char* isa);            // false if unsupported here
+bool set_isa(const char* isa);                    // false if unsupported here
 inline int64_t attention_scratch_floats(int64_t D) {
   // the larger of attention_rows' and attention_tile's layouts (kernels/attention.h)
   return D * kAttnQueryBlock + kAttnQueryBlock * kAttnKeyBlock + kAttnQueryBlock * D + 3 * kAttnQueryBlock;

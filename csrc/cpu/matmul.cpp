@@ -1,8 +1,11 @@
-// matmul.cpp — torch glue for the Conv1D matmul (kernels/matmul.h): packing, argument checks, and the split of
-// the output into (row block × 32-column panel) work for at::parallel_for.
+// matmul.cpp — torch glue for the Conv1D matmul (kernels/matmul.h): packing, argument checks, the choice of a
+// strategy for a weight format and row count (choose_matmul, a lookup), and each strategy's split of the output
+// into work for at::parallel_for.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../common/checks.h"
@@ -47,6 +50,15 @@ Layout parse_layout(c10::string_view layout, const char* who) {
                     "'");
 }
 
+WType parse_dtype(c10::string_view dtype, const char* who) {
+  if (dtype == "fp32") return WType::F32;
+  if (dtype == "fp16") return WType::F16;
+  if (dtype == "bf16") return WType::BF16;
+  if (dtype == "int8") return WType::I8;
+  TORCH_CHECK_VALUE(false, "gpt2kern.", who, ": dtype must be 'fp32', 'fp16', 'bf16' or 'int8', got '",
+                    std::string(dtype), "'");
+}
+
 int64_t weight_out_features(const at::Tensor& data, Layout layout) {
   if (layout == Layout::Panels || data.dim() != 2) return -1;
   return layout == Layout::KN ? data.size(1) : data.size(0);
@@ -57,8 +69,7 @@ static size_t elem_size(WType t) { return t == WType::F32 ? 4 : t == WType::I8 ?
 WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& scales, Layout layout, int64_t K,
                      int64_t N, const char* who, const char* name) {
   TORCH_CHECK_VALUE(data.defined(), "gpt2kern.", who, ": ", name, " is missing");
-  TORCH_CHECK_VALUE(data.device().is_cpu(), "gpt2kern.", who, ": ", name, " must be a CPU tensor, got ",
-                    data.device());
+  TORCH_CHECK_VALUE(data.device().is_cpu(), "gpt2kern.", who, ": ", name, " must be a CPU tensor, got ", data.device());
   WType type;
   switch (data.scalar_type()) {
     case at::kFloat: type = WType::F32; break;
@@ -75,17 +86,17 @@ WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& sc
                      layout == Layout::KN ? "kn" : "nk", "') must be float32; other dtypes are packed ('panels')");
     const int64_t rows = layout == Layout::KN ? K : N, cols = layout == Layout::KN ? N : K;
     TORCH_CHECK_VALUE(data.dim() == 2 && data.size(0) == rows && data.size(1) == cols, "gpt2kern.", who, ": ", name,
-                      " in layout '", layout == Layout::KN ? "kn" : "nk", "' must be [", rows, ", ", cols,
-                      "], got ", data.sizes());
+                      " in layout '", layout == Layout::KN ? "kn" : "nk", "' must be [", rows, ", ", cols, "], got ",
+                      data.sizes());
     TORCH_CHECK_VALUE((data.stride(1) == 1 || cols <= 1) && (rows <= 1 || data.stride(0) >= cols), "gpt2kern.", who,
                       ": ", name, "'s rows must be contiguous (got strides ", data.strides(), ")");
     W.ld = rows > 1 ? data.stride(0) : cols;
   } else {
     const int64_t P = (N + kPanel - 1) / kPanel;
-    TORCH_CHECK_VALUE(data.dim() == 3 && data.size(0) == P && data.size(1) == K && data.size(2) == kPanel &&
-                          data.is_contiguous(),
-                      "gpt2kern.", who, ": ", name, " in layout 'panels' must be a contiguous [", P, ", ", K,
-                      ", ", kPanel, "] tensor for ", K, " -> ", N, ", got ", data.sizes());
+    TORCH_CHECK_VALUE(
+        data.dim() == 3 && data.size(0) == P && data.size(1) == K && data.size(2) == kPanel && data.is_contiguous(),
+        "gpt2kern.", who, ": ", name, " in layout 'panels' must be a contiguous [", P, ", ", K, ", ", kPanel,
+        "] tensor for ", K, " -> ", N, ", got ", data.sizes());
   }
   if (type == WType::I8) {
     TORCH_CHECK_VALUE(scales.has_value(), "gpt2kern.", who, ": ", name, " is int8 and needs its scales");
@@ -95,216 +106,296 @@ WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& sc
     const int64_t ng = s.dim() == 3 ? s.size(1) : 0;
     TORCH_CHECK_VALUE(s.device().is_cpu() && s.is_contiguous() && s.dim() == 3 && s.size(0) == P &&
                           s.size(2) == kPanel && ng >= 1 && K % ng == 0,
-                      "gpt2kern.", who, ": ", name, " scales must be a contiguous CPU [", P,
-                      ", groups, ", kPanel, "] tensor with groups dividing ", K, ", got ", s.sizes());
+                      "gpt2kern.", who, ": ", name, " scales must be a contiguous CPU [", P, ", groups, ", kPanel,
+                      "] tensor with groups dividing ", K, ", got ", s.sizes());
     W.scales = s.data_ptr<float>();
     W.group = K / ng;
   } else {
-    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.", who, ": ", name, " has scales, but only int8 weights take them");
+    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.", who, ": ", name,
+                      " has scales, but only int8 weights take them");
   }
   return W;
 }
 
-void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
-                Epilogue epi, const float* R, int64_t ldr, float* C) {
-  const KernelTable& t = kernels();
-  const int64_t P = num_panels(N);
-  // Panels are split across threads (taken in chunks from a shared counter, parallel.h), so each weight byte is
-  // read by exactly one thread.
-  // K blocks of KC when x's row block would not fit in L2 beside a weight panel (K = 3072); decode (M <= 2)
-  // streams the weights once either way, so it keeps K whole. Every other format (HF's [K, N] in place, fp16, bf16,
-  // int8) is made fp32 per K block of a few panels in a per-thread buffer first (BLIS's B panel): KC = 768 keeps
-  // GPT-2's K = 768 whole (measured on Zen 5 at M = 128: 256 and 512 were 8-15 % slower).
-  const bool packed_f32 = W.layout == Layout::Panels && W.type == WType::F32;
-  const int64_t KC = M <= 2 ? K : packed_f32 ? (K > 1024 ? 1024 : K) : std::min<int64_t>(K, 768);
-  // Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
-  const int64_t MC = 8 * t.mr_max;
-  // at least ~64K FMAs per task: small products (HF's tiny test model, a few rows) run on the calling thread
-  // instead of paying a thread wake-up that costs more than the work
-  // Prefill (M > 2): a chunk of panels re-reads all of x from L3, so chunks stay large — half a thread's share at
-  // least (measured: guided chunks down to one panel cost 4-10 % at M = 128 and 1024)
+// ---- run_matmul: choose() picks one strategy from the weight's format and the row count, and the table below
+// runs it. Every strategy splits the output the same way for any thread count (fixed blocks taken from a shared
+// counter, parallel.h), so results do not depend on the number of threads.
+
+namespace {
+
+// One run_matmul call's operands, and the kernels read once for it.
+struct MatmulArgs {
+  const float* A;
+  int64_t lda, M, K;
+  WeightRef W;
+  int64_t N;
+  const float* bias;
+  Epilogue epi;
+  const float* R;
+  int64_t ldr;
+  float* C;
+  const KernelTable& t;
+  const Bf16DotKernels* bd;  // the bf16 dot-product kernels, where this CPU and ISA have them
+};
+
+// Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
+int64_t row_block(const KernelTable& t) { return 8 * t.mr_max; }
+
+// Tasks over P panels: at least ~64K FMAs each, so small products (HF's tiny test model, a few rows) run on the
+// calling thread instead of paying a thread wake-up that costs more than the work. Prefill (M > 2): a chunk of
+// panels re-reads all of x from L3, so chunks stay large — half a thread's share at least, since guided chunks
+// down to one panel were measurably slower.
+int64_t panel_grain(int64_t M, int64_t K, int64_t P) {
   int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * kPanel));
   if (M > 2) grain = std::max<int64_t>(grain, (P + 2 * kernel_threads() - 1) / (2 * kernel_threads()));
-  // Prefill rows are copied per (row block, K block) into a buffer whose row stride is not a multiple of 4 KiB:
-  // x rows 3072 floats apart (mlp.c_proj's input) would otherwise all fall in one L1 set and evict each other.
-  const bool copy_a = M > 2 * t.mr_max && (lda * 4) % 4096 == 0;
-  const int64_t lda_buf = KC + 16;
-  if (W.layout == Layout::NK && M <= kDecodeRows) {
-    // [N, K] (the lm_head over wte), decode: blocks of NB rows of W (about 128 KiB, so a block stays in L2 while every row
-    // block of x passes over it), taken from the shared counter; bias and epilogue on each block's columns after
-    const int64_t NB = std::max<int64_t>(8, (32768 / std::max<int64_t>(K, 1)) / 8 * 8);
-    const int64_t nblk = (N + NB - 1) / NB;
-    const float* w = static_cast<const float*>(W.w);
-    parallel_chunks(nblk, std::max<int64_t>(1, grain * kPanel / NB), [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t n0 = blk * NB, nc = std::min(NB, N - n0);
+  return grain;
+}
+
+// K blocks of at most `limit` when x's row block would not fit in L2 beside a weight panel; decode (M <= 2)
+// streams the weights once either way, so it keeps K whole.
+int64_t k_block(int64_t M, int64_t K, int64_t limit) { return M <= 2 ? K : std::min<int64_t>(K, limit); }
+
+int k_part(int64_t k0, int64_t kc, int64_t K) { return (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0); }
+
+const char* panel_data(const MatmulArgs& a, int64_t p) {
+  return static_cast<const char*>(a.W.w) + (size_t)(p * a.K * kPanel) * elem_size(a.W.type);
+}
+const float* panel_scales(const MatmulArgs& a, int64_t p) {
+  return a.W.scales ? a.W.scales + p * (a.K / a.W.group) * kPanel : nullptr;
+}
+
+// Prefill's rows of x, per (row block, K block): read in place, or copied into a buffer whose row stride is not a
+// multiple of 4 KiB where x's is (x rows 3072 floats apart, mlp.c_proj's input, would otherwise all fall in one
+// L1 set and evict each other).
+class RowBlocks {
+ public:
+  RowBlocks(const MatmulArgs& a, int64_t KC, std::vector<float>& buf)
+      : a_(a), copy_(a.M > 2 * a.t.mr_max && (a.lda * 4) % 4096 == 0), ld_buf_(KC + 16), buf_(buf) {
+    const int64_t MC = row_block(a.t);
+    if (copy_ && (int64_t)buf_.size() < MC * ld_buf_) buf_.resize(MC * ld_buf_);
+  }
+  const float* get(int64_t m0, int64_t mc, int64_t k0, int64_t kc, int64_t& la) const {
+    const float* x = a_.A + m0 * a_.lda + k0;
+    la = a_.lda;
+    if (!copy_) return x;
+    for (int64_t r = 0; r < mc; ++r) std::memcpy(buf_.data() + r * ld_buf_, x + r * a_.lda, kc * sizeof(float));
+    la = ld_buf_;
+    return buf_.data();
+  }
+
+ private:
+  const MatmulArgs& a_;
+  const bool copy_;
+  const int64_t ld_buf_;
+  std::vector<float>& buf_;
+};
+
+// [N, K] (the lm_head over wte), decode: blocks of NB rows of W (about 128 KiB, so a block stays in L2 while every
+// row block of x passes over it), taken from the shared counter; bias and epilogue on each block's columns after.
+void mm_nk_decode(const MatmulArgs& a) {
+  const KernelTable& t = a.t;
+  const int64_t M = a.M, K = a.K, N = a.N, MC = row_block(t);
+  const int64_t NB = std::max<int64_t>(8, (32768 / std::max<int64_t>(K, 1)) / 8 * 8);
+  const int64_t nblk = (N + NB - 1) / NB;
+  const float* w = static_cast<const float*>(a.W.w);
+  const int64_t grain = std::max<int64_t>(1, panel_grain(M, K, num_panels(N)) * kPanel / NB);
+  parallel_chunks(nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * NB, nc = std::min(NB, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t mc = std::min(MC, M - m0);
+        t.matmul_nt(a.A + m0 * a.lda, a.lda, mc, K, w + n0 * a.W.ld, a.W.ld, nc, a.C + m0 * N + n0, N);
+      }
+      if (!a.bias && a.epi == Epilogue::None) continue;
+      for (int64_t m = 0; m < M; ++m) {
+        float* c = a.C + m * N + n0;
+        if (a.bias)
+          for (int64_t i = 0; i < nc; ++i) c[i] += a.bias[n0 + i];
+        if (a.epi == Epilogue::GeluNew) t.gelu_new(c, c, nc);
+        if (a.epi == Epilogue::Residual)
+          for (int64_t i = 0; i < nc; ++i) c[i] += a.R[m * a.ldr + n0 + i];
+      }
+    }
+  });
+}
+
+// [N, K], prefill: computed transposed, Cᵀ = W · xᵀ, so W's rows are the micro-kernel's broadcast rows (read in
+// place, in order) and x — small beside W — is what gets packed: xᵀ into [ceil(M/32)][K][32] panels once per
+// call. Each tile [rows of W × 32 rows of x] is written back transposed (a few hundred stores per ~10⁵ FMAs).
+void mm_nk_prefill(const MatmulArgs& a) {
+  const KernelTable& t = a.t;
+  const int64_t M = a.M, K = a.K, N = a.N;
+  const int64_t Q = (M + kPanel - 1) / kPanel;
+  thread_local std::vector<float> xbuf;  // the calling thread's; workers read it
+  if ((int64_t)xbuf.size() < Q * K * kPanel) xbuf.resize(Q * K * kPanel);
+  float* xp = xbuf.data();
+  parallel_chunks(Q, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t mc = std::min<int64_t>(kPanel, M - q * kPanel);
+      float* d = xp + q * K * kPanel;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < kPanel; ++j) d[k * kPanel + j] = j < mc ? a.A[(q * kPanel + j) * a.lda + k] : 0.f;
+    }
+  });
+  const float* w = static_cast<const float*>(a.W.w);
+  const int64_t NBR = row_block(t);  // rows of W per task: ~MC·K floats, in L2 while every x panel passes over them
+  const int64_t nblk = (N + NBR - 1) / NBR;
+  parallel_chunks(nblk, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> tbuf;
+    if ((int64_t)tbuf.size() < NBR * kPanel) tbuf.resize(NBR * kPanel);
+    float* tmp = tbuf.data();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * NBR, nr = std::min(NBR, N - n0);
+      for (int64_t q = 0; q < Q; ++q) {
+        const int mc = (int)std::min<int64_t>(kPanel, M - q * kPanel);
+        t.matmul_panel(w + n0 * a.W.ld, a.W.ld, nr, K, xp + q * K * kPanel, kPanel, tmp, kPanel, 0, mc, nullptr,
+                       Epilogue::None, nullptr, 0, kKWhole);
+        for (int j = 0; j < mc; ++j) {
+          const int64_t m = q * kPanel + j;
+          float* c = a.C + m * N + n0;
+          for (int64_t r = 0; r < nr; ++r) c[r] = tmp[r * kPanel + j] + (a.bias ? a.bias[n0 + r] : 0.f);
+          if (a.epi == Epilogue::GeluNew) t.gelu_new(c, c, nr);
+          if (a.epi == Epilogue::Residual)
+            for (int64_t r = 0; r < nr; ++r) c[r] += a.R[m * a.ldr + n0 + r];
+        }
+      }
+    }
+  });
+}
+
+// bf16 weights, and int8 weights with an even group (their codes are exact in bf16), in prefill on a CPU with
+// AVX512_BF16: x rounded to bf16 once per call (rows of Kp, an even length), each K block of a group of panels
+// interleaved into pairs in a per-thread buffer, VDPBF16PS tiles (int8: group sums scaled once per group).
+void mm_bf16_dot_prefill(const MatmulArgs& a) {
+  const Bf16DotKernels* bd = a.bd;
+  const int64_t M = a.M, K = a.K, N = a.N, P = num_panels(N), MC = row_block(a.t), group = a.W.group;
+  const bool q8 = a.W.type == WType::I8;
+  const int64_t Kp = (K + 1) / 2 * 2;
+  // int8: K blocks of whole groups (the group divides K)
+  const int64_t KCb =
+      q8 ? std::max<int64_t>(group, std::min<int64_t>(K, 768) / group * group) : std::min<int64_t>(Kp, 768);
+  thread_local std::vector<uint16_t> a16;  // the calling thread's; workers read it
+  if ((int64_t)a16.size() < M * Kp) a16.resize(M * Kp);
+  uint16_t* xa = a16.data();
+  parallel_chunks(M, 16,
+                  [&](int64_t m0, int64_t m1) { bd->to_bf16(a.A + m0 * a.lda, a.lda, m1 - m0, K, xa + m0 * Kp, Kp); });
+  const int64_t SGb = std::max<int64_t>(1, (256 * 1024 / 2) / (KCb * kPanel));
+  parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<uint16_t> b16;
+    if ((int64_t)b16.size() < SGb * KCb * kPanel) b16.resize(SGb * KCb * kPanel);
+    for (int64_t g0 = p0; g0 < p1; g0 += SGb) {
+      const int64_t g1 = std::min(p1, g0 + SGb);
+      for (int64_t k0 = 0; k0 < K; k0 += KCb) {
+        const int64_t kc = std::min(KCb, K - k0), kcp = (kc + 1) / 2 * 2;
+        const int part = k_part(k0, kc, K);
+        for (int64_t p = g0; p < g1; ++p) {
+          uint16_t* dst = b16.data() + (p - g0) * kcp * kPanel;
+          if (q8)
+            bd->pairs_i8(reinterpret_cast<const int8_t*>(panel_data(a, p)), k0, kc, dst);
+          else
+            bd->pairs(reinterpret_cast<const uint16_t*>(panel_data(a, p)), K, k0, kc, dst);
+        }
         for (int64_t m0 = 0; m0 < M; m0 += MC) {
           const int64_t mc = std::min(MC, M - m0);
-          t.matmul_nt(A + m0 * lda, lda, mc, K, w + n0 * W.ld, W.ld, nc, C + m0 * N + n0, N);
-        }
-        if (!bias && epi == Epilogue::None) continue;
-        for (int64_t m = 0; m < M; ++m) {
-          float* c = C + m * N + n0;
-          if (bias)
-            for (int64_t i = 0; i < nc; ++i) c[i] += bias[n0 + i];
-          if (epi == Epilogue::GeluNew) t.gelu_new(c, c, nc);
-          if (epi == Epilogue::Residual)
-            for (int64_t i = 0; i < nc; ++i) c[i] += R[m * ldr + n0 + i];
-        }
-      }
-    });
-    return;
-  }
-  if (W.layout == Layout::NK) {
-    // [N, K], prefill: computed transposed, Cᵀ = W · xᵀ, so W's rows are the micro-kernel's broadcast rows (read in
-    // place, in order) and x — small beside W — is what gets packed: xᵀ into [ceil(M/32)][K][32] panels once per
-    // call. Each tile [rows of W × 32 rows of x] is written back transposed (a few hundred stores per ~10⁵ FMAs).
-    const int64_t Q = (M + kPanel - 1) / kPanel;
-    thread_local std::vector<float> xbuf;  // the calling thread's; workers read it
-    if ((int64_t)xbuf.size() < Q * K * kPanel) xbuf.resize(Q * K * kPanel);
-    float* xp = xbuf.data();
-    parallel_chunks(Q, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t mc = std::min<int64_t>(kPanel, M - q * kPanel);
-        float* d = xp + q * K * kPanel;
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < kPanel; ++j) d[k * kPanel + j] = j < mc ? A[(q * kPanel + j) * lda + k] : 0.f;
-      }
-    });
-    const float* w = static_cast<const float*>(W.w);
-    const int64_t NBR = MC;  // rows of W per task: ~MC·K floats, in L2 while every x panel passes over them
-    const int64_t nblk = (N + NBR - 1) / NBR;
-    parallel_chunks(nblk, 1, [&](int64_t b0, int64_t b1) {
-      thread_local std::vector<float> tbuf;
-      if ((int64_t)tbuf.size() < NBR * kPanel) tbuf.resize(NBR * kPanel);
-      float* tmp = tbuf.data();
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t n0 = blk * NBR, nr = std::min(NBR, N - n0);
-        for (int64_t q = 0; q < Q; ++q) {
-          const int mc = (int)std::min<int64_t>(kPanel, M - q * kPanel);
-          t.matmul_panel(w + n0 * W.ld, W.ld, nr, K, xp + q * K * kPanel, kPanel, tmp, kPanel, 0, mc, nullptr,
-                         Epilogue::None, nullptr, 0, kKWhole);
-          for (int j = 0; j < mc; ++j) {
-            const int64_t m = q * kPanel + j;
-            float* c = C + m * N + n0;
-            for (int64_t r = 0; r < nr; ++r) c[r] = tmp[r * kPanel + j] + (bias ? bias[n0 + r] : 0.f);
-            if (epi == Epilogue::GeluNew) t.gelu_new(c, c, nr);
-            if (epi == Epilogue::Residual)
-              for (int64_t r = 0; r < nr; ++r) c[r] += R[m * ldr + n0 + r];
-          }
-        }
-      }
-    });
-    return;
-  }
-  const size_t esz = elem_size(W.type);
-  const int64_t ngroups = W.scales ? K / W.group : 0;
-  auto panel_data = [&](int64_t p) { return static_cast<const char*>(W.w) + (size_t)(p * K * kPanel) * esz; };
-  auto panel_scales = [&](int64_t p) { return W.scales ? W.scales + p * ngroups * kPanel : nullptr; };
-  // bf16 weights, and int8 weights with an even group (their codes are exact in bf16), in prefill on a CPU with
-  // AVX512_BF16: x rounded to bf16 once per call (rows of Kp, an even length), each K block of a group of panels
-  // interleaved into pairs in a per-thread buffer, VDPBF16PS tiles (int8: group sums scaled once per group)
-  const bool q8 = W.type == WType::I8 && W.group % 2 == 0;
-  const Bf16DotKernels* bd = W.layout == Layout::Panels && (W.type == WType::BF16 || q8) && M > kDecodeRows
-                                 ? bf16_dot()
-                                 : nullptr;
-  if (bd) {
-    const int64_t Kp = (K + 1) / 2 * 2;
-    // int8: K blocks of whole groups (the group divides K)
-    const int64_t KCb = q8 ? std::max<int64_t>(W.group, std::min<int64_t>(K, 768) / W.group * W.group)
-                           : std::min<int64_t>(Kp, 768);
-    thread_local std::vector<uint16_t> a16;  // the calling thread's; workers read it
-    if ((int64_t)a16.size() < M * Kp) a16.resize(M * Kp);
-    uint16_t* xa = a16.data();
-    parallel_chunks(M, 16, [&](int64_t m0, int64_t m1) { bd->to_bf16(A + m0 * lda, lda, m1 - m0, K, xa + m0 * Kp, Kp); });
-    const int64_t SGb = std::max<int64_t>(1, (256 * 1024 / 2) / (KCb * kPanel));
-    parallel_chunks(P, grain, [&](int64_t p0, int64_t p1) {
-      thread_local std::vector<uint16_t> b16;
-      if ((int64_t)b16.size() < SGb * KCb * kPanel) b16.resize(SGb * KCb * kPanel);
-      for (int64_t g0 = p0; g0 < p1; g0 += SGb) {
-        const int64_t g1 = std::min(p1, g0 + SGb);
-        for (int64_t k0 = 0; k0 < K; k0 += KCb) {
-          const int64_t kc = std::min(KCb, K - k0), kcp = (kc + 1) / 2 * 2;
-          const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+          const float* r = a.R ? a.R + m0 * a.ldr : nullptr;
           for (int64_t p = g0; p < g1; ++p) {
-            uint16_t* dst = b16.data() + (p - g0) * kcp * kPanel;
+            const uint16_t* bp = b16.data() + (p - g0) * kcp * kPanel;
+            const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
             if (q8)
-              bd->pairs_i8(reinterpret_cast<const int8_t*>(panel_data(p)), k0, kc, dst);
+              bd->matmul_panel_q(xa + m0 * Kp + k0, Kp, mc, kc, bp, panel_scales(a, p) + k0 / group * kPanel, group,
+                                 a.C + m0 * N, N, p * kPanel, ncols, a.bias, a.epi, r, a.ldr, part);
             else
-              bd->pairs(reinterpret_cast<const uint16_t*>(panel_data(p)), K, k0, kc, dst);
-          }
-          for (int64_t m0 = 0; m0 < M; m0 += MC) {
-            const int64_t mc = std::min(MC, M - m0);
-            for (int64_t p = g0; p < g1; ++p) {
-              const uint16_t* bp = b16.data() + (p - g0) * kcp * kPanel;
-              const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-              if (q8)
-                bd->matmul_panel_q(xa + m0 * Kp + k0, Kp, mc, kc, bp, panel_scales(p) + k0 / W.group * kPanel,
-                                   W.group, C + m0 * N, N, p * kPanel, ncols, bias, epi, R ? R + m0 * ldr : nullptr,
-                                   ldr, part);
-              else
-                bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, bp, C + m0 * N, N, p * kPanel, ncols, bias, epi,
-                                 R ? R + m0 * ldr : nullptr, ldr, part);
-            }
+              bd->matmul_panel(xa + m0 * Kp + k0, Kp, mc, kcp, bp, a.C + m0 * N, N, p * kPanel, ncols, a.bias, a.epi, r,
+                               a.ldr, part);
           }
         }
       }
-    });
-    return;
-  }
-  if (W.layout == Layout::Panels && !packed_f32 && M <= kDecodeRows) {
-    // reduced-precision decode: each panel widened in registers, read once, whole K
-    parallel_chunks(P, std::max<int64_t>(1, grain), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        t.matmul_panel_lowp(A, lda, M, K, panel_data(p), W.type, panel_scales(p), W.group, C, N, p * kPanel,
-                            (int)std::min<int64_t>(kPanel, N - p * kPanel), bias, epi, R, ldr);
-    });
-    return;
-  }
-  if (W.layout == Layout::KN && M <= 2) {
-    // Decode over HF's [K, N]: rows of W are adjacent, so blocks of whole rows are contiguous streams. Fixed blocks
-    // of KB rows (never a function of the thread count, so the sum order is too) each give partial sums for all N
-    // columns; the partials are added in block order, then the bias and epilogue.
-    constexpr int64_t KB = 128;
-    const int64_t nb = (K + KB - 1) / KB;
-    thread_local std::vector<float> part;  // the calling thread's, grown once: no allocation per decode step
-    if (part.size() < (size_t)(nb * M * N)) part.resize((size_t)(nb * M * N));
-    float* pp = part.data();  // (a thread_local named inside the lambda would be each worker's own)
-    parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-        t.gemv_rows(A + k0, lda, M, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N, pp + blk * M * N);
-      }
-    });
-    for (int64_t blk = 1; blk < nb; ++blk)
-      for (int64_t i = 0; i < M * N; ++i) part[i] += part[blk * M * N + i];
-    for (int64_t m = 0; m < M; ++m) {
-      float* c = C + m * N;
-      const float* s = part.data() + m * N;
-      for (int64_t i = 0; i < N; ++i) c[i] = s[i] + (bias ? bias[i] : 0.f);
-      if (epi == Epilogue::GeluNew) t.gelu_new(c, c, N);
-      if (epi == Epilogue::Residual)
-        for (int64_t i = 0; i < N; ++i) c[i] += R[m * ldr + i];
     }
-    return;
+  });
+}
+
+// Reduced-precision panels, decode: each panel widened in registers, read once, whole K.
+void mm_lowp_decode(const MatmulArgs& a) {
+  const int64_t P = num_panels(a.N);
+  parallel_chunks(P, panel_grain(a.M, a.K, P), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      a.t.matmul_panel_lowp(a.A, a.lda, a.M, a.K, panel_data(a, p), a.W.type, panel_scales(a, p), a.W.group, a.C, a.N,
+                            p * kPanel, (int)std::min<int64_t>(kPanel, a.N - p * kPanel), a.bias, a.epi, a.R, a.ldr);
+  });
+}
+
+// Decode over HF's [K, N]: rows of W are adjacent, so blocks of whole rows are contiguous streams. Fixed blocks of
+// KB rows (never a function of the thread count, so the sum order is too) each give partial sums for all N
+// columns; the partials are added in block order, then the bias and epilogue.
+void mm_kn_decode_gemv(const MatmulArgs& a) {
+  const KernelTable& t = a.t;
+  const int64_t M = a.M, K = a.K, N = a.N;
+  constexpr int64_t KB = 128;
+  const int64_t nb = (K + KB - 1) / KB;
+  thread_local std::vector<float> part;  // the calling thread's, grown once: no allocation per decode step
+  if (part.size() < (size_t)(nb * M * N)) part.resize((size_t)(nb * M * N));
+  float* pp = part.data();  // (a thread_local named inside the lambda would be each worker's own)
+  parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
+      t.gemv_rows(a.A + k0, a.lda, M, kc, static_cast<const float*>(a.W.w) + k0 * a.W.ld, a.W.ld, N, pp + blk * M * N);
+    }
+  });
+  for (int64_t blk = 1; blk < nb; ++blk)
+    for (int64_t i = 0; i < M * N; ++i) part[i] += part[blk * M * N + i];
+  for (int64_t m = 0; m < M; ++m) {
+    float* c = a.C + m * N;
+    const float* s = part.data() + m * N;
+    for (int64_t i = 0; i < N; ++i) c[i] = s[i] + (a.bias ? a.bias[i] : 0.f);
+    if (a.epi == Epilogue::GeluNew) t.gelu_new(c, c, N);
+    if (a.epi == Epilogue::Residual)
+      for (int64_t i = 0; i < N; ++i) c[i] += a.R[m * a.ldr + i];
   }
-  parallel_chunks(P, grain, [&](int64_t p0, int64_t p1) {
-    thread_local std::vector<float> abuf, bbuf;  // grow once per thread, then reused: no allocation per call
-    if (copy_a && (int64_t)abuf.size() < MC * lda_buf) abuf.resize(MC * lda_buf);
-    auto a_block = [&](int64_t m0, int64_t mc, int64_t k0, int64_t kc, int64_t& la) {
-      const float* a = A + m0 * lda + k0;
-      la = lda;
-      if (copy_a) {
-        for (int64_t r = 0; r < mc; ++r) std::memcpy(abuf.data() + r * lda_buf, a + r * lda, kc * sizeof(float));
-        a = abuf.data();
-        la = lda_buf;
+}
+
+// fp32 panels (optimize()'s packed copy), any rows: the FMA-bound panel kernel straight over the weight, in K
+// blocks of up to 1024.
+void mm_panels_f32(const MatmulArgs& a) {
+  const KernelTable& t = a.t;
+  const int64_t M = a.M, K = a.K, N = a.N, P = num_panels(N), MC = row_block(t), KC = k_block(M, K, 1024);
+  parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> abuf;  // grows once per thread, then reused: no allocation per call
+    const RowBlocks rows(a, KC, abuf);
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t mc = std::min(MC, M - m0);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        int64_t la;
+        const float* x = rows.get(m0, mc, k0, kc, la);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+          t.matmul_panel(x, la, mc, kc, static_cast<const float*>(a.W.w) + (p * K + k0) * kPanel, kPanel, a.C + m0 * N,
+                         N, p * kPanel, ncols, a.bias, a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr,
+                         k_part(k0, kc, K));
+        }
       }
-      return a;
-    };
-    // panel p's rows [k0, k0 + kc) as fp32 [kc][32] in dst (zeros past N): prefill's B block, copied from HF's
-    // [K, N] weight or widened from a reduced-precision panel
+    }
+  });
+}
+
+// Any other format, prefill (HF's [K, N] in place, fp16, bf16, int8 panels): groups of SG panels whose K block
+// (SG × KC × 32 floats, ~256 KiB) stays in L2 (BLIS's B panel); per group and K block, the panels are made fp32
+// once (copied, transposed or widened) in a per-thread buffer, then every row block of x runs over them. Each
+// weight element is converted exactly once per call. KC = 768 keeps GPT-2's K = 768 whole (smaller blocks were
+// slower).
+void mm_convert_per_block(const MatmulArgs& a) {
+  const KernelTable& t = a.t;
+  const WeightRef& W = a.W;
+  const int64_t M = a.M, K = a.K, N = a.N, P = num_panels(N), MC = row_block(t), KC = k_block(M, K, 768);
+  const size_t esz = elem_size(W.type);
+  parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> abuf, bbuf;  // grow once per thread, then reused: no allocation per call
+    const RowBlocks rows(a, KC, abuf);
+    // panel p's rows [k0, k0 + kc) as fp32 [kc][32] in dst (zeros past N): copied from HF's [K, N] weight or
+    // widened from a reduced-precision panel
     auto pack_rows = [&](int64_t p, int64_t k0, int64_t kc, float* dst) {
-      if (W.layout == Layout::Panels) return t.unpack_panel(panel_data(p), W.type, panel_scales(p), W.group, k0, kc, dst);
+      if (W.layout == Layout::Panels)
+        return t.unpack_panel(panel_data(a, p), W.type, panel_scales(a, p), W.group, k0, kc, dst);
       const int64_t ncols = std::min<int64_t>(kPanel, N - p * kPanel);
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = static_cast<const float*>(W.w) + (k0 + k) * W.ld + p * kPanel;
@@ -313,26 +404,6 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
         if (ncols < kPanel) std::memset(d + ncols, 0, (kPanel - ncols) * sizeof(float));
       }
     };
-    if (packed_f32) {
-      for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t mc = std::min(MC, M - m0);
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-          const int64_t kc = std::min(KC, K - k0);
-          const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
-          int64_t la;
-          const float* a = a_block(m0, mc, k0, kc, la);
-          for (int64_t p = p0; p < p1; ++p) {
-            const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-            t.matmul_panel(a, la, mc, kc, static_cast<const float*>(W.w) + (p * K + k0) * kPanel, kPanel, C + m0 * N, N, p * kPanel, ncols,
-                           bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
-          }
-        }
-      }
-      return;
-    }
-    // Any other format, prefill: groups of SG panels whose K block (SG × KC × 32 floats, ~256 KiB) stays in L2;
-    // per group and K block, the panels are made fp32 once (copied, transposed or widened: pack_rows), then every
-    // row block of x runs over them. Each weight element is converted exactly once per call.
     const int64_t SG = std::max<int64_t>(1, (256 * 1024 / 4) / (KC * kPanel));
     if ((int64_t)bbuf.size() < SG * KC * kPanel) bbuf.resize(SG * KC * kPanel);
     // While one block computes, the next block's source bytes are prefetched, a slice per tile call, so its
@@ -348,9 +419,10 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
           for (size_t off = 0; off < seg; off += 64) __builtin_prefetch(base + (size_t)(k * W.ld) * 4 + off);
       } else {
         for (int64_t p = g0; p < g1; ++p) {
-          const char* base = panel_data(p) + (size_t)(k0 * kPanel) * esz;
+          const char* base = panel_data(a, p) + (size_t)(k0 * kPanel) * esz;
           const size_t bytes = (size_t)(kc * kPanel) * esz;
-          for (size_t off = (size_t)slice * 64; off < bytes; off += (size_t)nslices * 64) __builtin_prefetch(base + off);
+          for (size_t off = (size_t)slice * 64; off < bytes; off += (size_t)nslices * 64)
+            __builtin_prefetch(base + off);
         }
       }
     };
@@ -359,7 +431,7 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
       const int64_t g1 = std::min(p1, g0 + SG);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
-        const int part = (k0 == 0 ? kKFirst : 0) | (k0 + kc == K ? kKLast : 0);
+        const int part = k_part(k0, kc, K);
         for (int64_t p = g0; p < g1; ++p) pack_rows(p, k0, kc, bbuf.data() + (p - g0) * kc * kPanel);
         // the block after this one: the next K block of this group, else the next group's first
         const int64_t nk0 = k0 + kc < K ? k0 + kc : 0, ng0 = k0 + kc < K ? g0 : g0 + SG;
@@ -368,17 +440,65 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
         for (int64_t m0 = 0; m0 < M; m0 += MC) {
           const int64_t mc = std::min(MC, M - m0);
           int64_t la;
-          const float* a = a_block(m0, mc, k0, kc, la);
+          const float* x = rows.get(m0, mc, k0, kc, la);
           for (int64_t p = g0; p < g1; ++p) {
             if (ng0 < p1) prefetch_block(ng0, nk0, std::min(KC, K - nk0), slice++, nslices);
             const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-            t.matmul_panel(a, la, mc, kc, bbuf.data() + (p - g0) * kc * kPanel, kPanel, C + m0 * N, N, p * kPanel,
-                           ncols, bias, epi, R ? R + m0 * ldr : nullptr, ldr, part);
+            t.matmul_panel(x, la, mc, kc, bbuf.data() + (p - g0) * kc * kPanel, kPanel, a.C + m0 * N, N, p * kPanel,
+                           ncols, a.bias, a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr, part);
           }
         }
       }
     }
   });
+}
+
+struct MatmulStrategyEntry {
+  MatmulStrategy id;
+  const char* name;
+  void (*run)(const MatmulArgs&);
+};
+// indexed by MatmulStrategy
+constexpr MatmulStrategyEntry kMatmulStrategies[] = {
+    {MatmulStrategy::NkDecode, "nk_decode", mm_nk_decode},
+    {MatmulStrategy::NkPrefill, "nk_prefill", mm_nk_prefill},
+    {MatmulStrategy::Bf16DotPrefill, "bf16_dot_prefill", mm_bf16_dot_prefill},
+    {MatmulStrategy::LowpDecode, "lowp_decode", mm_lowp_decode},
+    {MatmulStrategy::KnDecodeGemv, "kn_decode_gemv", mm_kn_decode_gemv},
+    {MatmulStrategy::PanelsF32, "panels_f32", mm_panels_f32},
+    {MatmulStrategy::ConvertPerBlock, "convert_per_block", mm_convert_per_block},
+};
+constexpr bool table_in_order() {
+  for (int i = 0; i < (int)(sizeof(kMatmulStrategies) / sizeof(kMatmulStrategies[0])); ++i)
+    if ((int)kMatmulStrategies[i].id != i) return false;
+  return true;
+}
+static_assert(table_in_order() && sizeof(kMatmulStrategies) / sizeof(kMatmulStrategies[0]) == kMatmulStrategyCount,
+              "kMatmulStrategies must list every MatmulStrategy in enum order");
+
+}  // namespace
+
+MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group, bool bf16_dot) {
+  const bool decode = M <= kDecodeRows;
+  switch (layout) {
+    case Layout::NK: return decode ? MatmulStrategy::NkDecode : MatmulStrategy::NkPrefill;
+    case Layout::KN:  // fp32 only (weight_ref)
+      return M <= 2 ? MatmulStrategy::KnDecodeGemv : MatmulStrategy::ConvertPerBlock;
+    case Layout::Panels: break;
+  }
+  if (type == WType::F32) return MatmulStrategy::PanelsF32;
+  if (decode) return MatmulStrategy::LowpDecode;
+  const bool pairs = type == WType::BF16 || (type == WType::I8 && group % 2 == 0);  // int8 codes pair up in bf16
+  return pairs && bf16_dot ? MatmulStrategy::Bf16DotPrefill : MatmulStrategy::ConvertPerBlock;
+}
+
+const char* matmul_strategy_name(MatmulStrategy s) { return kMatmulStrategies[(int)s].name; }
+
+void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
+                Epilogue epi, const float* R, int64_t ldr, float* C) {
+  const Bf16DotKernels* bd = bf16_dot();
+  const MatmulArgs args{A, lda, M, K, W, N, bias, epi, R, ldr, C, kernels(), bd};
+  kMatmulStrategies[(int)choose_matmul(W.layout, W.type, M, W.group, bd != nullptr)].run(args);
 }
 
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -396,8 +516,10 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t shape_n = weight_out_features(weight, lay);
   const int64_t N = out_features >= 0 ? out_features : shape_n;
   TORCH_CHECK_VALUE(N >= 0, "gpt2kern.conv1d: a weight in layout 'panels' needs out_features to give N");
-  TORCH_CHECK_VALUE(shape_n < 0 || shape_n == N, "gpt2kern.conv1d: out_features=", out_features, " but the weight "
-                    "has ", shape_n, " outputs");
+  TORCH_CHECK_VALUE(shape_n < 0 || shape_n == N, "gpt2kern.conv1d: out_features=", out_features,
+                    " but the weight "
+                    "has ",
+                    shape_n, " outputs");
   // in-place layouts with a non-unit column stride are copied (a view's price, not an error)
   at::Tensor wt = weight;
   if (lay == Layout::Panels)

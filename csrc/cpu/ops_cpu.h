@@ -35,17 +35,34 @@ struct WeightRef {
   const void* w;
   Layout layout;
   WType type;
-  int64_t ld;            // KN: row stride of [K, N]; NK: row stride of [N, K]; Panels: kPanel
-  const float* scales;   // int8 only: [panels][K / group][32]
-  int64_t group;         // int8 only: consecutive k per scale
+  int64_t ld;           // KN: row stride of [K, N]; NK: row stride of [N, K]; Panels: kPanel
+  const float* scales;  // int8 only: [panels][K / group][32]
+  int64_t group;        // int8 only: consecutive k per scale
 };
 Layout parse_layout(c10::string_view layout, const char* who);
+// a format's dtype name ('fp32', 'fp16', 'bf16', 'int8', as gpt2kern.weights.WeightFormat spells it)
+WType parse_dtype(c10::string_view dtype, const char* who);
 // data (+ scales) as a K -> N weight stored in `layout`; the element type is data's dtype (float32, float16,
 // bfloat16, int8 + scales). Every mismatch is an error naming `who` and `name`.
 WeightRef weight_ref(const at::Tensor& data, const std::optional<at::Tensor>& scales, Layout layout, int64_t K,
                      int64_t N, const char* who, const char* name);
 // N as the layout's shape gives it (KN, NK), or -1 where only the caller knows it (Panels)
 int64_t weight_out_features(const at::Tensor& data, Layout layout);
+// How run_matmul computes a product (matmul.cpp's table holds one function per strategy).
+enum class MatmulStrategy : int {
+  NkDecode,         // [N, K] in place, few rows: dot products over blocks of W's rows
+  NkPrefill,        // [N, K] in place, more rows: Cᵀ = W · xᵀ with x packed into panels
+  Bf16DotPrefill,   // bf16 / even-group int8 panels, more rows, AVX512_BF16: VDPBF16PS over bf16 pairs
+  LowpDecode,       // fp16 / bf16 / int8 panels, few rows: widened in registers, whole K
+  KnDecodeGemv,     // HF's [K, N] in place, M <= 2: GEMV over fixed blocks of rows of W
+  PanelsF32,        // fp32 panels, any rows: the panel kernel straight over the weight
+  ConvertPerBlock,  // any other prefill: each K block of a few panels made fp32 once, then the panel kernel
+};
+constexpr int kMatmulStrategyCount = 7;
+// The strategy for M rows against a weight stored in (layout, type) (int8: `group` k per scale), where the bf16
+// dot-product kernels exist (bf16_dot) or not: a function of these alone.
+MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group, bool bf16_dot);
+const char* matmul_strategy_name(MatmulStrategy s);
 void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C);
 void run_attention(const AttnArgs& a);

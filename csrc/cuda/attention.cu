@@ -57,9 +57,9 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
   const int G = kAttnWarps / S;  // row groups per block
   const int g = warp / S, phase = warp % S;
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int64_t i0 = ((int64_t)blockIdx.x * G + g) * rpw;  // this warp's first query row
-  float* Ks = smem + (size_t)warp * D * KS;                                       // [D][KS]
-  float* Qs = smem + (size_t)kAttnWarps * D * KS + (size_t)warp * kRows * D;      // [kRows][D]
+  const int64_t i0 = ((int64_t)blockIdx.x * G + g) * rpw;                     // this warp's first query row
+  float* Ks = smem + (size_t)warp * D * KS;                                   // [D][KS]
+  float* Qs = smem + (size_t)kAttnWarps * D * KS + (size_t)warp * kRows * D;  // [kRows][D]
   const float* q = a.q + b * a.sq_b + h * a.sq_h;
   const float* k = a.k + b * a.sk_b + h * a.sk_h;
   const float* v = a.v + b * a.sv_b + h * a.sv_h;
@@ -157,14 +157,17 @@ __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnAr
     __syncwarp();  // the tile is overwritten by the next chunk
   }
 
-  if (S > 1) {  // merge the S warps that shared these rows, in warp order (deterministic)
+  if (S > 1) {        // merge the S warps that shared these rows, in warp order (deterministic)
     __syncthreads();  // every warp is done with its K tile: reuse the shared memory
     const int pitch = D + 2;
     float* mine = smem + (size_t)warp * kRows * pitch;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {  // unrolled over kRows so m, l, acc stay in registers
       if (r >= rpw) continue;
-      if (lane == 0) { mine[r * pitch] = m[r]; mine[r * pitch + 1] = l[r]; }
+      if (lane == 0) {
+        mine[r * pitch] = m[r];
+        mine[r * pitch + 1] = l[r];
+      }
 #pragma unroll
       for (int e = 0; e < NPL; ++e)
         if (lane + 32 * e < D) mine[r * pitch + 2 + lane + 32 * e] = acc[r][e];
@@ -242,7 +245,7 @@ constexpr int kFdVec = 16;  // float4 of a key row loaded at once by a lane (64 
 
 template <int NPL>
 __global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(const AttnArgs a, int splits,
-                                                                           float* __restrict__ ws) {
+                                                                             float* __restrict__ ws) {
   constexpr int DMAX = 32 * NPL;
   __shared__ __align__(16) float Qs[DMAX];
   __shared__ float part[kFdWarps][DMAX + 2];
@@ -312,7 +315,10 @@ __global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(con
     }
   }
   // merge the block's warps in warp order, then one partial per split
-  if (lane == 0) { part[warp][0] = m; part[warp][1] = l; }
+  if (lane == 0) {
+    part[warp][0] = m;
+    part[warp][1] = l;
+  }
 #pragma unroll
   for (int e = 0; e < NPL; ++e)
     if (lane + 32 * e < D) part[warp][2 + lane + 32 * e] = acc[e];
@@ -323,7 +329,10 @@ __global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(con
   float* out = ws + ((b * a.H + h) * splits + sp) * (D + 2);
   float ll = 0.f;
   for (int w = 0; w < kFdWarps; ++w) ll += part[w][1] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
-  if (lane == 0) { out[0] = mm; out[1] = ll; }
+  if (lane == 0) {
+    out[0] = mm;
+    out[1] = ll;
+  }
   for (int d = lane; d < D; d += 32) {
     float o = 0.f;
     for (int w = 0; w < kFdWarps; ++w) o += part[w][2 + d] * (mm == NEG_INF ? 1.f : expf(part[w][0] - mm));
@@ -333,7 +342,7 @@ __global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(con
 
 // One warp per (batch, head): the splits' partials, in split order, into out[b, 0, h, :].
 __global__ void flash_decoding_merge_kernel(const float* __restrict__ ws, int splits, int64_t H, int D,
-                                          float* __restrict__ out) {
+                                            float* __restrict__ out) {
   const int64_t h = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, b = blockIdx.y;
   const int lane = threadIdx.x % 32;
   if (h >= H) return;  // the whole warp leaves together
@@ -344,7 +353,7 @@ __global__ void flash_decoding_merge_kernel(const float* __restrict__ ws, int sp
   float ll = 0.f;
   for (int s = 0; s < splits; ++s) ll += p[s * (D + 2) + 1] * (mm == -INFINITY ? 1.f : expf(p[s * (D + 2)] - mm));
   const bool seen = ll > 0.f || ll != ll;  // NaN inputs propagate as NaN; nothing visible: zeros
-  float* o = out + bh * D;  // out [B, 1, H, D]: (b·1 + 0)·H + h = bh
+  float* o = out + bh * D;                 // out [B, 1, H, D]: (b·1 + 0)·H + h = bh
   for (int d = lane; d < D; d += 32) {
     float acc = 0.f;
     for (int s = 0; s < splits; ++s)
@@ -354,8 +363,8 @@ __global__ void flash_decoding_merge_kernel(const float* __restrict__ ws, int sp
 }
 
 bool flash_decoding_ok(const AttnArgs& a) {
-  return a.Tq == 1 && a.D % 4 == 0 && a.D <= kAttnMaxHeadDim && a.sk_t % 4 == 0 && a.sk_h % 4 == 0 &&
-         a.sk_b % 4 == 0 && aligned16(a.k);
+  return a.Tq == 1 && a.D % 4 == 0 && a.D <= kAttnMaxHeadDim && a.sk_t % 4 == 0 && a.sk_h % 4 == 0 && a.sk_b % 4 == 0 &&
+         aligned16(a.k);
 }
 
 int flash_decoding_splits(const AttnArgs& a, int num_sms) {

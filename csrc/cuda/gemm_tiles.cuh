@@ -173,8 +173,7 @@ constexpr int BM2 = 128, BN2 = 128, BK2 = 8, kPad2 = 4;  // pitch 132 floats kee
 __device__ __forceinline__ int tile128_off(int t, int i) { return i < 4 ? t * 4 + i : 64 + t * 4 + (i - 4); }
 
 // One k of the tile: as_k, ws_k are row k of the shared A (transposed) and W tiles.
-__device__ __forceinline__ void tile128_fma(const float* as_k, const float* ws_k, int tx, int ty,
-                                            float (&acc)[8][8]) {
+__device__ __forceinline__ void tile128_fma(const float* as_k, const float* ws_k, int tx, int ty, float (&acc)[8][8]) {
   const float4 a0 = *reinterpret_cast<const float4*>(as_k + ty * 4);
   const float4 a1 = *reinterpret_cast<const float4*>(as_k + 64 + ty * 4);
   const float4 b0 = *reinterpret_cast<const float4*>(ws_k + tx * 4);
@@ -233,8 +232,8 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_tile_kernel(
 // Prefill launch: 128×128 tiles when they alone fill the GPU, else 64×64. S/lds/G: int8's scales (else unused).
 template <class WT>
 cudaError_t launch_gemm(const float* A, int64_t lda, int64_t M, int64_t K, const WT* W, int64_t ldw, int64_t N,
-                        const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R,
-                        int64_t ldr, float* out, int num_sms, cudaStream_t stream) {
+                        const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R, int64_t ldr,
+                        float* out, int num_sms, cudaStream_t stream) {
   const int64_t gx2 = (N + BN2 - 1) / BN2, gy2 = (M + BM2 - 1) / BM2;
   if (gx2 * gy2 >= num_sms) {
     if (gy2 > 65535) return cudaErrorInvalidValue;
@@ -244,8 +243,8 @@ cudaError_t launch_gemm(const float* A, int64_t lda, int64_t M, int64_t K, const
   }
   const int64_t gx = (N + BN - 1) / BN, gy = (M + BM - 1) / BM;
   if (gy > 65535) return cudaErrorInvalidValue;
-  gemm_tile_kernel<WT><<<dim3((unsigned)gx, (unsigned)gy), kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, S,
-                                                                                       lds, G, bias, epi, R, ldr, out);
+  gemm_tile_kernel<WT><<<dim3((unsigned)gx, (unsigned)gy), kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, S, lds,
+                                                                                      G, bias, epi, R, ldr, out);
   return cudaGetLastError();
 }
 

@@ -15,11 +15,11 @@
 namespace gk::cuda {
 
 // y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
-cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows,
-                       int64_t n, float eps, cudaStream_t stream);
+cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
+                       float eps, cudaStream_t stream);
 // s = x + r (contiguous [rows, n]), y = LN(s).
-cudaError_t add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y,
-                           const float* w, const float* b, int64_t rows, int64_t n, float eps, cudaStream_t stream);
+cudaError_t add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
+                           const float* b, int64_t rows, int64_t n, float eps, cudaStream_t stream);
 
 // y = NewGELU(x) elementwise over n contiguous floats.
 cudaError_t gelu_new(const float* x, float* y, int64_t n, cudaStream_t stream);
@@ -28,9 +28,9 @@ cudaError_t gelu_new(const float* x, float* y, int64_t n, cudaStream_t stream);
 // with an id out of range is written as NaN (its tables are not read) and the id is recorded in *err, host memory
 // mapped into the device, which the glue reads later without a sync (ops_cuda.cpp: check_embedding_errors).
 struct EmbeddingError {
-  int64_t id[3];   // the bad id seen, per kind: 0 input_ids, 1 position_ids, 2 token_type_ids
-  int64_t hi[3];   // the table size it was checked against
-  int32_t seen[3]; // 1 when id[kind] holds a bad id (written after id and hi)
+  int64_t id[3];    // the bad id seen, per kind: 0 input_ids, 1 position_ids, 2 token_type_ids
+  int64_t hi[3];    // the table size it was checked against
+  int32_t seen[3];  // 1 when id[kind] holds a bad id (written after id and hi)
 };
 cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt, const float* wte, int64_t vocab,
                       const float* wpe, int64_t n_pos, float* out, int64_t rows, int64_t n, EmbeddingError* err,
@@ -79,12 +79,11 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
 // column group sums the split-K partials itself (same order), so no finish kernel is launched. `kv` also stores
 // K/V into a cache, see KvOut.
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
-                        float* workspace, cudaStream_t stream, const KvOut& kv = KvOut{},
-                        unsigned* counters = nullptr);
+                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
+                        cudaStream_t stream, const KvOut& kv = KvOut{}, unsigned* counters = nullptr);
 // Sums the [splits, M, N] partials of a split-K matmul in split order (deterministic) and applies the epilogue.
-cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
-                          const float* R, int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv = KvOut{});
+cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi, const float* R,
+                          int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv = KvOut{});
 
 // The prefill GEMM, the same Conv1D at any M (contiguous C [M, N], W [K, N] with row stride ldw): 128×128 tiles with
 // the next K tile prefetched into a second shared buffer, K split over `splits` blocks when splits > 1 (then

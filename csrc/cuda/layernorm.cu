@@ -15,11 +15,18 @@ namespace gk::cuda {
 constexpr int kLnWarps = 4;
 
 template <typename T>
-__device__ __forceinline__ T load_as(const float* p, int64_t j) { return reinterpret_cast<const T*>(p)[j]; }
+__device__ __forceinline__ T load_as(const float* p, int64_t j) {
+  return reinterpret_cast<const T*>(p)[j];
+}
 template <typename T>
-__device__ __forceinline__ void store_as(float* p, int64_t j, T v) { reinterpret_cast<T*>(p)[j] = v; }
+__device__ __forceinline__ void store_as(float* p, int64_t j, T v) {
+  reinterpret_cast<T*>(p)[j] = v;
+}
 
-__device__ __forceinline__ float sq_dev(float v, float m) { float d = v - m; return d * d; }
+__device__ __forceinline__ float sq_dev(float v, float m) {
+  float d = v - m;
+  return d * d;
+}
 __device__ __forceinline__ float sq_dev(float4 v, float m) {
   return (sq_dev(v.x, m) + sq_dev(v.y, m)) + (sq_dev(v.z, m) + sq_dev(v.w, m));
 }
@@ -52,8 +59,7 @@ __global__ void layer_norm_kernel(const float* x, int64_t ldx, const float* r, i
 }
 
 static cudaError_t launch_ln(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y,
-                             const float* w, const float* b, int64_t rows, int64_t n, float eps,
-                             cudaStream_t stream) {
+                             const float* w, const float* b, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaGetLastError();
   bool vec = n % 4 == 0 && ldx % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(w) && aligned16(b);
   if (r) vec = vec && ldr % 4 == 0 && aligned16(r) && aligned16(s);
@@ -65,13 +71,13 @@ static cudaError_t launch_ln(const float* x, int64_t ldx, const float* r, int64_
   return cudaGetLastError();
 }
 
-cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows,
-                       int64_t n, float eps, cudaStream_t stream) {
+cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
+                       float eps, cudaStream_t stream) {
   return launch_ln(x, ldx, nullptr, 0, nullptr, y, w, b, rows, n, eps, stream);
 }
 
-cudaError_t add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y,
-                           const float* w, const float* b, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
+cudaError_t add_layer_norm(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y, const float* w,
+                           const float* b, int64_t rows, int64_t n, float eps, cudaStream_t stream) {
   return launch_ln(x, ldx, r, ldr, s, y, w, b, rows, n, eps, stream);
 }
 

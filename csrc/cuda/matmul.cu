@@ -45,10 +45,12 @@ using tiles::tile128_off;
 // gemm_tiles.cuh's single-buffered 64×64 / 128×128 tiles (the reduced modes' prefill) at every measured shape.
 // fp32 FMAs on CUDA cores only (no TF32): parity with the float64 reference is the contract.
 template <bool VEC>
-__global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
-    const float* __restrict__ A, int64_t lda, int64_t M, int64_t K, const float* __restrict__ W, int64_t ldw,
-    int64_t N, const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr,
-    float* __restrict__ C, int64_t kchunk, float* __restrict__ ws) {
+__global__ __launch_bounds__(kGemmThreads,
+                             2) void gemm128_db_kernel(const float* __restrict__ A, int64_t lda, int64_t M, int64_t K,
+                                                       const float* __restrict__ W, int64_t ldw, int64_t N,
+                                                       const float* __restrict__ bias, int epi,
+                                                       const float* __restrict__ R, int64_t ldr, float* __restrict__ C,
+                                                       int64_t kchunk, float* __restrict__ ws) {
   __shared__ __align__(16) float As[2][BK2][BM2 + kPad2];  // A tiles transposed: As[buf][k][m]
   __shared__ __align__(16) float Ws[2][BK2][BN2 + kPad2];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -111,8 +113,10 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_db_kernel(
     for (int j = 0; j < 8; ++j) {
       const int64_t n = n0 + tile128_off(tx, j);
       if (n >= N) continue;
-      if (split) part[m * N + n] = acc[i][j];
-      else C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
+      if (split)
+        part[m * N + n] = acc[i][j];
+      else
+        C[m * N + n] = epilogue(acc[i][j], epi, bias, n, R, ldr, m);
     }
   }
 }
@@ -153,14 +157,15 @@ __device__ __forceinline__ void gemv_block_out(const float* red, const GemvSlice
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kGemvWarps; ++w) s += red[(w * MR + r) * 32 + lane];
-    if (splits == 1) store_out(C, N, r, g.n, epilogue(s, epi, bias, g.n, R, ldr, r), kv);
-    else ws[((int64_t)blockIdx.y * M + r) * N + g.n] = s;
+    if (splits == 1)
+      store_out(C, N, r, g.n, epilogue(s, epi, bias, g.n, R, ldr, r), kv);
+    else
+      ws[((int64_t)blockIdx.y * M + r) * N + g.n] = s;
   }
 }
 
 // Σ over the splits of (r, n)'s partials, in split order (deterministic); L2 loads: other blocks wrote them.
-__device__ __forceinline__ float splitk_sum(const float* ws, int splits, int64_t M, int64_t N, int64_t r,
-                                            int64_t n) {
+__device__ __forceinline__ float splitk_sum(const float* ws, int splits, int64_t M, int64_t N, int64_t r, int64_t n) {
   float s = 0.f;
   for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((int64_t)sp * M + r) * N + n);
   return s;
@@ -248,7 +253,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
 
   for (int64_t k0 = kb; k0 < ke; k0 += KT) {
     const int kt = (int)(ke - k0 < KT ? ke - k0 : KT);
-    __syncthreads();  // every warp is done with the previous tile
+    __syncthreads();                                                // every warp is done with the previous tile
     for (int i = threadIdx.x; i < kt * MR; i += kGemvWarps * 32) {  // consecutive threads, consecutive words
       const int kk = i / MR, r = i % MR;
       buf[i] = r < M ? A[r * lda + k0 + kk] : 0.f;  // (rows past M: zeros, read and discarded)
@@ -313,16 +318,16 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
 }
 
 __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, int M, int64_t N,
-                                     const float* __restrict__ bias, int epi, const float* __restrict__ R,
-                                     int64_t ldr, float* __restrict__ C, KvOut kv) {
+                                     const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr,
+                                     float* __restrict__ C, KvOut kv) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (int64_t)M * N) return;
   const int64_t r = idx / N, n = idx % N;
   store_out(C, N, r, n, epilogue(splitk_sum(ws, splits, M, N, r, n), epi, bias, n, R, ldr, r), kv);
 }
 
-cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi,
-                          const float* R, int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv) {
+cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi, const float* R,
+                          int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv) {
   splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(ws, splits, (int)M, N, bias, epi, R, ldr, C, kv);
   return cudaGetLastError();
 }
@@ -385,9 +390,8 @@ __global__ __launch_bounds__(kNkWarps * 32) void gemv_nk_kernel(const float* __r
 }
 
 template <int MR>
-static void launch_nk(bool vec, const float* A, int64_t lda, int M, int64_t K, const float* Wt, int64_t ldw,
-                      int64_t N, const float* bias, int epi, const float* R, int64_t ldr, float* C,
-                      cudaStream_t stream) {
+static void launch_nk(bool vec, const float* A, int64_t lda, int M, int64_t K, const float* Wt, int64_t ldw, int64_t N,
+                      const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
   const unsigned grid = blocks_for(N, kNkWarps);
   if (vec)
     gemv_nk_kernel<MR, true><<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C);
@@ -400,9 +404,12 @@ cudaError_t matmul_nk(const float* A, int64_t lda, int64_t M, int64_t K, const f
   if (M == 0 || N == 0) return cudaGetLastError();
   if (M > kGemvMaxRows || N > (int64_t)kNkWarps * 0x7fffffff) return cudaErrorInvalidValue;
   const bool vec = K % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(Wt);
-  if (M == 1) launch_nk<1>(vec, A, lda, 1, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
-  else if (M <= 8) launch_nk<8>(vec, A, lda, (int)M, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
-  else launch_nk<kGemvMaxRows>(vec, A, lda, (int)M, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
+  if (M == 1)
+    launch_nk<1>(vec, A, lda, 1, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
+  else if (M <= 8)
+    launch_nk<8>(vec, A, lda, (int)M, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
+  else
+    launch_nk<kGemvMaxRows>(vec, A, lda, (int)M, K, Wt, ldw, N, bias, epi, R, ldr, C, stream);
   return cudaGetLastError();
 }
 
@@ -429,11 +436,11 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
     if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
     if (M <= 8)
-      gemv_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-                                                           splits, workspace);
+      gemv_kernel<8>
+          <<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace);
     else
-      gemv_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
-                                                                      ldr, C, splits, workspace);
+      gemv_kernel<kGemvMaxRows>
+          <<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
@@ -442,8 +449,8 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
 }
 
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
-                        float* workspace, cudaStream_t stream, const KvOut& kv, unsigned* counters) {
+                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
+                        cudaStream_t stream, const KvOut& kv, unsigned* counters) {
   if (M == 0 || N == 0) return cudaGetLastError();
   if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
   dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
@@ -451,14 +458,12 @@ cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const
     gemv_staged_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
                                                                 splits, workspace, kv, counters);
   else
-    gemv_staged_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi,
-                                                                           R, ldr, C, splits, workspace, kv,
-                                                                           counters);
+    gemv_staged_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
+                                                                           ldr, C, splits, workspace, kv, counters);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1 || counters != nullptr) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
 }
-
 
 // ---------------------------------------------------------------- prefill GEMM: launcher
 
@@ -470,7 +475,7 @@ static int64_t gemm_kchunk(int64_t K, int splits) {  // each split's K range, a 
 int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   const int64_t tiles = ((N + BN2 - 1) / BN2) * ((M + BM2 - 1) / BM2);
   if (tiles <= 0 || tiles >= num_sms) return 1;
-  int64_t s = (num_sms + tiles - 1) / tiles;        // about one wave of blocks
+  int64_t s = (num_sms + tiles - 1) / tiles;           // about one wave of blocks
   const int64_t max_by_k = K / 128 > 1 ? K / 128 : 1;  // at least 16 K tiles per split
   if (s > max_by_k) s = max_by_k;
   if (s > 16) s = 16;
@@ -480,8 +485,8 @@ int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
 }
 
 cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                      const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits,
-                      float* workspace, cudaStream_t stream) {
+                 const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
+                 cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaGetLastError();
   const int64_t gx = (N + BN2 - 1) / BN2, gy = (M + BM2 - 1) / BM2;
   if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||
@@ -491,11 +496,11 @@ cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float*
   const bool vec = K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
   const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
   if (vec)
-    gemm128_db_kernel<true><<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk,
-                                                               workspace);
+    gemm128_db_kernel<true>
+        <<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk, workspace);
   else
-    gemm128_db_kernel<false><<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C,
-                                                                kchunk, workspace);
+    gemm128_db_kernel<false>
+        <<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk, workspace);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);

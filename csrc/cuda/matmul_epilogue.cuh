@@ -10,11 +10,13 @@
 
 namespace gk::cuda {
 
-__device__ __forceinline__ float epilogue(float acc, int epi, const float* bias, int64_t n, const float* R,
-                                          int64_t ldr, int64_t m) {
+__device__ __forceinline__ float epilogue(float acc, int epi, const float* bias, int64_t n, const float* R, int64_t ldr,
+                                          int64_t m) {
   float y = bias ? acc + bias[n] : acc;
-  if (epi == 1) y = gelu_new_f(y);
-  else if (epi == 2) y = y + R[m * ldr + n];
+  if (epi == 1)
+    y = gelu_new_f(y);
+  else if (epi == 2)
+    y = y + R[m * ldr + n];
   return y;
 }
 

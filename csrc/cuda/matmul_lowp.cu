@@ -55,9 +55,8 @@ constexpr int kLpRows = 8;  // x rows per block at most (grid.z walks chunks of 
 template <class WT, int MR>
 __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const WT* __restrict__ W, int64_t ldw, int64_t N,
-    const float* __restrict__ S, int64_t lds, int64_t G, int64_t C, bool vec, const float* __restrict__ bias,
-    int epi, const float* __restrict__ R, int64_t ldr, float* __restrict__ out, int splits, float* __restrict__ ws,
-    KvOut kv) {
+    const float* __restrict__ S, int64_t lds, int64_t G, int64_t C, bool vec, const float* __restrict__ bias, int epi,
+    const float* __restrict__ R, int64_t ldr, float* __restrict__ out, int splits, float* __restrict__ ws, KvOut kv) {
   constexpr bool kScaled = std::is_same_v<WT, int8_t>;
   constexpr int V = Widen<WT>::kVec, COLS = 32 * V;
   __shared__ float red[kLpWarps][MR][COLS];
@@ -140,8 +139,10 @@ __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kLpWarps; ++w) s += red[w][r][col];  // in warp order: deterministic
-    if (splits == 1) store_out(out, N, m, nn, epilogue(s, epi, bias, nn, R, ldr, m), kv);
-    else ws[((int64_t)blockIdx.y * M + m) * N + nn] = s;
+    if (splits == 1)
+      store_out(out, N, m, nn, epilogue(s, epi, bias, nn, R, ldr, m), kv);
+    else
+      ws[((int64_t)blockIdx.y * M + m) * N + nn] = s;
   }
 }
 
@@ -171,12 +172,11 @@ cudaError_t launch(const float* A, int64_t lda, int64_t M, int64_t K, const void
     const int mr = rows_per_block(M);
     dim3 grid((unsigned)((N + COLS - 1) / COLS), (unsigned)splits, (unsigned)((M + mr - 1) / mr));
     if (mr == 1)
-      gemv_lowp_kernel<WT, 1><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
-                                                                   bias, epi, R, ldr, out, splits, workspace, kv);
+      gemv_lowp_kernel<WT, 1><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec, bias,
+                                                                  epi, R, ldr, out, splits, workspace, kv);
     else
-      gemv_lowp_kernel<WT, kLpRows><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C,
-                                                                         vec, bias, epi, R, ldr, out, splits,
-                                                                         workspace, kv);
+      gemv_lowp_kernel<WT, kLpRows><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
+                                                                        bias, epi, R, ldr, out, splits, workspace, kv);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, out, stream, kv);

@@ -19,9 +19,9 @@
 #include "../common/op_args.h"
 #include "launch.h"
 
-#define GK_CUDA_CHECK_LAUNCH(op, call)                                                                  \
-  do {                                                                                                  \
-    const cudaError_t gk_err_ = (call);                                                                 \
+#define GK_CUDA_CHECK_LAUNCH(op, call)                                                                           \
+  do {                                                                                                           \
+    const cudaError_t gk_err_ = (call);                                                                          \
     TORCH_CHECK(gk_err_ == cudaSuccess, "gpt2kern.", op, ": CUDA kernel failed: ", cudaGetErrorString(gk_err_)); \
   } while (0)
 
@@ -52,7 +52,8 @@ cuda::EmbeddingError* embedding_error_record() {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     void* host = nullptr;
-    const cudaError_t err = cudaHostAlloc(&host, sizeof(cuda::EmbeddingError), cudaHostAllocMapped | cudaHostAllocPortable);
+    const cudaError_t err =
+        cudaHostAlloc(&host, sizeof(cuda::EmbeddingError), cudaHostAllocMapped | cudaHostAllocPortable);
     C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     C10_CUDA_CHECK(err);
     std::memset(host, 0, sizeof(cuda::EmbeddingError));
@@ -91,9 +92,9 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   const int64_t n = x.size(-1);
   if (x.numel() == 0) return y;
   at::Tensor xr = as_rows(x, n), w = weight.contiguous(), b = bias.contiguous();
-  GK_CUDA_CHECK_LAUNCH("layer_norm", cuda::layer_norm(xr.data_ptr<float>(), row_stride(xr), y.data_ptr<float>(),
-                                                       w.data_ptr<float>(), b.data_ptr<float>(), xr.size(0), n,
-                                                       (float)eps, stream()));
+  GK_CUDA_CHECK_LAUNCH("layer_norm",
+                       cuda::layer_norm(xr.data_ptr<float>(), row_stride(xr), y.data_ptr<float>(), w.data_ptr<float>(),
+                                        b.data_ptr<float>(), xr.size(0), n, (float)eps, stream()));
   return y;
 }
 
@@ -107,10 +108,9 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
   if (x.numel() == 0) return {s, y};
   at::Tensor xr = as_rows(x, n), rr = as_rows(residual, n), w = weight.contiguous(), b = bias.contiguous();
   GK_CUDA_CHECK_LAUNCH("add_layer_norm",
-                       cuda::add_layer_norm(xr.data_ptr<float>(), row_stride(xr), rr.data_ptr<float>(),
-                                            row_stride(rr), s.data_ptr<float>(), y.data_ptr<float>(),
-                                            w.data_ptr<float>(), b.data_ptr<float>(), xr.size(0), n, (float)eps,
-                                            stream()));
+                       cuda::add_layer_norm(xr.data_ptr<float>(), row_stride(xr), rr.data_ptr<float>(), row_stride(rr),
+                                            s.data_ptr<float>(), y.data_ptr<float>(), w.data_ptr<float>(),
+                                            b.data_ptr<float>(), xr.size(0), n, (float)eps, stream()));
   return {s, y};
 }
 
@@ -141,7 +141,7 @@ bool is_lowp(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || 
 
 // The int8 weight's scales [K / group, N] (rows contiguous) and their group; errors name the argument.
 std::tuple<at::Tensor, int64_t> checked_scales(const at::Tensor& x, const at::Tensor& weight,
-                                              const std::optional<at::Tensor>& scales, int64_t K, int64_t N) {
+                                               const std::optional<at::Tensor>& scales, int64_t K, int64_t N) {
   if (weight.scalar_type() != at::kChar) {
     TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.conv1d: weight is ", weight.scalar_type(),
                       " and has scales, but only int8 weights take them");
@@ -153,9 +153,13 @@ std::tuple<at::Tensor, int64_t> checked_scales(const at::Tensor& x, const at::Te
   GK_CHECK_FLOAT(s, "conv1d", "scales");
   GK_CHECK_SAME_DEVICE(x, s, "conv1d", "scales");
   const int64_t groups = s.dim() == 2 ? s.size(0) : 0;
-  TORCH_CHECK_VALUE(s.dim() == 2 && s.size(1) == N && groups >= 1 && K % groups == 0, "gpt2kern.conv1d: scales must "
-                    "be [", K, " / group, ", N, "] (in layout 'kn' on CUDA: one scale per group of inputs and output "
-                    "column) with the group dividing ", K, ", got ", s.sizes());
+  TORCH_CHECK_VALUE(s.dim() == 2 && s.size(1) == N && groups >= 1 && K % groups == 0,
+                    "gpt2kern.conv1d: scales must "
+                    "be [",
+                    K, " / group, ", N,
+                    "] (in layout 'kn' on CUDA: one scale per group of inputs and output "
+                    "column) with the group dividing ",
+                    K, ", got ", s.sizes());
   return {s.stride(1) == 1 || N <= 1 ? s : s.contiguous(), groups > 0 ? K / groups : 0};
 }
 
@@ -176,15 +180,19 @@ static cuda::KvOut checked_kv(const char* op, const at::Tensor& like, const at::
   GK_CHECK_SAME_DEVICE(like, v, op, "v_cache");
   GK_CHECK_SAME_DEVICE(like, slot, op, "slot");
   TORCH_CHECK_VALUE(k.dim() == 4, "gpt2kern.", op, ": k_cache must be [B, H, Tmax, D], got ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes() && v.strides() == k.strides(), "gpt2kern.", op, ": v_cache must have "
-                    "k_cache's shape ", k.sizes(), " and strides ", k.strides(), ", got ", v.sizes(), " and ",
-                    v.strides());
-  TORCH_CHECK_VALUE(k.stride(3) == 1 || k.size(3) <= 1, "gpt2kern.", op, ": k_cache's last dim must be contiguous, "
-                    "got strides ", k.strides());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes() && v.strides() == k.strides(), "gpt2kern.", op,
+                    ": v_cache must have "
+                    "k_cache's shape ",
+                    k.sizes(), " and strides ", k.strides(), ", got ", v.sizes(), " and ", v.strides());
+  TORCH_CHECK_VALUE(k.stride(3) == 1 || k.size(3) <= 1, "gpt2kern.", op,
+                    ": k_cache's last dim must be contiguous, "
+                    "got strides ",
+                    k.strides());
   TORCH_CHECK_VALUE(slot.numel() == 1, "gpt2kern.", op, ": slot must hold one index, got shape ", slot.sizes());
   const int64_t D = k.size(3);
-  return cuda::KvOut{k.data_ptr<float>(), v.data_ptr<float>(), slot.data_ptr<int64_t>(), k.size(1) * D,
-                     D > 0 ? D : 1, k.stride(0), k.stride(1), k.stride(2), k.size(2)};
+  return cuda::KvOut{k.data_ptr<float>(), v.data_ptr<float>(), slot.data_ptr<int64_t>(),
+                     k.size(1) * D,       D > 0 ? D : 1,       k.stride(0),
+                     k.stride(1),         k.stride(2),         k.size(2)};
 }
 
 // kv_write(qkv, k_cache, v_cache, slot): k_cache[b, h, slot] = K of qkv's row b, head h (likewise V), for qkv
@@ -195,12 +203,14 @@ void kv_write(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor
   TORCH_CHECK_VALUE(qkv.is_cuda(), "gpt2kern.kv_write: qkv must be a CUDA tensor, got ", qkv.device());
   const cuda::KvOut kv = checked_kv("kv_write", qkv, k_cache, v_cache, slot);
   const int64_t B = k_cache.size(0), E = kv.E;
-  const bool shape_ok = (qkv.dim() == 2 || (qkv.dim() == 3 && qkv.size(1) == 1)) && qkv.size(0) == B &&
-                        qkv.size(-1) == 3 * E;
+  const bool shape_ok =
+      (qkv.dim() == 2 || (qkv.dim() == 3 && qkv.size(1) == 1)) && qkv.size(0) == B && qkv.size(-1) == 3 * E;
   TORCH_CHECK_VALUE(shape_ok, "gpt2kern.kv_write: qkv must be [", B, ", ", 3 * E, "] or [", B, ", 1, ", 3 * E,
                     "] (one token per cache row), got ", qkv.sizes());
-  TORCH_CHECK_VALUE(qkv.stride(-1) == 1 || qkv.size(-1) <= 1, "gpt2kern.kv_write: qkv's last dim must be contiguous, "
-                    "got strides ", qkv.strides());
+  TORCH_CHECK_VALUE(qkv.stride(-1) == 1 || qkv.size(-1) <= 1,
+                    "gpt2kern.kv_write: qkv's last dim must be contiguous, "
+                    "got strides ",
+                    qkv.strides());
   c10::cuda::CUDAGuard guard(qkv.device());
   GK_CUDA_CHECK_LAUNCH("kv_write", cuda::kv_write(qkv.data_ptr<float>(), qkv.stride(0), B, kv, stream()));
 }
@@ -265,27 +275,27 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
     const int splits = cuda::gemv_lowp_splits(t, M, K, N, group, num_sms());
     at::Tensor ws;
     if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
-    GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul_lowp(t, A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr(), ldw,
-                                                     N, S.defined() ? S.data_ptr<float>() : nullptr,
-                                                     S.defined() ? row_stride(S) : 0, group, pb, epi, pr, ldr,
-                                                     y.data_ptr<float>(), splits,
-                                                     ws.defined() ? ws.data_ptr<float>() : nullptr, num_sms(),
-                                                     stream(), dec ? dec->kv : cuda::KvOut{}));
+    GK_CUDA_CHECK_LAUNCH(
+        "conv1d",
+        cuda::matmul_lowp(t, A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr(), ldw, N,
+                          S.defined() ? S.data_ptr<float>() : nullptr, S.defined() ? row_stride(S) : 0, group, pb, epi,
+                          pr, ldr, y.data_ptr<float>(), splits, ws.defined() ? ws.data_ptr<float>() : nullptr,
+                          num_sms(), stream(), dec ? dec->kv : cuda::KvOut{}));
     return y;
   }
-  const int splits = M <= cuda::kGemvMaxRows ? cuda::gemv_splits(M, K, N, num_sms())  // the decode GEMV
+  const int splits = M <= cuda::kGemvMaxRows ? cuda::gemv_splits(M, K, N, num_sms())   // the decode GEMV
                                              : cuda::gemm_splits(M, K, N, num_sms());  // the prefill GEMM
   at::Tensor ws;
   if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
   float* pws = ws.defined() ? ws.data_ptr<float>() : nullptr;
   if (dec)
-    GK_CUDA_CHECK_LAUNCH("matmul_decode", cuda::gemv_staged(A.data_ptr<float>(), row_stride(A), M, K,
-                                                            W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
-                                                            y.data_ptr<float>(), splits, pws, stream(), dec->kv,
-                                                            dec->counters));
+    GK_CUDA_CHECK_LAUNCH(
+        "matmul_decode",
+        cuda::gemv_staged(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
+                          y.data_ptr<float>(), splits, pws, stream(), dec->kv, dec->counters));
   else
-    GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw,
-                                                N, pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream()));
+    GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N,
+                                                pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream()));
   return y;
 }
 
@@ -310,26 +320,33 @@ at::Tensor matmul_decode(const at::Tensor& x, const at::Tensor& weight, const st
                          const std::optional<at::Tensor>& counters) {
   const char* op = "matmul_decode";
   GK_CHECK_FLOAT(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "gpt2kern.matmul_decode: x must have a non-empty last dim, got "
-                    "shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0,
+                    "gpt2kern.matmul_decode: x must have a non-empty last dim, got "
+                    "shape ",
+                    x.sizes());
   const int64_t K = x.size(-1), M = x.numel() / K;
   TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_decode: x must have at most ", cuda::kGemvMaxRows,
                     " rows (a decode GEMV), got ", M);
   DecodeGemv dec;
   if (counters) {
     const at::Tensor& c = *counters;
-    TORCH_CHECK_VALUE(!is_lowp(weight.scalar_type()), "gpt2kern.matmul_decode: counters go with float32 weights "
-                      "(variant 4); ", weight.scalar_type(), " weights have one GEMV and take none");
+    TORCH_CHECK_VALUE(!is_lowp(weight.scalar_type()),
+                      "gpt2kern.matmul_decode: counters go with float32 weights "
+                      "(variant 4); ",
+                      weight.scalar_type(), " weights have one GEMV and take none");
     GK_CHECK_DTYPE(c, at::kInt, op, "counters");
     GK_CHECK_SAME_DEVICE(x, c, op, "counters");
     const int64_t groups = weight.dim() == 2 ? (weight.size(1) + 31) / 32 : 0;
-    TORCH_CHECK_VALUE(c.is_contiguous() && c.numel() >= groups, "gpt2kern.matmul_decode: counters must be a "
-                      "contiguous int32 tensor of at least ", groups, " zeros (one per 32 output columns), got shape ",
-                      c.sizes(), " and strides ", c.strides());
+    TORCH_CHECK_VALUE(c.is_contiguous() && c.numel() >= groups,
+                      "gpt2kern.matmul_decode: counters must be a "
+                      "contiguous int32 tensor of at least ",
+                      groups, " zeros (one per 32 output columns), got shape ", c.sizes(), " and strides ",
+                      c.strides());
     dec.counters = reinterpret_cast<unsigned*>(c.data_ptr<int32_t>());
   }
   if (k_cache || v_cache || slot) {
-    TORCH_CHECK_VALUE(k_cache && v_cache && slot, "gpt2kern.matmul_decode: k_cache, v_cache and slot go together "
+    TORCH_CHECK_VALUE(k_cache && v_cache && slot,
+                      "gpt2kern.matmul_decode: k_cache, v_cache and slot go together "
                       "(all three or none)");
     dec.kv = checked_kv(op, x, *k_cache, *v_cache, *slot);
     const int64_t B = k_cache->size(0);
@@ -340,7 +357,6 @@ at::Tensor matmul_decode(const at::Tensor& x, const at::Tensor& weight, const st
   }
   return conv1d_impl(x, weight, bias, epilogue, residual, -1, "kn", scales, &dec);
 }
-
 
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                      const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, double scale,
@@ -373,10 +389,10 @@ at::Tensor embedding(const at::Tensor& input_ids, const at::Tensor& wte, const a
   cuda::EmbeddingError* rec = embedding_error_record();
   embedding_record_exists = true;
   at::Tensor e = wte.contiguous(), p = wpe.contiguous();
-  GK_CUDA_CHECK_LAUNCH("embedding", cuda::embedding(ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
-                                                    tt.defined() ? tt.data_ptr<int64_t>() : nullptr,
-                                                    e.data_ptr<float>(), V, p.data_ptr<float>(), P,
-                                                    out.data_ptr<float>(), B * T, n, rec, stream()));
+  GK_CUDA_CHECK_LAUNCH(
+      "embedding",
+      cuda::embedding(ids.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), tt.defined() ? tt.data_ptr<int64_t>() : nullptr,
+                      e.data_ptr<float>(), V, p.data_ptr<float>(), P, out.data_ptr<float>(), B * T, n, rec, stream()));
   return out;
 }
 
@@ -388,24 +404,30 @@ at::Tensor embedding_step(const at::Tensor& input_ids, const at::Tensor& wte, co
   const char* op = "embedding_step";
   check_embedding_tables(input_ids, wte, wpe);
   const int64_t B = input_ids.size(0), n = wte.size(1);
-  TORCH_CHECK_VALUE(input_ids.size(1) == 1, "gpt2kern.embedding_step: input_ids must be [B, 1] (one token per row), "
-                    "got ", input_ids.sizes());
+  TORCH_CHECK_VALUE(input_ids.size(1) == 1,
+                    "gpt2kern.embedding_step: input_ids must be [B, 1] (one token per row), "
+                    "got ",
+                    input_ids.sizes());
   GK_CHECK_DTYPE(cursor, at::kLong, op, "cursor");
   GK_CHECK_SAME_DEVICE(wte, cursor, op, "cursor");
-  TORCH_CHECK_VALUE(cursor.dim() == 1 && cursor.size(0) == 2 + B && cursor.is_contiguous(), "gpt2kern.embedding_step: "
-                    "cursor must be a contiguous int64 [2 + B] = [", 2 + B, "] (slot, kv_len, then each row's "
-                    "position), got shape ", cursor.sizes(), " and strides ", cursor.strides());
+  TORCH_CHECK_VALUE(cursor.dim() == 1 && cursor.size(0) == 2 + B && cursor.is_contiguous(),
+                    "gpt2kern.embedding_step: "
+                    "cursor must be a contiguous int64 [2 + B] = [",
+                    2 + B,
+                    "] (slot, kv_len, then each row's "
+                    "position), got shape ",
+                    cursor.sizes(), " and strides ", cursor.strides());
   at::Tensor ids = embedding_ids(input_ids, wte, B, 1, "input_ids");
   c10::cuda::CUDAGuard guard(wte.device());  // after the ids' device check: the tables may be the CPU tensors
-  check_embedding_errors();  // a bad id of an earlier, finished call
+  check_embedding_errors();                  // a bad id of an earlier, finished call
   at::Tensor out = at::empty({B, 1, n}, wte.options());
   if (B == 0) return out;
   cuda::EmbeddingError* rec = embedding_error_record();
   embedding_record_exists = true;
   at::Tensor e = wte.contiguous(), p = wpe.contiguous();
-  GK_CUDA_CHECK_LAUNCH(op, cuda::embedding_step(ids.data_ptr<int64_t>(), cursor.data_ptr<int64_t>(),
-                                                e.data_ptr<float>(), e.size(0), p.data_ptr<float>(), p.size(0),
-                                                out.data_ptr<float>(), B, n, rec, stream()));
+  GK_CUDA_CHECK_LAUNCH(
+      op, cuda::embedding_step(ids.data_ptr<int64_t>(), cursor.data_ptr<int64_t>(), e.data_ptr<float>(), e.size(0),
+                               p.data_ptr<float>(), p.size(0), out.data_ptr<float>(), B, n, rec, stream()));
   return out;
 }
 
@@ -451,8 +473,8 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   GK_CHECK_SAME_DEVICE(x, weight, op, "weight");
   TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.matmul_nk: x must have at least 1 dim");
   const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K, "gpt2kern.matmul_nk: weight must be [N, ", K,
-                    "], got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K, "gpt2kern.matmul_nk: weight must be [N, ", K, "], got ",
+                    weight.sizes());
   const int64_t N = weight.size(0), M = K > 0 ? x.numel() / K : 0;
   TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_nk: x must have at most ", cuda::kGemvMaxRows,
                     " rows (a decode GEMV), got ", M);
@@ -464,13 +486,17 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "gpt2kern.matmul_nk: bias must be [", N, "], got ",
                       bias->sizes());
   }
-  TORCH_CHECK_VALUE((epi == 2) == residual.has_value(), "gpt2kern.matmul_nk: residual must be given exactly when "
-                    "epilogue is 'residual' (epilogue '", epilogue, "')");
+  TORCH_CHECK_VALUE((epi == 2) == residual.has_value(),
+                    "gpt2kern.matmul_nk: residual must be given exactly when "
+                    "epilogue is 'residual' (epilogue '",
+                    epilogue, "')");
   if (residual) {
     GK_CHECK_FLOAT(*residual, op, "residual");
     GK_CHECK_SAME_DEVICE(x, *residual, op, "residual");
-    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "gpt2kern.matmul_nk: residual must have "
-                      "shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape),
+                      "gpt2kern.matmul_nk: residual must have "
+                      "shape ",
+                      at::IntArrayRef(out_shape), ", got ", residual->sizes());
   }
   TORCH_CHECK_VALUE(K > 0, "gpt2kern.matmul_nk: x must have a non-empty last dim");
   c10::cuda::CUDAGuard guard(x.device());
@@ -479,10 +505,9 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
   at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr = residual ? as_rows(*residual, N) : at::Tensor();
   GK_CUDA_CHECK_LAUNCH("matmul_nk", cuda::matmul_nk(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(),
-                                                    row_stride(W), N, b.defined() ? b.data_ptr<float>() : nullptr,
-                                                    epi, rr.defined() ? rr.data_ptr<float>() : nullptr,
-                                                    rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(),
-                                                    stream()));
+                                                    row_stride(W), N, b.defined() ? b.data_ptr<float>() : nullptr, epi,
+                                                    rr.defined() ? rr.data_ptr<float>() : nullptr,
+                                                    rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(), stream()));
   return y;
 }
 
@@ -540,8 +565,10 @@ std::map<std::string, int64_t> capture_node_counts() {
   for (cudaGraphNode_t node : nodes) {
     cudaGraphNodeType t;
     C10_CUDA_CHECK(cudaGraphNodeGetType(node, &t));
-    out[t == cudaGraphNodeTypeKernel ? "kernel" : t == cudaGraphNodeTypeMemcpy ? "memcpy"
-        : t == cudaGraphNodeTypeMemset ? "memset" : "other"] += 1;
+    out[t == cudaGraphNodeTypeKernel   ? "kernel"
+        : t == cudaGraphNodeTypeMemcpy ? "memcpy"
+        : t == cudaGraphNodeTypeMemset ? "memset"
+                                       : "other"] += 1;
   }
   return out;
 }

@@ -9,9 +9,9 @@
     Layer(ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj, scale)
     Weights(layers, wte, wpe, ln_f, lm_head, n_head, mode)   the whole body (+ the head), from pack()
 
-The per-op walk (model.py), the C++ engine (`Layer.to_c()`: _C.LayerWeights, keyword arguments only) and the CUDA
-graph decoder all read these records. Each record checks its shapes when it is built, so a field handed the wrong
-tensor fails here, by name, instead of computing wrong numbers later.
+The per-op walk (model.py), the C++ engine (`Weights.to_c()`: _C.Model of _C.Layer, _C.Linear and _C.Norm, keyword
+arguments only) and the CUDA graph decoder all read these records. Each record checks its shapes when it is built,
+so a field handed the wrong tensor fails here, by name, instead of computing wrong numbers later.
 """
 from __future__ import annotations
 
@@ -218,10 +218,15 @@ class Linear:
         return ops.conv1d(x, self.data, self.bias, epilogue, residual, out_features=self.n_out,
                           layout=self.fmt.layout, scales=self.scales)
 
-    def to_c(self):
+    def to_c(self, name: str = ""):
+        """The same record for csrc/cpu/engine.cpp (CPU formats), checked there against its format once; `name`
+        labels its errors."""
         from .. import _C
 
-        return _C.Weight(self.data, self.scales, self.fmt.layout)
+        f = self.fmt
+        return _C.Linear(data=self.data, scales=self.scales,
+                         bias=None if self.bias is None else self.bias.contiguous(), layout=f.layout, dtype=f.dtype,
+                         n_in=f.n_in, n_out=f.n_out, group=f.group, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +238,11 @@ class Norm:
     @classmethod
     def of(cls, ln: torch.nn.LayerNorm) -> "Norm":
         return cls(ln.weight.detach(), ln.bias.detach(), float(ln.eps))
+
+    def to_c(self):
+        from .. import _C
+
+        return _C.Norm(weight=self.weight.contiguous(), bias=self.bias.contiguous(), eps=self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,14 +279,9 @@ class Layer:
         """The same record for csrc/cpu/engine.cpp (CPU packs only)."""
         from .. import _C
 
-        c = lambda t: t.contiguous()  # noqa: E731
-        return _C.LayerWeights(
-            ln_1_weight=c(self.ln_1.weight), ln_1_bias=c(self.ln_1.bias),
-            c_attn_weight=self.c_attn.to_c(), c_attn_bias=c(self.c_attn.bias),
-            attn_proj_weight=self.attn_proj.to_c(), attn_proj_bias=c(self.attn_proj.bias),
-            ln_2_weight=c(self.ln_2.weight), ln_2_bias=c(self.ln_2.bias),
-            c_fc_weight=self.c_fc.to_c(), c_fc_bias=c(self.c_fc.bias),
-            mlp_proj_weight=self.mlp_proj.to_c(), mlp_proj_bias=c(self.mlp_proj.bias), scale=self.scale)
+        return _C.Layer(ln_1=self.ln_1.to_c(), c_attn=self.c_attn.to_c("c_attn"),
+                        attn_proj=self.attn_proj.to_c("attn.c_proj"), ln_2=self.ln_2.to_c(),
+                        c_fc=self.c_fc.to_c("c_fc"), mlp_proj=self.mlp_proj.to_c("mlp.c_proj"), scale=self.scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,17 +307,18 @@ class Weights:
         lins = [lin for L in self.layers for lin in (L.c_attn, L.attn_proj, L.c_fc, L.mlp_proj)]
         return sum(lin.fmt.nbytes for lin in lins + ([self.lm_head] if self.lm_head is not None else []))
 
-    @property
-    def eps(self) -> float:
-        """The one LayerNorm eps the C++ body takes (the guard refuses models whose LayerNorms differ)."""
-        return self.ln_f.eps
+    def to_c(self):
+        """The same record for csrc/cpu/engine.cpp (_C.Model, CPU packs only): what _C.Body and _C.Engine take."""
+        from .. import _C
+
+        return _C.Model(layers=[L.to_c() for L in self.layers], wte=self.wte, wpe=self.wpe, ln_f=self.ln_f.to_c(),
+                        lm_head=None if self.lm_head is None else self.lm_head.to_c("lm_head"), n_head=self.n_head)
 
     def body(self):
         """_C.Body over these packs: the whole body in one C++ call (CPU)."""
         from .. import _C
 
-        return _C.Body([L.to_c() for L in self.layers], self.wte, self.wpe, self.ln_f.weight, self.ln_f.bias,
-                       self.n_head, self.eps)
+        return _C.Body(self.to_c())
 
     def engine(self, batch: int, max_len: int, max_rows: int):
         """_C.Engine (gpt2kern.generate's decoder) over these packs, with its KV cache for batch × max_len."""
@@ -320,8 +326,7 @@ class Weights:
 
         if self.lm_head is None:
             raise ValueError("the decode engine needs the model's lm_head")
-        return _C.Engine([L.to_c() for L in self.layers], self.wte, self.wpe, self.ln_f.weight, self.ln_f.bias,
-                         self.lm_head.to_c(), self.lm_head.n_out, self.n_head, self.eps, batch, max_len, max_rows)
+        return _C.Engine(self.to_c(), batch, max_len, max_rows)
 
 
 def attn_scale(cfg, attn) -> float:

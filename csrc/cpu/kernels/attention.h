@@ -17,16 +17,16 @@ constexpr int KB = kAttnKeyBlock;
 constexpr int QB = kAttnQueryBlock;
 constexpr int KBV = KB / VL > 0 ? KB / VL : 1;
 static_assert(KB % VL == 0, "key block must be a whole number of vectors");
-constexpr int QV = QB / VL;                  // vectors of query rows in a tile
+constexpr int QV = QB / VL;  // vectors of query rows in a tile
 static_assert(QB % VL == 0, "query block must be a whole number of vectors");
 // Register budget (GK_VREGS vector registers: 32 zmm, 16 ymm/xmm). A score step holds KU·QV accumulators, QV query
 // vectors and one broadcast key value; a P·V step RV·DC accumulators, DC value vectors and one broadcast. What
 // does not fit spills to the stack in the innermost loop (AVX2 with the AVX-512 shape: 21 of 16 registers).
 constexpr int KU_FIT = (GK_VREGS - QV - 1) / QV;
 constexpr int KU = KU_FIT < 1 ? 1 : (KU_FIT < 16 / QV ? KU_FIT : (16 / QV > 0 ? 16 / QV : 1));  // keys per step
-constexpr int RV = 4;                        // query rows per P·V group
+constexpr int RV = 4;  // query rows per P·V group
 constexpr int DC_FIT = (GK_VREGS - 1) / (RV + 1);
-constexpr int DC = DC_FIT >= 4 ? 4 : 2;      // vectors of d per P·V step: 4 with 32 registers, 2 with 16
+constexpr int DC = DC_FIT >= 4 ? 4 : 2;  // vectors of d per P·V step: 4 with 32 registers, 2 with 16
 static_assert(QB % RV == 0, "P·V row groups must tile the query block");
 
 // One task's (batch, head) slice of q, k, v, key_mask and bias, and the end of the keys any of its query rows
@@ -66,15 +66,18 @@ GK_INLINE void write_rows(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, i
 static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
   const int64_t nq = i1 - i0;
-  float* S = scratch;               // [QB][KB]
-  float* acc = S + QB * KB;         // [QB][D]
-  float* m = acc + QB * D;          // [QB]
-  float* l = m + QB;                // [QB]
+  float* S = scratch;        // [QB][KB]
+  float* acc = S + QB * KB;  // [QB][D]
+  float* m = acc + QB * D;   // [QB]
+  float* l = m + QB;         // [QB]
   const float NEG_INF = -__builtin_inff();
   const HeadView hv(a, bh, i1);
   const float *q = hv.q, *k = hv.k, *v = hv.v, *bias = hv.bias;
   const bool* km = hv.km;
-  for (int64_t r = 0; r < nq; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+  for (int64_t r = 0; r < nq; ++r) {
+    m[r] = NEG_INF;
+    l[r] = 0.f;
+  }
   for (int64_t x = 0; x < nq * D; ++x) acc[x] = 0.f;
   const int64_t kv_end = hv.kv_end;
 
@@ -90,12 +93,21 @@ static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
         int64_t d = 0;
         for (; d + 2 * VL <= D; d += 2 * VL) {
           const vf q0 = load(qr + d), q1 = load(qr + d + VL);
-          a0 += q0 * load(k0 + d); a1 += q1 * load(k0 + d + VL);
-          b0 += q0 * load(k1 + d); b1 += q1 * load(k1 + d + VL);
+          a0 += q0 * load(k0 + d);
+          a1 += q1 * load(k0 + d + VL);
+          b0 += q0 * load(k1 + d);
+          b1 += q1 * load(k1 + d + VL);
         }
-        for (; d + VL <= D; d += VL) { const vf q0 = load(qr + d); a0 += q0 * load(k0 + d); b0 += q0 * load(k1 + d); }
+        for (; d + VL <= D; d += VL) {
+          const vf q0 = load(qr + d);
+          a0 += q0 * load(k0 + d);
+          b0 += q0 * load(k1 + d);
+        }
         float s0 = hsum(a0 + a1), s1 = hsum(b0 + b1);
-        for (; d < D; ++d) { s0 += qr[d] * k0[d]; s1 += qr[d] * k1[d]; }
+        for (; d < D; ++d) {
+          s0 += qr[d] * k0[d];
+          s1 += qr[d] * k1[d];
+        }
         S[r * KB + jj] = s0 * a.scale;
         S[r * KB + jj + 1] = s1 * a.scale;
       }
@@ -121,7 +133,8 @@ static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
       if (lim <= 0) continue;
       for (int jj = lim; jj < KB; ++jj) sr[jj] = NEG_INF;
       if (km)
-        for (int jj = 0; jj < lim; ++jj) if (!km[j0 + jj]) sr[jj] = NEG_INF;
+        for (int jj = 0; jj < lim; ++jj)
+          if (!km[j0 + jj]) sr[jj] = NEG_INF;
       if (bias) {
         const float* br = bias + i * a.sb_t + j0;
         for (int jj = 0; jj < lim; ++jj) sr[jj] += br[jj];
@@ -154,9 +167,15 @@ static void attention_rows(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
         for (int jj = 0; jj < lim; ++jj) {
           const vf p = bcast(sr[jj]);
           const float* vj = v + (j0 + jj) * a.sv_t + d;
-          o0 += p * load(vj); o1 += p * load(vj + VL); o2 += p * load(vj + 2 * VL); o3 += p * load(vj + 3 * VL);
+          o0 += p * load(vj);
+          o1 += p * load(vj + VL);
+          o2 += p * load(vj + 2 * VL);
+          o3 += p * load(vj + 3 * VL);
         }
-        store(ar + d, o0); store(ar + d + VL, o1); store(ar + d + 2 * VL, o2); store(ar + d + 3 * VL, o3);
+        store(ar + d, o0);
+        store(ar + d + VL, o1);
+        store(ar + d + 2 * VL, o2);
+        store(ar + d + 3 * VL, o3);
       }
       for (; d + VL <= D; d += VL) {
         vf o = load(ar + d) * bcast(corr);
@@ -219,12 +238,12 @@ GK_INLINE void tile_pv(float* acc, int64_t D, int64_t r0, const float* corr, con
 static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch) {
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
   const int64_t nq = i1 - i0;
-  float* Qt = scratch;              // [D][QB]  this task's query rows, transposed (rows past nq: zeros)
-  float* St = Qt + D * QB;          // [KB][QB] scores, then probabilities, of one key block
-  float* acc = St + KB * QB;        // [QB][D]
-  float* m = acc + QB * D;          // [QB] running max
-  float* l = m + QB;                // [QB] running sum
-  float* corr = l + QB;             // [QB] rescale of acc for this key block
+  float* Qt = scratch;        // [D][QB]  this task's query rows, transposed (rows past nq: zeros)
+  float* St = Qt + D * QB;    // [KB][QB] scores, then probabilities, of one key block
+  float* acc = St + KB * QB;  // [QB][D]
+  float* m = acc + QB * D;    // [QB] running max
+  float* l = m + QB;          // [QB] running sum
+  float* corr = l + QB;       // [QB] rescale of acc for this key block
   const float NEG_INF = -__builtin_inff();
   const vf ninf = bcast(NEG_INF), zero{};
   const HeadView hv(a, bh, i1);
@@ -232,7 +251,10 @@ static void attention_tile(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1
   const bool* km = hv.km;
   for (int64_t d = 0; d < D; ++d)
     for (int64_t r = 0; r < QB; ++r) Qt[d * QB + r] = r < nq ? q[(i0 + r) * a.sq_t + d] : 0.f;
-  for (int64_t r = 0; r < QB; ++r) { m[r] = NEG_INF; l[r] = 0.f; }
+  for (int64_t r = 0; r < QB; ++r) {
+    m[r] = NEG_INF;
+    l[r] = 0.f;
+  }
   for (int64_t x = 0; x < QB * D; ++x) acc[x] = 0.f;
   const int64_t kv_end = hv.kv_end;
 

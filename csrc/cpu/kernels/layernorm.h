@@ -11,7 +11,10 @@ GK_INLINE float row_mean(const float* x, int64_t n) {
   vf a0{}, a1{}, a2{}, a3{};
   int64_t j = 0;
   for (; j + 4 * VL <= n; j += 4 * VL) {
-    a0 += load(x + j); a1 += load(x + j + VL); a2 += load(x + j + 2 * VL); a3 += load(x + j + 3 * VL);
+    a0 += load(x + j);
+    a1 += load(x + j + VL);
+    a2 += load(x + j + 2 * VL);
+    a3 += load(x + j + 3 * VL);
   }
   for (; j + VL <= n; j += VL) a0 += load(x + j);
   float s = hsum((a0 + a1) + (a2 + a3));
@@ -25,11 +28,18 @@ GK_INLINE float row_rstd(const float* x, int64_t n, float mean, float eps) {
   int64_t j = 0;
   for (; j + 2 * VL <= n; j += 2 * VL) {
     vf d0 = load(x + j) - m, d1 = load(x + j + VL) - m;
-    a0 += d0 * d0; a1 += d1 * d1;
+    a0 += d0 * d0;
+    a1 += d1 * d1;
   }
-  for (; j + VL <= n; j += VL) { vf d = load(x + j) - m; a0 += d * d; }
+  for (; j + VL <= n; j += VL) {
+    vf d = load(x + j) - m;
+    a0 += d * d;
+  }
   float s = hsum(a0 + a1);
-  for (; j < n; ++j) { float d = x[j] - mean; s += d * d; }
+  for (; j < n; ++j) {
+    float d = x[j] - mean;
+    s += d * d;
+  }
   return 1.f / __builtin_sqrtf(s / (float)n + eps);
 }
 

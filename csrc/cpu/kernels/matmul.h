@@ -69,9 +69,8 @@ GK_INLINE void end_tile(vf (&acc)[MR][NV], float* C, int64_t ldc, int ncols, con
 }
 
 template <int MR>
-GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, int64_t ldb, float* C,
-                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
-                           int part) {
+GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* Bp, int64_t ldb, float* C, int64_t ldc,
+                           int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr, int part) {
   vf acc[MR][NV];
   start_tile<MR>(acc, C, ldc, ncols, part);
   int64_t k = 0;
@@ -106,24 +105,27 @@ GK_INLINE void matmul_tile(const float* A, int64_t lda, int64_t K, const float* 
 }
 
 template <int MR>
-GK_INLINE void matmul_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb,
-                           float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
-                           int64_t ldr, int part) {
+GK_INLINE void matmul_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
+                           int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                           int part) {
   if constexpr (MR > 0) {
     if (M >= MR) {
       int64_t m = 0;
       for (; m + MR <= M; m += MR)
-        matmul_tile<MR>(A + m * lda, lda, K, Bp, ldb, C + m * ldc, ldc, ncols, bias, epi, R ? R + m * ldr : R,
-                        ldr, part);
-      M -= m; A += m * lda; C += m * ldc; if (R) R += m * ldr;
+        matmul_tile<MR>(A + m * lda, lda, K, Bp, ldb, C + m * ldc, ldc, ncols, bias, epi, R ? R + m * ldr : R, ldr,
+                        part);
+      M -= m;
+      A += m * lda;
+      C += m * ldc;
+      if (R) R += m * ldr;
     }
     if (M > 0) matmul_rows<MR - 1>(A, lda, M, K, Bp, ldb, C, ldc, ncols, bias, epi, R, ldr, part);
   }
 }
 
-static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb,
-                         float* C, int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi,
-                         const float* R, int64_t ldr, int part) {
+static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
+                         int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
+                         int64_t ldr, int part) {
   matmul_rows<GK_MR_MAX>(A, lda, M, K, Bp, ldb, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
                          R ? R + n0 : nullptr, ldr, part);
 }
@@ -147,14 +149,20 @@ static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const f
       float* __restrict__ am = acc + m * n;
       for (int64_t j = 0; j < nv; j += VL) {
         vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
-        s0 += a[2] * load(w + 2 * ldw + j); s1 += a[3] * load(w + 3 * ldw + j);
-        s0 += a[4] * load(w + 4 * ldw + j); s1 += a[5] * load(w + 5 * ldw + j);
-        s0 += a[6] * load(w + 6 * ldw + j); s1 += a[7] * load(w + 7 * ldw + j);
+        s0 += a[2] * load(w + 2 * ldw + j);
+        s1 += a[3] * load(w + 3 * ldw + j);
+        s0 += a[4] * load(w + 4 * ldw + j);
+        s1 += a[5] * load(w + 5 * ldw + j);
+        s0 += a[6] * load(w + 6 * ldw + j);
+        s1 += a[7] * load(w + 7 * ldw + j);
         store(am + j, s0 + s1);
       }
       for (int64_t j = nv; j < n; ++j) {
         float s0 = am[j], s1 = 0.f;
-        for (int r = 0; r < 8; r += 2) { s0 += am_[r] * w[r * ldw + j]; s1 += am_[r + 1] * w[(r + 1) * ldw + j]; }
+        for (int r = 0; r < 8; r += 2) {
+          s0 += am_[r] * w[r * ldw + j];
+          s1 += am_[r + 1] * w[(r + 1) * ldw + j];
+        }
         am[j] = s0 + s1;
       }
     }

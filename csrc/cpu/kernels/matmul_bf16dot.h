@@ -12,8 +12,8 @@ namespace GK_ISA {
 
 // sum[r] += Σ over pairs [k2_0, k2_1) of A's pair · B's pair, for 32 columns (two accumulators per row)
 template <int MR>
-GK_INLINE void bf16dot_accumulate(vf (&sum)[MR][NV], const uint16_t* A, int64_t lda, const uint16_t* Bp,
-                                  int64_t k2_0, int64_t k2_1) {
+GK_INLINE void bf16dot_accumulate(vf (&sum)[MR][NV], const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t k2_0,
+                                  int64_t k2_1) {
   for (int64_t k2 = k2_0; k2 < k2_1; ++k2) {  // k2: the pair (2·k2, 2·k2 + 1)
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + k2 * 2 * kPanel);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(Bp + k2 * 2 * kPanel + 32);
@@ -31,9 +31,9 @@ GK_INLINE void bf16dot_accumulate(vf (&sum)[MR][NV], const uint16_t* A, int64_t 
 // group of G2 pairs (G even: pairs never straddle a group) is summed apart and scaled once, as matmul_lowp.h does
 // (sc: the K block's first group of scales [.][32]). 6 rows then: 2 × 6 sums + 2 × 6 group sums + 3 operands.
 template <int MR, bool Q>
-GK_INLINE void bf16dot_tile(const uint16_t* A, int64_t lda, int64_t K2, const uint16_t* Bp, const float* sc,
-                            int64_t G2, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
-                            const float* R, int64_t ldr, int part) {
+GK_INLINE void bf16dot_tile(const uint16_t* A, int64_t lda, int64_t K2, const uint16_t* Bp, const float* sc, int64_t G2,
+                            float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
+                            int64_t ldr, int part) {
   vf acc[MR][NV];
   start_tile<MR>(acc, C, ldc, ncols, part);
   if constexpr (!Q) {
@@ -55,9 +55,9 @@ GK_INLINE void bf16dot_tile(const uint16_t* A, int64_t lda, int64_t K2, const ui
 }
 
 template <int MR, bool Q>
-GK_INLINE void bf16dot_rows(const uint16_t* A, int64_t lda, int64_t M, int64_t K2, const uint16_t* Bp,
-                            const float* sc, int64_t G2, float* C, int64_t ldc, int ncols, const float* bias,
-                            Epilogue epi, const float* R, int64_t ldr, int part) {
+GK_INLINE void bf16dot_rows(const uint16_t* A, int64_t lda, int64_t M, int64_t K2, const uint16_t* Bp, const float* sc,
+                            int64_t G2, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
+                            const float* R, int64_t ldr, int part) {
   if constexpr (MR > 0) {
     for (; M >= MR; M -= MR, A += MR * lda, C += MR * ldc, R = R ? R + MR * ldr : R)
       bf16dot_tile<MR, Q>(A, lda, K2, Bp, sc, G2, C, ldc, ncols, bias, epi, R, ldr, part);
@@ -69,22 +69,22 @@ GK_INLINE void bf16dot_rows(const uint16_t* A, int64_t lda, int64_t M, int64_t K
 static void bf16dot_panel(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, float* C,
                           int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R,
                           int64_t ldr, int part) {
-  bf16dot_rows<GK_MR_MAX, false>(A, lda, M, kc / 2, Bp, nullptr, 1, C + n0, ldc, ncols, bias ? bias + n0 : nullptr,
-                                 epi, R ? R + n0 : nullptr, ldr, part);
+  bf16dot_rows<GK_MR_MAX, false>(A, lda, M, kc / 2, Bp, nullptr, 1, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
+                                 R ? R + n0 : nullptr, ldr, part);
 }
 
 // the same over int8 codes: kc a multiple of the (even) group G
-static void bf16dot_panel_q(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp,
-                            const float* sc, int64_t G, float* C, int64_t ldc, int64_t n0, int ncols,
-                            const float* bias, Epilogue epi, const float* R, int64_t ldr, int part) {
+static void bf16dot_panel_q(const uint16_t* A, int64_t lda, int64_t M, int64_t kc, const uint16_t* Bp, const float* sc,
+                            int64_t G, float* C, int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi,
+                            const float* R, int64_t ldr, int part) {
   bf16dot_rows<6, true>(A, lda, M, kc / 2, Bp, sc, G / 2, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
                         R ? R + n0 : nullptr, ldr, part);
 }
 
 // rows r0 (k) and r1 (k + 1) of 32 bf16 each interleaved column by column into dst [32][2]
 GK_INLINE void store_pairs(__m512i r0, __m512i r1, uint16_t* dst) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, lo, r1));
   _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(r0, hi, r1));
@@ -106,8 +106,8 @@ static void int8_pairs(const int8_t* panel, int64_t k0, int64_t kc, uint16_t* ds
 static void bf16_pairs(const uint16_t* panel, int64_t K, int64_t k0, int64_t kc, uint16_t* dst) {
   for (int64_t k = 0; k < kc; k += 2) {
     const __m512i r0 = _mm512_loadu_si512(panel + (k0 + k) * kPanel);
-    const __m512i r1 = k0 + k + 1 < K && k + 1 < kc ? _mm512_loadu_si512(panel + (k0 + k + 1) * kPanel)
-                                                    : _mm512_setzero_si512();
+    const __m512i r1 =
+        k0 + k + 1 < K && k + 1 < kc ? _mm512_loadu_si512(panel + (k0 + k + 1) * kPanel) : _mm512_setzero_si512();
     store_pairs(r0, r1, dst + k * kPanel);
   }
 }

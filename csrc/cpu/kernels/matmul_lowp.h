@@ -15,8 +15,7 @@ namespace GK_ISA {
 // to separate sums (added at the end) so twice the loads are in flight (matmul.h's GEMV note); more rows give
 // enough independent chains by themselves.
 template <int MR, WType W>
-GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, const void* Bp, int64_t k0,
-                               int64_t k1) {
+GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, const void* Bp, int64_t k0, int64_t k1) {
   int64_t k = k0;
   if constexpr (MR <= 2 && GK_VREGS >= 32) {
     vf s1[MR][NV];
@@ -72,8 +71,8 @@ GK_INLINE void lowp_tile(const float* A, int64_t lda, int64_t K, const void* Bp,
 
 template <int MR, WType W>
 GK_INLINE void lowp_rows(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* scales,
-                         int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
-                         const float* R, int64_t ldr) {
+                         int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
+                         int64_t ldr) {
   // rows in tiles of MR: each widened weight vector is shared by a tile's rows
   if constexpr (MR > 0) {
     for (; M >= MR; M -= MR, A += MR * lda, C += MR * ldc, R = R ? R + MR * ldr : R)

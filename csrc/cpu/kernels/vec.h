@@ -87,10 +87,14 @@ GK_INLINE vf widen_i8(const int8_t* p) {
 // Elements [i, i + VL) of a weight stored as W (a WType), widened to fp32.
 template <WType W>
 GK_INLINE vf load_w(const void* base, int64_t i) {
-  if constexpr (W == WType::F32) return load(static_cast<const float*>(base) + i);
-  else if constexpr (W == WType::F16) return widen_f16(static_cast<const uint16_t*>(base) + i);
-  else if constexpr (W == WType::BF16) return widen_bf16(static_cast<const uint16_t*>(base) + i);
-  else return widen_i8(static_cast<const int8_t*>(base) + i);
+  if constexpr (W == WType::F32)
+    return load(static_cast<const float*>(base) + i);
+  else if constexpr (W == WType::F16)
+    return widen_f16(static_cast<const uint16_t*>(base) + i);
+  else if constexpr (W == WType::BF16)
+    return widen_bf16(static_cast<const uint16_t*>(base) + i);
+  else
+    return widen_i8(static_cast<const int8_t*>(base) + i);
 }
 GK_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
