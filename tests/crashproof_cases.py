@@ -2,8 +2,9 @@
 
 Each case is (name, call, expect): expect is (exception types, regex the message must match), or OK for calls
 whose inputs are odd but legal (empty tensors, mixed devices): those may return or raise a clear exception, but
-must never crash; or RETURNS for calls that must return (any exception fails the case). `python tests/crashproof_cases.py [--device cuda] START` runs the cases from index START,
-printing `CASE i name` before each call and `RESULT i <outcome>` after, so a crash names the case that caused it.
+must never crash; or RETURNS for calls that must return (any exception fails the case).
+`python tests/crashproof_cases.py [--device cuda] START` runs the cases from index START, printing `CASE i name`
+before each call and `RESULT i <outcome>` after, so a crash names the case that caused it.
 
 Two lists. The CPU list: every op, the ISA switch, the optimized model, the C++ body and engine, generate, load.
 The CUDA list (--device cuda): the same op cases with their tensors on the GPU (_op_cases: where the CUDA glue,
@@ -315,10 +316,11 @@ def _cpu_cases(case):
     optimize and load: CPU entry points (their CUDA counterparts are in _cuda_cases)."""
     import dataclasses
 
+    from transformers.cache_utils import DynamicCache
+
     import gpt2kern
     from gpt2kern import _C, ops
     from gpt2kern.model.dropin import _CACHE_ARG as CACHE  # past_key_values, or cache in newer transformers
-    from transformers.cache_utils import DynamicCache
 
     meta = dict(device="meta")
     # ---- ISA switch
@@ -534,7 +536,8 @@ def _cpu_cases(case):
     case("engine generate ids on meta", lambda: ggen(t.to(**meta)), (VE, "input_ids are on the meta device"))
     case("engine generate ids on meta, pad id", lambda: ggen(t.to(**meta), pad_token_id=5),
          (VE, "input_ids are on the meta device"))
-    case("engine generate mask on meta", lambda: ggen(t, torch.ones(1, 3).to(**meta)), (VE, "attention_mask is on the meta device"))
+    case("engine generate mask on meta", lambda: ggen(t, torch.ones(1, 3).to(**meta)),
+         (VE, "attention_mask is on the meta device"))
     case("engine generate eos out of range", lambda: ggen(t, eos_token_id=[V + 5]), OK)
     case("optimize not a model", lambda: gpt2kern.optimize(torch.nn.Linear(2, 2)), (TE, "GPT2LMHeadModel"))
     case("optimize None", lambda: gpt2kern.optimize(None), (TE, "GPT2LMHeadModel"))

@@ -168,8 +168,9 @@ def _bf16_dot_available():
 def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi, mode):
     """AVX512_BF16 prefill: x is rounded to bf16 too (its own error, reported by the bench beside the weights'),
     so the kernel is held to a float64 product of exactly the two rounded operands; odd K pads a zero pair."""
-    from gpt2kern import _C
     from test_gelu import gelu_terms, ref_gelu
+
+    from gpt2kern import _C
 
     before = ops.isa()
     ops.set_isa("avx512")

@@ -5,11 +5,10 @@ import io
 import pytest
 import torch
 from conftest import DEVICES, LOGITS_ATOL, pair
+from transformers import GPT2LMHeadModel, GPT2Model
 
 import gpt2kern
 import gpt2kern.model.dropin
-from transformers import GPT2LMHeadModel, GPT2Model
-
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +136,8 @@ def test_masks_2d_and_4d(tiny, dev):
     valid = mask.bool()
     torch.testing.assert_close(b[valid], a[valid], atol=LOGITS_ATOL, rtol=0)
     # a 4-D boolean mask (True = attend) as static-cache generate passes it
-    m4 = torch.tril(torch.ones(8, 8, dtype=torch.bool, device=dev))[None, None].expand(3, 1, 8, 8) & valid[:, None, None, :]
+    causal = torch.tril(torch.ones(8, 8, dtype=torch.bool, device=dev))[None, None].expand(3, 1, 8, 8)
+    m4 = causal & valid[:, None, None, :]
     b4 = opt(ids, attention_mask=m4, position_ids=pos).logits
     torch.testing.assert_close(b4[valid], a[valid], atol=LOGITS_ATOL, rtol=0)
     f4 = torch.zeros(m4.shape, device=dev).masked_fill(~m4, torch.finfo(torch.float32).min)

@@ -22,7 +22,6 @@ import torch
 
 from . import ops
 
-
 # weight modes: the stored element type of every matmul weight (activations and accumulation stay fp32)
 MODES = ("fp32", "fp16", "bf16", "int8")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -153,7 +152,8 @@ class WeightFormat:
         return data, scales
 
     def unpack(self, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        """The [n_in, n_out] float64 weight this storage represents (tests' reference: exact, from the stored values)."""
+        """The [n_in, n_out] float64 weight this storage represents (tests' reference: exact, from the stored
+        values)."""
         if self.layout == "kn":
             w = data.double()
             if scales is not None:
