@@ -479,8 +479,8 @@ def _cpu_cases(case):
     case("Body c_fc's Linear in the c_attn slot", lambda: body_with(c_attn=L0.c_fc.to_c("c_fc")),
          (VE, "layer 0's c_attn must be a 32 -> 96 Linear, got 32 -> 128"))
     case("Engine model without lm_head", lambda: _C.Engine(model(), 1, 8, 8), (VE, "needs the model's lm_head"))
-    case("LayerWeights positional", lambda: _C.Layer(*c_args.values()), (TE, "incompatible"))
-    case("LayerWeights missing field", lambda: _C.Layer(**{k: v for k, v in c_args.items() if k != "scale"}),
+    case("Layer positional", lambda: _C.Layer(*c_args.values()), (TE, "incompatible"))
+    case("Layer missing field", lambda: _C.Layer(**{k: v for k, v in c_args.items() if k != "scale"}),
          (TE, "incompatible"))
     case("Layer record misassigned", lambda: dataclasses.replace(L0, c_fc=L0.mlp_proj),
          (VE, "Layer.c_fc must be a 32 -> 32 Linear with a bias, got 128 -> 32"))

@@ -2,7 +2,7 @@
 // optimized model's forward when HF's generate drives it).
 //
 // Stack holds the packed weights and runs embedding → blocks → ln_f with the same kernels in the same order as
-// the per-op walk in gpt2kern/model.py::_walk, so all three paths give the same numbers. Only where K/V live
+// the per-op walk in gpt2kern/model/body.py::blocks, so all three paths give the same numbers. Only where K/V live
 // differs:
 // - Engine owns a preallocated KV cache [layers][B][H][max_len][D] and every activation buffer, sized once, so a
 //   decode step allocates nothing; forward(ids [B, T]) appends T tokens per row and returns the logits of each
@@ -123,7 +123,7 @@ struct KvView {
 
 // The GPT-2 body (embedding → blocks → ln_f) on packed weights, shared by the decode engine (its own
 // preallocated cache) and Body.forward (the optimized model's forward over HF's DynamicCache). Both run the
-// same kernels in the same order as gpt2kern/model.py::_walk, so all three give the same numbers.
+// same kernels in the same order as gpt2kern/model/body.py::blocks, so all three give the same numbers.
 class Stack {
  public:
   Stack(const Model& m, const char* who)

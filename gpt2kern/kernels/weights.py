@@ -9,7 +9,7 @@
     Layer(ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj, scale)
     Weights(layers, wte, wpe, ln_f, lm_head, n_head, mode)   the whole body (+ the head), from pack()
 
-The per-op walk (model.py), the C++ engine (`Weights.to_c()`: _C.Model of _C.Layer, _C.Linear and _C.Norm, keyword
+The per-op body (model/body.py), the C++ engine (`Weights.to_c()`: _C.Model of _C.Layer, _C.Linear and _C.Norm, keyword
 arguments only) and the CUDA graph decoder all read these records. Each record checks its shapes when it is built,
 so a field handed the wrong tensor fails here, by name, instead of computing wrong numbers later.
 """
