@@ -231,10 +231,10 @@ class Stack {
   }
 
   // T tokens per row as T decode steps in one pass over the weights (speculative decoding's verify): rows in [t][b]
-  // order, and every op is called once per position t on that position's B rows with exactly the arguments a
-  // T = 1 forward passes it. The kernels' sums depend on a call's row count (matmul tiles, K blocks), so only this
-  // makes each row's numbers bit-identical to T successive single-token forwards; the weights of one matmul are
-  // still read T times in a row, from cache after the first. kv(l, t, qkv_t) stores position t's K/V (B rows) and
+  // order, and every op runs once per position t on that position's B rows with exactly the arguments a T = 1
+  // forward passes it (the matmuls through run_matmul_steps, which reads a weight once for all positions where it
+  // can). The kernels' sums depend on a call's row count (matmul tiles, K blocks), so only this makes each row's
+  // numbers bit-identical to T successive single-token forwards. kv(l, t, qkv_t) stores position t's K/V (B rows) and
   // says where its query attends. Leaves position t's ln_f output in rows [t·B, t·B + B) of s.x.
   template <class KvFn>
   void run_steps(const Scratch& s, const int64_t* ids, const int64_t* pos, int64_t B, int64_t T, KvFn&& kv) const {
@@ -255,10 +255,7 @@ class Stack {
     });
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
-      each([&](int64_t, int64_t o) {
-        run_matmul(s.x + o * E, E, B, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, nullptr, 0,
-                   s.qkv + o * 3 * E);
-      });
+      run_matmul_steps(s.x, E, T, B, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, s.qkv);
       each([&](int64_t t, int64_t o) {
         const KvView c = kv(l, t, s.qkv + o * 3 * E);
         AttnArgs args{};
@@ -284,22 +281,13 @@ class Stack {
         args.causal = true;
         run_attention(args);
       });
-      each([&](int64_t, int64_t o) {
-        run_matmul(s.att + o * E, E, B, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, nullptr, 0,
-                   s.a + o * E);
-      });
+      run_matmul_steps(s.att, E, T, B, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, s.a);
       each([&](int64_t, int64_t o) {
         run_add_layer_norm(s.a + o * E, E, s.h + o * E, E, s.h + o * E, s.x + o * E, f32(L.ln_2.weight),
                            f32(L.ln_2.bias), B, E, (float)L.ln_2.eps);
       });
-      each([&](int64_t, int64_t o) {
-        run_matmul(s.x + o * E, E, B, E, L.c_fc.ref, F_, f32(L.c_fc.bias), Epilogue::GeluNew, nullptr, 0,
-                   s.fc + o * F_);
-      });
-      each([&](int64_t, int64_t o) {
-        run_matmul(s.fc + o * F_, F_, B, F_, L.mlp_proj.ref, E, f32(L.mlp_proj.bias), Epilogue::None, nullptr, 0,
-                   s.a + o * E);
-      });
+      run_matmul_steps(s.x, E, T, B, E, L.c_fc.ref, F_, f32(L.c_fc.bias), Epilogue::GeluNew, s.fc);
+      run_matmul_steps(s.fc, F_, T, B, F_, L.mlp_proj.ref, E, f32(L.mlp_proj.bias), Epilogue::None, s.a);
       const Norm& nx = l + 1 == layers_.size() ? ln_f_ : layers_[l + 1].ln_1;
       each([&](int64_t, int64_t o) {
         run_add_layer_norm(s.a + o * E, E, s.h + o * E, E, s.h + o * E, s.x + o * E, f32(nx.weight), f32(nx.bias), B, E,
