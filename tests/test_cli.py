@@ -248,6 +248,8 @@ def test_errors_from_the_console_script(args, needle):
     (["parity", "-m", "random:tiny", "--batch", "65"], "--batch must be at most 64"),
     (["next", "1", "-m", "random:tiny", "--threads", str(10 ** 20)], "--threads must be at most"),
     (["next", "1", "-m", "random:tiny", "--weights", "q4"], "--weights"),
+    (["generate", "1", "-m", "random:tiny", "--speculative", "q4"], "--speculative must be fp16, bf16 or int8"),
+    (["generate", "1", "-m", "random:tiny", "--speculative", "int8", "--sample"], "--speculative is greedy only"),
 ])
 def test_errors_are_one_line_exit_2(cli_run, args, needle):
     code, out, err = cli_run(*args)
@@ -351,6 +353,16 @@ def test_default_model_notice_and_distilgpt2(cli_run, monkeypatch):
     assert code == 0 and json.loads(out)["fast_path"], err
     code, out, err = cli_run("trace", "The quick", "-m", "random:distilgpt2", "--layer", "wpe")  # text, offline
     assert code == 0 and "[2, 768]" in out, err
+
+
+def test_generate_speculative_gives_the_same_tokens(cli_run):
+    args = ("generate", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "-n", "12", "--json")
+    code, out, err = cli_run(*args)
+    assert code == 0, err
+    code2, out2, err2 = cli_run(*args, "--speculative", "int8")
+    assert code2 == 0, err2
+    a, b = json.loads(out), json.loads(out2)
+    assert b["new_ids"] == a["new_ids"] and b["settings"]["speculative"] == "int8"
 
 
 def test_canonical_layer_names():

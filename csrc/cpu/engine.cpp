@@ -230,6 +230,72 @@ class Stack {
     }
   }
 
+  // T tokens per row as T decode steps in one pass over the weights (speculative decoding's verify): rows in [t][b]
+  // order, and every op runs once per position t on that position's B rows with exactly the arguments a T = 1
+  // forward passes it (the matmuls through run_matmul_steps, which reads a weight once for all positions where it
+  // can). The kernels' sums depend on a call's row count (matmul tiles, K blocks), so only this makes each row's
+  // numbers bit-identical to T successive single-token forwards. kv(l, t, qkv_t) stores position t's K/V (B rows) and
+  // says where its query attends. Leaves position t's ln_f output in rows [t·B, t·B + B) of s.x.
+  template <class KvFn>
+  void run_steps(const Scratch& s, const int64_t* ids, const int64_t* pos, int64_t B, int64_t T, KvFn&& kv) const {
+    const KernelTable& kt = kernels();
+    const int64_t E = E_;
+    const float *wte = f32(wte_), *wpe = f32(wpe_);
+    auto each = [&](auto&& f) {
+      for (int64_t t = 0; t < T; ++t) f(t, t * B);
+    };
+    each([&](int64_t, int64_t o) {
+      parallel_chunks(B, std::max<int64_t>(1, 16384 / E), [&](int64_t r0, int64_t r1) {
+        kt.embedding_rows(ids + o + r0, pos + o + r0, nullptr, wte, wpe, s.h + (o + r0) * E, r1 - r0, E);
+      });
+    });
+    const Norm& ln0 = layers_[0].ln_1;
+    each([&](int64_t, int64_t o) {
+      run_layer_norm(s.h + o * E, E, s.x + o * E, f32(ln0.weight), f32(ln0.bias), B, E, (float)ln0.eps);
+    });
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      run_matmul_steps(s.x, E, T, B, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, s.qkv);
+      each([&](int64_t t, int64_t o) {
+        const KvView c = kv(l, t, s.qkv + o * 3 * E);
+        AttnArgs args{};
+        args.q = s.qkv + o * 3 * E;
+        args.sq_b = 3 * E;
+        args.sq_h = D_;
+        args.sq_t = 3 * E;
+        args.k = c.k;
+        args.v = c.v;
+        args.sk_b = args.sv_b = c.s_b;
+        args.sk_h = args.sv_h = c.s_h;
+        args.sk_t = args.sv_t = c.s_t;
+        args.out = s.att + o * E;
+        args.B = B;
+        args.H = H_;
+        args.Tq = 1;
+        args.Tkv = c.Tkv;
+        args.D = D_;
+        args.key_mask = c.key_mask;
+        args.mask_len = c.mask_len;
+        args.scale = (float)L.scale;
+        args.q_offset = c.q_offset;
+        args.causal = true;
+        run_attention(args);
+      });
+      run_matmul_steps(s.att, E, T, B, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, s.a);
+      each([&](int64_t, int64_t o) {
+        run_add_layer_norm(s.a + o * E, E, s.h + o * E, E, s.h + o * E, s.x + o * E, f32(L.ln_2.weight),
+                           f32(L.ln_2.bias), B, E, (float)L.ln_2.eps);
+      });
+      run_matmul_steps(s.x, E, T, B, E, L.c_fc.ref, F_, f32(L.c_fc.bias), Epilogue::GeluNew, s.fc);
+      run_matmul_steps(s.fc, F_, T, B, F_, L.mlp_proj.ref, E, f32(L.mlp_proj.bias), Epilogue::None, s.a);
+      const Norm& nx = l + 1 == layers_.size() ? ln_f_ : layers_[l + 1].ln_1;
+      each([&](int64_t, int64_t o) {
+        run_add_layer_norm(s.a + o * E, E, s.h + o * E, E, s.h + o * E, s.x + o * E, f32(nx.weight), f32(nx.bias), B, E,
+                           (float)nx.eps);
+      });
+    }
+  }
+
   // The K and V of T new tokens (columns E..3E of qkv) into rows [t0, t0 + T) of k, v ([B][H][rows][D], strides
   // s_b, s_h, s_t).
   void store_kv(const float* qkv, int64_t B, int64_t T, float* k, float* v, int64_t s_b, int64_t s_h, int64_t s_t,
@@ -407,13 +473,19 @@ class Engine {
     key_mask_ = at::zeros({B_, Tmax_}, f.dtype(at::kBool));
     buf_ = at::empty({max_rows_ * (7 * E + st_.F_)}, f);
     logits_ = at::empty({B_, V_}, f);
+    all_logits_ = at::empty({0, V_}, f);
   }
 
   // Append ids [B, T] at positions pos [B, T] (valid [B, T]: false = left padding); returns logits [B, vocab] of
   // each row's last token. The returned tensor is the engine's buffer: it is overwritten by the next call.
   // threads > 0: the kernels of this call use at most that many threads (generate's per-step choice, see
   // gpt2kern/generate.py's ThreadChooser); 0: torch's count.
-  at::Tensor forward(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid, int64_t threads) {
+  //
+  // all_logits: the logits of every token, [B, T, vocab] (a view of the engine's buffer, also overwritten by the next
+  // call), each bit-identical to what T successive T = 1 forwards return for it (Stack::run_steps) — speculative
+  // decoding's verify step.
+  at::Tensor forward(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid, int64_t threads,
+                     bool all_logits) {
     TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ", threads);
     const ThreadCap cap(threads);
     GK_CHECK_DTYPE(ids, at::kLong, "Engine.forward", "ids");
@@ -431,6 +503,7 @@ class Engine {
                       T, " more requested");
     at::Tensor idc = ids.contiguous(), pc = pos.contiguous(), vc = valid.contiguous();
     st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Engine.forward");
+    if (all_logits) return forward_steps(idc, pc, vc);
     bool* km = key_mask_.data_ptr<bool>();
     const bool* pv = vc.data_ptr<bool>();
     for (int64_t b = 0; b < B_; ++b)
@@ -453,10 +526,57 @@ class Engine {
     return logits_;
   }
 
+  // forward(all_logits=True) past the checks: ids, pos, valid [B, T] contiguous and checked.
+  at::Tensor forward_steps(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid) {
+    const int64_t T = ids.size(1), M = B_ * T, E = st_.E_, H = st_.H_, D = st_.D_;
+    bool* km = key_mask_.data_ptr<bool>();
+    const bool* pv = valid.data_ptr<bool>();
+    for (int64_t b = 0; b < B_; ++b)
+      for (int64_t t = 0; t < T; ++t) km[b * Tmax_ + len_ + t] = pv[b * T + t];
+    // ids and positions in [t][b] order: position t's B rows adjacent, as one decode step's
+    at::Tensor it = ids.t().contiguous(), pt = pos.t().contiguous();
+    float* p = buf_.data_ptr<float>();
+    const int64_t R = max_rows_;
+    const Scratch s{p, p + R * E, p + 2 * R * E, p + 5 * R * E, p + 6 * R * E, p + 7 * R * E};  // h x qkv att a fc
+    const int64_t sb = H * Tmax_ * D, sh = Tmax_ * D;
+    auto kv = [&](size_t l, int64_t t, const float* qkv_t) {
+      float* k = k_.data_ptr<float>() + l * B_ * sb;
+      float* v = v_.data_ptr<float>() + l * B_ * sb;
+      st_.store_kv(qkv_t, B_, 1, k, v, sb, sh, D, len_ + t);
+      return KvView{k, v, sb, sh, D, len_ + t + 1, km, Tmax_, len_ + t};
+    };
+    st_.run_steps(s, it.data_ptr<int64_t>(), pt.data_ptr<int64_t>(), B_, T, kv);
+    if (all_logits_.size(0) < M) all_logits_ = at::empty({M, V_}, logits_.options());
+    float* out = all_logits_.data_ptr<float>();
+    const float* bias = lm_head_->bias.defined() ? f32(lm_head_->bias) : nullptr;
+    const WeightRef& W = lm_head_->ref;
+    // The head: per position on its B rows, as a decode step runs it — or several positions in one call where the
+    // strategy of both row counts is nk_decode, whose every output is one dot product summed in the same order
+    // whatever the call's rows (csrc/cpu/kernels/matmul_nt.h), so the lm_head's weights stream once.
+    const bool bd = bf16_dot() != nullptr;
+    int64_t per = 1;  // positions per call
+    if (choose_matmul(W.layout, W.type, B_, W.group, bd) == MatmulStrategy::NkDecode)
+      while (per < T && choose_matmul(W.layout, W.type, (per + 1) * B_, W.group, bd) == MatmulStrategy::NkDecode) ++per;
+    for (int64_t t0 = 0; t0 < T; t0 += per) {
+      const int64_t n = std::min(per, T - t0);
+      run_matmul(s.x + t0 * B_ * E, E, n * B_, E, W, V_, bias, Epilogue::None, nullptr, 0, out + t0 * B_ * V_);
+    }
+    len_ += T;
+    return all_logits_.narrow(0, 0, M).view({T, B_, V_}).transpose(0, 1);
+  }
+
   int64_t length() const { return len_; }
   void reset() {
     len_ = 0;
     key_mask_.zero_();
+  }
+  // Forget every token past the first `length` (speculative decoding's rollback): their K/V stay in the cache and
+  // are overwritten by the next forward, which attends to keys [0, length + T) only.
+  void truncate(int64_t length) {
+    TORCH_CHECK_VALUE(length >= 0 && length <= len_, "gpt2kern.Engine.truncate: length must be in [0, ", len_,
+                      "], got ", length);
+    key_mask_.narrow(1, length, Tmax_ - length).zero_();
+    len_ = length;
   }
   at::Tensor key_mask() const { return key_mask_; }
 
@@ -466,7 +586,7 @@ class Engine {
   int64_t V_ = 0;
   int64_t B_, Tmax_, max_rows_;
   int64_t len_ = 0;
-  at::Tensor k_, v_, key_mask_, buf_, logits_;
+  at::Tensor k_, v_, key_mask_, buf_, logits_, all_logits_;
 };
 
 }  // namespace
@@ -505,8 +625,9 @@ void bind_engine(pybind11::module_& m) {
       .def(py::init<const Model&, int64_t, int64_t, int64_t>(), py::arg("model"), py::arg("batch"), py::arg("max_len"),
            py::arg("max_rows"))
       .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos"), py::arg("valid"), py::arg("threads") = 0,
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("all_logits") = false, py::call_guard<py::gil_scoped_release>())
       .def("reset", &Engine::reset)
+      .def("truncate", &Engine::truncate, py::arg("length"))
       .def_property_readonly("length", &Engine::length)
       .def_property_readonly("key_mask", &Engine::key_mask);
   py::class_<Body>(m, "Body", "GPT-2 body (embedding, blocks, ln_f) in one call, over DynamicCache-style past K/V.")

@@ -501,6 +501,71 @@ void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, 
   kMatmulStrategies[(int)choose_matmul(W.layout, W.type, M, W.group, bd != nullptr)].run(args);
 }
 
+// T decode steps of one matmul at once (speculative decoding's verify): rows [q·B, q·B + B) of A and C are position
+// q's. Each position's rows get exactly the arithmetic run_matmul(M = B) gives them — the same kernel calls on the
+// same rows, the same K blocks summed in the same order — but the weight is read once for all positions where the
+// strategy allows: kn_decode_gemv (every position's partial sums per K block) and panels_f32 (every position per
+// panel, the panel in L2); any other strategy: T calls of run_matmul.
+void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t K, WeightRef W, int64_t N,
+                      const float* bias, Epilogue epi, float* C) {
+  const Bf16DotKernels* bd = bf16_dot();
+  const KernelTable& t = kernels();
+  const MatmulStrategy s =
+      T > 1 ? choose_matmul(W.layout, W.type, B, W.group, bd != nullptr) : MatmulStrategy::NkDecode;
+  if (s == MatmulStrategy::KnDecodeGemv) {  // mm_kn_decode_gemv with M = B, per position
+    constexpr int64_t KB = 128;             // mm_kn_decode_gemv's
+    const int64_t nb = (K + KB - 1) / KB, MN = B * N;
+    thread_local std::vector<float> part;
+    if (part.size() < (size_t)(nb * T * MN)) part.resize((size_t)(nb * T * MN));
+    float* pp = part.data();
+    parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
+        for (int64_t q = 0; q < T; ++q)
+          t.gemv_rows(A + q * B * lda + k0, lda, B, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N,
+                      pp + (blk * T + q) * MN);
+      }
+    });
+    for (int64_t q = 0; q < T; ++q) {
+      float* s0 = pp + q * MN;
+      for (int64_t blk = 1; blk < nb; ++blk)
+        for (int64_t i = 0; i < MN; ++i) s0[i] += pp[(blk * T + q) * MN + i];
+      for (int64_t m = 0; m < B; ++m) {
+        float* c = C + (q * B + m) * N;
+        const float* sm = s0 + m * N;
+        for (int64_t i = 0; i < N; ++i) c[i] = sm[i] + (bias ? bias[i] : 0.f);
+        if (epi == Epilogue::GeluNew) t.gelu_new(c, c, N);
+      }
+    }
+    return;
+  }
+  if (s == MatmulStrategy::PanelsF32) {  // mm_panels_f32 with M = B, per position inside each chunk of panels
+    const int64_t P = num_panels(N), MC = row_block(t), KC = k_block(B, K, 1024);
+    parallel_chunks(P, panel_grain(B, K, P), [&](int64_t p0, int64_t p1) {
+      thread_local std::vector<float> abuf;
+      for (int64_t q = 0; q < T; ++q) {
+        const MatmulArgs a{A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N, t, bd};
+        const RowBlocks rows(a, KC, abuf);
+        for (int64_t m0 = 0; m0 < B; m0 += MC) {
+          const int64_t mc = std::min(MC, B - m0);
+          for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t kc = std::min(KC, K - k0);
+            int64_t la;
+            const float* x = rows.get(m0, mc, k0, kc, la);
+            for (int64_t p = p0; p < p1; ++p) {
+              const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+              t.matmul_panel(x, la, mc, kc, static_cast<const float*>(W.w) + (p * K + k0) * kPanel, kPanel,
+                             a.C + m0 * N, N, p * kPanel, ncols, bias, epi, nullptr, 0, k_part(k0, kc, K));
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  for (int64_t q = 0; q < T; ++q) run_matmul(A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N);
+}
+
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
                   c10::string_view layout, const std::optional<at::Tensor>& scales) {

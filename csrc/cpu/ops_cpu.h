@@ -65,5 +65,8 @@ MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group
 const char* matmul_strategy_name(MatmulStrategy s);
 void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C);
+// T positions' rows of B (speculative verify), each position's bit-identical to run_matmul(M = B) on them.
+void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t K, WeightRef W, int64_t N,
+                      const float* bias, Epilogue epi, float* C);
 void run_attention(const AttnArgs& a);
 }  // namespace gk::cpu

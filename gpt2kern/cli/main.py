@@ -218,6 +218,7 @@ class GenSettings:
     top_p: float = 1.0
     seed: int | None = None
     eos_token_id: int | None = None
+    speculative: str | None = None  # the draft's weight mode (greedy, CPU), None: off
 
     def check(self, prompt_len: int | None = None, n_positions: int | None = None) -> "GenSettings":
         """ValueError for values generation cannot use."""
@@ -232,6 +233,13 @@ class GenSettings:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if self.speculative is not None:
+            if self.speculative not in ("fp16", "bf16", "int8"):
+                raise ValueError(f"--speculative must be fp16, bf16 or int8 (the draft's weights), "
+                                 f"got {self.speculative!r}")
+            if self.do_sample:
+                raise ValueError("--speculative is greedy only (speculative sampling is not supported yet): "
+                                 "drop --sample and the sampling options")
         if prompt_len is not None and n_positions is not None and prompt_len + self.max_new_tokens > n_positions:
             raise ValueError(f"the prompt ({prompt_len} tokens) + --max-new-tokens {self.max_new_tokens} = "
                              f"{prompt_len + self.max_new_tokens} passes the model's context "
@@ -250,7 +258,7 @@ def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int]
                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                              eos_token_id=s.eos_token_id if s.eos_token_id is not None else [],
                              pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0,
-                             seed=s.seed, streamer=stream)
+                             seed=s.seed, streamer=stream, speculative=s.speculative)
 
 
 def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
@@ -341,16 +349,22 @@ def generate(
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     weights: WeightsOpt = Weights.fp32,
+    speculative: Annotated[Optional[str], typer.Option(
+        "--speculative", metavar="MODE", help="Greedy speculative decoding (CPU): the model's fp16, bf16 or int8 "
+        "copy drafts tokens, the model checks them in one step; the tokens are exactly those without it.",
+        show_default=False)] = None,
 ):
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
     device = Device(device).value
     weights = Weights(weights).value
     prompt = prompt_text(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
-    s = GenSettings(max_new_tokens, do_sample, t, k, p, seed)
+    s = GenSettings(max_new_tokens, do_sample, t, k, p, seed, speculative=speculative)
     check_seed(seed)
     with expected_errors():
         s.check()
+    if speculative is not None and device != "cpu":
+        raise CliError(f"--speculative runs on CPU only (--device cpu), not {device}")
     n_threads = set_threads(threads)
     import gpt2kern
     name, m, tok = ui.load_model(model, device)

@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from ..model import guard
-from ..model.dropin import hf_position_ids, state_of, tracing_open
+from ..model.dropin import State, hf_position_ids, state_of, tracing_open
 
 _local = threading.local()
 
@@ -149,7 +149,8 @@ def _warp(scores, temperature, top_k, top_p):
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
-             seed: int | None = None, streamer=None, weights: str | None = None) -> torch.LongTensor:
+             seed: int | None = None, streamer=None, weights: str | None = None,
+             speculative: str | None = None) -> torch.LongTensor:
     """Generate up to `max_new_tokens` tokens after each row of `input_ids` ([B, T] or [T]; left-pad batches and
     pass `attention_mask`). Returns [B, T + n] token ids, prompt included, like HF's generate.
 
@@ -163,7 +164,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
       or a plain callable called with each step's [B] tokens.
     - `weights`: 'fp32', 'fp16', 'bf16' or 'int8' (see optimize); default the optimized model's mode, else 'fp32'.
       Another mode than the optimized model's packs a private copy for generate; the model is left as it is.
+    - `speculative`: 'fp16', 'bf16' or 'int8' (None: off): greedy speculative decoding on CPU — the model's copy in
+      that mode drafts a few tokens, one forward of the model's own weights checks them all, the agreeing prefix
+      plus the model's own next token are kept. The tokens (and the streamer's per-step [B] tensors) are exactly
+      those of the same call without it. `last_speculative_stats()` describes the last such call.
     """
+    _check_speculative(speculative, do_sample)
     if weights is not None:
         from ..kernels.weights import check_mode
 
@@ -192,6 +198,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                            pad_token_id=pad_token_id, seed=seed, streamer=streamer).cpu()
 
     dev = model.lm_head.weight.device
+    if speculative is not None:
+        if dev.type != "cpu":
+            raise ValueError(f"speculative={speculative!r} runs on CPU only; this model is on {dev}")
+        return _speculative(model, st, speculative, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer)
     gen = torch.Generator(device=dev).manual_seed(seed) if (do_sample and seed is not None) else None
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
@@ -247,6 +257,188 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                     break
             if step + 1 < max_new_tokens:
                 logits = advance(nxt)
+    if hasattr(streamer, "end"):
+        streamer.end()
+    return torch.cat(out, dim=1)
+
+
+_SPEC_MODES = ("fp16", "bf16", "int8")
+
+
+def _check_speculative(speculative, do_sample):
+    if speculative is None:
+        return
+    if not isinstance(speculative, str) or speculative not in _SPEC_MODES:
+        raise ValueError(f"speculative must be None or one of {', '.join(map(repr, _SPEC_MODES))} (the draft's "
+                         f"weights), got {speculative!r}")
+    if do_sample:
+        raise ValueError("speculative decoding is greedy only: speculative sampling is not supported yet "
+                         "(pass do_sample=False or speculative=None)")
+
+
+def last_speculative_stats() -> dict | None:
+    """This thread's last `generate(..., speculative=...)` call: rounds (target forwards after the prefill, drafted
+    or plain), drafted (draft tokens checked), accepted (of those, kept), plain (rounds run without a draft), k (the
+    draft length at the end). None before any such call."""
+    return getattr(_local, "spec_stats", None)
+
+
+class _DraftLength:
+    """k, the tokens drafted per round: starts at 4, grows to 8 while most drafts are kept, shrinks while few are; at
+    a very low acceptance rate the draft is off (k = 0: plain target steps) for `pause` rounds, then tried again
+    with k = 2 (each failed retry doubles the pause, up to 256)."""
+
+    def __init__(self):
+        self.k, self.rate, self.pause, self.off = 4, 0.6, 8, 0
+
+    def next(self) -> int:
+        if self.off > 0:
+            self.off -= 1
+            return 0
+        return self.k
+
+    def record(self, drafted: int, accepted: int):
+        if drafted == 0:
+            return
+        self.rate = 0.7 * self.rate + 0.3 * accepted / drafted
+        if self.rate > 0.75:
+            self.k = min(self.k + 1, 8)
+        elif self.rate < 0.4:
+            self.k = max(self.k - 1, 1)
+        if self.rate < 0.15:
+            self.off, self.pause = self.pause, min(2 * self.pause, 256)
+            self.k, self.rate = 2, 0.4
+        elif self.rate > 0.5:
+            self.pause = 8
+
+
+def _draft_state(model, mode: str) -> State:
+    """The draft's weights: the model's own state when it is optimized in `mode`, else a private pack kept beside
+    generate's other private one (`state_of` keeps one mode only, and the target needs its own), made once and
+    repacked only when the model changes."""
+    transformer, lm_head = model.transformer, model.lm_head
+    own = getattr(transformer, "_gpt2kern", None)
+    if own is not None and own.mode == mode:
+        own.refresh()
+        return own
+    st = model.__dict__.get("_gpt2kern_draft_state")
+    if st is None or st.transformer is not transformer or st.lm_head is not lm_head or st.mode != mode:
+        st = State(transformer, lm_head, mode=mode)
+        model.__dict__["_gpt2kern_draft_state"] = st
+    st.refresh()
+    return st
+
+
+def _speculative(model, st, mode, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer):
+    """Greedy speculative decoding (CPU engines). Per round the target (the model's own mode) has emitted token c;
+    the draft (the same model in `mode`), fed everything accepted so far, proposes d1..dk greedily; one target
+    forward over [c, d1..dk] (Engine.forward(all_logits=True): every position's logits, bit-identical to the
+    plain loop's single-token steps) gives the target's own choice g0..gk after each prefix; a row keeps d1..dn
+    where they match and then g_n, with n the shortest agreeing prefix over the rows still running, so every kept
+    token is what the plain loop picks. Both caches are truncated to the kept tokens. Each kept token goes through
+    the plain loop's eos / pad / streamer step, one [B] tensor per step."""
+    B, T = input_ids.shape
+    draft_w = _draft_state(model, mode).weights
+    stats = dict(rounds=0, drafted=0, accepted=0, plain=0, k=0)
+    _local.spec_stats = stats
+    put = getattr(streamer, "put", None) or streamer
+    if hasattr(streamer, "put"):
+        streamer.put(input_ids.cpu())
+    max_len = T + max_new_tokens
+    chunk = max(T, 16)
+    out = [input_ids]
+    with torch.inference_mode():
+        eng = st.weights.engine(B, max_len, B * max(T, 9))
+        drf = draft_w.engine(B, max_len, B * chunk)
+        pos = hf_position_ids(mask)
+        start = mask.sum(dim=1)  # each row's position of the first new token
+        eos_t = torch.tensor(eos, dtype=torch.long)
+        unfinished = torch.ones(B, dtype=torch.bool)
+        ks = _DraftLength()
+        done = False
+        # threads per call, as the plain loop picks them (ThreadChooser), one choice per kind of call
+        choosers = dict(draft=ThreadChooser(), verify=ThreadChooser(), step=ThreadChooser())
+
+        def call(engine, kind, ids, p, all_logits=False):
+            n = ids.shape[1]
+            ch = choosers[kind]
+            threads = ch.pick()
+            t0 = time.perf_counter()
+            res = engine.forward(ids, p, torch.ones(B, n, dtype=torch.bool), threads, all_logits)
+            ch.record(threads, (time.perf_counter() - t0) / n)
+            return res
+
+        def emit(tok):  # the plain loop's step for one [B] tensor of chosen tokens; True: every row is done
+            nonlocal unfinished
+            if eos:
+                tok = torch.where(unfinished, tok, pad_token_id)
+            out.append(tok[:, None])
+            if put is not None:
+                put(tok.clone())
+            if eos:
+                unfinished &= ~torch.isin(tok, eos_t)
+                return not bool(unfinished.any())
+            return False
+
+        if max_new_tokens:
+            logits = eng.forward(input_ids, pos, mask)
+            c = torch.argmax(logits, dim=-1)
+            drf.forward(input_ids, pos, mask)  # the draft's prefill (its logits are not needed)
+            done = emit(c)
+        emitted = 1
+        fed = 0  # new tokens in the target's cache (all but the last emitted)
+        pending = []  # [B] tokens the target has kept and the draft has not seen yet
+        dfed = 0  # new tokens in the draft's cache
+        while not done and emitted < max_new_tokens:
+            k = min(ks.next(), max_new_tokens - emitted - 1)
+            if k > 0:  # draft: catch up on the pending tokens, then c, then d1..d(k-1)
+                toks = pending + [c]
+                pending = []
+                while len(toks) > chunk:
+                    part, toks = toks[:chunk], toks[chunk:]
+                    n = len(part)
+                    drf.forward(torch.stack(part, 1), start[:, None] + dfed + torch.arange(n),
+                                torch.ones(B, n, dtype=torch.bool), choosers["draft"].best)
+                    dfed += n
+                n = len(toks)
+                dl = call(drf, "draft", torch.stack(toks, 1), start[:, None] + dfed + torch.arange(n))
+                dfed += n
+                drafts = [torch.argmax(dl, dim=-1)]
+                for _ in range(k - 1):
+                    dl = call(drf, "draft", drafts[-1][:, None], start[:, None] + dfed)
+                    dfed += 1
+                    drafts.append(torch.argmax(dl, dim=-1))
+                d = torch.stack(drafts, 1)  # [B, k]
+                logits = call(eng, "verify", torch.cat([c[:, None], d], 1), start[:, None] + fed + torch.arange(k + 1),
+                              all_logits=True)
+                g = torch.argmax(logits, dim=-1)  # [B, k + 1]: the target's choice after c, d1, .., dk
+                agree = torch.cumprod((d == g[:, :k]).long(), dim=1).sum(dim=1)
+                n = int(agree[unfinished].min()) if eos else int(agree.min())
+                kept = [d[:, i] for i in range(n)] + [g[:, n]]
+                eng.truncate(T + fed + 1 + n)  # c, d1..dn
+                fed += 1 + n
+                # the draft has seen c, d1..d(k-1): keep c, d1..dn; dk (if kept) is pending
+                keep = min(n, k - 1)
+                drf.truncate(T + dfed - (k - 1 - keep))
+                dfed -= k - 1 - keep
+                pending = [d[:, k - 1]] if n == k else []
+                stats["drafted"] += k
+                stats["accepted"] += n
+                ks.record(k, n)
+            else:  # a plain target step
+                logits = call(eng, "step", c[:, None], start[:, None] + fed)
+                fed += 1
+                pending.append(c)
+                kept = [torch.argmax(logits, dim=-1)]
+                stats["plain"] += 1
+            stats["rounds"] += 1
+            for tok in kept:
+                emitted += 1
+                if emit(tok):
+                    done = True
+                    break
+            c = kept[-1]
+        stats["k"] = ks.k
     if hasattr(streamer, "end"):
         streamer.end()
     return torch.cat(out, dim=1)

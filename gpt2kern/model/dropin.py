@@ -508,6 +508,7 @@ def optimize(model, *, freeze: bool = False, pack: bool = False, weights: str = 
         st.refresh()
         return model
     model.__dict__.pop("_gpt2kern_private_state", None)  # gpt2kern.generate's own pack: this one replaces it
+    model.__dict__.pop("_gpt2kern_draft_state", None)  # and its speculative draft's
     st = State(transformer, lm_head, pack, weights)
     for mod, which in ((transformer, "body"), (lm_head, "lm_head")):
         if mod is None:

@@ -1,0 +1,171 @@
+"""gpt2kern.generate(..., speculative=MODE): greedy speculative decoding must give exactly the tokens of the plain
+loop (and so HF's greedy ones): B=1, left-padded batches, eos inside a drafted run, max_new_tokens mid-draft, the end
+of the context, every draft mode; the engine's all-positions forward is bit-identical to single-token steps."""
+import copy
+
+import pytest
+import torch
+from test_generate import hf_generate, left_padded
+
+import gpt2kern
+from gpt2kern.decode.generate import last_speculative_stats
+from gpt2kern.model.dropin import state_of
+
+PROMPTS = [(1, 5), (2, 1), (3, 23)]  # (seed, length)
+_plain: dict = {}
+
+
+def prompt(seed, n, vocab=50257):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def plain(model, ids, n, **kw):
+    key = (id(model), tuple(ids.flatten().tolist()), tuple(ids.shape), n, repr(sorted(kw.items())))
+    if key not in _plain:
+        _plain[key] = gpt2kern.generate(model, ids, max_new_tokens=n, **kw)
+    return _plain[key]
+
+
+@pytest.mark.parametrize("seed,length", PROMPTS)
+def test_b1_matches_plain_and_hf(distil, seed, length):
+    ids = prompt(seed, length)
+    ref = plain(distil, ids, 40, eos_token_id=[])
+    assert torch.equal(ref, hf_generate(distil, ids, max_new_tokens=40, eos_token_id=None, pad_token_id=0))
+    for n in (1, 3, 7, 40):  # max_new_tokens mid-draft too: never more tokens than asked
+        out = gpt2kern.generate(distil, ids, max_new_tokens=n, eos_token_id=[], speculative="int8")
+        assert torch.equal(out, ref[:, :length + n]), n
+    st = last_speculative_stats()
+    assert st["accepted"] > 0 and st["drafted"] >= st["accepted"] and st["rounds"] < 39, st
+
+
+def test_many_prompts_match_plain(distil):
+    """Near-ties in random:distilgpt2's logits (outlier channels, flat distributions) would show any numerical
+    difference between the verify forward and the plain loop's steps as a different token."""
+    accepted = 0
+    for seed in range(10, 18):
+        ids = prompt(seed, 1 + seed % 9)
+        out = gpt2kern.generate(distil, ids, max_new_tokens=20, eos_token_id=[], speculative="int8")
+        assert torch.equal(out, plain(distil, ids, 20, eos_token_id=[])), seed
+        accepted += last_speculative_stats()["accepted"]
+    assert accepted > 0
+
+
+def test_left_padded_batch_matches_plain_and_hf(distil):
+    ids, mask = left_padded(50257, [7, 3, 5], pad=0, seed=4)
+    out = gpt2kern.generate(distil, ids, mask, max_new_tokens=30, eos_token_id=[], speculative="int8")
+    ref = plain(distil, ids, 30, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(out, ref)
+    assert torch.equal(out, hf_generate(distil, ids, mask, max_new_tokens=30, eos_token_id=None, pad_token_id=0))
+
+
+def test_optimized_fp32_model(distil):
+    m = gpt2kern.optimize(copy.deepcopy(distil))  # the target's weights as packed panels
+    ids, mask = left_padded(50257, [4, 9], pad=0, seed=5)
+    out = gpt2kern.generate(m, ids, mask, max_new_tokens=20, eos_token_id=[], speculative="int8")
+    assert torch.equal(out, plain(distil, ids, 20, attention_mask=mask, eos_token_id=[]))
+
+
+def _eos_mid_way(ref, start, lo=6):
+    """A token the fp32 run emits at new-token index >= lo that it did not emit before."""
+    new = ref[0, start:].tolist()
+    for i in range(lo, len(new)):
+        if new[i] not in new[:i]:
+            return new[i], i
+    pytest.skip("no fresh token mid-way")
+
+
+def test_eos_inside_a_draft_b1(distil):
+    ids = prompt(1, 5)
+    eos, i = _eos_mid_way(plain(distil, ids, 40, eos_token_id=[]), 5)
+    got, want = [], []
+    out = gpt2kern.generate(distil, ids, max_new_tokens=40, eos_token_id=eos, pad_token_id=0, speculative="int8",
+                            streamer=got.append)
+    ref = gpt2kern.generate(distil, ids, max_new_tokens=40, eos_token_id=eos, pad_token_id=0, streamer=want.append)
+    assert out.shape[1] == 5 + i + 1 and int(out[0, -1]) == eos
+    assert torch.equal(out, ref)
+    assert torch.equal(out, hf_generate(distil, ids, max_new_tokens=40, eos_token_id=eos, pad_token_id=0))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))  # the same per-step groups
+
+
+def test_eos_in_a_batch_pads_like_the_plain_loop(distil):
+    ids, mask = left_padded(50257, [6, 2, 4], pad=0, seed=7)
+    ref = plain(distil, ids, 36, attention_mask=mask, eos_token_id=[])
+    eos, _ = _eos_mid_way(ref[1:2], ids.shape[1])  # row 1 stops mid-way, the others go on (or stop later)
+    kw = dict(max_new_tokens=36, eos_token_id=eos, pad_token_id=3)
+    got, want = [], []
+    out = gpt2kern.generate(distil, ids, mask, speculative="int8", streamer=got.append, **kw)
+    assert torch.equal(out, gpt2kern.generate(distil, ids, mask, streamer=want.append, **kw))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(out, hf_generate(distil, ids, mask, **kw))
+    assert (out[1, ids.shape[1]:] == 3).any()  # row 1 was padded after its eos
+
+
+def test_prompt_at_the_end_of_the_context(tiny):
+    n_pos = tiny.config.n_positions
+    for length, n in ((n_pos - 2, 2), (n_pos - 13, 13), (n_pos - 40, 40)):
+        ids = torch.randint(0, 99, (2, length), generator=torch.Generator().manual_seed(length))
+        out = gpt2kern.generate(tiny, ids, max_new_tokens=n, eos_token_id=[], speculative="int8")
+        assert out.shape == (2, n_pos)
+        assert torch.equal(out, gpt2kern.generate(tiny, ids, max_new_tokens=n, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
+def test_every_draft_mode(distil, mode):
+    ids, mask = left_padded(50257, [5, 8], pad=0, seed=9)
+    out = gpt2kern.generate(distil, ids, mask, max_new_tokens=24, eos_token_id=[], speculative=mode)
+    assert torch.equal(out, plain(distil, ids, 24, attention_mask=mask, eos_token_id=[]))
+    assert last_speculative_stats()["accepted"] > 0
+
+
+def test_a_disagreeing_draft_falls_back_to_plain_steps(tiny):
+    """random:tiny's int8 copy rarely agrees: k shrinks, drafting pauses for plain steps, tokens stay exact."""
+    ids = torch.randint(0, 99, (1, 4), generator=torch.Generator().manual_seed(3))
+    out = gpt2kern.generate(tiny, ids, max_new_tokens=120, eos_token_id=[], speculative="int8")
+    assert torch.equal(out, gpt2kern.generate(tiny, ids, max_new_tokens=120, eos_token_id=[]))
+    st = last_speculative_stats()
+    assert st["rounds"] >= 1 and st["drafted"] + st["plain"] > 0
+
+
+@pytest.mark.parametrize("B,steps", [(1, 6), (2, 9), (3, 5)])
+def test_all_logits_forward_is_bit_identical_to_steps(distil, B, steps):
+    for model in (distil, gpt2kern.optimize(copy.deepcopy(distil))):
+        w = state_of(model, None).weights
+        one, many = w.engine(B, 32, B * 10), w.engine(B, 32, B * 10)
+        ids, mask = left_padded(50257, [5, 2, 4][:B], pad=0, seed=2)
+        from gpt2kern.model.dropin import hf_position_ids
+        pos = hf_position_ids(mask.bool())
+        one.forward(ids, pos, mask.bool())
+        many.forward(ids, pos, mask.bool())
+        nxt = torch.randint(0, 50257, (B, steps), generator=torch.Generator().manual_seed(B))
+        p0 = mask.sum(dim=1, keepdim=True)
+        ones = torch.ones(B, 1, dtype=torch.bool)
+        ref = torch.stack([one.forward(nxt[:, t:t + 1], p0 + t, ones).clone() for t in range(steps)], 1)
+        got = many.forward(nxt, p0 + torch.arange(steps), torch.ones(B, steps, dtype=torch.bool), 0, True)
+        assert got.shape == ref.shape and torch.equal(got, ref)
+        # truncate: roll back 3 tokens and feed different ones; the same as a fresh run of those
+        many.truncate(many.length - 3)
+        alt = nxt[:, -3:].flip(1)
+        got2 = many.forward(alt, p0 + steps - 3 + torch.arange(3), torch.ones(B, 3, dtype=torch.bool), 0, True)
+        one.truncate(one.length - 3)
+        ref2 = torch.stack([one.forward(alt[:, t:t + 1], p0 + steps - 3 + t, ones).clone() for t in range(3)], 1)
+        assert torch.equal(got2, ref2)
+
+
+def test_truncate_checks_its_length(tiny):
+    eng = state_of(tiny, None).weights.engine(1, 8, 4)
+    eng.forward(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="truncate"):
+        eng.truncate(3)
+    eng.truncate(0)
+    assert eng.length == 0
+
+
+@pytest.mark.parametrize("bad", ["fp32", "q4", 8])
+def test_unknown_mode(tiny, bad):
+    with pytest.raises(ValueError, match="speculative"):
+        gpt2kern.generate(tiny, torch.tensor([[1, 2]]), max_new_tokens=3, speculative=bad)
+
+
+def test_sampling_is_not_supported_yet(tiny):
+    with pytest.raises(ValueError, match="speculative"):
+        gpt2kern.generate(tiny, torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=True, speculative="int8")
