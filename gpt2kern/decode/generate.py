@@ -316,17 +316,7 @@ def _draft_state(model, mode: str) -> State:
     """The draft's weights: the model's own state when it is optimized in `mode`, else a private pack kept beside
     generate's other private one (`state_of` keeps one mode only, and the target needs its own), made once and
     repacked only when the model changes."""
-    transformer, lm_head = model.transformer, model.lm_head
-    own = getattr(transformer, "_gpt2kern", None)
-    if own is not None and own.mode == mode:
-        own.refresh()
-        return own
-    st = model.__dict__.get("_gpt2kern_draft_state")
-    if st is None or st.transformer is not transformer or st.lm_head is not lm_head or st.mode != mode:
-        st = State(transformer, lm_head, mode=mode)
-        model.__dict__["_gpt2kern_draft_state"] = st
-    st.refresh()
-    return st
+    return state_of(model, mode, slot="_gpt2kern_draft_state")
 
 
 def _speculative(model, st, mode, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer):

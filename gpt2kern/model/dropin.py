@@ -130,17 +130,17 @@ def _baked_in(t: GPT2Model):
     return tuple((blk.ln_1.eps, blk.ln_2.eps, attn_scale(t.config, blk.attn)) for blk in t.h) + (t.ln_f.eps,)
 
 
-def state_of(model, mode: str | None = None) -> State:
+def state_of(model, mode: str | None = None, slot: str = "_gpt2kern_private_state") -> State:
     """The gpt2kern state of an optimized model, up to date — or, for a model that is not optimized or asked for
     another weight mode than it was optimized with, gpt2kern.generate's private one (fp32 in place unless `mode`)."""
     transformer, lm_head = _body_and_head(model)
     st = getattr(transformer, "_gpt2kern", None)
     if st is None or (mode is not None and mode != st.mode):  # the model itself is left untouched
         mode = mode or "fp32"
-        st = model.__dict__.get("_gpt2kern_private_state")
+        st = model.__dict__.get(slot)  # (slot: a second private pack beside it, e.g. a speculative draft's)
         if st is None or st.transformer is not transformer or st.lm_head is not lm_head or st.mode != mode:
             st = State(transformer, lm_head, mode=mode)
-            model.__dict__["_gpt2kern_private_state"] = st
+            model.__dict__[slot] = st
     st.refresh()
     return st
 
