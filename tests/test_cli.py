@@ -253,8 +253,9 @@ def test_errors_from_the_console_script(args, needle):
     (["parity", "-m", "random:tiny", "--batch", "65"], "--batch must be at most 64"),
     (["next", "1", "-m", "random:tiny", "--threads", str(10 ** 20)], "--threads must be at most"),
     (["next", "1", "-m", "random:tiny", "--weights", "q4"], "--weights"),
-    (["generate", "1", "-m", "random:tiny", "--speculative", "q4"], "--speculative must be fp16, bf16 or int8"),
-    (["generate", "1", "-m", "random:tiny", "--speculative", "int8", "--sample"], "--speculative is greedy only"),
+    (["generate", "1", "-m", "random:tiny", "--speculative", "q4"], "--speculative must be fp16, bf16, int8 or a"),
+    (["generate", "1", "-m", "random:tiny", "--speculative", "fp32"], "--speculative must be fp16, bf16, int8 or a"),
+    (["generate", "1", "-m", "random:distilgpt2", "--ids", "--speculative", "random:tiny"], "its vocabulary (99"),
 ])
 def test_errors_are_one_line_exit_2(cli_run, args, needle):
     code, out, err = cli_run(*args)
@@ -368,6 +369,15 @@ def test_generate_speculative_gives_the_same_tokens(cli_run):
     assert code2 == 0, err2
     a, b = json.loads(out), json.loads(out2)
     assert b["new_ids"] == a["new_ids"] and b["settings"]["speculative"] == "int8"
+    code3, out3, err3 = cli_run(*args, "--speculative", "random:distilgpt2")  # a draft model (here: the same one)
+    assert code3 == 0 and json.loads(out3)["new_ids"] == a["new_ids"], err3
+
+
+def test_generate_speculative_sampling_runs(cli_run):
+    code, out, err = cli_run("generate", "464 2068", "--ids", "-m", "random:distilgpt2", "-n", "10", "--json",
+                             "--sample", "--top-k", "5", "--seed", "3", "--speculative", "int8")
+    assert code == 0, err
+    assert len(json.loads(out)["new_ids"]) == 10
 
 
 def test_canonical_layer_names():

@@ -1,6 +1,8 @@
-"""gpt2kern.generate(..., speculative=MODE): greedy speculative decoding must give exactly the tokens of the plain
-loop (and so HF's greedy ones): B=1, left-padded batches, eos inside a drafted run, max_new_tokens mid-draft, the end
-of the context, every draft mode; the engine's all-positions forward is bit-identical to single-token steps."""
+"""gpt2kern.generate(..., speculative=MODE or a draft model): greedy speculative decoding must give exactly the tokens
+of the plain loop (and so HF's greedy ones): B=1, left-padded batches, eos inside a drafted run, max_new_tokens
+mid-draft, the end of the context, every draft mode, a separate draft model; the engine's all-positions forward is
+bit-identical to single-token steps. Speculative sampling must draw from exactly the plain loop's distribution
+(chi-square against the exact joint distribution of the first tokens, with a close and a poor draft)."""
 import copy
 
 import pytest
@@ -166,6 +168,125 @@ def test_unknown_mode(tiny, bad):
         gpt2kern.generate(tiny, torch.tensor([[1, 2]]), max_new_tokens=3, speculative=bad)
 
 
-def test_sampling_is_not_supported_yet(tiny):
-    with pytest.raises(ValueError, match="speculative"):
-        gpt2kern.generate(tiny, torch.tensor([[1, 2]]), max_new_tokens=3, do_sample=True, speculative="int8")
+def test_a_draft_model_gives_the_plain_tokens(distil, tiny):
+    """Any GPT2LMHeadModel with the same vocabulary can draft (greedy stays exact however poor it is)."""
+    from gpt2kern.model.loading import random_model
+
+    draft = random_model("distilgpt2", seed=1)  # another model: it rarely agrees
+    ids, mask = left_padded(50257, [5, 3], pad=0, seed=11)
+    out = gpt2kern.generate(distil, ids, mask, max_new_tokens=12, eos_token_id=[], speculative=draft)
+    assert torch.equal(out, plain(distil, ids, 12, attention_mask=mask, eos_token_id=[]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        gpt2kern.generate(distil, ids, mask, max_new_tokens=3, speculative=tiny)
+    short = random_model("tiny", seed=1)
+    short.config.n_positions = 8
+    with pytest.raises(ValueError, match="n_positions"):
+        gpt2kern.generate(tiny, torch.tensor([[1, 2, 3]]), max_new_tokens=6, speculative=short)
+
+
+# ---- speculative sampling: the output distribution is the plain loop's
+
+# (warper settings, tokens counted): few enough joint outcomes that most cells expect >= 5 of 8000 draws
+SAMPLING = [(dict(temperature=1.5, top_k=4), 3), (dict(temperature=0.5, top_p=0.5), 2)]
+
+
+def _target_probs(model, prompt_ids, n, warp):
+    """The exact joint distribution of the first n sampled tokens after prompt_ids under the model's own (fp32, HF
+    forward) warped next-token distributions: {token tuple: probability}."""
+    from gpt2kern.decode.generate import _warp
+
+    probs = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, pr in probs.items():
+            ids = torch.cat([prompt_ids, torch.tensor([seq], dtype=torch.long).reshape(1, -1)], 1)
+            with torch.no_grad():
+                logits = model(ids).logits[:, -1].double()
+            p = torch.softmax(_warp(logits, warp.get("temperature", 1.0), warp.get("top_k", 0),
+                                    warp.get("top_p", 1.0)), dim=-1)[0]
+            for t in p.nonzero().flatten().tolist():
+                nxt[seq + (t,)] = pr * float(p[t])
+        probs = nxt
+    return probs
+
+
+def _chi2_pvalue(counts, probs):
+    """Pearson's chi-square test of counts {outcome: n} against probs; cells expected below 5 are pooled."""
+    total = sum(counts.values())
+    if not set(counts) <= set(probs):  # an outcome the target never draws
+        return 0.0, 0
+    stat, df, pool_e, pool_o = 0.0, -1, 0.0, 0
+    for key, p in probs.items():
+        e, o = total * p, counts.get(key, 0)
+        if e < 5:
+            pool_e, pool_o = pool_e + e, pool_o + o
+            continue
+        stat, df = stat + (o - e) ** 2 / e, df + 1
+    if pool_e > 0:
+        stat, df = stat + (pool_o - pool_e) ** 2 / pool_e, df + 1
+    assert df >= 5
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64))), df
+
+
+def _sampled_counts(model, prompt_ids, n, warp, calls=1000, rows=4, **kw):
+    """Counts of the first n tokens of calls × rows draws (3 tokens more are generated, so that the counted ones
+    come from drafted rounds, not from a short last one)."""
+    counts: dict = {}
+    stats = dict(drafted=0, accepted=0)
+    for seed in range(calls):
+        out = gpt2kern.generate(model, prompt_ids.expand(rows, -1), max_new_tokens=n + 3, do_sample=True, seed=seed,
+                                eos_token_id=[], **warp, **kw)
+        for row in out[:, prompt_ids.shape[1]:prompt_ids.shape[1] + n].tolist():
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        if "speculative" in kw:
+            st = last_speculative_stats()
+            stats = {key: stats[key] + st[key] for key in stats}
+    return counts, stats
+
+
+def _perturbed(model, scale, seed=0):
+    """A copy of model with Gaussian noise (scale × each matrix's std) on its matrices: a draft that agrees often,
+    not always."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("warp,n", SAMPLING, ids=["temperature+top_k", "temperature+top_p"])
+def test_speculative_sampling_draws_the_targets_distribution(tiny, warp, n):
+    """Chi-square of the first n sampled tokens (all but the first come from the acceptance rule) against their
+    exact joint distribution under the target, for the model's int8 copy (close to the target: drafts almost always
+    kept, often several per round) and for a noisy copy (many drafts refused: the residual draws carry much of the
+    distribution)."""
+    from gpt2kern.model.loading import random_model
+
+    ids = torch.tensor([[5, 17, 42]])
+    probs = _target_probs(tiny, ids, n, warp)
+    for draft in ("int8", _perturbed(tiny, 0.1)):
+        counts, st = _sampled_counts(tiny, ids, n, warp, speculative=draft)
+        assert st["accepted"] > st["drafted"] / 2 if draft == "int8" else st["accepted"] < st["drafted"] / 2, st
+        pvalue, df = _chi2_pvalue(counts, probs)
+        assert pvalue > 1e-4, (draft if isinstance(draft, str) else "noisy copy", pvalue, df, st)
+    # the test can fail: another model's own samples are far from the target's distribution
+    other = random_model("tiny", seed=1)
+    assert _chi2_pvalue(_sampled_counts(other, ids, n, warp, calls=100)[0], probs)[0] < 1e-6
+
+
+def test_speculative_sampling_batches_eos_and_seeds(distil):
+    """Left-padded rows, eos inside drafted runs, a seed: the same call gives the same tokens; a row that hit eos is
+    padded as in the plain loop; stats show drafts were kept."""
+    ids, mask = left_padded(50257, [6, 2, 4], pad=0, seed=7)
+    kw = dict(max_new_tokens=30, do_sample=True, top_k=3, seed=5, speculative="int8", pad_token_id=3)
+    ref = gpt2kern.generate(distil, ids, mask, eos_token_id=[], **kw)
+    assert torch.equal(ref, gpt2kern.generate(distil, ids, mask, eos_token_id=[], **kw))
+    assert last_speculative_stats()["accepted"] > 0
+    eos = int(ref[1, ids.shape[1] + 4])
+    out = gpt2kern.generate(distil, ids, mask, eos_token_id=eos, **kw)
+    for row in out[:, ids.shape[1]:].tolist():
+        if eos in row:
+            assert all(t == 3 for t in row[row.index(eos) + 1:])

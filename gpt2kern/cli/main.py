@@ -218,7 +218,7 @@ class GenSettings:
     top_p: float = 1.0
     seed: int | None = None
     eos_token_id: int | None = None
-    speculative: str | None = None  # the draft's weight mode (greedy, CPU), None: off
+    speculative: str | None = None  # the draft: the model's copy in a weight mode, or a model name; None: off
 
     def check(self, prompt_len: int | None = None, n_positions: int | None = None) -> "GenSettings":
         """ValueError for values generation cannot use."""
@@ -233,13 +233,9 @@ class GenSettings:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {self.top_k}")
-        if self.speculative is not None:
-            if self.speculative not in ("fp16", "bf16", "int8"):
-                raise ValueError(f"--speculative must be fp16, bf16 or int8 (the draft's weights), "
-                                 f"got {self.speculative!r}")
-            if self.do_sample:
-                raise ValueError("--speculative is greedy only (speculative sampling is not supported yet): "
-                                 "drop --sample and the sampling options")
+        if self.speculative is not None and self.speculative in ("", "fp32"):
+            raise ValueError(f"--speculative must be fp16, bf16, int8 or a draft model (the model's copy in that "
+                             f"mode drafts, or a smaller model), got {self.speculative!r}")
         if prompt_len is not None and n_positions is not None and prompt_len + self.max_new_tokens > n_positions:
             raise ValueError(f"the prompt ({prompt_len} tokens) + --max-new-tokens {self.max_new_tokens} = "
                              f"{prompt_len + self.max_new_tokens} passes the model's context "
@@ -248,9 +244,11 @@ class GenSettings:
         return self
 
 
-def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None,
+              draft=None) -> torch.Tensor:
     """THE fast-path token generator of the CLI: ids [1, T] -> [1, T + new], calling on_token for each new id.
-    gpt2kern.generate: the C++ decode engine (HF's generate on CPU float32 models it does not serve)."""
+    gpt2kern.generate: the C++ decode engine (HF's generate on CPU float32 models it does not serve). `draft`: the
+    draft model --speculative named, if it named one."""
     import gpt2kern
 
     stream = (lambda t: on_token(int(t[0]))) if on_token is not None else None
@@ -258,7 +256,7 @@ def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int]
                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                              eos_token_id=s.eos_token_id if s.eos_token_id is not None else [],
                              pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0,
-                             seed=s.seed, streamer=stream, speculative=s.speculative)
+                             seed=s.seed, streamer=stream, speculative=draft if draft is not None else s.speculative)
 
 
 def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
@@ -350,8 +348,9 @@ def generate(
     json_: JsonOpt = False,
     weights: WeightsOpt = Weights.fp32,
     speculative: Annotated[Optional[str], typer.Option(
-        "--speculative", metavar="MODE", help="Greedy speculative decoding (CPU): the model's fp16, bf16 or int8 "
-        "copy drafts tokens, the model checks them in one step; the tokens are exactly those without it.",
+        "--speculative", metavar="DRAFT", help="Speculative decoding (CPU): the model's fp16, bf16 or int8 copy, or "
+        "a smaller model (a name or directory, as --model takes), drafts tokens; the model checks them in one step. "
+        "Greedy: exactly the tokens without it; sampling: exactly the same distribution.",
         show_default=False)] = None,
 ):
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
@@ -371,6 +370,18 @@ def generate(
     input_ids = encode_prompt(prompt, tok, m.config, ids)
     with expected_errors():
         s.check(input_ids.shape[1], m.config.n_positions)
+    draft = None
+    if speculative is not None and speculative not in ("fp16", "bf16", "int8"):
+        try:
+            _, draft, _ = ui.load_model(speculative, device)
+        except CliError as e:
+            raise CliError(f"--speculative must be fp16, bf16, int8 or a draft model: {e}") from None
+        if draft.config.vocab_size != m.config.vocab_size:
+            raise CliError(f"--speculative {speculative}: its vocabulary ({draft.config.vocab_size} tokens) is not "
+                           f"the model's ({m.config.vocab_size}); a draft model must share the tokenizer")
+        if input_ids.shape[1] + s.max_new_tokens > draft.config.n_positions:
+            raise CliError(f"--speculative {speculative}: its context (n_positions={draft.config.n_positions}) is "
+                           f"shorter than the prompt + --max-new-tokens")
     s.eos_token_id = eos_id(m, tok)
     if compare_hf and s.do_sample and s.seed is None:
         s.seed = random.randrange(2 ** 31)
@@ -393,7 +404,7 @@ def generate(
     interrupted = False
     t0 = time.perf_counter()
     try:
-        _generate(m, input_ids, s, printer)
+        _generate(m, input_ids, s, printer, draft)
     except KeyboardInterrupt:
         interrupted = True
     elapsed = time.perf_counter() - t0

@@ -150,7 +150,7 @@ def _warp(scores, temperature, top_k, top_p):
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
              seed: int | None = None, streamer=None, weights: str | None = None,
-             speculative: str | None = None) -> torch.LongTensor:
+             speculative=None) -> torch.LongTensor:
     """Generate up to `max_new_tokens` tokens after each row of `input_ids` ([B, T] or [T]; left-pad batches and
     pass `attention_mask`). Returns [B, T + n] token ids, prompt included, like HF's generate.
 
@@ -164,12 +164,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
       or a plain callable called with each step's [B] tokens.
     - `weights`: 'fp32', 'fp16', 'bf16' or 'int8' (see optimize); default the optimized model's mode, else 'fp32'.
       Another mode than the optimized model's packs a private copy for generate; the model is left as it is.
-    - `speculative`: 'fp16', 'bf16' or 'int8' (None: off): greedy speculative decoding on CPU — the model's copy in
-      that mode drafts a few tokens, one forward of the model's own weights checks them all, the agreeing prefix
-      plus the model's own next token are kept. The tokens (and the streamer's per-step [B] tensors) are exactly
-      those of the same call without it. `last_speculative_stats()` describes the last such call.
+    - `speculative`: 'fp16', 'bf16' or 'int8', or a smaller GPT2LMHeadModel with the same vocabulary (None: off):
+      speculative decoding on CPU — the draft (the model's own copy in that mode, or that model) proposes a few
+      tokens, one forward of the model's own weights checks them all. Greedy: the tokens (and the streamer's
+      per-step [B] tensors) are exactly those of the same call without it. Sampling: speculative sampling's
+      acceptance rule, so each token is drawn from exactly the plain loop's distribution (though a seed draws
+      other tokens than without it). `last_speculative_stats()` describes the last such call.
     """
-    _check_speculative(speculative, do_sample)
+    _check_speculative(speculative, model)
     if weights is not None:
         from ..kernels.weights import check_mode
 
@@ -198,11 +200,20 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                            pad_token_id=pad_token_id, seed=seed, streamer=streamer).cpu()
 
     dev = model.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed) if (do_sample and seed is not None) else None
     if speculative is not None:
         if dev.type != "cpu":
-            raise ValueError(f"speculative={speculative!r} runs on CPU only; this model is on {dev}")
-        return _speculative(model, st, speculative, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer)
-    gen = torch.Generator(device=dev).manual_seed(seed) if (do_sample and seed is not None) else None
+            raise ValueError(f"speculative runs on CPU only; this model is on {dev}")
+        if isinstance(speculative, GPT2LMHeadModel):
+            ddev, dpos = speculative.lm_head.weight.device, speculative.config.n_positions
+            if ddev.type != "cpu":
+                raise ValueError(f"speculative: the draft model is on {ddev}; it must be on the CPU with the model")
+            if int(mask.sum(dim=1).max()) + max_new_tokens > dpos:
+                raise ValueError(f"speculative: the draft model's context (n_positions={dpos}) is shorter than the "
+                                 f"prompt + max_new_tokens")
+        draft = _draft_state(model, speculative)
+        rule = _SamplingRule(temperature, top_k, top_p, gen) if do_sample else _GreedyRule()
+        return _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer)
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
         streamer.put(input_ids.cpu())  # HF hands streamers CPU tensors
@@ -265,15 +276,15 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
 _SPEC_MODES = ("fp16", "bf16", "int8")
 
 
-def _check_speculative(speculative, do_sample):
-    if speculative is None:
+def _check_speculative(speculative, model):
+    if speculative is None or (isinstance(speculative, str) and speculative in _SPEC_MODES):
         return
-    if not isinstance(speculative, str) or speculative not in _SPEC_MODES:
-        raise ValueError(f"speculative must be None or one of {', '.join(map(repr, _SPEC_MODES))} (the draft's "
-                         f"weights), got {speculative!r}")
-    if do_sample:
-        raise ValueError("speculative decoding is greedy only: speculative sampling is not supported yet "
-                         "(pass do_sample=False or speculative=None)")
+    if not isinstance(speculative, GPT2LMHeadModel):
+        raise ValueError(f"speculative must be None, one of {', '.join(map(repr, _SPEC_MODES))} (the model's own "
+                         f"copy in that mode drafts) or a GPT2LMHeadModel (a smaller draft model), got {speculative!r}")
+    if isinstance(model, GPT2LMHeadModel) and speculative.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"speculative: the draft model's vocabulary ({speculative.config.vocab_size} tokens) is not "
+                         f"the model's ({model.config.vocab_size}); a draft must share the tokenizer")
 
 
 def last_speculative_stats() -> dict | None:
@@ -312,23 +323,93 @@ class _DraftLength:
             self.pause = 8
 
 
-def _draft_state(model, mode: str) -> State:
-    """The draft's weights: the model's own state when it is optimized in `mode`, else a private pack kept beside
-    generate's other private one (`state_of` keeps one mode only, and the target needs its own), made once and
-    repacked only when the model changes."""
-    return state_of(model, mode, slot="_gpt2kern_draft_state")
+class _GreedyRule:
+    """Greedy verification: a draft token is kept where it is the target's argmax."""
+
+    def pick(self, logits):  # [B, V] -> [B]
+        return torch.argmax(logits, dim=-1)
+
+    def draft(self, logits):  # the draft's token and what the check needs of its distribution (nothing)
+        return torch.argmax(logits, dim=-1), None
+
+    def check(self, logits, d, qs):
+        """logits [B, k+1, V]: the target's after c, d1, .., dk. Returns each row's count of leading kept draft
+        tokens and a function giving every row's token at a position n <= each running row's count."""
+        g = torch.argmax(logits, dim=-1)
+        return torch.cumprod((d == g[:, :d.shape[1]]).long(), dim=1).sum(dim=1), lambda n: g[:, n]
 
 
-def _speculative(model, st, mode, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer):
-    """Greedy speculative decoding (CPU engines). Per round the target (the model's own mode) has emitted token c;
-    the draft (the same model in `mode`), fed everything accepted so far, proposes d1..dk greedily; one target
-    forward over [c, d1..dk] (Engine.forward(all_logits=True): every position's logits, bit-identical to the
-    plain loop's single-token steps) gives the target's own choice g0..gk after each prefix; a row keeps d1..dn
-    where they match and then g_n, with n the shortest agreeing prefix over the rows still running, so every kept
-    token is what the plain loop picks. Both caches are truncated to the kept tokens. Each kept token goes through
-    the plain loop's eos / pad / streamer step, one [B] tensor per step."""
+class _SamplingRule:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). With p the target's warped distribution and
+    q the draft's, a drafted token x ~ q is kept with probability min(1, p(x)/q(x)); the first one refused is
+    replaced by a draw from max(0, p - q) renormalized; when all k are kept, one more token is drawn from p after
+    them. Each token so produced is distributed exactly as p given the tokens before it. Rows share the round's
+    stopping point (the first refusal among the running rows); a row whose own draft was kept there emits that
+    draft token, which the rule produced as well, and whether a position is reached depends only on earlier
+    positions, so every row's tokens follow p. The draws differ from the plain loop's, so a seed gives other tokens
+    than without `speculative`, drawn from the same distribution."""
+
+    def __init__(self, temperature, top_k, top_p, gen):
+        self.temperature, self.top_k, self.top_p, self.gen = temperature, top_k, top_p, gen
+
+    def probs(self, logits):  # [..., V] -> the warped distribution, as the plain loop computes it
+        shape = logits.shape
+        p = torch.softmax(_warp(logits.reshape(-1, shape[-1]), self.temperature, self.top_k, self.top_p), dim=-1)
+        return p.view(shape)
+
+    def sample(self, p):
+        return torch.multinomial(p, num_samples=1, generator=self.gen).squeeze(1)
+
+    def pick(self, logits):
+        return self.sample(self.probs(logits))
+
+    def draft(self, logits):
+        q = self.probs(logits)
+        return self.sample(q), q
+
+    def check(self, logits, d, qs):
+        B, k = d.shape
+        p, q = self.probs(logits), torch.stack(qs, 1)  # [B, k+1, V], [B, k, V]
+        pd = p[:, :k].gather(2, d[..., None]).squeeze(2)
+        qd = q.gather(2, d[..., None]).squeeze(2)
+        u = torch.rand(B, k, generator=self.gen, dtype=p.dtype)
+        kept = torch.cumprod((u * qd < pd).long(), dim=1).sum(dim=1)
+
+        def token(n):
+            if n == k:
+                return self.sample(p[:, k])
+            resid = (p[:, n] - q[:, n]).clamp_min(0)
+            total = resid.sum(dim=1, keepdim=True)
+            # a refused token has q(x) > p(x), so its row's residual has mass; other rows' are not used
+            resid = torch.where(total > 0, resid / total.clamp_min(1e-30), p[:, n])
+            return torch.where(kept > n, d[:, n], self.sample(resid))
+
+        return kept, token
+
+
+def _draft_state(model, speculative) -> State:
+    """The draft's weights: a draft model's own state, or the model's own state when it is optimized in mode
+    `speculative`, else a private pack kept beside generate's other private one (`state_of` keeps one mode only,
+    and the target needs its own), made once and repacked only when the model changes."""
+    if isinstance(speculative, GPT2LMHeadModel):
+        st = state_of(speculative, None)
+        why = guard.why_not(st, "generate", model=speculative)
+        if why is not None:
+            raise ValueError(f"speculative: the draft model cannot run in gpt2kern's engine: {why}")
+        return st
+    return state_of(model, speculative, slot="_gpt2kern_draft_state")
+
+
+def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer):
+    """Speculative decoding (CPU engines). Per round the target (the model's own weights) has emitted token c; the
+    draft, fed everything kept so far, proposes d1..dk; one target forward over [c, d1..dk]
+    (Engine.forward(all_logits=True): every position's logits, bit-identical to the plain loop's single-token
+    steps) gives the target's logits after each prefix; `rule` (greedy or sampling) says how many leading draft
+    tokens each row keeps and gives the token after them. The round keeps n + 1 tokens, n the fewest kept over the
+    rows still running (greedy: every kept token is the plain loop's own choice). Both caches are truncated to the
+    kept tokens. Each kept token goes through the plain loop's eos / pad / streamer step, one [B] tensor per step."""
     B, T = input_ids.shape
-    draft_w = _draft_state(model, mode).weights
+    draft_w = draft.weights
     stats = dict(rounds=0, drafted=0, accepted=0, plain=0, k=0)
     _local.spec_stats = stats
     put = getattr(streamer, "put", None) or streamer
@@ -371,8 +452,7 @@ def _speculative(model, st, mode, input_ids, mask, max_new_tokens, eos, pad_toke
             return False
 
         if max_new_tokens:
-            logits = eng.forward(input_ids, pos, mask)
-            c = torch.argmax(logits, dim=-1)
+            c = rule.pick(eng.forward(input_ids, pos, mask))
             drf.forward(input_ids, pos, mask)  # the draft's prefill (its logits are not needed)
             done = emit(c)
         emitted = 1
@@ -393,18 +473,20 @@ def _speculative(model, st, mode, input_ids, mask, max_new_tokens, eos, pad_toke
                 n = len(toks)
                 dl = call(drf, "draft", torch.stack(toks, 1), start[:, None] + dfed + torch.arange(n))
                 dfed += n
-                drafts = [torch.argmax(dl, dim=-1)]
-                for _ in range(k - 1):
-                    dl = call(drf, "draft", drafts[-1][:, None], start[:, None] + dfed)
-                    dfed += 1
-                    drafts.append(torch.argmax(dl, dim=-1))
+                drafts, qs = [], []
+                for i in range(k):
+                    if i:
+                        dl = call(drf, "draft", drafts[-1][:, None], start[:, None] + dfed)
+                        dfed += 1
+                    tok, q = rule.draft(dl)
+                    drafts.append(tok)
+                    qs.append(q)
                 d = torch.stack(drafts, 1)  # [B, k]
                 logits = call(eng, "verify", torch.cat([c[:, None], d], 1), start[:, None] + fed + torch.arange(k + 1),
                               all_logits=True)
-                g = torch.argmax(logits, dim=-1)  # [B, k + 1]: the target's choice after c, d1, .., dk
-                agree = torch.cumprod((d == g[:, :k]).long(), dim=1).sum(dim=1)
-                n = int(agree[unfinished].min()) if eos else int(agree.min())
-                kept = [d[:, i] for i in range(n)] + [g[:, n]]
+                per_row, token_at = rule.check(logits, d, qs)
+                n = int(per_row[unfinished].min()) if eos else int(per_row.min())
+                kept = [d[:, i] for i in range(n)] + [token_at(n)]
                 eng.truncate(T + fed + 1 + n)  # c, d1..dn
                 fed += 1 + n
                 # the draft has seen c, d1..d(k-1): keep c, d1..dn; dk (if kept) is pending
@@ -419,7 +501,7 @@ def _speculative(model, st, mode, input_ids, mask, max_new_tokens, eos, pad_toke
                 logits = call(eng, "step", c[:, None], start[:, None] + fed)
                 fed += 1
                 pending.append(c)
-                kept = [torch.argmax(logits, dim=-1)]
+                kept = [rule.pick(logits)]
                 stats["plain"] += 1
             stats["rounds"] += 1
             for tok in kept:
