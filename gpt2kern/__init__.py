@@ -8,7 +8,8 @@ The package, from the bottom up (each layer imports only the ones above it in th
     kernels/   ops.py: the C++/CUDA ops (csrc/) as torch ops; weights.py: the weight formats they read
     model/     the drop-in forward on HF's GPT-2 classes (dropin.py), the one Python GPT-2 body (body.py), when
                the kernels may run (guard.py), loading models (loading.py), the named steps (steps.py)
-    decode/    gpt2kern.generate over the C++ engine (generate.py) and the CUDA-graph decoder (cuda_graph.py)
+    decode/    gpt2kern.generate over the C++ engine (generate.py), the CUDA-graph decoder (cuda_graph.py), a draft
+               model for HF's assisted generation (assistant.py)
     cli/       the `gpt2kern` command (main.py), its benchmark (bench.py), error measures, terminal output
 """
 import importlib
@@ -19,6 +20,7 @@ _LAZY = {
     "ops": (".kernels.ops", None),
     "generate": (".decode.generate", "generate"),
     "generate_fallback_reason": (".decode.generate", "last_fallback_reason"),
+    "draft_model": (".decode.assistant", "draft_model"),
     "load": (".model.loading", "load"),
     "optimize": (".model.dropin", "optimize"),
     "restore": (".model.dropin", "restore"),
@@ -26,8 +28,8 @@ _LAZY = {
     "fallback_reason": (".model.dropin", "fallback_reason"),
     "is_optimized": (".model.dropin", "is_optimized"),
 }
-__all__ = ["ops", "generate", "generate_fallback_reason", "optimize", "restore", "load", "tracing", "fallback_reason",
-           "is_optimized"]
+__all__ = ["ops", "generate", "generate_fallback_reason", "draft_model", "optimize", "restore", "load", "tracing",
+           "fallback_reason", "is_optimized"]
 
 
 def __getattr__(name):

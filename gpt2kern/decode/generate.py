@@ -150,7 +150,7 @@ def _warp(scores, temperature, top_k, top_p):
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
              seed: int | None = None, streamer=None, weights: str | None = None,
-             speculative=None) -> torch.LongTensor:
+             speculative=None, draft_tokens: int | None = None) -> torch.LongTensor:
     """Generate up to `max_new_tokens` tokens after each row of `input_ids` ([B, T] or [T]; left-pad batches and
     pass `attention_mask`). Returns [B, T + n] token ids, prompt included, like HF's generate.
 
@@ -170,8 +170,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
       per-step [B] tensors) are exactly those of the same call without it. Sampling: speculative sampling's
       acceptance rule, so each token is drawn from exactly the plain loop's distribution (though a seed draws
       other tokens than without it). `last_speculative_stats()` describes the last such call.
+    - `draft_tokens`: tokens drafted per round, 1..8; None (default): chosen each round from the measured times
+      and acceptance rate, plain steps while drafting does not pay (so a draft that rarely agrees costs little).
     """
-    _check_speculative(speculative, model)
+    _check_speculative(speculative, model, draft_tokens)
     if weights is not None:
         from ..kernels.weights import check_mode
 
@@ -213,7 +215,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                                  f"prompt + max_new_tokens")
         draft = _draft_state(model, speculative)
         rule = _SamplingRule(temperature, top_k, top_p, gen) if do_sample else _GreedyRule()
-        return _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer)
+        return _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer,
+                            _DraftPolicy(draft_tokens))
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
         streamer.put(input_ids.cpu())  # HF hands streamers CPU tensors
@@ -276,7 +279,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
 _SPEC_MODES = ("fp16", "bf16", "int8")
 
 
-def _check_speculative(speculative, model):
+def _check_speculative(speculative, model, draft_tokens):
+    if draft_tokens is not None:
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
+                not 1 <= draft_tokens <= _DraftPolicy.MAX_K:
+            raise ValueError(f"draft_tokens must be None (chosen per round) or an int in 1..{_DraftPolicy.MAX_K}, "
+                             f"got {draft_tokens!r}")
+        if speculative is None:
+            raise ValueError("draft_tokens is the speculative draft's length: pass speculative= too")
     if speculative is None or (isinstance(speculative, str) and speculative in _SPEC_MODES):
         return
     if not isinstance(speculative, GPT2LMHeadModel):
@@ -294,33 +304,67 @@ def last_speculative_stats() -> dict | None:
     return getattr(_local, "spec_stats", None)
 
 
-class _DraftLength:
-    """k, the tokens drafted per round: starts at 4, grows to 8 while most drafts are kept, shrinks while few are; at
-    a very low acceptance rate the draft is off (k = 0: plain target steps) for `pause` rounds, then tried again
-    with k = 2 (each failed retry doubles the pause, up to 256)."""
+class _DraftPolicy:
+    """How many tokens to draft in the next round (0: a plain target step), from a cost model of measured times.
+    A round of k drafts costs k·draft + verify(k), with verify(k) = step + k·extra (an exact verify is one decode
+    step's arithmetic per position: at B = 1 it reads the weights once but does k + 1 steps' sums), and keeps on
+    average (1 - a^(k+1)) / (1 - a) tokens, a the running rate at which drafted tokens are kept (a round stops at
+    the first refusal among the running rows). The next k is the one with the most tokens per second; when no k
+    beats plain steps, drafting pauses for `pause` rounds (the pause grows 4× after each retry that still loses, up
+    to 256, so a draft that never pays costs a few retries per few hundred tokens; a retry drafts 1 token to
+    measure the rate again). The first round is a plain step, so the step time is measured before any draft.
+    `fixed`: the caller's k for every round instead."""
 
-    def __init__(self):
-        self.k, self.rate, self.pause, self.off = 4, 0.6, 8, 0
+    MAX_K = 8  # (the verify's rows: B·(MAX_K + 1) fit the engine's buffers)
+
+    def __init__(self, fixed: int | None = None):
+        self.kept, self.refused = 3.0, 1.0  # decayed counts of kept and refused drafts (prior rate 0.75)
+        self.t_step = self.t_draft = self.t_extra = None  # EWMAs, seconds
+        self.k, self.off, self.pause, self.retry = 2, 1, 8, False
+        self.fixed = fixed  # a k the caller chose: every round drafts it
 
     def next(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
         if self.off > 0:
             self.off -= 1
             return 0
         return self.k
 
-    def record(self, drafted: int, accepted: int):
-        if drafted == 0:
+    @staticmethod
+    def _mean(old, new):
+        return new if old is None else 0.7 * old + 0.3 * new
+
+    def record_step(self, seconds: float):
+        self.t_step = self._mean(self.t_step, seconds)
+
+    def record_round(self, k: int, kept: int, draft_seconds: float, verify_seconds: float):
+        self.kept = 0.8 * self.kept + kept
+        self.refused = 0.8 * self.refused + (kept < k)
+        self.t_draft = self._mean(self.t_draft, draft_seconds / k)
+        if self.t_step is not None:
+            self.t_extra = self._mean(self.t_extra, max(verify_seconds - self.t_step, 0.0) / k)
+        self._choose()
+
+    def rate(self) -> float:
+        return min(self.kept / (self.kept + self.refused), 0.999)
+
+    def speedup(self, k: int) -> float:
+        """Modelled tokens per second of rounds of k drafts, over plain steps'."""
+        a = self.rate()
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        return tokens * self.t_step / (k * self.t_draft + self.t_step + k * self.t_extra)
+
+    def _choose(self):
+        if self.t_step is None or self.t_extra is None:
             return
-        self.rate = 0.7 * self.rate + 0.3 * accepted / drafted
-        if self.rate > 0.75:
-            self.k = min(self.k + 1, 8)
-        elif self.rate < 0.4:
-            self.k = max(self.k - 1, 1)
-        if self.rate < 0.15:
-            self.off, self.pause = self.pause, min(2 * self.pause, 256)
-            self.k, self.rate = 2, 0.4
-        elif self.rate > 0.5:
-            self.pause = 8
+        best = max(range(1, self.MAX_K + 1), key=self.speedup)
+        if self.speedup(best) > 1.0:
+            self.k, self.retry, self.pause = best, False, 8
+            return
+        if self.retry:  # a retry that still loses: wait longer for the next
+            self.pause = min(4 * self.pause, 256)
+        self.k, self.off, self.retry = 1, self.pause, True
 
 
 class _GreedyRule:
@@ -400,7 +444,10 @@ def _draft_state(model, speculative) -> State:
     return state_of(model, speculative, slot="_gpt2kern_draft_state")
 
 
-def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer):
+CATCH_UP = 2  # pending tokens the draft is fed before it drafts again after a pause; older ones it skips
+
+
+def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, pad_token_id, streamer, policy):
     """Speculative decoding (CPU engines). Per round the target (the model's own weights) has emitted token c; the
     draft, fed everything kept so far, proposes d1..dk; one target forward over [c, d1..dk]
     (Engine.forward(all_logits=True): every position's logits, bit-identical to the plain loop's single-token
@@ -416,28 +463,27 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
     if hasattr(streamer, "put"):
         streamer.put(input_ids.cpu())
     max_len = T + max_new_tokens
-    chunk = max(T, 16)
     out = [input_ids]
     with torch.inference_mode():
         eng = st.weights.engine(B, max_len, B * max(T, 9))
-        drf = draft_w.engine(B, max_len, B * chunk)
+        drf = draft_w.engine(B, max_len, B * max(T, CATCH_UP + 1))
         pos = hf_position_ids(mask)
         start = mask.sum(dim=1)  # each row's position of the first new token
         eos_t = torch.tensor(eos, dtype=torch.long)
         unfinished = torch.ones(B, dtype=torch.bool)
-        ks = _DraftLength()
         done = False
         # threads per call, as the plain loop picks them (ThreadChooser), one choice per kind of call
         choosers = dict(draft=ThreadChooser(), verify=ThreadChooser(), step=ThreadChooser())
 
-        def call(engine, kind, ids, p, all_logits=False):
+        def call(engine, kind, ids, p, all_logits=False):  # (logits, seconds)
             n = ids.shape[1]
             ch = choosers[kind]
             threads = ch.pick()
             t0 = time.perf_counter()
             res = engine.forward(ids, p, torch.ones(B, n, dtype=torch.bool), threads, all_logits)
-            ch.record(threads, (time.perf_counter() - t0) / n)
-            return res
+            seconds = time.perf_counter() - t0
+            ch.record(threads, seconds / n)
+            return res, seconds
 
         def emit(tok):  # the plain loop's step for one [B] tensor of chosen tokens; True: every row is done
             nonlocal unfinished
@@ -458,47 +504,51 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
         emitted = 1
         fed = 0  # new tokens in the target's cache (all but the last emitted)
         pending = []  # [B] tokens the target has kept and the draft has not seen yet
-        dfed = 0  # new tokens in the draft's cache
+        dpos = 0  # the new-token index of pending[0] (of c when there are none)
+        dlen = 0  # new tokens in the draft's cache: dpos, less the tokens it skipped after a pause
         while not done and emitted < max_new_tokens:
-            k = min(ks.next(), max_new_tokens - emitted - 1)
-            if k > 0:  # draft: catch up on the pending tokens, then c, then d1..d(k-1)
+            k = min(policy.next(), max_new_tokens - emitted - 1)
+            if k > 0:  # draft: the pending tokens (the last CATCH_UP after a pause), then c, then d1..d(k-1)
                 toks = pending + [c]
                 pending = []
-                while len(toks) > chunk:
-                    part, toks = toks[:chunk], toks[chunk:]
-                    n = len(part)
-                    drf.forward(torch.stack(part, 1), start[:, None] + dfed + torch.arange(n),
-                                torch.ones(B, n, dtype=torch.bool), choosers["draft"].best)
-                    dfed += n
+                if len(toks) > CATCH_UP:
+                    # the draft skips the older ones: its cache then lacks them, its drafts may be worse, the
+                    # tokens are not (any draft gives them); catching up on a long pause costs as much as it saved
+                    dpos += len(toks) - CATCH_UP
+                    toks = toks[-CATCH_UP:]
                 n = len(toks)
-                dl = call(drf, "draft", torch.stack(toks, 1), start[:, None] + dfed + torch.arange(n))
-                dfed += n
-                drafts, qs = [], []
+                dl, first = call(drf, "draft", torch.stack(toks, 1), start[:, None] + dpos + torch.arange(n))
+                dpos, dlen = dpos + n, dlen + n
+                drafts, qs, singles = [], [], []  # singles: the single-token draft calls' seconds
                 for i in range(k):
                     if i:
-                        dl = call(drf, "draft", drafts[-1][:, None], start[:, None] + dfed)
-                        dfed += 1
+                        dl, secs = call(drf, "draft", drafts[-1][:, None], start[:, None] + dpos)
+                        singles.append(secs)
+                        dpos, dlen = dpos + 1, dlen + 1
                     tok, q = rule.draft(dl)
                     drafts.append(tok)
                     qs.append(q)
                 d = torch.stack(drafts, 1)  # [B, k]
-                logits = call(eng, "verify", torch.cat([c[:, None], d], 1), start[:, None] + fed + torch.arange(k + 1),
-                              all_logits=True)
+                logits, t_verify = call(eng, "verify", torch.cat([c[:, None], d], 1),
+                                        start[:, None] + fed + torch.arange(k + 1), all_logits=True)
                 per_row, token_at = rule.check(logits, d, qs)
                 n = int(per_row[unfinished].min()) if eos else int(per_row.min())
                 kept = [d[:, i] for i in range(n)] + [token_at(n)]
                 eng.truncate(T + fed + 1 + n)  # c, d1..dn
                 fed += 1 + n
                 # the draft has seen c, d1..d(k-1): keep c, d1..dn; dk (if kept) is pending
-                keep = min(n, k - 1)
-                drf.truncate(T + dfed - (k - 1 - keep))
-                dfed -= k - 1 - keep
+                drop = k - 1 - min(n, k - 1)
+                drf.truncate(T + dlen - drop)
+                dpos, dlen = dpos - drop, dlen - drop
                 pending = [d[:, k - 1]] if n == k else []
                 stats["drafted"] += k
                 stats["accepted"] += n
-                ks.record(k, n)
+                # the round's draft cost as k single-token calls (the first call may carry pending tokens too)
+                policy.record_round(k, n, k * (sum(singles) / len(singles) if singles else first / len(toks)),
+                                    t_verify)
             else:  # a plain target step
-                logits = call(eng, "step", c[:, None], start[:, None] + fed)
+                logits, secs = call(eng, "step", c[:, None], start[:, None] + fed)
+                policy.record_step(secs)
                 fed += 1
                 pending.append(c)
                 kept = [rule.pick(logits)]
@@ -510,7 +560,7 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
                     done = True
                     break
             c = kept[-1]
-        stats["k"] = ks.k
+        stats["k"] = policy.k
     if hasattr(streamer, "end"):
         streamer.end()
     return torch.cat(out, dim=1)
