@@ -9,7 +9,7 @@ from test_cli import assert_one_line_error, cli_run  # noqa: F401  (fixture)
 def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F811
     j, p = tmp_path / "b.json", tmp_path / "b.png"
     code, out, err = cli_run("bench", "--quick", "-m", "random:tiny", "--reps", "5", "--new-tokens", "4",
-                             "--json", j, "--plot", p, "--contend", "--weights", "all")
+                             "--json", j, "--plot", p, "--contend", "--weights", "all", "--speculative")
     assert code == 0, err
     res = json.loads(j.read_text())
     assert res["read_bandwidth_GBps"] > 0 and res["fma_peak_GFLOPs"] > 0
@@ -30,7 +30,7 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     assert "HF sdpa ms" in out and "HF eager ms" in out
     # off a terminal: a line per section with its time
     for section in ("roofline inputs", "kernels M=1", "kernels M=128", "prefill T=128", "decode B=1", "drop-in",
-                    "weight modes: error", "decode with a busy core"):
+                    "weight modes: error", "decode with a busy core", "speculative"):
         assert f"bench: {section} (" in err, err
     load = res["machine_load"]
     assert load["other_cpus_before"] is not None and load["other_cpus_during"] is not None
@@ -57,6 +57,9 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     assert modes["int8"]["weight_MiB"] < 0.3 * modes["fp32"]["weight_MiB"]
     assert "kept busy by another process" in res["contend"][1]["measure"] and res["contend"][1]["ms"] > 0
     assert "drop-in" in out and "decode with a busy core" in out
+    spec = {r["measure"]: r for r in res["speculative"]}  # (the run checked that the tokens equal plain fp32's)
+    assert len(spec) == 3 and all(r["ms"] > 0 and r["speedup"] > 0 and r["tokens_per_pass"] >= 1 for r in spec.values())
+    assert spec["B=1, int8 draft, k = 4"]["drafted"] > 0 and "speculative decoding vs plain fp32" in out
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -66,6 +69,7 @@ def test_quick_bench_writes_table_json_and_plot(cli_run, tmp_path):  # noqa: F81
     (["-m", "random:nope"], "random:nope"),
     (["--new-tokens", "600", "-m", "random:tiny"], "n_positions"),
     (["--contend", "--device", "cuda"], "--contend measures the CPU path"),
+    (["--speculative", "--device", "cuda"], "--speculative measures the CPU path"),
 ])
 def test_bench_argument_errors(cli_run, args, needle):  # noqa: F811
     code, _, err = cli_run("bench", *args)

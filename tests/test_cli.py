@@ -256,6 +256,8 @@ def test_errors_from_the_console_script(args, needle):
     (["generate", "1", "-m", "random:tiny", "--speculative", "q4"], "--speculative must be fp16, bf16, int8 or a"),
     (["generate", "1", "-m", "random:tiny", "--speculative", "fp32"], "--speculative must be fp16, bf16, int8 or a"),
     (["generate", "1", "-m", "random:distilgpt2", "--ids", "--speculative", "random:tiny"], "its vocabulary (99"),
+    (["generate", "1", "-m", "random:tiny", "--speculative", "int8", "--draft-tokens", "9"], "--draft-tokens must be"),
+    (["generate", "1", "-m", "random:tiny", "--draft-tokens", "2"], "--draft-tokens must be"),
 ])
 def test_errors_are_one_line_exit_2(cli_run, args, needle):
     code, out, err = cli_run(*args)
@@ -365,7 +367,7 @@ def test_generate_speculative_gives_the_same_tokens(cli_run):
     args = ("generate", "464 2068 7586", "--ids", "-m", "random:distilgpt2", "-n", "12", "--json")
     code, out, err = cli_run(*args)
     assert code == 0, err
-    code2, out2, err2 = cli_run(*args, "--speculative", "int8")
+    code2, out2, err2 = cli_run(*args, "--speculative", "int8", "--draft-tokens", "3")
     assert code2 == 0, err2
     a, b = json.loads(out), json.loads(out2)
     assert b["new_ids"] == a["new_ids"] and b["settings"]["speculative"] == "int8"

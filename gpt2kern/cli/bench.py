@@ -12,6 +12,10 @@ table per section on stdout; --json / --plot files):
                     enabled (HF's path: the kernels have no backward) vs the same call under no_grad, and
                     torch.compile of the optimized model (prefill, and HF's generate with a static cache and a
                     compiled forward, decode) next to the uncompiled one (CPU only; not with --quick)
+  speculative       (--speculative, CPU) gpt2kern.generate(..., speculative="int8") against plain fp32 decode in
+                    the same rounds: the default policy and a fixed k = 4 at B = 1, the default at B = 8
+                    (left-padded), and a draft that never agrees (the policy's worst case); ms/token, speed-up,
+                    drafts kept, tokens per target pass; the tokens must equal the plain run's
   parity            max |Δlogits| vs HF eager, greedy tokens identical
   machine load      other processes' CPU use just before and during the run, and the spread of repeated timings:
                     a warning when either says the figures cannot be trusted (MachineLoad)
@@ -246,7 +250,7 @@ def rss_bytes() -> int:
 
 
 def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, quick=False, advance=None,
-        model=None, contend=False, weights=("fp32",)):
+        model=None, contend=False, weights=("fp32",), spec=False):
     """All measurements as a dict (what --json writes). advance(n) is called as work completes."""
     advance = advance or (lambda n=1, done=None: None)
     load_before = MachineLoad.sample() if device == "cpu" else None
@@ -349,6 +353,8 @@ def run(model_name="random:distilgpt2", device="cpu", reps=7, new_tokens=128, qu
     out["dropin"] = dropin(b, ref, opt, prefill_ts[0], quick, advance)
     if tuple(weights) != ("fp32",) and device == "cpu":
         out["modes"] = modes(b, ref, weights, quick, new_tokens, advance)
+    if spec and device == "cpu":
+        out["speculative"] = speculative(b, ref, quick, new_tokens, advance)
     if contend:
         out["contend"] = contention(b, opt, new_tokens)
         advance(done="decode with a busy core")
@@ -508,17 +514,67 @@ def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
     return list(rows.values())
 
 
+def speculative(b: Bench, ref, quick: bool, new_tokens: int, advance) -> list:
+    """Speculative decoding (int8 draft) against plain fp32 gpt2kern.generate, each case in its own interleaved
+    rounds; the tokens of every speculative run are checked against the plain run's (greedy: they must be equal).
+    The worst case drafts with a copy whose embedding rows are rolled by one (so its tokens never match the
+    model's) in int8: a draft as cheap as the real one that never agrees."""
+    from ..decode.generate import last_speculative_stats
+
+    V = ref.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    never = copy.deepcopy(ref)
+    with torch.no_grad():
+        never.transformer.wte.weight.copy_(ref.transformer.wte.weight.roll(1, dims=0))
+    gpt2kern.optimize(never, weights="int8")
+    lengths = list(range(9, 17))
+    cases = [("B=1, int8 draft, k chosen per round", 1, "int8", None),
+             ("B=1, int8 draft, k = 4", 1, "int8", 4),
+             ("B=1, a draft that never agrees (worst case)", 1, never, None)]
+    if not quick:
+        cases.append(("B=8 left-padded, int8 draft, k chosen per round", 8, "int8", None))
+    rows = []
+    for label, B, draft, k in cases:
+        if B == 1:
+            ids, mask = torch.randint(0, V, (1, 16), generator=g), None
+        else:
+            ids = torch.zeros(B, max(lengths), dtype=torch.long)
+            mask = torch.zeros(B, max(lengths), dtype=torch.long)
+            for r, n in enumerate(lengths):
+                ids[r, -n:] = torch.randint(0, V, (n,), generator=g)
+                mask[r, -n:] = 1
+        out, stats = {}, {}
+        kw = dict(max_new_tokens=new_tokens, eos_token_id=[], attention_mask=mask)
+
+        def plain():
+            out["plain"] = gpt2kern.generate(ref, ids, **kw)
+
+        def spec():
+            out["spec"] = gpt2kern.generate(ref, ids, speculative=draft, draft_tokens=k, **kw)
+            stats.update(last_speculative_stats())
+
+        t = b.time({"plain": plain, "spec": spec}, reps=max(5, b.reps // 2))
+        if not torch.equal(out["spec"], out["plain"]):
+            raise AssertionError(f"speculative decoding changed the tokens ({label})")
+        ms, plain_ms = t["spec"] * 1e3 / new_tokens, t["plain"] * 1e3 / new_tokens
+        rows.append(dict(measure=label, ms=ms, fp32_ms=plain_ms, speedup=plain_ms / ms, drafted=stats["drafted"],
+                         kept_pct=100 * stats["accepted"] / max(stats["drafted"], 1), plain_steps=stats["plain"],
+                         tokens_per_pass=(new_tokens - 1) / max(stats["rounds"], 1), k=stats["k"]))
+    advance(done="speculative")
+    return rows
+
+
 def decode_measure(batch: int, label: str) -> str:
     """The row name of a decode timing. One step makes `batch` tokens (one per row): the time is per step, which
     is per token only at batch 1."""
     return f"decode B={batch} {label}, " + ("ms/token" if batch == 1 else f"ms/step ({batch} tokens)")
 
 
-def steps(quick=False, n_positions=1024, contend=False, weights=("fp32",)) -> int:
+def steps(quick=False, n_positions=1024, contend=False, weights=("fp32",), spec=False) -> int:
     nk = 10  # kernel rows per M (kernel_cases)
     ms, ts = sizes(n_positions, quick)
     return (1 + nk * len(ms) + len(ts) + (1 if quick else 2) + (1 if quick else 2) + int(contend)
-            + (3 if tuple(weights) != ("fp32",) else 0))
+            + (3 if tuple(weights) != ("fp32",) else 0) + int(spec))
 
 
 def _cpu_name() -> str:

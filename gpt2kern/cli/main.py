@@ -219,6 +219,7 @@ class GenSettings:
     seed: int | None = None
     eos_token_id: int | None = None
     speculative: str | None = None  # the draft: the model's copy in a weight mode, or a model name; None: off
+    draft_tokens: int | None = None  # tokens drafted per round (None: chosen per round)
 
     def check(self, prompt_len: int | None = None, n_positions: int | None = None) -> "GenSettings":
         """ValueError for values generation cannot use."""
@@ -233,6 +234,8 @@ class GenSettings:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if self.draft_tokens is not None and not (self.speculative is not None and 1 <= self.draft_tokens <= 8):
+            raise ValueError(f"--draft-tokens must be in 1..8 and goes with --speculative, got {self.draft_tokens}")
         if self.speculative is not None and self.speculative in ("", "fp32"):
             raise ValueError(f"--speculative must be fp16, bf16, int8 or a draft model (the model's copy in that "
                              f"mode drafts, or a smaller model), got {self.speculative!r}")
@@ -256,7 +259,8 @@ def _generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int]
                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                              eos_token_id=s.eos_token_id if s.eos_token_id is not None else [],
                              pad_token_id=s.eos_token_id if s.eos_token_id is not None else 0,
-                             seed=s.seed, streamer=stream, speculative=draft if draft is not None else s.speculative)
+                             seed=s.seed, streamer=stream, speculative=draft if draft is not None else s.speculative,
+                             draft_tokens=s.draft_tokens)
 
 
 def _hf_generate(model, ids: torch.Tensor, s: GenSettings, on_token: Callable[[int], None] | None = None):
@@ -352,13 +356,16 @@ def generate(
         "a smaller model (a name or directory, as --model takes), drafts tokens; the model checks them in one step. "
         "Greedy: exactly the tokens without it; sampling: exactly the same distribution.",
         show_default=False)] = None,
+    draft_tokens: Annotated[Optional[int], typer.Option(
+        "--draft-tokens", metavar="K", help="With --speculative: tokens drafted per round, 1..8 [default: chosen each "
+        "round from the measured times and acceptance].", show_default=False)] = None,
 ):
     """Stream a continuation of PROMPT on the fast path; stops at <|endoftext|>; prints tokens/s at the end."""
     device = Device(device).value
     weights = Weights(weights).value
     prompt = prompt_text(prompt)
     do_sample, t, k, p = _sampling(greedy, temperature, top_k, top_p)
-    s = GenSettings(max_new_tokens, do_sample, t, k, p, seed, speculative=speculative)
+    s = GenSettings(max_new_tokens, do_sample, t, k, p, seed, speculative=speculative, draft_tokens=draft_tokens)
     check_seed(seed)
     with expected_errors():
         s.check()
@@ -794,6 +801,8 @@ def bench(
     plot_file: Annotated[Optional[str], typer.Option("--plot", help="Also draw the speed-ups into this PNG.")] = None,
     weights: Annotated[str, typer.Option("--weights", help="Also compare weight modes: all, or a comma list of "
                                                            "fp32, fp16, bf16, int8 (speed and error, CPU).")] = "fp32",
+    speculative: Annotated[bool, typer.Option("--speculative", help="Also measure speculative decoding (int8 draft) "
+                                              "against plain fp32 decode, and its worst case (CPU).")] = False,
 ):
     """Kernels vs torch and end to end vs HF (sdpa, and eager), with roofline fractions (see gpt2kern/cli/bench.py)."""
     device = Device(device).value
@@ -809,6 +818,8 @@ def bench(
         raise CliError(f"--new-tokens must be >= 1, got {new_tokens}")
     if contend and device != "cpu":
         raise CliError("--contend measures the CPU path (--device cpu)")
+    if speculative and device != "cpu":
+        raise CliError("--speculative measures the CPU path (--device cpu)")
     set_threads(threads)
     from . import bench as B
 
@@ -821,8 +832,9 @@ def bench(
     if 16 + new_tokens > m.config.n_positions:
         raise CliError(f"--new-tokens {new_tokens} + the 16-token prompt passes n_positions={m.config.n_positions}")
     ui.flush_notices()  # what the figures are of (e.g. random weights) before minutes of measuring
-    with ui.progress(B.steps(quick, m.config.n_positions, contend, modes), "bench") as advance:
-        res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend, weights=modes)
+    with ui.progress(B.steps(quick, m.config.n_positions, contend, modes, speculative), "bench") as advance:
+        res = B.run(name, device, reps, new_tokens, quick, advance, model=m, contend=contend, weights=modes,
+                    spec=speculative)
     load = res["machine_load"]
     if not load["trusted"]:
         console.print(f"warning: {load['warning']}", style="bold yellow", markup=False)
@@ -880,6 +892,15 @@ def bench(
                     caption=f"threads: the run's (--threads); ms/token at those threads, and at 1 thread in the same "
                             f"interleaved rounds; ratio = ms/token ÷ 1 thread ms/token. OMP_WAIT_POLICY="
                             f"{os.environ.get('OMP_WAIT_POLICY', '(unset: OpenMP default)')}")
+    if res.get("speculative"):
+        print_table(["speculative", ("ms/token", "right"), ("fp32 ms/token", "right"), ("×", "right"),
+                     ("drafted", "right"), ("kept", "right"), ("tokens/pass", "right")],
+                    [(r["measure"], f"{r['ms']:.2f}", f"{r['fp32_ms']:.2f}", f"{r['speedup']:.2f}", r["drafted"],
+                      f"{r['kept_pct']:.0f}%", f"{r['tokens_per_pass']:.2f}") for r in res["speculative"]],
+                    title="speculative decoding vs plain fp32 gpt2kern.generate (same tokens, checked)",
+                    caption="ms/token (per step at B=8): speculative, and plain fp32 in the same interleaved rounds; "
+                            "× = fp32 ÷ speculative; drafted: draft tokens checked in the last run; kept: the share "
+                            "of them kept; tokens/pass: new tokens per target forward after the prefill")
     if res.get("modes"):
         md = res["modes"]
         T = next(k for k in md[0] if k.startswith("prefill_T") and k.endswith("_ms"))[len("prefill_T"):-len("_last_ms")]
