@@ -170,6 +170,10 @@ def test_draft_policy_choices():
     # agreement good enough but a draft nearly as slow as the model: no draft pays
     ks = _policy_run(_DraftPolicy(), rate=0.8, t_draft=9.0)
     assert ks[1:].count(0) > 190
+    # costs that no acceptance could repay (a compute-bound batch: each verified position costs a whole step): one
+    # drafted round, then none for the rest of the call
+    ks = _policy_run(_DraftPolicy(), rate=1.0, t_draft=3.0, t_extra=10.0)
+    assert sum(1 for k in ks if k) == 1, ks[:10]
     # the modelled speed-up matches the formula; a fixed k is always drafted
     p = _DraftPolicy()
     p.kept, p.refused, p.t_step, p.t_draft, p.t_extra = 3.0, 1.0, 10.0, 4.0, 2.0

@@ -312,7 +312,9 @@ class _DraftPolicy:
     the first refusal among the running rows). The next k is the one with the most tokens per second; when no k
     beats plain steps, drafting pauses for `pause` rounds (the pause grows 4× after each retry that still loses, up
     to 256, so a draft that never pays costs a few retries per few hundred tokens; a retry drafts 1 token to
-    measure the rate again). The first round is a plain step, so the step time is measured before any draft.
+    measure the rate again; when the measured costs leave no k that would pay even if every draft were kept — a
+    batch whose steps are compute-bound, a draft nearly as slow as the model — drafting stops for the call). The
+    first round is a plain step, so the step time is measured before any draft.
     `fixed`: the caller's k for every round instead."""
 
     MAX_K = 8  # (the verify's rows: B·(MAX_K + 1) fit the engine's buffers)
@@ -349,9 +351,10 @@ class _DraftPolicy:
     def rate(self) -> float:
         return min(self.kept / (self.kept + self.refused), 0.999)
 
-    def speedup(self, k: int) -> float:
-        """Modelled tokens per second of rounds of k drafts, over plain steps'."""
-        a = self.rate()
+    def speedup(self, k: int, a: float | None = None) -> float:
+        """Modelled tokens per second of rounds of k drafts, over plain steps' (at acceptance rate a: the
+        running one by default)."""
+        a = self.rate() if a is None else a
         tokens = (1 - a ** (k + 1)) / (1 - a)
         return tokens * self.t_step / (k * self.t_draft + self.t_step + k * self.t_extra)
 
@@ -364,6 +367,8 @@ class _DraftPolicy:
             return
         if self.retry:  # a retry that still loses: wait longer for the next
             self.pause = min(4 * self.pause, 256)
+        if max(self.speedup(k, 0.999) for k in range(1, self.MAX_K + 1)) <= 1.0:
+            self.pause = 1 << 62  # even a draft that is always kept would not pay here (costs, not content): stop
         self.k, self.off, self.retry = 1, self.pause, True
 
 
