@@ -580,6 +580,24 @@ class Engine {
   }
   at::Tensor key_mask() const { return key_mask_; }
 
+  // The first `length` cached tokens of another engine of the same shape (layers, batch, heads, head size) as this
+  // one's whole cache: speculative decoding's draft takes the model's prompt K/V this way instead of a prefill of
+  // its own (a draft may attend to any keys; the model's are the better ones).
+  void copy_cache(const Engine& other, int64_t length) {
+    TORCH_CHECK_VALUE(other.k_.dim() == 5 && k_.size(0) == other.k_.size(0) && k_.size(1) == other.k_.size(1) &&
+                          k_.size(2) == other.k_.size(2) && k_.size(4) == other.k_.size(4),
+                      "gpt2kern.Engine.copy_cache: the other engine's cache ", other.k_.sizes(),
+                      " has another shape than this one's ", k_.sizes(), " (layers, batch, heads, -, head size)");
+    TORCH_CHECK_VALUE(length >= 0 && length <= other.len_ && length <= Tmax_, "gpt2kern.Engine.copy_cache: length must ",
+                      "be in [0, ", std::min(other.len_, Tmax_), "] (the other engine holds ", other.len_,
+                      " tokens, this one has room for ", Tmax_, "), got ", length);
+    k_.narrow(3, 0, length).copy_(other.k_.narrow(3, 0, length));
+    v_.narrow(3, 0, length).copy_(other.v_.narrow(3, 0, length));
+    key_mask_.zero_();
+    key_mask_.narrow(1, 0, length).copy_(other.key_mask_.narrow(1, 0, length));
+    len_ = length;
+  }
+
  private:
   Stack st_;
   std::optional<Linear> lm_head_;
@@ -628,6 +646,7 @@ void bind_engine(pybind11::module_& m) {
            py::arg("all_logits") = false, py::call_guard<py::gil_scoped_release>())
       .def("reset", &Engine::reset)
       .def("truncate", &Engine::truncate, py::arg("length"))
+      .def("copy_cache", &Engine::copy_cache, py::arg("other"), py::arg("length"))
       .def_property_readonly("length", &Engine::length)
       .def_property_readonly("key_mask", &Engine::key_mask);
   py::class_<Body>(m, "Body", "GPT-2 body (embedding, blocks, ln_f) in one call, over DynamicCache-style past K/V.")

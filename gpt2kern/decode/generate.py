@@ -323,6 +323,7 @@ class _DraftPolicy:
         self.kept, self.refused = 3.0, 1.0  # decayed counts of kept and refused drafts (prior rate 0.75)
         self.t_step = self.t_draft = self.t_extra = None  # EWMAs, seconds
         self.k, self.off, self.pause, self.retry = 2, 1, 8, False
+        self.measured = 0  # verify times measured
         self.fixed = fixed  # a k the caller chose: every round drafts it
 
     def next(self) -> int:
@@ -337,15 +338,20 @@ class _DraftPolicy:
     def _mean(old, new):
         return new if old is None else 0.7 * old + 0.3 * new
 
-    def record_step(self, seconds: float):
-        self.t_step = self._mean(self.t_step, seconds)
+    def record_step(self, seconds: float | None):
+        if seconds is not None:
+            self.t_step = self._mean(self.t_step, seconds)
 
-    def record_round(self, k: int, kept: int, draft_seconds: float, verify_seconds: float):
+    def record_round(self, k: int, kept: int, draft_seconds: float | None, verify_seconds: float | None):
+        """A drafted round; a time is None when its calls ran at a thread count ThreadChooser was only trying (a
+        1-thread try can take twice as long: it says nothing of the costs)."""
         self.kept = 0.8 * self.kept + kept
         self.refused = 0.8 * self.refused + (kept < k)
-        self.t_draft = self._mean(self.t_draft, draft_seconds / k)
-        if self.t_step is not None:
+        if draft_seconds is not None:
+            self.t_draft = self._mean(self.t_draft, draft_seconds / k)
+        if self.t_step is not None and verify_seconds is not None:
             self.t_extra = self._mean(self.t_extra, max(verify_seconds - self.t_step, 0.0) / k)
+            self.measured += 1
         self._choose()
 
     def rate(self) -> float:
@@ -367,7 +373,7 @@ class _DraftPolicy:
             return
         if self.retry:  # a retry that still loses: wait longer for the next
             self.pause = min(4 * self.pause, 256)
-        if max(self.speedup(k, 0.999) for k in range(1, self.MAX_K + 1)) <= 1.0:
+        if self.measured >= 2 and max(self.speedup(k, 0.999) for k in range(1, self.MAX_K + 1)) <= 1.0:
             self.pause = 1 << 62  # even a draft that is always kept would not pay here (costs, not content): stop
         self.k, self.off, self.retry = 1, self.pause, True
 
@@ -480,15 +486,16 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
         # threads per call, as the plain loop picks them (ThreadChooser), one choice per kind of call
         choosers = dict(draft=ThreadChooser(), verify=ThreadChooser(), step=ThreadChooser())
 
-        def call(engine, kind, ids, p, all_logits=False):  # (logits, seconds)
+        def call(engine, kind, ids, p, all_logits=False):  # (logits, seconds; None for a ThreadChooser try)
             n = ids.shape[1]
             ch = choosers[kind]
             threads = ch.pick()
+            usual = (threads or ch.n) == ch.best
             t0 = time.perf_counter()
             res = engine.forward(ids, p, torch.ones(B, n, dtype=torch.bool), threads, all_logits)
             seconds = time.perf_counter() - t0
             ch.record(threads, seconds / n)
-            return res, seconds
+            return res, seconds if usual else None
 
         def emit(tok):  # the plain loop's step for one [B] tensor of chosen tokens; True: every row is done
             nonlocal unfinished
@@ -504,7 +511,10 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
 
         if max_new_tokens:
             c = rule.pick(eng.forward(input_ids, pos, mask))
-            drf.forward(input_ids, pos, mask)  # the draft's prefill (its logits are not needed)
+            if draft.transformer is st.transformer:  # the model's own copy: it starts from the model's prompt K/V
+                drf.copy_cache(eng, T)
+            else:  # a draft model: its own prefill (its logits are not needed)
+                drf.forward(input_ids, pos, mask)
             done = emit(c)
         emitted = 1
         fed = 0  # new tokens in the target's cache (all but the last emitted)
@@ -528,7 +538,8 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
                 for i in range(k):
                     if i:
                         dl, secs = call(drf, "draft", drafts[-1][:, None], start[:, None] + dpos)
-                        singles.append(secs)
+                        if secs is not None:
+                            singles.append(secs)
                         dpos, dlen = dpos + 1, dlen + 1
                     tok, q = rule.draft(dl)
                     drafts.append(tok)
@@ -549,8 +560,8 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
                 stats["drafted"] += k
                 stats["accepted"] += n
                 # the round's draft cost as k single-token calls (the first call may carry pending tokens too)
-                policy.record_round(k, n, k * (sum(singles) / len(singles) if singles else first / len(toks)),
-                                    t_verify)
+                policy.record_round(k, n, k * sum(singles) / len(singles) if singles else
+                                    None if first is None else k * first / len(toks), t_verify)
             else:  # a plain target step
                 logits, secs = call(eng, "step", c[:, None], start[:, None] + fed)
                 policy.record_step(secs)
