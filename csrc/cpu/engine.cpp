@@ -588,9 +588,10 @@ class Engine {
                           k_.size(2) == other.k_.size(2) && k_.size(4) == other.k_.size(4),
                       "gpt2kern.Engine.copy_cache: the other engine's cache ", other.k_.sizes(),
                       " has another shape than this one's ", k_.sizes(), " (layers, batch, heads, -, head size)");
-    TORCH_CHECK_VALUE(length >= 0 && length <= other.len_ && length <= Tmax_, "gpt2kern.Engine.copy_cache: length must ",
-                      "be in [0, ", std::min(other.len_, Tmax_), "] (the other engine holds ", other.len_,
-                      " tokens, this one has room for ", Tmax_, "), got ", length);
+    TORCH_CHECK_VALUE(length >= 0 && length <= other.len_ && length <= Tmax_,
+                      "gpt2kern.Engine.copy_cache: length must ", "be in [0, ", std::min(other.len_, Tmax_),
+                      "] (the other engine holds ", other.len_, " tokens, this one has room for ", Tmax_, "), got ",
+                      length);
     k_.narrow(3, 0, length).copy_(other.k_.narrow(3, 0, length));
     v_.narrow(3, 0, length).copy_(other.v_.narrow(3, 0, length));
     key_mask_.zero_();
