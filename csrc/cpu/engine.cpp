@@ -188,29 +188,7 @@ class Stack {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       run_matmul(s.x, E, M, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, nullptr, 0, s.qkv);
-      const KvView c = kv(l, s.qkv);
-      AttnArgs args{};
-      args.q = s.qkv;
-      args.sq_b = T * 3 * E;
-      args.sq_h = D_;
-      args.sq_t = 3 * E;
-      args.k = c.k;
-      args.v = c.v;
-      args.sk_b = args.sv_b = c.s_b;
-      args.sk_h = args.sv_h = c.s_h;
-      args.sk_t = args.sv_t = c.s_t;
-      args.out = s.att;
-      args.B = B;
-      args.H = H_;
-      args.Tq = T;
-      args.Tkv = c.Tkv;
-      args.D = D_;
-      args.key_mask = c.key_mask;
-      args.mask_len = c.mask_len;
-      args.scale = (float)L.scale;
-      args.q_offset = c.q_offset;
-      args.causal = true;
-      run_attention(args);
+      attend(L, s.qkv, s.att, B, T, kv(l, s.qkv));
       run_matmul(s.att, E, M, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, nullptr, 0, s.a);
       run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(L.ln_2.weight), f32(L.ln_2.bias), M, E, (float)L.ln_2.eps);
       run_matmul(s.x, E, M, E, L.c_fc.ref, F_, f32(L.c_fc.bias), Epilogue::GeluNew, nullptr, 0, s.fc);
@@ -228,6 +206,34 @@ class Stack {
         run_add_layer_norm(s.a, E, s.h, E, s.h, s.x, f32(nx.weight), f32(nx.bias), M, E, (float)nx.eps);
       }
     }
+  }
+
+  // Causal attention of T new tokens per row (queries in qkv, rows [b][t], 3E apart) over the keys c describes,
+  // into out ([B·T, E]).
+  void attend(const Layer& L, const float* qkv, float* out, int64_t B, int64_t T, const KvView& c) const {
+    const int64_t E = E_;
+    AttnArgs args{};
+    args.q = qkv;
+    args.sq_b = T * 3 * E;
+    args.sq_h = D_;
+    args.sq_t = 3 * E;
+    args.k = c.k;
+    args.v = c.v;
+    args.sk_b = args.sv_b = c.s_b;
+    args.sk_h = args.sv_h = c.s_h;
+    args.sk_t = args.sv_t = c.s_t;
+    args.out = out;
+    args.B = B;
+    args.H = H_;
+    args.Tq = T;
+    args.Tkv = c.Tkv;
+    args.D = D_;
+    args.key_mask = c.key_mask;
+    args.mask_len = c.mask_len;
+    args.scale = (float)L.scale;
+    args.q_offset = c.q_offset;
+    args.causal = true;
+    run_attention(args);
   }
 
   // T tokens per row as T decode steps in one pass over the weights (speculative decoding's verify): rows in [t][b]
@@ -257,29 +263,7 @@ class Stack {
       const Layer& L = layers_[l];
       run_matmul_steps(s.x, E, T, B, E, L.c_attn.ref, 3 * E, f32(L.c_attn.bias), Epilogue::None, s.qkv);
       each([&](int64_t t, int64_t o) {
-        const KvView c = kv(l, t, s.qkv + o * 3 * E);
-        AttnArgs args{};
-        args.q = s.qkv + o * 3 * E;
-        args.sq_b = 3 * E;
-        args.sq_h = D_;
-        args.sq_t = 3 * E;
-        args.k = c.k;
-        args.v = c.v;
-        args.sk_b = args.sv_b = c.s_b;
-        args.sk_h = args.sv_h = c.s_h;
-        args.sk_t = args.sv_t = c.s_t;
-        args.out = s.att + o * E;
-        args.B = B;
-        args.H = H_;
-        args.Tq = 1;
-        args.Tkv = c.Tkv;
-        args.D = D_;
-        args.key_mask = c.key_mask;
-        args.mask_len = c.mask_len;
-        args.scale = (float)L.scale;
-        args.q_offset = c.q_offset;
-        args.causal = true;
-        run_attention(args);
+        attend(L, s.qkv + o * 3 * E, s.att + o * E, B, 1, kv(l, t, s.qkv + o * 3 * E));
       });
       run_matmul_steps(s.att, E, T, B, E, L.attn_proj.ref, E, f32(L.attn_proj.bias), Epilogue::None, s.a);
       each([&](int64_t, int64_t o) {
@@ -503,7 +487,6 @@ class Engine {
                       T, " more requested");
     at::Tensor idc = ids.contiguous(), pc = pos.contiguous(), vc = valid.contiguous();
     st_.check_ids(idc.data_ptr<int64_t>(), pc.data_ptr<int64_t>(), M, "Engine.forward");
-    if (all_logits) return forward_steps(idc, pc, vc);
     bool* km = key_mask_.data_ptr<bool>();
     const bool* pv = vc.data_ptr<bool>();
     for (int64_t b = 0; b < B_; ++b)
@@ -512,6 +495,7 @@ class Engine {
     float* p = buf_.data_ptr<float>();
     const int64_t R = max_rows_;
     const Scratch s{p, p + R * E, p + 2 * R * E, p + 5 * R * E, p + 6 * R * E, p + 7 * R * E};  // h x qkv att a fc
+    if (all_logits) return forward_steps(idc, pc, s);
     const int64_t sb = H * Tmax_ * D, sh = Tmax_ * D;
     auto kv = [&](size_t l, const float* qkv) {
       float* k = k_.data_ptr<float>() + l * B_ * sb;
@@ -526,18 +510,12 @@ class Engine {
     return logits_;
   }
 
-  // forward(all_logits=True) past the checks: ids, pos, valid [B, T] contiguous and checked.
-  at::Tensor forward_steps(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& valid) {
+  // forward(all_logits=True) past the checks and the key mask: ids, pos [B, T] contiguous and checked.
+  at::Tensor forward_steps(const at::Tensor& ids, const at::Tensor& pos, const Scratch& s) {
     const int64_t T = ids.size(1), M = B_ * T, E = st_.E_, H = st_.H_, D = st_.D_;
     bool* km = key_mask_.data_ptr<bool>();
-    const bool* pv = valid.data_ptr<bool>();
-    for (int64_t b = 0; b < B_; ++b)
-      for (int64_t t = 0; t < T; ++t) km[b * Tmax_ + len_ + t] = pv[b * T + t];
     // ids and positions in [t][b] order: position t's B rows adjacent, as one decode step's
     at::Tensor it = ids.t().contiguous(), pt = pos.t().contiguous();
-    float* p = buf_.data_ptr<float>();
-    const int64_t R = max_rows_;
-    const Scratch s{p, p + R * E, p + 2 * R * E, p + 5 * R * E, p + 6 * R * E, p + 7 * R * E};  // h x qkv att a fc
     const int64_t sb = H * Tmax_ * D, sh = Tmax_ * D;
     auto kv = [&](size_t l, int64_t t, const float* qkv_t) {
       float* k = k_.data_ptr<float>() + l * B_ * sb;
