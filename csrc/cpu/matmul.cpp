@@ -355,26 +355,32 @@ void mm_kn_decode_gemv(const MatmulArgs& a) {
 
 // fp32 panels (optimize()'s packed copy), any rows: the FMA-bound panel kernel straight over the weight, in K
 // blocks of up to 1024.
-void mm_panels_f32(const MatmulArgs& a) {
-  const KernelTable& t = a.t;
-  const int64_t M = a.M, K = a.K, N = a.N, P = num_panels(N), MC = row_block(t), KC = k_block(M, K, 1024);
-  parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
-    thread_local std::vector<float> abuf;  // grows once per thread, then reused: no allocation per call
-    const RowBlocks rows(a, KC, abuf);
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t mc = std::min(MC, M - m0);
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0);
-        int64_t la;
-        const float* x = rows.get(m0, mc, k0, kc, la);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-          t.matmul_panel(x, la, mc, kc, static_cast<const float*>(a.W.w) + (p * K + k0) * kPanel, kPanel, a.C + m0 * N,
+// Panels [p0, p1) of an fp32 panel weight, every row of a, in K blocks of KC (abuf: the calling thread's buffer for
+// RowBlocks): mm_panels_f32's task, and the verify's per position (run_matmul_steps).
+void panels_f32_chunk(const MatmulArgs& a, int64_t p0, int64_t p1, int64_t KC, std::vector<float>& abuf) {
+  const int64_t M = a.M, K = a.K, N = a.N, MC = row_block(a.t);
+  const RowBlocks rows(a, KC, abuf);
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t mc = std::min(MC, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      int64_t la;
+      const float* x = rows.get(m0, mc, k0, kc, la);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
+        a.t.matmul_panel(x, la, mc, kc, static_cast<const float*>(a.W.w) + (p * K + k0) * kPanel, kPanel, a.C + m0 * N,
                          N, p * kPanel, ncols, a.bias, a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr,
                          k_part(k0, kc, K));
-        }
       }
     }
+  }
+}
+
+void mm_panels_f32(const MatmulArgs& a) {
+  const int64_t P = num_panels(a.N), KC = k_block(a.M, a.K, 1024);
+  parallel_chunks(P, panel_grain(a.M, a.K, P), [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> abuf;  // grows once per thread, then reused: no allocation per call
+    panels_f32_chunk(a, p0, p1, KC, abuf);
   });
 }
 
@@ -540,26 +546,12 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
     return;
   }
   if (s == MatmulStrategy::PanelsF32) {  // mm_panels_f32 with M = B, per position inside each chunk of panels
-    const int64_t P = num_panels(N), MC = row_block(t), KC = k_block(B, K, 1024);
+    const int64_t P = num_panels(N), KC = k_block(B, K, 1024);
     parallel_chunks(P, panel_grain(B, K, P), [&](int64_t p0, int64_t p1) {
       thread_local std::vector<float> abuf;
-      for (int64_t q = 0; q < T; ++q) {
-        const MatmulArgs a{A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N, t, bd};
-        const RowBlocks rows(a, KC, abuf);
-        for (int64_t m0 = 0; m0 < B; m0 += MC) {
-          const int64_t mc = std::min(MC, B - m0);
-          for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kc = std::min(KC, K - k0);
-            int64_t la;
-            const float* x = rows.get(m0, mc, k0, kc, la);
-            for (int64_t p = p0; p < p1; ++p) {
-              const int ncols = (int)std::min<int64_t>(kPanel, N - p * kPanel);
-              t.matmul_panel(x, la, mc, kc, static_cast<const float*>(W.w) + (p * K + k0) * kPanel, kPanel,
-                             a.C + m0 * N, N, p * kPanel, ncols, bias, epi, nullptr, 0, k_part(k0, kc, K));
-            }
-          }
-        }
-      }
+      for (int64_t q = 0; q < T; ++q)
+        panels_f32_chunk({A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N, t, bd}, p0, p1, KC,
+                         abuf);
     });
     return;
   }
