@@ -42,6 +42,23 @@ def test_cuda_kernels_were_built():
 
 
 
+@pytest.mark.skipif(not ops.has_cuda(), reason="built without the CUDA kernels")
+def test_cuda_variant_reads_sets_and_refuses():
+    # the prefill kernels' variant knobs live in the extension (no GPU needed to reach them)
+    for name in ops.CUDA_VARIANTS:
+        now = ops.cuda_variant(name)
+        assert now >= 1
+        assert ops.cuda_variant(name, now) == now
+        for bad in (99, 0.5, True):
+            with pytest.raises((ValueError, TypeError), match="value|variants"):
+                ops.cuda_variant(name, bad)
+        assert ops.cuda_variant(name) == now  # a refused value changes nothing
+    with pytest.raises(ValueError, match="name must be one of prefill_gemm, prefill_attention"):
+        ops.cuda_variant("gemv")
+    with pytest.raises(TypeError, match="name must be a str"):
+        ops.cuda_variant(3)
+
+
 def epilogue_ref(ref, terms, epilogue, res):
     """The float64 reference (and its |terms|) of a matmul after the fused epilogue."""
     from test_gelu import gelu_terms, ref_gelu

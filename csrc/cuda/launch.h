@@ -70,9 +70,10 @@ cudaError_t kv_write(const float* qkv, int64_t ldq, int64_t B, const KvOut& kv, 
 // gemm_splits() for the GEMM (1 means no workspace).
 constexpr int kGemvMaxRows = 32;
 int gemv_splits(int64_t M, int64_t K, int64_t N, int num_sms);
+// gemm_variant: the prefill GEMM's numbered variant (see gemm).
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   cudaStream_t stream);
+                   cudaStream_t stream, int gemm_variant = 2);
 // Decode GEMV variant 3: matmul's GEMV kernel (the same splits, workspace and summation order: bitwise its result)
 // with x staged in shared memory, rows read as float4 broadcasts (for M = 9…32 the x loads, not W, bound the GEMV).
 // Variant 4 = variant 3 with `counters` (zeros, one per 32 columns, left zero again): the last block of each
@@ -90,9 +91,10 @@ cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, con
 // `workspace` of splits·M·N floats, summed in split order by a finish kernel that applies the epilogue).
 // gemm_splits() says how many splits fill num_sms SMs (1: no workspace). fp32 FMAs only.
 int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms);
+// variant 2 is that kernel; another number is cudaErrorInvalidValue.
 cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                  const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                 cudaStream_t stream);
+                 cudaStream_t stream, int variant = 2);
 
 // The same Conv1D with W [K, N] (row stride ldw) stored in reduced precision (matmul_lowp.cu): fp16, bf16, or int8
 // with fp32 scales [K / group, N] (row stride lds): w(k, n) = W[k, n] · scales[k / group, n]. Activations and sums

@@ -430,7 +430,7 @@ static bool gemv_args_ok(int64_t M, int64_t N, int splits, const float* workspac
 
 cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                    const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, int gemm_variant) {
   if (M == 0 || N == 0) return cudaGetLastError();
   if (M <= kGemvMaxRows) {
     if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
@@ -445,7 +445,7 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
   }
-  return gemm(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace, stream);
+  return gemm(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace, stream, gemm_variant);
 }
 
 cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
@@ -486,7 +486,8 @@ int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
 
 cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                  const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, int variant) {
+  if (variant != 2) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaGetLastError();
   const int64_t gx = (N + BN2 - 1) / BN2, gy = (M + BM2 - 1) / BM2;
   if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||

@@ -44,6 +44,19 @@ int num_sms() {  // of the current device (the ops' CUDAGuard set it), cached pe
   return cache[dev];
 }
 
+// The prefill kernels' numbered variants this process runs: conv1d's prefill GEMM and attention's prefill
+// (gpt2kern.ops.cuda_variant reads and sets them). The defaults are the measured winners (bench/RESULTS-gpu.md);
+// the bench switches them to time each variant end to end.
+struct VariantKnob {
+  const char* name;
+  int lo, hi;
+  std::atomic<int> value;
+};
+VariantKnob g_knobs[] = {{"prefill_gemm", 2, 2, {2}}, {"prefill_attention", 1, 1, {1}}};
+
+int knob(int i) { return g_knobs[i].value.load(std::memory_order_relaxed); }
+constexpr int kPrefillGemm = 0, kPrefillAttention = 1;
+
 // The embedding kernel's error record: page-locked host memory mapped into every device (portable; with UVA the
 // host pointer is the device pointer), allocated once. Relaxed capture mode: the first call may come while a graph
 // is being captured, where a global-mode capture would refuse the allocation.
@@ -294,8 +307,9 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
         cuda::gemv_staged(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
                           y.data_ptr<float>(), splits, pws, stream(), dec->kv, dec->counters));
   else
-    GK_CUDA_CHECK_LAUNCH("conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N,
-                                                pb, epi, pr, ldr, y.data_ptr<float>(), splits, pws, stream()));
+    GK_CUDA_CHECK_LAUNCH(
+        "conv1d", cuda::matmul(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), ldw, N, pb, epi, pr, ldr,
+                               y.data_ptr<float>(), splits, pws, stream(), knob(kPrefillGemm)));
   return y;
 }
 
@@ -536,11 +550,12 @@ at::Tensor matmul_prefill(const at::Tensor& x, const at::Tensor& weight, const s
   const int s = splits > 0 ? (int)splits : cuda::gemm_splits(M, K, N, num_sms());
   at::Tensor ws;
   if (s > 1) ws = at::empty({(int64_t)s * M * N}, x.options());
-  GK_CUDA_CHECK_LAUNCH("matmul_prefill",
-                       cuda::gemm(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
-                                  b.defined() ? b.data_ptr<float>() : nullptr, epi,
-                                  rr.defined() ? rr.data_ptr<float>() : nullptr, rr.defined() ? row_stride(rr) : 0,
-                                  y.data_ptr<float>(), s, ws.defined() ? ws.data_ptr<float>() : nullptr, stream()));
+  GK_CUDA_CHECK_LAUNCH(
+      "matmul_prefill",
+      cuda::gemm(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
+                 b.defined() ? b.data_ptr<float>() : nullptr, epi, rr.defined() ? rr.data_ptr<float>() : nullptr,
+                 rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(), s,
+                 ws.defined() ? ws.data_ptr<float>() : nullptr, stream(), knob(kPrefillGemm)));
   return y;
 }
 
@@ -571,6 +586,22 @@ std::map<std::string, int64_t> capture_node_counts() {
                                        : "other"] += 1;
   }
   return out;
+}
+
+// gpt2kern.ops.cuda_variant: the variant `name` runs now; value > 0 sets it first (a variant that does not exist is a
+// ValueError naming the choices).
+int64_t cuda_variant(const std::string& name, int64_t value) {
+  for (VariantKnob& k : g_knobs) {
+    if (name != k.name) continue;
+    TORCH_CHECK_VALUE(value <= 0 || (value >= k.lo && value <= k.hi), "gpt2kern.cuda_variant: ", name, " has variants ",
+                      k.lo, " to ", k.hi, ", got ", value);
+    if (value > 0) k.value.store((int)value, std::memory_order_relaxed);
+    return k.value.load(std::memory_order_relaxed);
+  }
+  std::string names;
+  for (const VariantKnob& k : g_knobs) names += std::string(names.empty() ? "" : ", ") + k.name;
+  TORCH_CHECK_VALUE(false, "gpt2kern.cuda_variant: name must be one of ", names, ", got '", name, "'");
+  return 0;
 }
 
 }  // namespace gk::cuda_ops

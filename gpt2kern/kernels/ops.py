@@ -216,6 +216,23 @@ def capture_node_counts() -> dict:
     return dict(_C.capture_node_counts())
 
 
+CUDA_VARIANTS = ("prefill_gemm", "prefill_attention")  # the prefill kernels whose numbered variant can be chosen
+
+
+def cuda_variant(name: str, value: int = 0) -> int:
+    """The numbered variant that the CUDA prefill kernel `name` runs in this process: 'prefill_gemm' (conv1d's and
+    matmul_prefill's GEMM for more than GEMV_MAX_ROWS rows) or 'prefill_attention' (attention). value > 0 sets it
+    first (ValueError for a variant that does not exist). The defaults are the measured winners; the GPU bench
+    switches them to time each variant end to end."""
+    if not has_cuda():
+        raise RuntimeError("gpt2kern was built without its CUDA kernels")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"value must be an int, got {type(value).__name__}")
+    return int(_C.cuda_variant(name, value))
+
+
 # ---- fake implementations: shapes and dtypes only, for meta tensors and torch.compile ----
 
 @torch.library.register_fake("gpt2kern::layer_norm")
