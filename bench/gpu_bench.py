@@ -1,6 +1,7 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.cli.bench.kernel_cases) —, the decode GEMV's numbered
-variants against each other (v2/v3/v4: a table and the winner per shape),
+variants against each other (v2/v3/v4: a table and the winner per shape), the prefill GEMM's (v2 fp32 FMAs, v3
+3xTF32 tensor cores, with cuBLAS fp32 as context),
 and end to end vs HF as from_pretrained gives it (sdpa attention) and vs HF eager (the parity reference): prefill
 T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every gemv and kv_write variant pair), with the kernels launched per decode token
@@ -108,6 +109,49 @@ def variants(quick):
         print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
               flush=True)
     winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)  # (torch's addmm is context)
+    for w in winners:
+        print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
+    return rows, winners
+
+
+def prefill_gemm(quick):
+    """The prefill GEMM's numbered variants (ops.cuda_variant('prefill_gemm'): v2 fp32 FMAs, v3 3xTF32 on tensor
+    cores) at GPT-2's prefill shapes vs a float64 reference, torch's addmm (cuBLAS fp32: TF32 off) as context;
+    rows (with TFLOP/s) and the winner per shape."""
+    b = Bench(device="cuda", reps=7)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    kernel, rows = "prefill_gemm", []
+    before = ops.cuda_variant("prefill_gemm")
+    # gpt2's c_attn, attn/mlp c_proj and c_fc, medium's c_fc, xl's c_fc and c_proj, the lm_head
+    kn = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 4096), (1600, 6400), (6400, 1600),
+          (768, 50257)]
+    try:
+        for M in (128, 1024) if quick else (128, 512, 1024):
+            for K, N in kn if not quick else [s for s in kn if s[1] != 768 or s[0] == 3072]:
+                x = torch.randn(M, K, generator=g).cuda()
+                w = (torch.randn(K, N, generator=g) * 0.05).cuda()
+                bias = torch.randn(N, generator=g).cuda()
+                ref = torch.addmm(bias.double(), x.double(), w.double())
+
+                def run(v):
+                    ops.cuda_variant("prefill_gemm", v)
+                    return ops.matmul_prefill(x, w, bias)
+
+                fns = {"v2": lambda: run(2), "v3": lambda: run(3), "torch": lambda: torch.addmm(bias, x, w)}
+                t = b.time(fns)
+                for name, f in fns.items():
+                    err = (f().double() - ref).abs().max().item()
+                    rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
+                                     tflops=2 * M * K * N / t[name] / 1e12, max_abs_err=err))
+                del ref
+    finally:
+        ops.cuda_variant("prefill_gemm", before)
+    print(f"  {kernel}:", flush=True)
+    for r in rows:
+        flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
+        print(f"    {r['shape']:<30} {r['variant']:<6} {r['us']:9.1f} us {r['tflops']:6.1f} TFLOP/s  "
+              f"max|err| {r['max_abs_err']:.2g}{flag}", flush=True)
+    winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)
     for w in winners:
         print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
     return rows, winners
@@ -275,6 +319,9 @@ def main(argv=None):
             json.dump(res, f, indent=1)
     print("numbered kernel variants (median per call, interleaved):", flush=True)
     res["variants"], res["variant_winners"] = variants(a.quick)
+    rows, winners = prefill_gemm(a.quick)
+    res["variants"] += rows
+    res["variant_winners"] += winners
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

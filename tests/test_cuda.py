@@ -139,6 +139,15 @@ def test_device_mismatch_is_a_value_error():
         ops.conv1d(x, torch.randn(1, 8, 32, device="cuda"), out_features=32)
 
 
+@pytest.fixture(params=[2, 3], ids=["gemm2", "gemm3"])
+def prefill_gemm(request):
+    """Run the test under each prefill GEMM variant (ops.cuda_variant): 2 fp32 FMAs, 3 3xTF32 tensor cores."""
+    before = ops.cuda_variant("prefill_gemm")
+    ops.cuda_variant("prefill_gemm", request.param)
+    yield request.param
+    ops.cuda_variant("prefill_gemm", before)
+
+
 # ---------------------------------------------------------------- the model on CUDA
 
 @pytest.fixture(scope="module")
@@ -150,7 +159,7 @@ def cuda_pair(distil):
 
 @needs_cuda
 @torch.no_grad()
-def test_cuda_logits_match_hf_eager(distil, cuda_pair):
+def test_cuda_logits_match_hf_eager(distil, cuda_pair, prefill_gemm):
     _, opt = cuda_pair
     for B, T in [(1, 1), (2, 17), (1, 512), (1, distil.config.n_positions)]:
         ids = torch.randint(0, distil.config.vocab_size, (B, T))
@@ -485,7 +494,7 @@ def _prefill_ref(M, K, N, epilogue):
 @needs_cuda
 @pytest.mark.parametrize("M,K,N,epilogue", [(M, K, N, e) for M, K, N in PREFILL_SHAPES
                                             for e in (("none",) if N == 50257 else ("none", "gelu_new", "residual"))])
-def test_matmul_prefill(M, K, N, epilogue):
+def test_matmul_prefill(M, K, N, epilogue, prefill_gemm):
     # K split at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's (which has no epilogue in
     # the model); conv1d's prefill is this GEMM with this split count: bitwise the same
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
@@ -499,7 +508,7 @@ def test_matmul_prefill(M, K, N, epilogue):
                                           (200, 37, 100, 1), (200, 37, 100, 4), (129, 40, 260, 8),
                                           (33, 3072, 130, 16), (1, 16, 4, 2)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
-def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue):
+def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue, prefill_gemm):
     # forced split counts: none, non-dividing, more splits than K tiles (empty splits write zeros: K=40 is 5 tiles
     # of 8 for 8 splits), odd M / K / N (the scalar load path: K % 4 != 0 or N % 4 != 0), strided x
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
@@ -512,6 +521,32 @@ def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue):
     assert_parity(y2, ref, terms, K, f"matmul_prefill contiguous {M}x{K}x{N} splits={splits} {epilogue}")
     # deterministic: the partials are summed in split order, so a second run is bitwise the same
     assert torch.equal(y2, ops.matmul_prefill(x, w, b, epilogue, res, splits))
+
+
+@needs_cuda
+def test_prefill_gemm_3_is_another_kernel_and_falls_back_to_2():
+    # variant 3's products run on tensor cores in another order: not bitwise variant 2 (yet both within the ulp
+    # budget, test_matmul_prefill); where it cannot run (K % 4 != 0, unaligned rows) variant 2 runs, bitwise
+    before = ops.cuda_variant("prefill_gemm")
+    try:
+        for M, K, N, epilogue, must_differ in ((256, 768, 2304, "gelu_new", True), (200, 37, 100, "none", False),
+                                               (130, 768, 770, "none", False)):
+            x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
+            ops.cuda_variant("prefill_gemm", 2)
+            y2 = ops.matmul_prefill(x, w, b, epilogue, res)
+            ops.cuda_variant("prefill_gemm", 3)
+            y3 = ops.matmul_prefill(x, w, b, epilogue, res)
+            assert_parity(y3, ref, terms, K, f"gemm3 {M}x{K}x{N}")
+            assert torch.equal(y2, y3) != must_differ, (M, K, N)
+        ops.cuda_variant("prefill_gemm", 3)
+        x, w, b, res, ref, terms = _prefill_ref(256, 768, 768, "residual")
+        # deterministic like variant 2: the same call twice is bitwise the same, split-K or not
+        for splits in (0, 1, 5):
+            y = ops.matmul_prefill(x, w, b, "residual", res, splits)
+            assert_parity(y, ref, terms, 768, f"gemm3 splits={splits}")
+            assert torch.equal(y, ops.matmul_prefill(x, w, b, "residual", res, splits))
+    finally:
+        ops.cuda_variant("prefill_gemm", before)
 
 
 @needs_cuda

@@ -487,7 +487,7 @@ int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
 cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                  const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
                  cudaStream_t stream, int variant) {
-  if (variant != 2) return cudaErrorInvalidValue;
+  if (variant != 2 && variant != 3) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaGetLastError();
   const int64_t gx = (N + BN2 - 1) / BN2, gy = (M + BM2 - 1) / BM2;
   if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||
@@ -496,13 +496,19 @@ cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float*
   const int64_t kchunk = gemm_kchunk(K, splits);
   const bool vec = K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
   const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
+  cudaError_t err;
+  if (variant == 3 && gemm_3xtf32_ok(A, lda, K, W, ldw, N)) {
+    err = gemm_3xtf32(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, splits, kchunk, workspace, stream);
+    if (err != cudaSuccess || splits == 1) return err;
+    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
+  }
   if (vec)
     gemm128_db_kernel<true>
         <<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk, workspace);
   else
     gemm128_db_kernel<false>
         <<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk, workspace);
-  cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
 }

@@ -52,7 +52,7 @@ struct VariantKnob {
   int lo, hi;
   std::atomic<int> value;
 };
-VariantKnob g_knobs[] = {{"prefill_gemm", 2, 2, {2}}, {"prefill_attention", 1, 1, {1}}};
+VariantKnob g_knobs[] = {{"prefill_gemm", 2, 3, {2}}, {"prefill_attention", 1, 1, {1}}};
 
 int knob(int i) { return g_knobs[i].value.load(std::memory_order_relaxed); }
 constexpr int kPrefillGemm = 0, kPrefillAttention = 1;

@@ -165,8 +165,9 @@ def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
 
 def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, splits: int = 0):
     """CUDA: conv1d's fp32 prefill GEMM at any number of rows, epilogue(x @ weight + bias) with weight [in, out]
-    (HF's Conv1D layout): double-buffered 128x128 tiles with deterministic split-K when there are fewer tiles than
-    SMs. splits 0: conv1d's own count (bitwise conv1d for more than GEMV_MAX_ROWS rows); 1 to 64 forces it."""
+    (HF's Conv1D layout): 128x128 tiles with deterministic split-K when there are fewer tiles than SMs, the variant
+    cuda_variant('prefill_gemm') names (2 fp32 FMAs, 3 3xTF32 tensor cores). splits 0: conv1d's own count (bitwise
+    conv1d for more than GEMV_MAX_ROWS rows); 1 to 64 forces it."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_prefill(_on_cuda("matmul_prefill", x), _tensor(weight, "weight"), bias, epilogue, residual,
