@@ -4,8 +4,8 @@ variants against each other (v2/v3/v4: a table and the winner per shape), the pr
 3xTF32 tensor cores, with cuBLAS fp32 as context),
 and end to end vs HF as from_pretrained gives it (sdpa attention) and vs HF eager (the parity reference): prefill
 T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
-(without the graph, and with it for every gemv and kv_write variant pair), with the kernels launched per decode token
-(graph nodes);
+(without the graph, and with it for every gemv, kv_write and launch variant that can run), with the kernels launched
+per decode token (graph nodes);
 and the reduced weight modes' conv1d (fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
 fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
 weights).
@@ -223,14 +223,20 @@ def end_to_end(dev, quick):
             kw = dict(do_sample=False, pad_token_id=0)
             # the same step without the graph (explicit variants: the table's defaults must not change the rows), and
             # the graph with every gemv and kv_write pair that can run (cuda_graph.refusals: the decoder's rules)
-            eager = dict(gemv=2, kv_write=2) if B == 1 else dict(gemv=3, kv_write=3)
+            eager = dict(gemv=2, kv_write=2, launch=1) if B == 1 else dict(gemv=3, kv_write=3, launch=1)
             decs = {"decoder_no_graph": CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, use_graph=False,
                                                          **eager)}
-            for gv, kw_ in ((gv, kw_) for gv in cuda_graph.VARIANTS["gemv"] for kw_ in cuda_graph.VARIANTS["kv_write"]
-                            if not cuda_graph.refusals(dict(gemv=gv, kv_write=kw_), B)):
-                name = f"decoder_cuda_graph_gemv{gv}_kvwrite{kw_}"
-                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, gemv=gv, kv_write=kw_)
-                launches[f"B={B} gemv v{gv} kv_write v{kw_}"] = decs[name].launches_per_token
+            major, minor = torch.cuda.get_device_capability()
+            V_ = cuda_graph.VARIANTS
+            for v in (dict(gemv=gv, kv_write=kw_, launch=la) for gv in V_["gemv"] for kw_ in V_["kv_write"]
+                      for la in V_["launch"]):
+                if cuda_graph.refusals(v, B, sm=10 * major + minor):
+                    continue
+                name = f"decoder_cuda_graph_gemv{v['gemv']}_kvwrite{v['kv_write']}" + ("_pdl" if v["launch"] == 2
+                                                                                       else "")
+                decs[name] = CudaGraphDecoder(ref, batch_size=B, max_len=T + n_long, **v)
+                launches[f"B={B} gemv v{v['gemv']} kv_write v{v['kv_write']} launch v{v['launch']}"] = \
+                    decs[name].launches_per_token
             gens = {"hf": lambda n: hf_model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
                     "hf_eager": lambda n: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw),
                     "gpt2kern_hf_generate": lambda n: opt.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)}

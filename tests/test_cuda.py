@@ -692,6 +692,107 @@ def test_cuda_graph_decoder_kv_write_3_matches_kv_write_2_and_hf(cuda_pair, gemv
             fused.launches_per_token, unfused.launches_per_token)
 
 
+def _needs_sm90():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs an sm_90 GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("gemv,kv_write,B,graph", [(2, 2, 1, True), (2, 2, 1, False), (3, 3, 2, True),
+                                                   (4, 3, 2, True), (4, 2, 3, True), (None, 2, 33, True)])
+@torch.no_grad()
+def test_cuda_graph_decoder_launch_2_is_bitwise_launch_1(cuda_pair, gemv, kv_write, B, graph):
+    """launch=2 (programmatic dependent launch: each kernel may start while the previous runs and waits on the
+    device for its inputs) computes exactly what launch=1 does: the same tokens, logits, caches and cursor, bitwise,
+    with and without the graph, and the same kernels in the graph; and it leaves the process setting as it was."""
+    _needs_sm90()
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
+    ref, _ = cuda_pair
+    T, n = 7, 12
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[-1, :2] = 0
+    kw = dict(batch_size=B, max_len=T + n + 5, gemv=gemv, kv_write=kv_write, use_graph=graph)
+    before = ops.set_cuda_pdl(False)
+    try:
+        pdl, plain = CudaGraphDecoder(ref, launch=2, **kw), CudaGraphDecoder(ref, launch=1, **kw)
+        assert ops.set_cuda_pdl(False) is False  # the decoder turned it off again after its capture
+        assert pdl.variants["launch"] == 2
+        a = pdl.generate(ids, n, attention_mask=mask)
+        assert torch.equal(a, plain.generate(ids, n, attention_mask=mask))
+        assert torch.equal(pdl.k_cache, plain.k_cache) and torch.equal(pdl.v_cache, plain.v_cache)
+        assert torch.equal(pdl.cursor, plain.cursor)
+        la, lb = pdl.prefill(ids, attention_mask=mask), plain.prefill(ids, attention_mask=mask)
+        for _ in range(4):
+            nxt = la.argmax(-1)
+            la, lb = pdl.step(nxt).clone(), plain.step(nxt).clone()
+            assert torch.equal(la, lb)
+        if graph:
+            assert pdl.launches_per_token == plain.launches_per_token
+        hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        eos = ref.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        assert _until_eos(hf, T, eos) == _until_eos(a[:, : hf.shape[1]], T, eos)
+    finally:
+        ops.set_cuda_pdl(before)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
+    """Every kernel family launched with programmatic dependent launch, each reading the previous one's output (a
+    kernel that touched its inputs before waiting would read stale data), in a loop long enough to overlap: bitwise
+    the plain launches' results."""
+    _needs_sm90()
+    torch.manual_seed(0)
+    B, T, H, D = 2, 40, 4, 16
+    E = H * D
+    w_ln, b_ln = torch.randn(E, device="cuda"), torch.randn(E, device="cuda")
+    w_qkv, b_qkv = torch.randn(E, 3 * E, device="cuda") * 0.1, torch.randn(3 * E, device="cuda")
+    w_nk = torch.randn(E, E, device="cuda") * 0.1
+    wte, wpe = torch.randn(100, E, device="cuda"), torch.randn(T + 1, E, device="cuda")
+    ids = torch.randint(0, 100, (B, T), device="cuda")
+    pos = torch.arange(T, device="cuda")[None].expand(B, T)
+
+    def chain():
+        h = ops.embedding(ids, wte, wpe, pos)
+        out = []
+        for _ in range(6):
+            x = ops.layer_norm(h, w_ln, b_ln, 1e-5)
+            qkv = ops.conv1d(x, w_qkv, b_qkv, "gelu_new")  # the prefill GEMM (80 rows)
+            q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(E, dim=2))
+            a = ops.attention(q, k, v, None, None, D ** -0.5, 0, True).reshape(B, T, E)
+            r = ops.matmul_nk(a[:, -1], w_nk, None, "residual", h[:, -1])  # the decode GEMV, residual epilogue
+            d = ops.matmul_decode(r, w_qkv, b_qkv)  # the staged decode GEMV
+            h, x = ops.add_layer_norm(a, h, w_ln, b_ln, 1e-5)
+            h = ops.gelu_new(h)
+            out += [r, d, x]
+        return out
+
+    before = ops.set_cuda_pdl(False)
+    try:
+        want = chain()
+        for _ in range(3):
+            with ops.cuda_pdl(True):
+                got = chain()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        ops.set_cuda_pdl(before)
+
+
+@needs_cuda
+def test_set_cuda_pdl_refuses_before_sm90_and_takes_bools():
+    with pytest.raises(TypeError, match="on must be a bool"):
+        ops.set_cuda_pdl(1)
+    if torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(ValueError, match="needs an sm_90"):
+            ops.set_cuda_pdl(True)
+    else:
+        before = ops.set_cuda_pdl(True)
+        assert ops.set_cuda_pdl(before) is True
+
+
 @needs_cuda
 @torch.no_grad()
 def test_cuda_graph_decoder_takes_its_defaults_from_the_variant_table(cuda_pair, tmp_path, monkeypatch):

@@ -137,11 +137,20 @@ def emulated(monkeypatch):
         calls.append(("conv1d",))
         return conv1d(*a, **kw)
 
+    pdl = [False]
+
+    def set_cuda_pdl(on):
+        calls.append(("pdl", on))
+        before, pdl[0] = pdl[0], on
+        return before
+
     for name, f in dict(matmul_decode=matmul_decode, matmul_nk=matmul_nk, kv_write=kv_write,
                         decode_attention=decode_attention, embedding_step=embedding_step, conv1d=counted_conv1d,
-                        has_cuda=lambda: True, check_cuda_errors=lambda synchronize=True: None).items():
+                        set_cuda_pdl=set_cuda_pdl, has_cuda=lambda: True,
+                        check_cuda_errors=lambda synchronize=True: None).items():
         monkeypatch.setattr(ops, name, f)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "CPU emulation")
     why_not = guard.why_not
     monkeypatch.setattr(guard, "why_not", lambda st, entry, **kw: None if entry == "cuda_graph"
@@ -157,15 +166,18 @@ def emulated(monkeypatch):
     yield calls
 
 
-CASES = [(None, 2, 3), (None, 3, 3), (2, 2, 3), (3, 2, 3), (3, 3, 3), (4, 2, 3), (4, 3, 3), (None, 2, 33)]
+CASES = [(None, 2, 3, 1), (None, 3, 3, 1), (2, 2, 3, 1), (3, 2, 3, 1), (3, 3, 3, 1), (4, 2, 3, 1), (4, 3, 3, 1),
+         (None, 2, 33, 1), (2, 2, 3, 2), (4, 3, 3, 2), (None, 2, 33, 2)]
 
 
-@pytest.mark.parametrize("gemv,kv_write,B", CASES, ids=[f"gemv{g}-kv{k}-B{b}" for g, k, b in CASES])
+@pytest.mark.parametrize("gemv,kv_write,B,launch", CASES, ids=[f"gemv{g}-kv{k}-B{b}-launch{la}"
+                                                               for g, k, b, la in CASES])
 @torch.no_grad()
-def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_write, B):
+def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_write, B, launch):
     """The decoder's prefill and eager step (use_graph=False: the body the graph captures) give HF generate's greedy
     tokens, with left padding, and each step launches the kernels its variants name: one matmul per weight, the
-    K/V write where kv_write puts it."""
+    K/V write where kv_write puts it, all of them with programmatic dependent launch on for launch 2 (and off
+    again after the step)."""
     if gemv is None and B <= ops.GEMV_MAX_ROWS:  # conv1d's path, chosen (never given) as for a reduced weight mode
         choose = cuda_graph.default_variants
         monkeypatch.setattr(cuda_graph, "default_variants",
@@ -176,14 +188,19 @@ def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_
     mask = torch.ones_like(ids)
     mask[-1, :2] = 0  # left padding
     dec = cuda_graph.CudaGraphDecoder(tiny, batch_size=B, max_len=T + n, use_graph=False, gemv=gemv,
-                                      kv_write=kv_write)
-    assert dec.variants == dict(gemv=gemv, kv_write=kv_write)
+                                      kv_write=kv_write, launch=launch)
+    assert dec.variants == dict(gemv=gemv, kv_write=kv_write, launch=launch)
     ours = dec.generate(ids, n, attention_mask=mask)
     hf = tiny.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     assert torch.equal(ours[:, :hf.shape[1]], hf)
 
     emulated.clear()
     dec.step(ours[:, -1])
+    if launch == 2:  # the whole step between turning it on and restoring it
+        assert emulated[0] == ("pdl", True) and emulated[-1] == ("pdl", False)
+        assert emulated.count(("pdl", True)) == 1
+        del emulated[0], emulated[-1]
+    assert not any(c[0] == "pdl" for c in emulated)
     L = tiny.config.n_layer
     kind = {2: "matmul_nk", 3: "matmul_decode", 4: "matmul_decode"}.get(gemv, "matmul_decode" if kv_write == 3
                                                                         else "conv1d")

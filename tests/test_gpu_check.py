@@ -106,7 +106,7 @@ def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table
     finally:
         sys.path.pop(0)
     from gpt2kern.decode import cuda_graph
-    v = lambda g, k: dict(gemv=g, kv_write=k)  # noqa: E731
+    v = lambda g, k, la=1: dict(gemv=g, kv_write=k, launch=la)  # noqa: E731
     b1 = dict(decoder_no_graph_ms_per_step=0.9, slow_ms_per_step=0.5, fast_ms_per_step=0.2,
               faster_ms_per_step=0.1, hf_ms_per_step=8.0,
               tokens_equal_hf_by_decoder=dict(decoder_no_graph=True, slow=True, fast=True, faster=False),
@@ -141,6 +141,15 @@ def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table
     assert pick("Some GPU", 1, table=newer) == cuda_graph.UNLISTED["1"]  # an unknown variant: as if not listed
     older = {"Some GPU": dict(by_batch={"1": dict(attention=2, **v(4, 3))})}  # a choice that went: not read
     assert pick("Some GPU", 1, table=older) == v(4, 3)
+    before_launch = {"Some GPU": dict(by_batch={"1": dict(gemv=4, kv_write=3)})}  # measured before `launch` existed:
+    assert pick("Some GPU", 1, table=before_launch) == v(4, 3, 1)  # plain launches
+    pdl = {"Some GPU": dict(by_batch={"1": v(2, 2, 2)})}
+    assert pick("Some GPU", 1, table=pdl, sm=90) == pick("Some GPU", 1, table=pdl) == v(2, 2, 2)
+    assert pick("Some GPU", 1, table=pdl, sm=80) == v(2, 2, 1)  # programmatic launch needs sm_90: stepped back
+    assert pick("Some GPU", 1, given=dict(launch=2), table=t, sm=80) == v(4, 3, 2)  # given: kept, and refused
+    assert cuda_graph.refusals(v(4, 3, 2), 1, sm=80) == {"launch": "launch=2 needs an sm_90 or newer GPU, this one "
+                                                                   "is sm_80"}
+    assert not cuda_graph.refusals(v(4, 3, 2), 1, sm=90) and not cuda_graph.refusals(v(4, 3, 2), 1)
     assert set(cuda_graph.refusals(v(3, 3), 33)) == {"gemv", "kv_write"}
     assert set(cuda_graph.refusals(v(3, 3), 4, "bf16")) == {"gemv"} and not cuda_graph.refusals(v(None, 3), 4, "bf16")
 

@@ -50,6 +50,7 @@ __device__ __forceinline__ int64_t key_cap(const AttnArgs& a, int64_t b) {
 // NPL: head-dim elements per lane (D <= 32·NPL). rpw: query rows per warp (<= kRows). S: warps sharing rows.
 template <int NPL>
 __global__ __launch_bounds__(kAttnWarps * 32) void attention_kernel(const AttnArgs a, int rpw, int S) {
+  pdl_begin();
   extern __shared__ float smem[];
   const float NEG_INF = -INFINITY;
   const int D = (int)a.D;
@@ -227,7 +228,7 @@ static cudaError_t launch_attention(const AttnArgs& a, int num_sms, cudaStream_t
     if (err != cudaSuccess) return err;
   }
   dim3 grid((unsigned)((a.Tq + rows_per_block - 1) / rows_per_block), (unsigned)a.H, (unsigned)a.B);
-  attention_kernel<NPL><<<grid, kAttnWarps * 32, smem, stream>>>(a, rpw, S);
+  launch(attention_kernel<NPL>, grid, kAttnWarps * 32, smem, stream, a, rpw, S);
   return cudaGetLastError();
 }
 
@@ -246,6 +247,7 @@ constexpr int kFdVec = 16;  // float4 of a key row loaded at once by a lane (64 
 template <int NPL>
 __global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(const AttnArgs a, int splits,
                                                                              float* __restrict__ ws) {
+  pdl_begin();
   constexpr int DMAX = 32 * NPL;
   __shared__ __align__(16) float Qs[DMAX];
   __shared__ float part[kFdWarps][DMAX + 2];
@@ -343,6 +345,7 @@ __global__ __launch_bounds__(kFdWarps * 32) void flash_decoding_split_kernel(con
 // One warp per (batch, head): the splits' partials, in split order, into out[b, 0, h, :].
 __global__ void flash_decoding_merge_kernel(const float* __restrict__ ws, int splits, int64_t H, int D,
                                             float* __restrict__ out) {
+  pdl_begin();
   const int64_t h = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, b = blockIdx.y;
   const int lane = threadIdx.x % 32;
   if (h >= H) return;  // the whole warp leaves together
@@ -379,12 +382,12 @@ int flash_decoding_splits(const AttnArgs& a, int num_sms) {
 template <int NPL>
 static cudaError_t launch_flash_decoding(const AttnArgs& a, int splits, float* ws, cudaStream_t stream) {
   const dim3 grid((unsigned)splits, (unsigned)a.H, (unsigned)a.B);
-  flash_decoding_split_kernel<NPL><<<grid, kFdWarps * 32, 0, stream>>>(a, splits, ws);
+  launch(flash_decoding_split_kernel<NPL>, grid, kFdWarps * 32, 0, stream, a, splits, ws);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   constexpr int per_block = 4;  // warps (one (b, h) each) per merge block
-  flash_decoding_merge_kernel<<<dim3(blocks_for(a.H, per_block), (unsigned)a.B), per_block * 32, 0, stream>>>(
-      ws, splits, a.H, (int)a.D, a.out);
+  launch(flash_decoding_merge_kernel, dim3(blocks_for(a.H, per_block), (unsigned)a.B), per_block * 32, 0, stream, ws,
+         splits, a.H, (int)a.D, a.out);
   return cudaGetLastError();
 }
 

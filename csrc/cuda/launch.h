@@ -14,6 +14,12 @@
 
 namespace gk::cuda {
 
+// Programmatic dependent launch (sm_90+; common.cuh): while on, every kernel of this library is launched so that it
+// may start while the previous kernel in its stream runs (each waits on the device before touching its inputs).
+// Process-wide; CudaGraphDecoder(launch=2) turns it on around its step. set_pdl returns the previous setting.
+bool pdl_enabled();
+bool set_pdl(bool on);
+
 // y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
 cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
                        float eps, cudaStream_t stream);

@@ -57,6 +57,7 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xtf32_kernel(const float* _
                                                                   const float* __restrict__ R, int64_t ldr,
                                                                   float* __restrict__ C, int64_t kchunk,
                                                                   float* __restrict__ ws) {
+  pdl_begin();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // no TF32 MMA before sm_80: the launcher never runs this kernel there
 #else
@@ -168,8 +169,8 @@ cudaError_t gemm_3xtf32(const float* A, int64_t lda, int64_t M, int64_t K, const
   cudaError_t err = cudaFuncSetAttribute(gemm_3xtf32_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)((N + kBN - 1) / kBN), (unsigned)((M + kBM - 1) / kBM), (unsigned)splits);
-  gemm_3xtf32_kernel<<<grid, kThreads, kSmemBytes, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk,
-                                                             workspace);
+  launch(gemm_3xtf32_kernel, grid, kThreads, kSmemBytes, stream, A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk,
+         workspace);
   return cudaGetLastError();
 }
 

@@ -57,6 +57,7 @@ __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const WT* __restrict__ W, int64_t ldw, int64_t N,
     const float* __restrict__ S, int64_t lds, int64_t G, int64_t C, bool vec, const float* __restrict__ bias, int epi,
     const float* __restrict__ R, int64_t ldr, float* __restrict__ out, int splits, float* __restrict__ ws, KvOut kv) {
+  pdl_begin();
   constexpr bool kScaled = std::is_same_v<WT, int8_t>;
   constexpr int V = Widen<WT>::kVec, COLS = 32 * V;
   __shared__ float red[kLpWarps][MR][COLS];
@@ -172,11 +173,11 @@ cudaError_t launch(const float* A, int64_t lda, int64_t M, int64_t K, const void
     const int mr = rows_per_block(M);
     dim3 grid((unsigned)((N + COLS - 1) / COLS), (unsigned)splits, (unsigned)((M + mr - 1) / mr));
     if (mr == 1)
-      gemv_lowp_kernel<WT, 1><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec, bias,
-                                                                  epi, R, ldr, out, splits, workspace, kv);
+      launch(gemv_lowp_kernel<WT, 1>, grid, kLpWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
+             bias, epi, R, ldr, out, splits, workspace, kv);
     else
-      gemv_lowp_kernel<WT, kLpRows><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
-                                                                        bias, epi, R, ldr, out, splits, workspace, kv);
+      launch(gemv_lowp_kernel<WT, kLpRows>, grid, kLpWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, S, lds, G, C,
+             vec, bias, epi, R, ldr, out, splits, workspace, kv);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, out, stream, kv);

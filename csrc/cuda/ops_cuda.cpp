@@ -588,6 +588,19 @@ std::map<std::string, int64_t> capture_node_counts() {
   return out;
 }
 
+// gpt2kern.ops.set_cuda_pdl: programmatic dependent launch for every kernel launched from now on (launch.h), which
+// needs an sm_90+ GPU (the current device is checked when turning it on); returns the previous setting.
+bool set_cuda_pdl(bool on) {
+  if (on) {
+    int dev = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    TORCH_CHECK_VALUE(major >= 9, "gpt2kern.set_cuda_pdl: programmatic dependent launch needs an sm_90 or newer GPU; ",
+                      "device ", dev, " has compute capability ", major, ".x");
+  }
+  return cuda::set_pdl(on);
+}
+
 // gpt2kern.ops.cuda_variant: the variant `name` runs now; value > 0 sets it first (a variant that does not exist is a
 // ValueError naming the choices).
 int64_t cuda_variant(const std::string& name, int64_t value) {

@@ -7,6 +7,7 @@ of range) naming the argument.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -232,6 +233,29 @@ def cuda_variant(name: str, value: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"value must be an int, got {type(value).__name__}")
     return int(_C.cuda_variant(name, value))
+
+
+def set_cuda_pdl(on: bool) -> bool:
+    """Programmatic dependent launch for gpt2kern's CUDA kernels launched from now on (process-wide; needs an sm_90+
+    GPU, ValueError otherwise): each kernel may start while the previous one in its stream runs — its blocks
+    resident, the decode GEMVs' weights prefetched into L2 — and waits on the device until that one's writes are
+    visible before touching its inputs. Results are bitwise the same either way. Returns the previous setting.
+    CudaGraphDecoder(launch=2) turns it on around its step."""
+    if not has_cuda():
+        raise RuntimeError("gpt2kern was built without its CUDA kernels")
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
+    return bool(_C.set_cuda_pdl(on))
+
+
+@contextlib.contextmanager
+def cuda_pdl(on: bool = True):
+    """set_cuda_pdl(on) inside the block, the previous setting restored after it."""
+    before = set_cuda_pdl(on)
+    try:
+        yield
+    finally:
+        set_cuda_pdl(before)
 
 
 # ---- fake implementations: shapes and dtypes only, for meta tensors and torch.compile ----
