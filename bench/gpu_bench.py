@@ -1,7 +1,8 @@
 """CUDA benchmark (bench/gpu_check.sh runs it): gpt2kern's CUDA kernels vs their torch equivalents at distilgpt2's
 shapes — the same kernel list as `gpt2kern bench` (gpt2kern.cli.bench.kernel_cases) —, the decode GEMV's numbered
 variants against each other (v2/v3/v4: a table and the winner per shape), the prefill GEMM's (v2 fp32 FMAs, v3
-3xTF32 tensor cores, with cuBLAS fp32 as context),
+3xTF32 tensor cores, with cuBLAS fp32 as context), the prefill attention's (v1 the general kernel, v2
+FlashAttention-2 style, with torch's SDPA fp32 as context),
 and end to end vs HF as from_pretrained gives it (sdpa attention) and vs HF eager (the parity reference): prefill
 T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every gemv, kv_write and launch variant that can run), with the kernels launched
@@ -63,7 +64,7 @@ def _cut(row, start, eos):
 
 
 VARIANT_TOL = 1e-4  # max |variant - float64 reference| that still counts as a result (fp32 over K <= 3072)
-NUMBERED = ("v2", "v3", "v4")  # gpt2kern's variants (torch's: context)
+NUMBERED = ("v1", "v2", "v3", "v4")  # gpt2kern's variants (torch's: context)
 
 
 def _winners(rows, kernel):
@@ -151,6 +152,53 @@ def prefill_gemm(quick):
         flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
         print(f"    {r['shape']:<30} {r['variant']:<6} {r['us']:9.1f} us {r['tflops']:6.1f} TFLOP/s  "
               f"max|err| {r['max_abs_err']:.2g}{flag}", flush=True)
+    winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)
+    for w in winners:
+        print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
+    return rows, winners
+
+
+def attention_variants():
+    """The prefill attention's numbered variants (ops.cuda_variant("prefill_attention"): v1 the general kernel, v2
+    FlashAttention-2 style) at GPT-2 shapes, causal from position 0 as the model's prefill calls it, vs a float64
+    reference, with torch's SDPA (fp32) as context; rows and the winner per shape. The variant knob is set inside
+    each timed call (a host call, the same for both) and restored at the end."""
+    import torch.nn.functional as F
+    b = Bench(device="cuda", reps=7)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kernel, rows, D = "prefill_attention", [], 64
+    before = ops.cuda_variant("prefill_attention")
+
+    def run(v, q, k, v_, scale):
+        ops.cuda_variant("prefill_attention", v)
+        return ops.attention(q, k, v_, None, None, scale, 0, True)
+
+    try:
+        for H, T in ((12, 128), (12, 512), (12, 1024), (25, 1024)):
+            q, k, v = (torch.randn(1, H, T, D, generator=g).cuda() for _ in range(3))
+            scale = D ** -0.5
+            s = (q.double() @ k.double().transpose(-1, -2)) * scale
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            ref = (torch.softmax(s, -1) @ v.double()).transpose(1, 2)  # [1, T, H, D], the op's layout
+            del s
+            fns = {"v1": lambda: run(1, q, k, v, scale), "v2": lambda: run(2, q, k, v, scale),
+                   "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)}
+            t = b.time(fns)
+            for name, f in fns.items():
+                out = f()
+                if name == "torch":
+                    out = out.transpose(1, 2)
+                err = (out.double() - ref).abs().max().item()
+                rows.append(dict(kernel=kernel, variant=name, shape=f"B=1 H={H} T={T} D={D}", us=t[name] * 1e6,
+                                 max_abs_err=err))
+            del ref
+    finally:
+        ops.cuda_variant("prefill_attention", before)
+    print(f"  {kernel} (causal, torch = SDPA fp32 as context):", flush=True)
+    for r in rows:
+        flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
+        print(f"    {r['shape']:<30} {r['variant']:<15} {r['us']:9.1f} us  max|err| {r['max_abs_err']:.2g}{flag}",
+              flush=True)
     winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)
     for w in winners:
         print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
@@ -326,6 +374,9 @@ def main(argv=None):
     print("numbered kernel variants (median per call, interleaved):", flush=True)
     res["variants"], res["variant_winners"] = variants(a.quick)
     rows, winners = prefill_gemm(a.quick)
+    res["variants"] += rows
+    res["variant_winners"] += winners
+    rows, winners = attention_variants()
     res["variants"] += rows
     res["variant_winners"] += winners
     if a.json:

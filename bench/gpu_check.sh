@@ -163,11 +163,14 @@ for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
 done
 # memcheck: every kernel's every branch at small shapes, HF's [in, out] layout only (the others reach the same
 # kernels), no CUDA graph (the tool runs without the caching allocator, and a capture cannot allocate); racecheck, slower still: each shared-memory kernel once (attention's chunked tile at decode, short and
-# ragged prefill; the prefill GEMM tile with split-K, its ragged edge, the split-K GEMV; the fused epilogues)
-SMALL="cuda and not 1024 and not 50257 and not opcheck and not panels and not nk and not graph"
+# ragged prefill; prefill attention variant 2 over three K/V tiles; the prefill GEMM tile with split-K, its ragged
+# edge, the split-K GEMV; the fused epilogues). Prefill attention variant 2's small cases (test_flash_attention_*)
+# are in the memcheck/initcheck subset, its long ones (test_flash_attention_long_cuda) are not.
+SMALL="cuda and not 1024 and not 50257 and not opcheck and not panels and not nk and not graph and not flash_attention_long"
 RACE_SMALL=("tests/test_attention.py::test_causal_matches_float64[cuda-1-12-1-37-64-36]"
             "tests/test_attention.py::test_causal_matches_float64[cuda-1-4-33-33-64-0]"
             "tests/test_attention.py::test_causal_matches_float64[cuda-2-3-17-50-20-33]"
+            "tests/test_attention.py::test_flash_attention_cuda[1-2-130-130-64-0]"
             "tests/test_matmul.py::test_conv1d_matches_float64[cuda-kn-128-3072-768]"
             "tests/test_matmul.py::test_conv1d_matches_float64[cuda-kn-29-100-97]"
             "tests/test_matmul.py::test_conv1d_matches_float64[cuda-kn-5-768-768]"

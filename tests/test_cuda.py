@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import LOGITS_ATOL, assert_parity, needs_cuda
-from test_attention import qkv, ref_attention
+from test_attention import attention_variant, qkv, ref_attention
 from test_matmul import ref_mm
 
 import gpt2kern
@@ -204,6 +204,31 @@ def test_cuda_generate_matches_hf(cuda_pair):
     b = opt.generate(ids, attention_mask=mask, **kw)
     assert gpt2kern.fallback_reason(opt) is None
     assert torch.equal(a, b)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_flash_attention_in_the_model(distil, cuda_pair):
+    # prefill attention variant 2 as the model calls it: q, k, v views of c_attn's output, left padding as key_mask,
+    # then generate (prefill by variant 2, decode steps by variant 1 over its cache)
+    ref, opt = cuda_pair
+    V = distil.config.vocab_size
+    with attention_variant(2):
+        for B, T, pad in [(1, 512, 0), (2, 100, 7), (1, distil.config.n_positions, 0)]:
+            ids = torch.randint(0, V, (B, T))
+            mask = torch.ones(B, T, dtype=torch.long)
+            mask[B - 1, :pad] = 0
+            a = distil(ids, attention_mask=mask).logits  # HF eager fp32 on CPU
+            b = opt(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+            assert gpt2kern.fallback_reason(opt) is None
+            keep = mask.bool()  # logits of padding positions are not compared
+            err = (a[keep] - b[keep]).abs().max().item()
+            assert err <= LOGITS_ATOL, f"B={B} T={T} pad={pad}: max |dlogits| {err:.3g}"
+        ids = torch.randint(0, V, (2, 40), device="cuda")
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ref.generate(ids, attention_mask=mask, **kw), opt.generate(ids, attention_mask=mask, **kw))
 
 
 # ---------------------------------------------------------------- the CUDA-graph decoder

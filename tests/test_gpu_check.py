@@ -6,6 +6,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
 
 
@@ -164,12 +166,13 @@ def test_the_packaged_variant_table_names_known_variants():
             assert not cuda_graph.refusals(v, int(b)), (gpu, b, v)  # fp32 at its own batch size runs it as measured
 
 
-def test_the_sanitizer_steps_name_tests_that_exist():
-    """gpu_check.sh's *_decode steps name tests of tests/test_cuda.py by id: each must still be collected (here,
-    where it skips), or the step would fail on the GPU machine for a renamed parametrization."""
+@pytest.mark.parametrize("name", ["DECODE_SMALL", "RACE_SMALL"])
+def test_the_sanitizer_steps_name_tests_that_exist(name):
+    """gpu_check.sh's racecheck and *_decode steps name tests by id: each must still be collected (here, where it
+    skips), or the step would fail on the GPU machine for a renamed parametrization."""
     import re
     text = SCRIPT.read_text()
-    block = text[text.index("DECODE_SMALL=("):]
+    block = text[text.index(f"{name}=("):]
     ids = re.findall(r'"(tests/[^"]+)"', block[:block.index(")\n")])
     assert len(ids) >= 5
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *ids],

@@ -134,5 +134,11 @@ cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
 bool flash_decoding_ok(const AttnArgs& a);
 int flash_decoding_splits(const AttnArgs& a, int num_sms);
 cudaError_t flash_decoding(const AttnArgs& a, int splits, float* workspace, cudaStream_t stream);
+// Prefill attention variant 2 (attention.cu: FlashAttention-2 in fp32), attention's result wherever
+// flash_prefill_ok: D = 32 or 64, no additive bias, at least 16 query rows, 16-byte aligned q, k, v and out with
+// strides that are multiples of 4. A block per 16·RT query rows of one (batch, head), 64-key K/V tiles in shared
+// memory, online softmax, causal tiles past the block's last row skipped. a.kv_len (device), when set, bounds the keys.
+bool flash_prefill_ok(const AttnArgs& a);
+cudaError_t flash_prefill(const AttnArgs& a, int num_sms, cudaStream_t stream);
 
 }  // namespace gk::cuda

@@ -52,7 +52,7 @@ struct VariantKnob {
   int lo, hi;
   std::atomic<int> value;
 };
-VariantKnob g_knobs[] = {{"prefill_gemm", 2, 3, {2}}, {"prefill_attention", 1, 1, {1}}};
+VariantKnob g_knobs[] = {{"prefill_gemm", 2, 3, {2}}, {"prefill_attention", 1, 2, {1}}};
 
 int knob(int i) { return g_knobs[i].value.load(std::memory_order_relaxed); }
 constexpr int kPrefillGemm = 0, kPrefillAttention = 1;
@@ -383,6 +383,11 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   c10::cuda::CUDAGuard guard(q_.device());
   const AttnCall c = attention_call(q_, k_, v_, key_mask, bias, scale, q_offset, causal);
   if (c.out.numel() == 0) return c.out;
+  // variant 2 where it applies (cuda::flash_prefill_ok), variant 1 everywhere else: any variant is safe for any call
+  if (knob(kPrefillAttention) == 2 && cuda::flash_prefill_ok(c.a)) {
+    GK_CUDA_CHECK_LAUNCH("attention", cuda::flash_prefill(c.a, num_sms(), stream()));
+    return c.out;
+  }
   GK_CUDA_CHECK_LAUNCH("attention", cuda::attention(c.a, num_sms(), stream()));
   return c.out;
 }

@@ -223,9 +223,10 @@ CUDA_VARIANTS = ("prefill_gemm", "prefill_attention")  # the prefill kernels who
 
 def cuda_variant(name: str, value: int = 0) -> int:
     """The numbered variant that the CUDA prefill kernel `name` runs in this process: 'prefill_gemm' (conv1d's and
-    matmul_prefill's GEMM for more than GEMV_MAX_ROWS rows) or 'prefill_attention' (attention). value > 0 sets it
-    first (ValueError for a variant that does not exist). The defaults are the measured winners; the GPU bench
-    switches them to time each variant end to end."""
+    matmul_prefill's GEMM for more than GEMV_MAX_ROWS rows) or 'prefill_attention' (attention: 1 the general kernel,
+    2 FlashAttention-2 in fp32 where it applies — head dim 32 or 64, no bias, >= 16 query rows, aligned rows — and 1
+    elsewhere). value > 0 sets it first (ValueError for a variant that does not exist). The defaults are the
+    measured winners; the GPU bench switches them to time each variant end to end."""
     if not has_cuda():
         raise RuntimeError("gpt2kern was built without its CUDA kernels")
     if not isinstance(name, str):
