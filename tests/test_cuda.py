@@ -794,16 +794,21 @@ def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
             out += [r, d, x]
         return out
 
-    before = ops.set_cuda_pdl(False)
+    before = (ops.set_cuda_pdl(False), ops.cuda_variant("prefill_gemm"), ops.cuda_variant("prefill_attention"))
     try:
-        want = chain()
-        for _ in range(3):
-            with ops.cuda_pdl(True):
-                got = chain()
-            torch.cuda.synchronize()
-            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for gemm, attn in ((2, 1), (3, 2)):  # every prefill kernel variant too
+            ops.cuda_variant("prefill_gemm", gemm)
+            ops.cuda_variant("prefill_attention", attn)
+            want = chain()
+            for _ in range(3):
+                with ops.cuda_pdl(True):
+                    got = chain()
+                torch.cuda.synchronize()
+                assert all(torch.equal(a, b) for a, b in zip(got, want)), (gemm, attn)
     finally:
-        ops.set_cuda_pdl(before)
+        ops.set_cuda_pdl(before[0])
+        ops.cuda_variant("prefill_gemm", before[1])
+        ops.cuda_variant("prefill_attention", before[2])
 
 
 @needs_cuda

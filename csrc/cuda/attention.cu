@@ -450,6 +450,7 @@ constexpr size_t flash_prefill_smem_bytes() {
 
 template <int RT, int DH>
 __global__ __launch_bounds__(kF2Warps * 32) void flash_prefill_kernel(const AttnArgs a, int64_t q_tiles) {
+  pdl_begin();
   constexpr int WR = 4 * RT, BR = kF2Warps * WR;  // query rows per warp, per block
   constexpr int D4 = DH / 4, P = DH + 4, NE = DH / 32;
   constexpr int KT = kF2Keys, PP = kF2PPitch;
@@ -652,7 +653,7 @@ static cudaError_t launch_flash_prefill(const AttnArgs& a, cudaStream_t stream) 
   const int64_t q_tiles = (a.Tq + 16 * RT - 1) / (16 * RT);
   const int64_t blocks = q_tiles * a.B * a.H;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  flash_prefill_kernel<RT, DH><<<(unsigned)blocks, kF2Warps * 32, smem, stream>>>(a, q_tiles);
+  launch(flash_prefill_kernel<RT, DH>, (unsigned)blocks, kF2Warps * 32, smem, stream, a, q_tiles);
   return cudaGetLastError();
 }
 
