@@ -620,7 +620,7 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("gemv,kv_write", [(2, 2), (3, 2), (4, 2), (3, 3), (4, 3)])
+@pytest.mark.parametrize("gemv,kv_write", [(2, 2), (3, 2), (4, 2), (3, 3), (4, 3), (5, 2)])
 @torch.no_grad()
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, gemv, kv_write):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold

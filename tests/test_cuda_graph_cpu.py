@@ -26,6 +26,8 @@ fp32     3    2         decode             decode             gemv:rows
 fp32     3    3         decode             decode             gemv:rows,kv:rows
 fp32     4    2         decode             decode             gemv:rows
 fp32     4    3         decode             decode             gemv:rows,kv:rows
+fp32     5    2         prefill            prefill            gemv:rows
+fp32     5    3         kv:gemv5           kv:gemv5           gemv:rows,kv:gemv5
 reduced  None 2         conv1d             conv1d             conv1d
 reduced  None 3         decode             decode             kv:rows
 reduced  2    2         gemv:fp32          gemv:fp32          gemv:fp32
@@ -34,6 +36,8 @@ reduced  3    2         gemv:fp32          gemv:fp32          gemv:fp32
 reduced  3    3         gemv:fp32          gemv:fp32          gemv:fp32,kv:rows
 reduced  4    2         gemv:fp32          gemv:fp32          gemv:fp32
 reduced  4    3         gemv:fp32          gemv:fp32          gemv:fp32,kv:rows
+reduced  5    2         gemv:fp32          gemv:fp32          gemv:fp32
+reduced  5    3         gemv:fp32,kv:gemv5 gemv:fp32,kv:gemv5 gemv:fp32,kv:gemv5
 """
 BATCHES = (1, 32, 33)
 REASONS = {  # code -> (refusals' key, the reason's text for variant value g / k, mode, batch b)
@@ -44,6 +48,8 @@ REASONS = {  # code -> (refusals' key, the reason's text for variant value g / k
                                                   f"got {b}"),
     "kv:gemv2": ("kv_write", lambda g, k, mode, b: "kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the "
                                                    "reduced weight modes'); gemv=2 takes kv_write=2"),
+    "kv:gemv5": ("kv_write", lambda g, k, mode, b: "kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the "
+                                                   "reduced weight modes'); gemv=5 takes kv_write=2"),
 }
 
 
@@ -59,14 +65,14 @@ def test_the_grid_covers_every_cell():
     cells = {(m, g, k, b) for m, g, k, b, _ in grid()}
     want = {(m, g, k, b) for m in ("fp32", "fp16", "int8") for g in (None, *cuda_graph.VARIANTS["gemv"])
             for k in cuda_graph.VARIANTS["kv_write"] for b in BATCHES}
-    assert cells == want and len(cells) == 72
+    assert cells == want and len(cells) == 90
 
 
 @pytest.mark.parametrize("mode,gemv,kv_write,batch,cell", list(grid()))
 def test_variant_rules(mode, gemv, kv_write, batch, cell):
     v = dict(gemv=gemv, kv_write=kv_write)
     why = cuda_graph.refusals(v, batch, mode)
-    if cell in ("conv1d", "decode", "nk"):
+    if cell in ("conv1d", "decode", "nk", "prefill"):
         assert why == {} and cuda_graph.step_matmul(v) == cell
     else:
         want = {}
@@ -138,6 +144,17 @@ def emulated(monkeypatch):
         return conv1d(*a, **kw)
 
     pdl = [False]
+    knobs = dict(prefill_gemm=2, prefill_attention=1)
+
+    def cuda_variant(name, value=0):
+        if value > 0:
+            knobs[name] = value
+        return knobs[name]
+
+    def matmul_prefill(x, weight, bias=None, epilogue="none", residual=None, splits=0):
+        assert weight.shape[0] == x.shape[-1], "matmul_prefill reads [in, out] weights"
+        calls.append(("matmul_prefill", knobs["prefill_gemm"]))
+        return conv1d(x, weight, bias, epilogue, residual, -1, "kn")
 
     def set_cuda_pdl(on):
         calls.append(("pdl", on))
@@ -146,7 +163,8 @@ def emulated(monkeypatch):
 
     for name, f in dict(matmul_decode=matmul_decode, matmul_nk=matmul_nk, kv_write=kv_write,
                         decode_attention=decode_attention, embedding_step=embedding_step, conv1d=counted_conv1d,
-                        set_cuda_pdl=set_cuda_pdl, has_cuda=lambda: True,
+                        set_cuda_pdl=set_cuda_pdl, cuda_variant=cuda_variant, matmul_prefill=matmul_prefill,
+                        has_cuda=lambda: True,
                         check_cuda_errors=lambda synchronize=True: None).items():
         monkeypatch.setattr(ops, name, f)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
@@ -167,7 +185,7 @@ def emulated(monkeypatch):
 
 
 CASES = [(None, 2, 3, 1), (None, 3, 3, 1), (2, 2, 3, 1), (3, 2, 3, 1), (3, 3, 3, 1), (4, 2, 3, 1), (4, 3, 3, 1),
-         (None, 2, 33, 1), (2, 2, 3, 2), (4, 3, 3, 2), (None, 2, 33, 2)]
+         (None, 2, 33, 1), (2, 2, 3, 2), (4, 3, 3, 2), (None, 2, 33, 2), (5, 2, 3, 1), (5, 2, 32, 2)]
 
 
 @pytest.mark.parametrize("gemv,kv_write,B,launch", CASES, ids=[f"gemv{g}-kv{k}-B{b}-launch{la}"
@@ -202,10 +220,12 @@ def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_
         del emulated[0], emulated[-1]
     assert not any(c[0] == "pdl" for c in emulated)
     L = tiny.config.n_layer
-    kind = {2: "matmul_nk", 3: "matmul_decode", 4: "matmul_decode"}.get(gemv, "matmul_decode" if kv_write == 3
-                                                                        else "conv1d")
-    matmuls = [c for c in emulated if c[0] in ("conv1d", "matmul_nk", "matmul_decode")]
+    kind = {2: "matmul_nk", 3: "matmul_decode", 4: "matmul_decode", 5: "matmul_prefill"}.get(
+        gemv, "matmul_decode" if kv_write == 3 else "conv1d")
+    matmuls = [c for c in emulated if c[0] in ("conv1d", "matmul_nk", "matmul_decode", "matmul_prefill")]
     assert [c[0] for c in matmuls] == [kind] * (4 * L + 1)
+    if kind == "matmul_prefill":  # under prefill GEMM variant 3 (tensor cores), set for the step only
+        assert all(c[1] == 3 for c in matmuls) and ops.cuda_variant("prefill_gemm") == 2
     if kind == "matmul_decode":
         assert all(c[1] == (gemv == 4) for c in matmuls)  # the split-K counters: gemv 4's only
         assert [c[2] for c in matmuls] == ([kv_write == 3, False, False, False] * L) + [False]  # c_attn stores K/V

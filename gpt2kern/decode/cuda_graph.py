@@ -18,6 +18,7 @@ plainly or (launch=2, sm_90+) with programmatic dependent launch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,7 +35,8 @@ from ..model.dropin import hf_position_ids, state_of
 class Variant:
     """One kernel variant of the decode step: what it runs, and the rules refusals() and the step read."""
     what: str
-    matmul: str | None = None  # the step's matmuls: 'nk' (matmul_nk), 'decode' (matmul_decode); None: step_matmul's
+    matmul: str | None = None  # the step's matmuls: 'nk' (matmul_nk), 'decode' (matmul_decode), 'prefill'
+    #                            (matmul_prefill under prefill_gemm 3); None: step_matmul's
     fp32_only: bool = False  # reads fp32 weights: the reduced modes have conv1d's GEMV only
     decode_rows: bool = False  # runs decode GEMVs: at most ops.GEMV_MAX_ROWS rows
     counters: bool = False  # split-K ticket counters, one per 32 output columns
@@ -52,14 +54,16 @@ RULES = {
                    matmul="decode", fp32_only=True, decode_rows=True),
         4: Variant("gemv 3 without finish kernels: the last block per 32 columns sums the partials; bitwise conv1d",
                    matmul="decode", fp32_only=True, decode_rows=True, counters=True),
+        5: Variant("ops.matmul_prefill with prefill GEMM variant 3 (3xTF32 tensor cores, split-K) at the decode rows",
+                   matmul="prefill", fp32_only=True, decode_rows=True),
         None: Variant("(chosen, never given) conv1d's own path: the reduced modes' GEMV, or the GEMM over 32 rows"),
     },
     "kv_write": {
         2: Variant("one ops.kv_write kernel per layer writes K and V at the device-side slot"),
         3: Variant("c_attn's GEMV (ops.matmul_decode) stores K/V at the slot; the embedding advances the cursor",
                    matmul="decode", decode_rows=True, kv_in_gemv=True,
-                   not_after={2: "kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the reduced weight "
-                                 "modes'); gemv=2 takes kv_write=2"}),
+                   not_after={g: f"kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the reduced weight "
+                                 f"modes'); gemv={g} takes kv_write=2" for g in (2, 5)}),
     },
     "launch": {
         1: Variant("plain launches: each kernel of the step starts when the previous one has ended"),
@@ -236,6 +240,10 @@ class CudaGraphDecoder:
         w, b = self._nk[i, which]
         return ops.matmul_nk(x, w, b, epilogue)
 
+    def _mm_prefill(self, i, which, x, epilogue):  # gemv 5: the step runs under prefill_gemm 3 (_step_body)
+        lin = self._lins[i, which]
+        return ops.matmul_prefill(x, lin.data, lin.bias, epilogue)
+
     def _mm_decode(self, i, which, x, epilogue):  # gemv 3 or 4 (counters), or a reduced mode's GEMV
         lin = self._lins[i, which]
         caches = {}
@@ -245,9 +253,11 @@ class CudaGraphDecoder:
                                  **caches)
 
     def _step_body(self):
-        if not self._pdl:
-            return self._step_kernels()
-        with ops.cuda_pdl(True):
+        with contextlib.ExitStack() as on:  # the process-wide kernel settings the variants need, for this step only
+            if self._pdl:
+                on.enter_context(ops.cuda_pdl(True))
+            if self._step_matmul == self._mm_prefill:
+                on.enter_context(ops.using_cuda_variant("prefill_gemm", 3))
             return self._step_kernels()
 
     def _step_kernels(self):

@@ -250,6 +250,17 @@ def set_cuda_pdl(on: bool) -> bool:
 
 
 @contextlib.contextmanager
+def using_cuda_variant(name: str, value: int):
+    """cuda_variant(name, value) inside the block, the previous variant restored after it."""
+    before = cuda_variant(name)
+    cuda_variant(name, value)
+    try:
+        yield
+    finally:
+        cuda_variant(name, before)
+
+
+@contextlib.contextmanager
 def cuda_pdl(on: bool = True):
     """set_cuda_pdl(on) inside the block, the previous setting restored after it."""
     before = set_cuda_pdl(on)
