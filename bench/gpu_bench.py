@@ -42,7 +42,7 @@ seconds each takes on an H200 by the 2026-12-04 side-by-side run's numbers (HF s
     model.forward = torch.compile(..., mode="reduce-overhead", fullgraph=True): HF's documented recipe), in a
     child process so that a compile that hangs or fails costs this row only (optional: not a failure)     ~25 s
   extras, only with time left: decode B=1 gpt2-medium; bf16 prefill of medium and xl                     ~10 s
-  about 100 s in all; gpu_check gives the step 160 s and --deadline-s 148. Each part starts only when its
+  about 100 s in all; gpu_check gives the step 150 s and --deadline-s 138. Each part starts only when its
 estimate (~1.5x the above) fits before the deadline (counted from this process's start), else it is recorded as
 "not measured (time)"; the xl decode is sized down (two decoders) and the extras come last, so a slow GPU loses the
 extras first. Results are saved after every part (--json, --table-out): a step killed later keeps them. Exit 1 when
@@ -461,8 +461,9 @@ class SizesRun:
             self.res["part_s"][key] = round(time.monotonic() - t0, 1)
             print(f"  {key}: {parts[key]} in {self.res['part_s'][key]}s", flush=True)
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):  # (a part's CUDA error may make this raise too: keep going)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if self.save is not None:
             self.save(self.res)
         return self.res.get(key)
@@ -817,12 +818,20 @@ def run_hf_compiled(deadline: Deadline, cap_s: float = 90.0) -> dict:
         out = os.path.join(d, "hf_compiled.json")
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hf-compiled-worker", out],
                              start_new_session=True)
+
+        def terminated(signum, frame):  # this step killed (its `timeout`): the child's session goes too (finally)
+            raise SystemExit(128 + signum)
+
+        before = signal.signal(signal.SIGTERM, terminated)
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
             raise TimeoutError(f"HF static cache + torch.compile did not finish in {timeout:.0f}s") from None
+        finally:
+            signal.signal(signal.SIGTERM, before)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         if rc != 0 or not os.path.exists(out):
             raise RuntimeError(f"the HF static cache + torch.compile child exited with {rc}")
         with open(out) as f:
@@ -1087,7 +1096,7 @@ def main(argv=None):
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--sizes", action="store_true",
                    help="instead: gpt2 / gpt2-medium / gpt2-xl end to end vs HF (issue #28's table), the prefill "
-                   "variant pairs' winner into --variants-out; ~100-150 s on an H200")
+                   "variant pairs' winner into --variants-out; ~100 s on an H200")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="--sizes: seconds from this process's start; a part that would not fit is recorded as "
                    f"'{NOT_MEASURED}' (gpu_check.sh: the step's limit less a margin)")

@@ -335,3 +335,22 @@ def _part_until(part, stop):
             self.deadline.end = self.deadline.clock()
         return part(self, key, est_s, fn, optional)
     return wrapped
+
+
+def test_hf_compiled_child_is_bounded(gb, monkeypatch, tmp_path):
+    # the child runs this script with --hf-compiled-worker OUT (here stand-ins for it): its JSON is the part's
+    # result, a non-zero exit an error of the part, and a child past its time (the deadline less 5 s, at least 1 s)
+    # is killed with its session: a TimeoutError
+    import time
+    child = tmp_path / "child.py"
+    monkeypatch.setattr(gb, "__file__", str(child))
+    child.write_text("import json, sys\njson.dump(dict(speedup=3.0), open(sys.argv[2], 'w'))\n")
+    assert gb.run_hf_compiled(gb.Deadline(None)) == dict(speedup=3.0)
+    child.write_text("import sys\nsys.exit(2)\n")
+    with pytest.raises(RuntimeError, match="child exited with 2"):
+        gb.run_hf_compiled(gb.Deadline(None))
+    child.write_text("import time\ntime.sleep(60)\n")
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish in 1s"):
+        gb.run_hf_compiled(gb.Deadline(3))
+    assert time.monotonic() - t0 < 10
