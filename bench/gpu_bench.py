@@ -31,23 +31,24 @@ seconds each takes on an H200 by the 2026-12-04 side-by-side run's numbers (HF s
     attention variant pair ops.cuda_variant accepts (probed 1..9; the knobs restored after), max |dlogits| vs
     HF eager (> 1e-4 fails the run); the pair fastest over the sizes with HF's logits is this GPU's prefill
     default (--variants-out)                              (6 rounds x (HF + 4 pairs), model set-up)  ~3 / 4 / 11 s
-  decode B=1 fp32 gpt2: every CUDA-graph decoder variant pair vs HF sdpa generate, tokens vs HF eager (a
-    mismatch fails the run), kernels per token, floor = params x 4 B / copy bandwidth (6 rounds of 8 and 40
-    tokens)                                                                                                 ~4 s
-  decode B=1 fp32 gpt2-xl: the default decoder and gpt2's fastest only (all pairs: ~10 s more)             ~10 s
-  decode B=32 gpt2: tokens/s, every decoder pair vs HF sdpa generate                                        ~7 s
+  decode B=1 fp32 gpt2: every CUDA-graph decoder variant set (gemv x kv_write x launch that can run: 10) vs HF
+    sdpa generate, tokens vs HF eager (a mismatch fails the run), kernels per token, floor = params x 4 B / copy
+    bandwidth (6 rounds of 8 and 24 tokens: 16 steps apart)                                                ~5 s
+  decode B=1 fp32 gpt2-xl: the default decoder and gpt2's fastest only (all ten: ~20 s more)                ~8 s
+  decode B=32 gpt2: tokens/s, every decoder set vs HF sdpa generate                                         ~7 s
   prefill T=1024 weights="bf16" vs HF in bfloat16, gpt2                                                     ~1 s
-  decode B=1 gpt2-xl with fp32 / bf16 / fp16 / int8 weights (tokens vs HF reported, not required)          ~10 s
+  decode B=1 gpt2-xl with fp32 / bf16 / fp16 / int8 weights (tokens vs HF reported, not required)           ~8 s
   decode B=1 gpt2 vs HF static cache + torch.compile (generation_config.cache_implementation="static",
     model.forward = torch.compile(..., mode="reduce-overhead", fullgraph=True): HF's documented recipe), in a
-    child process so that a compile that hangs or fails costs this row only (optional: not a failure)     ~25 s
+    child process so that a compile that hangs or fails costs this row only (optional: not a failure)     ~27 s
   extras, only with time left: decode B=1 gpt2-medium; bf16 prefill of medium and xl                     ~10 s
-  about 100 s in all; gpu_check gives the step 150 s and --deadline-s 138. Each part starts only when its
-estimate (~1.5x the above) fits before the deadline (counted from this process's start), else it is recorded as
-"not measured (time)"; the xl decode is sized down (two decoders) and the extras come last, so a slow GPU loses the
-extras first. Results are saved after every part (--json, --table-out): a step killed later keeps them. Exit 1 when
-an fp32 decoder's tokens differ from HF's, a prefill variant is off HF eager by more than 1e-4, or a part raised
-(except HF's compiled path); targets not met and parts not measured do not fail it.
+  about 95 s in all; gpu_check gives the step 128 s and --deadline-s 116. Each part starts only when its
+estimate (~1.5x the above; the compile 40 s, given at most 90) fits before the deadline (counted from this
+process's start), else it is recorded as "not measured (time)"; the xl decode is sized down (two decoders) and the
+extras come last, so a slow GPU loses the extras first. Results are saved after every part (--json, --table-out): a
+step killed later keeps them. Exit 1 when an fp32 decoder's tokens differ from HF's, a prefill variant is off HF
+eager by more than 1e-4, or a part raised (except HF's compiled path); targets not met and parts not measured do not
+fail it.
 """
 from __future__ import annotations
 
@@ -401,7 +402,7 @@ SIZES = ("gpt2", "gpt2-medium", "gpt2-xl")
 PARITY_TOL = 1e-4  # max |logits - HF eager fp32| of an fp32 prefill: the parity contract
 PREFILL_T = 1024  # prefill prompt length (n_positions of every GPT-2 size)
 PROMPT_T = 16  # decode prompt length
-DECODE_N = (8, 40)  # new tokens of the short and the long timed generate (their difference: 32 decode steps)
+DECODE_N = (8, 24)  # new tokens of the short and the long timed generate (their difference: 16 decode steps)
 TOKENS_N = 24  # greedy tokens compared with HF eager's
 NOT_MEASURED = "not measured (time)"
 REDUCED = ("bf16", "fp16", "int8")
@@ -636,34 +637,48 @@ def prefill_fp32(models: Models, name: str, pairs: list) -> dict:
     return out
 
 
+def gpu_sm() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
 def decode_combos(B: int, only=None) -> list:
-    """The CUDA-graph decoder's fp32 variant pairs that can run at batch size B (all, or the default and `only`)."""
+    """The CUDA-graph decoder's fp32 variant sets (every name of cuda_graph.VARIANTS: gemv, kv_write, launch, ...)
+    that can run at batch size B on this GPU: all, or the default and those in `only`; the default first."""
     from gpt2kern.decode import cuda_graph
-    default = cuda_graph.default_variants(torch.cuda.get_device_name(), B)
-    combos = [dict(gemv=g, kv_write=k) for g in cuda_graph.VARIANTS["gemv"] for k in cuda_graph.VARIANTS["kv_write"]
-              if not cuda_graph.refusals(dict(gemv=g, kv_write=k), B)]
+    sm = gpu_sm()
+    default = cuda_graph.default_variants(torch.cuda.get_device_name(), B, sm=sm)
+    names = list(cuda_graph.VARIANTS)
+    combos = [dict(zip(names, vs)) for vs in itertools.product(*(cuda_graph.VARIANTS[n] for n in names))]
+    combos = [c for c in combos if not cuda_graph.refusals(c, B, sm=sm)]
     if only is not None:
-        combos = [c for c in combos if c == default or c in only]
-    if default not in combos:
-        combos.insert(0, default)
-    return combos
+        combos = [c for c in combos if c in only]
+    return [default] + [c for c in combos if c != default]
+
+
+def decoder_name(v: dict) -> str:
+    """gemv2_kvwrite2 (plain launches), gemv2_kvwrite2_pdl (launch 2), other variants by name and number."""
+    out = f"gemv{v.get('gemv')}_kvwrite{v.get('kv_write')}"
+    for k, x in v.items():
+        if k == "launch":
+            out += "_pdl" if x == 2 else "" if x == 1 else f"_launch{x}"
+        elif k not in ("gemv", "kv_write"):
+            out += f"_{k}{x}"
+    return out
 
 
 def decode_fp32(models: Models, name: str, B: int, only=None, floor_GBps: float | None = None) -> dict:
     """Decode at batch size B, fp32, ms per step (interleaved, decode_rates): HF sdpa generate vs CudaGraphDecoder
     per variant pair; each decoder's greedy tokens vs HF eager's (a mismatch fails the run), its kernels per token;
     the bandwidth floor (params x 4 B / copy bandwidth) and the fraction the fastest reaches."""
-    from gpt2kern.decode import cuda_graph
     from gpt2kern.decode.cuda_graph import CudaGraphDecoder
     m = models.get(name)
     hf, ours = m["hf"], m["ours"]
     prompt = prompt_of(hf.config.vocab_size, B, PROMPT_T, models.dev)
     n_short, n_long = DECODE_N
-    default = cuda_graph.default_variants(torch.cuda.get_device_name(), B)
-    decs = {}
-    for c in decode_combos(B, only):
-        decs[f"gemv{c['gemv']}_kvwrite{c['kv_write']}"] = CudaGraphDecoder(ours, batch_size=B,
-                                                                          max_len=PROMPT_T + n_long, **c)
+    combos = decode_combos(B, only)
+    max_len = PROMPT_T + max(n_long, TOKENS_N)
+    decs = {decoder_name(c): CudaGraphDecoder(ours, batch_size=B, max_len=max_len, **c) for c in combos}
     gens = {"hf_sdpa": hf_generate(hf, prompt)}
     for k, d in decs.items():
         gens[k] = lambda n, d=d: d.generate(prompt, n)
@@ -681,7 +696,7 @@ def decode_fp32(models: Models, name: str, B: int, only=None, floor_GBps: float 
     hf_ms = rates["hf_sdpa"] * 1e3
     best = min(rows, key=lambda k: rows[k]["ms"])
     out = dict(batch_size=B, hf_sdpa_ms=hf_ms, decoders=rows, best=best, best_ms=rows[best]["ms"],
-               speedup=hf_ms / rows[best]["ms"], default=f"gemv{default['gemv']}_kvwrite{default['kv_write']}",
+               speedup=hf_ms / rows[best]["ms"], default=decoder_name(combos[0]),
                tokens_equal_hf_by_decoder={k: r["tokens_equal_hf"] for k, r in rows.items()},
                hf_tokens_per_s=B * 1e3 / hf_ms, best_tokens_per_s=B * 1e3 / rows[best]["ms"], params=m["params"])
     if floor_GBps:
@@ -701,7 +716,7 @@ def decode_weights(models: Models, name: str) -> dict:
     hf, ours = m["hf"], m["ours"]
     prompt = prompt_of(hf.config.vocab_size, 1, PROMPT_T, models.dev)
     n_short, n_long = DECODE_N
-    decs = {mode: CudaGraphDecoder(ours, batch_size=1, max_len=PROMPT_T + n_long,
+    decs = {mode: CudaGraphDecoder(ours, batch_size=1, max_len=PROMPT_T + max(n_long, TOKENS_N),
                                    weights=None if mode == "fp32" else mode) for mode in ("fp32",) + REDUCED}
     gens = {k: (lambda n, d=d: d.generate(prompt, n)) for k, d in decs.items()}
     with torch.no_grad():
@@ -767,7 +782,7 @@ def hf_compiled_worker(out_path: str) -> int:
     res = dict(model="gpt2")
     hf = random_model("gpt2", attn_implementation="sdpa", device=dev)
     ours = gpt2kern.optimize(copy.deepcopy(hf))
-    dec = CudaGraphDecoder(ours, batch_size=1, max_len=PROMPT_T + n_long)
+    dec = CudaGraphDecoder(ours, batch_size=1, max_len=PROMPT_T + max(n_long, TOKENS_N))
     prompt = prompt_of(hf.config.vocab_size, 1, PROMPT_T, dev)
     tries = (("forward compiled, mode='reduce-overhead', fullgraph=True", None),
              ("forward compiled, mode='reduce-overhead' (fullgraph=True failed)", dict(mode="reduce-overhead")))
@@ -848,11 +863,11 @@ def sizes_plan(run: SizesRun, models: Models, pairs: list, bw):
     gpt2 = res.get("decode_b1/gpt2") or {}
     fastest = [r["variants"] for k, r in sorted(gpt2.get("decoders", {}).items(), key=lambda kv: kv[1]["ms"])
                if r["tokens_equal_hf"]][:1]
-    # xl: the default decoder and gpt2's fastest (every pair would take ~10 s more)
-    run.part("decode_b1/gpt2-xl", 18, lambda: decode_fp32(models, "gpt2-xl", 1, only=fastest, floor_GBps=bw))
+    # xl: the default decoder and gpt2's fastest (all ten would take ~20 s more)
+    run.part("decode_b1/gpt2-xl", 14, lambda: decode_fp32(models, "gpt2-xl", 1, only=fastest, floor_GBps=bw))
     run.part("decode_b32/gpt2", 12, lambda: decode_fp32(models, "gpt2", 32))
     run.part("prefill_bf16/gpt2", 5, lambda: prefill_bf16(models, "gpt2"))
-    run.part("decode_weights/gpt2-xl", 15, lambda: decode_weights(models, "gpt2-xl"))
+    run.part("decode_weights/gpt2-xl", 12, lambda: decode_weights(models, "gpt2-xl"))
     run.part("hf_static_compiled/gpt2", 40, lambda: run_hf_compiled(run.deadline), optional=True)
     # extras, only with time left: not targets of the issue (medium decode), or sizes beyond the target's "gpt2 at
     # least" (bf16 prefill)
@@ -1096,7 +1111,7 @@ def main(argv=None):
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--sizes", action="store_true",
                    help="instead: gpt2 / gpt2-medium / gpt2-xl end to end vs HF (issue #28's table), the prefill "
-                   "variant pairs' winner into --variants-out; ~100 s on an H200")
+                   "variant pairs' winner into --variants-out; ~95 s on an H200")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="--sizes: seconds from this process's start; a part that would not fit is recorded as "
                    f"'{NOT_MEASURED}' (gpu_check.sh: the step's limit less a margin)")

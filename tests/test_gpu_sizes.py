@@ -207,7 +207,7 @@ def test_variant_table_gets_the_prefill_winner(gb, tmp_path):
     from gpt2kern.decode import cuda_graph
     from gpt2kern.kernels import cuda_table
     out = tmp_path / "cuda_variants.json"
-    by_batch = {"1": dict(gemv=3, kv_write=3)}
+    by_batch = {"1": dict(gemv=3, kv_write=3, launch=2)}
     gb.write_variant_table(str(out), "Some GPU", by_batch, "gpu_bench")  # gpu_check's gpu_bench step
     gb.write_variant_table(str(out), "Some GPU", None, "sizes", prefill=dict(prefill_gemm=3), base=str(out))
     t = json.loads(out.read_text())["gpus"]
@@ -262,12 +262,13 @@ def test_hf_static_compiled_runs_as_documented(gb):
 class FakeDecoder:
     """CudaGraphDecoder's interface over HF's greedy generate of the optimized model, on the CPU."""
 
-    def __init__(self, model, batch_size, max_len, gemv=None, kv_write=None, weights=None):
+    def __init__(self, model, batch_size, max_len, gemv=None, kv_write=None, weights=None, launch=None):
         from gpt2kern.decode import cuda_graph
         self.model, self.B, self.Tmax = model, batch_size, max_len
         mode = weights or "fp32"
-        self.variants = cuda_graph.default_variants("Fake GPU", batch_size, mode, dict(gemv=gemv, kv_write=kv_write))
-        why = cuda_graph.refusals(self.variants, batch_size, mode)
+        given = dict(gemv=gemv, kv_write=kv_write, launch=launch)
+        self.variants = cuda_graph.default_variants("Fake GPU", batch_size, mode, given, sm=90)
+        why = cuda_graph.refusals(self.variants, batch_size, mode, sm=90)
         if why:
             raise ValueError("; ".join(why.values()))
         self.launches_per_token = {"kernel": 42, "total": 43}
@@ -285,6 +286,7 @@ def test_sizes_runs_on_the_cpu_with_fakes(gb, knobs, monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "random_model", lambda name, **kw: real("tiny", **kw))  # every size: tiny
     monkeypatch.setattr(cuda_graph, "CudaGraphDecoder", FakeDecoder)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # an H100/H200: sm_90
     monkeypatch.setattr(gb, "COPY_BYTES", 2 ** 20)
     monkeypatch.setattr(gb, "DECODE_N", (2, 4))
     monkeypatch.setattr(gb, "PREFILL_T", 32)
@@ -313,8 +315,9 @@ def test_sizes_runs_on_the_cpu_with_fakes(gb, knobs, monkeypatch, tmp_path):
     assert len(p["pairs"]) == 6 and p["best"] in p["pairs"] and p["max_abs_dlogits"] < 1e-4
     assert sz["prefill_defaults"] in [x["variants"] for x in p["pairs"].values()]
     d = sz["decode_b1/gpt2"]
-    assert set(d["decoders"]) == {"gemv2_kvwrite2", "gemv3_kvwrite2", "gemv3_kvwrite3", "gemv4_kvwrite2",
-                                  "gemv4_kvwrite3"} and all(d["tokens_equal_hf_by_decoder"].values())
+    pairs = {"gemv2_kvwrite2", "gemv3_kvwrite2", "gemv3_kvwrite3", "gemv4_kvwrite2", "gemv4_kvwrite3"}
+    assert set(d["decoders"]) == pairs | {p + "_pdl" for p in pairs} and all(d["tokens_equal_hf_by_decoder"].values())
+    assert d["default"] == "gemv2_kvwrite2" and list(d["decoders"])[0] == d["default"]  # the table's, first
     assert d["decoders"]["gemv2_kvwrite2"]["kernels_per_token"] == 42
     assert 0 < d["floor_ms"] and d["floor_fraction"] > 0
     assert len(sz["decode_b1/gpt2-xl"]["decoders"]) <= 2  # the default and gpt2's fastest
@@ -354,3 +357,22 @@ def test_hf_compiled_child_is_bounded(gb, monkeypatch, tmp_path):
     with pytest.raises(TimeoutError, match="did not finish in 1s"):
         gb.run_hf_compiled(gb.Deadline(3))
     assert time.monotonic() - t0 < 10
+
+
+def test_decoder_sets_and_names(gb, monkeypatch):
+    # every variant name of the decoder (gemv, kv_write, launch), those this GPU and batch size can run, the
+    # table's default first; launch 2 (programmatic dependent launch) needs sm_90
+    from gpt2kern.decode import cuda_graph
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    sets = gb.decode_combos(1)
+    assert sets[0] == cuda_graph.default_variants("NVIDIA H200", 1, sm=90) and len(sets) == len(
+        {gb.decoder_name(v) for v in sets}) == 10
+    assert all(not cuda_graph.refusals(v, 1, sm=90) for v in sets)
+    assert gb.decoder_name(dict(gemv=3, kv_write=3, launch=2)) == "gemv3_kvwrite3_pdl"
+    assert gb.decoder_name(dict(gemv=None, kv_write=2, launch=1)) == "gemvNone_kvwrite2"
+    only = [dict(gemv=4, kv_write=3, launch=2)]
+    assert gb.decode_combos(1, only) == [sets[0], only[0]]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    assert all(v["launch"] == 1 for v in gb.decode_combos(1)) and len(gb.decode_combos(1)) == 5
+    assert len(gb.decode_combos(33)) == 1  # over 32 rows: no decode GEMV, the default's conv1d path only
