@@ -21,11 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 
 import torch
 
-from ..kernels import ops
+from ..kernels import cuda_table, ops
 from ..model import guard
 from ..model.body import MATMULS, blocks
 from ..model.dropin import hf_position_ids, state_of
@@ -77,7 +76,7 @@ ABSENT = {"launch": 1}
 VARIANTS = {name: tuple(v for v in rows if v is not None) for name, rows in RULES.items()}  # those a caller gives
 # a GPU not in the table: the first GPU measured's winning sets (B=1 below 32 rows, B=32 from 32 on)
 UNLISTED = {"1": dict(gemv=2, kv_write=2, launch=1), "32": dict(gemv=3, kv_write=3, launch=1)}
-TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
+TABLE = cuda_table.TABLE  # gpt2kern/decode/cuda_variants.json (its "prefill" entries: kernels/cuda_table.py)
 
 
 def variant_table(path: str | None = None) -> dict:

@@ -225,15 +225,33 @@ def cuda_variant(name: str, value: int = 0) -> int:
     """The numbered variant that the CUDA prefill kernel `name` runs in this process: 'prefill_gemm' (conv1d's and
     matmul_prefill's GEMM for more than GEMV_MAX_ROWS rows) or 'prefill_attention' (attention: 1 the general kernel,
     2 FlashAttention-2 in fp32 where it applies — head dim 32 or 64, no bias, >= 16 query rows, aligned rows — and 1
-    elsewhere). value > 0 sets it first (ValueError for a variant that does not exist). The defaults are the
-    measured winners; the GPU bench switches them to time each variant end to end."""
+    elsewhere). value > 0 sets it first (ValueError for a variant that does not exist). The defaults: the
+    compiled-in ones (the measured winners), replaced by this GPU's from gpt2kern/decode/cuda_variants.json when
+    gpt2kern first packs weights on a CUDA GPU (kernels/cuda_table.py; a variant set here before or after is kept).
+    The GPU bench switches them to time each variant end to end."""
     if not has_cuda():
         raise RuntimeError("gpt2kern was built without its CUDA kernels")
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"value must be an int, got {type(value).__name__}")
-    return int(_C.cuda_variant(name, value))
+    got = int(_C.cuda_variant(name, value))
+    if value > 0:
+        _chosen.add(name)  # the caller's choice: the measured per-GPU defaults (cuda_table.py) leave it
+    return got
+
+
+_chosen: set = set()  # the CUDA_VARIANTS names set through cuda_variant in this process
+
+
+def chosen_cuda_variants() -> frozenset:
+    """The names whose variant was set through cuda_variant in this process (the per-GPU defaults keep those)."""
+    return frozenset(_chosen)
+
+
+def forget_chosen_cuda_variant(name: str) -> None:
+    """Count `name`'s current variant as a default again (cuda_table.py, after setting a measured default)."""
+    _chosen.discard(name)
 
 
 def set_cuda_pdl(on: bool) -> bool:
