@@ -315,7 +315,7 @@ def test_sizes_runs_on_the_cpu_with_fakes(gb, knobs, monkeypatch, tmp_path):
     assert len(p["pairs"]) == 6 and p["best"] in p["pairs"] and p["max_abs_dlogits"] < 1e-4
     assert sz["prefill_defaults"] in [x["variants"] for x in p["pairs"].values()]
     d = sz["decode_b1/gpt2"]
-    pairs = {"gemv2_kvwrite2", "gemv3_kvwrite2", "gemv3_kvwrite3", "gemv4_kvwrite2", "gemv4_kvwrite3"}
+    pairs = {"gemv2_kvwrite2", "gemv3_kvwrite2", "gemv3_kvwrite3", "gemv4_kvwrite2", "gemv4_kvwrite3", "gemv5_kvwrite2"}
     assert set(d["decoders"]) == pairs | {p + "_pdl" for p in pairs} and all(d["tokens_equal_hf_by_decoder"].values())
     assert d["default"] == "gemv2_kvwrite2" and list(d["decoders"])[0] == d["default"]  # the table's, first
     assert d["decoders"]["gemv2_kvwrite2"]["kernels_per_token"] == 42
@@ -367,12 +367,12 @@ def test_decoder_sets_and_names(gb, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
     sets = gb.decode_combos(1)
     assert sets[0] == cuda_graph.default_variants("NVIDIA H200", 1, sm=90) and len(sets) == len(
-        {gb.decoder_name(v) for v in sets}) == 10
+        {gb.decoder_name(v) for v in sets}) == 12
     assert all(not cuda_graph.refusals(v, 1, sm=90) for v in sets)
     assert gb.decoder_name(dict(gemv=3, kv_write=3, launch=2)) == "gemv3_kvwrite3_pdl"
     assert gb.decoder_name(dict(gemv=None, kv_write=2, launch=1)) == "gemvNone_kvwrite2"
     only = [dict(gemv=4, kv_write=3, launch=2)]
     assert gb.decode_combos(1, only) == [sets[0], only[0]]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
-    assert all(v["launch"] == 1 for v in gb.decode_combos(1)) and len(gb.decode_combos(1)) == 5
+    assert all(v["launch"] == 1 for v in gb.decode_combos(1)) and len(gb.decode_combos(1)) == 6
     assert len(gb.decode_combos(33)) == 1  # over 32 rows: no decode GEMV, the default's conv1d path only
