@@ -575,6 +575,24 @@ def test_prefill_gemm_3_is_another_kernel_and_falls_back_to_2():
 
 
 @needs_cuda
+def test_prefill_gemm_3_keeps_infinities():
+    # an infinite x has no TF32 remainder: big carries it (inf - inf would have made the row NaN); as variant 2
+    x, w = torch.randn(130, 64, device="cuda"), torch.randn(64, 64, device="cuda").abs()
+    x[3, 5] = float("inf")
+    x[7, 9] = float("-inf")
+    before = ops.cuda_variant("prefill_gemm")
+    try:
+        out = {}
+        for v in (2, 3):
+            ops.cuda_variant("prefill_gemm", v)
+            out[v] = ops.matmul_prefill(x, w)
+    finally:
+        ops.cuda_variant("prefill_gemm", before)
+    assert (out[3][3] == float("inf")).all() and (out[3][7] == float("-inf")).all()
+    assert torch.equal(out[3].isfinite(), out[2].isfinite()) and out[3].isfinite().sum() == 128 * 64
+
+
+@needs_cuda
 def test_matmul_prefill_argument_errors():
     x, w = torch.randn(130, 8, device="cuda"), torch.randn(8, 4, device="cuda")
     for bad in (-1, 65):
@@ -770,7 +788,7 @@ def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
     the plain launches' results."""
     _needs_sm90()
     torch.manual_seed(0)
-    B, T, H, D = 2, 40, 4, 16
+    B, T, H, D = 2, 40, 2, 32  # D 32: prefill attention variant 2 applies
     E = H * D
     w_ln, b_ln = torch.randn(E, device="cuda"), torch.randn(E, device="cuda")
     w_qkv, b_qkv = torch.randn(E, 3 * E, device="cuda") * 0.1, torch.randn(3 * E, device="cuda")

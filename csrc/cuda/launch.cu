@@ -1,6 +1,7 @@
 // launch.cu — the process-wide launch setting the kernels' launchers read (launch.h: pdl_enabled, set_pdl).
 #include <atomic>
 
+#include "common.cuh"
 #include "launch.h"
 
 namespace gk::cuda {
@@ -11,5 +12,17 @@ std::atomic<bool> g_pdl{false};
 
 bool pdl_enabled() { return g_pdl.load(std::memory_order_relaxed); }
 bool set_pdl(bool on) { return g_pdl.exchange(on, std::memory_order_relaxed); }
+
+namespace {
+__global__ void pdl_probe_kernel() { pdl_begin(); }
+}  // namespace
+
+int kernels_ptx_arch() {
+  // a build for an older arch run by JIT on an sm_90 GPU has no griddepcontrol.wait in its kernels (compiled out
+  // below sm_90): PDL would then let kernels read their inputs early
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, pdl_probe_kernel) != cudaSuccess) return 0;
+  return attr.ptxVersion;
+}
 
 }  // namespace gk::cuda

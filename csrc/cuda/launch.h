@@ -19,6 +19,8 @@ namespace gk::cuda {
 // Process-wide; CudaGraphDecoder(launch=2) turns it on around its step. set_pdl returns the previous setting.
 bool pdl_enabled();
 bool set_pdl(bool on);
+// The virtual arch (10·major + minor) the kernels running on the current device were compiled for; 0 if unknown.
+int kernels_ptx_arch();
 
 // y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
 cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,

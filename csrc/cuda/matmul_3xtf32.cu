@@ -39,8 +39,12 @@ __device__ __forceinline__ void cp_async_wait() {
 // x = big + small, both TF32 (fp32 bit patterns with the low 13 mantissa bits zero), round to nearest
 __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
-  const float rest = x - __uint_as_float(big);
+  big &= 0xffffe000u;  // the low 13 bits are unspecified for a TF32 operand: make big exactly its TF32 value
+  const float b = __uint_as_float(big);
+  // ±inf (or a finite x that rounds to it): no remainder, so big alone carries it (inf - inf would be NaN)
+  const float rest = isfinite(b) ? x - b : 0.f;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(rest));
+  small &= 0xffffe000u;
 }
 
 // d += a·b for one 16×8 tile over 8 k: a row-major 16×8 (4 registers), b column-major 8×8 (2 registers)
@@ -123,10 +127,15 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xtf32_kernel(const float* _
         split_tf32(a[4], ab[2], asml[2]);                      // (row g, k t + 4)
         split_tf32(a[8 * (kBK + kPadA) + 4], ab[3], asml[3]);  // (row g + 8, k t + 4)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // the small terms first: they are below the big one's rounding
-          mma_tf32(acc[i][j], asml, wb[j]);
-          mma_tf32(acc[i][j], ab, wsml[j]);
-          mma_tf32(acc[i][j], ab, wb[j]);
+        for (int j = 0; j < 4; ++j) {
+          // these 8 k's three MMAs into a zeroed fragment, then one fp32 add: the tensor cores' accumulation (which
+          // may round toward zero) errs relative to this partial sum, not to the running total
+          float part8[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_tf32(part8, asml, wb[j]);  // the small terms first: they are below the big one's rounding
+          mma_tf32(part8, ab, wsml[j]);
+          mma_tf32(part8, ab, wb[j]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][j][r] += part8[r];
         }
       }
     }
@@ -154,10 +163,13 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xtf32_kernel(const float* _
 }  // namespace
 
 bool gemm_3xtf32_ok(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, int64_t N) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8)
+  static int major_of[64] = {};  // per device: 0 until asked
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major_of[dev] == 0 &&
+      cudaDeviceGetAttribute(&major_of[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
     return false;
+  if (major_of[dev] < 8) return false;
   return K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
 }
 

@@ -602,6 +602,11 @@ bool set_cuda_pdl(bool on) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     TORCH_CHECK_VALUE(major >= 9, "gpt2kern.set_cuda_pdl: programmatic dependent launch needs an sm_90 or newer GPU; ",
                       "device ", dev, " has compute capability ", major, ".x");
+    const int arch = cuda::kernels_ptx_arch();
+    TORCH_CHECK_VALUE(arch >= 90, "gpt2kern.set_cuda_pdl: the kernels on device ", dev, " were compiled for compute_",
+                      arch,
+                      ", without the device-side wait programmatic launch needs; rebuild with "
+                      "TORCH_CUDA_ARCH_LIST including 9.0");
   }
   return cuda::set_pdl(on);
 }
