@@ -53,6 +53,13 @@ def test_cuda_variant_reads_sets_and_refuses():
             with pytest.raises((ValueError, TypeError), match="value|variants"):
                 ops.cuda_variant(name, bad)
         assert ops.cuda_variant(name) == now  # a refused value changes nothing
+    # a temporary switch (the decoder's gemv 5 step) leaves the choice and whether it was the caller's as they were
+    for name in ops.CUDA_VARIANTS:
+        now = ops.cuda_variant(name)
+        ops.forget_chosen_cuda_variant(name)
+        with ops.using_cuda_variant(name, now):
+            assert name in ops.chosen_cuda_variants()
+        assert ops.cuda_variant(name) == now and name not in ops.chosen_cuda_variants()
     with pytest.raises(ValueError, match="name must be one of prefill_gemm, prefill_attention"):
         ops.cuda_variant("gemv")
     with pytest.raises(TypeError, match="name must be a str"):

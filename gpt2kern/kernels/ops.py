@@ -269,13 +269,16 @@ def set_cuda_pdl(on: bool) -> bool:
 
 @contextlib.contextmanager
 def using_cuda_variant(name: str, value: int):
-    """cuda_variant(name, value) inside the block, the previous variant restored after it."""
-    before = cuda_variant(name)
+    """cuda_variant(name, value) inside the block; after it the previous variant, and whether it was the caller's
+    choice (chosen_cuda_variants), restored."""
+    before, was_chosen = cuda_variant(name), name in _chosen
     cuda_variant(name, value)
     try:
         yield
     finally:
         cuda_variant(name, before)
+        if not was_chosen:
+            _chosen.discard(name)
 
 
 @contextlib.contextmanager
