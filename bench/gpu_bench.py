@@ -345,6 +345,15 @@ def end_to_end(dev, quick):
             row["tokens_equal_hf_by_decoder"] = eq
             row["tokens_equal_hf"] = all(eq.values())
             row["decoder_variants"] = {name: d.variants for name, d in decs.items() if d.graph is not None}
+            # where the fastest graph decoders' step time goes, per launch variant (plain, programmatic)
+            for la in cuda_graph.VARIANTS["launch"]:
+                mine = [n for n, d in decs.items() if d.graph is not None and d.variants["launch"] == la
+                        and n in rates]
+                if mine:
+                    best = min(mine, key=lambda n: row[f"{n}_ms_per_step"])
+                    a = step_anatomy(decs[best], prompt)
+                    row.setdefault("anatomy", {})[best] = a
+                    print(f"  decode B={B} {best}: {anatomy_line(a)}", flush=True)
             decs.clear()  # free the static caches before the next batch size
             ours_ms = {k: v for k, v in row.items() if k.endswith("ms_per_step") and not k.startswith("hf")}
             for k, v in ours_ms.items():
@@ -358,6 +367,56 @@ def end_to_end(dev, quick):
     for k, v in launches.items():
         print(f"  kernels per decode token in the graph ({k}): {v}", flush=True)
     return out, launches
+
+
+def kernel_summary(kernels, steps: int, top: int = 6) -> dict:
+    """Kernels [(name, start_us, end_us)] recorded over `steps` decode steps -> per step: kernels launched, the GPU's
+    busy time (their durations summed) and the span from the first start to the last end (busy / span: how much of
+    the step the GPU computes rather than waits between kernels), and the `top` kernels by total time (names cut at
+    their argument list)."""
+    if not kernels or steps < 1:
+        return dict(kernels_per_step=0, busy_us_per_step=0.0, span_us_per_step=0.0, busy_fraction=None, top=[])
+    busy = sum(e - s for _, s, e in kernels)
+    span = max(e for _, _, e in kernels) - min(s for _, s, _ in kernels)
+    by = {}
+    for n, s, e in kernels:
+        k = n.split("(")[0]
+        by[k] = by.get(k, 0.0) + (e - s)
+    order = sorted(by.items(), key=lambda kv: -kv[1])[:top]
+    return dict(kernels_per_step=len(kernels) / steps, busy_us_per_step=busy / steps, span_us_per_step=span / steps,
+                busy_fraction=busy / span if span > 0 else None,
+                top=[dict(kernel=k, us_per_step=t / steps) for k, t in order])
+
+
+def step_anatomy(dec, prompt, steps: int = 16) -> dict:
+    """kernel_summary of `steps` greedy steps of decoder `dec` after `prompt`, from torch's profiler (CUPTI records
+    the kernels a graph replay launches; the argmax between steps is one of them). {"error": ...} if the profiler
+    cannot record them here."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        nxt = dec.prefill(prompt).argmax(-1)
+        nxt = dec.step(nxt).argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                nxt = dec.step(nxt).argmax(-1)
+            torch.cuda.synchronize()
+        ks = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == DeviceType.CUDA]
+        return kernel_summary(ks, steps)
+    except Exception as e:  # a profiler that cannot see graph kernels must not cost the bench
+        return dict(error=f"{type(e).__name__}: {e}")
+
+
+def anatomy_line(a: dict) -> str:
+    if "error" in a:
+        return f"no kernel profile ({a['error']})"
+    frac = a["busy_fraction"]
+    top = ", ".join(f"{t['kernel']} {t['us_per_step']:.1f}" for t in a["top"])
+    return (f"{a['kernels_per_step']:.0f} kernels/step, GPU busy {a['busy_us_per_step']:.1f} of a "
+            f"{a['span_us_per_step']:.1f} us span ({frac:.0%}); top (us/step): {top}" if frac is not None else
+            "no kernels recorded")
 
 
 def pick_defaults(e2e: dict) -> dict:

@@ -264,6 +264,13 @@ for B, target in ((1, 10), (32, 3)):
         print(f"decode B={B}: HF sdpa {x['hf_ms_per_step']:.2f} ms/step; fastest graph decoder {fastest} "
               f"{graph.get(fastest, float('nan')):.3f} ms/step; best {best:.1f}x HF sdpa "
               f"(target {target}x); tokens equal HF: {x.get('tokens_equal_hf')}")
+        for name, a in x.get("anatomy", {}).items():  # gpu_bench's profile of the step: busy vs waiting
+            if "error" in a:
+                print(f"  {name}: no kernel profile ({a['error']})")
+            elif a.get("busy_fraction") is not None:
+                print(f"  {name}: {a['kernels_per_step']:.0f} kernels/step, GPU busy {a['busy_us_per_step']:.0f} of "
+                      f"{a['span_us_per_step']:.0f} us ({a['busy_fraction']:.0%}); top: "
+                      + ", ".join(f"{t['kernel']} {t['us_per_step']:.0f}" for t in a["top"][:4]))
 EOF
 
 {

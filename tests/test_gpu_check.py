@@ -186,3 +186,21 @@ def test_the_sanitizer_steps_name_tests_that_exist(name):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *ids],
                        capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=120)
     assert r.returncode == 0 and f"{len(ids)} tests collected" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_gpu_bench_kernel_summary_splits_busy_time_from_gaps():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.pop(0)
+    # two steps of three kernels: 2 + 1 + 3 us busy per step over a 10 us span per step
+    ks = [("gemv_nk_kernel<1, true>(float const*)", 0, 2), ("attention", 4, 5), ("gemv_nk_kernel<1, true>(x)", 7, 10),
+          ("gemv_nk_kernel<1, true>(float const*)", 10, 12), ("attention", 14, 15), ("ln", 17, 20)]
+    a = gpu_bench.kernel_summary(ks, 2, top=2)
+    assert a["kernels_per_step"] == 3 and a["busy_us_per_step"] == 6 and a["span_us_per_step"] == 10
+    assert a["busy_fraction"] == 0.6
+    assert a["top"] == [dict(kernel="gemv_nk_kernel<1, true>", us_per_step=3.5), dict(kernel="ln", us_per_step=1.5)]
+    assert "3 kernels/step" in gpu_bench.anatomy_line(a) and "(60%)" in gpu_bench.anatomy_line(a)
+    assert gpu_bench.kernel_summary([], 4)["busy_fraction"] is None
+    assert "no kernel profile (RuntimeError: x)" in gpu_bench.anatomy_line(dict(error="RuntimeError: x"))
