@@ -186,15 +186,37 @@ def prefill_gemm(quick):
                     err = (f().double() - ref).abs().max().item()
                     rows.append(dict(kernel=kernel, variant=name, shape=f"M={M} K={K} N={N}", us=t[name] * 1e6,
                                      tflops=2 * M * K * N / t[name] / 1e12, max_abs_err=err))
+                if (K, N) in ((768, 2304), (768, 3072), (1600, 6400), (768, 50257)):
+                    # bf16 weights: v2 the mode's SIMT tiles, v3 its tensor-core GEMM (matmul_3xbf16.cu); torch's
+                    # bf16 addmm (bf16 activations too: less accurate) as context
+                    from gpt2kern.kernels.weights import WeightFormat
+                    fmt = WeightFormat("kn", "bf16", K, N, 0)
+                    d, sc = fmt.make(w)
+                    ref16 = torch.addmm(bias.double(), x.double(), fmt.unpack(d, sc).double())
+                    xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
+
+                    def run16(v):
+                        ops.cuda_variant("prefill_gemm", v)
+                        return ops.conv1d(x, d, bias, scales=sc)
+
+                    fns = {"v2": lambda: run16(2), "v3": lambda: run16(3),
+                           "torch_bf16": lambda: torch.addmm(bb, xb, wb)}
+                    t = b.time(fns)
+                    for name, f in fns.items():
+                        err = (f().double() - ref16).abs().max().item()
+                        rows.append(dict(kernel="prefill_gemm_bf16", variant=name, shape=f"M={M} K={K} N={N}",
+                                         us=t[name] * 1e6, tflops=2 * M * K * N / t[name] / 1e12, max_abs_err=err))
+                    del ref16
                 del ref
     finally:
         ops.cuda_variant("prefill_gemm", before)
-    print(f"  {kernel}:", flush=True)
+    print(f"  {kernel} (fp32 weights; prefill_gemm_bf16: bf16 weights):", flush=True)
     for r in rows:
         flag = "" if r["max_abs_err"] <= VARIANT_TOL else "   OFF REFERENCE"
-        print(f"    {r['shape']:<30} {r['variant']:<6} {r['us']:9.1f} us {r['tflops']:6.1f} TFLOP/s  "
-              f"max|err| {r['max_abs_err']:.2g}{flag}", flush=True)
-    winners = _winners([r for r in rows if r["variant"] in NUMBERED], kernel)
+        print(f"    {r['kernel']:<18} {r['shape']:<26} {r['variant']:<10} {r['us']:9.1f} us {r['tflops']:6.1f} "
+              f"TFLOP/s  max|err| {r['max_abs_err']:.2g}{flag}", flush=True)
+    winners = [w for k in (kernel, "prefill_gemm_bf16")
+               for w in _winners([r for r in rows if r["variant"] in NUMBERED and r["kernel"] == k], k)]
     for w in winners:
         print(f"    winner {w['shape']:<30} {w['winner']}", flush=True)
     return rows, winners

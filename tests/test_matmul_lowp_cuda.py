@@ -88,6 +88,34 @@ def test_lowp_cuda_matches_float64_of_stored_weights(M, K, N, mode):
 
 
 @needs_cuda
+@pytest.mark.parametrize("M,K,N", [s for s in CUDA_SHAPES if s[0] > 32] + [(128, 3072, 768), (1024, 768, 3072)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
+def test_lowp_cuda_bf16_prefill_on_tensor_cores(M, K, N, epilogue):
+    # prefill GEMM variant 3 with bf16 weights (csrc/cuda/matmul_3xbf16.cu: x split into three bf16 parts, bf16 MMAs):
+    # within the fp32 ulp budget of the stored weights' float64 product, another kernel than the SIMT tiles where it
+    # runs (N % 8 == 0), bitwise the tiles where it does not (N = 4100)
+    from test_gelu import gelu_terms, ref_gelu
+    torch.manual_seed(M + K + N)
+    x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)
+    w, b, r = torch.randn(K, N) * 0.05, torch.randn(N), torch.randn(M, N)
+    fmt, d, s = _cuda_stored(w, "bf16")
+    pre, terms = ref_mm(x, fmt.unpack(d, s).cpu(), b)
+    ref, terms = {"none": (pre, terms), "gelu_new": (ref_gelu(pre), 1.13 * terms + gelu_terms(pre)),
+                  "residual": (pre + r.double(), terms + r.double().abs())}[epilogue]
+    res = r.cuda() if epilogue == "residual" else None
+    before = ops.cuda_variant("prefill_gemm")
+    try:
+        out = {}
+        for v in (2, 3):
+            ops.cuda_variant("prefill_gemm", v)
+            out[v] = ops.conv1d(x.cuda(), d, b.cuda(), epilogue, res, out_features=N, scales=s)
+    finally:
+        ops.cuda_variant("prefill_gemm", before)
+    assert_parity(out[3], ref, terms, K, f"cuda bf16 tensor cores {M}x{K}x{N} {epilogue}")
+    assert torch.equal(out[3], out[2]) == (N % 8 != 0)
+
+
+@needs_cuda
 @pytest.mark.parametrize("mode", LOWP)
 @pytest.mark.parametrize("M", [1, 4, 32, 40, 600])
 def test_lowp_cuda_epilogues(mode, M):

@@ -30,6 +30,19 @@ __device__ __forceinline__ float hsum(float a) { return a; }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// ---------------------------------------------------------------- cp.async (sm_80+): global -> shared, 16 bytes
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool in) {
+  // src-size 0 copies nothing and zero-fills the 16 bytes (the pointer is then never read)
+  const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(in ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // ---------------------------------------------------------------- programmatic dependent launch (sm_90+)
 // While pdl_enabled() (launch.h), `launch` lets a grid start while the previous kernel in its stream still runs, so
 // its blocks are resident and its weights on their way into L2 when that kernel ends. Every kernel of this library

@@ -25,4 +25,14 @@ int kernels_ptx_arch() {
   return attr.ptxVersion;
 }
 
+int device_major() {
+  static std::atomic<int> major_of[64] = {};  // per device: 0 until asked
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  int m = major_of[dev].load(std::memory_order_relaxed);
+  if (m == 0 && cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess)
+    major_of[dev].store(m, std::memory_order_relaxed);
+  return m;
+}
+
 }  // namespace gk::cuda

@@ -21,6 +21,8 @@ bool pdl_enabled();
 bool set_pdl(bool on);
 // The virtual arch (10·major + minor) the kernels running on the current device were compiled for; 0 if unknown.
 int kernels_ptx_arch();
+// The current device's compute capability major (cached per device); 0 if unknown.
+int device_major();
 
 // y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
 cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
@@ -112,6 +114,14 @@ bool gemm_3xtf32_ok(const float* A, int64_t lda, int64_t K, const float* W, int6
 cudaError_t gemm_3xtf32(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                         const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, int64_t kchunk,
                         float* workspace, cudaStream_t stream);
+
+// The bf16 weight mode's prefill GEMM on tensor cores (matmul_3xbf16.cu; prefill GEMM variant 3 with bf16 weights):
+// C = epi(A @ W + b) with W bf16 [K, N], each fp32 activation split into three bf16 parts (three bf16 MMAs per 16
+// k's, fp32-level error against the stored weights). No split-K. Needs an sm_80+ GPU, K, lda multiples of 4, N, ldw
+// multiples of 8 and 16-byte aligned A and W (gemm_3xbf16_ok).
+bool gemm_3xbf16_ok(const float* A, int64_t lda, int64_t K, const void* W, int64_t ldw, int64_t N);
+cudaError_t gemm_3xbf16(const float* A, int64_t lda, int64_t M, int64_t K, const void* W, int64_t ldw, int64_t N,
+                        const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream);
 
 // The same Conv1D with W [K, N] (row stride ldw) stored in reduced precision (matmul_lowp.cu): fp16, bf16, or int8
 // with fp32 scales [K / group, N] (row stride lds): w(k, n) = W[k, n] · scales[k / group, n]. Activations and sums

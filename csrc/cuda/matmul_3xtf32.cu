@@ -25,17 +25,6 @@ constexpr int kPadW = 8;  // W row stride 136 floats: lanes read t·136 + g, 32 
 constexpr int kAStage = kBM * (kBK + kPadA), kWStage = kBK * (kBN + kPadW);
 constexpr int kSmemBytes = kStages * (kAStage + kWStage) * (int)sizeof(float);
 
-__device__ __forceinline__ void cp_async16(float* smem, const float* gmem, bool in) {
-  // src-size 0 copies nothing and zero-fills the 16 bytes (the pointer is then never read)
-  const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(in ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // x = big + small, both TF32 (fp32 bit patterns with the low 13 mantissa bits zero), round to nearest
 __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
@@ -163,13 +152,7 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xtf32_kernel(const float* _
 }  // namespace
 
 bool gemm_3xtf32_ok(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, int64_t N) {
-  static int major_of[64] = {};  // per device: 0 until asked
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (major_of[dev] == 0 &&
-      cudaDeviceGetAttribute(&major_of[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  if (major_of[dev] < 8) return false;
+  if (device_major() < 8) return false;
   return K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
 }
 

@@ -285,6 +285,13 @@ static at::Tensor conv1d_impl(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t ldr = rr.defined() ? row_stride(rr) : 0;
   if (lowp) {
     const cuda::LowpType t = lowp_type(W.scalar_type());
+    // bf16 weights under prefill GEMM variant 3: the tensor-core GEMM where it can run (else the mode's own tiles)
+    if (t == cuda::LowpType::BF16 && M > cuda::kGemvMaxRows && dec == nullptr && knob(kPrefillGemm) == 3 &&
+        cuda::gemm_3xbf16_ok(A.data_ptr<float>(), row_stride(A), K, W.data_ptr(), ldw, N)) {
+      GK_CUDA_CHECK_LAUNCH("conv1d", cuda::gemm_3xbf16(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr(), ldw, N,
+                                                       pb, epi, pr, ldr, y.data_ptr<float>(), stream()));
+      return y;
+    }
     const int splits = cuda::gemv_lowp_splits(t, M, K, N, group, num_sms());
     at::Tensor ws;
     if (splits > 1) ws = at::empty({(int64_t)splits * M * N}, x.options());
