@@ -97,6 +97,11 @@ def test_gpu_bench_fails_on_any_decoder_or_variant_off_reference():
     assert gpu_bench.failures(dict(weight_modes=[lowp])) == []
     f = gpu_bench.failures(dict(weight_modes=[lowp, dict(lowp, mode="bf16", rel_err=1e-3)]))
     assert len(f) == 1 and "bf16" in f[0]
+    # the decode GEMV variant 2's rows (matmul_nk over the [out, in] copies) are judged alike, and named
+    nk = dict(lowp, variant="nk_v2")
+    assert gpu_bench.failures(dict(weight_modes=[nk, dict(lowp, variant="conv1d")])) == []
+    f = gpu_bench.failures(dict(weight_modes=[dict(nk, mode="fp16", rel_err=1e-3)]))
+    assert len(f) == 1 and "nk_v2 fp16" in f[0]
 
 
 def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table(tmp_path):
