@@ -88,7 +88,8 @@ def test_nk_copy_refuses_panels_and_cpu_conv1d_refuses_it():
     fp, dp, sp = stored(torch.randn(64, 40), "int8")
     with pytest.raises(ValueError, match="nk_copy reads layout 'kn' or 'nk'"):
         fp.nk_copy(dp, sp)
-    fn, dn, sn = stored_kn(torch.randn(64, 40), "int8", 16)[0].nk_copy(*stored_kn(torch.randn(64, 40), "int8", 16)[1:])
+    fk, dk, sk = stored_kn(torch.randn(64, 40), "int8", 16)
+    fn, dn, sn = fk.nk_copy(dk, sk)
     with pytest.raises(TypeError, match="must be float32"):  # the CPU kernels read 'nk' in fp32 only
         ops.conv1d(torch.randn(2, 64), dn, None, out_features=40, layout="nk", scales=sn)
 

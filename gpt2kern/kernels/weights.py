@@ -59,8 +59,8 @@ class WeightFormat:
                          and int8 are the CUDA storage of the reduced modes (a copy in that orientation, which the
                          CUDA kernels read: the CPU kernels read 'kn' in fp32 only and refuse the others by name)
                'nk'      [n_out, n_in]: fp32 is an nn.Linear-style weight read in place (the lm_head over the tied
-                         wte; CPU and CUDA); fp16, bf16 and int8 are the CUDA decode GEMV variant 2's copies
-                         (ops.matmul_nk, CudaGraphDecoder gemv=2: nk_copy), which the CPU kernels refuse by name
+                         wte; CPU); in every dtype the CUDA decode GEMV variant 2's copies (ops.matmul_nk,
+                         CudaGraphDecoder gemv=2: nk_copy), which the CPU kernels refuse but in fp32, by name
         dtype  'fp32' | 'fp16' | 'bf16' | 'int8'; int8 is symmetric with fp32 scales, one per `group` consecutive
                inputs and output column: [panels, n_in / group, PANEL] for 'panels', [n_in / group, n_out] for 'kn',
                [n_out, n_in / group] for 'nk' (a row's groups contiguous, as its weights)
