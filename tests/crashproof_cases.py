@@ -1034,11 +1034,13 @@ def _cuda_model_cases(case, dev):
                     (dict(batch_size=33, kv_write=3), rf"^kv_write=3 {rows}$"),
                     (dict(batch_size=33, gemv=4, kv_write=3), rf"^gemv=4 {rows}; kv_write=3 {rows}$"),
                     (dict(gemv=3, weights="fp16"),
-                     r"^gemv=3 reads fp32 weights; weights='fp16' run conv1d's GEMV \(leave gemv unset\)$"),
-                    (dict(gemv=2, kv_write=3, weights="int8"),
-                     r"^gemv=2 reads fp32 weights; weights='int8' run conv1d's GEMV \(leave gemv unset\); "
-                     r"kv_write=3 stores K/V .*; gemv=2 takes kv_write=2$")):
+                     r"^gemv=3 reads fp32 weights; weights='fp16' run conv1d's GEMV \(leave gemv unset\) or gemv=2$"),
+                    (dict(gemv=2, kv_write=3, weights="int8"),  # gemv=2 reads the reduced modes' [out, in] copies
+                     r"^kv_write=3 stores K/V from an \[in, out\] GEMV .*; gemv=2 takes kv_write=2$")):
         case(f"cuda decoder {' '.join(f'{k}={v}' for k, v in kw.items())}", lambda kw=kw: dec(**kw), (VE, msg))
+    for mode in ("fp16", "bf16", "int8"):  # the decode GEMV variant 2 over each reduced mode, given
+        case(f"cuda decoder gemv=2 weights={mode}",
+             lambda mode=mode: steps(dec(gemv=2, weights=mode, use_graph=True), t(), 1, 2), OK)
     case("cuda decoder attention=2 (removed)", lambda: dec(attention=2),
          (TE, r"__init__\(\) got an unexpected keyword argument 'attention'"))
     case("cuda decoder prefill wrong batch", lambda: dec().prefill(torch.zeros(2, 3, dtype=torch.long, device=dev)),
