@@ -59,6 +59,7 @@ namespace gk::cuda_ops {  // ops_cuda.cpp
 void check_embedding_errors();
 std::map<std::string, int64_t> capture_node_counts();
 int64_t cuda_variant(const std::string& name, int64_t value);
+bool set_cuda_pdl(bool on);
 }  // namespace gk::cuda_ops
 #endif
 
@@ -172,6 +173,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "IndexError for a bad id that a finished CUDA embedding call found (no sync).");
   mod.def("capture_node_counts", &gk::cuda_ops::capture_node_counts,
           "Nodes of the graph the current CUDA stream is capturing, by type: kernel, memcpy, memset, other, total.");
+  mod.def("set_cuda_pdl", &gk::cuda_ops::set_cuda_pdl, pybind11::arg("on"),
+          "Programmatic dependent launch (sm_90+) for the CUDA kernels launched from now on; returns the previous "
+          "setting.");
   mod.def(
       "cuda_variant", &gk::cuda_ops::cuda_variant, pybind11::arg("name"), pybind11::arg("value") = 0,
       "The numbered variant the prefill kernel `name` runs ('prefill_gemm', 'prefill_attention'); value > 0 sets it.");

@@ -30,7 +30,8 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.vers
 fi
 "$VENV/bin/python" -c "import transformers as t; print('floor.sh: transformers', t.__version__, 'from', t.__file__)"
 if [ $# -eq 0 ]; then  # (not the in-place memory test: a minute, and no transformers API in it)
+  # (test_gpu_sizes.py: the GPU bench's HF calls, static cache + compile included, on the GPU image's transformers)
   set -- tests/test_dropin.py tests/test_generate.py tests/test_fallback_cases.py tests/test_loading.py \
-    -k "not reads_hfs_weights_in_place"
+    tests/test_gpu_sizes.py -k "not reads_hfs_weights_in_place"
 fi
 "$VENV/bin/python" -m pytest -q "$@"

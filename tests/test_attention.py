@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICES, assert_parity, needs_cuda
@@ -175,3 +177,190 @@ def test_bad_input():
         ops.attention(q, k, v, torch.ones(1, 5), None, 1.0, 0, True)
     with pytest.raises(ValueError, match="4-D"):
         ops.attention(q[0], k, v, None, None, 1.0, 0, True)
+
+
+# ---------------------------------------------------------------- CUDA prefill attention variant 2 (FlashAttention-2)
+# ops.cuda_variant("prefill_attention", 2) makes the attention op run csrc/cuda/attention.cu's flash_prefill_kernel
+# wherever it applies (D 32 or 64, no bias, >= 16 query rows, aligned rows) and variant 1 everywhere else. Its row
+# tile follows the grid: 64 rows when B·H·ceil(Tq/64) blocks give every SM one, else 32, else 16 (the comments say
+# which on a 132-SM H100/H200). The small cases run under compute-sanitizer too (bench/gpu_check.sh), the long ones
+# (test_flash_attention_long_cuda) do not.
+
+@contextlib.contextmanager
+def attention_variant(v):
+    """The prefill attention variant set to v inside, the previous one restored after (also on an error)."""
+    before = ops.cuda_variant("prefill_attention")
+    ops.cuda_variant("prefill_attention", v)
+    try:
+        yield v
+    finally:
+        ops.cuda_variant("prefill_attention", before)
+
+
+@pytest.fixture
+def flash_attention():
+    with attention_variant(2) as v:
+        yield v
+
+
+@pytest.mark.skipif(not ops.has_cuda(), reason="built without the CUDA kernels")
+def test_flash_attention_knob_cuda():
+    # no GPU needed: the knob lives in the extension; variant 2 exists, 1 stays the default until measured
+    before = ops.cuda_variant("prefill_attention")
+    assert before == 1
+    with attention_variant(2):
+        assert ops.cuda_variant("prefill_attention") == 2
+        with pytest.raises(ValueError, match="variants 1 to 2, got 3"):
+            ops.cuda_variant("prefill_attention", 3)
+        assert ops.cuda_variant("prefill_attention") == 2
+    assert ops.cuda_variant("prefill_attention") == before
+    with pytest.raises(KeyError), attention_variant(2):
+        raise KeyError("restored on an error too")
+    assert ops.cuda_variant("prefill_attention") == before
+
+
+def _flash_parity(B, H, Tq, Tkv, D, off, seed=11):
+    q, k, v = qkv(B, H, Tq, Tkv, D, seed)
+    scale = D ** -0.5
+    out = ops.attention(q.cuda(), k.cuda(), v.cuda(), None, None, scale, off, True)
+    assert_parity(out, *ref_attention(q, k, v, scale=scale, q_offset=off), max(Tkv, D),
+                  f"flash attention B={B} H={H} Tq={Tq} Tkv={Tkv} D={D} off={off}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,H,Tq,Tkv,D,off", [
+    (1, 2, 16, 16, 64, 0),     # the fewest rows variant 2 takes, one 16-row tile
+    (2, 3, 65, 65, 64, 0),     # ragged row tiles, a second key tile of one key
+    (1, 2, 130, 130, 64, 0),   # three key tiles, the causal diagonal in each (racecheck's case)
+    (6, 12, 40, 40, 64, 0),    # 32-row tiles
+    (12, 12, 80, 80, 64, 0),   # 64-row tiles, the last one ragged
+    (3, 5, 40, 70, 32, 30),    # head dim 32, prefix cache (q_offset > 0)
+    (6, 12, 40, 50, 32, 10),   # head dim 32, 32-row tiles
+    (12, 12, 70, 100, 32, 30),  # head dim 32, 64-row tiles
+])
+def test_flash_attention_cuda(flash_attention, B, H, Tq, Tkv, D, off):
+    _flash_parity(B, H, Tq, Tkv, D, off)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,H,Tq,Tkv,D,off", [
+    (1, 12, 1, 1, 64, 0),          # one row: variant 1
+    (1, 12, 17, 17, 64, 0),
+    (1, 12, 63, 63, 64, 0),
+    (1, 12, 64, 64, 64, 0),
+    (2, 12, 65, 65, 64, 0),
+    (1, 25, 129, 129, 64, 0),
+    (1, 12, 512, 512, 64, 0),      # 32-row tiles
+    (1, 12, 1024, 1024, 64, 0),    # 64-row tiles
+    (1, 25, 1024, 1024, 64, 0),
+    (2, 12, 1100, 1100, 64, 0),
+    (1, 12, 300, 700, 64, 400),    # long prefix, ragged
+    (2, 12, 200, 1024, 32, 824),
+    (2, 4, 50, 50, 80, 0),         # head dim 80: variant 1
+])
+def test_flash_attention_long_cuda(flash_attention, B, H, Tq, Tkv, D, off):
+    _flash_parity(B, H, Tq, Tkv, D, off)
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_key_mask_cuda(flash_attention, causal):
+    # left padding, a row with one valid key, a row with none, a mask longer than Tkv; V of masked keys is NaN
+    # (variant 1 never reads it into the output: neither may variant 2)
+    B, H, Tq, Tkv, D, off = 4, 12, 40, 100, 64, 60
+    q, k, v = qkv(B, H, Tq, Tkv, D, 12)
+    mask = torch.ones(B, Tkv + 7, dtype=torch.bool)
+    mask[1, :30] = False
+    mask[2, :99] = False
+    mask[3] = False
+    v[~mask[:, None, :Tkv, None].expand(B, H, Tkv, D)] = float("nan")
+    out = ops.attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), None, 0.125, off, causal).cpu()
+    assert (out[3] == 0).all()  # every key masked: zeros, as variant 1
+    if causal:
+        assert (out[2, : 99 - off] == 0).all()  # rows before the one valid key see nothing
+    ref, terms = ref_attention(q, k, v.nan_to_num(0.0), key_mask=mask, scale=0.125, q_offset=off, causal=causal)
+    assert_parity(out, ref, terms, Tkv, "flash attention, key_mask")
+
+
+@needs_cuda
+def test_flash_attention_qkv_views_cuda(flash_attention):
+    # q, k, v as the model passes them: views of c_attn's output [B, T, 3E], heads strided, not contiguous
+    B, H, T, D = 2, 12, 100, 64
+    E = H * D
+    buf = torch.randn(B, T, 3 * E, generator=torch.Generator().manual_seed(13))
+    q, k, v = (buf[..., i * E:(i + 1) * E].view(B, T, H, D).transpose(1, 2) for i in range(3))
+    dev = buf.cuda()
+    qd, kd, vd = (dev[..., i * E:(i + 1) * E].view(B, T, H, D).transpose(1, 2) for i in range(3))
+    assert not qd.is_contiguous()
+    out = ops.attention(qd, kd, vd, None, None, 0.125, 0, True)
+    assert_parity(out, *ref_attention(q, k, v, scale=0.125), T, "flash attention, qkv views")
+
+
+@needs_cuda
+def test_flash_attention_static_cache_cuda(flash_attention):
+    # a cache longer than the keys in use, never-written slots NaN: never read
+    B, H, T, D, off, Lmax = 2, 4, 20, 64, 5, 200
+    q, k, v = qkv(B, H, T, Lmax, D, 14)
+    k[:, :, T + off:] = float("nan")
+    v[:, :, T + off:] = float("nan")
+    out = ops.attention(q.cuda(), k.cuda(), v.cuda(), None, None, 0.125, off, True)
+    ref, terms = ref_attention(q, k[:, :, : T + off], v[:, :, : T + off], scale=0.125, q_offset=off)
+    assert_parity(out, ref, terms, T + off, "flash attention, static cache")
+
+
+@needs_cuda
+def test_flash_attention_nan_score_propagates_cuda(flash_attention):
+    # as test_nan_score_propagates, at a shape variant 2 takes
+    q, k, v = qkv(1, 2, 40, 40, 64, 15)
+    k[0, 0, 0, 0] = float("nan")
+    km = torch.zeros(1, 40, dtype=torch.bool)
+    km[0, 0] = True
+    for mask in (None, km):
+        out = ops.attention(q.cuda(), k.cuda(), v.cuda(), None if mask is None else mask.cuda(), None, 1.0, 0,
+                            True).cpu()
+        assert out[0, :, 0].isnan().all() and out[0, :, 1].isfinite().all()
+
+
+def _fallback_case(case):
+    """(q, k, v, bias, q_offset) on the GPU for a call variant 2 does not take."""
+    B, H, T, D, off = 2, 3, 40, 64, 0
+    q, k, v = (t.cuda() for t in qkv(B, H, T, T, D, 16))
+    bias = None
+    if case == "one_row":
+        q, off = q[:, :, -1:], T - 1
+    elif case == "head_dim_80":
+        q, k, v = (t.cuda() for t in qkv(B, H, T, T, 80, 16))
+    elif case == "bias":
+        bias = torch.randn(B, 1, T, T).cuda()
+    elif case == "misaligned":  # views made on the GPU (a copy would be aligned): rows 4 bytes off 16-byte alignment
+        buf = torch.randn(B, H, T, 3 * D + 1).cuda()
+        q, k, v = (buf[..., 1 + i * D: 1 + (i + 1) * D] for i in range(3))
+        assert q.data_ptr() % 16 != 0
+    return q, k, v, bias, off
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["one_row", "head_dim_80", "bias", "misaligned"])
+def test_flash_attention_falls_back_to_variant_1_cuda(case):
+    q, k, v, bias, off = _fallback_case(case)
+    args = (q, k, v, None, bias, 0.125, off, True)
+    with attention_variant(1):
+        one = ops.attention(*args)
+    with attention_variant(2):
+        two = ops.attention(*args)
+    assert torch.equal(one, two)  # variant 1 ran for both: bitwise its result
+    ref, terms = ref_attention(q.cpu(), k.cpu(), v.cpu(), bias=None if bias is None else bias.cpu(), scale=0.125,
+                               q_offset=off)
+    assert_parity(two, ref, terms, q.shape[-2] + off)
+
+
+@needs_cuda
+def test_flash_attention_is_another_kernel_cuda():
+    # where variant 2 applies the knob switches kernels: another summation order, so not bitwise variant 1's
+    q, k, v = (t.cuda() for t in qkv(1, 12, 256, 256, 64, 17))
+    with attention_variant(1):
+        one = ops.attention(q, k, v, None, None, 0.125, 0, True)
+    with attention_variant(2):
+        two = ops.attention(q, k, v, None, None, 0.125, 0, True)
+    assert not torch.equal(one, two)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)

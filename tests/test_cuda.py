@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import LOGITS_ATOL, assert_parity, needs_cuda
-from test_attention import qkv, ref_attention
+from test_attention import attention_variant, qkv, ref_attention
 from test_matmul import ref_mm
 
 import gpt2kern
@@ -139,6 +139,15 @@ def test_device_mismatch_is_a_value_error():
         ops.conv1d(x, torch.randn(1, 8, 32, device="cuda"), out_features=32)
 
 
+@pytest.fixture(params=[2, 3], ids=["gemm2", "gemm3"])
+def prefill_gemm(request):
+    """Run the test under each prefill GEMM variant (ops.cuda_variant): 2 fp32 FMAs, 3 3xTF32 tensor cores."""
+    before = ops.cuda_variant("prefill_gemm")
+    ops.cuda_variant("prefill_gemm", request.param)
+    yield request.param
+    ops.cuda_variant("prefill_gemm", before)
+
+
 # ---------------------------------------------------------------- the model on CUDA
 
 @pytest.fixture(scope="module")
@@ -150,7 +159,7 @@ def cuda_pair(distil):
 
 @needs_cuda
 @torch.no_grad()
-def test_cuda_logits_match_hf_eager(distil, cuda_pair):
+def test_cuda_logits_match_hf_eager(distil, cuda_pair, prefill_gemm):
     _, opt = cuda_pair
     for B, T in [(1, 1), (2, 17), (1, 512), (1, distil.config.n_positions)]:
         ids = torch.randint(0, distil.config.vocab_size, (B, T))
@@ -195,6 +204,31 @@ def test_cuda_generate_matches_hf(cuda_pair):
     b = opt.generate(ids, attention_mask=mask, **kw)
     assert gpt2kern.fallback_reason(opt) is None
     assert torch.equal(a, b)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_cuda_flash_attention_in_the_model(distil, cuda_pair):
+    # prefill attention variant 2 as the model calls it: q, k, v views of c_attn's output, left padding as key_mask,
+    # then generate (prefill by variant 2, decode steps by variant 1 over its cache)
+    ref, opt = cuda_pair
+    V = distil.config.vocab_size
+    with attention_variant(2):
+        for B, T, pad in [(1, 512, 0), (2, 100, 7), (1, distil.config.n_positions, 0)]:
+            ids = torch.randint(0, V, (B, T))
+            mask = torch.ones(B, T, dtype=torch.long)
+            mask[B - 1, :pad] = 0
+            a = distil(ids, attention_mask=mask).logits  # HF eager fp32 on CPU
+            b = opt(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+            assert gpt2kern.fallback_reason(opt) is None
+            keep = mask.bool()  # logits of padding positions are not compared
+            err = (a[keep] - b[keep]).abs().max().item()
+            assert err <= LOGITS_ATOL, f"B={B} T={T} pad={pad}: max |dlogits| {err:.3g}"
+        ids = torch.randint(0, V, (2, 40), device="cuda")
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ref.generate(ids, attention_mask=mask, **kw), opt.generate(ids, attention_mask=mask, **kw))
 
 
 # ---------------------------------------------------------------- the CUDA-graph decoder
@@ -485,7 +519,7 @@ def _prefill_ref(M, K, N, epilogue):
 @needs_cuda
 @pytest.mark.parametrize("M,K,N,epilogue", [(M, K, N, e) for M, K, N in PREFILL_SHAPES
                                             for e in (("none",) if N == 50257 else ("none", "gelu_new", "residual"))])
-def test_matmul_prefill(M, K, N, epilogue):
+def test_matmul_prefill(M, K, N, epilogue, prefill_gemm):
     # K split at the block shapes (fewer 128x128 tiles than SMs) and not at the lm_head's (which has no epilogue in
     # the model); conv1d's prefill is this GEMM with this split count: bitwise the same
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
@@ -499,7 +533,7 @@ def test_matmul_prefill(M, K, N, epilogue):
                                           (200, 37, 100, 1), (200, 37, 100, 4), (129, 40, 260, 8),
                                           (33, 3072, 130, 16), (1, 16, 4, 2)])
 @pytest.mark.parametrize("epilogue", ["none", "gelu_new", "residual"])
-def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue):
+def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue, prefill_gemm):
     # forced split counts: none, non-dividing, more splits than K tiles (empty splits write zeros: K=40 is 5 tiles
     # of 8 for 8 splits), odd M / K / N (the scalar load path: K % 4 != 0 or N % 4 != 0), strided x
     x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
@@ -512,6 +546,32 @@ def test_matmul_prefill_forced_splits(M, K, N, splits, epilogue):
     assert_parity(y2, ref, terms, K, f"matmul_prefill contiguous {M}x{K}x{N} splits={splits} {epilogue}")
     # deterministic: the partials are summed in split order, so a second run is bitwise the same
     assert torch.equal(y2, ops.matmul_prefill(x, w, b, epilogue, res, splits))
+
+
+@needs_cuda
+def test_prefill_gemm_3_is_another_kernel_and_falls_back_to_2():
+    # variant 3's products run on tensor cores in another order: not bitwise variant 2 (yet both within the ulp
+    # budget, test_matmul_prefill); where it cannot run (K % 4 != 0, unaligned rows) variant 2 runs, bitwise
+    before = ops.cuda_variant("prefill_gemm")
+    try:
+        for M, K, N, epilogue, must_differ in ((256, 768, 2304, "gelu_new", True), (200, 37, 100, "none", False),
+                                               (130, 768, 770, "none", False)):
+            x, w, b, res, ref, terms = _prefill_ref(M, K, N, epilogue)
+            ops.cuda_variant("prefill_gemm", 2)
+            y2 = ops.matmul_prefill(x, w, b, epilogue, res)
+            ops.cuda_variant("prefill_gemm", 3)
+            y3 = ops.matmul_prefill(x, w, b, epilogue, res)
+            assert_parity(y3, ref, terms, K, f"gemm3 {M}x{K}x{N}")
+            assert torch.equal(y2, y3) != must_differ, (M, K, N)
+        ops.cuda_variant("prefill_gemm", 3)
+        x, w, b, res, ref, terms = _prefill_ref(256, 768, 768, "residual")
+        # deterministic like variant 2: the same call twice is bitwise the same, split-K or not
+        for splits in (0, 1, 5):
+            y = ops.matmul_prefill(x, w, b, "residual", res, splits)
+            assert_parity(y, ref, terms, 768, f"gemm3 splits={splits}")
+            assert torch.equal(y, ops.matmul_prefill(x, w, b, "residual", res, splits))
+    finally:
+        ops.cuda_variant("prefill_gemm", before)
 
 
 @needs_cuda
@@ -560,7 +620,7 @@ def test_decode_variant_ops_fakes():
 
 
 @needs_cuda
-@pytest.mark.parametrize("gemv,kv_write", [(2, 2), (3, 2), (4, 2), (3, 3), (4, 3)])
+@pytest.mark.parametrize("gemv,kv_write", [(2, 2), (3, 2), (4, 2), (3, 3), (4, 3), (5, 2)])
 @torch.no_grad()
 def test_cuda_graph_decoder_variants_match_hf(cuda_pair, gemv, kv_write):
     """Every variant pair: HF's greedy tokens; the step never reads cache slots past the tokens so far (they hold
@@ -655,6 +715,112 @@ def test_cuda_graph_decoder_kv_write_3_matches_kv_write_2_and_hf(cuda_pair, gemv
         fewer = len(fused.W.layers) + 1
         assert fused.launches_per_token["total"] <= unfused.launches_per_token["total"] - fewer, (
             fused.launches_per_token, unfused.launches_per_token)
+
+
+def _needs_sm90():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs an sm_90 GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("gemv,kv_write,B,graph", [(2, 2, 1, True), (2, 2, 1, False), (3, 3, 2, True),
+                                                   (4, 3, 2, True), (4, 2, 3, True), (None, 2, 33, True)])
+@torch.no_grad()
+def test_cuda_graph_decoder_launch_2_is_bitwise_launch_1(cuda_pair, gemv, kv_write, B, graph):
+    """launch=2 (programmatic dependent launch: each kernel may start while the previous runs and waits on the
+    device for its inputs) computes exactly what launch=1 does: the same tokens, logits, caches and cursor, bitwise,
+    with and without the graph, and the same kernels in the graph; and it leaves the process setting as it was."""
+    _needs_sm90()
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
+    ref, _ = cuda_pair
+    T, n = 7, 12
+    ids = torch.randint(0, ref.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[-1, :2] = 0
+    kw = dict(batch_size=B, max_len=T + n + 5, gemv=gemv, kv_write=kv_write, use_graph=graph)
+    before = ops.set_cuda_pdl(False)
+    try:
+        pdl, plain = CudaGraphDecoder(ref, launch=2, **kw), CudaGraphDecoder(ref, launch=1, **kw)
+        assert ops.set_cuda_pdl(False) is False  # the decoder turned it off again after its capture
+        assert pdl.variants["launch"] == 2
+        a = pdl.generate(ids, n, attention_mask=mask)
+        assert torch.equal(a, plain.generate(ids, n, attention_mask=mask))
+        assert torch.equal(pdl.k_cache, plain.k_cache) and torch.equal(pdl.v_cache, plain.v_cache)
+        assert torch.equal(pdl.cursor, plain.cursor)
+        la, lb = pdl.prefill(ids, attention_mask=mask), plain.prefill(ids, attention_mask=mask)
+        for _ in range(4):
+            nxt = la.argmax(-1)
+            la, lb = pdl.step(nxt).clone(), plain.step(nxt).clone()
+            assert torch.equal(la, lb)
+        if graph:
+            assert pdl.launches_per_token == plain.launches_per_token
+        hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        eos = ref.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        assert _until_eos(hf, T, eos) == _until_eos(a[:, : hf.shape[1]], T, eos)
+    finally:
+        ops.set_cuda_pdl(before)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
+    """Every kernel family launched with programmatic dependent launch, each reading the previous one's output (a
+    kernel that touched its inputs before waiting would read stale data), in a loop long enough to overlap: bitwise
+    the plain launches' results."""
+    _needs_sm90()
+    torch.manual_seed(0)
+    B, T, H, D = 2, 40, 4, 16
+    E = H * D
+    w_ln, b_ln = torch.randn(E, device="cuda"), torch.randn(E, device="cuda")
+    w_qkv, b_qkv = torch.randn(E, 3 * E, device="cuda") * 0.1, torch.randn(3 * E, device="cuda")
+    w_nk = torch.randn(E, E, device="cuda") * 0.1
+    wte, wpe = torch.randn(100, E, device="cuda"), torch.randn(T + 1, E, device="cuda")
+    ids = torch.randint(0, 100, (B, T), device="cuda")
+    pos = torch.arange(T, device="cuda")[None].expand(B, T)
+
+    def chain():
+        h = ops.embedding(ids, wte, wpe, pos)
+        out = []
+        for _ in range(6):
+            x = ops.layer_norm(h, w_ln, b_ln, 1e-5)
+            qkv = ops.conv1d(x, w_qkv, b_qkv, "gelu_new")  # the prefill GEMM (80 rows)
+            q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(E, dim=2))
+            a = ops.attention(q, k, v, None, None, D ** -0.5, 0, True).reshape(B, T, E)
+            r = ops.matmul_nk(a[:, -1], w_nk, None, "residual", h[:, -1])  # the decode GEMV, residual epilogue
+            d = ops.matmul_decode(r, w_qkv, b_qkv)  # the staged decode GEMV
+            h, x = ops.add_layer_norm(a, h, w_ln, b_ln, 1e-5)
+            h = ops.gelu_new(h)
+            out += [r, d, x]
+        return out
+
+    before = (ops.set_cuda_pdl(False), ops.cuda_variant("prefill_gemm"), ops.cuda_variant("prefill_attention"))
+    try:
+        for gemm, attn in ((2, 1), (3, 2)):  # every prefill kernel variant too
+            ops.cuda_variant("prefill_gemm", gemm)
+            ops.cuda_variant("prefill_attention", attn)
+            want = chain()
+            for _ in range(3):
+                with ops.cuda_pdl(True):
+                    got = chain()
+                torch.cuda.synchronize()
+                assert all(torch.equal(a, b) for a, b in zip(got, want)), (gemm, attn)
+    finally:
+        ops.set_cuda_pdl(before[0])
+        ops.cuda_variant("prefill_gemm", before[1])
+        ops.cuda_variant("prefill_attention", before[2])
+
+
+@needs_cuda
+def test_set_cuda_pdl_refuses_before_sm90_and_takes_bools():
+    with pytest.raises(TypeError, match="on must be a bool"):
+        ops.set_cuda_pdl(1)
+    if torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(ValueError, match="needs an sm_90"):
+            ops.set_cuda_pdl(True)
+    else:
+        before = ops.set_cuda_pdl(True)
+        assert ops.set_cuda_pdl(before) is True
 
 
 @needs_cuda
@@ -802,7 +968,7 @@ def test_cuda_graph_decoder_weight_modes(cuda_mode_pair, graph):
     b = gpt2kern.generate(plain, ids, weights=mode, **kw)
     assert torch.equal(a.cpu(), ours.cpu()) and torch.equal(b.cpu(), a.cpu())
     assert dec.variants["gemv"] is None  # the table's gemv=2 was measured with fp32 weights: given only, below
-    for gemv in (3, 4):
+    for gemv in (3, 4, 5):
         with pytest.raises(ValueError, match=f"gemv={gemv} reads fp32"):
             CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=gemv)
     # kv_write=3 (K/V stored by the reduced-mode GEMV itself): the same tokens and caches
@@ -826,7 +992,7 @@ def test_cuda_graph_decoder_gemv2_weight_modes(cuda_mode_pair, graph):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     dec = CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, use_graph=graph, gemv=2, kv_write=2)
-    assert dec.variants == dict(gemv=2, kv_write=2) and dec.W.mode == mode
+    assert (dec.variants["gemv"], dec.variants["kv_write"]) == (2, 2) and dec.W.mode == mode
     for key, lin in dec._lins.items():
         w, s, _ = dec._nk[key]
         assert w.shape == (lin.n_out, lin.n_in) and w.dtype == lin.data.dtype and w.is_cuda

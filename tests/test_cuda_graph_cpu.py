@@ -26,6 +26,8 @@ fp32     3    2         decode             decode             gemv:rows
 fp32     3    3         decode             decode             gemv:rows,kv:rows
 fp32     4    2         decode             decode             gemv:rows
 fp32     4    3         decode             decode             gemv:rows,kv:rows
+fp32     5    2         prefill            prefill            gemv:rows
+fp32     5    3         kv:gemv5           kv:gemv5           gemv:rows,kv:gemv5
 reduced  None 2         conv1d             conv1d             conv1d
 reduced  None 3         decode             decode             kv:rows
 reduced  2    2         nk                 nk                 gemv:rows
@@ -34,6 +36,8 @@ reduced  3    2         gemv:fp32          gemv:fp32          gemv:fp32
 reduced  3    3         gemv:fp32          gemv:fp32          gemv:fp32,kv:rows
 reduced  4    2         gemv:fp32          gemv:fp32          gemv:fp32
 reduced  4    3         gemv:fp32          gemv:fp32          gemv:fp32,kv:rows
+reduced  5    2         gemv:fp32          gemv:fp32          gemv:fp32
+reduced  5    3         gemv:fp32,kv:gemv5 gemv:fp32,kv:gemv5 gemv:fp32,kv:gemv5
 """
 BATCHES = (1, 32, 33)
 REASONS = {  # code -> (refusals' key, the reason's text for variant value g / k, mode, batch b)
@@ -44,6 +48,8 @@ REASONS = {  # code -> (refusals' key, the reason's text for variant value g / k
                                                   f"got {b}"),
     "kv:gemv2": ("kv_write", lambda g, k, mode, b: "kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the "
                                                    "reduced weight modes'); gemv=2 takes kv_write=2"),
+    "kv:gemv5": ("kv_write", lambda g, k, mode, b: "kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the "
+                                                   "reduced weight modes'); gemv=5 takes kv_write=2"),
 }
 
 
@@ -59,14 +65,14 @@ def test_the_grid_covers_every_cell():
     cells = {(m, g, k, b) for m, g, k, b, _ in grid()}
     want = {(m, g, k, b) for m in ("fp32", "fp16", "int8") for g in (None, *cuda_graph.VARIANTS["gemv"])
             for k in cuda_graph.VARIANTS["kv_write"] for b in BATCHES}
-    assert cells == want and len(cells) == 72
+    assert cells == want and len(cells) == 90
 
 
 @pytest.mark.parametrize("mode,gemv,kv_write,batch,cell", list(grid()))
 def test_variant_rules(mode, gemv, kv_write, batch, cell):
     v = dict(gemv=gemv, kv_write=kv_write)
     why = cuda_graph.refusals(v, batch, mode)
-    if cell in ("conv1d", "decode", "nk"):
+    if cell in ("conv1d", "decode", "nk", "prefill"):
         assert why == {} and cuda_graph.step_matmul(v) == cell
     else:
         want = {}
@@ -88,12 +94,16 @@ def test_variant_rules(mode, gemv, kv_write, batch, cell):
 def test_reduced_modes_run_gemv2_when_given(mode):
     """gemv=2 runs every weight mode, but the table (measured with fp32 weights) chooses it for fp32 only: a reduced
     mode keeps conv1d's path unless gemv=2 is given, and kv_write=3 given still steps a chosen gemv back."""
-    table = {"GPU": {"by_batch": {"1": dict(gemv=2, kv_write=2)}}}
-    assert cuda_graph.default_variants("GPU", 1, "fp32", table=table) == dict(gemv=2, kv_write=2)
-    assert cuda_graph.default_variants("GPU", 1, mode, table=table) == dict(gemv=None, kv_write=2)
-    assert cuda_graph.default_variants("GPU", 1, mode, given=dict(gemv=2), table=table) == dict(gemv=2, kv_write=2)
-    assert cuda_graph.default_variants("GPU", 1, mode, given=dict(kv_write=3), table=table) == dict(gemv=None,
-                                                                                                  kv_write=3)
+    table = {"GPU": {"by_batch": {"1": dict(gemv=2, kv_write=2, launch=1)}}}
+
+    def pick(mode, **given):
+        got = cuda_graph.default_variants("GPU", 1, mode, given=given, table=table)
+        return {k: got[k] for k in ("gemv", "kv_write")}
+
+    assert pick("fp32") == dict(gemv=2, kv_write=2)
+    assert pick(mode) == dict(gemv=None, kv_write=2)
+    assert pick(mode, gemv=2) == dict(gemv=2, kv_write=2)
+    assert pick(mode, kv_write=3) == dict(gemv=None, kv_write=3)
     assert cuda_graph.refusals(dict(gemv=2, kv_write=2), 1, mode) == {}
     assert cuda_graph.step_matmul(dict(gemv=2, kv_write=2)) == "nk"
 
@@ -169,11 +179,32 @@ def emulated(monkeypatch):
         calls.append(("conv1d",))
         return conv1d(*a, **kw)
 
+    pdl = [False]
+    knobs = dict(prefill_gemm=2, prefill_attention=1)
+
+    def cuda_variant(name, value=0):
+        if value > 0:
+            knobs[name] = value
+        return knobs[name]
+
+    def matmul_prefill(x, weight, bias=None, epilogue="none", residual=None, splits=0):
+        assert weight.shape[0] == x.shape[-1], "matmul_prefill reads [in, out] weights"
+        calls.append(("matmul_prefill", knobs["prefill_gemm"]))
+        return conv1d(x, weight, bias, epilogue, residual, -1, "kn")
+
+    def set_cuda_pdl(on):
+        calls.append(("pdl", on))
+        before, pdl[0] = pdl[0], on
+        return before
+
     for name, f in dict(matmul_decode=matmul_decode, matmul_nk=matmul_nk, kv_write=kv_write,
                         decode_attention=decode_attention, embedding_step=embedding_step, conv1d=counted_conv1d,
-                        has_cuda=lambda: True, check_cuda_errors=lambda synchronize=True: None).items():
+                        set_cuda_pdl=set_cuda_pdl, cuda_variant=cuda_variant, matmul_prefill=matmul_prefill,
+                        has_cuda=lambda: True,
+                        check_cuda_errors=lambda synchronize=True: None).items():
         monkeypatch.setattr(ops, name, f)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "CPU emulation")
     why_not = guard.why_not
     monkeypatch.setattr(guard, "why_not", lambda st, entry, **kw: None if entry == "cuda_graph"
@@ -201,15 +232,18 @@ def emulated(monkeypatch):
     yield calls
 
 
-CASES = [(None, 2, 3), (None, 3, 3), (2, 2, 3), (3, 2, 3), (3, 3, 3), (4, 2, 3), (4, 3, 3), (None, 2, 33)]
+CASES = [(None, 2, 3, 1), (None, 3, 3, 1), (2, 2, 3, 1), (3, 2, 3, 1), (3, 3, 3, 1), (4, 2, 3, 1), (4, 3, 3, 1),
+         (None, 2, 33, 1), (2, 2, 3, 2), (4, 3, 3, 2), (None, 2, 33, 2), (5, 2, 3, 1), (5, 2, 32, 2)]
 
 
-@pytest.mark.parametrize("gemv,kv_write,B", CASES, ids=[f"gemv{g}-kv{k}-B{b}" for g, k, b in CASES])
+@pytest.mark.parametrize("gemv,kv_write,B,launch", CASES, ids=[f"gemv{g}-kv{k}-B{b}-launch{la}"
+                                                               for g, k, b, la in CASES])
 @torch.no_grad()
-def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_write, B):
+def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_write, B, launch):
     """The decoder's prefill and eager step (use_graph=False: the body the graph captures) give HF generate's greedy
     tokens, with left padding, and each step launches the kernels its variants name: one matmul per weight, the
-    K/V write where kv_write puts it."""
+    K/V write where kv_write puts it, all of them with programmatic dependent launch on for launch 2 (and off
+    again after the step)."""
     if gemv is None and B <= ops.GEMV_MAX_ROWS:  # conv1d's path, chosen (never given) as for a reduced weight mode
         choose = cuda_graph.default_variants
         monkeypatch.setattr(cuda_graph, "default_variants",
@@ -220,19 +254,26 @@ def test_decoder_wiring_matches_hf_greedy(tiny, emulated, monkeypatch, gemv, kv_
     mask = torch.ones_like(ids)
     mask[-1, :2] = 0  # left padding
     dec = cuda_graph.CudaGraphDecoder(tiny, batch_size=B, max_len=T + n, use_graph=False, gemv=gemv,
-                                      kv_write=kv_write)
-    assert dec.variants == dict(gemv=gemv, kv_write=kv_write)
+                                      kv_write=kv_write, launch=launch)
+    assert dec.variants == dict(gemv=gemv, kv_write=kv_write, launch=launch)
     ours = dec.generate(ids, n, attention_mask=mask)
     hf = tiny.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     assert torch.equal(ours[:, :hf.shape[1]], hf)
 
     emulated.clear()
     dec.step(ours[:, -1])
+    if launch == 2:  # the whole step between turning it on and restoring it
+        assert emulated[0] == ("pdl", True) and emulated[-1] == ("pdl", False)
+        assert emulated.count(("pdl", True)) == 1
+        del emulated[0], emulated[-1]
+    assert not any(c[0] == "pdl" for c in emulated)
     L = tiny.config.n_layer
-    kind = {2: "matmul_nk", 3: "matmul_decode", 4: "matmul_decode"}.get(gemv, "matmul_decode" if kv_write == 3
-                                                                        else "conv1d")
-    matmuls = [c for c in emulated if c[0] in ("conv1d", "matmul_nk", "matmul_decode")]
+    kind = {2: "matmul_nk", 3: "matmul_decode", 4: "matmul_decode", 5: "matmul_prefill"}.get(
+        gemv, "matmul_decode" if kv_write == 3 else "conv1d")
+    matmuls = [c for c in emulated if c[0] in ("conv1d", "matmul_nk", "matmul_decode", "matmul_prefill")]
     assert [c[0] for c in matmuls] == [kind] * (4 * L + 1)
+    if kind == "matmul_prefill":  # under prefill GEMM variant 3 (tensor cores), set for the step only
+        assert all(c[1] == 3 for c in matmuls) and ops.cuda_variant("prefill_gemm") == 2
     if kind == "matmul_decode":
         assert all(c[1] == (gemv == 4) for c in matmuls)  # the split-K counters: gemv 4's only
         assert [c[2] for c in matmuls] == ([kv_write == 3, False, False, False] * L) + [False]  # c_attn stores K/V
@@ -274,7 +315,7 @@ def test_decoder_gemv2_over_a_reduced_mode(tiny, emulated, monkeypatch, mode):
     mask = torch.ones_like(ids)
     mask[-1, :2] = 0
     dec = cuda_graph.CudaGraphDecoder(tiny, batch_size=B, max_len=T + n, use_graph=False, gemv=2, kv_write=2)
-    assert dec.variants == dict(gemv=2, kv_write=2) and dec.W.mode == mode
+    assert (dec.variants["gemv"], dec.variants["kv_write"]) == (2, 2) and dec.W.mode == mode
     for key, lin in dec._lins.items():
         w, s, b = dec._nk[key]
         assert w.shape == (lin.n_out, lin.n_in) and w.dtype == lin.data.dtype and w.is_contiguous()

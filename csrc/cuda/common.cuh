@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "launch.h"
+
 namespace gk::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -27,6 +29,41 @@ __device__ __forceinline__ float hsum(float4 a) { return (a.x + a.y) + (a.z + a.
 __device__ __forceinline__ float hsum(float a) { return a; }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// ---------------------------------------------------------------- programmatic dependent launch (sm_90+)
+// While pdl_enabled() (launch.h), `launch` lets a grid start while the previous kernel in its stream still runs, so
+// its blocks are resident and its weights on their way into L2 when that kernel ends. Every kernel of this library
+// therefore opens with pdl_begin(): it waits until the previous grid has finished and its writes are visible (a
+// no-op for a grid launched without PDL), then lets the next grid launch — after the wait, so at most two grids of
+// a stream are in flight. Before pdl_begin a kernel may only read what no kernel writes (weights: prefetch_l2).
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed while pdl_enabled().
+// A launch error surfaces through cudaGetLastError(), as <<<>>>'s does.
+template <typename... KArgs, typename... Args>
+inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  if (!pdl_enabled()) {
+    kernel<<<grid, block, smem, stream>>>(args...);
+    return;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&cfg, kernel, args...);
+}
 
 inline unsigned blocks_for(int64_t n, int per_block) { return (unsigned)((n + per_block - 1) / per_block); }
 

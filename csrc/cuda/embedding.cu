@@ -47,6 +47,7 @@ __global__ void embedding_kernel(const int64_t* __restrict__ ids, const int64_t*
                                  const int64_t* __restrict__ tt, const float* __restrict__ wte, int64_t vocab,
                                  const float* __restrict__ wpe, int64_t n_pos, float* __restrict__ out, int64_t n,
                                  EmbeddingError* err) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   embed_row(ids[row], pos[row], tt ? tt[row] : 0, tt != nullptr, wte, vocab, wpe, n_pos, out + row * n, n, err);
 }
@@ -56,6 +57,7 @@ __global__ void embedding_kernel(const int64_t* __restrict__ ids, const int64_t*
 __global__ void embedding_step_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ cursor,
                                       const float* __restrict__ wte, int64_t vocab, const float* __restrict__ wpe,
                                       int64_t n_pos, float* __restrict__ out, int64_t n, EmbeddingError* err) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   __shared__ int64_t ip;
   if (threadIdx.x == 0) {
@@ -75,7 +77,7 @@ cudaError_t embedding(const int64_t* ids, const int64_t* pos, const int64_t* tt,
                       cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaGetLastError();
   if (err == nullptr) return cudaErrorInvalidValue;
-  embedding_kernel<<<(unsigned)rows, 256, 0, stream>>>(ids, pos, tt, wte, vocab, wpe, n_pos, out, n, err);
+  launch(embedding_kernel, (unsigned)rows, 256, 0, stream, ids, pos, tt, wte, vocab, wpe, n_pos, out, n, err);
   return cudaGetLastError();
 }
 
@@ -84,7 +86,7 @@ cudaError_t embedding_step(const int64_t* ids, int64_t* cursor, const float* wte
                            cudaStream_t stream) {
   if (rows == 0) return cudaGetLastError();
   if (err == nullptr || rows > 0x7fffffff) return cudaErrorInvalidValue;
-  embedding_step_kernel<<<(unsigned)rows, 256, 0, stream>>>(ids, cursor, wte, vocab, wpe, n_pos, out, n, err);
+  launch(embedding_step_kernel, (unsigned)rows, 256, 0, stream, ids, cursor, wte, vocab, wpe, n_pos, out, n, err);
   return cudaGetLastError();
 }
 

@@ -119,6 +119,7 @@ __global__ __launch_bounds__(kGemmThreads) void gemm_tile_kernel(const float* __
                                                                  int64_t G, const float* __restrict__ bias, int epi,
                                                                  const float* __restrict__ R, int64_t ldr,
                                                                  float* __restrict__ out) {
+  pdl_begin();
   __shared__ float As[BK][BM + 1];  // A tile transposed: As[k][m]
   __shared__ float Ws[BK][BN];
   const int tid = threadIdx.x, tx = tid % (BN / TN), ty = tid / (BN / TN);
@@ -191,6 +192,7 @@ __global__ __launch_bounds__(kGemmThreads, 2) void gemm128_tile_kernel(
     const float* __restrict__ A, int64_t lda, int64_t M, int64_t K, const WT* __restrict__ W, int64_t ldw, int64_t N,
     const float* __restrict__ S, int64_t lds, int64_t G, const float* __restrict__ bias, int epi,
     const float* __restrict__ R, int64_t ldr, float* __restrict__ out) {
+  pdl_begin();
   __shared__ __align__(16) float As[BK2][BM2 + kPad2];  // A tile transposed: As[k][m]
   __shared__ __align__(16) float Ws[BK2][BN2 + kPad2];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -237,14 +239,14 @@ cudaError_t launch_gemm(const float* A, int64_t lda, int64_t M, int64_t K, const
   const int64_t gx2 = (N + BN2 - 1) / BN2, gy2 = (M + BM2 - 1) / BM2;
   if (gx2 * gy2 >= num_sms) {
     if (gy2 > 65535) return cudaErrorInvalidValue;
-    gemm128_tile_kernel<WT><<<dim3((unsigned)gx2, (unsigned)gy2), kGemmThreads, 0, stream>>>(
-        A, lda, M, K, W, ldw, N, S, lds, G, bias, epi, R, ldr, out);
+    launch(gemm128_tile_kernel<WT>, dim3((unsigned)gx2, (unsigned)gy2), kGemmThreads, 0, stream, A, lda, M, K, W, ldw,
+           N, S, lds, G, bias, epi, R, ldr, out);
     return cudaGetLastError();
   }
   const int64_t gx = (N + BN - 1) / BN, gy = (M + BM - 1) / BM;
   if (gy > 65535) return cudaErrorInvalidValue;
-  gemm_tile_kernel<WT><<<dim3((unsigned)gx, (unsigned)gy), kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, S, lds,
-                                                                                      G, bias, epi, R, ldr, out);
+  launch(gemm_tile_kernel<WT>, dim3((unsigned)gx, (unsigned)gy), kGemmThreads, 0, stream, A, lda, M, K, W, ldw, N, S,
+         lds, G, bias, epi, R, ldr, out);
   return cudaGetLastError();
 }
 

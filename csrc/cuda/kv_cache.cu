@@ -15,6 +15,7 @@
 namespace gk::cuda {
 
 __global__ void kv_write_kernel(const float* __restrict__ qkv, int64_t ldq, int64_t B, KvOut kv) {
+  pdl_begin();
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= B * 2 * kv.E) return;
   const int64_t b = idx / (2 * kv.E), n = kv.E + idx % (2 * kv.E);
@@ -25,7 +26,7 @@ cudaError_t kv_write(const float* qkv, int64_t ldq, int64_t B, const KvOut& kv, 
   const int64_t n = B * 2 * kv.E;
   if (n == 0) return cudaGetLastError();
   if ((n + 255) / 256 > 0x7fffffff) return cudaErrorInvalidValue;
-  kv_write_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(qkv, ldq, B, kv);
+  launch(kv_write_kernel, blocks_for(n, 256), 256, 0, stream, qkv, ldq, B, kv);
   return cudaGetLastError();
 }
 

@@ -14,6 +14,12 @@
 
 namespace gk::cuda {
 
+// Programmatic dependent launch (sm_90+; common.cuh): while on, every kernel of this library is launched so that it
+// may start while the previous kernel in its stream runs (each waits on the device before touching its inputs).
+// Process-wide; CudaGraphDecoder(launch=2) turns it on around its step. set_pdl returns the previous setting.
+bool pdl_enabled();
+bool set_pdl(bool on);
+
 // y[r] = LN(x[r]) for rows r < rows; x rows are ldx apart, y is contiguous [rows, n].
 cudaError_t layer_norm(const float* x, int64_t ldx, float* y, const float* w, const float* b, int64_t rows, int64_t n,
                        float eps, cudaStream_t stream);
@@ -91,10 +97,19 @@ cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, con
 // `workspace` of splits·M·N floats, summed in split order by a finish kernel that applies the epilogue).
 // gemm_splits() says how many splits fill num_sms SMs (1: no workspace). fp32 FMAs only.
 int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms);
-// variant 2 is that kernel; another number is cudaErrorInvalidValue.
+// variant 2 is that kernel, variant 3 the same tiles and split-K on tensor cores at fp32 accuracy (3xTF32:
+// gemm_3xtf32 below) where gemm_3xtf32_ok, variant 2 elsewhere; another number is cudaErrorInvalidValue.
 cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                  const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
                  cudaStream_t stream, int variant = 2);
+
+// Prefill GEMM variant 3 (matmul_3xtf32.cu): each fp32 operand split into two TF32 parts, three TF32 MMAs per
+// product. Needs an sm_80+ GPU, K, N, lda, ldw multiples of 4 and 16-byte aligned A and W (gemm_3xtf32_ok);
+// kchunk: each split's K range (a multiple of 4), the workspace as gemm's.
+bool gemm_3xtf32_ok(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, int64_t N);
+cudaError_t gemm_3xtf32(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
+                        const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, int64_t kchunk,
+                        float* workspace, cudaStream_t stream);
 
 // The same Conv1D with W [K, N] (row stride ldw) stored in reduced precision (matmul_lowp.cu): fp16, bf16, or int8
 // with fp32 scales [K / group, N] (row stride lds): w(k, n) = W[k, n] · scales[k / group, n]. Activations and sums
@@ -128,5 +143,11 @@ cudaError_t attention(const AttnArgs& a, int num_sms, cudaStream_t stream);
 bool flash_decoding_ok(const AttnArgs& a);
 int flash_decoding_splits(const AttnArgs& a, int num_sms);
 cudaError_t flash_decoding(const AttnArgs& a, int splits, float* workspace, cudaStream_t stream);
+// Prefill attention variant 2 (attention.cu: FlashAttention-2 in fp32), attention's result wherever
+// flash_prefill_ok: D = 32 or 64, no additive bias, at least 16 query rows, 16-byte aligned q, k, v and out with
+// strides that are multiples of 4. A block per 16·RT query rows of one (batch, head), 64-key K/V tiles in shared
+// memory, online softmax, causal tiles past the block's last row skipped. a.kv_len (device), when set, bounds the keys.
+bool flash_prefill_ok(const AttnArgs& a);
+cudaError_t flash_prefill(const AttnArgs& a, int num_sms, cudaStream_t stream);
 
 }  // namespace gk::cuda

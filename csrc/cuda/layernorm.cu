@@ -36,6 +36,7 @@ template <typename T>
 __global__ void layer_norm_kernel(const float* x, int64_t ldx, const float* r, int64_t ldr, float* s, float* y,
                                   const float* __restrict__ w, const float* __restrict__ b, int64_t rows, int n,
                                   float eps) {
+  pdl_begin();
   constexpr int width = sizeof(T) / sizeof(float);
   const int64_t row = (int64_t)blockIdx.x * kLnWarps + threadIdx.x / 32;
   if (row >= rows) return;  // the whole warp leaves together
@@ -65,9 +66,9 @@ static cudaError_t launch_ln(const float* x, int64_t ldx, const float* r, int64_
   if (r) vec = vec && ldr % 4 == 0 && aligned16(r) && aligned16(s);
   const unsigned grid = blocks_for(rows, kLnWarps);
   if (vec)
-    layer_norm_kernel<float4><<<grid, kLnWarps * 32, 0, stream>>>(x, ldx, r, ldr, s, y, w, b, rows, (int)n, eps);
+    launch(layer_norm_kernel<float4>, grid, kLnWarps * 32, 0, stream, x, ldx, r, ldr, s, y, w, b, rows, (int)n, eps);
   else
-    layer_norm_kernel<float><<<grid, kLnWarps * 32, 0, stream>>>(x, ldx, r, ldr, s, y, w, b, rows, (int)n, eps);
+    launch(layer_norm_kernel<float>, grid, kLnWarps * 32, 0, stream, x, ldx, r, ldr, s, y, w, b, rows, (int)n, eps);
   return cudaGetLastError();
 }
 

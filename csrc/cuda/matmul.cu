@@ -51,6 +51,7 @@ __global__ __launch_bounds__(kGemmThreads,
                                                        const float* __restrict__ bias, int epi,
                                                        const float* __restrict__ R, int64_t ldr, float* __restrict__ C,
                                                        int64_t kchunk, float* __restrict__ ws) {
+  pdl_begin();
   __shared__ __align__(16) float As[2][BK2][BM2 + kPad2];  // A tiles transposed: As[buf][k][m]
   __shared__ __align__(16) float Ws[2][BK2][BN2 + kPad2];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -145,6 +146,12 @@ __device__ __forceinline__ GemvSlice gemv_slice(const float* W, int64_t K, int64
   return g;
 }
 
+// Launched early (PDL): this block's W slab (rows [kb, ke), its 32 columns) into L2 while the previous kernel runs.
+__device__ __forceinline__ void gemv_prefetch(const float* W, int64_t ldw, const GemvSlice& g) {
+  const float* col0 = W + (int64_t)blockIdx.x * 32;
+  for (int64_t k = g.kb + threadIdx.x; k < g.ke; k += blockDim.x) prefetch_l2(col0 + k * ldw);
+}
+
 // The warps' partials red[w][r][lane] (shared, MR rows per warp) summed in warp order: row r's result when K is not
 // split, else this split's partial in ws[split][r][n].
 template <int MR>
@@ -177,10 +184,12 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const float* __re
                                                                int64_t N, const float* __restrict__ bias, int epi,
                                                                const float* __restrict__ R, int64_t ldr,
                                                                float* __restrict__ C, int splits,
-                                                               float* __restrict__ ws) {
+                                                               float* __restrict__ ws, bool prefetch) {
   __shared__ float red[kGemvWarps][MR][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const GemvSlice g = gemv_slice(W, K, N, splits);
+  if (prefetch) gemv_prefetch(W, ldw, g);
+  pdl_begin();
   const float* wcol = g.wcol;
   const int64_t ke = g.ke;
   float acc[MR];
@@ -237,7 +246,7 @@ template <int MR>
 __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const float* __restrict__ W, int64_t ldw, int64_t N,
     const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr, float* __restrict__ C,
-    int splits, float* __restrict__ ws, KvOut kv, unsigned* __restrict__ counters) {
+    int splits, float* __restrict__ ws, KvOut kv, unsigned* __restrict__ counters, bool prefetch) {
   static_assert(MR % 4 == 0 && kGemvWarps * MR * 32 <= kStagedFloats, "the partials must fit the buffer");
   constexpr int KT = kStagedFloats / MR, G = MR / 4, S = kGemvWarps;  // KT: k's per x tile (256 at MR = 32)
   static_assert(KT % S == 0, "tiles must keep each warp's k sequence");
@@ -245,6 +254,8 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
   const float4* xs = reinterpret_cast<const float4*>(buf);  // xs[kk * G + g] = rows 4g..4g+3 of tile k kk
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const GemvSlice sl = gemv_slice(W, K, N, splits);
+  if (prefetch) gemv_prefetch(W, ldw, sl);
+  pdl_begin();
   const float* wcol = sl.wcol;
   const int64_t kb = sl.kb, ke = sl.ke;
   float acc[MR];
@@ -320,6 +331,7 @@ __global__ __launch_bounds__(kGemvWarps * 32) void gemv_staged_kernel(
 __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, int M, int64_t N,
                                      const float* __restrict__ bias, int epi, const float* __restrict__ R, int64_t ldr,
                                      float* __restrict__ C, KvOut kv) {
+  pdl_begin();
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (int64_t)M * N) return;
   const int64_t r = idx / N, n = idx % N;
@@ -328,7 +340,7 @@ __global__ void splitk_finish_kernel(const float* __restrict__ ws, int splits, i
 
 cudaError_t splitk_finish(const float* ws, int splits, int64_t M, int64_t N, const float* bias, int epi, const float* R,
                           int64_t ldr, float* C, cudaStream_t stream, const KvOut& kv) {
-  splitk_finish_kernel<<<blocks_for(M * N, 256), 256, 0, stream>>>(ws, splits, (int)M, N, bias, epi, R, ldr, C, kv);
+  launch(splitk_finish_kernel, blocks_for(M * N, 256), 256, 0, stream, ws, splits, (int)M, N, bias, epi, R, ldr, C, kv);
   return cudaGetLastError();
 }
 
@@ -344,9 +356,12 @@ __global__ __launch_bounds__(kNkWarps * 32) void gemv_nk_kernel(const float* __r
                                                                 int64_t K, const float* __restrict__ Wt, int64_t ldw,
                                                                 int64_t N, const float* __restrict__ bias, int epi,
                                                                 const float* __restrict__ R, int64_t ldr,
-                                                                float* __restrict__ C) {
+                                                                float* __restrict__ C, bool prefetch) {
   const int lane = threadIdx.x % 32;
   const int64_t n = (int64_t)blockIdx.x * kNkWarps + threadIdx.x / 32;
+  if (prefetch && n < N)  // launched early (PDL): this warp's W row into L2 while the previous kernel runs
+    for (int64_t k = lane * 32; k < K; k += 32 * 32) prefetch_l2(Wt + n * ldw + k);
+  pdl_begin();
   if (n >= N) return;  // the whole warp leaves together
   float acc[MR];
 #pragma unroll
@@ -394,9 +409,11 @@ static void launch_nk(bool vec, const float* A, int64_t lda, int M, int64_t K, c
                       const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
   const unsigned grid = blocks_for(N, kNkWarps);
   if (vec)
-    gemv_nk_kernel<MR, true><<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C);
+    launch(gemv_nk_kernel<MR, true>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C,
+           pdl_enabled());
   else
-    gemv_nk_kernel<MR, false><<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C);
+    launch(gemv_nk_kernel<MR, false>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C,
+           pdl_enabled());
 }
 
 cudaError_t matmul_nk(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, int64_t ldw, int64_t N,
@@ -436,11 +453,11 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
     if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
     if (M <= 8)
-      gemv_kernel<8>
-          <<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace);
+      launch(gemv_kernel<8>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
+             splits, workspace, pdl_enabled());
     else
-      gemv_kernel<kGemvMaxRows>
-          <<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C, splits, workspace);
+      launch(gemv_kernel<kGemvMaxRows>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi, R,
+             ldr, C, splits, workspace, pdl_enabled());
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
@@ -455,11 +472,11 @@ cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const
   if (!gemv_args_ok(M, N, splits, workspace)) return cudaErrorInvalidValue;
   dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
   if (M <= 8)
-    gemv_staged_kernel<8><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-                                                                splits, workspace, kv, counters);
+    launch(gemv_staged_kernel<8>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
+           splits, workspace, kv, counters, pdl_enabled());
   else
-    gemv_staged_kernel<kGemvMaxRows><<<grid, kGemvWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, bias, epi, R,
-                                                                           ldr, C, splits, workspace, kv, counters);
+    launch(gemv_staged_kernel<kGemvMaxRows>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi,
+           R, ldr, C, splits, workspace, kv, counters, pdl_enabled());
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1 || counters != nullptr) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);
@@ -487,7 +504,7 @@ int gemm_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
 cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
                  const float* bias, int epi, const float* R, int64_t ldr, float* C, int splits, float* workspace,
                  cudaStream_t stream, int variant) {
-  if (variant != 2) return cudaErrorInvalidValue;
+  if (variant != 2 && variant != 3) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaGetLastError();
   const int64_t gx = (N + BN2 - 1) / BN2, gy = (M + BM2 - 1) / BM2;
   if (splits < 1 || splits > 65535 || gx > 0x7fffffff || gy > 65535 || K < 1 ||
@@ -496,13 +513,19 @@ cudaError_t gemm(const float* A, int64_t lda, int64_t M, int64_t K, const float*
   const int64_t kchunk = gemm_kchunk(K, splits);
   const bool vec = K % 4 == 0 && N % 4 == 0 && lda % 4 == 0 && ldw % 4 == 0 && aligned16(A) && aligned16(W);
   const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)splits);
+  cudaError_t err;
+  if (variant == 3 && gemm_3xtf32_ok(A, lda, K, W, ldw, N)) {
+    err = gemm_3xtf32(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, splits, kchunk, workspace, stream);
+    if (err != cudaSuccess || splits == 1) return err;
+    return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
+  }
   if (vec)
-    gemm128_db_kernel<true>
-        <<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk, workspace);
+    launch(gemm128_db_kernel<true>, grid, kGemmThreads, 0, stream, A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C,
+           kchunk, workspace);
   else
-    gemm128_db_kernel<false>
-        <<<grid, kGemmThreads, 0, stream>>>(A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C, kchunk, workspace);
-  cudaError_t err = cudaGetLastError();
+    launch(gemm128_db_kernel<false>, grid, kGemmThreads, 0, stream, A, lda, M, K, W, ldw, N, bias, epi, R, ldr, C,
+           kchunk, workspace);
+  err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
 }

@@ -63,6 +63,7 @@ __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const WT* __restrict__ W, int64_t ldw, int64_t N,
     const float* __restrict__ S, int64_t lds, int64_t G, int64_t C, bool vec, const float* __restrict__ bias, int epi,
     const float* __restrict__ R, int64_t ldr, float* __restrict__ out, int splits, float* __restrict__ ws, KvOut kv) {
+  pdl_begin();
   constexpr bool kScaled = std::is_same_v<WT, int8_t>;
   constexpr int V = Widen<WT>::kVec, COLS = 32 * V;
   __shared__ float red[kLpWarps][MR][COLS];
@@ -255,7 +256,7 @@ template <class WT, int MR, bool VEC, int KS>
 __global__ __launch_bounds__(kNkWarps * 32) void gemv_lowp_nk_kernel(
     const float* __restrict__ A, int64_t lda, int M, int64_t K, const WT* __restrict__ Wt, int64_t ldw, int64_t N,
     const float* __restrict__ S, int64_t lds, int64_t G, int gshift, const float* __restrict__ bias, int epi,
-    const float* __restrict__ R, int64_t ldr, float* __restrict__ C) {
+    const float* __restrict__ R, int64_t ldr, float* __restrict__ C, bool prefetch) {
   static_assert(kNkWarps % KS == 0 && MR <= 32, "a block holds whole columns; a lane per x row in the sum");
   constexpr bool kScaled = std::is_same_v<WT, int8_t>;
   constexpr int E = Wide16<WT>::kElems, STEP = 32 * KS;  // STEP: a warp's stride in 16-byte loads
@@ -263,6 +264,13 @@ __global__ __launch_bounds__(kNkWarps * 32) void gemv_lowp_nk_kernel(
   const auto group = [=](int64_t k) { return gshift >= 0 ? k >> gshift : k / G; };
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % KS;
   const int64_t n = (int64_t)blockIdx.x * (kNkWarps / KS) + warp / KS;
+  if (prefetch && n < N) {  // launched early (PDL): this warp's share of its W row (and scales) into L2 meanwhile
+    const char* wb = reinterpret_cast<const char*>(Wt + n * ldw);
+    for (int64_t b = (int64_t)(32 * part + lane) * 128; b < K * (int64_t)sizeof(WT); b += 32 * 128 * KS)
+      prefetch_l2(wb + b);
+    if (kScaled && part == 0 && lane * 32 < K / G) prefetch_l2(S + n * lds + lane * 32);
+  }
+  pdl_begin();
   if (KS == 1 && n >= N) return;  // the whole warp leaves together (KS > 1: every warp meets the barrier below)
   float acc[MR];
 #pragma unroll
@@ -345,11 +353,11 @@ void launch_lowp_nk_ks(bool vec, unsigned grid, const float* A, int64_t lda, int
                        int64_t ldw, int64_t N, const float* S, int64_t lds, int64_t G, int gshift, const float* bias,
                        int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
   if (vec)
-    gemv_lowp_nk_kernel<WT, MR, true, KS>
-        <<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, S, lds, G, gshift, bias, epi, R, ldr, C);
+    launch(gemv_lowp_nk_kernel<WT, MR, true, KS>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, S, lds, G,
+           gshift, bias, epi, R, ldr, C, pdl_enabled());
   else
-    gemv_lowp_nk_kernel<WT, MR, false, KS>
-        <<<grid, kNkWarps * 32, 0, stream>>>(A, lda, M, K, Wt, ldw, N, S, lds, G, gshift, bias, epi, R, ldr, C);
+    launch(gemv_lowp_nk_kernel<WT, MR, false, KS>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, S, lds, G,
+           gshift, bias, epi, R, ldr, C, pdl_enabled());
 }
 
 template <class WT, int MR>
@@ -421,11 +429,11 @@ cudaError_t launch(const float* A, int64_t lda, int64_t M, int64_t K, const void
     const int mr = rows_per_block(M);
     dim3 grid((unsigned)((N + COLS - 1) / COLS), (unsigned)splits, (unsigned)((M + mr - 1) / mr));
     if (mr == 1)
-      gemv_lowp_kernel<WT, 1><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec, bias,
-                                                                  epi, R, ldr, out, splits, workspace, kv);
+      launch(gemv_lowp_kernel<WT, 1>, grid, kLpWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
+             bias, epi, R, ldr, out, splits, workspace, kv);
     else
-      gemv_lowp_kernel<WT, kLpRows><<<grid, kLpWarps * 32, 0, stream>>>(A, lda, (int)M, K, W, ldw, N, S, lds, G, C, vec,
-                                                                        bias, epi, R, ldr, out, splits, workspace, kv);
+      launch(gemv_lowp_kernel<WT, kLpRows>, grid, kLpWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, S, lds, G, C,
+             vec, bias, epi, R, ldr, out, splits, workspace, kv);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, out, stream, kv);

@@ -52,7 +52,7 @@ struct VariantKnob {
   int lo, hi;
   std::atomic<int> value;
 };
-VariantKnob g_knobs[] = {{"prefill_gemm", 2, 2, {2}}, {"prefill_attention", 1, 1, {1}}};
+VariantKnob g_knobs[] = {{"prefill_gemm", 2, 3, {2}}, {"prefill_attention", 1, 2, {1}}};
 
 int knob(int i) { return g_knobs[i].value.load(std::memory_order_relaxed); }
 constexpr int kPrefillGemm = 0, kPrefillAttention = 1;
@@ -383,6 +383,11 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   c10::cuda::CUDAGuard guard(q_.device());
   const AttnCall c = attention_call(q_, k_, v_, key_mask, bias, scale, q_offset, causal);
   if (c.out.numel() == 0) return c.out;
+  // variant 2 where it applies (cuda::flash_prefill_ok), variant 1 everywhere else: any variant is safe for any call
+  if (knob(kPrefillAttention) == 2 && cuda::flash_prefill_ok(c.a)) {
+    GK_CUDA_CHECK_LAUNCH("attention", cuda::flash_prefill(c.a, num_sms(), stream()));
+    return c.out;
+  }
   GK_CUDA_CHECK_LAUNCH("attention", cuda::attention(c.a, num_sms(), stream()));
   return c.out;
 }
@@ -623,6 +628,19 @@ std::map<std::string, int64_t> capture_node_counts() {
                                        : "other"] += 1;
   }
   return out;
+}
+
+// gpt2kern.ops.set_cuda_pdl: programmatic dependent launch for every kernel launched from now on (launch.h), which
+// needs an sm_90+ GPU (the current device is checked when turning it on); returns the previous setting.
+bool set_cuda_pdl(bool on) {
+  if (on) {
+    int dev = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    TORCH_CHECK_VALUE(major >= 9, "gpt2kern.set_cuda_pdl: programmatic dependent launch needs an sm_90 or newer GPU; ",
+                      "device ", dev, " has compute capability ", major, ".x");
+  }
+  return cuda::set_pdl(on);
 }
 
 // gpt2kern.ops.cuda_variant: the variant `name` runs now; value > 0 sets it first (a variant that does not exist is a

@@ -13,17 +13,18 @@ State (static shapes, allocated once on the model's GPU):
     cursor            [2 + B] int64                 slot, kv_len = slot + 1, then each row's position of the last
                                                     token written (views: slot, kv_len, pos); a step advances it first
     ids               [B, 1] int64                  the token a step appends
-The step's kernels are the variants of RULES (dec.variants; the defaults per GPU: cuda_variants.json).
+The step's kernels are the variants of RULES (dec.variants; the defaults per GPU: cuda_variants.json), launched
+plainly or (launch=2, sm_90+) with programmatic dependent launch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 
 import torch
 
-from ..kernels import ops
+from ..kernels import cuda_table, ops
 from ..model import guard
 from ..model.body import MATMULS, blocks
 from ..model.dropin import hf_position_ids, state_of
@@ -33,7 +34,8 @@ from ..model.dropin import hf_position_ids, state_of
 class Variant:
     """One kernel variant of the decode step: what it runs, and the rules refusals() and the step read."""
     what: str
-    matmul: str | None = None  # the step's matmuls: 'nk' (matmul_nk), 'decode' (matmul_decode); None: step_matmul's
+    matmul: str | None = None  # the step's matmuls: 'nk' (matmul_nk), 'decode' (matmul_decode), 'prefill'
+    #                            (matmul_prefill under prefill_gemm 3); None: step_matmul's
     fp32_only: bool = False  # reads fp32 weights: the reduced modes run conv1d's GEMV or gemv 2
     given_unless_fp32: bool = False  # the table (measured with fp32 weights) chooses it for fp32 only; other modes
     # run it when it is given
@@ -41,6 +43,7 @@ class Variant:
     counters: bool = False  # split-K ticket counters, one per 32 output columns
     kv_in_gemv: bool = False  # c_attn's GEMV stores K/V and the embedding kernel advances the cursor
     not_after: dict = dataclasses.field(default_factory=dict)  # {gemv variant: why this one cannot follow it}
+    min_sm: int = 0  # the GPU's compute capability it needs, as 10·major + minor
 
 
 # The one statement of the step's variants and which combine (csrc/cuda/ops_cuda.cpp checks the same per op).
@@ -54,20 +57,30 @@ RULES = {
                    matmul="decode", fp32_only=True, decode_rows=True),
         4: Variant("gemv 3 without finish kernels: the last block per 32 columns sums the partials; bitwise conv1d",
                    matmul="decode", fp32_only=True, decode_rows=True, counters=True),
+        5: Variant("ops.matmul_prefill with prefill GEMM variant 3 (3xTF32 tensor cores, split-K) at the decode rows",
+                   matmul="prefill", fp32_only=True, decode_rows=True),
         None: Variant("(chosen, never given) conv1d's own path: the reduced modes' GEMV, or the GEMM over 32 rows"),
     },
     "kv_write": {
         2: Variant("one ops.kv_write kernel per layer writes K and V at the device-side slot"),
         3: Variant("c_attn's GEMV (ops.matmul_decode) stores K/V at the slot; the embedding advances the cursor",
                    matmul="decode", decode_rows=True, kv_in_gemv=True,
-                   not_after={2: "kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the reduced weight "
-                                 "modes'); gemv=2 takes kv_write=2"}),
+                   not_after={g: f"kv_write=3 stores K/V from an [in, out] GEMV (gemv 3 or 4, or the reduced weight "
+                                 f"modes'); gemv={g} takes kv_write=2" for g in (2, 5)}),
+    },
+    "launch": {
+        1: Variant("plain launches: each kernel of the step starts when the previous one has ended"),
+        2: Variant("programmatic dependent launch (ops.cuda_pdl): each kernel starts while the previous one runs, the "
+                   "GEMVs prefetch their weights into L2 meanwhile, and it waits on the device for its inputs; bitwise "
+                   "launch 1's results", min_sm=90),
     },
 }
+# what a table entry without a variant's key measured: a table written before that variant existed
+ABSENT = {"launch": 1}
 VARIANTS = {name: tuple(v for v in rows if v is not None) for name, rows in RULES.items()}  # those a caller gives
 # a GPU not in the table: the first GPU measured's winning sets (B=1 below 32 rows, B=32 from 32 on)
-UNLISTED = {"1": dict(gemv=2, kv_write=2), "32": dict(gemv=3, kv_write=3)}
-TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_variants.json")
+UNLISTED = {"1": dict(gemv=2, kv_write=2, launch=1), "32": dict(gemv=3, kv_write=3, launch=1)}
+TABLE = cuda_table.TABLE  # gpt2kern/decode/cuda_variants.json (its "prefill" entries: kernels/cuda_table.py)
 
 
 def variant_table(path: str | None = None) -> dict:
@@ -79,23 +92,27 @@ def variant_table(path: str | None = None) -> dict:
 
 def _measured(by_batch: dict, batch_size: int) -> dict | None:
     """by_batch's variants at the largest measured batch size <= batch_size (else the smallest); None when there are
-    none or they name a variant this gpt2kern does not have (a table from a newer one). Other keys are not read."""
+    none or they name a variant this gpt2kern does not have (a table from a newer one); a key it lacks is ABSENT's.
+    Other keys are not read."""
     if not by_batch:
         return None
     sizes = sorted(int(b) for b in by_batch)
     at = max((b for b in sizes if b <= batch_size), default=sizes[0])
-    got = {k: by_batch[str(at)].get(k) for k in VARIANTS}
+    got = {k: by_batch[str(at)].get(k, ABSENT.get(k)) for k in VARIANTS}
     return got if all(got[k] in VARIANTS[k] for k in VARIANTS) else None
 
 
-def refusals(v: dict, batch_size: int, mode: str = "fp32") -> dict:
-    """Why the variants `v` cannot run a decoder of batch_size rows over `mode` weights: {name: reason}, empty when
-    they can (RULES says which combine)."""
+def refusals(v: dict, batch_size: int, mode: str = "fp32", sm: int | None = None) -> dict:
+    """Why the variants `v` cannot run a decoder of batch_size rows over `mode` weights on a GPU of compute capability
+    sm (10·major + minor; None: not checked): {name: reason}, empty when they can (RULES says which combine)."""
     why = {}
     rows = f"takes batch_size <= {ops.GEMV_MAX_ROWS} (a decode GEMV's rows), got {batch_size}"
+    v = {**ABSENT, **v}  # (a variant left out: ABSENT's)
     for name, rules in RULES.items():
         r = rules[v[name]]
-        if r.fp32_only and mode != "fp32":
+        if sm is not None and sm < r.min_sm:
+            why[name] = f"{name}={v[name]} needs an sm_{r.min_sm} or newer GPU, this one is sm_{sm}"
+        elif r.fp32_only and mode != "fp32":
             why[name] = (f"{name}={v[name]} reads fp32 weights; weights={mode!r} run conv1d's GEMV (leave {name} "
                          f"unset) or gemv=2")
         elif v["gemv"] in r.not_after:
@@ -107,7 +124,7 @@ def refusals(v: dict, batch_size: int, mode: str = "fp32") -> dict:
 
 def _runs_everywhere(name: str):
     """The variant of `name` that RULES restricts in nothing: where a chosen one that cannot run steps back to."""
-    return next(k for k, r in RULES[name].items() if not (r.fp32_only or r.decode_rows or r.not_after))
+    return next(k for k, r in RULES[name].items() if not (r.fp32_only or r.decode_rows or r.not_after or r.min_sm))
 
 
 def step_matmul(v: dict) -> str:
@@ -117,17 +134,17 @@ def step_matmul(v: dict) -> str:
 
 
 def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict | None = None,
-                     table: dict | None = None) -> dict:
+                     table: dict | None = None, sm: int | None = None) -> dict:
     """The decoder's variants: those `given` (not None), the rest from the table's entry for this GPU at the largest
     measured batch size <= batch_size (else the smallest), or UNLISTED's when the GPU has none. A chosen variant that
     this call cannot run (refusals), or that the table chose for fp32 weights only (given_unless_fp32: gemv 2 over
     the reduced modes), is stepped back: gemv to None (conv1d's path), kv_write=3 to 2; a given one is kept (the
-    constructor refuses it with the reason)."""
+    constructor refuses it with the reason). sm: the GPU's compute capability, as refusals'."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     by_batch = (variant_table() if table is None else table).get(gpu, {}).get("by_batch", {})
     v = {**(_measured(by_batch, batch_size) or _measured(UNLISTED, batch_size)), **given}
     for name in RULES:  # gemv first: kv_write's refusals depend on it
-        if name not in given and (name in refusals(v, batch_size, mode)
+        if name not in given and (name in refusals(v, batch_size, mode, sm)
                                   or (RULES[name][v[name]].given_unless_fp32 and mode != "fp32")):
             v[name] = _runs_everywhere(name)
     return v
@@ -135,15 +152,16 @@ def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict 
 
 class CudaGraphDecoder:
     """Greedy decoding of `model` (HF's GPT-2 LM head model, float32 on CUDA, that guard.why_not(..., "cuda_graph")
-    lets it stand in for) in batch_size rows of up to max_len tokens. gemv, kv_write: the step's variants (RULES;
-    unset: default_variants); weights: 'fp32', 'fp16', 'bf16' or 'int8' (default: the optimized model's mode);
+    lets it stand in for) in batch_size rows of up to max_len tokens. gemv, kv_write, launch: the step's variants
+    (RULES; unset: default_variants); weights: 'fp32', 'fp16', 'bf16' or 'int8' (default: the optimized model's mode);
     use_graph=False runs the same step eagerly. The weights are read here: build the decoder after they are final."""
 
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, warmup: int = 2,
-                 gemv: int | None = None, weights: str | None = None, kv_write: int | None = None):
+                 gemv: int | None = None, weights: str | None = None, kv_write: int | None = None,
+                 launch: int | None = None):
         if not ops.has_cuda():
             raise RuntimeError("gpt2kern was built without its CUDA kernels")
-        given = dict(gemv=gemv, kv_write=kv_write)
+        given = dict(gemv=gemv, kv_write=kv_write, launch=launch)
         for name, v in given.items():
             if v is not None and v not in VARIANTS[name]:
                 raise ValueError(f"{name} must be one of {VARIANTS[name]}, got {v!r}")
@@ -151,9 +169,11 @@ class CudaGraphDecoder:
         why = guard.why_not(st, "cuda_graph", model=model)
         if why is not None:
             raise ValueError(f"CudaGraphDecoder cannot stand in for this model's forward: {why}")
+        major, minor = torch.cuda.get_device_capability(st.device)
+        sm = 10 * major + minor
         self.variants = default_variants(torch.cuda.get_device_name(st.device), int(batch_size), st.weights.mode,
-                                         given)
-        why = refusals(self.variants, int(batch_size), st.weights.mode)
+                                         given, sm=sm)
+        why = refusals(self.variants, int(batch_size), st.weights.mode, sm)
         if why:
             raise ValueError("; ".join(why.values()))
         gemv, kv_write = RULES["gemv"][self.variants["gemv"]], RULES["kv_write"][self.variants["kv_write"]]
@@ -167,6 +187,7 @@ class CudaGraphDecoder:
         self.D = self.E // self.H
         self.V = W.lm_head.n_out
         self._kv_in_gemv = kv_write.kv_in_gemv
+        self._pdl = self.variants["launch"] == 2
         self._step_matmul = getattr(self, f"_mm_{step_matmul(self.variants)}")
         dev = self.device
         L, B, H, D = len(W.layers), self.B, self.H, self.D
@@ -206,7 +227,7 @@ class CudaGraphDecoder:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = self._step_body()
+            self.logits = self._step_body()  # (launch 2: the graph keeps the programmatic edges)
             self.launches_per_token = ops.capture_node_counts()  # from the capture: any torch reaches it
 
     def reset(self):
@@ -226,6 +247,10 @@ class CudaGraphDecoder:
         w, s, b = self._nk[i, which]
         return ops.matmul_nk(x, w, b, epilogue, None, s)
 
+    def _mm_prefill(self, i, which, x, epilogue):  # gemv 5: the step runs under prefill_gemm 3 (_step_body)
+        lin = self._lins[i, which]
+        return ops.matmul_prefill(x, lin.data, lin.bias, epilogue)
+
     def _mm_decode(self, i, which, x, epilogue):  # gemv 3 or 4 (counters), or a reduced mode's GEMV
         lin = self._lins[i, which]
         caches = {}
@@ -235,6 +260,14 @@ class CudaGraphDecoder:
                                  **caches)
 
     def _step_body(self):
+        with contextlib.ExitStack() as on:  # the process-wide kernel settings the variants need, for this step only
+            if self._pdl:
+                on.enter_context(ops.cuda_pdl(True))
+            if self._step_matmul == self._mm_prefill:
+                on.enter_context(ops.using_cuda_variant("prefill_gemm", 3))
+            return self._step_kernels()
+
+    def _step_kernels(self):
         # the new token's slot, kv_len and positions: the cursor advanced by one first
         if self._kv_in_gemv:  # inside the embedding kernel
             h = ops.embedding_step(self.ids, self.W.wte, self.W.wpe, self.cursor)

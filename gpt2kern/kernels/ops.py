@@ -7,6 +7,7 @@ of range) naming the argument.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -167,8 +168,9 @@ def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None, scale
 
 def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, splits: int = 0):
     """CUDA: conv1d's fp32 prefill GEMM at any number of rows, epilogue(x @ weight + bias) with weight [in, out]
-    (HF's Conv1D layout): double-buffered 128x128 tiles with deterministic split-K when there are fewer tiles than
-    SMs. splits 0: conv1d's own count (bitwise conv1d for more than GEMV_MAX_ROWS rows); 1 to 64 forces it."""
+    (HF's Conv1D layout): 128x128 tiles with deterministic split-K when there are fewer tiles than SMs, the variant
+    cuda_variant('prefill_gemm') names (2 fp32 FMAs, 3 3xTF32 tensor cores). splits 0: conv1d's own count (bitwise
+    conv1d for more than GEMV_MAX_ROWS rows); 1 to 64 forces it."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     return _matmul_prefill(_on_cuda("matmul_prefill", x), _tensor(weight, "weight"), bias, epilogue, residual,
@@ -223,16 +225,69 @@ CUDA_VARIANTS = ("prefill_gemm", "prefill_attention")  # the prefill kernels who
 
 def cuda_variant(name: str, value: int = 0) -> int:
     """The numbered variant that the CUDA prefill kernel `name` runs in this process: 'prefill_gemm' (conv1d's and
-    matmul_prefill's GEMM for more than GEMV_MAX_ROWS rows) or 'prefill_attention' (attention). value > 0 sets it
-    first (ValueError for a variant that does not exist). The defaults are the measured winners; the GPU bench
-    switches them to time each variant end to end."""
+    matmul_prefill's GEMM for more than GEMV_MAX_ROWS rows) or 'prefill_attention' (attention: 1 the general kernel,
+    2 FlashAttention-2 in fp32 where it applies — head dim 32 or 64, no bias, >= 16 query rows, aligned rows — and 1
+    elsewhere). value > 0 sets it first (ValueError for a variant that does not exist). The defaults: the
+    compiled-in ones (the measured winners), replaced by this GPU's from gpt2kern/decode/cuda_variants.json when
+    gpt2kern first packs weights on a CUDA GPU (kernels/cuda_table.py; a variant set here before or after is kept).
+    The GPU bench switches them to time each variant end to end."""
     if not has_cuda():
         raise RuntimeError("gpt2kern was built without its CUDA kernels")
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"value must be an int, got {type(value).__name__}")
-    return int(_C.cuda_variant(name, value))
+    got = int(_C.cuda_variant(name, value))
+    if value > 0:
+        _chosen.add(name)  # the caller's choice: the measured per-GPU defaults (cuda_table.py) leave it
+    return got
+
+
+_chosen: set = set()  # the CUDA_VARIANTS names set through cuda_variant in this process
+
+
+def chosen_cuda_variants() -> frozenset:
+    """The names whose variant was set through cuda_variant in this process (the per-GPU defaults keep those)."""
+    return frozenset(_chosen)
+
+
+def forget_chosen_cuda_variant(name: str) -> None:
+    """Count `name`'s current variant as a default again (cuda_table.py, after setting a measured default)."""
+    _chosen.discard(name)
+
+
+def set_cuda_pdl(on: bool) -> bool:
+    """Programmatic dependent launch for gpt2kern's CUDA kernels launched from now on (process-wide; needs an sm_90+
+    GPU, ValueError otherwise): each kernel may start while the previous one in its stream runs — its blocks
+    resident, the decode GEMVs' weights prefetched into L2 — and waits on the device until that one's writes are
+    visible before touching its inputs. Results are bitwise the same either way. Returns the previous setting.
+    CudaGraphDecoder(launch=2) turns it on around its step."""
+    if not has_cuda():
+        raise RuntimeError("gpt2kern was built without its CUDA kernels")
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
+    return bool(_C.set_cuda_pdl(on))
+
+
+@contextlib.contextmanager
+def using_cuda_variant(name: str, value: int):
+    """cuda_variant(name, value) inside the block, the previous variant restored after it."""
+    before = cuda_variant(name)
+    cuda_variant(name, value)
+    try:
+        yield
+    finally:
+        cuda_variant(name, before)
+
+
+@contextlib.contextmanager
+def cuda_pdl(on: bool = True):
+    """set_cuda_pdl(on) inside the block, the previous setting restored after it."""
+    before = set_cuda_pdl(on)
+    try:
+        yield
+    finally:
+        set_cuda_pdl(before)
 
 
 # ---- fake implementations: shapes and dtypes only, for meta tensors and torch.compile ----

@@ -32,7 +32,7 @@ from transformers import GPT2Model, GPT2PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from ..kernels import ops
+from ..kernels import cuda_table, ops
 from ..kernels.weights import Weights, attn_scale, pack
 from . import guard
 from .body import blocks
@@ -111,6 +111,8 @@ class State:
     def _repack(self, params, config_reason):
         devs = {p.device for p in params}
         self.device = devs.pop() if len(devs) == 1 else None
+        if self.device is not None and self.device.type == "cuda" and ops.has_cuda():
+            cuda_table.apply_once(self.device)  # this GPU's measured prefill variants, once per process
         weights = body = None
         if (config_reason is None and self.device is not None and self.device.type in guard._kernel_devices()
                 and all(p.dtype == torch.float32 for p in params)):

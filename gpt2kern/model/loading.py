@@ -53,9 +53,14 @@ def random_config(name: str) -> GPT2Config:
 
 
 def random_model(name: str = "distilgpt2", seed: int = 0, attn_implementation: str = "eager",
-                 outliers: bool = True) -> GPT2LMHeadModel:
+                 outliers: bool = True, device=None) -> GPT2LMHeadModel:
+    """GPT-2 config `name` with seeded random weights (see load). `device`: where the weights are created and drawn
+    (default the CPU; a GPU draws gpt2-xl's 1.5 B weights in milliseconds, other values than the CPU's)."""
     config = random_config(name)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     t = model.transformer
