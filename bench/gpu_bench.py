@@ -8,8 +8,8 @@ T=512, decode B=1 and B=32 through HF generate and through CudaGraphDecoder
 (without the graph, and with it for every gemv, kv_write and launch variant that can run), with the kernels launched
 per decode token (graph nodes);
 and the reduced weight modes' conv1d (fp16, bf16, int8 [in, out] on CUDA, csrc/cuda/matmul_lowp.cu) against
-fp32 at decode and prefill shapes, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored
-weights).
+fp32 at decode and prefill shapes, with the decode GEMV variant 2 over their [out, in] copies (ops.matmul_nk) beside
+it at decode rows, one table (time, speedup over fp32, weight GB/s, error vs float64 of the stored weights).
 Timing: gpt2kern.bench's Bench.time (interleaved with its baseline, synchronized, median of >= 5), as on the CPU.
 Exit 1 when any decoder's greedy tokens differ from HF's, or a variant's or weight mode's result is off its float64
 reference.
@@ -272,16 +272,24 @@ def attention_variants():
 LOWP_TOL = 1e-4  # max |conv1d - float64 of the stored weights| / max |reference| that still counts as a result
 
 
+LOWP_KERNELS = {"conv1d": "conv1d: [in, out]; decode rows: the lane-per-column GEMV (4-byte loads)",
+                "nk_v2": "ops.matmul_nk, decode GEMV variant 2: [out, in] copies, a warp per column, 16-byte loads"}
+
+
 def lowp(quick):
     """conv1d with fp32 / fp16 / bf16 / int8 weights ([in, out] on CUDA) at decode rows (the GEMV) and prefill rows
-    (the tiled GEMM), interleaved per shape; one row per shape and mode."""
+    (the tiled GEMM), and at decode rows the decode GEMV variant 2 (ops.matmul_nk over each mode's [out, in] copy,
+    CudaGraphDecoder gemv=2) beside them, interleaved per shape; one row per shape, mode and kernel (LOWP_KERNELS).
+    The gpt2-xl shapes (K or N = 1600, 6400) at one row: the decode step's matrices."""
     from gpt2kern.kernels.weights import WeightFormat, int8_group
     b = Bench(device="cuda", reps=7)
     g = torch.Generator(device="cpu").manual_seed(0)
     rows = []
-    print(f"  {'shape':<26} {'mode':<5} {'us':>9} {'x fp32':>7} {'GB/s':>7} {'rel err':>9}", flush=True)
-    for M in ((1, 512) if quick else (1, 8, 32, 128, 512)):
-        for K, N in ((768, 2304), (768, 3072), (3072, 768), (768, 50257)):
+    print(f"  {'shape':<26} {'mode':<5} {'kernel':<7} {'us':>9} {'x fp32':>7} {'GB/s':>7} {'rel err':>9}", flush=True)
+    small = ((768, 2304), (768, 3072), (3072, 768), (768, 50257))
+    xl = ((1600, 4800), (1600, 6400), (6400, 1600), (1600, 50257))
+    for M in ((1, 32, 512) if quick else (1, 8, 32, 128, 512)):
+        for K, N in small + (xl if M == 1 else ()):
             x = torch.randn(M, K, generator=g).cuda()
             w = (torch.randn(K, N, generator=g) * 0.05).cuda()
             bias = torch.randn(N, generator=g).cuda()
@@ -289,18 +297,25 @@ def lowp(quick):
             for mode in ("fp32", "fp16", "bf16", "int8"):
                 fmt = WeightFormat("kn", mode, K, N, int8_group(K) if mode == "int8" else 0)
                 d, sc = fmt.make(w)
-                stored[mode] = (fmt, d, sc)
-                fns[mode] = lambda d=d, sc=sc: ops.conv1d(x, d, bias, scales=sc)
+                stored[mode, "conv1d"] = (fmt, d, sc)
+                fns[mode, "conv1d"] = lambda d=d, sc=sc: ops.conv1d(x, d, bias, scales=sc)
+                if M <= ops.GEMV_MAX_ROWS:  # variant 2 over the same stored values, [out, in]
+                    fn, dn, sn = fmt.nk_copy(d, sc)
+                    stored[mode, "nk_v2"] = (fn, dn, sn)
+                    fns[mode, "nk_v2"] = lambda dn=dn, sn=sn: ops.matmul_nk(x, dn, bias, scales=sn)
             t = b.time(fns)
-            for mode, (fmt, d, sc) in stored.items():
-                ref = x.double() @ fmt.unpack(d, sc) + bias.double()
-                err = ((fns[mode]().double() - ref).abs().max() / ref.abs().max()).item()
-                r = dict(kernel="conv1d_weights", mode=mode, shape=f"M={M} K={K} N={N}", us=t[mode] * 1e6,
-                         speedup_vs_fp32=t["fp32"] / t[mode], weight_GBps=fmt.nbytes / t[mode] / 1e9, rel_err=err)
+            ref = None
+            for (mode, kern), (fmt, d, sc) in stored.items():
+                ref = x.double() @ fmt.unpack(d, sc) + bias.double()  # (the nk copy: the same values)
+                err = ((fns[mode, kern]().double() - ref).abs().max() / ref.abs().max()).item()
+                us = t[mode, kern]
+                r = dict(kernel="conv1d_weights", variant=kern, mode=mode, shape=f"M={M} K={K} N={N}", us=us * 1e6,
+                         speedup_vs_fp32=t["fp32", "conv1d"] / us, weight_GBps=fmt.nbytes / us / 1e9, rel_err=err)
                 rows.append(r)
                 flag = "" if err <= LOWP_TOL else "   OFF REFERENCE"
-                print(f"  {r['shape']:<26} {mode:<5} {r['us']:9.1f} {r['speedup_vs_fp32']:7.2f} "
+                print(f"  {r['shape']:<26} {mode:<5} {kern:<7} {r['us']:9.1f} {r['speedup_vs_fp32']:7.2f} "
                       f"{r['weight_GBps']:7.0f} {err:9.2g}{flag}", flush=True)
+            del ref, stored, fns
     return rows
 
 
@@ -1265,8 +1280,8 @@ def failures(res) -> list:
                 failed.append(f"{k}: the greedy tokens of {', '.join(bad) or 'no decoder'} differ from HF's")
     failed += [f"{r['kernel']} {r['variant']} {r['shape']}: max|err| {r['max_abs_err']:.2g} > {VARIANT_TOL}"
                for r in res.get("variants", []) if r["variant"] in NUMBERED and r["max_abs_err"] > VARIANT_TOL]
-    failed += [f"conv1d {r['mode']} weights {r['shape']}: relative error {r['rel_err']:.2g} > {LOWP_TOL}"
-               for r in res.get("weight_modes", []) if r["rel_err"] > LOWP_TOL]
+    failed += [f"{r.get('variant', 'conv1d')} {r['mode']} weights {r['shape']}: relative error {r['rel_err']:.2g} > "
+               f"{LOWP_TOL}" for r in res.get("weight_modes", []) if r["rel_err"] > LOWP_TOL]
     failed += sizes_failures(res.get("sizes", {}))
     return failed
 

@@ -201,14 +201,18 @@ sanitize() {  # sanitize NAME TOOL PYTEST_ARGS...: a report (exit 99), another f
 # the decode-step kernels of tests/test_cuda.py at one small shape each: the staged GEMV over several x tiles (the
 # shared buffer's reuse) at 32 and 8 register rows, split K with a partial last column group (variants 3 and 4:
 # finish kernel and in-kernel sum), the K/V store through the kernel's epilogue (K = 80), the split-K finish kernel
-# and variant 4's in-kernel sum (K = 384), the cursor-advancing embedding
+# and variant 4's in-kernel sum (K = 384), the cursor-advancing embedding; and the reduced modes' decode GEMV
+# variant 2 (matmul_nk, 16-byte loads): int8 scales of sliced rows, padded and exactly ending rows, and 4 warps per
+# column summed through shared memory (N = 129)
 DECODE_SMALL=("tests/test_cuda.py::test_matmul_decode_variants[none-17-600-8448]"
               "tests/test_cuda.py::test_matmul_decode_variants[residual-5-1100-8448]"
               "tests/test_cuda.py::test_matmul_decode_variants[none-17-300-50]"
               "tests/test_cuda.py::test_matmul_decode_stores_kv_as_kv_write[32-12-6-64-80-5-fp32-3]"
               "tests/test_cuda.py::test_matmul_decode_stores_kv_as_kv_write[3-4-9-8-384-8-fp32-3]"
               "tests/test_cuda.py::test_matmul_decode_stores_kv_as_kv_write[3-4-9-8-384-8-fp32-4]"
-              "tests/test_cuda.py::test_embedding_step_advances_the_cursor")
+              "tests/test_cuda.py::test_embedding_step_advances_the_cursor"
+              "tests/test_matmul_lowp_cuda.py::test_lowp_nk_cuda_strided_and_unaligned[5-int8]"
+              "tests/test_matmul_lowp_cuda.py::test_lowp_nk_cuda_matches_float64_of_stored_weights[int8-5-6400-129]")
 if [ -n "$SAN" ]; then
   sanitize memcheck memcheck tests/test_attention.py tests/test_matmul.py tests/test_layernorm.py \
     tests/test_gelu.py tests/test_embedding.py "tests/test_cuda.py::test_matmul_prefill_forced_splits[gemm3-residual-129-40-260-8]" \

@@ -27,7 +27,9 @@ TORCH_LIBRARY(gpt2kern, m) {
   m.def("embedding(Tensor input_ids, Tensor wte, Tensor wpe, Tensor position_ids, Tensor? token_type_ids) -> Tensor");
   // CUDA only (csrc/cuda/ops_cuda.cpp): the decode step's kernels and variants, the prefill GEMM with forced split-K
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor kv_len, float scale) -> Tensor");
-  m.def("matmul_nk(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None) -> Tensor");
+  m.def(
+      "matmul_nk(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
+      "Tensor? scales=None) -> Tensor");
   m.def(
       "matmul_prefill(Tensor x, Tensor weight, Tensor? bias, str epilogue='none', Tensor? residual=None, "
       "int splits=0) -> Tensor");

@@ -704,7 +704,21 @@ def _cuda_cases(case, dev):
     nk = ops.matmul_nk
     case("matmul_nk x on cpu", lambda: nk(xn.cpu(), Wn.cpu()), (VE, r"matmul_nk runs on CUDA tensors only .*got cpu"))
     case("matmul_nk x float64", lambda: nk(xn.double(), Wn), (TE, "x must be Float, got Double"))
-    case("matmul_nk weight fp16", lambda: nk(xn, Wn.half()), (TE, "weight must be Float, got Half"))
+    case("matmul_nk weight float64", lambda: nk(xn, Wn.double()), (TE, r"weight must be Float \(or Half, .*got Double"))
+    case("matmul_nk weight fp16", lambda: nk(xn, Wn.half()), OK)  # a reduced weight mode: variant 2's 16-byte loads
+    case("matmul_nk weight bf16 odd K", lambda: nk(randn(3, 7), randn(5, 7, dtype=torch.bfloat16)), OK)
+    Qn, Sn = zeros(4, 8, dtype=i8), ones(4, 2)
+    case("matmul_nk weight int8", lambda: nk(xn, Qn, None, "none", None, Sn), OK)
+    case("matmul_nk int8 without scales", lambda: nk(xn, Qn), (VE, "weight is int8 and needs its scales"))
+    case("matmul_nk fp16 with scales", lambda: nk(xn, Wn.half(), None, "none", None, Sn),
+         (VE, "only int8 weights take them"))
+    case("matmul_nk scales [in / group, out]", lambda: nk(xn, Qn, None, "none", None, ones(2, 4)),
+         (VE, r"scales must be \[4, 8 / group\]"))
+    case("matmul_nk scales not dividing", lambda: nk(xn, Qn, None, "none", None, ones(4, 3)),
+         (VE, r"scales must be \[4, 8 / group\]"))
+    case("matmul_nk scales float64", lambda: nk(xn, Qn, None, "none", None, ones(4, 2, dtype=f64)),
+         (TE, "scales must be Float, got Double"))
+    case("matmul_nk scales on cpu", lambda: nk(xn, Qn, None, "none", None, torch.ones(4, 2)), away("scales"))
     case("matmul_nk weight on cpu", lambda: nk(xn, Wn.cpu()), away("weight"))
     case("matmul_nk x 0-d", lambda: nk(tensor(1.0), Wn), (VE, "x must have at least 1 dim"))
     case("matmul_nk weight [in, out]", lambda: nk(xn, randn(8, 4)), (VE, r"weight must be \[N, 8\], got \[8, 4\]"))
@@ -1020,11 +1034,13 @@ def _cuda_model_cases(case, dev):
                     (dict(batch_size=33, kv_write=3), rf"^kv_write=3 {rows}$"),
                     (dict(batch_size=33, gemv=4, kv_write=3), rf"^gemv=4 {rows}; kv_write=3 {rows}$"),
                     (dict(gemv=3, weights="fp16"),
-                     r"^gemv=3 reads fp32 weights; weights='fp16' run conv1d's GEMV \(leave gemv unset\)$"),
-                    (dict(gemv=2, kv_write=3, weights="int8"),
-                     r"^gemv=2 reads fp32 weights; weights='int8' run conv1d's GEMV \(leave gemv unset\); "
-                     r"kv_write=3 stores K/V .*; gemv=2 takes kv_write=2$")):
+                     r"^gemv=3 reads fp32 weights; weights='fp16' run conv1d's GEMV \(leave gemv unset\) or gemv=2$"),
+                    (dict(gemv=2, kv_write=3, weights="int8"),  # gemv=2 reads the reduced modes' [out, in] copies
+                     r"^kv_write=3 stores K/V from an \[in, out\] GEMV .*; gemv=2 takes kv_write=2$")):
         case(f"cuda decoder {' '.join(f'{k}={v}' for k, v in kw.items())}", lambda kw=kw: dec(**kw), (VE, msg))
+    for mode in ("fp16", "bf16", "int8"):  # the decode GEMV variant 2 over each reduced mode, given
+        case(f"cuda decoder gemv=2 weights={mode}",
+             lambda mode=mode: steps(dec(gemv=2, weights=mode, use_graph=True), t(), 1, 2), OK)
     case("cuda decoder attention=2 (removed)", lambda: dec(attention=2),
          (TE, r"__init__\(\) got an unexpected keyword argument 'attention'"))
     case("cuda decoder prefill wrong batch", lambda: dec().prefill(torch.zeros(2, 3, dtype=torch.long, device=dev)),

@@ -216,12 +216,16 @@ def b_embedding(d):
 def b_matmul_nk(d):
     lead, K, N = [d.pick(0, 1, 2, 5, 8, 33)], d.dim(0, 9, (40,)), d.dim(0, 9, (33,))
     x = d.tensor("x", lead + [K], d.dtype())
-    w = d.tensor("weight", d.near([N, K]), d.dtype())
+    # the reduced weight modes' [N, K] copies too (variant 2's 16-byte loads), int8 with scales [N, K / group]
+    w = d.tensor("weight", d.near([N, K]), d.dtype(F32, (F64, F16, I64, BOOL, torch.bfloat16, torch.int8)),
+                 values=(-127, 128))
+    sc = d.opt(80 if w.dtype == torch.int8 else 5,
+               lambda: d.tensor("scales", d.near([N, d.pick(1, 2, 4)]), d.dtype()))
     bias = d.opt(50, lambda: d.tensor("bias", d.near([N]), d.dtype()))
     epi = epilogue(d)
     res = d.opt(90 if epi == "residual" else 5, lambda: d.tensor("residual", d.near(lead + [N]), d.dtype()))
     d.note(epilogue=epi)
-    return "matmul_nk", lambda: ops.matmul_nk(x, w, bias, epi, res), False
+    return "matmul_nk", lambda: ops.matmul_nk(x, w, bias, epi, res, sc), False
 
 
 def b_matmul_prefill(d):

@@ -993,10 +993,52 @@ def test_cuda_graph_decoder_weight_modes(cuda_mode_pair, graph):
     gpt2kern.restore(plain)
     b = gpt2kern.generate(plain, ids, weights=mode, **kw)
     assert torch.equal(a.cpu(), ours.cpu()) and torch.equal(b.cpu(), a.cpu())
-    for gemv in (2, 3, 4):
+    assert dec.variants["gemv"] is None  # the table's gemv=2 was measured with fp32 weights: given only, below
+    for gemv in (3, 4, 5):
         with pytest.raises(ValueError, match=f"gemv={gemv} reads fp32"):
             CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=gemv)
     # kv_write=3 (K/V stored by the reduced-mode GEMV itself): the same tokens and caches
     fused = CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, use_graph=graph, kv_write=3)
     assert torch.equal(fused.generate(ids, n, attention_mask=mask), ours)
     assert torch.equal(fused.k_cache, dec.k_cache) and torch.equal(fused.v_cache, dec.v_cache)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph", [True, False])
+@torch.no_grad()
+def test_cuda_graph_decoder_gemv2_weight_modes(cuda_mode_pair, graph):
+    """gemv=2 over a reduced mode: every step matmul is ops.matmul_nk on the mode's [out, in] copy (16-byte loads;
+    int8 with its [out, in / group] scales) holding the values conv1d reads; the greedy tokens of HF generate on the
+    same optimized model (the gpt2kern walk over the same weights), at B = 2 with left padding and at B = 1, and
+    the step's logits within LOGITS_ATOL of the conv1d-path decoder's."""
+    from gpt2kern.decode.cuda_graph import CudaGraphDecoder
+    mode, _, gpu = cuda_mode_pair
+    B, T, n = 2, 9, 24
+    ids = torch.randint(0, gpu.config.vocab_size, (B, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    dec = CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, use_graph=graph, gemv=2, kv_write=2)
+    assert (dec.variants["gemv"], dec.variants["kv_write"]) == (2, 2) and dec.W.mode == mode
+    for key, lin in dec._lins.items():
+        w, s, _ = dec._nk[key]
+        assert w.shape == (lin.n_out, lin.n_in) and w.dtype == lin.data.dtype and w.is_cuda
+        assert (s is None) == (mode != "int8")
+    eos = gpu.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    ours = dec.generate(ids, n, attention_mask=mask)
+    hf = gpu.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert gpt2kern.fallback_reason(gpu) is None
+    assert _until_eos(hf, T, eos) == _until_eos(ours[:, : hf.shape[1]], T, eos)
+    one = CudaGraphDecoder(gpu, batch_size=1, max_len=T + n, use_graph=graph, gemv=2)
+    hf1 = gpu.generate(ids[:1], max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert _until_eos(hf1, T, eos) == _until_eos(one.generate(ids[:1], n)[:, : hf1.shape[1]], T, eos)
+    # the step's logits against the conv1d-path decoder's (the same stored weights, another GEMV)
+    plain = CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, use_graph=graph)
+    assert plain.variants["gemv"] is None
+    a, b = dec.prefill(ids, attention_mask=mask), plain.prefill(ids, attention_mask=mask)
+    for _ in range(3):
+        nxt = a.argmax(-1)
+        a, b = dec.step(nxt).clone(), plain.step(nxt).clone()
+        assert (a - b).abs().max().item() <= LOGITS_ATOL
+    with pytest.raises(ValueError, match="gemv=2 takes kv_write=2"):
+        CudaGraphDecoder(gpu, batch_size=B, max_len=T + n, gemv=2, kv_write=3)

@@ -10,7 +10,7 @@ import torch
 
 from gpt2kern import ops
 from gpt2kern.decode import cuda_graph
-from gpt2kern.kernels.weights import Linear
+from gpt2kern.kernels.weights import Linear, WeightFormat, int8_group
 from gpt2kern.model import guard
 
 # Every cell of the rules: the step's matmul kernel where the variants run, else what refusals() names (gemv:fp32 =
@@ -30,8 +30,8 @@ fp32     5    2         prefill            prefill            gemv:rows
 fp32     5    3         kv:gemv5           kv:gemv5           gemv:rows,kv:gemv5
 reduced  None 2         conv1d             conv1d             conv1d
 reduced  None 3         decode             decode             kv:rows
-reduced  2    2         gemv:fp32          gemv:fp32          gemv:fp32
-reduced  2    3         gemv:fp32,kv:gemv2 gemv:fp32,kv:gemv2 gemv:fp32,kv:gemv2
+reduced  2    2         nk                 nk                 gemv:rows
+reduced  2    3         kv:gemv2           kv:gemv2           gemv:rows,kv:gemv2
 reduced  3    2         gemv:fp32          gemv:fp32          gemv:fp32
 reduced  3    3         gemv:fp32          gemv:fp32          gemv:fp32,kv:rows
 reduced  4    2         gemv:fp32          gemv:fp32          gemv:fp32
@@ -42,7 +42,7 @@ reduced  5    3         gemv:fp32,kv:gemv5 gemv:fp32,kv:gemv5 gemv:fp32,kv:gemv5
 BATCHES = (1, 32, 33)
 REASONS = {  # code -> (refusals' key, the reason's text for variant value g / k, mode, batch b)
     "gemv:fp32": ("gemv", lambda g, k, mode, b: f"gemv={g} reads fp32 weights; weights={mode!r} run conv1d's GEMV "
-                                                f"(leave gemv unset)"),
+                                                f"(leave gemv unset) or gemv=2"),
     "gemv:rows": ("gemv", lambda g, k, mode, b: f"gemv={g} takes batch_size <= 32 (a decode GEMV's rows), got {b}"),
     "kv:rows": ("kv_write", lambda g, k, mode, b: f"kv_write={k} takes batch_size <= 32 (a decode GEMV's rows), "
                                                   f"got {b}"),
@@ -90,6 +90,24 @@ def test_variant_rules(mode, gemv, kv_write, batch, cell):
         assert set(cuda_graph.refusals(got, batch, mode)) <= set(given), got
 
 
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
+def test_reduced_modes_run_gemv2_when_given(mode):
+    """gemv=2 runs every weight mode, but the table (measured with fp32 weights) chooses it for fp32 only: a reduced
+    mode keeps conv1d's path unless gemv=2 is given, and kv_write=3 given still steps a chosen gemv back."""
+    table = {"GPU": {"by_batch": {"1": dict(gemv=2, kv_write=2, launch=1)}}}
+
+    def pick(mode, **given):
+        got = cuda_graph.default_variants("GPU", 1, mode, given=given, table=table)
+        return {k: got[k] for k in ("gemv", "kv_write")}
+
+    assert pick("fp32") == dict(gemv=2, kv_write=2)
+    assert pick(mode) == dict(gemv=None, kv_write=2)
+    assert pick(mode, gemv=2) == dict(gemv=2, kv_write=2)
+    assert pick(mode, kv_write=3) == dict(gemv=None, kv_write=3)
+    assert cuda_graph.refusals(dict(gemv=2, kv_write=2), 1, mode) == {}
+    assert cuda_graph.step_matmul(dict(gemv=2, kv_write=2)) == "nk"
+
+
 # ---------------------------------------------------------------- the decoder's wiring on CPU
 
 def _kv_write(qkv, k_cache, v_cache, slot):
@@ -107,7 +125,21 @@ def emulated(monkeypatch):
     """The CUDA-only ops as references over the CPU kernels (recording each call), the decoder's CUDA device calls
     as no-ops, and the guard's "needs CUDA" waived; yields the list of calls."""
     calls = []
-    conv1d, attention, embedding = ops.conv1d, ops.attention, ops.embedding
+    conv1d_cpu, attention, embedding = ops.conv1d, ops.attention, ops.embedding
+
+    def fp32(weight, scales, layout):  # a reduced mode's CUDA storage ('kn' / 'nk') as the float32 it stands for
+        if weight.dtype == torch.float32:
+            return weight
+        w = weight.float()
+        if scales is not None:
+            w = w * scales.repeat_interleave(weight.shape[0] // scales.shape[0], 0) if layout == "kn" else (
+                w * scales.repeat_interleave(weight.shape[1] // scales.shape[1], 1))
+        return w
+
+    def conv1d(x, weight, bias=None, epilogue="none", residual=None, out_features=-1, layout="kn", scales=None):
+        if weight.dtype == torch.float32:
+            return conv1d_cpu(x, weight, bias, epilogue, residual, out_features, layout, scales)
+        return conv1d_cpu(x, fp32(weight, scales, layout), bias, epilogue, residual, out_features, layout)
 
     def matmul_decode(x, weight, bias=None, epilogue="none", residual=None, scales=None, k_cache=None, v_cache=None,
                       slot=None, counters=None):
@@ -120,10 +152,14 @@ def emulated(monkeypatch):
         calls.append(("matmul_decode", counters is not None, k_cache is not None))
         return y
 
-    def matmul_nk(x, weight, bias=None, epilogue="none", residual=None):
+    def matmul_nk(x, weight, bias=None, epilogue="none", residual=None, scales=None):
         assert weight.shape[1] == x.shape[-1] and weight.is_contiguous(), "matmul_nk reads [out, in] copies"
-        calls.append(("matmul_nk",))
-        return conv1d(x, weight, bias, epilogue, residual, weight.shape[0], "nk")
+        assert (scales is not None) == (weight.dtype == torch.int8), "int8 weights come with their scales"
+        if scales is not None:  # [out, in / group], contiguous (the kernel's layout)
+            assert scales.shape[0] == weight.shape[0] and weight.shape[1] % scales.shape[1] == 0
+            assert scales.dtype == torch.float32 and scales.is_contiguous()
+        calls.append(("matmul_nk", weight.dtype))
+        return conv1d(x, weight, bias, epilogue, residual, weight.shape[0], "nk", scales)
 
     def kv_write(qkv, k_cache, v_cache, slot):
         calls.append(("kv_write",))
@@ -176,9 +212,21 @@ def emulated(monkeypatch):
     state_of = cuda_graph.state_of
 
     def cuda_like_state(model, mode=None):  # the CUDA storage: every matmul weight [in, out], the lm_head's too
-        st = state_of(model, mode)
-        head = Linear.of(st.weights.lm_head.data.t().contiguous(), None)
-        return types.SimpleNamespace(device=st.device, weights=dataclasses.replace(st.weights, lm_head=head))
+        st = state_of(model, None)  # fp32, read in place; a reduced mode: its 'kn' copies, as Linear.of on CUDA
+        mode = mode or getattr(model, "_emulated_mode", "fp32")
+
+        def kn(lin):
+            fmt = WeightFormat("kn", mode, lin.n_in, lin.n_out, int8_group(lin.n_in) if mode == "int8" else 0)
+            return Linear(*fmt.make(lin.data.contiguous()), lin.bias, fmt)
+
+        W = st.weights
+        head = Linear.of(W.lm_head.data.t().contiguous(), None)
+        if mode != "fp32":
+            W = dataclasses.replace(W, mode=mode, layers=tuple(
+                dataclasses.replace(L, **{w: kn(getattr(L, w)) for w in ("c_attn", "attn_proj", "c_fc", "mlp_proj")})
+                for L in W.layers))
+            head = kn(head)
+        return types.SimpleNamespace(device=st.device, weights=dataclasses.replace(W, lm_head=head))
 
     monkeypatch.setattr(cuda_graph, "state_of", cuda_like_state)
     yield calls
@@ -252,3 +300,37 @@ def test_decoder_step_logits_match_hf(tiny, emulated):
     pos = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
     want = tiny(seq, attention_mask=full, position_ids=pos).logits[:, -1]
     assert (want - logits).abs().max().item() <= LOGITS_ATOL
+
+
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8"])
+@torch.no_grad()
+def test_decoder_gemv2_over_a_reduced_mode(tiny, emulated, monkeypatch, mode):
+    """weights in a reduced mode and gemv=2: every step matmul is matmul_nk over the mode's [out, in] copy (int8 with
+    its [out, in / group] scales), holding the values of the 'kn' storage conv1d reads (WeightFormat.nk_copy), and
+    the greedy tokens are those of the same decoder on conv1d's path (gemv chosen None)."""
+    monkeypatch.setattr(tiny, "_emulated_mode", mode, raising=False)
+    B, T, n = 2, 6, 8
+    torch.manual_seed(3)
+    ids = torch.randint(0, tiny.config.vocab_size, (B, T))
+    mask = torch.ones_like(ids)
+    mask[-1, :2] = 0
+    dec = cuda_graph.CudaGraphDecoder(tiny, batch_size=B, max_len=T + n, use_graph=False, gemv=2, kv_write=2)
+    assert (dec.variants["gemv"], dec.variants["kv_write"]) == (2, 2) and dec.W.mode == mode
+    for key, lin in dec._lins.items():
+        w, s, b = dec._nk[key]
+        assert w.shape == (lin.n_out, lin.n_in) and w.dtype == lin.data.dtype and w.is_contiguous()
+        assert (s is None) == (mode != "int8") and b is lin.bias
+        fmt = dataclasses.replace(lin.fmt, layout="nk")
+        assert torch.equal(fmt.unpack(w, s), lin.fmt.unpack(lin.data, lin.scales))
+    ours = dec.generate(ids, n, attention_mask=mask)
+    emulated.clear()
+    dec.step(ours[:, -1])
+    L = tiny.config.n_layer
+    want_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[mode]
+    assert [c for c in emulated if c[0] in ("conv1d", "matmul_nk", "matmul_decode")] == \
+        [("matmul_nk", want_dtype)] * (4 * L + 1)
+    choose = cuda_graph.default_variants
+    monkeypatch.setattr(cuda_graph, "default_variants", lambda *a, **kw: dict(choose(*a, **kw), gemv=None))
+    plain = cuda_graph.CudaGraphDecoder(tiny, batch_size=B, max_len=T + n, use_graph=False, kv_write=2)
+    assert plain.variants["gemv"] is None
+    assert torch.equal(plain.generate(ids, n, attention_mask=mask), ours)

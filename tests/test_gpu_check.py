@@ -107,6 +107,11 @@ def test_gpu_bench_fails_on_any_decoder_or_variant_off_reference():
     assert gpu_bench.failures(dict(weight_modes=[lowp])) == []
     f = gpu_bench.failures(dict(weight_modes=[lowp, dict(lowp, mode="bf16", rel_err=1e-3)]))
     assert len(f) == 1 and "bf16" in f[0]
+    # the decode GEMV variant 2's rows (matmul_nk over the [out, in] copies) are judged alike, and named
+    nk = dict(lowp, variant="nk_v2")
+    assert gpu_bench.failures(dict(weight_modes=[nk, dict(lowp, variant="conv1d")])) == []
+    f = gpu_bench.failures(dict(weight_modes=[dict(nk, mode="fp16", rel_err=1e-3)]))
+    assert len(f) == 1 and "nk_v2 fp16" in f[0]
 
 
 def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table(tmp_path):
@@ -136,7 +141,8 @@ def test_gpu_bench_picks_the_fastest_decoder_with_hf_tokens_and_writes_the_table
     assert pick("Some GPU", 1, table=t) == v(4, 3)
     assert pick("Some GPU", 8, table=t) == v(4, 3)
     assert pick("Some GPU", 32, table=t) == v(3, 2)
-    assert pick("Some GPU", 4, "int8", table=t) == v(None, 3)  # gemv 2-4 read fp32: the reduced mode's own GEMV
+    assert pick("Some GPU", 4, "int8", table=t) == v(None, 3)  # gemv 3-4 read fp32: the reduced mode's own GEMV
+    assert pick("Some GPU", 4, "int8", given=dict(gemv=2), table=t) == v(2, 2)  # variant 2 over int8, given
     assert pick("Some GPU", 4, given=dict(gemv=2), table=t) == v(2, 2)  # kv_write 3 cannot follow gemv 2
     assert pick("Some GPU", 4, given=dict(gemv=2, kv_write=3), table=t) == v(2, 3)  # given: kept, and refused
     assert set(cuda_graph.refusals(v(2, 3), 4)) == {"kv_write"}

@@ -134,6 +134,15 @@ cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int6
                         int64_t N, const float* scales, int64_t lds, int64_t group, const float* bias, int epi,
                         const float* R, int64_t ldr, float* C, int splits, float* workspace, int num_sms,
                         cudaStream_t stream, const KvOut& kv = KvOut{});
+// Decode GEMV variant 2 over reduced-precision weights (CudaGraphDecoder gemv=2 in the fp16 / bf16 / int8 modes):
+// C[m, n] = epi(Σ_k A[m, k]·w(n, k) + bias[n]) for m < M <= kGemvMaxRows, Wt [N, K] (nn.Linear's layout, row stride
+// ldw) in fp16 / bf16, or int8 with fp32 scales [N, K / group] (row stride lds): w(n, k) = Wt[n, k]·scales[n, k /
+// group]. A warp per output column (2 or 4 when the columns alone cannot fill num_sms SMs), 16-byte (uint4) weight
+// loads where the rows of Wt and A are 16-byte aligned (int8: and group % 16 == 0), element loads otherwise; no
+// workspace and no second kernel.
+cudaError_t matmul_lowp_nk(LowpType t, const float* A, int64_t lda, int64_t M, int64_t K, const void* Wt, int64_t ldw,
+                           int64_t N, const float* scales, int64_t lds, int64_t group, const float* bias, int epi,
+                           const float* R, int64_t ldr, float* C, int num_sms, cudaStream_t stream);
 
 // Causal softmax attention, the CPU op's semantics (csrc/cpu/kernels/attention.h); out is [B, Tq, H, D].
 // (gk::AttnArgs: csrc/common/attn_args.h, shared with the CPU kernels.) One block of 4 warps per (batch, head) and

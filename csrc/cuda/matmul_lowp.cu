@@ -20,9 +20,15 @@
 //    order (deterministic) and finishes with the epilogue.
 //  - Prefill (M > kGemvMaxRows): the tiled SGEMMs of gemm_tiles.cuh (64×64 tiles, 128×128 when those alone fill
 //    the GPU), the W tile widened to fp32 (int8: fl(q · s)) as it is stored into shared memory.
+//  - Decode variant 2 (matmul_lowp_nk, CudaGraphDecoder gemv=2 over the reduced modes): W stored [N, K] (nn.Linear's
+//    layout), int8 scales [N, K / G]; a warp per output column (2 or 4 for a narrow N), every lane loading 16 bytes
+//    (uint4: 8 halves / 8 bf16 / 16 int8) per instruction, 4 in flight, as fp32's variant 2 (matmul.cu) that streams
+//    at HBM speed. See below.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common.cuh"
@@ -147,6 +153,256 @@ __global__ __launch_bounds__(kLpWarps * 32) void gemv_lowp_kernel(
   }
 }
 
+// ---------------------------------------------------------------- decode variant 2: W stored [N, K]
+//
+// Why [N, K] and not a [K, N] kernel with 16-byte lanes: a warp per column reads one contiguous row, 512 bytes per
+// load instruction at any N (no split-K, workspace or finish kernel), and an int8 group is contiguous in k, so one
+// 16-byte load holds 16 weights of one group and shares one scale.
+// The [K, N] GEMV above moves 4 bytes per lane (64 / 128 bytes per warp and row): too few bytes in flight per load
+// instruction to cover HBM latency, so fp16 / bf16 took about fp32's time (H200). Here each lane loads a uint4 (8 fp16
+// / 8 bf16 / 16 int8 consecutive k of its column), 4 of them in flight, widens them in registers and multiplies them
+// with x (float4 loads, L1-resident: the same K floats for every column), fp32 FMAs:
+//   fp16  __half22float2 (HADD2.F32)          bf16  the 16 bits shifted into a float's high half (exact, integer ops)
+//   int8  q + 2^23 + 128 built as float bits by one byte permute, then - (2^23 + 128): exact, and faster than the
+//         int-to-float conversion (quarter rate on sm_90)
+// int8: the 16 products of one load (one group: the vector path needs G % 16 == 0) are summed in fp32 and multiplied
+// by the group's scale once: Σ_k x·q·s = s·Σ_k x·q. Then a warp sum per x row and the fused epilogue, stored by one
+// lane. Rows not 16-byte aligned (the weight's or x's), K % 8 or 16 left over, and int8 groups that are not a
+// multiple of 16 take element loads (the scale per element): right, not fast.
+constexpr int kNkWarps = 4;  // columns (warps) per block: small blocks spread N = 768…1600 columns evenly over the SMs
+
+template <class WT>
+struct Wide16;  // one 16-byte load of weights -> kElems floats
+
+template <>
+struct Wide16<__half> {
+  static constexpr int kElems = 8;
+  __device__ static void widen(const uint4& u, float (&w)[kElems]) {
+    const uint32_t v[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      memcpy(&h, &v[i], sizeof h);
+      const float2 f = __half22float2(h);
+      w[2 * i] = f.x;  // the low half is the lower k
+      w[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <>
+struct Wide16<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+  __device__ static void widen(const uint4& u, float (&w)[kElems]) {
+    const uint32_t v[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[2 * i] = __uint_as_float(v[i] << 16);  // a bf16 is a float's high 16 bits
+      w[2 * i + 1] = __uint_as_float(v[i] & 0xffff0000u);
+    }
+  }
+};
+
+template <>
+struct Wide16<int8_t> {
+  static constexpr int kElems = 16;
+  __device__ static void widen(const uint4& u, float (&w)[kElems]) {
+    const uint32_t v[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t b = v[i] ^ 0x80808080u;  // each byte q + 128, in [0, 255]
+#pragma unroll
+      for (int j = 0; j < 4; ++j)  // bytes [q_j + 128, 0, 0, 0x4B]: the float 2^23 + q_j + 128
+        w[4 * i + j] = __uint_as_float(__byte_perm(b, 0x4B000000u, 0x7440u | (uint32_t)j)) - 8388736.f;
+    }
+  }
+};
+
+// acc[r] += s · Σ_e x[r, k + e] · w[e] over one load's E weights (s = 1 but for int8), x rows as float4 loads
+template <class WT, int MR>
+__device__ __forceinline__ void nk_chunk(const uint4& u, float s, const float* __restrict__ A, int64_t lda, int M,
+                                         int64_t k, float (&acc)[MR]) {
+  constexpr int E = Wide16<WT>::kElems;
+  float w[E];
+  Wide16<WT>::widen(u, w);
+#pragma unroll
+  for (int r = 0; r < MR; ++r) {
+    // row 0 unconditionally (M >= 1): with every use of u conditional, nvcc sank the loads of W into the branches,
+    // after the FMAs of the load before, and a lane had one load in flight instead of 4
+    if (r == 0 || r < M) {
+      const float4* a = reinterpret_cast<const float4*>(A + r * lda + k);  // the same in every column: L1 hits
+      float p = 0.f;
+#pragma unroll
+      for (int q = 0; q < E / 4; ++q) {
+        const float4 x = __ldg(a + q);
+        p = fmaf(x.x, w[4 * q], p);
+        p = fmaf(x.y, w[4 * q + 1], p);
+        p = fmaf(x.z, w[4 * q + 2], p);
+        p = fmaf(x.w, w[4 * q + 3], p);
+      }
+      if constexpr (std::is_same_v<WT, int8_t>)
+        acc[r] = fmaf(p, s, acc[r]);
+      else
+        acc[r] += p;
+    }
+  }
+}
+
+// VEC: W rows and x rows 16-byte aligned (and int8: G % 16 == 0); the last K % E elements still go element-wise.
+// KS warps share a column (1, 2 or 4: a block is kNkWarps / KS columns): warp part p of a column takes its row's
+// loads j ≡ lane + 32·p (mod 32·KS), so a narrow N (GPT-2's 768…1600 outputs) still puts enough warps, and so loads,
+// in flight on every SM; the KS partial sums meet in shared memory, added in part order (deterministic).
+template <class WT, int MR, bool VEC, int KS>
+__global__ __launch_bounds__(kNkWarps * 32) void gemv_lowp_nk_kernel(
+    const float* __restrict__ A, int64_t lda, int M, int64_t K, const WT* __restrict__ Wt, int64_t ldw, int64_t N,
+    const float* __restrict__ S, int64_t lds, int64_t G, int gshift, const float* __restrict__ bias, int epi,
+    const float* __restrict__ R, int64_t ldr, float* __restrict__ C, bool prefetch) {
+  static_assert(kNkWarps % KS == 0 && MR <= 32, "a block holds whole columns; a lane per x row in the sum");
+  constexpr bool kScaled = std::is_same_v<WT, int8_t>;
+  constexpr int E = Wide16<WT>::kElems, STEP = 32 * KS;  // STEP: a warp's stride in 16-byte loads
+  // the group of k: a shift when G is a power of two (GPT-2's G = 64), not a 64-bit division per load
+  const auto group = [=](int64_t k) { return gshift >= 0 ? k >> gshift : k / G; };
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % KS;
+  const int64_t n = (int64_t)blockIdx.x * (kNkWarps / KS) + warp / KS;
+  if (prefetch && n < N) {  // launched early (PDL): this warp's share of its W row (and scales) into L2 meanwhile
+    const char* wb = reinterpret_cast<const char*>(Wt + n * ldw);
+    for (int64_t b = (int64_t)(32 * part + lane) * 128; b < K * (int64_t)sizeof(WT); b += 32 * 128 * KS)
+      prefetch_l2(wb + b);
+    if (kScaled && part == 0 && lane * 32 < K / G) prefetch_l2(S + n * lds + lane * 32);
+  }
+  pdl_begin();
+  if (KS == 1 && n >= N) return;  // the whole warp leaves together (KS > 1: every warp meets the barrier below)
+  float acc[MR];
+#pragma unroll
+  for (int r = 0; r < MR; ++r) acc[r] = 0.f;
+  if (n < N) {
+    const WT* wrow = Wt + n * ldw;
+    const float* srow = kScaled ? S + n * lds : nullptr;
+    int64_t k_tail = 0;  // where the element loads start
+    if constexpr (VEC) {
+      const uint4* w = reinterpret_cast<const uint4*>(wrow);
+      const int64_t KV = K / E;  // 16-byte loads per row
+      int64_t j = lane + 32 * part;
+      for (; j + 3 * STEP < KV; j += 4 * STEP) {  // 4 loads of W in flight per lane
+        const uint4 u0 = __ldg(w + j), u1 = __ldg(w + j + STEP), u2 = __ldg(w + j + 2 * STEP),
+                    u3 = __ldg(w + j + 3 * STEP);
+        float s0 = 1.f, s1 = 1.f, s2 = 1.f, s3 = 1.f;
+        if constexpr (kScaled) {  // one scale per load: its 16 weights lie in one group
+          s0 = __ldg(srow + group(j * E));
+          s1 = __ldg(srow + group((j + STEP) * E));
+          s2 = __ldg(srow + group((j + 2 * STEP) * E));
+          s3 = __ldg(srow + group((j + 3 * STEP) * E));
+        }
+        nk_chunk<WT, MR>(u0, s0, A, lda, M, j * E, acc);
+        nk_chunk<WT, MR>(u1, s1, A, lda, M, (j + STEP) * E, acc);
+        nk_chunk<WT, MR>(u2, s2, A, lda, M, (j + 2 * STEP) * E, acc);
+        nk_chunk<WT, MR>(u3, s3, A, lda, M, (j + 3 * STEP) * E, acc);
+      }
+      // the rest, at most 3 loads per lane (j + 3·STEP >= KV here): issued together, not one round trip each
+      uint4 u[3];
+      float s[3] = {1.f, 1.f, 1.f};
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+        if (j + i * STEP < KV) {
+          u[i] = __ldg(w + j + i * STEP);
+          if constexpr (kScaled) s[i] = __ldg(srow + group((j + i * STEP) * E));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 3; ++i)
+        if (j + i * STEP < KV) nk_chunk<WT, MR>(u[i], s[i], A, lda, M, (j + i * STEP) * E, acc);
+      k_tail = KV * E;
+    }
+    for (int64_t k = k_tail + lane + 32 * part; k < K; k += STEP) {  // the whole row when !VEC, else K % E
+      float wk = Widen<WT>::one(wrow + k);
+      if constexpr (kScaled) wk *= __ldg(srow + group(k));
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+        if (r < M) acc[r] = fmaf(A[r * lda + k], wk, acc[r]);
+    }
+  }
+  if constexpr (KS == 1) {
+#pragma unroll
+    for (int r = 0; r < MR; ++r) {
+      if (r < M) {
+        const float v = warp_sum(acc[r]);
+        if (lane == r) C[r * N + n] = epilogue(v, epi, bias, n, R, ldr, r);
+      }
+    }
+  } else {
+    __shared__ float red[kNkWarps][MR];  // each warp's sums, by x row
+#pragma unroll
+    for (int r = 0; r < MR; ++r) {
+      if (r < M) {
+        const float v = warp_sum(acc[r]);  // (warp-uniform loop: every lane takes part in the shuffles)
+        if (lane == r) red[warp][r] = v;
+      }
+    }
+    __syncthreads();
+    if (part == 0 && n < N && lane < M) {  // the column's first warp: lane r sums row r over the parts, in order
+      float v = 0.f;
+#pragma unroll
+      for (int q = 0; q < KS; ++q) v += red[warp + q][lane];
+      C[lane * N + n] = epilogue(v, epi, bias, n, R, ldr, lane);
+    }
+  }
+}
+
+template <class WT, int MR, int KS>
+void launch_lowp_nk_ks(bool vec, unsigned grid, const float* A, int64_t lda, int M, int64_t K, const WT* Wt,
+                       int64_t ldw, int64_t N, const float* S, int64_t lds, int64_t G, int gshift, const float* bias,
+                       int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
+  if (vec)
+    launch(gemv_lowp_nk_kernel<WT, MR, true, KS>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, S, lds, G,
+           gshift, bias, epi, R, ldr, C, pdl_enabled());
+  else
+    launch(gemv_lowp_nk_kernel<WT, MR, false, KS>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, S, lds, G,
+           gshift, bias, epi, R, ldr, C, pdl_enabled());
+}
+
+template <class WT, int MR>
+void launch_lowp_nk(bool vec, int ks, const float* A, int64_t lda, int M, int64_t K, const void* Wv, int64_t ldw,
+                    int64_t N, const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R,
+                    int64_t ldr, float* C, cudaStream_t stream) {
+  const WT* Wt = static_cast<const WT*>(Wv);
+  const unsigned grid = blocks_for(N, kNkWarps / ks);
+  int gshift = -1;  // log2(G) when G is a power of two
+  for (int b = 0; b < 62; ++b)
+    if (G == (int64_t(1) << b)) gshift = b;
+  if (ks == 4)
+    launch_lowp_nk_ks<WT, MR, 4>(vec, grid, A, lda, M, K, Wt, ldw, N, S, lds, G, gshift, bias, epi, R, ldr, C, stream);
+  else if (ks == 2)
+    launch_lowp_nk_ks<WT, MR, 2>(vec, grid, A, lda, M, K, Wt, ldw, N, S, lds, G, gshift, bias, epi, R, ldr, C, stream);
+  else
+    launch_lowp_nk_ks<WT, MR, 1>(vec, grid, A, lda, M, K, Wt, ldw, N, S, lds, G, gshift, bias, epi, R, ldr, C, stream);
+}
+
+// Warps per column: 1, or 2 / 4 while the columns alone give fewer than ~32 warps per SM (GPT-2's 768…1600 outputs)
+// and each warp keeps at least 2 loads per lane of its row.
+int lowp_nk_split(int64_t K, int64_t N, int elems, int num_sms) {
+  const int64_t loads = K / elems, want = 32 * (int64_t)(num_sms > 0 ? num_sms : 1);
+  int ks = 1;
+  while (ks < kNkWarps && N * ks < want && loads >= 64 * 2 * ks) ks *= 2;
+  return ks;
+}
+
+template <class WT>
+cudaError_t lowp_nk(const float* A, int64_t lda, int64_t M, int64_t K, const void* Wt, int64_t ldw, int64_t N,
+                    const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R, int64_t ldr,
+                    float* C, int num_sms, cudaStream_t stream) {
+  constexpr bool kScaled = std::is_same_v<WT, int8_t>;
+  const bool vec = aligned16(Wt) && (ldw * (int64_t)sizeof(WT)) % 16 == 0 && aligned16(A) && lda % 4 == 0 &&
+                   (!kScaled || G % 16 == 0);
+  const int ks = lowp_nk_split(K, N, Wide16<WT>::kElems, num_sms);
+  if (M == 1)
+    launch_lowp_nk<WT, 1>(vec, ks, A, lda, 1, K, Wt, ldw, N, S, lds, G, bias, epi, R, ldr, C, stream);
+  else if (M <= 8)
+    launch_lowp_nk<WT, 8>(vec, ks, A, lda, (int)M, K, Wt, ldw, N, S, lds, G, bias, epi, R, ldr, C, stream);
+  else
+    launch_lowp_nk<WT, kGemvMaxRows>(vec, ks, A, lda, (int)M, K, Wt, ldw, N, S, lds, G, bias, epi, R, ldr, C, stream);
+  return cudaGetLastError();
+}
+
 // ---------------------------------------------------------------- launchers
 
 int vec_of(LowpType t) { return t == LowpType::I8 ? 4 : 2; }
@@ -219,6 +475,23 @@ cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int6
     case LowpType::I8:
       return launch<int8_t>(A, lda, M, K, W, ldw, N, scales, lds, group, bias, epi, R, ldr, C, splits, workspace,
                             num_sms, stream, ch, kv);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t matmul_lowp_nk(LowpType t, const float* A, int64_t lda, int64_t M, int64_t K, const void* Wt, int64_t ldw,
+                           int64_t N, const float* scales, int64_t lds, int64_t group, const float* bias, int epi,
+                           const float* R, int64_t ldr, float* C, int num_sms, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaGetLastError();
+  if (M < 0 || M > kGemvMaxRows || K < 1 || N > (int64_t)kNkWarps * 0x7fffffff) return cudaErrorInvalidValue;
+  if (t == LowpType::I8 && (scales == nullptr || group < 1 || K % group != 0)) return cudaErrorInvalidValue;
+  switch (t) {
+    case LowpType::F16:
+      return lowp_nk<__half>(A, lda, M, K, Wt, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, num_sms, stream);
+    case LowpType::BF16:
+      return lowp_nk<__nv_bfloat16>(A, lda, M, K, Wt, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, num_sms, stream);
+    case LowpType::I8:
+      return lowp_nk<int8_t>(A, lda, M, K, Wt, ldw, N, scales, lds, group, bias, epi, R, ldr, C, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -489,13 +489,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // matmul_nk: y = epi(x @ weight.T + bias) with weight [N, K] (nn.Linear's layout), for x of at most kGemvMaxRows
-// rows: the decode GEMV variant 2.
+// rows: the decode GEMV variant 2. float32 weights: matmul.cu's kernel; float16 / bfloat16 / int8 (the reduced weight
+// modes' [N, K] copies, WeightFormat 'nk'; int8 with float32 scales [N, K / group]): matmul_lowp.cu's, 16-byte loads.
 at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     c10::string_view epilogue, const std::optional<at::Tensor>& residual) {
+                     c10::string_view epilogue, const std::optional<at::Tensor>& residual,
+                     const std::optional<at::Tensor>& scales) {
   const char* op = "matmul_nk";
   const int epi = parse_epilogue(epilogue);
   GK_CHECK_FLOAT(x, op, "x");
-  GK_CHECK_FLOAT(weight, op, "weight");
+  const bool lowp = is_lowp(weight.scalar_type());
+  TORCH_CHECK_TYPE(lowp || weight.scalar_type() == at::kFloat,
+                   "gpt2kern.matmul_nk: weight must be Float (or Half, BFloat16, or Char with scales: the reduced "
+                   "weight modes), got ",
+                   weight.scalar_type());
   GK_CHECK_SAME_DEVICE(x, weight, op, "weight");
   TORCH_CHECK_VALUE(x.dim() >= 1, "gpt2kern.matmul_nk: x must have at least 1 dim");
   const int64_t K = x.size(-1);
@@ -504,6 +510,28 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   const int64_t N = weight.size(0), M = K > 0 ? x.numel() / K : 0;
   TORCH_CHECK_VALUE(M <= cuda::kGemvMaxRows, "gpt2kern.matmul_nk: x must have at most ", cuda::kGemvMaxRows,
                     " rows (a decode GEMV), got ", M);
+  at::Tensor S;
+  int64_t group = 0;
+  if (weight.scalar_type() != at::kChar) {
+    TORCH_CHECK_VALUE(!scales.has_value(), "gpt2kern.matmul_nk: weight is ", weight.scalar_type(),
+                      " and has scales, but only int8 weights take them");
+  } else {
+    TORCH_CHECK_VALUE(scales.has_value(), "gpt2kern.matmul_nk: weight is int8 and needs its scales (float32 [", N, ", ",
+                      K, " / group])");
+    const at::Tensor& s = *scales;
+    GK_CHECK_FLOAT(s, op, "scales");
+    GK_CHECK_SAME_DEVICE(x, s, op, "scales");
+    const int64_t groups = s.dim() == 2 ? s.size(1) : 0;
+    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == N && groups >= 1 && K % groups == 0,
+                      "gpt2kern.matmul_nk: scales must be [", N, ", ", K,
+                      " / group] (in layout 'nk': one scale per output row and group of inputs) with the group "
+                      "dividing ",
+                      K, ", got ", s.sizes());
+    S = s.stride(1) == 1 || groups <= 1 ? s : s.contiguous();
+    group = K / groups;
+  }
+  TORCH_CHECK_VALUE(!lowp || K < (int64_t(1) << 31), "gpt2kern.matmul_nk: a ", weight.scalar_type(),
+                    " weight needs in < 2^31, got ", K);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   if (bias) {
@@ -530,10 +558,19 @@ at::Tensor matmul_nk(const at::Tensor& x, const at::Tensor& weight, const std::o
   if (y.numel() == 0) return y;
   at::Tensor A = as_rows(x, K), W = weight.stride(1) == 1 ? weight : weight.contiguous();
   at::Tensor b = bias ? bias->contiguous() : at::Tensor(), rr = residual ? as_rows(*residual, N) : at::Tensor();
-  GK_CUDA_CHECK_LAUNCH("matmul_nk", cuda::matmul_nk(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(),
-                                                    row_stride(W), N, b.defined() ? b.data_ptr<float>() : nullptr, epi,
-                                                    rr.defined() ? rr.data_ptr<float>() : nullptr,
-                                                    rr.defined() ? row_stride(rr) : 0, y.data_ptr<float>(), stream()));
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* pr = rr.defined() ? rr.data_ptr<float>() : nullptr;
+  const int64_t ldr = rr.defined() ? row_stride(rr) : 0;
+  if (lowp)
+    GK_CUDA_CHECK_LAUNCH(
+        "matmul_nk", cuda::matmul_lowp_nk(lowp_type(W.scalar_type()), A.data_ptr<float>(), row_stride(A), M, K,
+                                          W.data_ptr(), row_stride(W), N, S.defined() ? S.data_ptr<float>() : nullptr,
+                                          S.defined() ? row_stride(S) : 0, group, pb, epi, pr, ldr, y.data_ptr<float>(),
+                                          num_sms(), stream()));
+  else
+    GK_CUDA_CHECK_LAUNCH(
+        "matmul_nk", cuda::matmul_nk(A.data_ptr<float>(), row_stride(A), M, K, W.data_ptr<float>(), row_stride(W), N,
+                                     pb, epi, pr, ldr, y.data_ptr<float>(), stream()));
   return y;
 }
 

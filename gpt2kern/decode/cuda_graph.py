@@ -36,7 +36,9 @@ class Variant:
     what: str
     matmul: str | None = None  # the step's matmuls: 'nk' (matmul_nk), 'decode' (matmul_decode), 'prefill'
     #                            (matmul_prefill under prefill_gemm 3); None: step_matmul's
-    fp32_only: bool = False  # reads fp32 weights: the reduced modes have conv1d's GEMV only
+    fp32_only: bool = False  # reads fp32 weights: the reduced modes run conv1d's GEMV or gemv 2
+    given_unless_fp32: bool = False  # the table (measured with fp32 weights) chooses it for fp32 only; other modes
+    # run it when it is given
     decode_rows: bool = False  # runs decode GEMVs: at most ops.GEMV_MAX_ROWS rows
     counters: bool = False  # split-K ticket counters, one per 32 output columns
     kv_in_gemv: bool = False  # c_attn's GEMV stores K/V and the embedding kernel advances the cursor
@@ -47,8 +49,10 @@ class Variant:
 # The one statement of the step's variants and which combine (csrc/cuda/ops_cuda.cpp checks the same per op).
 RULES = {
     "gemv": {
-        2: Variant("matmul_nk on [out, in] copies of the block and lm_head weights (double the weights' memory)",
-                   matmul="nk", fp32_only=True, decode_rows=True),
+        2: Variant("matmul_nk on [out, in] copies of the block and lm_head weights (double the weights' memory), in "
+                   "every weight mode: fp32 float4 loads, fp16/bf16/int8 16-byte loads (int8: + [out, in / group] "
+                   "scales); chosen from the table for fp32 only (measured there), given for the others",
+                   matmul="nk", decode_rows=True, given_unless_fp32=True),
         3: Variant("ops.matmul_decode: conv1d's split-K GEMV with x in shared memory; bitwise conv1d",
                    matmul="decode", fp32_only=True, decode_rows=True),
         4: Variant("gemv 3 without finish kernels: the last block per 32 columns sums the partials; bitwise conv1d",
@@ -109,7 +113,8 @@ def refusals(v: dict, batch_size: int, mode: str = "fp32", sm: int | None = None
         if sm is not None and sm < r.min_sm:
             why[name] = f"{name}={v[name]} needs an sm_{r.min_sm} or newer GPU, this one is sm_{sm}"
         elif r.fp32_only and mode != "fp32":
-            why[name] = f"{name}={v[name]} reads fp32 weights; weights={mode!r} run conv1d's GEMV (leave {name} unset)"
+            why[name] = (f"{name}={v[name]} reads fp32 weights; weights={mode!r} run conv1d's GEMV (leave {name} "
+                         f"unset) or gemv=2")
         elif v["gemv"] in r.not_after:
             why[name] = r.not_after[v["gemv"]]
         elif r.decode_rows and not 1 <= batch_size <= ops.GEMV_MAX_ROWS:
@@ -132,13 +137,15 @@ def default_variants(gpu: str, batch_size: int, mode: str = "fp32", given: dict 
                      table: dict | None = None, sm: int | None = None) -> dict:
     """The decoder's variants: those `given` (not None), the rest from the table's entry for this GPU at the largest
     measured batch size <= batch_size (else the smallest), or UNLISTED's when the GPU has none. A chosen variant that
-    this call cannot run (refusals) is stepped back: gemv to None (conv1d's path), kv_write=3 to 2; a given one is
-    kept (the constructor refuses it with the reason). sm: the GPU's compute capability, as refusals'."""
+    this call cannot run (refusals), or that the table chose for fp32 weights only (given_unless_fp32: gemv 2 over
+    the reduced modes), is stepped back: gemv to None (conv1d's path), kv_write=3 to 2; a given one is kept (the
+    constructor refuses it with the reason). sm: the GPU's compute capability, as refusals'."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     by_batch = (variant_table() if table is None else table).get(gpu, {}).get("by_batch", {})
     v = {**(_measured(by_batch, batch_size) or _measured(UNLISTED, batch_size)), **given}
     for name in RULES:  # gemv first: kv_write's refusals depend on it
-        if name not in given and name in refusals(v, batch_size, mode, sm):
+        if name not in given and (name in refusals(v, batch_size, mode, sm)
+                                  or (RULES[name][v[name]].given_unless_fp32 and mode != "fp32")):
             v[name] = _runs_everywhere(name)
     return v
 
@@ -193,9 +200,10 @@ class CudaGraphDecoder:
             self.ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
             self.cursor = torch.zeros(2 + B, dtype=torch.long, device=dev)
             self.slot, self.kv_len, self.pos = self.cursor[0:1], self.cursor[1:2], self.cursor[2:].view(B, 1)
-            # matmul_nk reads [out, in] copies (of fp32 'kn' Linears: data is [in, out]), by (layer, which)
-            self._nk = ({key: (lin.data.t().contiguous(), lin.bias) for key, lin in self._lins.items()}
-                        if gemv.matmul == "nk" else None)
+            # matmul_nk reads [out, in] copies of the 'kn' Linears (data [in, out]) in their mode, int8 with scales
+            # [out, in / group] (WeightFormat.nk_copy: the same stored values), by (layer, which)
+            self._nk = ({key: (*lin.fmt.nk_copy(lin.data, lin.scales)[1:], lin.bias)
+                         for key, lin in self._lins.items()} if gemv.matmul == "nk" else None)
             # one split-K ticket counter per 32 output columns, shared by the step's GEMVs (they run one after
             # another); each GEMV leaves its counters at zero
             self._counters = (torch.zeros((max(x.n_out for x in self._lins.values()) + 31) // 32, dtype=torch.int32,
@@ -236,8 +244,8 @@ class CudaGraphDecoder:
         return self._lins[i, which](x, epilogue)
 
     def _mm_nk(self, i, which, x, epilogue):
-        w, b = self._nk[i, which]
-        return ops.matmul_nk(x, w, b, epilogue)
+        w, s, b = self._nk[i, which]
+        return ops.matmul_nk(x, w, b, epilogue, None, s)
 
     def _mm_prefill(self, i, which, x, epilogue):  # gemv 5: the step runs under prefill_gemm 3 (_step_body)
         lin = self._lins[i, which]

@@ -156,12 +156,14 @@ def decode_attention(q, k, v, key_mask, kv_len, scale: float):
                              _tensor(kv_len, "kv_len"), float(scale))
 
 
-def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None):
+def matmul_nk(x, weight, bias=None, epilogue: str = "none", residual=None, scales=None):
     """CUDA decode GEMV, variant 2 (CudaGraphDecoder gemv=2): epilogue(x @ weight.T + bias) with weight [out, in]
-    (nn.Linear's layout), x of at most GEMV_MAX_ROWS rows; one warp per output column, no split-K."""
+    (nn.Linear's layout), x of at most GEMV_MAX_ROWS rows; one warp per output column, no split-K. weight float32
+    (float4 loads), or a reduced weight mode's [out, in] copy (WeightFormat 'nk'): float16, bfloat16, or int8 with
+    its float32 scales [out, in / group] (w = q * scales[n, k // group]), read 16 bytes per lane and load."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual)
+    return _matmul_nk(_on_cuda("matmul_nk", x), _tensor(weight, "weight"), bias, epilogue, residual, scales)
 
 
 def matmul_prefill(x, weight, bias=None, epilogue: str = "none", residual=None, splits: int = 0):
@@ -347,7 +349,7 @@ def _(q, k, v, key_mask, kv_len, scale):
 
 
 @torch.library.register_fake("gpt2kern::matmul_nk")
-def _(x, weight, bias=None, epilogue="none", residual=None):
+def _(x, weight, bias=None, epilogue="none", residual=None, scales=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -2,7 +2,8 @@
 
     WeightFormat(layout, dtype, n_in, n_out, group)   how one matmul weight is stored: HF's own fp32 tensor read
                                           in place ('kn' [in, out] / 'nk' [out, in]) or packed panels in fp32,
-                                          fp16, bf16 or int8 (+ scales); on CUDA 'kn' in any of the four dtypes;
+                                          fp16, bf16 or int8 (+ scales); on CUDA 'kn' in any of the four dtypes, and
+                                          'nk' ones for the decode GEMV variant 2 (nk_copy);
                                           the op, engine, fakes and bench read it
     Linear(data, scales, bias, fmt)       one Conv1D (or the lm_head) in its format; on CUDA [in, out] ('kn')
     Norm(weight, bias, eps)               one LayerNorm
@@ -57,9 +58,12 @@ class WeightFormat:
                'kn'      [n_in, n_out]: fp32 is HF Conv1D's own weight, read in place (CPU and CUDA); fp16, bf16
                          and int8 are the CUDA storage of the reduced modes (a copy in that orientation, which the
                          CUDA kernels read: the CPU kernels read 'kn' in fp32 only and refuse the others by name)
-               'nk'      an [n_out, n_in] fp32 weight read in place (the lm_head over the tied wte; CPU)
+               'nk'      [n_out, n_in]: fp32 is an nn.Linear-style weight read in place (the lm_head over the tied
+                         wte; CPU); in every dtype the CUDA decode GEMV variant 2's copies (ops.matmul_nk,
+                         CudaGraphDecoder gemv=2: nk_copy), which the CPU kernels refuse but in fp32, by name
         dtype  'fp32' | 'fp16' | 'bf16' | 'int8'; int8 is symmetric with fp32 scales, one per `group` consecutive
-               inputs and output column: [panels, n_in / group, PANEL] for 'panels', [n_in / group, n_out] for 'kn'
+               inputs and output column: [panels, n_in / group, PANEL] for 'panels', [n_in / group, n_out] for 'kn',
+               [n_out, n_in / group] for 'nk' (a row's groups contiguous, as its weights)
     """
     layout: str
     dtype: str
@@ -71,9 +75,6 @@ class WeightFormat:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         check_mode(self.dtype)
-        if self.layout == "nk" and self.dtype != "fp32":
-            raise ValueError(f"layout 'nk' reads an fp32 weight in place; {self.dtype} is stored as 'panels' (CPU) "
-                             f"or 'kn' (CUDA)")
         if self.dtype == "int8" and not (self.group >= 1 and self.n_in % self.group == 0):
             raise ValueError(f"int8 group must divide n_in={self.n_in}, got {self.group}")
 
@@ -92,6 +93,8 @@ class WeightFormat:
             return None
         if self.layout == "kn":
             return (self.n_in // self.group, self.n_out)
+        if self.layout == "nk":
+            return (self.n_out, self.n_in // self.group)
         return (self.panels, self.n_in // self.group, ops.PANEL)
 
     @property
@@ -103,12 +106,16 @@ class WeightFormat:
     def make(self, w_in_out: torch.Tensor):
         """(data, scales) in this format from an [n_in, n_out] float32 weight (a view is fine), on the weight's
         device. fp16/bf16 round to nearest even; int8 is symmetric: scale = max|w| / 127 per group and column,
-        q = round(w / scale). fp32 'kn' / 'nk' are the weight itself (a view)."""
+        q = round(w / scale). fp32 'kn' / 'nk' are the weight itself (a view); fp16 / bf16 / int8 'nk' hold the
+        values of 'kn' transposed (nk_copy)."""
         w = w_in_out.detach()
         if self.layout == "kn" and self.dtype == "fp32":
             return w, None
-        if self.layout == "nk":
+        if self.layout == "nk" and self.dtype == "fp32":
             return w.t(), None
+        if self.layout == "nk":
+            kn = dataclasses.replace(self, layout="kn")
+            return kn.nk_copy(*kn.make(w))[1:]
         if not torch.isfinite(w).all():
             raise ValueError(f"cannot store a {self.n_in} -> {self.n_out} weight as {self.dtype}: it holds NaN or "
                              f"inf values")
@@ -151,6 +158,18 @@ class WeightFormat:
                 data[:, n0:n1] = wc.to(data.dtype)
         return data, scales
 
+    def nk_copy(self, data: torch.Tensor, scales: torch.Tensor | None):
+        """(format, data, scales) of the same stored values in layout 'nk' ([n_out, n_in], int8 scales
+        [n_out, n_in / group], both contiguous, on data's device): what ops.matmul_nk reads (the decode GEMV
+        variant 2). From 'kn' a transposed copy (the same q and scales: no rounding again); 'nk' as it is, made
+        contiguous where it is not."""
+        if self.layout == "panels":
+            raise ValueError("nk_copy reads layout 'kn' or 'nk', got 'panels' (the CPU packs)")
+        fmt = dataclasses.replace(self, layout="nk")
+        if self.layout == "nk":
+            return fmt, data.contiguous(), None if scales is None else scales.contiguous()
+        return fmt, data.t().contiguous(), None if scales is None else scales.t().contiguous()
+
     def unpack(self, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """The [n_in, n_out] float64 weight this storage represents (tests' reference: exact, from the stored
         values)."""
@@ -160,7 +179,10 @@ class WeightFormat:
                 w = w * scales.double().repeat_interleave(self.group, dim=0)
             return w
         if self.layout == "nk":
-            return data.t().double()
+            w = data.double()
+            if scales is not None:
+                w = w * scales.double().repeat_interleave(self.group, dim=1)
+            return w.t()
         w = data.double()
         if scales is not None:
             w = w * scales.double().repeat_interleave(self.group, dim=1)
