@@ -42,8 +42,9 @@ seconds each takes on an H200 by the 2026-12-04 side-by-side run's numbers (HF s
     model.forward = torch.compile(..., mode="reduce-overhead", fullgraph=True): HF's documented recipe), in a
     child process so that a compile that hangs or fails costs this row only (optional: not a failure)     ~27 s
   extras, only with time left: decode B=1 gpt2-medium; bf16 prefill of medium and xl                     ~10 s
-  about 95 s in all; gpu_check gives the step 128 s and --deadline-s 116. Each part starts only when its
-estimate (~1.5x the above; the compile 40 s, given at most 90) fits before the deadline (counted from this
+  about 95 s in all; gpu_check gives the step 93 s and --deadline-s 81 (its CUDA tests come first), so the last
+  parts may wait for a second call on the warm machine (--deadline-s 240 measures them all). Each part starts only
+when its estimate (~1.5x the above; the compile 40 s, given at most 90) fits before the deadline (counted from this
 process's start), else it is recorded as "not measured (time)"; the xl decode is sized down (two decoders) and the
 extras come last, so a slow GPU loses the extras first. Results are saved after every part (--json, --table-out): a
 step killed later keeps them. Exit 1 when an fp32 decoder's tokens differ from HF's, a prefill variant is off HF

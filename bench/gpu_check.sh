@@ -17,10 +17,12 @@
 #                  variant is off HF eager by more than 1e-4
 # Step limits: >= 20 % over the times of the last H200 run (bench/RESULTS-gpu.md: gpu_assert 5 s, build 39,
 # cuda_tests 166, memcheck 13, memcheck_decode 6, racecheck 9, racecheck_decode 11, initcheck 6, gpu_bench 25), more
-# where a step has grown since (not measured yet: prefill GEMM variant 3 and attention variant 2 with their tests,
-# sanitizer cases and gpu_bench tables, decode launch variant 2): build 55, cuda_tests 225, memcheck 22, racecheck 14,
-# initcheck 10, gpu_bench 46; gpu_sizes gets the rest, 128 s (~95 s of parts on an H200 by the first side-by-side
-# run's numbers: bench/gpu_bench.py's header).
+# where a step has grown since (not measured yet: prefill GEMM variant 3 (fp32 and bf16 weights) and attention
+# variant 2 with their tests, sanitizer cases and gpu_bench tables, decode launch variant 2, gemv 5, the reduced
+# modes' [N, K] GEMV: 1224 CUDA tests where the measured run had 833): build 55, cuda_tests 250, memcheck 22,
+# racecheck 14, initcheck 10, gpu_bench 56; gpu_sizes gets the rest, 93 s (~95 s of parts on an H200 by the first
+# side-by-side run's numbers, bench/gpu_bench.py's header: the last parts may be "not measured (time)"; a second
+# device call on the warm machine measures them all: python bench/gpu_bench.py --sizes --deadline-s 240).
 # Each step runs under `timeout`. $OUT (default bench/out/) gets six files: table.txt (the short table, also printed
 # last), gpu_bench.json, sizes.json, sizes_table.md (the target table), cuda_variants.json and gpu_check_logs.tar.gz
 # (every log, packed at exit: a device machine returns few files); the logs themselves are written to
@@ -40,7 +42,7 @@ BUDGET=${GPU_CHECK_BUDGET_S:-530}  # seconds for the steps: a 15-minute window l
 # step limits in seconds, in run order; they must add up to no more than BUDGET
 STEP_NAMES=(gpu_assert build cuda_tests memcheck memcheck_decode racecheck racecheck_decode initcheck gpu_bench
             gpu_sizes)
-STEP_LIMITS=(8 55 225 22 8 14 14 10 46 128)
+STEP_LIMITS=(8 55 250 22 8 14 14 10 56 93)
 SIZES_MARGIN=12  # gpu_sizes' own deadline: its limit less this (writing its files, exiting with GBs on the GPU)
 # skip reasons (pytest -rs) that do not fail the check: tests that need more GPUs than one machine has, and tests of
 # what happens without a GPU (tests/conftest.py's no_gpu)
@@ -141,7 +143,7 @@ assert gpt2kern.ops.has_cuda(), \"gpt2kern._C was built without its CUDA kernels
 print(\"gpt2kern CUDA kernels: built\")"' || fail_now "build (see $LOGS/build.log)"
 
 # 3. the CUDA tests; skipped tests are listed by -rs and fail the check
-step cuda_tests python -m pytest -q -rs -k cuda tests/ --junitxml="$LOGS/cuda_tests.xml"
+step cuda_tests python -m pytest -q -rs --durations=30 -k cuda tests/ --junitxml="$LOGS/cuda_tests.xml"
 python - "$LOGS/cuda_tests.xml" "$ALLOWED_SKIP" >"$LOGS/cuda_skips.log" 2>&1 <<'EOF'
 import re, sys, xml.etree.ElementTree as ET
 path, allowed = sys.argv[1], sys.argv[2]

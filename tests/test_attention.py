@@ -205,9 +205,10 @@ def flash_attention():
 
 @pytest.mark.skipif(not ops.has_cuda(), reason="built without the CUDA kernels")
 def test_flash_attention_knob_cuda():
-    # no GPU needed: the knob lives in the extension; variant 2 exists, 1 stays the default until measured
+    # no GPU needed: the knob lives in the extension; variant 2 exists (the live default may be a GPU's measured one,
+    # kernels/cuda_table.py, so only its range is checked)
     before = ops.cuda_variant("prefill_attention")
-    assert before == 1
+    assert before in (1, 2)
     with attention_variant(2):
         assert ops.cuda_variant("prefill_attention") == 2
         with pytest.raises(ValueError, match="variants 1 to 2, got 3"):

@@ -66,9 +66,10 @@ def test_step_budgets_fit_the_total_correctness_first():
                     racecheck_decode=11, initcheck=6, gpu_bench=25)
     limits = dict(steps)
     assert all(limits[n] >= 1.2 * t for n, t in measured.items()), limits
-    # gpu_sizes: its parts (~95 s on an H200, bench/gpu_bench.py's header) inside its deadline, the limit less
-    # SIZES_MARGIN
-    assert limits["gpu_sizes"] - 12 >= 110
+    # gpu_sizes: inside its deadline (the limit less SIZES_MARGIN) at least the parts before the optional ones
+    # (~58 s on an H200 by bench/gpu_bench.py's header; the HF compile row and the extras may be left for a second
+    # call): the CUDA tests' limit comes first
+    assert limits["gpu_sizes"] - 12 >= 80
 
 
 def test_a_budget_below_the_steps_is_refused(tmp_path):

@@ -418,10 +418,10 @@ int64_t chunk_of(LowpType t, int64_t group) {
 int rows_per_block(int64_t M) { return M == 1 ? 1 : kLpRows; }
 
 template <class WT>
-cudaError_t launch(const float* A, int64_t lda, int64_t M, int64_t K, const void* Wv, int64_t ldw, int64_t N,
-                   const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R, int64_t ldr,
-                   float* out, int splits, float* workspace, int num_sms, cudaStream_t stream, int64_t C,
-                   const KvOut& kv) {
+cudaError_t launch_lowp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Wv, int64_t ldw, int64_t N,
+                        const float* S, int64_t lds, int64_t G, const float* bias, int epi, const float* R, int64_t ldr,
+                        float* out, int splits, float* workspace, int num_sms, cudaStream_t stream, int64_t C,
+                        const KvOut& kv) {
   const WT* W = static_cast<const WT*>(Wv);
   if (M <= kGemvMaxRows) {
     constexpr int COLS = 32 * Widen<WT>::kVec;
@@ -467,14 +467,14 @@ cudaError_t matmul_lowp(LowpType t, const float* A, int64_t lda, int64_t M, int6
   const int64_t ch = chunk_of(t, group);
   switch (t) {
     case LowpType::F16:
-      return launch<__half>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, splits, workspace, num_sms,
-                            stream, ch, kv);
+      return launch_lowp<__half>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, splits, workspace,
+                                 num_sms, stream, ch, kv);
     case LowpType::BF16:
-      return launch<__nv_bfloat16>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, splits, workspace,
-                                   num_sms, stream, ch, kv);
+      return launch_lowp<__nv_bfloat16>(A, lda, M, K, W, ldw, N, nullptr, 0, 1, bias, epi, R, ldr, C, splits, workspace,
+                                        num_sms, stream, ch, kv);
     case LowpType::I8:
-      return launch<int8_t>(A, lda, M, K, W, ldw, N, scales, lds, group, bias, epi, R, ldr, C, splits, workspace,
-                            num_sms, stream, ch, kv);
+      return launch_lowp<int8_t>(A, lda, M, K, W, ldw, N, scales, lds, group, bias, epi, R, ldr, C, splits, workspace,
+                                 num_sms, stream, ch, kv);
   }
   return cudaErrorInvalidValue;
 }
