@@ -790,9 +790,9 @@ def test_cuda_graph_decoder_launch_2_is_bitwise_launch_1(cuda_pair, gemv, kv_wri
 @needs_cuda
 @torch.no_grad()
 def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
-    """Every kernel family launched with programmatic dependent launch, each reading the previous one's output (a
-    kernel that touched its inputs before waiting would read stale data), in a loop long enough to overlap: bitwise
-    the plain launches' results."""
+    """Every kernel family launched with programmatic dependent launch on a side stream, each reading the previous
+    one's output (a kernel that touched its inputs before waiting would read stale data), in a loop long enough to
+    overlap: bitwise the plain launches' results."""
     _needs_sm90()
     torch.manual_seed(0)
     B, T, H, D = 2, 40, 2, 32  # D 32: prefill attention variant 2 applies
@@ -804,6 +804,13 @@ def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
     ids = torch.randint(0, 100, (B, T), device="cuda")
     pos = torch.arange(T, device="cuda")[None].expand(B, T)
 
+    from gpt2kern.kernels.weights import WeightFormat, int8_group
+    low = {}  # bf16 and int8 [N, K] copies for the reduced modes' decode GEMV, a bf16 [K, N] for its prefill GEMM
+    for mode in ("bf16", "int8"):
+        fmt = WeightFormat("kn", mode, E, 3 * E, int8_group(E) if mode == "int8" else 0)
+        low[mode] = fmt.nk_copy(*fmt.make(w_qkv))[1:]
+    w16, _ = WeightFormat("kn", "bf16", E, 3 * E, 0).make(w_qkv)
+
     def chain():
         h = ops.embedding(ids, wte, wpe, pos)
         out = []
@@ -814,9 +821,11 @@ def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
             a = ops.attention(q, k, v, None, None, D ** -0.5, 0, True).reshape(B, T, E)
             r = ops.matmul_nk(a[:, -1], w_nk, None, "residual", h[:, -1])  # the decode GEMV, residual epilogue
             d = ops.matmul_decode(r, w_qkv, b_qkv)  # the staged decode GEMV
+            lw = [ops.matmul_nk(r, dd, b_qkv, scales=ss) for dd, ss in low.values()]  # reduced modes' [N, K] GEMV
+            p16 = ops.conv1d(x, w16, b_qkv)  # bf16 weights at 80 rows: the mode's prefill GEMM
             h, x = ops.add_layer_norm(a, h, w_ln, b_ln, 1e-5)
             h = ops.gelu_new(h)
-            out += [r, d, x]
+            out += [r, d, x, p16, *lw]
         return out
 
     before = (ops.set_cuda_pdl(False), ops.cuda_variant("prefill_gemm"), ops.cuda_variant("prefill_attention"))
@@ -825,8 +834,10 @@ def test_pdl_launches_of_dependent_kernels_are_bitwise_plain_launches():
             ops.cuda_variant("prefill_gemm", gemm)
             ops.cuda_variant("prefill_attention", attn)
             want = chain()
+            side = torch.cuda.Stream()  # PDL applies on a created stream (the default stream keeps plain launches)
+            side.wait_stream(torch.cuda.current_stream())
             for _ in range(3):
-                with ops.cuda_pdl(True):
+                with ops.cuda_pdl(True), torch.cuda.stream(side):
                     got = chain()
                 torch.cuda.synchronize()
                 assert all(torch.equal(a, b) for a, b in zip(got, want)), (gemm, attn)

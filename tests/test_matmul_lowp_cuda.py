@@ -153,6 +153,29 @@ def test_lowp_cuda_bf16_prefill_on_tensor_cores(M, K, N, epilogue):
 
 
 @needs_cuda
+def test_lowp_cuda_bf16_tensor_cores_edges():
+    # a partial last K tile (K = 100), a column slice of W (row stride > N, 16 bytes in), x rows 4 floats apart more
+    # than K: each through the tensor-core GEMM, within the budget of the stored weights' float64 product
+    torch.manual_seed(9)
+    M, K, N = 100, 100, 264
+    fmt, d, s = _cuda_stored(torch.randn(K, N + 16) * 0.05, "bf16")
+    xw = torch.randn(M, K + 4)
+    x = xw.cuda()[:, :K]
+    dv = d[:, 8:8 + N]
+    ref = fmt.unpack(d, s).cpu()[:, 8:8 + N]
+    before = ops.cuda_variant("prefill_gemm")
+    try:
+        out = {}
+        for v in (2, 3):
+            ops.cuda_variant("prefill_gemm", v)
+            out[v] = ops.conv1d(x, dv, None)
+    finally:
+        ops.cuda_variant("prefill_gemm", before)
+    assert_parity(out[3], *ref_mm(xw[:, :K], ref, None), K, "cuda bf16 tensor cores: partial K tile, strided W and x")
+    assert not torch.equal(out[3], out[2])  # the tensor cores ran
+
+
+@needs_cuda
 @pytest.mark.parametrize("mode", LOWP)
 @pytest.mark.parametrize("M", [1, 4, 32, 40, 600])
 def test_lowp_cuda_epilogues(mode, M):

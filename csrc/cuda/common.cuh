@@ -57,11 +57,16 @@ __device__ __forceinline__ void pdl_begin() {
 }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed while pdl_enabled().
-// A launch error surfaces through cudaGetLastError(), as <<<>>>'s does.
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch allowed while pdl_enabled() —
+// on a created stream (a CUDA graph's capture, torch's side streams); the legacy default stream (torch's default)
+// keeps plain launches, where PDL's support is not documented. A launch error surfaces through cudaGetLastError(),
+// as <<<>>>'s does.
+inline bool pdl_on(cudaStream_t stream) {  // whether `launch` on this stream uses PDL now
+  return pdl_enabled() && stream != nullptr && stream != cudaStreamLegacy && stream != cudaStreamPerThread;
+}
 template <typename... KArgs, typename... Args>
 inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
-  if (!pdl_enabled()) {
+  if (!pdl_on(stream)) {
     kernel<<<grid, block, smem, stream>>>(args...);
     return;
   }

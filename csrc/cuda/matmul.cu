@@ -410,10 +410,10 @@ static void launch_nk(bool vec, const float* A, int64_t lda, int M, int64_t K, c
   const unsigned grid = blocks_for(N, kNkWarps);
   if (vec)
     launch(gemv_nk_kernel<MR, true>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C,
-           pdl_enabled());
+           pdl_on(stream));
   else
     launch(gemv_nk_kernel<MR, false>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, bias, epi, R, ldr, C,
-           pdl_enabled());
+           pdl_on(stream));
 }
 
 cudaError_t matmul_nk(const float* A, int64_t lda, int64_t M, int64_t K, const float* Wt, int64_t ldw, int64_t N,
@@ -454,10 +454,10 @@ cudaError_t matmul(const float* A, int64_t lda, int64_t M, int64_t K, const floa
     dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
     if (M <= 8)
       launch(gemv_kernel<8>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-             splits, workspace, pdl_enabled());
+             splits, workspace, pdl_on(stream));
     else
       launch(gemv_kernel<kGemvMaxRows>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi, R,
-             ldr, C, splits, workspace, pdl_enabled());
+             ldr, C, splits, workspace, pdl_on(stream));
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
     return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream);
@@ -473,10 +473,10 @@ cudaError_t gemv_staged(const float* A, int64_t lda, int64_t M, int64_t K, const
   dim3 grid((unsigned)((N + 31) / 32), (unsigned)splits);
   if (M <= 8)
     launch(gemv_staged_kernel<8>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi, R, ldr, C,
-           splits, workspace, kv, counters, pdl_enabled());
+           splits, workspace, kv, counters, pdl_on(stream));
   else
     launch(gemv_staged_kernel<kGemvMaxRows>, grid, kGemvWarps * 32, 0, stream, A, lda, (int)M, K, W, ldw, N, bias, epi,
-           R, ldr, C, splits, workspace, kv, counters, pdl_enabled());
+           R, ldr, C, splits, workspace, kv, counters, pdl_on(stream));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1 || counters != nullptr) return err;
   return splitk_finish(workspace, splits, M, N, bias, epi, R, ldr, C, stream, kv);

@@ -2,7 +2,8 @@
 // C = epi(A @ W + b), A fp32 [M, K], W bf16 [K, N] (row stride ldw).
 //
 // W is exactly bf16, so only the activations are split: x = hi + mid + lo, three bf16 parts, each the rounding of
-// what the previous ones left (the rest ~2^-26·|x|), and x·w = lo·w + mid·w + hi·w: three bf16 MMAs
+// what the previous ones left (exact for |x| >= 2^-110: 24 bits in three 8-bit parts; below that only the bits
+// under bf16's smallest subnormal go), and x·w = lo·w + mid·w + hi·w: three bf16 MMAs
 // (mma.sync.m16n8k16, fp32 accumulate) per 16 k's, fp32-level error against the stored weights. What the mode's SIMT
 // tiles (gemm_tiles.cuh) do differently: they widen W to fp32 in shared memory and run fp32 FMAs.
 //  - 128×128 output tile per block of 8 warps (2 along M × 4 along N, each warp 64×32 = 4×4 MMA tiles of 16×8),
@@ -74,7 +75,9 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xbf16_kernel(const float* _
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;                  // the MMA fragments' group and thread-in-group
   const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;  // this warp's 64×32 corner of the tile
-  const int64_t m0 = (int64_t)blockIdx.y * kBM, n0 = (int64_t)blockIdx.x * kBN;
+  // M tiles on grid.x (no 65535 limit: any number of rows), N tiles on grid.y; blocks of one W column tile run
+  // together
+  const int64_t m0 = (int64_t)blockIdx.x * kBM, n0 = (int64_t)blockIdx.y * kBN;
   const int64_t ntiles = (K + kBK - 1) / kBK;
 
   // tile `tile` into stage `st`: 1024 float4 of A (row i / 8, k (i % 8)·4), four per thread, and 512 chunks of 8 bf16
@@ -164,19 +167,19 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xbf16_kernel(const float* _
 }  // namespace
 
 bool gemm_3xbf16_ok(const float* A, int64_t lda, int64_t K, const void* W, int64_t ldw, int64_t N) {
-  return device_major() >= 8 && K % 4 == 0 && N % 8 == 0 && lda % 4 == 0 && ldw % 8 == 0 && aligned16(A) &&
-         aligned16(W);
+  return device_major() >= 8 && K % 4 == 0 && N % 8 == 0 && (N + kBN - 1) / kBN <= 65535 && lda % 4 == 0 &&
+         ldw % 8 == 0 && aligned16(A) && aligned16(W);
 }
 
 cudaError_t gemm_3xbf16(const float* A, int64_t lda, int64_t M, int64_t K, const void* W, int64_t ldw, int64_t N,
                         const float* bias, int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaGetLastError();
-  const int64_t gx = (N + kBN - 1) / kBN, gy = (M + kBM - 1) / kBM;
-  if (!gemm_3xbf16_ok(A, lda, K, W, ldw, N) || K < 1 || gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidValue;
+  const int64_t gm = (M + kBM - 1) / kBM, gn = (N + kBN - 1) / kBN;
+  if (!gemm_3xbf16_ok(A, lda, K, W, ldw, N) || K < 1 || gm > 0x7fffffff) return cudaErrorInvalidValue;
   // more than the 48 KB of static shared memory: opt in (per device and kernel; cheap, and legal under capture)
   cudaError_t err = cudaFuncSetAttribute(gemm_3xbf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  launch(gemm_3xbf16_kernel, dim3((unsigned)gx, (unsigned)gy), kThreads, kSmemBytes, stream, A, lda, M, K,
+  launch(gemm_3xbf16_kernel, dim3((unsigned)gm, (unsigned)gn), kThreads, kSmemBytes, stream, A, lda, M, K,
          static_cast<const __nv_bfloat16*>(W), ldw, N, bias, epi, R, ldr, C);
   return cudaGetLastError();
 }

@@ -354,10 +354,10 @@ void launch_lowp_nk_ks(bool vec, unsigned grid, const float* A, int64_t lda, int
                        int epi, const float* R, int64_t ldr, float* C, cudaStream_t stream) {
   if (vec)
     launch(gemv_lowp_nk_kernel<WT, MR, true, KS>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, S, lds, G,
-           gshift, bias, epi, R, ldr, C, pdl_enabled());
+           gshift, bias, epi, R, ldr, C, pdl_on(stream));
   else
     launch(gemv_lowp_nk_kernel<WT, MR, false, KS>, grid, kNkWarps * 32, 0, stream, A, lda, M, K, Wt, ldw, N, S, lds, G,
-           gshift, bias, epi, R, ldr, C, pdl_enabled());
+           gshift, bias, epi, R, ldr, C, pdl_on(stream));
 }
 
 template <class WT, int MR>

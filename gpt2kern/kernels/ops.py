@@ -260,8 +260,9 @@ def set_cuda_pdl(on: bool) -> bool:
     """Programmatic dependent launch for gpt2kern's CUDA kernels launched from now on (process-wide; needs an sm_90+
     GPU, ValueError otherwise): each kernel may start while the previous one in its stream runs — its blocks
     resident, the decode GEMVs' weights prefetched into L2 — and waits on the device until that one's writes are
-    visible before touching its inputs. Results are bitwise the same either way. Returns the previous setting.
-    CudaGraphDecoder(launch=2) turns it on around its step."""
+    visible before touching its inputs. Results are bitwise the same either way. It applies to launches on created
+    streams (a CUDA graph's capture, torch.cuda.Stream()); the default stream keeps plain launches. Returns the
+    previous setting. CudaGraphDecoder(launch=2) turns it on around its step."""
     if not has_cuda():
         raise RuntimeError("gpt2kern was built without its CUDA kernels")
     if not isinstance(on, bool):
