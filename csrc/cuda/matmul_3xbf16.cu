@@ -20,12 +20,14 @@
 #include "common.cuh"
 #include "launch.h"
 #include "matmul_epilogue.cuh"
+#include "mma_tiles.cuh"
 
 namespace gk::cuda {
 
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 3, kThreads = 256;
+constexpr int kBM = 128, kBN = 128, kBK = 32, kThreads = 256;
+using mma_tiles::kStages;
 constexpr int kLdA = kBK + 8;  // floats per shared A row
 constexpr int kLdW = kBN + 8;  // bf16 per shared W row
 constexpr int kAStageBytes = kBM * kLdA * 4, kWStageBytes = kBK * kLdW * 2;
@@ -100,25 +102,9 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xbf16_kernel(const float* _
     }
   };
 
-  float acc[4][4][4];  // [m tile][n tile][fragment]
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {  // a group per stage, empty past the last tile, so the wait counts hold
-    if (s < ntiles) load(s, s);
-    cp_async_commit();
-  }
-  for (int64_t tile = 0; tile < ntiles; ++tile) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of `tile` landed ...
-    __syncthreads();               // ... everyone's too, and everyone finished reading tile - 1's stage
-    if (tile + kStages - 1 < ntiles) load(tile + kStages - 1, (int)((tile + kStages - 1) % kStages));
-    cp_async_commit();
-    const int st = (int)(tile % kStages);
+  mma_tiles::Acc acc;
+  mma_tiles::zero(acc);
+  mma_tiles::pipeline(ntiles, load, [&](int st) {
     const float* as = As + st * (kAStageBytes / 4) + wm * kLdA;
     const unsigned short* wsm = reinterpret_cast<const unsigned short*>(Ws + st * (kWStageBytes / 2)) + wn;
 #pragma unroll
@@ -149,18 +135,10 @@ __global__ __launch_bounds__(kThreads, 2) void gemm_3xbf16_kernel(const float* _
         }
       }
     }
-  }
-  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+  });
 
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {  // fragment r: row g (+ 8 for r >= 2), column 2t + (r & 1)
-        const int64_t m = m0 + wm + i * 16 + g + (r >= 2 ? 8 : 0), n = n0 + wn + j * 8 + 2 * t + (r & 1);
-        if (m < M && n < N) C[m * N + n] = epilogue(acc[i][j][r], epi, bias, n, R, ldr, m);
-      }
+  mma_tiles::store(acc, m0 + wm, n0 + wn, g, t, M, N,
+                   [&](int64_t m, int64_t n, float v) { C[m * N + n] = epilogue(v, epi, bias, n, R, ldr, m); });
 #endif
 }
 
