@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "common/checks.h"
 #include "cpu/kernel_table.h"
 #include "cpu/ops_cpu.h"
 
@@ -143,9 +144,46 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       "bf16_dot", [] { return gk::bf16_dot() != nullptr; },
       "Whether bf16 weights' prefill runs on VDPBF16PS now (avx512 ISA, a CPU with AVX512_BF16, allowed).");
   mod.def(
+      "set_int8_dot", [](bool on) { gk::set_int8_dot(on); },
+      "Switch int8 weights × int8 activations on (where the CPU has the kernels) or off (the default).");
+  mod.def(
+      "int8_dot_enabled", [] { return gk::int8_dot_enabled(); },
+      "The int8 dot-product switch (GPT2KERN_INT8_DOT=1 turns it on at start).");
+  mod.def(
+      "int8_dot", [] { return gk::int8_dot() != nullptr; },
+      "Whether int8 weights (a group of 4k) multiply x quantized to int8 now (switched on, kernels on this CPU / "
+      "ISA).");
+  mod.def(
+      "int8_dot_kernels",
+      []() -> std::optional<std::string> {
+        const gk::Int8DotKernels* k = gk::int8_dot_kernels();
+        return k ? std::optional<std::string>(k->name) : std::nullopt;
+      },
+      "Which int8 dot-product kernels this CPU runs: 'avx2', 'avxvnni', 'avx512vnni', or None.");
+  mod.def(
+      "int8_quantize_rows",
+      [](const at::Tensor& x, int64_t group) {
+        GK_CHECK_FLOAT(x, "int8_quantize_rows", "x");
+        TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu(),
+                          "gpt2kern.int8_quantize_rows: x must be a 2-D CPU tensor, got ", x.sizes());
+        const int64_t M = x.size(0), K = x.size(1);
+        TORCH_CHECK_VALUE(group >= 1 && K % group == 0, "gpt2kern.int8_quantize_rows: group must divide ", K, ", got ",
+                          group);
+        const gk::Int8DotKernels* k = gk::int8_dot_kernels();
+        TORCH_CHECK(k, "gpt2kern.int8_quantize_rows: no int8 dot-product kernels on this CPU / ISA");
+        const at::Tensor xc = x.contiguous();
+        at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+        at::Tensor sc = at::empty({M, K / group}, x.options());
+        k->quantize_rows(xc.data_ptr<float>(), K, M, K, group, q.data_ptr<int8_t>(), K, sc.data_ptr<float>(),
+                         K / group);
+        return std::make_tuple(q, sc);
+      },
+      pybind11::arg("x"), pybind11::arg("group"),
+      "x's rows quantized per group as the int8 dot-product path does: (int8 codes [M, K], scales [M, K / group]).");
+  mod.def(
       "matmul_strategy",
-      [](const std::string& layout, const std::string& dtype, int64_t rows, int64_t group,
-         std::optional<bool> bf16_dot) {
+      [](const std::string& layout, const std::string& dtype, int64_t rows, int64_t group, std::optional<bool> bf16_dot,
+         std::optional<bool> int8_dot) {
         // the strategy run_matmul would take (tests state the table through it); bf16_dot None: whether the bf16
         // dot-product kernels run now
         const char* who = "matmul_strategy";
@@ -157,10 +195,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
         TORCH_CHECK_VALUE(type != gk::WType::I8 || group >= 1, "gpt2kern.", who, ": int8 needs its group (>= 1), got ",
                           group);
         const bool bd = bf16_dot.has_value() ? *bf16_dot : gk::bf16_dot() != nullptr;
-        return std::string(gk::cpu::matmul_strategy_name(gk::cpu::choose_matmul(lay, type, rows, group, bd)));
+        const bool i8 = int8_dot.has_value() ? *int8_dot : gk::int8_dot() != nullptr;
+        return std::string(gk::cpu::matmul_strategy_name(gk::cpu::choose_matmul(lay, type, rows, group, bd, i8)));
       },
       pybind11::arg("layout"), pybind11::arg("dtype"), pybind11::arg("rows"), pybind11::arg("group") = 0,
-      pybind11::arg("bf16_dot") = pybind11::none(),
+      pybind11::arg("bf16_dot") = pybind11::none(), pybind11::arg("int8_dot") = pybind11::none(),
       "Name of the strategy the CPU matmul takes for `rows` rows against a weight in (layout, dtype).");
   mod.def("supported_isas", [] {
     std::vector<std::string> out;

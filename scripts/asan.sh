@@ -31,7 +31,8 @@ python -c "import gpt2kern, sys; assert gpt2kern.__file__.startswith('$SRC'), gp
 if [ $# -eq 0 ]; then
   set -- tests/test_layernorm.py tests/test_gelu.py tests/test_embedding.py tests/test_matmul.py \
     tests/test_attention.py tests/test_errors.py tests/test_fallback.py tests/test_model_parity.py \
-    tests/test_properties.py tests/test_crashproof.py tests/test_concurrency.py
+    tests/test_properties.py tests/test_crashproof.py tests/test_concurrency.py tests/test_matmul_lowp.py \
+    tests/test_matmul_int8dot.py
 fi
 start=$(date +%s)
 # -p no:cacheprovider: the copy is scratch; reports go to stderr, which pytest shows for a crashed test

@@ -19,7 +19,7 @@
 #                                    kernels here (CUDA headers and a CUDA torch; -DGPT2KERN_CUDA as in that build)
 #   csrc/**/*.h                      each on its own (header self-sufficiency), launch.h under the same condition
 #   csrc/cpu/kernels/*.h             skipped: fragments, parsed inside each isa_*.cpp after vec.h and the GK_ISA
-#                                    defines (the four isa_*.cpp TUs check them in every configuration)
+#                                    defines (the isa_*.cpp TUs check them in every configuration)
 #   csrc/cuda/*.cu, *.cuh            skipped: device code needs nvcc or clang's CUDA mode; nvcc refuses libc++ on x86
 #                                    ("libc++ is not supported on x86 system") and clang 19 supports CUDA <= 12.5
 #                                    (with CUDA 13's headers its own wrapper headers fail). They include only

@@ -13,11 +13,11 @@ DTYPES = ("fp32", "fp16", "bf16", "int8")
 
 # (layout, dtype) -> the strategy per entry of ROWS; int8 with an even group (64). None: the CPU does not read that
 # format (its in-place layouts are fp32 only). Up to 16 rows is decode, except HF's [K, N], whose GEMV serves
-# M <= 2 only.
+# M <= 8 only.
 _DEC, _PRE = 4, 2  # ROWS up to 16, above 16
 TABLE = {
     ("nk", "fp32"): ["nk_decode"] * _DEC + ["nk_prefill"] * _PRE,
-    ("kn", "fp32"): ["kn_decode_gemv"] * 2 + ["convert_per_block"] * 4,
+    ("kn", "fp32"): ["kn_decode_gemv"] * 3 + ["convert_per_block"] * 3,
     ("panels", "fp32"): ["panels_f32"] * 6,
     ("panels", "fp16"): ["lowp_decode"] * _DEC + ["convert_per_block"] * _PRE,
     ("panels", "bf16"): ["lowp_decode"] * _DEC + ["convert_per_block"] * _PRE,
@@ -27,36 +27,45 @@ TABLE = {
 BF16_DOT = {**TABLE,
             ("panels", "bf16"): ["lowp_decode"] * _DEC + ["bf16_dot_prefill"] * _PRE,
             ("panels", "int8"): ["lowp_decode"] * _DEC + ["bf16_dot_prefill"] * _PRE}
+# where the int8 dot-product kernels run for those rows (int8_dot: a group of 4k), whatever bf16_dot says
+INT8_DOT = ["int8_dot"] * 6
 
 
-def strategy(layout, dtype, rows, group=None, bf16_dot=None):
+def strategy(layout, dtype, rows, group=None, bf16_dot=None, int8_dot=None):
     g = (64 if group is None else group) if dtype == "int8" else 0
-    return _C.matmul_strategy(layout, dtype, rows, g, bf16_dot=bf16_dot)
+    return _C.matmul_strategy(layout, dtype, rows, g, bf16_dot=bf16_dot, int8_dot=int8_dot)
 
 
+@pytest.mark.parametrize("int8_dot", [False, True])
 @pytest.mark.parametrize("bf16_dot", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["kn", "nk", "panels"])
-def test_strategy_table(layout, dtype, bf16_dot):
+def test_strategy_table(layout, dtype, bf16_dot, int8_dot):
     want = (BF16_DOT if bf16_dot else TABLE).get((layout, dtype))
+    if int8_dot and (layout, dtype) == ("panels", "int8"):
+        want = INT8_DOT
     for i, rows in enumerate(ROWS):
         if want is None:
             with pytest.raises(TypeError, match="must be fp32 on the CPU"):
-                strategy(layout, dtype, rows, bf16_dot=bf16_dot)
+                strategy(layout, dtype, rows, bf16_dot=bf16_dot, int8_dot=int8_dot)
         else:
-            assert strategy(layout, dtype, rows, bf16_dot=bf16_dot) == want[i], (layout, dtype, rows)
+            assert strategy(layout, dtype, rows, bf16_dot=bf16_dot, int8_dot=int8_dot) == want[i], (layout, dtype, rows)
 
 
+@pytest.mark.parametrize("int8_dot", [False, True])
 @pytest.mark.parametrize("bf16_dot", [False, True])
-def test_int8_odd_group_never_takes_the_bf16_dot_kernels(bf16_dot):
-    # an odd group cannot be paired for VDPBF16PS: it widens to fp32 like fp16
-    assert [strategy("panels", "int8", r, group=3, bf16_dot=bf16_dot) for r in ROWS] == TABLE[("panels", "fp16")]
+def test_int8_odd_group_never_takes_the_dot_product_kernels(bf16_dot, int8_dot):
+    # an odd group cannot be paired for VDPBF16PS nor split into quads for the int8 kernels: it widens to fp32 like
+    # fp16
+    got = [strategy("panels", "int8", r, group=3, bf16_dot=bf16_dot, int8_dot=int8_dot) for r in ROWS]
+    assert got == TABLE[("panels", "fp16")]
 
 
 def test_default_is_this_cpu():
     for layout, dtype in TABLE:
         for rows in ROWS:
-            assert strategy(layout, dtype, rows) == strategy(layout, dtype, rows, bf16_dot=_C.bf16_dot())
+            assert strategy(layout, dtype, rows) == strategy(layout, dtype, rows, bf16_dot=_C.bf16_dot(),
+                                                             int8_dot=_C.int8_dot())
 
 
 def test_bad_arguments():
@@ -75,7 +84,10 @@ CASES = [  # (strategy, layout, dtype, M, K, N)
     ("nk_decode", "nk", "fp32", 3, 100, 97),
     ("nk_prefill", "nk", "fp32", 40, 100, 97),
     ("lowp_decode", "panels", "int8", 5, 128, 97),
+    ("int8_dot", "panels", "int8", 5, 128, 97),
+    ("int8_dot", "panels", "int8", 40, 256, 97),
     ("kn_decode_gemv", "kn", "fp32", 2, 300, 97),
+    ("kn_decode_gemv", "kn", "fp32", 7, 300, 97),
     ("panels_f32", "panels", "fp32", 40, 1100, 97),
     ("convert_per_block", "kn", "fp32", 40, 800, 97),
     ("convert_per_block", "panels", "fp16", 20, 800, 70),
@@ -83,7 +95,13 @@ CASES = [  # (strategy, layout, dtype, M, K, N)
 
 
 @pytest.mark.parametrize("name,layout,dtype,M,K,N", CASES)
-def test_each_strategy_matches_float64(isa, name, layout, dtype, M, K, N):
+def test_each_strategy_matches_float64(isa, name, layout, dtype, M, K, N, request):
+    if dtype == "int8":  # the int8 switch decides between lowp_decode and int8_dot
+        before = _C.int8_dot_enabled()
+        _C.set_int8_dot(name == "int8_dot")
+        request.addfinalizer(lambda: _C.set_int8_dot(before))
+        if name == "int8_dot" and _C.int8_dot_kernels() is None:
+            pytest.skip(f"no int8 dot-product kernels under the {isa} table")
     assert strategy(layout, dtype, M) == name
     torch.manual_seed(M * 5 + K)
     x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)
@@ -95,6 +113,9 @@ def test_each_strategy_matches_float64(isa, name, layout, dtype, M, K, N):
     else:
         fmt, d, s = stored(w, dtype)
         y = ops.conv1d(x, d, b, out_features=N, layout="panels", scales=s)
+        if name == "int8_dot":  # x as the kernels multiply it: quantized per row and group
+            from test_matmul_int8dot import dequant, quantize_ref
+            x = dequant(*quantize_ref(x, fmt.group))
         ref = ref_mm(x, fmt.unpack(d, s), b)
     assert_parity(y, *ref, K, f"{name} {M}x{K}x{N}")
 

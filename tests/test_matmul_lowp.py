@@ -11,6 +11,14 @@ from gpt2kern import ops
 from gpt2kern.kernels.weights import INT8_GROUP, WeightFormat
 
 LOWP = ["fp16", "bf16", "int8"]
+
+
+@pytest.fixture(autouse=True)
+def _int8_widened():
+    """These tests hold the kernels that widen the stored weights to fp32 (the default); the int8 dot-product
+    kernels (x quantized too) have their own, tests/test_matmul_int8dot.py."""
+    with ops.using_int8_dot(False):
+        yield
 # decode rows (the in-register widening path: M <= 16) and prefill rows (widened into an fp32 buffer per K block),
 # distilgpt2's projections, the lm_head's 50257 columns, odd sizes
 SHAPES = [(1, 768, 2304), (2, 3072, 768), (8, 768, 3072), (16, 64, 100), (17, 768, 768), (130, 3072, 768),
@@ -203,3 +211,21 @@ def test_bf16_dot_prefill_matches_float64_of_its_rounded_operands(M, K, N, epi, 
             assert_parity(y2, pre2, terms2, K, "bf16 widened")
     finally:
         ops.set_isa(before)
+
+
+@pytest.mark.parametrize("mode", LOWP)
+def test_decode_rows_do_not_depend_on_each_other(isa, mode):
+    # on 16 registers a row gives the same bits alone or with other rows, although the rows share each widened chunk
+    # of the panel (lowp_rows_shared keeps one row's arithmetic); on 32 registers tiles of <= 2 rows split k into
+    # even and odd sums and larger tiles do not, so there a row's bits depend on its tile (as in HF's batched matmul)
+    if isa == "avx512":
+        pytest.skip("32 registers: a row's summation order depends on its tile's size")
+    torch.manual_seed(6)
+    K, N = 768, 100
+    x = plant_outliers(torch.randn(16, K), channels=(3,), value=800.0)
+    fmt, d, s = stored(torch.randn(K, N) * 0.05, mode)
+    b = torch.randn(N)
+    whole = ops.conv1d(x, d, b, "gelu_new", out_features=N, layout="panels", scales=s)
+    for lo, hi in [(0, 1), (1, 3), (3, 8), (8, 16), (15, 16)]:
+        part = ops.conv1d(x[lo:hi], d, b, "gelu_new", out_features=N, layout="panels", scales=s)
+        assert torch.equal(part, whole[lo:hi]), (mode, lo, hi)

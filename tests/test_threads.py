@@ -67,5 +67,8 @@ def test_thread_chooser_takes_the_faster_and_tries_again(threads):
         picks.append(t)
         c.record(t, 0.008 if t == 1 else 0.005)
     assert picks.count(1) <= 8 and picks[-1] == 0
+    c = ThreadChooser(every=4, first_try=8)  # a later first try: seven calls at torch's count first
+    picks = [c.pick() for _ in range(8)]
+    assert picks == [0] * 7 + [1]
     torch.set_num_threads(1)
     assert ThreadChooser().pick() == 0

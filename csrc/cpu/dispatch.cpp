@@ -73,6 +73,39 @@ const Bf16DotKernels* bf16_dot() {
 #endif
 }
 
+#if defined(__x86_64__)
+extern const Int8DotKernels kInt8Dot_avx2, kInt8Dot_avxvnni, kInt8Dot_avx512vnni;
+#endif
+
+const Int8DotKernels* int8_dot_kernels() {
+#if defined(__x86_64__)
+  if (&kernels() == &kTable_generic) return nullptr;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avxvnni")) return &kInt8Dot_avxvnni;
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    return &kInt8Dot_avx512vnni;
+  return &kInt8Dot_avx2;  // a table other than generic is active: the CPU has AVX2
+#else
+  return nullptr;
+#endif
+}
+
+static std::atomic<int> g_int8_dot{-1};  // -1: from GPT2KERN_INT8_DOT on first use
+
+void set_int8_dot(bool on) { g_int8_dot.store(on ? 1 : 0); }
+
+bool int8_dot_enabled() {
+  int on = g_int8_dot.load();
+  if (on < 0) {
+    const char* env = std::getenv("GPT2KERN_INT8_DOT");
+    on = env && !std::strcmp(env, "1") ? 1 : 0;
+    g_int8_dot.store(on);
+  }
+  return on == 1;
+}
+
+const Int8DotKernels* int8_dot() { return int8_dot_enabled() ? int8_dot_kernels() : nullptr; }
+
 bool set_isa(const char* isa) {
   const KernelTable* t = kernels_for(isa);
   if (!t) return false;

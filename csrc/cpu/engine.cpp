@@ -531,10 +531,11 @@ class Engine {
     // The head: per position on its B rows, as a decode step runs it — or several positions in one call where the
     // strategy of both row counts is nk_decode, whose every output is one dot product summed in the same order
     // whatever the call's rows (csrc/cpu/kernels/matmul_nt.h), so the lm_head's weights stream once.
-    const bool bd = bf16_dot() != nullptr;
+    const bool bd = bf16_dot() != nullptr, i8 = int8_dot() != nullptr;
     int64_t per = 1;  // positions per call
-    if (choose_matmul(W.layout, W.type, B_, W.group, bd) == MatmulStrategy::NkDecode)
-      while (per < T && choose_matmul(W.layout, W.type, (per + 1) * B_, W.group, bd) == MatmulStrategy::NkDecode) ++per;
+    auto strategy = [&](int64_t rows) { return choose_matmul(W.layout, W.type, rows, W.group, bd, i8); };
+    if (strategy(B_) == MatmulStrategy::NkDecode)
+      while (per < T && strategy((per + 1) * B_) == MatmulStrategy::NkDecode) ++per;
     for (int64_t t0 = 0; t0 < T; t0 += per) {
       const int64_t n = std::min(per, T - t0);
       run_matmul(s.x + t0 * B_ * E, E, n * B_, E, W, V_, bias, Epilogue::None, nullptr, 0, out + t0 * B_ * V_);

@@ -30,6 +30,11 @@ enum class Layout : int { Panels = 0, KN = 1, NK = 2 };
 // Stored element type of a weight; activations and accumulation stay fp32 in every mode.
 enum class WType : int { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
 
+// Up to this many rows (decode), weights that are not fp32 panels are read straight from their storage, once per
+// tile of rows: reduced-precision panels widened in registers, wte's [N, K] rows as dot products. More rows
+// (prefill) convert each K block once into an fp32 (or bf16-pair) buffer and run the FMA-bound kernels over it.
+constexpr int64_t kDecodeRows = 16;
+
 // Attention tiling: keys per block (one AVX-512 vector of scores), query rows per task.
 constexpr int kAttnKeyBlock = 32;
 constexpr int kAttnQueryBlock = 32;
@@ -51,7 +56,8 @@ struct KernelTable {
   void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
                        int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
                        int part);
-  // decode GEMV (M <= 2) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n)
+  // decode GEMV (up to matmul.cpp kKnGemvRows rows) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k
+  // A[m][k] · W[k][0, n)
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
   // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it)
@@ -87,6 +93,31 @@ struct Bf16DotKernels {
   void (*pairs_i8)(const int8_t* panel, int64_t k0, int64_t kc, uint16_t* dst);
   int mr_max;
 };
+// int8 weights × int8 activations (kernels/matmul_int8dot.h): x quantized per row and int8 weight group, four
+// int8 products per int32 lane — VPMADDUBSW + VPMADDWD on AVX2, VPDPBUSD with AVX-VNNI or AVX512-VNNI
+// (isa_avx2.cpp, isa_avxvnni.cpp, isa_avx512vnni.cpp).
+struct Int8DotKernels {
+  const char* name;  // "avx2", "avxvnni" or "avx512vnni"
+  // rows [0, M) of x (K columns, lda apart) -> Q [M][ldq] int8 and S [M][lds] group scales, per group of G
+  void (*quantize_rows)(const float* A, int64_t lda, int64_t M, int64_t K, int64_t G, int8_t* Q, int64_t ldq, float* S,
+                        int64_t lds);
+  // one int8 panel (Bp [K][32], sw [K / G][32]; G a multiple of 4) against M quantized rows, whole K:
+  // C[m, n0 + j] = epi(Σ_g S[m][g] · sw[g][j] · Σ_{k in g} Q[m][k] · Bp[k][j] + bias)
+  void (*matmul_panel)(const int8_t* Q, int64_t ldq, const float* S, int64_t lds, int64_t M, int64_t K,
+                       const int8_t* Bp, const float* sw, int64_t G, float* C, int64_t ldc, int64_t n0, int ncols,
+                       const float* bias, Epilogue epi, const float* R, int64_t ldr);
+  int mr_max;
+};
+// The int8 dot-product kernels this CPU runs best (the VNNI ones where it has them), or null without AVX2 or while
+// the generic table is active.
+const Int8DotKernels* int8_dot_kernels();
+// Those kernels while they are switched on (set_int8_dot; GPT2KERN_INT8_DOT=1 from the start), else null: int8
+// weights (a group of 4k) then multiply x quantized to int8. Off by default: they change int8 mode's numbers and
+// have not yet been measured faster where that would pay (bench/RESULTS.md), as bf16_dot's kernels are below.
+const Int8DotKernels* int8_dot();
+void set_int8_dot(bool on);
+bool int8_dot_enabled();
+
 // The bf16 dot-product kernels when the avx512 table is active and the CPU has AVX512_BF16 and they are enabled
 // (set_bf16_dot; GPT2KERN_BF16_DOT=0 disables them from the start), else null: bf16 weights are widened to fp32.
 const Bf16DotKernels* bf16_dot();

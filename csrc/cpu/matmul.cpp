@@ -16,10 +16,10 @@
 
 namespace gk::cpu {
 
-// Up to this many rows (decode), weights that are not fp32 panels are read straight from their storage, once per
-// tile of rows: reduced-precision panels widened in registers, wte's [N, K] rows as dot products. More rows
-// (prefill) convert each K block once into an fp32 (or bf16-pair) buffer and run the FMA-bound kernels over it.
-constexpr int64_t kDecodeRows = 16;
+// Up to this many rows, HF's [K, N] fp32 weight is read in place by the GEMV (gemv_rows: W's vectors shared by the
+// rows in registers) instead of being copied into panels per call: on the AVX2 EPYC a B=8 fp32 decode step 40.0 ->
+// 24.2 ms, B=3 31.6 -> 16.2 ms; at 12 rows the two were level and at 16 the panels won (bench/RESULTS.md).
+constexpr int64_t kKnGemvRows = 8;
 
 static int64_t num_panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
@@ -136,6 +136,7 @@ struct MatmulArgs {
   float* C;
   const KernelTable& t;
   const Bf16DotKernels* bd;  // the bf16 dot-product kernels, where this CPU and ISA have them
+  const Int8DotKernels* i8;  // the int8 dot-product kernels, where they run for these rows
 };
 
 // Row blocks of MC rows of x stay hot in L2 while a thread walks its panels.
@@ -314,6 +315,37 @@ void mm_bf16_dot_prefill(const MatmulArgs& a) {
   });
 }
 
+// int8 panels (group a multiple of 4) while int8_dot() is on: x quantized per row and group once per call (into the
+// calling thread's buffers, which the workers read), then each task's panels against every row block of it, whole
+// K. A row block (64 rows: 192 KiB of quantized x for K = 3072) stays in L2 while the task's panels pass over it.
+void mm_int8_dot(const MatmulArgs& a) {
+  const Int8DotKernels* ik = a.i8;
+  const int64_t M = a.M, K = a.K, N = a.N, P = num_panels(N), G = a.W.group, ng = K / G;
+  thread_local std::vector<int8_t> qbuf;
+  thread_local std::vector<float> sbuf;
+  if ((int64_t)qbuf.size() < M * K) qbuf.resize(M * K);
+  if ((int64_t)sbuf.size() < M * ng) sbuf.resize(M * ng);
+  int8_t* q = qbuf.data();
+  float* s = sbuf.data();
+  if (M <= kDecodeRows)
+    ik->quantize_rows(a.A, a.lda, M, K, G, q, K, s, ng);
+  else
+    parallel_chunks(M, 16, [&](int64_t m0, int64_t m1) {
+      ik->quantize_rows(a.A + m0 * a.lda, a.lda, m1 - m0, K, G, q + m0 * K, K, s + m0 * ng, ng);
+    });
+  const int64_t MC = M <= kDecodeRows ? M : 64;
+  parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t mc = std::min(MC, M - m0);
+      const float* r = a.R ? a.R + m0 * a.ldr : nullptr;
+      for (int64_t p = p0; p < p1; ++p)
+        ik->matmul_panel(q + m0 * K, K, s + m0 * ng, ng, mc, K, reinterpret_cast<const int8_t*>(panel_data(a, p)),
+                         panel_scales(a, p), G, a.C + m0 * N, N, p * kPanel,
+                         (int)std::min<int64_t>(kPanel, N - p * kPanel), a.bias, a.epi, r, a.ldr);
+    }
+  });
+}
+
 // Reduced-precision panels, decode: each panel widened in registers, read once, whole K.
 void mm_lowp_decode(const MatmulArgs& a) {
   const int64_t P = num_panels(a.N);
@@ -473,6 +505,7 @@ constexpr MatmulStrategyEntry kMatmulStrategies[] = {
     {MatmulStrategy::KnDecodeGemv, "kn_decode_gemv", mm_kn_decode_gemv},
     {MatmulStrategy::PanelsF32, "panels_f32", mm_panels_f32},
     {MatmulStrategy::ConvertPerBlock, "convert_per_block", mm_convert_per_block},
+    {MatmulStrategy::Int8Dot, "int8_dot", mm_int8_dot},
 };
 constexpr bool table_in_order() {
   for (int i = 0; i < (int)(sizeof(kMatmulStrategies) / sizeof(kMatmulStrategies[0])); ++i)
@@ -484,15 +517,16 @@ static_assert(table_in_order() && sizeof(kMatmulStrategies) / sizeof(kMatmulStra
 
 }  // namespace
 
-MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group, bool bf16_dot) {
+MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group, bool bf16_dot, bool int8_dot) {
   const bool decode = M <= kDecodeRows;
   switch (layout) {
     case Layout::NK: return decode ? MatmulStrategy::NkDecode : MatmulStrategy::NkPrefill;
     case Layout::KN:  // fp32 only (weight_ref)
-      return M <= 2 ? MatmulStrategy::KnDecodeGemv : MatmulStrategy::ConvertPerBlock;
+      return M <= kKnGemvRows ? MatmulStrategy::KnDecodeGemv : MatmulStrategy::ConvertPerBlock;
     case Layout::Panels: break;
   }
   if (type == WType::F32) return MatmulStrategy::PanelsF32;
+  if (type == WType::I8 && int8_dot && group % 4 == 0) return MatmulStrategy::Int8Dot;
   if (decode) return MatmulStrategy::LowpDecode;
   const bool pairs = type == WType::BF16 || (type == WType::I8 && group % 2 == 0);  // int8 codes pair up in bf16
   return pairs && bf16_dot ? MatmulStrategy::Bf16DotPrefill : MatmulStrategy::ConvertPerBlock;
@@ -503,8 +537,9 @@ const char* matmul_strategy_name(MatmulStrategy s) { return kMatmulStrategies[(i
 void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C) {
   const Bf16DotKernels* bd = bf16_dot();
-  const MatmulArgs args{A, lda, M, K, W, N, bias, epi, R, ldr, C, kernels(), bd};
-  kMatmulStrategies[(int)choose_matmul(W.layout, W.type, M, W.group, bd != nullptr)].run(args);
+  const Int8DotKernels* i8 = W.type == WType::I8 ? int8_dot() : nullptr;
+  const MatmulArgs args{A, lda, M, K, W, N, bias, epi, R, ldr, C, kernels(), bd, i8};
+  kMatmulStrategies[(int)choose_matmul(W.layout, W.type, M, W.group, bd != nullptr, i8 != nullptr)].run(args);
 }
 
 // T decode steps of one matmul at once (speculative decoding's verify): rows [q·B, q·B + B) of A and C are position
@@ -516,8 +551,8 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
                       const float* bias, Epilogue epi, float* C) {
   const Bf16DotKernels* bd = bf16_dot();
   const KernelTable& t = kernels();
-  const MatmulStrategy s =
-      T > 1 ? choose_matmul(W.layout, W.type, B, W.group, bd != nullptr) : MatmulStrategy::NkDecode;
+  const MatmulStrategy s = T > 1 ? choose_matmul(W.layout, W.type, B, W.group, bd != nullptr, int8_dot() != nullptr)
+                                 : MatmulStrategy::NkDecode;
   if (s == MatmulStrategy::KnDecodeGemv) {  // mm_kn_decode_gemv with M = B, per position
     constexpr int64_t KB = 128;             // mm_kn_decode_gemv's
     const int64_t nb = (K + KB - 1) / KB, MN = B * N;
@@ -525,11 +560,9 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
     if (part.size() < (size_t)(nb * T * MN)) part.resize((size_t)(nb * T * MN));
     float* pp = part.data();
     parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
+      for (int64_t blk = b0; blk < b1; ++blk) {  // all T·B rows in one call: gemv_rows reads W once for them
         const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-        for (int64_t q = 0; q < T; ++q)
-          t.gemv_rows(A + q * B * lda + k0, lda, B, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N,
-                      pp + (blk * T + q) * MN);
+        t.gemv_rows(A + k0, lda, T * B, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N, pp + blk * T * MN);
       }
     });
     for (int64_t q = 0; q < T; ++q) {
@@ -550,8 +583,8 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
     parallel_chunks(P, panel_grain(B, K, P), [&](int64_t p0, int64_t p1) {
       thread_local std::vector<float> abuf;
       for (int64_t q = 0; q < T; ++q)
-        panels_f32_chunk({A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N, t, bd}, p0, p1, KC,
-                         abuf);
+        panels_f32_chunk({A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N, t, bd, nullptr}, p0,
+                         p1, KC, abuf);
     });
     return;
   }

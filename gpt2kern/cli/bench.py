@@ -489,27 +489,47 @@ def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
     V = ref.config.vocab_size
     g = torch.Generator().manual_seed(2)
     models = {n: gpt2kern.optimize(copy.deepcopy(ref), weights=n) for n in names}
+    # int8 once more where the CPU has the int8 dot-product kernels: x quantized to int8 too (ops.set_int8_dot; the
+    # plain int8 row with them off)
+    switch = {}
+    if "int8" in names and ops.int8_dot_kernels() is not None:
+        models["int8, x int8"], switch["int8, x int8"], switch["int8"] = models["int8"], True, False
+    names = list(models)
     T = min(128 if quick else 512, ref.config.n_positions)
     ids = torch.randint(0, V, (1, T), generator=g)
     W = {n: m.transformer._gpt2kern.weights for n, m in models.items()}
     rows = {n: dict(mode=n, weight_MiB=W[n].nbytes / 2**20, added_MiB=W[n].added_bytes / 2**20) for n in names}
+
+    def under_switch(n, fn):  # fn with the int8 dot switch of row n (and back to what it was)
+        if n not in switch:
+            return fn
+
+        def run():
+            with ops.using_int8_dot(switch[n]):
+                return fn()
+        return run
+
     for B in (1,) if quick else (1, 8):
         prompt = torch.randint(0, V, (B, 16), generator=g)
-        t = b.time({n: (lambda m=m: gpt2kern.generate(m, prompt, max_new_tokens=new_tokens, eos_token_id=[]))
+        t = b.time({n: under_switch(n, lambda m=m: gpt2kern.generate(m, prompt, max_new_tokens=new_tokens,
+                                                                      eos_token_id=[]))
                     for n, m in models.items()}, reps=max(5, b.reps // 2))
         for n in names:
             rows[n][f"decode_B{B}_ms"] = t[n] * 1e3 / new_tokens
             rows[n][f"decode_B{B}_vs_fp32"] = t["fp32"] / t[n]
     advance(done="weight modes: decode")
     with torch.no_grad():
-        t = b.time({n: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for n, m in models.items()},
-                   reps=max(5, b.reps // 2))
+        t = b.time({n: under_switch(n, lambda m=m: m(ids, use_cache=False, logits_to_keep=1))
+                    for n, m in models.items()}, reps=max(5, b.reps // 2))
     for n in names:
         rows[n][f"prefill_T{T}_last_ms"] = t[n] * 1e3
         rows[n][f"prefill_T{T}_vs_fp32"] = t["fp32"] / t[n]
     advance(done="weight modes: prefill")
     for n in names:
-        rows[n].update(accuracy.measure(ref, n, T=T, n_greedy=0 if quick else 128, model=models[n]))
+        mode = "int8" if n in switch else n
+        err = under_switch(n, lambda: accuracy.measure(ref, mode, T=T, n_greedy=0 if quick else 128,
+                                                        model=models[n]))()
+        rows[n].update({**err, "mode": n})
     advance(done="weight modes: error")
     return list(rows.values())
 

@@ -43,12 +43,13 @@ class ThreadChooser:
     over twice as slow as 1 on the 2-core dev machine (bench/RESULTS.md). So the engine times its steps: a running mean
     per choice, the faster choice taken, the other one tried again after `every` steps (a busy core can go
     quiet again; each try that loses doubles the wait, up to 256 steps, so a quiet machine pays < 1 % for the
-    tries). The cap is per call and per calling thread (csrc/cpu/parallel.h): torch's setting is untouched."""
+    tries). The first try is call `first_try` (speculative decoding's verify and draft calls, which may be few,
+    try later). The cap is per call and per calling thread (csrc/cpu/parallel.h): torch's setting is untouched."""
 
-    def __init__(self, every: int = 16):
+    def __init__(self, every: int = 16, first_try: int = 3):
         self.n = torch.get_num_threads()
         self.first_every = self.every = every
-        self.step, self.next_try = 0, 3  # two warm steps at torch's count, then one step at 1 thread
+        self.step, self.next_try = 0, first_try  # warm calls at torch's count, then one call at 1 thread
         self.mean: dict[int, float] = {}
         self.best = self.n
 
@@ -484,7 +485,9 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
         unfinished = torch.ones(B, dtype=torch.bool)
         done = False
         # threads per call, as the plain loop picks them (ThreadChooser), one choice per kind of call
-        choosers = dict(draft=ThreadChooser(), verify=ThreadChooser(), step=ThreadChooser())
+        # (a draft that rarely pays leaves few draft and verify calls: a 1-thread try among them would cost more
+        # than among the steps, so theirs come later)
+        choosers = dict(draft=ThreadChooser(first_try=8), verify=ThreadChooser(first_try=8), step=ThreadChooser())
 
         def call(engine, kind, ids, p, all_logits=False):  # (logits, seconds; None for a ThreadChooser try)
             n = ids.shape[1]

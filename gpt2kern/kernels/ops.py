@@ -51,6 +51,35 @@ def set_isa(name: str) -> None:
         raise ValueError(f"this CPU cannot run {name!r}; available: {', '.join(_C.supported_isas())}")
 
 
+def set_int8_dot(on: bool) -> None:
+    """int8 weights × int8 activations on the CPU (x quantized per row and weight group, integer dot products), for
+    every row count where the CPU has the kernels; off by default (GPT2KERN_INT8_DOT=1 turns it on at start).
+    Process-wide, like set_isa; it changes int8 mode's numbers (README, Weight modes)."""
+    _C.set_int8_dot(bool(on))
+
+
+@contextlib.contextmanager
+def using_int8_dot(on: bool = True):
+    """set_int8_dot(on) inside the block, the previous setting after it."""
+    before = bool(_C.int8_dot_enabled())
+    _C.set_int8_dot(bool(on))
+    try:
+        yield
+    finally:
+        _C.set_int8_dot(before)
+
+
+def int8_dot() -> bool:
+    """Whether int8 weights multiply x quantized to int8 now (the switch, this CPU, the ISA level)."""
+    return bool(_C.int8_dot())
+
+
+def int8_dot_kernels() -> str | None:
+    """The int8 dot-product kernels this CPU runs: 'avx2' (VPMADDUBSW), 'avxvnni' or 'avx512vnni' (VPDPBUSD), or
+    None."""
+    return _C.int8_dot_kernels()
+
+
 def has_cuda() -> bool:
     """Whether the extension was built with its CUDA kernels (then every op also runs on CUDA tensors)."""
     return bool(_C.has_cuda())

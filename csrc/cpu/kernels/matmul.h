@@ -130,43 +130,39 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
                          R ? R + n0 : nullptr, ldr, part);
 }
 
-// Decode GEMV over HF's own [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n) for M <= 2
-// rows of x (the caller adds the bias and applies the epilogue). Each k reads one contiguous row of W — a stream
-// the prefetchers follow, where 32-column panels read in place would jump a whole row per k — and eight rows go
-// into one pass over the sums, so each sum is loaded and stored once per eight FMAs (with two rows per pass the
-// sums' loads and stores, not DRAM, were the limit).
-static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
-                      float* acc) {
-  const int64_t nv = n / VL * VL;
-  for (int64_t x = 0; x < M * n; ++x) acc[x] = 0.f;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const float* __restrict__ w = W + k * ldw;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* am_ = A + m * lda + k;
-      vf a[8];
-      for (int r = 0; r < 8; ++r) a[r] = bcast(am_[r]);
-      float* __restrict__ am = acc + m * n;
-      for (int64_t j = 0; j < nv; j += VL) {
-        vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
-        s0 += a[2] * load(w + 2 * ldw + j);
-        s1 += a[3] * load(w + 3 * ldw + j);
-        s0 += a[4] * load(w + 4 * ldw + j);
-        s1 += a[5] * load(w + 5 * ldw + j);
-        s0 += a[6] * load(w + 6 * ldw + j);
-        s1 += a[7] * load(w + 7 * ldw + j);
-        store(am + j, s0 + s1);
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        float s0 = am[j], s1 = 0.f;
-        for (int r = 0; r < 8; r += 2) {
-          s0 += am_[r] * w[r * ldw + j];
-          s1 += am_[r + 1] * w[(r + 1) * ldw + j];
-        }
-        am[j] = s0 + s1;
-      }
+// Decode GEMV over HF's own [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n) for M rows of x
+// (the caller adds the bias and applies the epilogue; decode has M <= 8, speculative decoding's verify one row per
+// position). Each k reads one contiguous row of W — a stream the prefetchers follow, where 32-column panels read in
+// place would jump a whole row per k — and eight rows go into one pass over the sums, so each sum is loaded and
+// stored once per eight FMAs (with two rows per pass the sums' loads and stores, not DRAM, were the limit).
+// gemv_rows_shared: the same sums for more rows, with the eight W vectors of a column block in registers while every
+// row uses them (x's broadcasts from a buffer), so extra rows cost FMAs, not W's bytes again.
+
+// One row's sums over eight rows of W (w), the columns [0, nv) in vectors and [nv, n) one by one; the arithmetic
+// every path below shares, so a row's sums are the same bits on each.
+GK_INLINE vf gemv8(const vf (&a)[8], const vf (&wr)[8], const float* am) {
+  vf s0 = load(am) + a[0] * wr[0], s1 = a[1] * wr[1];
+  s0 += a[2] * wr[2];
+  s1 += a[3] * wr[3];
+  s0 += a[4] * wr[4];
+  s1 += a[5] * wr[5];
+  s0 += a[6] * wr[6];
+  s1 += a[7] * wr[7];
+  return s0 + s1;
+}
+GK_INLINE void gemv8_tail(const float* am_, const float* __restrict__ w, int64_t ldw, int64_t nv, int64_t n,
+                          float* am) {
+  for (int64_t j = nv; j < n; ++j) {
+    float s0 = am[j], s1 = 0.f;
+    for (int r = 0; r < 8; r += 2) {
+      s0 += am_[r] * w[r * ldw + j];
+      s1 += am_[r + 1] * w[(r + 1) * ldw + j];
     }
+    am[j] = s0 + s1;
   }
+}
+GK_INLINE void gemv_last_rows(const float* A, int64_t lda, int64_t M, int64_t k, int64_t K, const float* W, int64_t ldw,
+                              int64_t nv, int64_t n, float* acc) {
   for (; k < K; ++k) {  // the last K % 8 rows
     const float* w0 = W + k * ldw;
     for (int64_t m = 0; m < M; ++m) {
@@ -176,6 +172,60 @@ static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const f
       for (int64_t j = nv; j < n; ++j) am[j] = am[j] + A[m * lda + k] * w0[j];
     }
   }
+}
+
+static void gemv_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
+                             float* acc) {
+  constexpr int64_t MB = 16;  // rows of x per pass over a block of eight W rows
+  const int64_t nv = n / VL * VL;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const float* __restrict__ w = W + k * ldw;
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int64_t mb = M - m0 < MB ? M - m0 : MB;
+      vf a[MB][8];
+      for (int64_t m = 0; m < mb; ++m)
+        for (int r = 0; r < 8; ++r) a[m][r] = bcast(A[(m0 + m) * lda + k + r]);
+      for (int64_t j = 0; j < nv; j += VL) {
+        vf wr[8];
+        for (int r = 0; r < 8; ++r) wr[r] = load(w + r * ldw + j);
+        for (int64_t m = 0; m < mb; ++m) {
+          float* am = acc + (m0 + m) * n + j;
+          store(am, gemv8(a[m], wr, am));
+        }
+      }
+      for (int64_t m = m0; m < m0 + mb; ++m) gemv8_tail(A + m * lda + k, w, ldw, nv, n, acc + m * n);
+    }
+  }
+  gemv_last_rows(A, lda, M, k, K, W, ldw, nv, n, acc);
+}
+
+static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
+                      float* acc) {
+  for (int64_t x = 0; x < M * n; ++x) acc[x] = 0.f;
+  if (M > 2) return gemv_rows_shared(A, lda, M, K, W, ldw, n, acc);
+  const int64_t nv = n / VL * VL;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const float* __restrict__ w = W + k * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      vf a[8];
+      for (int r = 0; r < 8; ++r) a[r] = bcast(A[m * lda + k + r]);
+      float* __restrict__ am = acc + m * n;
+      for (int64_t j = 0; j < nv; j += VL) {  // gemv8 with W read in place (as memory operands of the FMAs)
+        vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
+        s0 += a[2] * load(w + 2 * ldw + j);
+        s1 += a[3] * load(w + 3 * ldw + j);
+        s0 += a[4] * load(w + 4 * ldw + j);
+        s1 += a[5] * load(w + 5 * ldw + j);
+        s0 += a[6] * load(w + 6 * ldw + j);
+        s1 += a[7] * load(w + 7 * ldw + j);
+        store(am + j, s0 + s1);
+      }
+      gemv8_tail(A + m * lda + k, w, ldw, nv, n, am);
+    }
+  }
+  gemv_last_rows(A, lda, M, k, K, W, ldw, nv, n, acc);
 }
 
 }  // namespace GK_ISA

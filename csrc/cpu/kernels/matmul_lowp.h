@@ -81,6 +81,69 @@ GK_INLINE void lowp_rows(const float* A, int64_t lda, int64_t M, int64_t K, cons
   }
 }
 
+// Several rows on 16 registers, where a tile holds one or two rows and each tile would widen the whole panel again:
+// each chunk of KC panel rows is widened once into an L1 buffer, then every row runs over it. A row's arithmetic is
+// exactly lowp_tile<1, W>'s (one FMA chain per column vector, over k in order; int8: each group's sum scaled once),
+// its sums kept in memory between chunks, so the result is the same bits as one row at a time.
+// sm[r] += Σ_{k < kc} A[r][k] · buf[k] for MR rows at once: each row's chains are its own (the same sums as alone),
+// MR rows only give the FMA units MR · NV independent chains instead of NV
+template <int MR>
+GK_INLINE void shared_chunk(const float* A, int64_t lda, int64_t kc, const float* buf, float (*sm)[kPanel]) {
+  vf s[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) s[r][v] = load(sm[r] + v * VL);
+  for (int64_t k = 0; k < kc; ++k) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load(buf + k * kPanel + v * VL);
+    for (int r = 0; r < MR; ++r) {
+      const vf a = bcast(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) s[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(sm[r] + v * VL, s[r][v]);
+}
+
+template <WType W>
+GK_INLINE void lowp_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* scales,
+                                int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
+                                const float* R, int64_t ldr) {
+  constexpr int64_t KC = 64, MB = 16;
+  alignas(64) float buf[KC * kPanel];
+  alignas(64) float sm[MB][kPanel], accm[MB][kPanel];
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t mb = M - m0 < MB ? M - m0 : MB;
+    const float* a0 = A + m0 * lda;
+    for (int64_t r = 0; r < mb; ++r)
+      for (int j = 0; j < kPanel; ++j) accm[r][j] = 0.f;
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+      const int64_t g1 = g0 + G < K ? g0 + G : K;
+      for (int64_t r = 0; r < mb; ++r)
+        for (int j = 0; j < kPanel; ++j) sm[r][j] = 0.f;
+      for (int64_t k0 = g0; k0 < g1; k0 += KC) {
+        const int64_t kc = g1 - k0 < KC ? g1 - k0 : KC;
+        for (int64_t k = 0; k < kc; ++k)
+          for (int v = 0; v < NV; ++v) store(buf + k * kPanel + v * VL, load_w<W>(Bp, (k0 + k) * kPanel + v * VL));
+        int64_t r = 0;
+        for (; r + 3 <= mb; r += 3) shared_chunk<3>(a0 + r * lda + k0, lda, kc, buf, sm + r);
+        if (mb - r == 2) shared_chunk<2>(a0 + r * lda + k0, lda, kc, buf, sm + r);
+        if (mb - r == 1) shared_chunk<1>(a0 + r * lda + k0, lda, kc, buf, sm + r);
+      }
+      if constexpr (W == WType::I8) {
+        const float* sg = scales + (g0 / G) * kPanel;
+        for (int64_t r = 0; r < mb; ++r)
+          for (int v = 0; v < NV; ++v)
+            store(accm[r] + v * VL, load(accm[r] + v * VL) + load(sm[r] + v * VL) * load(sg + v * VL));
+      }
+    }
+    for (int64_t r = 0; r < mb; ++r) {  // int8: the scaled group sums; else the one group's (G = K) sums
+      vf acc[1][NV];
+      for (int v = 0; v < NV; ++v) acc[0][v] = load((W == WType::I8 ? accm[r] : sm[r]) + v * VL);
+      finish_tile<1>(acc, C + (m0 + r) * ldc, ldc, ncols, bias, epi, R ? R + (m0 + r) * ldr : R, ldr);
+    }
+  }
+}
+
 static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
                               const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
                               const float* bias, Epilogue epi, const float* R, int64_t ldr) {
@@ -91,6 +154,19 @@ static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K,
   // rows per tile, as many as the registers hold: 32 registers: 8 rows × 2 sums (int8: 6 × 2 sums + 6 × 2 group
   // sums); 16 registers (AVX2: 4 vectors per panel row): 2 rows, int8 1 (its group sums double the need)
   constexpr int T = GK_VREGS >= 32 ? 8 : 2, T8 = GK_VREGS >= 32 ? 6 : 1;
+  if constexpr (GK_VREGS < 32) {
+    if (M >= 2) {  // rows share each widened chunk (lowp_rows_shared)
+      switch (w) {
+        case WType::F16:
+          return lowp_rows_shared<WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr);
+        case WType::BF16:
+          return lowp_rows_shared<WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr);
+        case WType::I8:
+          return lowp_rows_shared<WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
+        case WType::F32: break;
+      }
+    }
+  }
   switch (w) {
     case WType::F16: lowp_rows<T, WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
     case WType::BF16: lowp_rows<T, WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
