@@ -144,15 +144,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       "bf16_dot", [] { return gk::bf16_dot() != nullptr; },
       "Whether bf16 weights' prefill runs on VDPBF16PS now (avx512 ISA, a CPU with AVX512_BF16, allowed).");
   mod.def(
-      "set_int8_dot", [](bool on) { gk::set_int8_dot(on); },
-      "Switch int8 weights × int8 activations on (where the CPU has the kernels) or off (the default).");
+      "set_int8_dot",
+      [](const std::string& mode) {
+        TORCH_CHECK_VALUE(mode == "off" || mode == "on" || mode == "auto",
+                          "gpt2kern.set_int8_dot: mode must be 'off', 'on' or 'auto', got '", mode, "'");
+        gk::set_int8_dot(mode == "on"    ? gk::Int8DotMode::On
+                         : mode == "off" ? gk::Int8DotMode::Off
+                                         : gk::Int8DotMode::Auto);
+      },
+      "The int8 dot-product switch: 'on' (every row count, where the CPU has the kernels), 'off', or 'auto' (the "
+      "default: prefill rows where the kernels prefill over packed panels).");
   mod.def(
-      "int8_dot_enabled", [] { return gk::int8_dot_enabled(); },
-      "The int8 dot-product switch (GPT2KERN_INT8_DOT=1 turns it on at start).");
+      "int8_dot_mode",
+      [] {
+        const gk::Int8DotMode m = gk::int8_dot_mode();
+        return std::string(m == gk::Int8DotMode::On ? "on" : m == gk::Int8DotMode::Off ? "off" : "auto");
+      },
+      "The int8 dot-product switch (GPT2KERN_INT8_DOT=1 / 0 start it 'on' / 'off'; else 'auto').");
   mod.def(
-      "int8_dot", [] { return gk::int8_dot() != nullptr; },
-      "Whether int8 weights (a group of 4k) multiply x quantized to int8 now (switched on, kernels on this CPU / "
-      "ISA).");
+      "int8_dot", [](int64_t rows) { return gk::int8_dot(rows) != nullptr; }, pybind11::arg("rows"),
+      "Whether a matmul of `rows` rows against int8 weights (a group of 4k) multiplies x quantized to int8 now (the "
+      "switch, the kernels on this CPU / ISA).");
   mod.def(
       "int8_dot_kernels",
       []() -> std::optional<std::string> {
@@ -160,6 +172,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
         return k ? std::optional<std::string>(k->name) : std::nullopt;
       },
       "Which int8 dot-product kernels this CPU runs: 'avx2', 'avxvnni', 'avx512vnni', or None.");
+  mod.def(
+      "int8_dot_packed",
+      [] {
+        const gk::Int8DotKernels* k = gk::int8_dot_kernels();
+        return k != nullptr && k->matmul_packed != nullptr;
+      },
+      "Whether those kernels prefill over packed panels (AVX512-VNNI's 512-bit kernel).");
   mod.def(
       "int8_quantize_rows",
       [](const at::Tensor& x, int64_t group) {
@@ -195,7 +214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
         TORCH_CHECK_VALUE(type != gk::WType::I8 || group >= 1, "gpt2kern.", who, ": int8 needs its group (>= 1), got ",
                           group);
         const bool bd = bf16_dot.has_value() ? *bf16_dot : gk::bf16_dot() != nullptr;
-        const bool i8 = int8_dot.has_value() ? *int8_dot : gk::int8_dot() != nullptr;
+        const bool i8 = int8_dot.has_value() ? *int8_dot : gk::int8_dot(rows) != nullptr;
         return std::string(gk::cpu::matmul_strategy_name(gk::cpu::choose_matmul(lay, type, rows, group, bd, i8)));
       },
       pybind11::arg("layout"), pybind11::arg("dtype"), pybind11::arg("rows"), pybind11::arg("group") = 0,

@@ -65,7 +65,7 @@ def test_default_is_this_cpu():
     for layout, dtype in TABLE:
         for rows in ROWS:
             assert strategy(layout, dtype, rows) == strategy(layout, dtype, rows, bf16_dot=_C.bf16_dot(),
-                                                             int8_dot=_C.int8_dot())
+                                                             int8_dot=_C.int8_dot(rows))
 
 
 def test_bad_arguments():
@@ -97,8 +97,8 @@ CASES = [  # (strategy, layout, dtype, M, K, N)
 @pytest.mark.parametrize("name,layout,dtype,M,K,N", CASES)
 def test_each_strategy_matches_float64(isa, name, layout, dtype, M, K, N, request):
     if dtype == "int8":  # the int8 switch decides between lowp_decode and int8_dot
-        before = _C.int8_dot_enabled()
-        _C.set_int8_dot(name == "int8_dot")
+        before = _C.int8_dot_mode()
+        _C.set_int8_dot("on" if name == "int8_dot" else "off")
         request.addfinalizer(lambda: _C.set_int8_dot(before))
         if name == "int8_dot" and _C.int8_dot_kernels() is None:
             pytest.skip(f"no int8 dot-product kernels under the {isa} table")
@@ -134,16 +134,18 @@ def _with_bf16_dot():
 @pytest.mark.skipif(not _with_bf16_dot(), reason="needs AVX512_BF16 (VDPBF16PS)")
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_bf16_dot_prefill_matches_float64(dtype):
+    # int8's bf16 prefill: with the int8 dot products off (or where they do not pack)
     before = ops.isa()
     ops.set_isa("avx512")
     try:
         M, K, N = 40, 800, 97
-        assert strategy("panels", dtype, M) == "bf16_dot_prefill"
         torch.manual_seed(7)
         x = plant_outliers(torch.randn(M, K), channels=(0,), value=3000.0)
         w, b = torch.randn(K, N) * 0.05, torch.randn(N)
         fmt, d, s = stored(w, dtype, group=32)
-        y = ops.conv1d(x, d, b, out_features=N, layout="panels", scales=s)
+        with ops.using_int8_dot(False):
+            assert strategy("panels", dtype, M) == "bf16_dot_prefill"
+            y = ops.conv1d(x, d, b, out_features=N, layout="panels", scales=s)
         # x is rounded to bf16 too: the kernel is held to a float64 product of the two rounded operands
         assert_parity(y, *ref_mm(x.bfloat16().float(), fmt.unpack(d, s), b), K, f"bf16_dot_prefill {dtype}")
     finally:

@@ -140,20 +140,31 @@ def test_the_switch():
         assert not ops.int8_dot() and _C.matmul_strategy("panels", "int8", 1, 64) == "lowp_decode"
         assert _C.matmul_strategy("panels", "int8", 200, 64) in ("convert_per_block", "bf16_dot_prefill")
         with ops.using_int8_dot(True):
-            assert ops.int8_dot() and _C.int8_dot_enabled()
+            assert ops.int8_dot(1) and ops.int8_dot(200) and _C.int8_dot_mode() == "on"
+            assert _C.matmul_strategy("panels", "int8", 1, 64) == "int8_dot"
             assert _C.matmul_strategy("panels", "int8", 200, 64) == "int8_dot"
-        assert not _C.int8_dot_enabled()
+        assert _C.int8_dot_mode() == "off"
+        # auto: prefill rows only, and only where the kernels prefill over packed panels (AVX512-VNNI)
+        with ops.using_int8_dot(None):
+            assert _C.int8_dot_mode() == "auto" and not ops.int8_dot(1) and not ops.int8_dot(16)
+            assert ops.int8_dot(17) == _C.int8_dot_packed() == ops.int8_dot(200)
+            assert _C.matmul_strategy("panels", "int8", 1, 64) == "lowp_decode"
+            want = "int8_dot" if _C.int8_dot_packed() else ("convert_per_block", "bf16_dot_prefill")
+            assert _C.matmul_strategy("panels", "int8", 200, 64) in want
+    with pytest.raises(ValueError, match="mode must be 'off', 'on' or 'auto'"):
+        _C.set_int8_dot("yes")
 
 
-def test_off_by_default_and_from_the_environment(tmp_path):
-    # a fresh process: off unless GPT2KERN_INT8_DOT=1 (int8's numbers do not change behind a user's back)
+def test_auto_by_default_and_from_the_environment(tmp_path):
+    # a fresh process: auto (prefill where the packed kernels run: measured faster, within int8's bound), on with
+    # GPT2KERN_INT8_DOT=1, off with 0
     import os
     import subprocess
     import sys
 
-    code = "import torch; from gpt2kern import _C; print(_C.int8_dot_enabled())"
+    code = "import torch; from gpt2kern import _C; print(_C.int8_dot_mode())"
     env = {k: v for k, v in os.environ.items() if k != "GPT2KERN_INT8_DOT"}
-    for val, want in ((None, "False"), ("1", "True"), ("0", "False")):
+    for val, want in ((None, "auto"), ("1", "on"), ("0", "off"), ("yes", "auto")):
         e = dict(env, **({"GPT2KERN_INT8_DOT": val} if val else {}))
         out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
         assert out.stdout.strip() == want, (val, out.stdout, out.stderr[-500:])
@@ -170,9 +181,44 @@ def test_int8_dot_needs_a_group_of_four():
 
 @needs_kernels
 def test_int8_dot_kernels_name_this_cpu():
+    # the avx512 table takes AVX512-VNNI first (its prefill kernel is 512 bits wide); the avx2 table 256-bit VNNI
     flags = open("/proc/cpuinfo").read().split()
-    want = "avxvnni" if "avx_vnni" in flags else "avx512vnni" if "avx512_vnni" in flags else "avx2"
+    vnni256 = "avxvnni" if "avx_vnni" in flags else "avx2"
+    want = "avx512vnni" if ops.isa() == "avx512" and "avx512_vnni" in flags else vnni256
     assert _C.int8_dot_kernels() == want
+    assert _C.int8_dot_packed() == (want == "avx512vnni")
+    if "avx2" in ops.supported_isas():
+        before = ops.isa()
+        ops.set_isa("avx2")
+        try:
+            assert _C.int8_dot_kernels() == vnni256 and not _C.int8_dot_packed()
+        finally:
+            ops.set_isa(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_every_int8_dot_kernel_gives_the_same_bits(int8_dot_on, M):
+    # the integer sums are exact and every kernel scales them by the same expression, so the ISA tables' kernels
+    # (AVX512-VNNI's 512-bit prefill over packed panels among them) agree bit for bit
+    isas = [i for i in ops.supported_isas() if i != "generic"]
+    if len(isas) < 2:
+        pytest.skip("one ISA table with int8 dot kernels on this CPU")
+    torch.manual_seed(M)
+    K, N = 768, 200
+    x = plant_outliers(torch.randn(M, K), channels=(9,), value=900.0)
+    fmt, d, s = stored(torch.randn(K, N) * 0.05, "int8")
+    b = torch.randn(N)
+    before, outs = ops.isa(), {}
+    try:
+        for isa in isas:
+            ops.set_isa(isa)
+            outs[_C.int8_dot_kernels()] = ops.conv1d(x, d, b, "gelu_new", out_features=N, layout="panels", scales=s)
+    finally:
+        ops.set_isa(before)
+    first = next(iter(outs.values()))
+    for name, y in outs.items():
+        assert torch.equal(y, first), name
 
 
 @needs_kernels

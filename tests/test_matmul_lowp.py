@@ -15,8 +15,8 @@ LOWP = ["fp16", "bf16", "int8"]
 
 @pytest.fixture(autouse=True)
 def _int8_widened():
-    """These tests hold the kernels that widen the stored weights to fp32 (the default); the int8 dot-product
-    kernels (x quantized too) have their own, tests/test_matmul_int8dot.py."""
+    """These tests hold the kernels that widen the stored weights to fp32 (decode's default, and prefill's without
+    AVX512-VNNI); the int8 dot-product kernels (x quantized too) have their own, tests/test_matmul_int8dot.py."""
     with ops.using_int8_dot(False):
         yield
 # decode rows (the in-register widening path: M <= 16) and prefill rows (widened into an fp32 buffer per K block),

@@ -81,30 +81,42 @@ const Int8DotKernels* int8_dot_kernels() {
 #if defined(__x86_64__)
   if (&kernels() == &kTable_generic) return nullptr;
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avxvnni")) return &kInt8Dot_avxvnni;
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+  // the avx512 table: AVX512-VNNI first (its prefill kernel is 512 bits wide); the avx2 table keeps to 256 bits
+  if (&kernels() == &kTable_avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw"))
     return &kInt8Dot_avx512vnni;
+  if (__builtin_cpu_supports("avxvnni")) return &kInt8Dot_avxvnni;
   return &kInt8Dot_avx2;  // a table other than generic is active: the CPU has AVX2
 #else
   return nullptr;
 #endif
 }
 
-static std::atomic<int> g_int8_dot{-1};  // -1: from GPT2KERN_INT8_DOT on first use
+static std::atomic<int> g_int8_dot{-1};  // an Int8DotMode; -1: from GPT2KERN_INT8_DOT on first use
 
-void set_int8_dot(bool on) { g_int8_dot.store(on ? 1 : 0); }
+void set_int8_dot(Int8DotMode mode) { g_int8_dot.store((int)mode); }
 
-bool int8_dot_enabled() {
-  int on = g_int8_dot.load();
-  if (on < 0) {
+Int8DotMode int8_dot_mode() {
+  int mode = g_int8_dot.load();
+  if (mode < 0) {
     const char* env = std::getenv("GPT2KERN_INT8_DOT");
-    on = env && !std::strcmp(env, "1") ? 1 : 0;
-    g_int8_dot.store(on);
+    mode = (int)(env && !std::strcmp(env, "1")   ? Int8DotMode::On
+                 : env && !std::strcmp(env, "0") ? Int8DotMode::Off
+                                                 : Int8DotMode::Auto);
+    g_int8_dot.store(mode);
   }
-  return on == 1;
+  return (Int8DotMode)mode;
 }
 
-const Int8DotKernels* int8_dot() { return int8_dot_enabled() ? int8_dot_kernels() : nullptr; }
+const Int8DotKernels* int8_dot(int64_t rows) {
+  switch (int8_dot_mode()) {
+    case Int8DotMode::Off: return nullptr;
+    case Int8DotMode::On: return int8_dot_kernels();
+    case Int8DotMode::Auto: break;
+  }
+  const Int8DotKernels* k = int8_dot_kernels();
+  return k && k->matmul_packed && rows > kDecodeRows ? k : nullptr;
+}
 
 bool set_isa(const char* isa) {
   const KernelTable* t = kernels_for(isa);

@@ -531,9 +531,11 @@ class Engine {
     // The head: per position on its B rows, as a decode step runs it — or several positions in one call where the
     // strategy of both row counts is nk_decode, whose every output is one dot product summed in the same order
     // whatever the call's rows (csrc/cpu/kernels/matmul_nt.h), so the lm_head's weights stream once.
-    const bool bd = bf16_dot() != nullptr, i8 = int8_dot() != nullptr;
+    const bool bd = bf16_dot() != nullptr;
     int64_t per = 1;  // positions per call
-    auto strategy = [&](int64_t rows) { return choose_matmul(W.layout, W.type, rows, W.group, bd, i8); };
+    auto strategy = [&](int64_t rows) {
+      return choose_matmul(W.layout, W.type, rows, W.group, bd, int8_dot(rows) != nullptr);
+    };
     if (strategy(B_) == MatmulStrategy::NkDecode)
       while (per < T && strategy((per + 1) * B_) == MatmulStrategy::NkDecode) ++per;
     for (int64_t t0 = 0; t0 < T; t0 += per) {

@@ -107,16 +107,28 @@ struct Int8DotKernels {
                        const int8_t* Bp, const float* sw, int64_t G, float* C, int64_t ldc, int64_t n0, int ncols,
                        const float* bias, Epilogue epi, const float* R, int64_t ldr);
   int mr_max;
+  // Prefill over a packed panel, where the ISA has it (AVX512-VNNI; else all three are null): pack_panel writes
+  // int8_packed_panel_bytes(K, G) bytes from a panel and its scales; group_sums gives XS[m][g] = Σ_{k in g} Q[m][k];
+  // matmul_packed gives matmul_panel's result from them
+  void (*pack_panel)(const int8_t* Bp, const float* sw, int64_t K, int64_t G, uint8_t* dst);
+  void (*group_sums)(const int8_t* Q, int64_t ldq, int64_t M, int64_t K, int64_t G, int32_t* XS, int64_t lds);
+  void (*matmul_packed)(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds, int64_t M,
+                        int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int64_t n0, int ncols,
+                        const float* bias, Epilogue epi, const float* R, int64_t ldr);
 };
+// K bytes of weights per column of a packed panel, then its fp32 scales
+constexpr int64_t int8_packed_panel_bytes(int64_t K, int64_t G) { return K * kPanel + K / G * kPanel * 4; }
 // The int8 dot-product kernels this CPU runs best (the VNNI ones where it has them), or null without AVX2 or while
 // the generic table is active.
 const Int8DotKernels* int8_dot_kernels();
-// Those kernels while they are switched on (set_int8_dot; GPT2KERN_INT8_DOT=1 from the start), else null: int8
-// weights (a group of 4k) then multiply x quantized to int8. Off by default: they change int8 mode's numbers and
-// have not yet been measured faster where that would pay (bench/RESULTS.md), as bf16_dot's kernels are below.
-const Int8DotKernels* int8_dot();
-void set_int8_dot(bool on);
-bool int8_dot_enabled();
+// The int8 dot-product switch: off, on (every row count), or auto, the default: prefill rows (more than
+// kDecodeRows) where the kernels prefill over packed panels (AVX512-VNNI), measured faster there and within int8
+// mode's error bound (bench/RESULTS.md); decode keeps widening the weights. GPT2KERN_INT8_DOT=1 / 0 start on / off.
+enum class Int8DotMode { Off = 0, On = 1, Auto = 2 };
+void set_int8_dot(Int8DotMode mode);
+Int8DotMode int8_dot_mode();
+// The kernels for a matmul of `rows` rows of x against int8 weights under the switch, or null
+const Int8DotKernels* int8_dot(int64_t rows);
 
 // The bf16 dot-product kernels when the avx512 table is active and the CPU has AVX512_BF16 and they are enabled
 // (set_bf16_dot; GPT2KERN_BF16_DOT=0 disables them from the start), else null: bf16 weights are widened to fp32.

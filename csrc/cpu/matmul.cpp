@@ -4,9 +4,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../common/checks.h"
 #include "../common/op_args.h"
@@ -315,24 +320,64 @@ void mm_bf16_dot_prefill(const MatmulArgs& a) {
   });
 }
 
-// int8 panels (group a multiple of 4) while int8_dot() is on: x quantized per row and group once per call (into the
-// calling thread's buffers, which the workers read), then each task's panels against every row block of it, whole
-// K. A row block (64 rows: 192 KiB of quantized x for K = 3072) stays in L2 while the task's panels pass over it.
+// int8 panels (group a multiple of 4) where int8_dot(M) gives the kernels: x quantized per row and group once per call
+// (into the calling thread's buffers, which the workers read). Prefill, where the kernels have a packed form
+// (AVX512-VNNI): each task packs one panel at a time into its own buffer and runs every row over it, so the packing is
+// paid once per panel, not per row block. Otherwise each task's panels against every row block of x, whole K; a row
+// block (64 rows: 192 KiB of quantized x for K = 3072) stays in L2 while the task's panels pass over it.
 void mm_int8_dot(const MatmulArgs& a) {
   const Int8DotKernels* ik = a.i8;
   const int64_t M = a.M, K = a.K, N = a.N, P = num_panels(N), G = a.W.group, ng = K / G;
+  const bool packed = M > kDecodeRows && ik->matmul_packed != nullptr;
   thread_local std::vector<int8_t> qbuf;
   thread_local std::vector<float> sbuf;
+  thread_local std::vector<int32_t> xsbuf;
   if ((int64_t)qbuf.size() < M * K) qbuf.resize(M * K);
   if ((int64_t)sbuf.size() < M * ng) sbuf.resize(M * ng);
+  if (packed && (int64_t)xsbuf.size() < M * ng) xsbuf.resize(M * ng);
   int8_t* q = qbuf.data();
   float* s = sbuf.data();
+  int32_t* xs = xsbuf.data();
+  auto quantize = [&](int64_t m0, int64_t m1) {
+    ik->quantize_rows(a.A + m0 * a.lda, a.lda, m1 - m0, K, G, q + m0 * K, K, s + m0 * ng, ng);
+    if (packed) ik->group_sums(q + m0 * K, K, m1 - m0, K, G, xs + m0 * ng, ng);
+  };
   if (M <= kDecodeRows)
-    ik->quantize_rows(a.A, a.lda, M, K, G, q, K, s, ng);
+    quantize(0, M);
   else
-    parallel_chunks(M, 16, [&](int64_t m0, int64_t m1) {
-      ik->quantize_rows(a.A + m0 * a.lda, a.lda, m1 - m0, K, G, q + m0 * K, K, s + m0 * ng, ng);
+    parallel_chunks(M, 16, quantize);
+  if (packed) {
+    // groups of SG packed panels (~256 KiB, in L2), each against row blocks of MC rows (a multiple of the kernel's
+    // 12): a block's output rows are SG panels wide, not one, which keeps the lm_head's stores on few pages. While
+    // a group computes, the next group's stored panels (contiguous) are prefetched, a slice per kernel call, so its
+    // packing does not wait on DRAM.
+    const int64_t bytes = int8_packed_panel_bytes(K, G), SG = std::max<int64_t>(1, 256 * 1024 / bytes), MC = 96;
+    const int64_t calls = (M + MC - 1) / MC * SG;  // kernel calls per group (fewer in a task's last)
+    parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
+      thread_local std::vector<uint8_t> pk;
+      if ((int64_t)pk.size() < SG * bytes) pk.resize(SG * bytes);
+      for (int64_t g0 = p0; g0 < p1; g0 += SG) {
+        const int64_t g1 = std::min(p1, g0 + SG), n1 = std::min(p1, g1 + SG);
+        for (int64_t p = g0; p < g1; ++p)
+          ik->pack_panel(reinterpret_cast<const int8_t*>(panel_data(a, p)), panel_scales(a, p), K, G,
+                         pk.data() + (p - g0) * bytes);
+        const char* next = panel_data(a, g1);
+        const int64_t next_bytes = (n1 - g1) * K * kPanel, slice = (next_bytes / calls + 63) / 64 * 64;
+        int64_t ahead = 0;
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {
+          const int64_t mc = std::min(MC, M - m0);
+          for (int64_t p = g0; p < g1; ++p, ahead += slice) {
+            for (int64_t off = ahead; off < std::min(next_bytes, ahead + slice); off += 64)
+              __builtin_prefetch(next + off);
+            ik->matmul_packed(q + m0 * K, K, s + m0 * ng, xs + m0 * ng, ng, mc, K, pk.data() + (p - g0) * bytes, G,
+                              a.C + m0 * N, N, p * kPanel, (int)std::min<int64_t>(kPanel, N - p * kPanel), a.bias,
+                              a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr);
+          }
+        }
+      }
     });
+    return;
+  }
   const int64_t MC = M <= kDecodeRows ? M : 64;
   parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
@@ -537,7 +582,7 @@ const char* matmul_strategy_name(MatmulStrategy s) { return kMatmulStrategies[(i
 void run_matmul(const float* A, int64_t lda, int64_t M, int64_t K, WeightRef W, int64_t N, const float* bias,
                 Epilogue epi, const float* R, int64_t ldr, float* C) {
   const Bf16DotKernels* bd = bf16_dot();
-  const Int8DotKernels* i8 = W.type == WType::I8 ? int8_dot() : nullptr;
+  const Int8DotKernels* i8 = W.type == WType::I8 ? int8_dot(M) : nullptr;
   const MatmulArgs args{A, lda, M, K, W, N, bias, epi, R, ldr, C, kernels(), bd, i8};
   kMatmulStrategies[(int)choose_matmul(W.layout, W.type, M, W.group, bd != nullptr, i8 != nullptr)].run(args);
 }
@@ -551,7 +596,7 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
                       const float* bias, Epilogue epi, float* C) {
   const Bf16DotKernels* bd = bf16_dot();
   const KernelTable& t = kernels();
-  const MatmulStrategy s = T > 1 ? choose_matmul(W.layout, W.type, B, W.group, bd != nullptr, int8_dot() != nullptr)
+  const MatmulStrategy s = T > 1 ? choose_matmul(W.layout, W.type, B, W.group, bd != nullptr, int8_dot(B) != nullptr)
                                  : MatmulStrategy::NkDecode;
   if (s == MatmulStrategy::KnDecodeGemv) {  // mm_kn_decode_gemv with M = B, per position
     constexpr int64_t KB = 128;             // mm_kn_decode_gemv's
@@ -591,6 +636,21 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
   for (int64_t q = 0; q < T; ++q) run_matmul(A + q * B * lda, lda, B, K, W, N, bias, epi, nullptr, 0, C + q * B * N);
 }
 
+// A large output (allocations this size are fresh mmaps, every call) would take a page fault per 4 KiB on its first
+// write: for the lm_head's logits at T = 512 (103 MB) those faults cost more than the int8 matmul's stores. Where
+// transparent huge pages are 'madvise', asking for 2 MiB pages makes them ~50 faults. Advice only: the pages are
+// written in full anyway, and a refusal changes nothing.
+static void prefer_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t b = ((uintptr_t)p + kHuge - 1) & ~(kHuge - 1), e = ((uintptr_t)p + bytes) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   c10::string_view epilogue, const std::optional<at::Tensor>& residual, int64_t out_features,
                   c10::string_view layout, const std::optional<at::Tensor>& scales) {
@@ -623,6 +683,7 @@ at::Tensor conv1d(const at::Tensor& x, const at::Tensor& weight, const std::opti
   at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
+  prefer_huge_pages(y.data_ptr(), (size_t)y.numel() * sizeof(float));
   if (K == 0) {  // empty reduction: bias (+ epilogue) only
     at::Tensor z = b.defined() ? b.expand(out_shape).clone() : at::zeros(out_shape, x.options());
     if (epi == Epilogue::GeluNew) return gelu_new(z);

@@ -57,11 +57,11 @@ enum class MatmulStrategy : int {
   KnDecodeGemv,     // HF's [K, N] in place, M <= 8: GEMV over fixed blocks of rows of W
   PanelsF32,        // fp32 panels, any rows: the panel kernel straight over the weight
   ConvertPerBlock,  // any other prefill: each K block of a few panels made fp32 once, then the panel kernel
-  Int8Dot,          // int8 panels (group of 4k) where int8_dot() runs: x quantized, integer dot products
+  Int8Dot,          // int8 panels (group of 4k) where int8_dot(M) runs: x quantized, integer dot products
 };
 constexpr int kMatmulStrategyCount = 8;
 // The strategy for M rows against a weight stored in (layout, type) (int8: `group` k per scale), where the bf16
-// dot-product kernels exist (bf16_dot) or not, and the int8 ones are on (int8_dot) or not:
+// dot-product kernels exist (bf16_dot) or not, and the int8 ones run for M rows (int8_dot(M)) or not:
 // a function of these alone.
 MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group, bool bf16_dot, bool int8_dot);
 const char* matmul_strategy_name(MatmulStrategy s);

@@ -51,27 +51,33 @@ def set_isa(name: str) -> None:
         raise ValueError(f"this CPU cannot run {name!r}; available: {', '.join(_C.supported_isas())}")
 
 
-def set_int8_dot(on: bool) -> None:
-    """int8 weights × int8 activations on the CPU (x quantized per row and weight group, integer dot products), for
-    every row count where the CPU has the kernels; off by default (GPT2KERN_INT8_DOT=1 turns it on at start).
-    Process-wide, like set_isa; it changes int8 mode's numbers (README, Weight modes)."""
-    _C.set_int8_dot(bool(on))
+def _int8_dot_mode(on: bool | None) -> str:
+    return "auto" if on is None else "on" if on else "off"
+
+
+def set_int8_dot(on: bool | None) -> None:
+    """int8 weights × int8 activations on the CPU (x quantized per row and weight group, integer dot products):
+    True for every row count where the CPU has the kernels, False never, None (the default) for prefill where the
+    kernels prefill over packed panels (AVX512-VNNI: measured faster, bench/RESULTS.md); GPT2KERN_INT8_DOT=1 / 0
+    start it on / off. Process-wide, like set_isa; it changes int8 mode's numbers (README, Weight modes)."""
+    _C.set_int8_dot(_int8_dot_mode(on))
 
 
 @contextlib.contextmanager
-def using_int8_dot(on: bool = True):
+def using_int8_dot(on: bool | None = True):
     """set_int8_dot(on) inside the block, the previous setting after it."""
-    before = bool(_C.int8_dot_enabled())
-    _C.set_int8_dot(bool(on))
+    before = _C.int8_dot_mode()
+    _C.set_int8_dot(_int8_dot_mode(on))
     try:
         yield
     finally:
         _C.set_int8_dot(before)
 
 
-def int8_dot() -> bool:
-    """Whether int8 weights multiply x quantized to int8 now (the switch, this CPU, the ISA level)."""
-    return bool(_C.int8_dot())
+def int8_dot(rows: int = 512) -> bool:
+    """Whether a matmul of `rows` rows (default: a prefill) against int8 weights multiplies x quantized to int8 now
+    (the switch, this CPU, the ISA level)."""
+    return bool(_C.int8_dot(rows))
 
 
 def int8_dot_kernels() -> str | None:

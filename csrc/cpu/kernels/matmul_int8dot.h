@@ -68,9 +68,7 @@ GK_INLINE void int8dot_tile(const int8_t* Q, int64_t ldq, const float* S, int64_
                             Epilogue epi, const float* R, int64_t ldr) {
   alignas(32) float accm[MR][kPanel] = {};
   for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
-    __m256i s[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < 4; ++v) s[r][v] = _mm256_setzero_si256();
+    vi8x32 s[MR][4] = {};  // vector-extension sums: as __m256i arrays GCC copies them through memory every step
     for (int64_t k = g0; k < g0 + G; k += 4) {
       __m256i q[4];
       panel_quads(Bp + k * kPanel, q);
@@ -78,7 +76,7 @@ GK_INLINE void int8dot_tile(const int8_t* Q, int64_t ldq, const float* S, int64_
         int32_t quad;
         __builtin_memcpy(&quad, Q + r * ldq + k, 4);
         const __m256i xs = _mm256_set1_epi32(quad), ax = _mm256_abs_epi8(xs);
-        for (int v = 0; v < 4; ++v) s[r][v] = dot_step(s[r][v], ax, xs, q[v]);
+        for (int v = 0; v < 4; ++v) s[r][v] = (vi8x32)dot_step((__m256i)s[r][v], ax, xs, q[v]);
       }
     }
     vf swn[4], swq[4];
@@ -87,7 +85,7 @@ GK_INLINE void int8dot_tile(const int8_t* Q, int64_t ldq, const float* S, int64_
     for (int r = 0; r < MR; ++r) {
       const vf sx = bcast(S[r * lds + g]);
       for (int v = 0; v < 4; ++v) {
-        const vf sum = __builtin_convertvector((vi8x32)s[r][v], vf);
+        const vf sum = __builtin_convertvector(s[r][v], vf);
         store(accm[r] + v * VL, load(accm[r] + v * VL) + sum * (swq[v] * sx));
       }
     }
@@ -120,6 +118,110 @@ static void int8dot_panel(const int8_t* Q, int64_t ldq, const float* S, int64_t 
   int8dot_rows<GK_INT8DOT_MR>(Q, ldq, S, lds, M, K, Bp, sw, G, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
                               R ? R + n0 : nullptr, ldr);
 }
+
+#if defined(GK_INT8DOT_AVX512VNNI)
+// Prefill (many rows, bound by the dot products): the panel is packed once — quads already transposed, so the loop
+// issues no unpacks — and 512-bit VPDPBUSD runs 12 rows at a time over it. VPDPBUSD multiplies unsigned bytes of
+// its first source by signed bytes of its second, and only the second can be a broadcast from memory, so here the
+// weights are the unsigned operand: w + 128 (the sign bit flipped, 1 .. 255) against x's signed codes, and each
+// row's group sum 128 · Σ qx is subtracted afterwards. The integer sums are the same as dot_step's, and they are
+// scaled by the same expression, so the result has int8dot_tile's bits.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+GK_INLINE __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+
+// Bp [K][32] int8 and sw [K / G][32] -> dst: K / 4 quads of 128 bytes (w + 128 in panel_quads' column order),
+// then the scales in that order
+static void int8dot_pack_panel(const int8_t* Bp, const float* sw, int64_t K, int64_t G, uint8_t* dst) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  for (int64_t k = 0; k < K; k += 4) {
+    __m256i q[4];
+    panel_quads(Bp + k * kPanel, q);
+    for (int v = 0; v < 4; ++v)
+      _mm256_storeu_si256((__m256i*)(dst + k * kPanel + v * 32), _mm256_xor_si256(q[v], flip));
+  }
+  float* s = reinterpret_cast<float*>(dst + K * kPanel);
+  for (int64_t g = 0; g < K / G; ++g) {
+    vf n[4], q[4];
+    for (int v = 0; v < 4; ++v) n[v] = load(sw + g * kPanel + v * VL);
+    to_quad_order(n, q);
+    for (int v = 0; v < 4; ++v) store(s + g * kPanel + v * VL, q[v]);
+  }
+}
+
+// Σ_{k in g} Q[m][k] for every row and group (the correction of the unsigned weights)
+static void int8dot_group_sums(const int8_t* Q, int64_t ldq, int64_t M, int64_t K, int64_t G, int32_t* XS,
+                               int64_t lds) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
+      int32_t t = 0;
+      for (int64_t k = g0; k < g0 + G; ++k) t += Q[m * ldq + k];
+      XS[m * lds + g] = t;
+    }
+}
+
+template <int MR>
+GK_INLINE void int8dot_packed_tile(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
+                                   int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int ncols,
+                                   const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+  const float* swq = reinterpret_cast<const float*>(Bq + K * kPanel);
+  alignas(64) float accm[MR][kPanel] = {};
+  for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
+    vi16 s[MR][2];  // from -128 · Σ qx, so they come out as Σ qw · qx (vector-extension type: see int8dot_tile)
+    for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = vi16{} - 128 * XS[r * lds + g];
+    for (int64_t k = g0; k < g0 + G; k += 4) {
+      const __m512i w0 = _mm512_loadu_si512(Bq + k * kPanel), w1 = _mm512_loadu_si512(Bq + k * kPanel + 64);
+      for (int r = 0; r < MR; ++r) {
+        int32_t quad;
+        __builtin_memcpy(&quad, Q + r * ldq + k, 4);
+        const __m512i xb = _mm512_set1_epi32(quad);
+        s[r][0] = (vi16)_mm512_dpbusd_epi32((__m512i)s[r][0], w0, xb);
+        s[r][1] = (vi16)_mm512_dpbusd_epi32((__m512i)s[r][1], w1, xb);
+      }
+    }
+    vf16 sw[2];
+    __builtin_memcpy(&sw, swq + g * kPanel, sizeof sw);
+    for (int r = 0; r < MR; ++r) {
+      const vf16 sx = vf16{} + S[r * lds + g];
+      for (int v = 0; v < 2; ++v) {
+        const vf16 sum = __builtin_convertvector(s[r][v], vf16);
+        vf16 a;
+        __builtin_memcpy(&a, accm[r] + v * 16, sizeof a);
+        a = a + sum * (sw[v] * sx);
+        __builtin_memcpy(accm[r] + v * 16, &a, sizeof a);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {  // one row at a time: a tile of 12 would not fit finish_tile's registers
+    vf qo[4], acc[1][NV];
+    for (int v = 0; v < 4; ++v) qo[v] = load(accm[r] + v * VL);
+    to_natural_order(qo, acc[0]);
+    finish_tile<1>(acc, C + r * ldc, ldc, ncols, bias, epi, R ? R + r * ldr : R, ldr);
+  }
+}
+
+template <int MR>
+GK_INLINE void int8dot_packed_rows(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
+                                   int64_t M, int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int ncols,
+                                   const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+  if constexpr (MR > 0) {
+    for (; M >= MR; M -= MR, Q += MR * ldq, S += MR * lds, XS += MR * lds, C += MR * ldc, R = R ? R + MR * ldr : R)
+      int8dot_packed_tile<MR>(Q, ldq, S, XS, lds, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr);
+    if (M > 0) int8dot_packed_rows<MR - 1>(Q, ldq, S, XS, lds, M, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr);
+  }
+}
+
+// One packed panel (int8dot_pack_panel) against M quantized rows (S and XS their group scales and sums, lds apart):
+// C[m, n0 + j] = epi(y[m, n0 + j]) for j < ncols, the bits int8dot_panel gives.
+static void int8dot_packed_panel(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
+                                 int64_t M, int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int64_t n0,
+                                 int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+  // 12 rows × 2 sums + 2 weight vectors + x's broadcast: 27 of 32 registers
+  int8dot_packed_rows<12>(Q, ldq, S, XS, lds, M, K, Bq, G, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
+                          R ? R + n0 : nullptr, ldr);
+}
+#endif  // GK_INT8DOT_AVX512VNNI
 
 // x rows (lda apart, K columns) quantized per group of G consecutive columns into Q (rows ldq apart) and S (rows lds
 // apart), as the reference above says.
