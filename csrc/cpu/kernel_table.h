@@ -109,12 +109,13 @@ struct Int8DotKernels {
   int mr_max;
   // Prefill over a packed panel, where the ISA has it (AVX512-VNNI; else all three are null): pack_panel writes
   // int8_packed_panel_bytes(K, G) bytes from a panel and its scales; group_sums gives XS[m][g] = Σ_{k in g} Q[m][k];
-  // matmul_packed gives matmul_panel's result from them
+  // matmul_packed gives matmul_panel's result from them, prefetching up to prefetch_bytes (the next panels) as it goes
   void (*pack_panel)(const int8_t* Bp, const float* sw, int64_t K, int64_t G, uint8_t* dst);
   void (*group_sums)(const int8_t* Q, int64_t ldq, int64_t M, int64_t K, int64_t G, int32_t* XS, int64_t lds);
   void (*matmul_packed)(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds, int64_t M,
                         int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int64_t n0, int ncols,
-                        const float* bias, Epilogue epi, const float* R, int64_t ldr);
+                        const float* bias, Epilogue epi, const float* R, int64_t ldr, const void* prefetch,
+                        int64_t prefetch_bytes);
 };
 // K bytes of weights per column of a packed panel, then its fp32 scales
 constexpr int64_t int8_packed_panel_bytes(int64_t K, int64_t G) { return K * kPanel + K / G * kPanel * 4; }

@@ -349,8 +349,8 @@ void mm_int8_dot(const MatmulArgs& a) {
   if (packed) {
     // groups of SG packed panels (~256 KiB, in L2), each against row blocks of MC rows (a multiple of the kernel's
     // 12): a block's output rows are SG panels wide, not one, which keeps the lm_head's stores on few pages. While
-    // a group computes, the next group's stored panels (contiguous) are prefetched, a slice per kernel call, so its
-    // packing does not wait on DRAM.
+    // a group computes, the next group's stored panels (contiguous) are prefetched, a slice per kernel call spread
+    // over its steps, so that packing them does not wait on DRAM.
     const int64_t bytes = int8_packed_panel_bytes(K, G), SG = std::max<int64_t>(1, 256 * 1024 / bytes), MC = 96;
     const int64_t calls = (M + MC - 1) / MC * SG;  // kernel calls per group (fewer in a task's last)
     parallel_chunks(P, panel_grain(M, K, P), [&](int64_t p0, int64_t p1) {
@@ -367,11 +367,10 @@ void mm_int8_dot(const MatmulArgs& a) {
         for (int64_t m0 = 0; m0 < M; m0 += MC) {
           const int64_t mc = std::min(MC, M - m0);
           for (int64_t p = g0; p < g1; ++p, ahead += slice) {
-            for (int64_t off = ahead; off < std::min(next_bytes, ahead + slice); off += 64)
-              __builtin_prefetch(next + off);
+            const int64_t pf = std::max<int64_t>(0, std::min(slice, next_bytes - ahead));
             ik->matmul_packed(q + m0 * K, K, s + m0 * ng, xs + m0 * ng, ng, mc, K, pk.data() + (p - g0) * bytes, G,
                               a.C + m0 * N, N, p * kPanel, (int)std::min<int64_t>(kPanel, N - p * kPanel), a.bias,
-                              a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr);
+                              a.epi, a.R ? a.R + m0 * a.ldr : nullptr, a.ldr, next + std::min(ahead, next_bytes), pf);
           }
         }
       }

@@ -123,13 +123,12 @@ static void int8dot_panel(const int8_t* Q, int64_t ldq, const float* S, int64_t 
 // Prefill (many rows, bound by the dot products): the panel is packed once — quads already transposed, so the loop
 // issues no unpacks — and 512-bit VPDPBUSD runs 12 rows at a time over it. VPDPBUSD multiplies unsigned bytes of
 // its first source by signed bytes of its second, and only the second can be a broadcast from memory, so here the
-// weights are the unsigned operand: w + 128 (the sign bit flipped, 1 .. 255) against x's signed codes, and each
-// row's group sum 128 · Σ qx is subtracted afterwards. The integer sums are the same as dot_step's, and they are
-// scaled by the same expression, so the result has int8dot_tile's bits.
+// weights are the unsigned operand: w + 128 (the sign bit flipped, 1 .. 255) against x's signed codes, each row's
+// sums starting a group from -128 · Σ qx. The integer sums are then dot_step's, scaled by the same expression, so the
+// result has int8dot_tile's bits. The per-group scaling (convert, multiply, FMA per sum vector) is its main cost beyond
+// VPDPBUSD.
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
-
-GK_INLINE __m512i join(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
 
 // Bp [K][32] int8 and sw [K / G][32] -> dst: K / 4 quads of 128 bytes (w + 128 in panel_quads' column order),
 // then the scales in that order
@@ -161,16 +160,21 @@ static void int8dot_group_sums(const int8_t* Q, int64_t ldq, int64_t M, int64_t 
     }
 }
 
+// pf, pf_bytes: memory to prefetch, a line per step of k (the caller's next panels), spread so that the misses overlap
+// the dot products instead of queueing up in a burst
 template <int MR>
 GK_INLINE void int8dot_packed_tile(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
                                    int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int ncols,
-                                   const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+                                   const float* bias, Epilogue epi, const float* R, int64_t ldr, const char* pf,
+                                   int64_t pf_bytes) {
+  int64_t pf_off = 0;
   const float* swq = reinterpret_cast<const float*>(Bq + K * kPanel);
   alignas(64) float accm[MR][kPanel] = {};
   for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
     vi16 s[MR][2];  // from -128 · Σ qx, so they come out as Σ qw · qx (vector-extension type: see int8dot_tile)
     for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = vi16{} - 128 * XS[r * lds + g];
     for (int64_t k = g0; k < g0 + G; k += 4) {
+      if (pf_off < pf_bytes) __builtin_prefetch(pf + pf_off), pf_off += 64;
       const __m512i w0 = _mm512_loadu_si512(Bq + k * kPanel), w1 = _mm512_loadu_si512(Bq + k * kPanel + 64);
       for (int r = 0; r < MR; ++r) {
         int32_t quad;
@@ -201,25 +205,33 @@ GK_INLINE void int8dot_packed_tile(const int8_t* Q, int64_t ldq, const float* S,
   }
 }
 
+// pf, pf_bytes: prefetched K / 4 lines per tile, from the first
 template <int MR>
 GK_INLINE void int8dot_packed_rows(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
                                    int64_t M, int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int ncols,
-                                   const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+                                   const float* bias, Epilogue epi, const float* R, int64_t ldr, const char* pf,
+                                   int64_t pf_bytes) {
   if constexpr (MR > 0) {
-    for (; M >= MR; M -= MR, Q += MR * ldq, S += MR * lds, XS += MR * lds, C += MR * ldc, R = R ? R + MR * ldr : R)
-      int8dot_packed_tile<MR>(Q, ldq, S, XS, lds, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr);
-    if (M > 0) int8dot_packed_rows<MR - 1>(Q, ldq, S, XS, lds, M, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr);
+    for (; M >= MR; M -= MR, Q += MR * ldq, S += MR * lds, XS += MR * lds, C += MR * ldc, R = R ? R + MR * ldr : R) {
+      int8dot_packed_tile<MR>(Q, ldq, S, XS, lds, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr, pf, pf_bytes);
+      const int64_t done = pf_bytes < K / 4 * 64 ? pf_bytes : K / 4 * 64;
+      pf += done, pf_bytes -= done;
+    }
+    if (M > 0)
+      int8dot_packed_rows<MR - 1>(Q, ldq, S, XS, lds, M, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr, pf, pf_bytes);
   }
 }
 
 // One packed panel (int8dot_pack_panel) against M quantized rows (S and XS their group scales and sums, lds apart):
-// C[m, n0 + j] = epi(y[m, n0 + j]) for j < ncols, the bits int8dot_panel gives.
+// C[m, n0 + j] = epi(y[m, n0 + j]) for j < ncols, the bits int8dot_panel gives; prefetch_bytes of `prefetch` are
+// brought into cache meanwhile.
 static void int8dot_packed_panel(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
                                  int64_t M, int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int64_t n0,
-                                 int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr) {
+                                 int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                                 const void* prefetch, int64_t prefetch_bytes) {
   // 12 rows × 2 sums + 2 weight vectors + x's broadcast: 27 of 32 registers
   int8dot_packed_rows<12>(Q, ldq, S, XS, lds, M, K, Bq, G, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
-                          R ? R + n0 : nullptr, ldr);
+                          R ? R + n0 : nullptr, ldr, static_cast<const char*>(prefetch), prefetch_bytes);
 }
 #endif  // GK_INT8DOT_AVX512VNNI
 
