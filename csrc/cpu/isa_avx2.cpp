@@ -13,6 +13,6 @@
 #include "kernels/matmul_int8dot.h"
 
 namespace gk {
-extern const Int8DotKernels kInt8Dot_avx2 = {"avx2", avx2::int8_quantize_rows, avx2::int8dot_panel, GK_INT8DOT_MR};
+extern const Int8DotKernels kInt8Dot_avx2 = {"avx2", avx2::int8_quantize_rows, avx2::int8dot_panel};
 }  // namespace gk
 #endif  // __x86_64__

@@ -18,7 +18,6 @@ namespace gk {
 extern const Int8DotKernels kInt8Dot_avx512vnni = {"avx512vnni",
                                                    avx512vnni::int8_quantize_rows,
                                                    avx512vnni::int8dot_panel,
-                                                   GK_INT8DOT_MR,
                                                    avx512vnni::int8dot_pack_panel,
                                                    avx512vnni::int8dot_group_sums,
                                                    avx512vnni::int8dot_packed_panel};

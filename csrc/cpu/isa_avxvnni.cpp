@@ -14,7 +14,6 @@
 #include "kernels/matmul_int8dot.h"
 
 namespace gk {
-extern const Int8DotKernels kInt8Dot_avxvnni = {"avxvnni", avxvnni::int8_quantize_rows, avxvnni::int8dot_panel,
-                                                GK_INT8DOT_MR};
+extern const Int8DotKernels kInt8Dot_avxvnni = {"avxvnni", avxvnni::int8_quantize_rows, avxvnni::int8dot_panel};
 }  // namespace gk
 #endif  // __x86_64__

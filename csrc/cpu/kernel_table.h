@@ -106,7 +106,6 @@ struct Int8DotKernels {
   void (*matmul_panel)(const int8_t* Q, int64_t ldq, const float* S, int64_t lds, int64_t M, int64_t K,
                        const int8_t* Bp, const float* sw, int64_t G, float* C, int64_t ldc, int64_t n0, int ncols,
                        const float* bias, Epilogue epi, const float* R, int64_t ldr);
-  int mr_max;
   // Prefill over a packed panel, where the ISA has it (AVX512-VNNI; else all three are null): pack_panel writes
   // int8_packed_panel_bytes(K, G) bytes from a panel and its scales; group_sums gives XS[m][g] = Σ_{k in g} Q[m][k];
   // matmul_packed gives matmul_panel's result from them, prefetching up to prefetch_bytes (the next panels) as it goes

@@ -490,10 +490,10 @@ def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
     g = torch.Generator().manual_seed(2)
     models = {n: gpt2kern.optimize(copy.deepcopy(ref), weights=n) for n in names}
     # int8 once more where the CPU has the int8 dot-product kernels: x quantized to int8 in decode too
-    # (ops.set_int8_dot(True); the plain int8 row under the default, prefill only where they pack)
+    # (ops.set_int8_dot(True); the plain int8 row under the process's setting, by default prefill only where they pack)
     switch = {}
     if "int8" in names and ops.int8_dot_kernels() is not None:
-        models["int8, x int8"], switch["int8, x int8"], switch["int8"] = models["int8"], True, None
+        models["int8, x int8"], switch["int8, x int8"] = models["int8"], True
     names = list(models)
     T = min(128 if quick else 512, ref.config.n_positions)
     ids = torch.randint(0, V, (1, T), generator=g)

@@ -197,11 +197,16 @@ GK_INLINE void int8dot_packed_tile(const int8_t* Q, int64_t ldq, const float* S,
       }
     }
   }
-  for (int r = 0; r < MR; ++r) {  // one row at a time: a tile of 12 would not fit finish_tile's registers
-    vf qo[4], acc[1][NV];
-    for (int v = 0; v < 4; ++v) qo[v] = load(accm[r] + v * VL);
-    to_natural_order(qo, acc[0]);
-    finish_tile<1>(acc, C + r * ldc, ldc, ncols, bias, epi, R ? R + r * ldr : R, ldr);
+  // four rows per finish_tile (a tile of 12 would not fit its registers), so the bias is padded once per four
+  constexpr int F = MR % 4 == 0 ? 4 : 1;
+  for (int r = 0; r < MR; r += F) {
+    vf acc[F][NV];
+    for (int f = 0; f < F; ++f) {
+      vf qo[4];
+      for (int v = 0; v < 4; ++v) qo[v] = load(accm[r + f] + v * VL);
+      to_natural_order(qo, acc[f]);
+    }
+    finish_tile<F>(acc, C + r * ldc, ldc, ncols, bias, epi, R ? R + r * ldr : R, ldr);
   }
 }
 
