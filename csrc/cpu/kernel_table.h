@@ -60,9 +60,10 @@ struct KernelTable {
   // A[m][k] · W[k][0, n)
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
-  // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it)
+  // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it);
+  // prefetch_floats from `prefetch` (the caller's next block of W, or none) go into L2 over the call
   void (*matmul_nt)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N, float* C,
-                    int64_t ldc);
+                    int64_t ldc, const float* prefetch, int64_t prefetch_floats);
   // one reduced-precision panel (Panels layout, WType w; scales: int8's [K / group][32] for this panel, else null),
   // whole K, for few rows (decode): C[m, n0 + j] = epi(Σ_k A[m][k] · deq(Bp[k][j]) + bias) — widened in registers
   void (*matmul_panel_lowp)(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,

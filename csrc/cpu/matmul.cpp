@@ -210,7 +210,10 @@ void mm_nk_decode(const MatmulArgs& a) {
       const int64_t n0 = blk * NB, nc = std::min(NB, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t mc = std::min(MC, M - m0);
-        t.matmul_nt(a.A + m0 * a.lda, a.lda, mc, K, w + n0 * a.W.ld, a.W.ld, nc, a.C + m0 * N + n0, N);
+        // the last row block prefetches the next block of this chunk (csrc/cpu/kernels/matmul_nt.h)
+        const int64_t nn = m0 + mc < M || blk + 1 >= b1 ? 0 : std::min(NB, N - n0 - nc);
+        t.matmul_nt(a.A + m0 * a.lda, a.lda, mc, K, w + n0 * a.W.ld, a.W.ld, nc, a.C + m0 * N + n0, N,
+                    nn > 0 ? w + (n0 + nc) * a.W.ld : nullptr, nn > 0 ? (nn - 1) * a.W.ld + K : 0);
       }
       if (!a.bias && a.epi == Epilogue::None) continue;
       for (int64_t m = 0; m < M; ++m) {

@@ -136,7 +136,10 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
 // place would jump a whole row per k — and eight rows go into one pass over the sums, so each sum is loaded and
 // stored once per eight FMAs (with two rows per pass the sums' loads and stores, not DRAM, were the limit).
 // gemv_rows_shared: the same sums for more rows, with the eight W vectors of a column block in registers while every
-// row uses them (x's broadcasts from a buffer), so extra rows cost FMAs, not W's bytes again.
+// row uses them (x's broadcasts from a buffer), so extra rows cost FMAs, not W's bytes again. With several rows the
+// FMAs take longer than W's bytes take to arrive, and the hardware prefetchers, paced by the loads, stop running
+// ahead: each block of eight W rows prefetches the next eight into L2 (not L1, where it would evict x and the sums),
+// so DRAM keeps streaming while the FMAs run.
 
 // One row's sums over eight rows of W (w), the columns [0, nv) in vectors and [nv, n) one by one; the arithmetic
 // every path below shares, so a row's sums are the same bits on each.
@@ -186,9 +189,12 @@ static void gemv_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, 
       vf a[MB][8];
       for (int64_t m = 0; m < mb; ++m)
         for (int r = 0; r < 8; ++r) a[m][r] = bcast(A[(m0 + m) * lda + k + r]);
+      const bool ahead = m0 == 0 && k + 16 <= K;
       for (int64_t j = 0; j < nv; j += VL) {
         vf wr[8];
         for (int r = 0; r < 8; ++r) wr[r] = load(w + r * ldw + j);
+        if (ahead)
+          for (int r = 8; r < 16; ++r) prefetch_l2(w + r * ldw + j);
         for (int64_t m = 0; m < mb; ++m) {
           float* am = acc + (m0 + m) * n + j;
           store(am, gemv8(a[m], wr, am));
@@ -208,11 +214,14 @@ static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const f
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     const float* __restrict__ w = W + k * ldw;
+    const bool ahead = k + 16 <= K;
     for (int64_t m = 0; m < M; ++m) {
       vf a[8];
       for (int r = 0; r < 8; ++r) a[r] = bcast(A[m * lda + k + r]);
       float* __restrict__ am = acc + m * n;
       for (int64_t j = 0; j < nv; j += VL) {  // gemv8 with W read in place (as memory operands of the FMAs)
+        if (m == 0 && ahead)
+          for (int r = 8; r < 16; ++r) prefetch_l2(w + r * ldw + j);
         vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
         s0 += a[2] * load(w + 2 * ldw + j);
         s1 += a[3] * load(w + 3 * ldw + j);

@@ -15,9 +15,21 @@ constexpr int kNtMR = 4, kNtNR = 6;  // 24 accumulators + 4 rows of x + 1 of W i
 constexpr int kNtMR = 3, kNtNR = 4;  // 12 + 3 + 1 in 16
 #endif
 
+// The caller's next block of W, prefetched into L2 a few lines per step of k, spread over the whole call: with
+// several rows of x the FMAs outlast the block's DRAM reads, and only prefetches issued while they run keep DRAM
+// busy (issued all at once, the misses would queue and stall the FMAs behind them).
+struct SpreadPrefetch {
+  const char* p;
+  const char* end;
+  int64_t per_step;
+  GK_INLINE void step() {
+    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) prefetch_l2(p);
+  }
+};
+
 template <int MR, int NR>
 GK_INLINE void nt_tile(const float* A, int64_t lda, int mr, int64_t K, const float* W, int64_t ldw, int nr, float* C,
-                       int64_t ldc) {
+                       int64_t ldc, SpreadPrefetch& pf) {
   const float* a_row[MR];
   const float* w_row[NR];
   for (int r = 0; r < MR; ++r) a_row[r] = A + (r < mr ? r : mr - 1) * lda;
@@ -29,6 +41,7 @@ GK_INLINE void nt_tile(const float* A, int64_t lda, int mr, int64_t K, const flo
   for (int64_t k = 0; k < kv; k += VL) {
     vf a[MR];
     for (int r = 0; r < MR; ++r) a[r] = load(a_row[r] + k);
+    pf.step();
     for (int j = 0; j < NR; ++j) {
       const vf w = load(w_row[j] + k);
       for (int r = 0; r < MR; ++r) acc[r][j] += a[r] * w;
@@ -43,15 +56,19 @@ GK_INLINE void nt_tile(const float* A, int64_t lda, int mr, int64_t K, const flo
 }
 
 static void matmul_nt(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                      float* C, int64_t ldc) {
+                      float* C, int64_t ldc, const float* prefetch, int64_t prefetch_floats) {
+  const int64_t steps = (M + kNtMR - 1) / kNtMR * ((N + kNtNR - 1) / kNtNR) * (K / VL > 0 ? K / VL : 1);
+  const int64_t lines = (prefetch_floats * 4 + 63) / 64;
+  SpreadPrefetch pf{reinterpret_cast<const char*>(prefetch), reinterpret_cast<const char*>(prefetch + prefetch_floats),
+                    (lines + steps - 1) / steps};
   for (int64_t m = 0; m < M; m += kNtMR) {
     const int mr = (int)(M - m < kNtMR ? M - m : kNtMR);
     for (int64_t n = 0; n < N; n += kNtNR) {
       const int nr = (int)(N - n < kNtNR ? N - n : kNtNR);
       if (mr == 1)  // decode: one row of x, twice the W rows per pass (no other row shares their loads)
-        nt_tile<1, kNtNR>(A + m * lda, lda, 1, K, W + n * ldw, ldw, nr, C + m * ldc + n, ldc);
+        nt_tile<1, kNtNR>(A + m * lda, lda, 1, K, W + n * ldw, ldw, nr, C + m * ldc + n, ldc, pf);
       else
-        nt_tile<kNtMR, kNtNR>(A + m * lda, lda, mr, K, W + n * ldw, ldw, nr, C + m * ldc + n, ldc);
+        nt_tile<kNtMR, kNtNR>(A + m * lda, lda, mr, K, W + n * ldw, ldw, nr, C + m * ldc + n, ldc, pf);
     }
   }
 }

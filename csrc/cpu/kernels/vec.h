@@ -22,6 +22,9 @@ typedef float vf_u __attribute__((vector_size(GK_VEC_BYTES), aligned(4), may_ali
 typedef int32_t vi __attribute__((vector_size(GK_VEC_BYTES)));
 
 GK_INLINE vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+// A line the kernel reads soon, into L2 (prefetcht1): streamed weights prefetched into L1 would evict what the
+// FMAs reuse.
+GK_INLINE void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 GK_INLINE void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 // s − 0 is s for every float (−0, inf and NaN included), so the compiler may emit a plain broadcast — a memory
 // operand even — where vf{} + s would cost an add (+0 is not an identity for −0) and a register shuffle.
