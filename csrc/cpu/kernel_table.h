@@ -61,14 +61,16 @@ struct KernelTable {
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
   // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it);
-  // prefetch_floats from `prefetch` (the caller's next block of W, or none) go into L2 over the call
+  // prefetch_bytes from `prefetch` (the caller's next block of W, or none) go into L2 over the call (vec.h)
   void (*matmul_nt)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N, float* C,
-                    int64_t ldc, const float* prefetch, int64_t prefetch_floats);
+                    int64_t ldc, const void* prefetch, int64_t prefetch_bytes);
   // one reduced-precision panel (Panels layout, WType w; scales: int8's [K / group][32] for this panel, else null),
-  // whole K, for few rows (decode): C[m, n0 + j] = epi(Σ_k A[m][k] · deq(Bp[k][j]) + bias) — widened in registers
+  // whole K, for few rows (decode): C[m, n0 + j] = epi(Σ_k A[m][k] · deq(Bp[k][j]) + bias) — widened in registers;
+  // prefetch_bytes from `prefetch` (the caller's next panel, or none) go into L2 over the call (vec.h)
   void (*matmul_panel_lowp)(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
                             const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
-                            const float* bias, Epilogue epi, const float* R, int64_t ldr);
+                            const float* bias, Epilogue epi, const float* R, int64_t ldr, const void* prefetch,
+                            int64_t prefetch_bytes);
   // rows [k0, k0 + kc) of one reduced-precision panel widened (and scaled) into dst [kc][32] fp32: prefill's B block
   void (*unpack_panel)(const void* Bp, WType w, const float* scales, int64_t group, int64_t k0, int64_t kc, float* dst);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock

@@ -14,14 +14,17 @@ namespace GK_ISA {
 // s[r] += Σ_{k in [k0, k1)} A[r][k] · deq(Bp[k]) (unscaled). With ≤ 2 rows on 32 registers, even and odd k go
 // to separate sums (added at the end) so twice the loads are in flight (matmul.h's GEMV note); more rows give
 // enough independent chains by themselves.
-template <int MR, WType W>
-GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, const void* Bp, int64_t k0, int64_t k1) {
+template <int MR, WType W, class PF>
+GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, const void* Bp, int64_t k0, int64_t k1,
+                               PF& pf) {
   int64_t k = k0;
   if constexpr (MR <= 2 && GK_VREGS >= 32) {
     vf s1[MR][NV];
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) s1[r][v] = vf{};
     for (; k + 2 <= k1; k += 2) {
+      pf.step();
+      pf.step();
       vf b0[NV], b1[NV];
       for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
       for (int v = 0; v < NV; ++v) b1[v] = load_w<W>(Bp, (k + 1) * kPanel + v * VL);
@@ -35,6 +38,7 @@ GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, con
       for (int v = 0; v < NV; ++v) s[r][v] += s1[r][v];
   }
   for (; k < k1; ++k) {
+    pf.step();
     vf b0[NV];
     for (int v = 0; v < NV; ++v) b0[v] = load_w<W>(Bp, k * kPanel + v * VL);
     for (int r = 0; r < MR; ++r) {
@@ -44,21 +48,21 @@ GK_INLINE void lowp_accumulate(vf (&s)[MR][NV], const float* A, int64_t lda, con
   }
 }
 
-template <int MR, WType W>
+template <int MR, WType W, class PF>
 GK_INLINE void lowp_tile(const float* A, int64_t lda, int64_t K, const void* Bp, const float* scales, int64_t G,
-                         float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
-                         int64_t ldr) {
+                         float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
+                         PF& pf) {
   vf acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
   if constexpr (W != WType::I8) {
-    lowp_accumulate<MR, W>(acc, A, lda, Bp, 0, K);
+    lowp_accumulate<MR, W, PF>(acc, A, lda, Bp, 0, K, pf);
   } else {  // per group of G: the unscaled group sum, then one multiply by the group's scales
     for (int64_t g0 = 0; g0 < K; g0 += G) {
       vf s[MR][NV];
       for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) s[r][v] = vf{};
-      lowp_accumulate<MR, W>(s, A, lda, Bp, g0, g0 + G < K ? g0 + G : K);
+      lowp_accumulate<MR, W, PF>(s, A, lda, Bp, g0, g0 + G < K ? g0 + G : K, pf);
       const float* sg = scales + (g0 / G) * kPanel;
       for (int v = 0; v < NV; ++v) {
         const vf sc = load(sg + v * VL);
@@ -69,15 +73,15 @@ GK_INLINE void lowp_tile(const float* A, int64_t lda, int64_t K, const void* Bp,
   finish_tile<MR>(acc, C, ldc, ncols, bias, epi, R, ldr);
 }
 
-template <int MR, WType W>
+template <int MR, WType W, class PF>
 GK_INLINE void lowp_rows(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* scales,
                          int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi, const float* R,
-                         int64_t ldr) {
+                         int64_t ldr, PF& pf) {
   // rows in tiles of MR: each widened weight vector is shared by a tile's rows
   if constexpr (MR > 0) {
     for (; M >= MR; M -= MR, A += MR * lda, C += MR * ldc, R = R ? R + MR * ldr : R)
-      lowp_tile<MR, W>(A, lda, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
-    if (M > 0) lowp_rows<MR - 1, W>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
+      lowp_tile<MR, W, PF>(A, lda, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr, pf);
+    if (M > 0) lowp_rows<MR - 1, W, PF>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr, pf);
   }
 }
 
@@ -104,10 +108,10 @@ GK_INLINE void shared_chunk(const float* A, int64_t lda, int64_t kc, const float
     for (int v = 0; v < NV; ++v) store(sm[r] + v * VL, s[r][v]);
 }
 
-template <WType W>
+template <WType W, class PF>
 GK_INLINE void lowp_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* scales,
                                 int64_t G, float* C, int64_t ldc, int ncols, const float* bias, Epilogue epi,
-                                const float* R, int64_t ldr) {
+                                const float* R, int64_t ldr, PF& pf) {
   constexpr int64_t KC = 64, MB = 16;
   alignas(64) float buf[KC * kPanel];
   alignas(64) float sm[MB][kPanel], accm[MB][kPanel];
@@ -122,8 +126,10 @@ GK_INLINE void lowp_rows_shared(const float* A, int64_t lda, int64_t M, int64_t 
         for (int j = 0; j < kPanel; ++j) sm[r][j] = 0.f;
       for (int64_t k0 = g0; k0 < g1; k0 += KC) {
         const int64_t kc = g1 - k0 < KC ? g1 - k0 : KC;
-        for (int64_t k = 0; k < kc; ++k)
+        for (int64_t k = 0; k < kc; ++k) {
+          pf.step();
           for (int v = 0; v < NV; ++v) store(buf + k * kPanel + v * VL, load_w<W>(Bp, (k0 + k) * kPanel + v * VL));
+        }
         int64_t r = 0;
         for (; r + 3 <= mb; r += 3) shared_chunk<3>(a0 + r * lda + k0, lda, kc, buf, sm + r);
         if (mb - r == 2) shared_chunk<2>(a0 + r * lda + k0, lda, kc, buf, sm + r);
@@ -144,13 +150,10 @@ GK_INLINE void lowp_rows_shared(const float* A, int64_t lda, int64_t M, int64_t 
   }
 }
 
-static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
-                              const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
-                              const float* bias, Epilogue epi, const float* R, int64_t ldr) {
-  C += n0;
-  bias = bias ? bias + n0 : nullptr;
-  R = R ? R + n0 : nullptr;
-  const int64_t G = scales ? group : K;
+template <class PF>
+GK_INLINE void lowp_panel(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
+                          const float* scales, int64_t G, float* C, int64_t ldc, int ncols, const float* bias,
+                          Epilogue epi, const float* R, int64_t ldr, PF& pf) {
   // rows per tile, as many as the registers hold: 32 registers: 8 rows × 2 sums (int8: 6 × 2 sums + 6 × 2 group
   // sums); 16 registers (AVX2: 4 vectors per panel row): 2 rows, int8 1 (its group sums double the need)
   constexpr int T = GK_VREGS >= 32 ? 8 : 2, T8 = GK_VREGS >= 32 ? 6 : 1;
@@ -158,21 +161,45 @@ static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K,
     if (M >= 2) {  // rows share each widened chunk (lowp_rows_shared)
       switch (w) {
         case WType::F16:
-          return lowp_rows_shared<WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr);
+          return lowp_rows_shared<WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr, pf);
         case WType::BF16:
-          return lowp_rows_shared<WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr);
+          return lowp_rows_shared<WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr, pf);
         case WType::I8:
-          return lowp_rows_shared<WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr);
+          return lowp_rows_shared<WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr, pf);
         case WType::F32: break;
       }
     }
   }
   switch (w) {
-    case WType::F16: lowp_rows<T, WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
-    case WType::BF16: lowp_rows<T, WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
-    case WType::I8: lowp_rows<T8, WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr); break;
-    case WType::F32: lowp_rows<T, WType::F32>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr); break;
+    case WType::F16:
+      lowp_rows<T, WType::F16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr, pf);
+      break;
+    case WType::BF16:
+      lowp_rows<T, WType::BF16>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr, pf);
+      break;
+    case WType::I8: lowp_rows<T8, WType::I8>(A, lda, M, K, Bp, scales, G, C, ldc, ncols, bias, epi, R, ldr, pf); break;
+    case WType::F32:
+      lowp_rows<T, WType::F32>(A, lda, M, K, Bp, nullptr, K, C, ldc, ncols, bias, epi, R, ldr, pf);
+      break;
   }
+}
+
+static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
+                              const float* scales, int64_t group, float* C, int64_t ldc, int64_t n0, int ncols,
+                              const float* bias, Epilogue epi, const float* R, int64_t ldr, const void* prefetch,
+                              int64_t prefetch_bytes) {
+  C += n0;
+  bias = bias ? bias + n0 : nullptr;
+  R = R ? R + n0 : nullptr;
+  const int64_t G = scales ? group : K;
+  if (!prefetch) {  // no prefetch instructions at all: a step's one-row loop is short, and memory-bound
+    NoPrefetch none;
+    return lowp_panel(A, lda, M, K, Bp, w, scales, G, C, ldc, ncols, bias, epi, R, ldr, none);
+  }
+  // steps: one per k per pass over the panel (a tile of rows, or lowp_rows_shared's 16 rows)
+  const int64_t rows = GK_VREGS < 32 ? 16 : w == WType::I8 ? (GK_VREGS >= 32 ? 6 : 1) : (GK_VREGS >= 32 ? 8 : 2);
+  SpreadPrefetch pf(prefetch, prefetch_bytes, (M + rows - 1) / rows * K);
+  lowp_panel(A, lda, M, K, Bp, w, scales, G, C, ldc, ncols, bias, epi, R, ldr, pf);
 }
 
 template <WType W>

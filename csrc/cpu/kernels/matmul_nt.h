@@ -15,18 +15,6 @@ constexpr int kNtMR = 4, kNtNR = 6;  // 24 accumulators + 4 rows of x + 1 of W i
 constexpr int kNtMR = 3, kNtNR = 4;  // 12 + 3 + 1 in 16
 #endif
 
-// The caller's next block of W, prefetched into L2 a few lines per step of k, spread over the whole call: with
-// several rows of x the FMAs outlast the block's DRAM reads, and only prefetches issued while they run keep DRAM
-// busy (issued all at once, the misses would queue and stall the FMAs behind them).
-struct SpreadPrefetch {
-  const char* p;
-  const char* end;
-  int64_t per_step;
-  GK_INLINE void step() {
-    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) prefetch_l2(p);
-  }
-};
-
 template <int MR, int NR>
 GK_INLINE void nt_tile(const float* A, int64_t lda, int mr, int64_t K, const float* W, int64_t ldw, int nr, float* C,
                        int64_t ldc, SpreadPrefetch& pf) {
@@ -56,11 +44,8 @@ GK_INLINE void nt_tile(const float* A, int64_t lda, int mr, int64_t K, const flo
 }
 
 static void matmul_nt(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N,
-                      float* C, int64_t ldc, const float* prefetch, int64_t prefetch_floats) {
-  const int64_t steps = (M + kNtMR - 1) / kNtMR * ((N + kNtNR - 1) / kNtNR) * (K / VL > 0 ? K / VL : 1);
-  const int64_t lines = (prefetch_floats * 4 + 63) / 64;
-  SpreadPrefetch pf{reinterpret_cast<const char*>(prefetch), reinterpret_cast<const char*>(prefetch + prefetch_floats),
-                    (lines + steps - 1) / steps};
+                      float* C, int64_t ldc, const void* prefetch, int64_t prefetch_bytes) {
+  SpreadPrefetch pf(prefetch, prefetch_bytes, (M + kNtMR - 1) / kNtMR * ((N + kNtNR - 1) / kNtNR) * (K / VL));
   for (int64_t m = 0; m < M; m += kNtMR) {
     const int mr = (int)(M - m < kNtMR ? M - m : kNtMR);
     for (int64_t n = 0; n < N; n += kNtNR) {

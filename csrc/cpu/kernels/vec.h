@@ -25,6 +25,23 @@ GK_INLINE vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 // A line the kernel reads soon, into L2 (prefetcht1): streamed weights prefetched into L1 would evict what the
 // FMAs reuse.
 GK_INLINE void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+// What the caller reads next (the next block of weights), prefetched into L2 a few lines per step of a kernel's loop,
+// spread over the whole call: with several rows of x the FMAs outlast a block's DRAM reads, and only prefetches
+// issued while they run keep DRAM busy (issued all at once, the misses would queue and stall the FMAs behind them).
+struct SpreadPrefetch {
+  const char* p;
+  const char* end;
+  int64_t per_step;
+  SpreadPrefetch(const void* from, int64_t bytes, int64_t steps)  // `bytes` from `from` (none if null) over `steps`
+      : p(static_cast<const char*>(from)), end(from ? p + bytes : p),
+        per_step(((from ? bytes : 0) + 63) / 64 / (steps > 0 ? steps : 1) + 1) {}
+  GK_INLINE void step() {
+    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) prefetch_l2(p);
+  }
+};
+struct NoPrefetch {  // SpreadPrefetch's stand-in where a kernel prefetches nothing
+  GK_INLINE void step() {}
+};
 GK_INLINE void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 // s − 0 is s for every float (−0, inf and NaN included), so the compiler may emit a plain broadcast — a memory
 // operand even — where vf{} + s would cost an add (+0 is not an identity for −0) and a register shuffle.
