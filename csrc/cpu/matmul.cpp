@@ -213,7 +213,8 @@ void mm_nk_decode(const MatmulArgs& a) {
         // the last row block prefetches the next block of this chunk (csrc/cpu/kernels/matmul_nt.h)
         const int64_t nn = m0 + mc < M || blk + 1 >= b1 ? 0 : std::min(NB, N - n0 - nc);
         t.matmul_nt(a.A + m0 * a.lda, a.lda, mc, K, w + n0 * a.W.ld, a.W.ld, nc, a.C + m0 * N + n0, N,
-                    nn > 0 ? w + (n0 + nc) * a.W.ld : nullptr, nn > 0 ? ((nn - 1) * a.W.ld + K) * 4 : 0);
+                    nn > 0 ? w + (n0 + nc) * a.W.ld : nullptr,
+                    nn > 0 ? ((nn - 1) * a.W.ld + K) * (int64_t)sizeof(float) : 0);
       }
       if (!a.bias && a.epi == Epilogue::None) continue;
       for (int64_t m = 0; m < M; ++m) {
@@ -397,9 +398,9 @@ void mm_int8_dot(const MatmulArgs& a) {
 void mm_lowp_decode(const MatmulArgs& a) {
   const int64_t P = num_panels(a.N);
   // Each panel prefetches the next one of its chunk (vec.h: SpreadPrefetch) where the rows make a panel's FMAs
-  // outlast its bytes — 16 or more FMAs per stored byte; below that the hardware prefetchers keep up on their own,
-  // and the extra instructions made a one-row int8 step 30 % slower (Zen 4).
-  const bool ahead = a.M * 4 >= 16 * (int64_t)elem_size(a.W.type);
+  // outlast its bytes — 4 or more per stored byte; below that the hardware prefetchers keep up on their own, and the
+  // extra instructions made a one-row int8 step 30 % slower (Zen 4).
+  const bool ahead = a.M >= 4 * (int64_t)elem_size(a.W.type);
   parallel_chunks(P, panel_grain(a.M, a.K, P), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       a.t.matmul_panel_lowp(a.A, a.lda, a.M, a.K, panel_data(a, p), a.W.type, panel_scales(a, p), a.W.group, a.C, a.N,

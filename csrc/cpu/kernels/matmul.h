@@ -138,8 +138,8 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
 // gemv_rows_shared: the same sums for more rows, with the eight W vectors of a column block in registers while every
 // row uses them (x's broadcasts from a buffer), so extra rows cost FMAs, not W's bytes again. With several rows the
 // FMAs take longer than W's bytes take to arrive, and the hardware prefetchers, paced by the loads, stop running
-// ahead: each block of eight W rows prefetches the next eight into L2 (not L1, where it would evict x and the sums),
-// so DRAM keeps streaming while the FMAs run.
+// ahead: so each block of eight W rows prefetches the next eight into L2 (not L1, where it would evict x and the
+// sums) and DRAM keeps streaming while the FMAs run (one row gains a little from it too).
 
 // One row's sums over eight rows of W (w), the columns [0, nv) in vectors and [nv, n) one by one; the arithmetic
 // every path below shares, so a row's sums are the same bits on each.

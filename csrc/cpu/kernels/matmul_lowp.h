@@ -150,13 +150,15 @@ GK_INLINE void lowp_rows_shared(const float* A, int64_t lda, int64_t M, int64_t 
   }
 }
 
+// rows per tile, as many as the registers hold: 32 registers: 8 rows × 2 sums (int8: 6 × 2 sums + 6 × 2 group sums);
+// 16 registers (AVX2: 4 vectors per panel row): 2 rows, int8 1 (its group sums double the need)
+constexpr int kLowpTile = GK_VREGS >= 32 ? 8 : 2, kLowpTileI8 = GK_VREGS >= 32 ? 6 : 1;
+
 template <class PF>
 GK_INLINE void lowp_panel(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, WType w,
                           const float* scales, int64_t G, float* C, int64_t ldc, int ncols, const float* bias,
                           Epilogue epi, const float* R, int64_t ldr, PF& pf) {
-  // rows per tile, as many as the registers hold: 32 registers: 8 rows × 2 sums (int8: 6 × 2 sums + 6 × 2 group
-  // sums); 16 registers (AVX2: 4 vectors per panel row): 2 rows, int8 1 (its group sums double the need)
-  constexpr int T = GK_VREGS >= 32 ? 8 : 2, T8 = GK_VREGS >= 32 ? 6 : 1;
+  constexpr int T = kLowpTile, T8 = kLowpTileI8;
   if constexpr (GK_VREGS < 32) {
     if (M >= 2) {  // rows share each widened chunk (lowp_rows_shared)
       switch (w) {
@@ -196,8 +198,8 @@ static void matmul_panel_lowp(const float* A, int64_t lda, int64_t M, int64_t K,
     NoPrefetch none;
     return lowp_panel(A, lda, M, K, Bp, w, scales, G, C, ldc, ncols, bias, epi, R, ldr, none);
   }
-  // steps: one per k per pass over the panel (a tile of rows, or lowp_rows_shared's 16 rows)
-  const int64_t rows = GK_VREGS < 32 ? 16 : w == WType::I8 ? (GK_VREGS >= 32 ? 6 : 1) : (GK_VREGS >= 32 ? 8 : 2);
+  // steps: one per k per pass over the panel (a tile of rows; on 16 registers lowp_rows_shared's 16 rows)
+  const int64_t rows = GK_VREGS < 32 ? 16 : w == WType::I8 ? kLowpTileI8 : kLowpTile;
   SpreadPrefetch pf(prefetch, prefetch_bytes, (M + rows - 1) / rows * K);
   lowp_panel(A, lda, M, K, Bp, w, scales, G, C, ldc, ncols, bias, epi, R, ldr, pf);
 }
