@@ -160,21 +160,18 @@ static void int8dot_group_sums(const int8_t* Q, int64_t ldq, int64_t M, int64_t 
     }
 }
 
-// pf, pf_bytes: memory to prefetch, a line per step of k (the caller's next panels), spread so that the misses overlap
-// the dot products instead of queueing up in a burst
+// pf: the caller's next panels, prefetched a line or so per step of k (vec.h: SpreadPrefetch)
 template <int MR>
 GK_INLINE void int8dot_packed_tile(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
                                    int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int ncols,
-                                   const float* bias, Epilogue epi, const float* R, int64_t ldr, const char* pf,
-                                   int64_t pf_bytes) {
-  int64_t pf_off = 0;
+                                   const float* bias, Epilogue epi, const float* R, int64_t ldr, SpreadPrefetch& pf) {
   const float* swq = reinterpret_cast<const float*>(Bq + K * kPanel);
   alignas(64) float accm[MR][kPanel] = {};
   for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
     vi16 s[MR][2];  // from -128 · Σ qx, so they come out as Σ qw · qx (vector-extension type: see int8dot_tile)
     for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = vi16{} - 128 * XS[r * lds + g];
     for (int64_t k = g0; k < g0 + G; k += 4) {
-      if (pf_off < pf_bytes) __builtin_prefetch(pf + pf_off), pf_off += 64;
+      pf.step();
       const __m512i w0 = _mm512_loadu_si512(Bq + k * kPanel), w1 = _mm512_loadu_si512(Bq + k * kPanel + 64);
       for (int r = 0; r < MR; ++r) {
         int32_t quad;
@@ -210,20 +207,14 @@ GK_INLINE void int8dot_packed_tile(const int8_t* Q, int64_t ldq, const float* S,
   }
 }
 
-// pf, pf_bytes: prefetched K / 4 lines per tile, from the first
 template <int MR>
 GK_INLINE void int8dot_packed_rows(const int8_t* Q, int64_t ldq, const float* S, const int32_t* XS, int64_t lds,
                                    int64_t M, int64_t K, const uint8_t* Bq, int64_t G, float* C, int64_t ldc, int ncols,
-                                   const float* bias, Epilogue epi, const float* R, int64_t ldr, const char* pf,
-                                   int64_t pf_bytes) {
+                                   const float* bias, Epilogue epi, const float* R, int64_t ldr, SpreadPrefetch& pf) {
   if constexpr (MR > 0) {
-    for (; M >= MR; M -= MR, Q += MR * ldq, S += MR * lds, XS += MR * lds, C += MR * ldc, R = R ? R + MR * ldr : R) {
-      int8dot_packed_tile<MR>(Q, ldq, S, XS, lds, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr, pf, pf_bytes);
-      const int64_t done = pf_bytes < K / 4 * 64 ? pf_bytes : K / 4 * 64;
-      pf += done, pf_bytes -= done;
-    }
-    if (M > 0)
-      int8dot_packed_rows<MR - 1>(Q, ldq, S, XS, lds, M, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr, pf, pf_bytes);
+    for (; M >= MR; M -= MR, Q += MR * ldq, S += MR * lds, XS += MR * lds, C += MR * ldc, R = R ? R + MR * ldr : R)
+      int8dot_packed_tile<MR>(Q, ldq, S, XS, lds, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr, pf);
+    if (M > 0) int8dot_packed_rows<MR - 1>(Q, ldq, S, XS, lds, M, K, Bq, G, C, ldc, ncols, bias, epi, R, ldr, pf);
   }
 }
 
@@ -235,8 +226,9 @@ static void int8dot_packed_panel(const int8_t* Q, int64_t ldq, const float* S, c
                                  int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
                                  const void* prefetch, int64_t prefetch_bytes) {
   // 12 rows × 2 sums + 2 weight vectors + x's broadcast: 27 of 32 registers
+  SpreadPrefetch pf(prefetch, prefetch_bytes, (M + 11) / 12 * (K / 4));
   int8dot_packed_rows<12>(Q, ldq, S, XS, lds, M, K, Bq, G, C + n0, ldc, ncols, bias ? bias + n0 : nullptr, epi,
-                          R ? R + n0 : nullptr, ldr, static_cast<const char*>(prefetch), prefetch_bytes);
+                          R ? R + n0 : nullptr, ldr, pf);
 }
 #endif  // GK_INT8DOT_AVX512VNNI
 
