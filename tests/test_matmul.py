@@ -140,14 +140,14 @@ def test_bad_input():
     assert math.isfinite(ops.conv1d(torch.randn(1, 8), w).sum().item())
 
 
-@pytest.mark.parametrize("M,K,N", [(9, 200, 97), (130, 256, 768), (1024, 192, 768), (29, 100, 97)])
+@pytest.mark.parametrize("M,K,N", [(17, 200, 97), (130, 256, 768), (1024, 192, 768), (29, 100, 97)])
 def test_hf_layout_in_place_equals_packed_bit_for_bit(isa, M, K, N):
-    """HF's [in, out] weight read in place (no packed copy) adds the same terms in the same order as the packed
-    panels in prefill (more than 8 rows): identical results, every epilogue, with a non-contiguous (sliced) weight
-    too. (Decode in place sums fixed blocks of 128 rows of W and adds the blocks; and where prefill splits K
-    differently — blocks of 768 in place, 1024 packed — the tail rows' two-accumulator tiles round differently:
-    test_conv1d_matches_float64 bounds both layouts there, and test_threads checks neither depends on the thread
-    count.)"""
+    """HF's [in, out] weight read in place (no packed copy) adds the same terms in the same order as the packed panels
+    in prefill (more rows than the decode GEMV's limit, 16 at most): identical results, every epilogue, with a
+    non-contiguous (sliced) weight too. (Decode in place sums fixed blocks of 128 rows of W and adds the blocks; and
+    where prefill splits K differently — blocks of 768 in place, 1024 packed — the tail rows' two-accumulator tiles
+    round differently: test_conv1d_matches_float64 bounds both layouts there, and test_threads checks neither
+    depends on the thread count.)"""
     torch.manual_seed(M + K)
     x = plant_outliers(torch.randn(M, K))
     w, b, r = torch.randn(K, N + 3) * 0.05, torch.randn(N), torch.randn(M, N)

@@ -7,7 +7,8 @@
 #define GK_ISA avx2
 #define GK_VEC_BYTES 32
 #define GK_MR_MAX 3
-#define GK_VREGS 16  // vector registers (kernels/attention.h sizes its tiles by it)
+#define GK_KN_GEMV_ROWS 8  // fp32 decode rows that read HF's [K, N] in place: past 8 the panels win (RESULTS)
+#define GK_VREGS 16        // vector registers (kernels/attention.h sizes its tiles by it)
 #include "kernels/table.h"
 #define GK_INT8DOT_MR 2  // 2 rows × 4 int32 sums + 4 weight quads + x's quad, |x| and the ones fill 16 registers
 #include "kernels/matmul_int8dot.h"

@@ -6,6 +6,7 @@
 #define GK_ISA avx512
 #define GK_VEC_BYTES 64
 #define GK_MR_MAX 12
-#define GK_VREGS 32  // vector registers (kernels/attention.h sizes its tiles by it)
+#define GK_KN_GEMV_ROWS 16  // fp32 decode rows that read HF's [K, N] in place: the GEMV wins to 16 here (RESULTS)
+#define GK_VREGS 32         // vector registers (kernels/attention.h sizes its tiles by it)
 #include "kernels/table.h"
 #endif  // __x86_64__

@@ -5,5 +5,6 @@
 #define GK_ISA generic
 #define GK_VEC_BYTES 16
 #define GK_MR_MAX 2
-#define GK_VREGS 16  // vector registers (kernels/attention.h sizes its tiles by it)
+#define GK_KN_GEMV_ROWS 8  // fp32 decode rows that read HF's [K, N] in place: past 8 the panels win (RESULTS)
+#define GK_VREGS 16        // vector registers (kernels/attention.h sizes its tiles by it)
 #include "kernels/table.h"

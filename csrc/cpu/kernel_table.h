@@ -56,7 +56,7 @@ struct KernelTable {
   void (*matmul_panel)(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t ldb, float* C,
                        int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
                        int part);
-  // decode GEMV (up to matmul.cpp kKnGemvRows rows) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k
+  // decode GEMV (up to kn_gemv_rows rows) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k
   // A[m][k] · W[k][0, n)
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                     float* acc);
@@ -75,8 +75,9 @@ struct KernelTable {
   void (*unpack_panel)(const void* Bp, WType w, const float* scales, int64_t group, int64_t k0, int64_t kc, float* dst);
   // one (batch, head) pair bh = b * H + h, query rows [i0, i1) with i1 - i0 <= kAttnQueryBlock
   void (*attention_block)(const AttnArgs& a, int64_t bh, int64_t i0, int64_t i1, float* scratch);
-  int mr_max;  // rows per matmul register tile
-  int lanes;   // floats per SIMD vector (kernels/vec.h: VL), the one place the width is defined
+  int mr_max;        // rows per matmul register tile
+  int kn_gemv_rows;  // up to this many rows HF's [K, N] fp32 weight is read in place by gemv_rows (matmul.cpp)
+  int lanes;         // floats per SIMD vector (kernels/vec.h: VL), the one place the width is defined
   // roofline probe: iters × 12 vector FMAs per call (returns a value so the work is not optimised away)
   float (*fma_probe)(int64_t iters);
 };

@@ -21,11 +21,6 @@
 
 namespace gk::cpu {
 
-// Up to this many rows, HF's [K, N] fp32 weight is read in place by the GEMV (gemv_rows: W's vectors shared by the
-// rows in registers) instead of being copied into panels per call: on the AVX2 EPYC a B=8 fp32 decode step 40.0 ->
-// 24.2 ms, B=3 31.6 -> 16.2 ms; at 12 rows the two were level and at 16 the panels won (bench/RESULTS.md).
-constexpr int64_t kKnGemvRows = 8;
-
 static int64_t num_panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
 // [K, N] (any strides) -> [ceil(N/32)][K][32], zero-filled past N. Done once per weight at optimize() time.
@@ -576,7 +571,10 @@ MatmulStrategy choose_matmul(Layout layout, WType type, int64_t M, int64_t group
   switch (layout) {
     case Layout::NK: return decode ? MatmulStrategy::NkDecode : MatmulStrategy::NkPrefill;
     case Layout::KN:  // fp32 only (weight_ref)
-      return M <= kKnGemvRows ? MatmulStrategy::KnDecodeGemv : MatmulStrategy::ConvertPerBlock;
+      // up to the table's kn_gemv_rows, HF's [K, N] weight is read in place by the GEMV (W's vectors shared by the
+      // rows in registers) rather than copied into panels per call; past it the copy's FMA-bound kernel wins
+      // (bench/RESULTS.md: 8 rows on 16 vector registers, 16 on 32)
+      return M <= kernels().kn_gemv_rows ? MatmulStrategy::KnDecodeGemv : MatmulStrategy::ConvertPerBlock;
     case Layout::Panels: break;
   }
   if (type == WType::F32) return MatmulStrategy::PanelsF32;

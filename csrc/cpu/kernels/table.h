@@ -16,10 +16,20 @@
 
 namespace gk {
 extern const KernelTable GK_CAT(kTable_, GK_ISA) = {
-    GK_STR(GK_ISA),       GK_ISA::layer_norm_rows, GK_ISA::add_layer_norm_rows,
-    GK_ISA::gelu_new,     GK_ISA::embedding_rows,  GK_ISA::matmul_panel,
-    GK_ISA::gemv_rows,    GK_ISA::matmul_nt,       GK_ISA::matmul_panel_lowp,
-    GK_ISA::unpack_panel, GK_ISA::attention_block, GK_MR_MAX,
-    GK_ISA::VL,           GK_ISA::fma_probe,
+    GK_STR(GK_ISA),
+    GK_ISA::layer_norm_rows,
+    GK_ISA::add_layer_norm_rows,
+    GK_ISA::gelu_new,
+    GK_ISA::embedding_rows,
+    GK_ISA::matmul_panel,
+    GK_ISA::gemv_rows,
+    GK_ISA::matmul_nt,
+    GK_ISA::matmul_panel_lowp,
+    GK_ISA::unpack_panel,
+    GK_ISA::attention_block,
+    GK_MR_MAX,
+    GK_KN_GEMV_ROWS,
+    GK_ISA::VL,
+    GK_ISA::fma_probe,
 };
 }  // namespace gk
