@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICES, assert_parity, plant_outliers
 from test_gelu import gelu_terms, ref_gelu
 
-from gpt2kern import ops
+from gpt2kern import _C, ops
 
 # (M, K, N): decode and prefill rows at distilgpt2's projections, odd sizes, and the lm_head's 50257 columns
 SHAPES = [(1, 768, 2304), (5, 768, 768), (13, 768, 3072), (128, 3072, 768), (1, 33, 50), (7, 1, 31),
@@ -138,6 +138,24 @@ def test_bad_input():
         ops.conv1d(x, w, torch.randn(41))
     assert ops.conv1d(torch.randn(0, 8), w).shape == (0, 40)
     assert math.isfinite(ops.conv1d(torch.randn(1, 8), w).sum().item())
+
+
+@pytest.mark.parametrize("M", [3, 6, 9, 13, 16])
+def test_hf_layout_decode_rows_equal_one_row_bit_for_bit(isa, M):
+    """Decode over HF's [in, out] weight: every row of a batch gets the bits it gets alone, whichever GEMV serves the
+    batch (one row; the shared-vector GEMV; the register tiles from 6 rows, in passes of W's rows, tiles of unequal
+    height) — K with a tail past the eight-row groups and the 128-row blocks, columns past the last vector, a
+    sliced weight. Speculative decoding's verify relies on it."""
+    if _C.matmul_strategy("kn", "fp32", M, 0) != "kn_decode_gemv":
+        pytest.skip(f"{M} rows are prefill under the {isa} table (past its GEMV's limit)")
+    torch.manual_seed(M)
+    K, N = 300, 100
+    x = plant_outliers(torch.randn(M, K))
+    w = torch.randn(K, N + 5) * 0.05
+    for wi in (w[:, :N].contiguous(), w[:, :N]):
+        y = ops.conv1d(x, wi, None, out_features=N)
+        one = torch.cat([ops.conv1d(x[i:i + 1], wi, None, out_features=N) for i in range(M)])
+        assert torch.equal(y, one), (isa, M, wi.is_contiguous())
 
 
 @pytest.mark.parametrize("M,K,N", [(17, 200, 97), (130, 256, 768), (1024, 192, 768), (29, 100, 97)])

@@ -131,9 +131,9 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
 }
 
 // Decode GEMV over HF's own [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k A[m][k] · W[k][0, n) for M rows of x
-// (the caller adds the bias and applies the epilogue; decode has M <= 8, speculative decoding's verify one row per
-// position). Each k reads one contiguous row of W — a stream the prefetchers follow, where 32-column panels read in
-// place would jump a whole row per k — and eight rows go into one pass over the sums, so each sum is loaded and
+// (the caller adds the bias and applies the epilogue; decode has M <= kn_gemv_rows, speculative decoding's verify one
+// row per position). Each k reads one contiguous row of W — a stream the prefetchers follow, where 32-column panels
+// read in place would jump a whole row per k — and eight rows go into one pass over the sums, so each sum is loaded and
 // stored once per eight FMAs (with two rows per pass the sums' loads and stores, not DRAM, were the limit).
 // gemv_rows_shared: the same sums for more rows, with the eight W vectors of a column block in registers while every
 // row uses them (x's broadcasts from a buffer), so extra rows cost FMAs, not W's bytes again. With several rows the
@@ -141,27 +141,20 @@ static void matmul_panel(const float* A, int64_t lda, int64_t M, int64_t K, cons
 // ahead: so each block of eight W rows prefetches the next eight into L2 (not L1, where it would evict x and the
 // sums) and DRAM keeps streaming while the FMAs run (one row gains a little from it too).
 
-// One row's sums over eight rows of W (w), the columns [0, nv) in vectors and [nv, n) one by one; the arithmetic
-// every path below shares, so a row's sums are the same bits on each.
+// One row's sums over eight rows of W (w), the columns [0, nv) in vectors and [nv, n) one by one. Every path below
+// adds a row's terms in k order, one FMA each, onto one running sum (no second chain, whose closing add would
+// tie a register tile to pairs of sums), so a row's sums are the same bits on each.
 GK_INLINE vf gemv8(const vf (&a)[8], const vf (&wr)[8], const float* am) {
-  vf s0 = load(am) + a[0] * wr[0], s1 = a[1] * wr[1];
-  s0 += a[2] * wr[2];
-  s1 += a[3] * wr[3];
-  s0 += a[4] * wr[4];
-  s1 += a[5] * wr[5];
-  s0 += a[6] * wr[6];
-  s1 += a[7] * wr[7];
-  return s0 + s1;
+  vf s = load(am);
+  for (int r = 0; r < 8; ++r) s += a[r] * wr[r];
+  return s;
 }
 GK_INLINE void gemv8_tail(const float* am_, const float* __restrict__ w, int64_t ldw, int64_t nv, int64_t n,
                           float* am) {
   for (int64_t j = nv; j < n; ++j) {
-    float s0 = am[j], s1 = 0.f;
-    for (int r = 0; r < 8; r += 2) {
-      s0 += am_[r] * w[r * ldw + j];
-      s1 += am_[r + 1] * w[(r + 1) * ldw + j];
-    }
-    am[j] = s0 + s1;
+    float s = am[j];
+    for (int r = 0; r < 8; ++r) s += am_[r] * w[r * ldw + j];
+    am[j] = s;
   }
 }
 GK_INLINE void gemv_last_rows(const float* A, int64_t lda, int64_t M, int64_t k, int64_t K, const float* W, int64_t ldw,
@@ -206,10 +199,111 @@ static void gemv_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, 
   gemv_last_rows(A, lda, M, k, K, W, ldw, nv, n, acc);
 }
 
+// gemv_rows_tiled: the same sums for more rows (from kGemvTiledRows), as register tiles of up to kGemvMR rows × a
+// few vectors of columns whose sums stay in registers over a pass of W's rows: per k, GV loads of W and MR
+// broadcasts feed MR·GV FMAs, where gemv_rows_shared loads and stores every row's sums per eight FMAs and takes x's
+// broadcasts from memory (its FMAs then ran at a third of this core's rate, bench/RESULTS.md). A pass is whole
+// groups of eight rows of W, about kGemvPassFloats, in L2 while each row tile reads it; the next pass's rows are
+// prefetched into L2, in DRAM order, as the tiles run. A tile of MR rows is gemv_gv(MR) vectors wide: sums, W's
+// vectors and x's broadcast in registers (AVX-512: 8 × 3 and 9 × 2 take 28 and 21 of 32; AVX2: 6 × 2, 15 of 16).
+constexpr int64_t kGemvTiledRows = 6;       // below it gemv_rows_shared was as fast or faster (RESULTS)
+constexpr int64_t kGemvPassFloats = 32768;  // 128 KB of W per pass
+constexpr int kGemvMR = GK_VREGS >= 32 ? 9 : 6;
+constexpr int gemv_gv(int mr) { return GK_VREGS >= 32 ? (mr > 8 ? 2 : 3) : 2; }
+
+// One k of a tile: s += x[r][k] · W[k] for its MR rows and GV vectors.
+template <int MR, int GV>
+GK_INLINE void gemv_tile_k(const float* a, int64_t lda, const float* __restrict__ w, vf (&s)[MR][GV]) {
+  vf wv[GV];
+  _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) wv[v] = load(w + v * VL);
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
+    const vf x = bcast(a[r * lda]);
+    _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) s[r][v] += x * wv[v];
+  }
+}
+
+// Rows [0, MR) × columns [0, GV·VL) of the sums over K rows of W, in k order (gemv8's arithmetic). The loops are
+// unrolled by pragma (left rolled, the sums stay in memory); one pointer walks W's rows (eight row addresses held at
+// once would take the general registers).
+template <int MR, int GV>
+GK_INLINE void gemv_tile(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, float* acc, int64_t n,
+                         SpreadPrefetch& pf) {
+  vf s[MR][GV];
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) s[r][v] =
+      load(acc + r * n + v * VL);
+  const float* a = A;
+  const float* w = W;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    pf.step();
+    _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i, ++a, w += ldw) gemv_tile_k<MR, GV>(a, lda, w, s);
+  }
+  for (; k < K; ++k, ++a, w += ldw) gemv_tile_k<MR, GV>(a, lda, w, s);
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v)
+      store(acc + r * n + v * VL, s[r][v]);
+}
+
+// Rows [0, MR) of the tiles over vector columns [0, nv): whole tiles, then single vectors.
+template <int MR>
+GK_INLINE void gemv_tiles_rows(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, float* acc,
+                               int64_t n, int64_t nv, SpreadPrefetch& pf) {
+  constexpr int GV = gemv_gv(MR);
+  int64_t j = 0;
+  for (; j + GV * VL <= nv; j += GV * VL) gemv_tile<MR, GV>(A, lda, K, W + j, ldw, acc + j, n, pf);
+  for (; j < nv; j += VL) gemv_tile<MR, 1>(A, lda, K, W + j, ldw, acc + j, n, pf);
+}
+
+static void gemv_rows_tiled(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
+                            float* acc) {
+  const int64_t nv = n / VL * VL;
+  const int64_t KS = kGemvPassFloats / (n > 0 ? n : 1) / 8 > 0 ? kGemvPassFloats / (n > 0 ? n : 1) / 8 * 8 : 8;
+  // rows in tiles as even as kGemvMR allows (a 1-row tile would read the pass again for few FMAs)
+  const int64_t tiles = (M + kGemvMR - 1) / kGemvMR, base = M / tiles, bigger = M % tiles;
+  for (int64_t k0 = 0, kc; k0 < K; k0 += kc) {
+    kc = K - k0 - KS < 8 ? K - k0 : KS;  // the last pass takes the K % 8 rows too
+    const int64_t left = K - k0 - kc, next = left - KS < 8 ? left : KS;
+    SpreadPrefetch pf(next > 0 ? W + (k0 + kc) * ldw : nullptr,
+                      next > 0 ? ((next - 1) * ldw + n) * (int64_t)sizeof(float) : 0,
+                      tiles * (nv / (gemv_gv(kGemvMR) * VL) + 1) * (kc / 8));  // about one step per tile and 8 k
+    const float* w = W + k0 * ldw;
+    for (int64_t t = 0, m = 0; t < tiles; ++t) {
+      const int64_t mr = base + (t < bigger);
+      const float* a = A + m * lda + k0;
+      float* c = acc + m * n;
+      switch (mr) {
+        case 1: gemv_tiles_rows<1>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 2: gemv_tiles_rows<2>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 3: gemv_tiles_rows<3>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 4: gemv_tiles_rows<4>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 5: gemv_tiles_rows<5>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 6: gemv_tiles_rows<6>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+#if GK_VREGS >= 32
+        case 7: gemv_tiles_rows<7>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 8: gemv_tiles_rows<8>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 9: gemv_tiles_rows<9>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+#endif
+        default: break;
+      }
+      m += mr;
+    }
+  }
+  if (nv < n) {  // the columns past the last vector, as the one-row path sums them
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      for (int64_t m = 0; m < M; ++m) gemv8_tail(A + m * lda + k, W + k * ldw, ldw, nv, n, acc + m * n);
+    for (; k < K; ++k)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = nv; j < n; ++j) acc[m * n + j] = acc[m * n + j] + A[m * lda + k] * W[k * ldw + j];
+  }
+}
+
 static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                       float* acc) {
   for (int64_t x = 0; x < M * n; ++x) acc[x] = 0.f;
-  if (M > 2) return gemv_rows_shared(A, lda, M, K, W, ldw, n, acc);
+  if (M > 2) {
+    return M < kGemvTiledRows ? gemv_rows_shared(A, lda, M, K, W, ldw, n, acc)
+                              : gemv_rows_tiled(A, lda, M, K, W, ldw, n, acc);
+  }
   const int64_t nv = n / VL * VL;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
@@ -222,14 +316,9 @@ static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const f
       for (int64_t j = 0; j < nv; j += VL) {  // gemv8 with W read in place (as memory operands of the FMAs)
         if (m == 0 && ahead)
           for (int r = 8; r < 16; ++r) prefetch_l2(w + r * ldw + j);
-        vf s0 = load(am + j) + a[0] * load(w + j), s1 = a[1] * load(w + ldw + j);
-        s0 += a[2] * load(w + 2 * ldw + j);
-        s1 += a[3] * load(w + 3 * ldw + j);
-        s0 += a[4] * load(w + 4 * ldw + j);
-        s1 += a[5] * load(w + 5 * ldw + j);
-        s0 += a[6] * load(w + 6 * ldw + j);
-        s1 += a[7] * load(w + 7 * ldw + j);
-        store(am + j, s0 + s1);
+        vf s = load(am + j);
+        for (int r = 0; r < 8; ++r) s += a[r] * load(w + r * ldw + j);
+        store(am + j, s);
       }
       gemv8_tail(A + m * lda + k, w, ldw, nv, n, am);
     }
