@@ -535,10 +535,10 @@ def modes(b: Bench, ref, names, quick: bool, new_tokens: int, advance) -> list:
 
 
 def speculative(b: Bench, ref, quick: bool, new_tokens: int, advance) -> list:
-    """Speculative decoding (int8 draft) against plain fp32 gpt2kern.generate, each case in its own interleaved
-    rounds; the tokens of every speculative run are checked against the plain run's (greedy: they must be equal).
-    The worst case drafts with a copy whose embedding rows are rolled by one (so its tokens never match the
-    model's) in int8: a draft as cheap as the real one that never agrees."""
+    """Speculative decoding (int8 draft; fp16 too unless quick) against plain fp32 gpt2kern.generate, each case in its
+    own interleaved rounds; the tokens of every speculative run are checked against the plain run's (greedy: they
+    must be equal). The worst case drafts with a copy whose embedding rows are rolled by one (so its tokens never
+    match the model's) in int8: a draft as cheap as the real one that never agrees."""
     from ..decode.generate import last_speculative_stats
 
     V = ref.config.vocab_size
@@ -551,8 +551,9 @@ def speculative(b: Bench, ref, quick: bool, new_tokens: int, advance) -> list:
     cases = [("B=1, int8 draft, k chosen per round", 1, "int8", None),
              ("B=1, int8 draft, k = 4", 1, "int8", 4),
              ("B=1, a draft that never agrees (worst case)", 1, never, None)]
-    if not quick:
-        cases.append(("B=8 left-padded, int8 draft, k chosen per round", 8, "int8", None))
+    if not quick:  # fp16 drafts cost twice int8's bytes and agree more where the distributions are flat
+        cases += [("B=1, fp16 draft, k chosen per round", 1, "fp16", None),
+                  ("B=8 left-padded, int8 draft, k chosen per round", 8, "int8", None)]
     rows = []
     for label, B, draft, k in cases:
         if B == 1:
