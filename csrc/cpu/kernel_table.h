@@ -57,9 +57,10 @@ struct KernelTable {
                        int64_t ldc, int64_t n0, int ncols, const float* bias, Epilogue epi, const float* R, int64_t ldr,
                        int part);
   // decode GEMV (up to kn_gemv_rows rows) over HF's [K, N] weight (rows ldw apart): acc[m][0, n) = Σ_k
-  // A[m][k] · W[k][0, n)
+  // A[m][k] · W[k][0, n); next_rows: rows of W past K (same ldw) the caller reads next, which the register tiles
+  // (6+ rows) prefetch during their last pass: their passes leave the hardware prefetchers behind at each block
   void (*gemv_rows)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
-                    float* acc);
+                    float* acc, int64_t next_rows);
   // NK weight (rows ldw apart): C[m][n] = Σ_k A[m][k] · W[n][k] for m < M, n < N (no bias: the caller adds it);
   // prefetch_bytes from `prefetch` (the caller's next block of W, or none) go into L2 over the call (vec.h)
   void (*matmul_nt)(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t N, float* C,

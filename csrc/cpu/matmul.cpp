@@ -417,9 +417,10 @@ void mm_kn_decode_gemv(const MatmulArgs& a) {
   if (part.size() < (size_t)(nb * M * N)) part.resize((size_t)(nb * M * N));
   float* pp = part.data();  // (a thread_local named inside the lambda would be each worker's own)
   parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-      t.gemv_rows(a.A + k0, a.lda, M, kc, static_cast<const float*>(a.W.w) + k0 * a.W.ld, a.W.ld, N, pp + blk * M * N);
+    for (int64_t blk = b0; blk < b1; ++blk) {  // (the thread's next block is prefetched as this one ends)
+      const int64_t k0 = blk * KB, kc = std::min(KB, K - k0), next = blk + 1 < b1 ? std::min(KB, K - k0 - kc) : 0;
+      t.gemv_rows(a.A + k0, a.lda, M, kc, static_cast<const float*>(a.W.w) + k0 * a.W.ld, a.W.ld, N, pp + blk * M * N,
+                  next);
     }
   });
   for (int64_t blk = 1; blk < nb; ++blk)
@@ -613,8 +614,9 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
     float* pp = part.data();
     parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {  // all T·B rows in one call: gemv_rows reads W once for them
-        const int64_t k0 = blk * KB, kc = std::min(KB, K - k0);
-        t.gemv_rows(A + k0, lda, T * B, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N, pp + blk * T * MN);
+        const int64_t k0 = blk * KB, kc = std::min(KB, K - k0), next = blk + 1 < b1 ? std::min(KB, K - k0 - kc) : 0;
+        t.gemv_rows(A + k0, lda, T * B, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N, pp + blk * T * MN,
+                    next);
       }
     });
     for (int64_t q = 0; q < T; ++q) {

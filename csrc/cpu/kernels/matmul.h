@@ -204,8 +204,9 @@ static void gemv_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, 
 // broadcasts feed MR·GV FMAs, where gemv_rows_shared loads and stores every row's sums per eight FMAs and takes x's
 // broadcasts from memory (its FMAs then ran at a third of this core's rate, bench/RESULTS.md). A pass is whole
 // groups of eight rows of W, about kGemvPassFloats, in L2 while each row tile reads it; the next pass's rows are
-// prefetched into L2, in DRAM order, as the tiles run. A tile of MR rows is gemv_gv(MR) vectors wide: sums, W's
-// vectors and x's broadcast in registers (AVX-512: 8 × 3 and 9 × 2 take 28 and 21 of 32; AVX2: 6 × 2, 15 of 16).
+// prefetched into L2, in DRAM order, as the tiles run (from the last pass, the caller's next block's). A tile of MR
+// rows is gemv_gv(MR) vectors wide: sums, W's vectors and x's broadcast in registers (AVX-512: 8 × 3 and 9 × 2 take 28
+// and 21 of 32; AVX2: 6 × 2, 15 of 16).
 constexpr int64_t kGemvTiledRows = 6;       // below it gemv_rows_shared was as fast or faster (RESULTS)
 constexpr int64_t kGemvPassFloats = 32768;  // 128 KB of W per pass
 constexpr int kGemvMR = GK_VREGS >= 32 ? 9 : 6;
@@ -254,14 +255,16 @@ GK_INLINE void gemv_tiles_rows(const float* A, int64_t lda, int64_t K, const flo
 }
 
 static void gemv_rows_tiled(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
-                            float* acc) {
+                            float* acc, int64_t next_rows) {
   const int64_t nv = n / VL * VL;
   const int64_t KS = kGemvPassFloats / (n > 0 ? n : 1) / 8 > 0 ? kGemvPassFloats / (n > 0 ? n : 1) / 8 * 8 : 8;
   // rows in tiles as even as kGemvMR allows (a 1-row tile would read the pass again for few FMAs)
   const int64_t tiles = (M + kGemvMR - 1) / kGemvMR, base = M / tiles, bigger = M % tiles;
   for (int64_t k0 = 0, kc; k0 < K; k0 += kc) {
     kc = K - k0 - KS < 8 ? K - k0 : KS;  // the last pass takes the K % 8 rows too
-    const int64_t left = K - k0 - kc, next = left - KS < 8 ? left : KS;
+    // the next pass's rows: this block's, or from the last pass the first of the caller's next block
+    const int64_t left = K - k0 - kc;
+    const int64_t next = left > 0 ? (left - KS < 8 ? left : KS) : (next_rows < KS ? next_rows : KS);
     SpreadPrefetch pf(next > 0 ? W + (k0 + kc) * ldw : nullptr,
                       next > 0 ? ((next - 1) * ldw + n) * (int64_t)sizeof(float) : 0,
                       tiles * (nv / (gemv_gv(kGemvMR) * VL) + 1) * (kc / 8));  // about one step per tile and 8 k
@@ -298,11 +301,11 @@ static void gemv_rows_tiled(const float* A, int64_t lda, int64_t M, int64_t K, c
 }
 
 static void gemv_rows(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
-                      float* acc) {
+                      float* acc, int64_t next_rows) {
   for (int64_t x = 0; x < M * n; ++x) acc[x] = 0.f;
   if (M > 2) {
     return M < kGemvTiledRows ? gemv_rows_shared(A, lda, M, K, W, ldw, n, acc)
-                              : gemv_rows_tiled(A, lda, M, K, W, ldw, n, acc);
+                              : gemv_rows_tiled(A, lda, M, K, W, ldw, n, acc, next_rows);
   }
   const int64_t nv = n / VL * VL;
   int64_t k = 0;
