@@ -257,7 +257,7 @@ GK_INLINE void gemv_tiles_rows(const float* A, int64_t lda, int64_t K, const flo
 static void gemv_rows_tiled(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                             float* acc, int64_t next_rows) {
   const int64_t nv = n / VL * VL;
-  const int64_t KS = kGemvPassFloats / (n > 0 ? n : 1) / 8 > 0 ? kGemvPassFloats / (n > 0 ? n : 1) / 8 * 8 : 8;
+  const int64_t groups = kGemvPassFloats / 8 / (n > 0 ? n : 1), KS = 8 * (groups > 0 ? groups : 1);  // rows per pass
   // rows in tiles as even as kGemvMR allows (a 1-row tile would read the pass again for few FMAs)
   const int64_t tiles = (M + kGemvMR - 1) / kGemvMR, base = M / tiles, bigger = M % tiles;
   for (int64_t k0 = 0, kc; k0 < K; k0 += kc) {
