@@ -199,67 +199,70 @@ static void gemv_rows_shared(const float* A, int64_t lda, int64_t M, int64_t K, 
   gemv_last_rows(A, lda, M, k, K, W, ldw, nv, n, acc);
 }
 
-// gemv_rows_tiled: the same sums for more rows (from kGemvTiledRows), as register tiles of up to kGemvMR rows × a
-// few vectors of columns whose sums stay in registers over a pass of W's rows: per k, GV loads of W and MR
-// broadcasts feed MR·GV FMAs, where gemv_rows_shared loads and stores every row's sums per eight FMAs and takes x's
-// broadcasts from memory (its FMAs then ran at a third of this core's rate, bench/RESULTS.md). A pass is whole
-// groups of eight rows of W, about kGemvPassFloats, in L2 while each row tile reads it; the next pass's rows are
-// prefetched into L2, in DRAM order, as the tiles run (from the last pass, the caller's next block's). A tile of MR
-// rows is gemv_gv(MR) vectors wide: sums, W's vectors and x's broadcast in registers (AVX-512: 8 × 3 and 9 × 2 take 28
-// and 21 of 32; AVX2: 6 × 2, 15 of 16).
+// gemv_rows_tiled: the same sums for more rows (from kGemvTiledRows), as register tiles of up to kGemvMR rows × two
+// vectors of columns whose sums stay in registers over a pass of W's rows: per k, two loads of W and MR broadcasts
+// feed 2·MR FMAs, where gemv_rows_shared loads and stores every row's sums per eight FMAs and takes x's broadcasts
+// from memory (its FMAs then ran at a third of this core's rate, bench/RESULTS.md). A pass is whole groups of eight
+// rows of W, about kGemvPassFloats, in L2 while each row tile reads it; the next pass's rows are prefetched into L2,
+// in DRAM order, as the tiles run (from the last pass, the caller's next block's). Tiles three vectors wide (8 × 3)
+// were 15–25 % slower than two at 6–16 rows on every GPT-2 shape (RESULTS); AVX-512 holds 9 × 2 sums, AVX2 6 × 2.
+// A tile's rows of x are first copied into [k][MR] order, so one pointer addresses every broadcast (MR row pointers
+// took the general registers, and the tile's inner loop spilled them).
 constexpr int64_t kGemvTiledRows = 6;       // below it gemv_rows_shared was as fast or faster (RESULTS)
 constexpr int64_t kGemvPassFloats = 32768;  // 128 KB of W per pass
+constexpr int64_t kGemvPassRows = 256;      // and at most this many rows (the buffer of x is sized by it)
 constexpr int kGemvMR = GK_VREGS >= 32 ? 9 : 6;
-constexpr int gemv_gv(int mr) { return GK_VREGS >= 32 ? (mr > 8 ? 2 : 3) : 2; }
+constexpr int kGemvGV = 2;
 
-// One k of a tile: s += x[r][k] · W[k] for its MR rows and GV vectors.
+// One k of a tile: s += x[r] · W[k] for its MR rows (x: the tile's packed x at k) and GV vectors.
 template <int MR, int GV>
-GK_INLINE void gemv_tile_k(const float* a, int64_t lda, const float* __restrict__ w, vf (&s)[MR][GV]) {
+GK_INLINE void gemv_tile_k(const float* x, const float* __restrict__ w, vf (&s)[MR][GV]) {
   vf wv[GV];
   _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) wv[v] = load(w + v * VL);
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
-    const vf x = bcast(a[r * lda]);
-    _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) s[r][v] += x * wv[v];
+    const vf xr = bcast(x[r]);
+    _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) s[r][v] += xr * wv[v];
   }
 }
 
-// Rows [0, MR) × columns [0, GV·VL) of the sums over K rows of W, in k order (gemv8's arithmetic). The loops are
-// unrolled by pragma (left rolled, the sums stay in memory); one pointer walks W's rows (eight row addresses held at
-// once would take the general registers).
+// Rows [0, MR) × columns [0, GV·VL) of the sums over K rows of W, in k order (gemv8's arithmetic); X is the tile's
+// x packed [k][MR]. The loops are unrolled by pragma (left rolled, the sums stay in memory); one pointer walks W's
+// rows and one X (eight row addresses held at once would take the general registers).
 template <int MR, int GV>
-GK_INLINE void gemv_tile(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, float* acc, int64_t n,
+GK_INLINE void gemv_tile(const float* X, int64_t K, const float* W, int64_t ldw, float* acc, int64_t n,
                          SpreadPrefetch& pf) {
   vf s[MR][GV];
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v) s[r][v] =
       load(acc + r * n + v * VL);
-  const float* a = A;
+  const float* x = X;
   const float* w = W;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     pf.step();
-    _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i, ++a, w += ldw) gemv_tile_k<MR, GV>(a, lda, w, s);
+    _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i, x += MR, w += ldw) gemv_tile_k<MR, GV>(x, w, s);
   }
-  for (; k < K; ++k, ++a, w += ldw) gemv_tile_k<MR, GV>(a, lda, w, s);
+  for (; k < K; ++k, x += MR, w += ldw) gemv_tile_k<MR, GV>(x, w, s);
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 16") for (int v = 0; v < GV; ++v)
       store(acc + r * n + v * VL, s[r][v]);
 }
 
 // Rows [0, MR) of the tiles over vector columns [0, nv): whole tiles, then single vectors.
 template <int MR>
-GK_INLINE void gemv_tiles_rows(const float* A, int64_t lda, int64_t K, const float* W, int64_t ldw, float* acc,
-                               int64_t n, int64_t nv, SpreadPrefetch& pf) {
-  constexpr int GV = gemv_gv(MR);
+GK_INLINE void gemv_tiles_rows(const float* X, int64_t K, const float* W, int64_t ldw, float* acc, int64_t n,
+                               int64_t nv, SpreadPrefetch& pf) {
   int64_t j = 0;
-  for (; j + GV * VL <= nv; j += GV * VL) gemv_tile<MR, GV>(A, lda, K, W + j, ldw, acc + j, n, pf);
-  for (; j < nv; j += VL) gemv_tile<MR, 1>(A, lda, K, W + j, ldw, acc + j, n, pf);
+  for (; j + kGemvGV * VL <= nv; j += kGemvGV * VL) gemv_tile<MR, kGemvGV>(X, K, W + j, ldw, acc + j, n, pf);
+  for (; j < nv; j += VL) gemv_tile<MR, 1>(X, K, W + j, ldw, acc + j, n, pf);
 }
 
 static void gemv_rows_tiled(const float* A, int64_t lda, int64_t M, int64_t K, const float* W, int64_t ldw, int64_t n,
                             float* acc, int64_t next_rows) {
   const int64_t nv = n / VL * VL;
-  const int64_t groups = kGemvPassFloats / 8 / (n > 0 ? n : 1), KS = 8 * (groups > 0 ? groups : 1);  // rows per pass
+  const int64_t groups = kGemvPassFloats / 8 / (n > 0 ? n : 1);  // rows per pass: whole groups of 8, at most the cap
+  const int64_t KS = groups < 1 ? 8 : groups > kGemvPassRows / 8 ? kGemvPassRows : 8 * groups;
   // rows in tiles as even as kGemvMR allows (a 1-row tile would read the pass again for few FMAs)
   const int64_t tiles = (M + kGemvMR - 1) / kGemvMR, base = M / tiles, bigger = M % tiles;
+  alignas(64) float X[(kGemvPassRows + 8) * kGemvMR];  // a tile's x over a pass, [k][MR]
   for (int64_t k0 = 0, kc; k0 < K; k0 += kc) {
     kc = K - k0 - KS < 8 ? K - k0 : KS;  // the last pass takes the K % 8 rows too
     // the next pass's rows: this block's, or from the last pass the first of the caller's next block
@@ -267,23 +270,24 @@ static void gemv_rows_tiled(const float* A, int64_t lda, int64_t M, int64_t K, c
     const int64_t next = left > 0 ? (left - KS < 8 ? left : KS) : (next_rows < KS ? next_rows : KS);
     SpreadPrefetch pf(next > 0 ? W + (k0 + kc) * ldw : nullptr,
                       next > 0 ? ((next - 1) * ldw + n) * (int64_t)sizeof(float) : 0,
-                      tiles * (nv / (gemv_gv(kGemvMR) * VL) + 1) * (kc / 8));  // about one step per tile and 8 k
+                      tiles * (nv / (kGemvGV * VL) + 1) * (kc / 8));  // about one step per tile and 8 k
     const float* w = W + k0 * ldw;
     for (int64_t t = 0, m = 0; t < tiles; ++t) {
       const int64_t mr = base + (t < bigger);
-      const float* a = A + m * lda + k0;
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t r = 0; r < mr; ++r) X[k * mr + r] = A[(m + r) * lda + k0 + k];
       float* c = acc + m * n;
       switch (mr) {
-        case 1: gemv_tiles_rows<1>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 2: gemv_tiles_rows<2>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 3: gemv_tiles_rows<3>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 4: gemv_tiles_rows<4>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 5: gemv_tiles_rows<5>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 6: gemv_tiles_rows<6>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 1: gemv_tiles_rows<1>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 2: gemv_tiles_rows<2>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 3: gemv_tiles_rows<3>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 4: gemv_tiles_rows<4>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 5: gemv_tiles_rows<5>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 6: gemv_tiles_rows<6>(X, kc, w, ldw, c, n, nv, pf); break;
 #if GK_VREGS >= 32
-        case 7: gemv_tiles_rows<7>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 8: gemv_tiles_rows<8>(a, lda, kc, w, ldw, c, n, nv, pf); break;
-        case 9: gemv_tiles_rows<9>(a, lda, kc, w, ldw, c, n, nv, pf); break;
+        case 7: gemv_tiles_rows<7>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 8: gemv_tiles_rows<8>(X, kc, w, ldw, c, n, nv, pf); break;
+        case 9: gemv_tiles_rows<9>(X, kc, w, ldw, c, n, nv, pf); break;
 #endif
         default: break;
       }
