@@ -244,6 +244,50 @@ def test_copy_cache_continues_like_the_source(distil):
         dst.copy_cache(state_of(gpt2kern.load("random:tiny")[0], None).weights.engine(2, 24, 20), 0)
 
 
+def test_engine_int8_dot_is_the_engines_own(distil):
+    """Engine.int8_dot gives one engine the int8 dot-product switch (speculative decoding's int8 draft): its calls
+    compute what the process-wide switch in that position computes, and the process's setting stays as it was."""
+    from gpt2kern.kernels import ops
+
+    if ops.int8_dot_kernels() is None:
+        pytest.skip("no int8 dot-product kernels on this CPU / ISA table")
+    w = state_of(distil, "int8", slot="_gpt2kern_draft_state").weights
+    ids, pos, ones = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
+
+    def logits(on, process):
+        eng = w.engine(1, 8, 4)
+        eng.int8_dot = on
+        assert eng.int8_dot is on
+        with ops.using_int8_dot(process):
+            before = gpt2kern._C.int8_dot_mode()
+            eng.forward(ids, pos, ones)
+            out = eng.forward(torch.tensor([[9]]), torch.tensor([[3]]), torch.ones(1, 1, dtype=torch.bool)).clone()
+            assert gpt2kern._C.int8_dot_mode() == before
+        return out
+
+    x_int8, widened = logits(None, True), logits(None, False)
+    assert not torch.equal(x_int8, widened)  # the switch changes decode's numbers: the comparisons below can fail
+    for process in (True, False, None):
+        assert torch.equal(logits(True, process), x_int8)
+        assert torch.equal(logits(False, process), widened)
+
+
+def test_the_int8_draft_quantizes_x_where_vnni(distil):
+    """An int8 draft takes the int8 dot products where the CPU has VNNI and the process's switch is on auto (never
+    where the user turned the switch off); the tokens are the plain loop's either way."""
+    from gpt2kern.kernels import ops
+
+    ids = prompt(4, 6)
+    ref = plain(distil, ids, 12, eos_token_id=[])
+    vnni = ops.int8_dot_kernels() in ("avx512vnni", "avxvnni")
+    for switch, expect in ((None, vnni), (False, False), (True, ops.int8_dot_kernels() is not None)):
+        with ops.using_int8_dot(switch):
+            out = gpt2kern.generate(distil, ids, max_new_tokens=12, eos_token_id=[], speculative="int8",
+                                    draft_tokens=3)
+        assert torch.equal(out, ref)
+        assert last_speculative_stats()["draft_int8_dot"] is expect
+
+
 def test_truncate_checks_its_length(tiny):
     eng = state_of(tiny, None).weights.engine(1, 8, 4)
     eng.forward(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))

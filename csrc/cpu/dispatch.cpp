@@ -94,9 +94,18 @@ const Int8DotKernels* int8_dot_kernels() {
 
 static std::atomic<int> g_int8_dot{-1};  // an Int8DotMode; -1: from GPT2KERN_INT8_DOT on first use
 
+static thread_local int tl_int8_dot = -1;  // the calling thread's own mode, -1: none
+
 void set_int8_dot(Int8DotMode mode) { g_int8_dot.store((int)mode); }
 
+int exchange_thread_int8_dot(int mode) {
+  const int before = tl_int8_dot;
+  tl_int8_dot = mode;
+  return before;
+}
+
 Int8DotMode int8_dot_mode() {
+  if (tl_int8_dot >= 0) return (Int8DotMode)tl_int8_dot;
   int mode = g_int8_dot.load();
   if (mode < 0) {
     const char* env = std::getenv("GPT2KERN_INT8_DOT");

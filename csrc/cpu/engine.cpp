@@ -437,6 +437,13 @@ class Body {
   Stack st_;
 };
 
+// The calling thread's int8 dot-product mode for one Engine call (-1: leaves the process's in force).
+struct ThreadInt8Dot {
+  int saved;
+  explicit ThreadInt8Dot(int mode) : saved(exchange_thread_int8_dot(mode)) {}
+  ~ThreadInt8Dot() { exchange_thread_int8_dot(saved); }
+};
+
 class Engine {
  public:
   // model.lm_head: the [n_embd] -> [vocab] head in any weight format (in place over wte: layout 'nk'). batch /
@@ -472,6 +479,7 @@ class Engine {
                      bool all_logits) {
     TORCH_CHECK_VALUE(threads >= 0, "gpt2kern.Engine.forward: threads must be >= 0 (0: torch's count), got ", threads);
     const ThreadCap cap(threads);
+    const ThreadInt8Dot dot(int8_dot_);
     GK_CHECK_DTYPE(ids, at::kLong, "Engine.forward", "ids");
     GK_CHECK_DTYPE(pos, at::kLong, "Engine.forward", "pos");
     GK_CHECK_DTYPE(valid, at::kBool, "Engine.forward", "valid");
@@ -547,6 +555,12 @@ class Engine {
   }
 
   int64_t length() const { return len_; }
+  // The int8 dot-product switch for this engine's calls (an Int8DotMode as int; -1: the process's setting).
+  int int8_dot_setting() const { return int8_dot_; }
+  void set_int8_dot_setting(int mode) {
+    TORCH_CHECK_VALUE(mode >= -1 && mode <= 2, "gpt2kern.Engine.int8_dot: mode must be -1, 0, 1 or 2, got ", mode);
+    int8_dot_ = mode;
+  }
   void reset() {
     len_ = 0;
     key_mask_.zero_();
@@ -586,6 +600,7 @@ class Engine {
   int64_t V_ = 0;
   int64_t B_, Tmax_, max_rows_;
   int64_t len_ = 0;
+  int int8_dot_ = -1;
   at::Tensor k_, v_, key_mask_, buf_, logits_, all_logits_;
 };
 
@@ -630,6 +645,17 @@ void bind_engine(pybind11::module_& m) {
       .def("truncate", &Engine::truncate, py::arg("length"))
       .def("copy_cache", &Engine::copy_cache, py::arg("other"), py::arg("length"))
       .def_property_readonly("length", &Engine::length)
+      .def_property(
+          "int8_dot",
+          [](const Engine& e) -> std::optional<bool> {
+            if (e.int8_dot_setting() < 0 || e.int8_dot_setting() == (int)Int8DotMode::Auto) return std::nullopt;
+            return e.int8_dot_setting() == (int)Int8DotMode::On;
+          },
+          [](Engine& e, std::optional<bool> on) {
+            e.set_int8_dot_setting(on ? (int)(*on ? Int8DotMode::On : Int8DotMode::Off) : -1);
+          },
+          "int8 weights x int8 activations for this engine's calls: True / False, or None (the process's "
+          "setting, ops.set_int8_dot)")
       .def_property_readonly("key_mask", &Engine::key_mask);
   py::class_<Body>(m, "Body", "GPT-2 body (embedding, blocks, ln_f) in one call, over DynamicCache-style past K/V.")
       .def(py::init<const Model&>(), py::arg("model"))

@@ -131,7 +131,12 @@ const Int8DotKernels* int8_dot_kernels();
 // mode's error bound (bench/RESULTS.md); decode keeps widening the weights. GPT2KERN_INT8_DOT=1 / 0 start on / off.
 enum class Int8DotMode { Off = 0, On = 1, Auto = 2 };
 void set_int8_dot(Int8DotMode mode);
+// The switch as the calling thread sees it: its own mode while it has one (exchange_thread_int8_dot), else the
+// process's.
 Int8DotMode int8_dot_mode();
+// Gives the calling thread its own mode (an Int8DotMode as int; -1: none, the process's) and returns the previous
+// one: an Engine sets it for its calls (speculative decoding's draft engine), as ThreadCap caps the threads.
+int exchange_thread_int8_dot(int mode);
 // The kernels for a matmul of `rows` rows of x against int8 weights under the switch, or null
 const Int8DotKernels* int8_dot(int64_t rows);
 

@@ -301,7 +301,8 @@ def _check_speculative(speculative, model, draft_tokens):
 def last_speculative_stats() -> dict | None:
     """This thread's last `generate(..., speculative=...)` call: rounds (target forwards after the prefill, drafted
     or plain), drafted (draft tokens checked), accepted (of those, kept), plain (rounds run without a draft), k (the
-    draft length at the end). None before any such call."""
+    draft length at the end), draft_int8_dot (whether an int8 draft quantized x too: draft_int8_dot()). None before
+    any such call."""
     return getattr(_local, "spec_stats", None)
 
 
@@ -456,6 +457,20 @@ def _draft_state(model, speculative) -> State:
     return state_of(model, speculative, slot="_gpt2kern_draft_state")
 
 
+def draft_int8_dot() -> bool:
+    """Whether an int8 draft multiplies x quantized to int8 too (ops.set_int8_dot's kernels, for the draft's engine
+    only): where the CPU has VNNI's dot products and the process's switch is left on auto (or is on: then every int8
+    matmul quantizes x anyway; off keeps the draft widening too). The draft only proposes tokens (the model's own
+    forward decides each one kept), so its error costs only refused drafts, and VNNI does four times the widening
+    kernel's products per instruction: on Zen 4 a gpt2-medium-config draft step took 10.4 ms instead of 12.6–13.1
+    and kept as many drafts (bench/RESULTS.md)."""
+    from .. import _C
+    from ..kernels import ops
+
+    mode, kernels = _C.int8_dot_mode(), ops.int8_dot_kernels()
+    return kernels is not None and (mode == "on" or mode == "auto" and kernels in ("avx512vnni", "avxvnni"))
+
+
 CATCH_UP = 2  # pending tokens the draft is fed before it drafts again after a pause; older ones it skips
 
 
@@ -469,7 +484,7 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
     kept tokens. Each kept token goes through the plain loop's eos / pad / streamer step, one [B] tensor per step."""
     B, T = input_ids.shape
     draft_w = draft.weights
-    stats = dict(rounds=0, drafted=0, accepted=0, plain=0, k=0)
+    stats = dict(rounds=0, drafted=0, accepted=0, plain=0, k=0, draft_int8_dot=draft_int8_dot())
     _local.spec_stats = stats
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
@@ -479,6 +494,8 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
     with torch.inference_mode():
         eng = st.weights.engine(B, max_len, B * max(T, 9))
         drf = draft_w.engine(B, max_len, B * max(T, CATCH_UP + 1))
+        if draft_int8_dot():
+            drf.int8_dot = True
         pos = hf_position_ids(mask)
         start = mask.sum(dim=1)  # each row's position of the first new token
         eos_t = torch.tensor(eos, dtype=torch.long)
