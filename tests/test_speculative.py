@@ -186,6 +186,37 @@ def test_draft_policy_choices():
     assert set(_policy_run(_DraftPolicy(fixed=3), rate=0.0, rounds=20)) == {3}
 
 
+def test_draft_policy_follows_a_host_that_slows_down():
+    """Mid-call the host's memory slows 1.6× (the step and each verified position with it; the compute-bound draft
+    not): the policy's step time, measured once at the start, would go stale and the slowdown be charged to the
+    verify's extra positions, pausing drafts that still pay. Fitted from the verifies, it keeps drafting."""
+    import random
+
+    from gpt2kern.decode.generate import _DraftPolicy
+
+    def run(policy):
+        rnd, ks = random.Random(1), []
+        for i in range(160):
+            t_step, t_extra = (10.0, 2.0) if i < 40 else (16.0, 3.2)
+            k = policy.next()
+            ks.append(k)
+            if k == 0:
+                policy.record_step(t_step)
+            else:
+                kept = 0
+                while kept < k and rnd.random() < 0.8:
+                    kept += 1
+                policy.record_round(k, kept, k * 4.0, t_step + k * t_extra)
+        return policy, ks
+
+    p, ks = run(_DraftPolicy())
+    assert ks[0] == 0 and ks[60:].count(0) == 0, ks
+    assert abs(p.t_step - 16.0) < 0.5 and abs(p.t_extra - 3.2) < 0.3
+    stale = _DraftPolicy()
+    stale._refit = lambda: False  # the step time from plain steps only: the slowdown pauses the drafts
+    assert run(stale)[1][60:].count(0) >= 5
+
+
 @pytest.mark.parametrize("bad", [0, 9, 2.5, True])
 def test_draft_tokens_is_checked(tiny, bad):
     with pytest.raises(ValueError, match="draft_tokens"):

@@ -316,10 +316,15 @@ class _DraftPolicy:
     to 256, so a draft that never pays costs a few retries per few hundred tokens; a retry drafts 1 token to
     measure the rate again; when the measured costs leave no k that would pay even if every draft were kept — a
     batch whose steps are compute-bound, a draft nearly as slow as the model — drafting stops for the call). The
-    first round is a plain step, so the step time is measured before any draft.
+    first round is a plain step, so the step time is measured before any draft. Where the host's memory speed
+    drifts within a call, the first step's time goes stale while the verifies slow down with the host: so step and
+    extra are refitted after each timing as the least-squares line through the recent (k, verify seconds) and
+    (0, step seconds) points, older ones decaying, whenever their k vary enough to fix a slope (else the last step
+    time stands and the verify's excess over it is the extra).
     `fixed`: the caller's k for every round instead."""
 
     MAX_K = 8  # (the verify's rows: B·(MAX_K + 1) fit the engine's buffers)
+    DECAY = 0.8  # per timed forward, of the older timings' weight in the fitted line
 
     def __init__(self, fixed: int | None = None):
         self.kept, self.refused = 3.0, 1.0  # decayed counts of kept and refused drafts (prior rate 0.75)
@@ -327,6 +332,7 @@ class _DraftPolicy:
         self.k, self.off, self.pause, self.retry = 2, 1, 8, False
         self.measured = 0  # verify times measured
         self.fixed = fixed  # a k the caller chose: every round drafts it
+        self.fit = [0.0] * 5  # decayed sums over timed forwards (k, seconds): w, k, s, k·k, k·s
 
     def next(self) -> int:
         if self.fixed is not None:
@@ -340,9 +346,27 @@ class _DraftPolicy:
     def _mean(old, new):
         return new if old is None else 0.7 * old + 0.3 * new
 
+    def _observe(self, k: int, seconds: float):
+        self.fit = [self.DECAY * a + b for a, b in zip(self.fit, (1.0, k, seconds, k * k, k * seconds))]
+
+    def _refit(self) -> bool:
+        """step and extra from the line through the timed forwards, where their k vary enough; False if not."""
+        w, sk, sv, skk, skv = self.fit
+        spread = w * skk - sk * sk  # w² · the weighted variance of k
+        if spread < 0.25 * w * w:
+            return False
+        extra = (w * skv - sk * sv) / spread
+        step = (sv - extra * sk) / w
+        if step <= 0 or extra < 0:
+            return False
+        self.t_step, self.t_extra = step, extra
+        return True
+
     def record_step(self, seconds: float | None):
         if seconds is not None:
             self.t_step = self._mean(self.t_step, seconds)
+            self._observe(0, seconds)
+            self._refit()
 
     def record_round(self, k: int, kept: int, draft_seconds: float | None, verify_seconds: float | None):
         """A drafted round; a time is None when its calls ran at a thread count ThreadChooser was only trying (a
@@ -352,7 +376,9 @@ class _DraftPolicy:
         if draft_seconds is not None:
             self.t_draft = self._mean(self.t_draft, draft_seconds / k)
         if self.t_step is not None and verify_seconds is not None:
-            self.t_extra = self._mean(self.t_extra, max(verify_seconds - self.t_step, 0.0) / k)
+            self._observe(k, verify_seconds)
+            if not self._refit():
+                self.t_extra = self._mean(self.t_extra, max(verify_seconds - self.t_step, 0.0) / k)
             self.measured += 1
         self._choose()
 
