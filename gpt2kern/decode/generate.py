@@ -329,7 +329,9 @@ class _DraftPolicy:
     def __init__(self, fixed: int | None = None):
         self.kept, self.refused = 3.0, 1.0  # decayed counts of kept and refused drafts (prior rate 0.75)
         self.t_step = self.t_draft = self.t_extra = None  # EWMAs, seconds
-        self.k, self.off, self.pause, self.retry = 2, 1, 8, False
+        # the first draft is one token: its verify (two positions) is the cheapest probe of the costs, which at B = 8
+        # are a compute-bound step's per position (a first round of 2 cost 2.3 plain steps there)
+        self.k, self.off, self.pause, self.retry = 1, 1, 8, False
         self.measured = 0  # verify times measured
         self.fixed = fixed  # a k the caller chose: every round drafts it
         self.fit = [0.0] * 5  # decayed sums over timed forwards (k, seconds): w, k, s, k·k, k·s
