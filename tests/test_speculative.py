@@ -317,6 +317,8 @@ def test_the_int8_draft_quantizes_x_where_vnni(distil):
                                     draft_tokens=3)
         assert torch.equal(out, ref)
         assert last_speculative_stats()["draft_int8_dot"] is expect
+        gpt2kern.generate(distil, ids, max_new_tokens=4, eos_token_id=[], speculative="fp16", draft_tokens=2)
+        assert last_speculative_stats()["draft_int8_dot"] is False  # only an int8 draft has x to quantize
 
 
 def test_truncate_checks_its_length(tiny):

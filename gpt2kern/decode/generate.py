@@ -512,7 +512,8 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
     kept tokens. Each kept token goes through the plain loop's eos / pad / streamer step, one [B] tensor per step."""
     B, T = input_ids.shape
     draft_w = draft.weights
-    stats = dict(rounds=0, drafted=0, accepted=0, plain=0, k=0, draft_int8_dot=draft_int8_dot())
+    x_int8 = draft_w.mode == "int8" and draft_int8_dot()
+    stats = dict(rounds=0, drafted=0, accepted=0, plain=0, k=0, draft_int8_dot=x_int8)
     _local.spec_stats = stats
     put = getattr(streamer, "put", None) or streamer
     if hasattr(streamer, "put"):
@@ -522,7 +523,7 @@ def _speculative(model, st, draft, rule, input_ids, mask, max_new_tokens, eos, p
     with torch.inference_mode():
         eng = st.weights.engine(B, max_len, B * max(T, 9))
         drf = draft_w.engine(B, max_len, B * max(T, CATCH_UP + 1))
-        if draft_int8_dot():
+        if x_int8:
             drf.int8_dot = True
         pos = hf_position_ids(mask)
         start = mask.sum(dim=1)  # each row's position of the first new token
