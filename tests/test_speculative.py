@@ -135,14 +135,16 @@ def test_a_draft_that_never_agrees_mostly_pauses(distil):
     assert st["plain"] >= 50 and st["drafted"] <= 6, st
 
 
-def _policy_run(policy, rate, t_step=10.0, t_draft=4.0, t_extra=2.0, rounds=200, seed=0):
-    """Drive a _DraftPolicy with modelled rounds (each draft kept with probability `rate`); returns the k of
-    every round."""
+def _policy_run(policy, rate, t_step=10.0, t_draft=4.0, t_extra=2.0, rounds=200, seed=0, costs=None):
+    """Drive a _DraftPolicy with modelled rounds (each draft kept with probability `rate`; `costs(i)`, if given,
+    the (t_step, t_extra) of round i); returns the k of every round."""
     import random
 
     rnd = random.Random(seed)
     ks = []
-    for _ in range(rounds):
+    for i in range(rounds):
+        if costs is not None:
+            t_step, t_extra = costs(i)
         k = policy.next()
         ks.append(k)
         if k == 0:
@@ -190,31 +192,19 @@ def test_draft_policy_follows_a_host_that_slows_down():
     """Mid-call the host's memory slows 1.6× (the step and each verified position with it; the compute-bound draft
     not): the policy's step time, measured once at the start, would go stale and the slowdown be charged to the
     verify's extra positions, pausing drafts that still pay. Fitted from the verifies, it keeps drafting."""
-    import random
-
     from gpt2kern.decode.generate import _DraftPolicy
 
     def run(policy):
-        rnd, ks = random.Random(1), []
-        for i in range(160):
-            t_step, t_extra = (10.0, 2.0) if i < 40 else (16.0, 3.2)
-            k = policy.next()
-            ks.append(k)
-            if k == 0:
-                policy.record_step(t_step)
-            else:
-                kept = 0
-                while kept < k and rnd.random() < 0.8:
-                    kept += 1
-                policy.record_round(k, kept, k * 4.0, t_step + k * t_extra)
-        return policy, ks
+        return _policy_run(policy, rate=0.8, rounds=160, seed=1,
+                           costs=lambda i: (10.0, 2.0) if i < 40 else (16.0, 3.2))
 
-    p, ks = run(_DraftPolicy())
+    p = _DraftPolicy()
+    ks = run(p)
     assert ks[0] == 0 and ks[60:].count(0) == 0, ks
     assert abs(p.t_step - 16.0) < 0.5 and abs(p.t_extra - 3.2) < 0.3
     stale = _DraftPolicy()
     stale._refit = lambda: False  # the step time from plain steps only: the slowdown pauses the drafts
-    assert run(stale)[1][60:].count(0) >= 5
+    assert run(stale)[60:].count(0) >= 5
 
 
 @pytest.mark.parametrize("bad", [0, 9, 2.5, True])

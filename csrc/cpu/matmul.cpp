@@ -606,32 +606,10 @@ void run_matmul_steps(const float* A, int64_t lda, int64_t T, int64_t B, int64_t
   const KernelTable& t = kernels();
   const MatmulStrategy s = T > 1 ? choose_matmul(W.layout, W.type, B, W.group, bd != nullptr, int8_dot(B) != nullptr)
                                  : MatmulStrategy::NkDecode;
-  if (s == MatmulStrategy::KnDecodeGemv) {  // mm_kn_decode_gemv with M = B, per position
-    constexpr int64_t KB = 128;             // mm_kn_decode_gemv's
-    const int64_t nb = (K + KB - 1) / KB, MN = B * N;
-    thread_local std::vector<float> part;
-    if (part.size() < (size_t)(nb * T * MN)) part.resize((size_t)(nb * T * MN));
-    float* pp = part.data();
-    parallel_chunks(nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {  // all T·B rows in one call: gemv_rows reads W once for them
-        const int64_t k0 = blk * KB, kc = std::min(KB, K - k0), next = blk + 1 < b1 ? std::min(KB, K - k0 - kc) : 0;
-        t.gemv_rows(A + k0, lda, T * B, kc, static_cast<const float*>(W.w) + k0 * W.ld, W.ld, N, pp + blk * T * MN,
-                    next);
-      }
-    });
-    for (int64_t q = 0; q < T; ++q) {
-      float* s0 = pp + q * MN;
-      for (int64_t blk = 1; blk < nb; ++blk)
-        for (int64_t i = 0; i < MN; ++i) s0[i] += pp[(blk * T + q) * MN + i];
-      for (int64_t m = 0; m < B; ++m) {
-        float* c = C + (q * B + m) * N;
-        const float* sm = s0 + m * N;
-        for (int64_t i = 0; i < N; ++i) c[i] = sm[i] + (bias ? bias[i] : 0.f);
-        if (epi == Epilogue::GeluNew) t.gelu_new(c, c, N);
-      }
-    }
-    return;
-  }
+  // all T·B rows in one mm_kn_decode_gemv call, which reads W once for them: a row's sums are those of its B-row
+  // call (the GEMV's rows are independent, its K blocks fixed), and C's rows are already in [t][b] order
+  if (s == MatmulStrategy::KnDecodeGemv)
+    return mm_kn_decode_gemv({A, lda, T * B, K, W, N, bias, epi, nullptr, 0, C, t, bd, nullptr});
   if (s == MatmulStrategy::PanelsF32) {  // mm_panels_f32 with M = B, per position inside each chunk of panels
     const int64_t P = num_panels(N), KC = k_block(B, K, 1024);
     parallel_chunks(P, panel_grain(B, K, P), [&](int64_t p0, int64_t p1) {
